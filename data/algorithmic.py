@@ -1,0 +1,65 @@
+"""The algorithmic tasks of Power et al. 2022 ("Grokking"): binary operations modulo a prime p.
+
+Every pair (a, b) in the operation's domain is one example, written as the three tokens
+`a b =` (`=` is token p); the model predicts c = a ∘ b (mod p) at the `=` position, and only there
+(`loss_mask`). A seeded permutation splits the pairs into train (the first `train_fraction`) and test.
+"""
+
+import numpy as np
+
+# c(a, b) mod p, vectorised over int64 arrays; "a/b" is a * b^(p-2) (Fermat inverse), defined for b != 0.
+OPERATIONS = {
+    "a+b": lambda a, b, p: a + b,
+    "a-b": lambda a, b, p: a - b,
+    "a*b": lambda a, b, p: a * b,
+    "a/b": lambda a, b, p: a * _inverse(b, p),
+    "a^2+b^2": lambda a, b, p: a**2 + b**2,
+    "a^2+ab+b^2": lambda a, b, p: a**2 + a * b + b**2,
+    "a^2+ab+b^2+a": lambda a, b, p: a**2 + a * b + b**2 + a,
+    "a^3+ab": lambda a, b, p: a**3 + a * b,
+}
+
+
+def _inverse(b, p):
+    return np.array([pow(int(x), p - 2, p) for x in np.ravel(b)], dtype=np.int64).reshape(np.shape(b))
+
+
+def _is_prime(n: int) -> bool:
+    return n >= 2 and all(n % d for d in range(2, int(n**0.5) + 1))
+
+
+def all_examples(p: int, op: str) -> dict[str, np.ndarray]:
+    """Every example of `op` mod p as {"inputs", "targets", "loss_mask"}: [N, 3] arrays."""
+    a, b = (x.ravel().astype(np.int64) for x in np.meshgrid(np.arange(p), np.arange(p), indexing="ij"))
+    if op == "a/b":
+        a, b = a[b != 0], b[b != 0]
+    c = OPERATIONS[op](a, b, p) % p
+    n = len(a)
+    inputs = np.stack([a, b, np.full(n, p)], axis=1).astype(np.int32)
+    targets = np.zeros((n, 3), np.int32)
+    targets[:, 2] = c
+    loss_mask = np.zeros((n, 3), np.float32)
+    loss_mask[:, 2] = 1.0
+    return {"inputs": inputs, "targets": targets, "loss_mask": loss_mask}
+
+
+def train_test_split(p: int, op: str, train_fraction: float, seed: int):
+    """(train, test) example dicts: a seeded permutation, the first `train_fraction` of it for training."""
+    examples = all_examples(p, op)
+    n = len(examples["inputs"])
+    order = np.random.default_rng(seed).permutation(n)
+    n_train = int(train_fraction * n)
+    return ({k: v[order[:n_train]] for k, v in examples.items()},
+            {k: v[order[n_train:]] for k, v in examples.items()})
+
+
+def validate(config) -> list[str]:
+    """Problems with `config.data` for this task, as one-line messages (empty when fine)."""
+    problems = []
+    if not _is_prime(config.p):
+        problems.append(f"data.p={config.p} is not a prime (grokking tasks need a prime modulus, e.g. 97 or 113)")
+    if config.op not in OPERATIONS:
+        problems.append(f"data.op={config.op!r} is not one of {sorted(OPERATIONS)}")
+    if not 0.0 < config.train_fraction < 1.0:
+        problems.append(f"data.train_fraction={config.train_fraction} must lie in (0, 1)")
+    return problems

@@ -1,0 +1,1 @@
+"""Experiment entrypoints, the one trainer, and configs."""

@@ -1,0 +1,21 @@
+"""Grokking modular addition, as in Nanda et al. 2023 ("Progress measures for grokking via
+mechanistic interpretability"): p = 113, a+b, 30% of pairs for training, a 1-layer transformer
+(d_model 128, 4 heads, d_mlp 512, ReLU, no norm, learned positions, untied embeddings), full batch,
+AdamW lr 1e-3, weight decay 1.0, betas (0.9, 0.98), 10-step linear warmup, loss on the answer only.
+
+    python -m experiments.train --config=experiments/configs/grokking.py --workdir=runs/grokking
+"""
+
+from experiments.configs import base
+
+
+def get_config(arg=None):
+    del arg
+    config = base.get_config("transformer", "algorithmic")
+    config.seed = 0
+    config.model.update(d_model=128, num_layers=1, num_heads=4, d_mlp=512, activation="relu", norm="none",
+                        positional="learned", tie_embeddings=False, mlp_bias=True)
+    config.data.update(p=113, op="a+b", train_fraction=0.3, batch_size=-1, eval_batch_size=-1)
+    config.train.update(steps=20_000, log_every=100, eval_every=100, checkpoint_every=2_000, plot_log_x=True)
+    config.optimizer.update(lr=1e-3, b1=0.9, b2=0.98, weight_decay=1.0, schedule="constant", warmup_steps=10)
+    return config

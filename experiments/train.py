@@ -1,0 +1,77 @@
+"""The experiment entrypoint (CONTRACTS §1).
+
+    python -m experiments.train --config=experiments/configs/NAME.py[:ARG] --workdir=DIR \
+        [--config.KEY=VALUE ...] [--coordinator_address=HOST:PORT --num_processes=N --process_id=I]
+
+With no --config the default experiment runs (experiments/configs/default.py). Running again with
+the same --workdir resumes from its latest checkpoint. Bad input exits with status 2 and one line
+on stderr before anything compiles; a non-finite loss exits with status 1.
+"""
+
+import datetime
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py")
+
+_CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Experiment config file (get_config).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder; default: a fresh folder under ./runs/. "
+                               "An existing workdir is resumed from its latest checkpoint.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-process jobs).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
+
+
+def _fail(message: str, status: int = 2):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(status)
+
+
+def _parse_flags(argv):
+    """absl flag parsing, with any error (unknown or mistyped config key, bad flag) as one stderr line."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        _fail(str(e).splitlines()[0] if str(e) else repr(e))
+
+
+def _initialize_distributed():
+    """jax.distributed for multi-process jobs: from the flags, or detected on TPU pods and SLURM."""
+    import jax
+
+    if _COORDINATOR.value or _NUM_PROCESSES.value:
+        if not (_COORDINATOR.value and _NUM_PROCESSES.value and _PROCESS_ID.value is not None):
+            _fail("--coordinator_address, --num_processes and --process_id go together")
+        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
+        jax.distributed.initialize()
+
+
+def main(argv):
+    if len(argv) > 1:
+        _fail(f"unexpected arguments {argv[1:]}; pass settings as --config.KEY=VALUE")
+    logging.set_verbosity(logging.WARNING)  # library chatter (orbax, absl) off; our progress goes to stdout
+    _initialize_distributed()
+
+    from experiments import trainer, validation
+
+    config_name = os.path.splitext(os.path.basename(_CONFIG.value and flags.FLAGS["config"].config_filename))[0]
+    workdir = _WORKDIR.value or os.path.join(
+        "runs", f"{config_name}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    try:
+        result = trainer.train_and_evaluate(_CONFIG.value, workdir)
+    except validation.ConfigError as e:
+        _fail(str(e))
+    except trainer.NonFiniteLossError as e:
+        _fail(str(e), status=1)
+    summary = "  ".join(f"{split} " + " ".join(f"{k} {v:.4g}" for k, v in m.items())
+                        for split, m in result.items() if isinstance(m, dict))
+    print(f"done at step {result['step']}: {summary}\nworkdir: {workdir}")
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=_parse_flags)

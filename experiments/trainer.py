@@ -1,0 +1,238 @@
+"""The one training loop every experiment runs.
+
+    1. resolve and validate the config (before anything compiles)
+    2. set up the mesh
+    3. build data, model, optimizer, and the shardings of the train state
+    4. restore the latest checkpoint, or initialise
+    5. compile the train and eval steps
+    6. loop: step, log, evaluate, checkpoint; stop cleanly on SIGTERM, loudly on a non-finite loss
+
+Train metrics are fetched from the device only every `log_every` steps (and before each checkpoint),
+so dispatch runs ahead of the host; every step's loss is still checked before a checkpoint is written.
+"""
+
+import dataclasses
+import functools
+import json
+import os
+import signal
+import time
+
+import flax.linen as nn
+import jax
+import numpy as np
+import optax
+from flax.training import train_state
+
+import data as datasets
+import models
+from data import pipeline
+from experiments import checkpointing, losses, metrics_writer, optimizers, plots, sharding, validation
+
+
+class TrainState(train_state.TrainState):
+    rng: jax.Array  # raw uint32 key; step s uses fold_in(rng, s)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or Inf; the message names the step and the last good checkpoint."""
+
+
+def resolve(config, splits: datasets.Splits):
+    """Fills the values left to derive (0 in `config.model`) from the data; returns a new config."""
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        if not config.model.vocab_size:
+            config.model.vocab_size = splits.vocab_size
+        if not config.model.max_len:
+            config.model.max_len = splits.seq_len
+    return config
+
+
+def batch_size(requested: int, num_examples: int, batch_shards: int) -> int:
+    """-1 means the whole split, rounded up to a multiple of the batch shards (padding rows are masked)."""
+    return -(-num_examples // batch_shards) * batch_shards if requested == -1 else requested
+
+
+def _init_state(model, tx, example_inputs, rng):
+    params_rng, state_rng = jax.random.split(rng)
+    params = model.init(params_rng, example_inputs)["params"]
+    return TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=state_rng)
+
+
+def _train_step(state: TrainState, batch, *, schedule):
+    def loss_fn(params):
+        logits = state.apply_fn({"params": params}, batch["inputs"],
+                                rngs={"dropout": jax.random.fold_in(state.rng, state.step)})
+        return losses.masked_mean(logits, batch["targets"], batch["loss_mask"])
+
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    metrics = {"loss": loss, **aux, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
+    return state.apply_gradients(grads=grads), metrics
+
+
+def _eval_step(state: TrainState, batch):
+    logits = state.apply_fn({"params": state.params}, batch["inputs"])
+    return losses.masked_sums(logits, batch["targets"], batch["loss_mask"])
+
+
+class _SigtermFlag:
+    """Set by SIGTERM; the loop then checkpoints and returns."""
+
+    def __init__(self):
+        self.raised = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: no handler
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.raised = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def evaluate(state, eval_step, batches, mesh) -> dict:
+    """Exact loss and accuracy over every example of an evaluation set."""
+    totals = None
+    for batch in batches:
+        sums = eval_step(state, sharding.global_batch(batch, mesh))
+        totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
+    totals = jax.device_get(totals)
+    count = max(float(totals["count"]), 1.0)
+    return {"loss": float(totals["loss"]) / count, "accuracy": float(totals["correct"]) / count}
+
+
+def _check_finite(window, last_good_step):
+    for step, metrics in window:
+        if not np.isfinite(metrics["loss"]):
+            raise NonFiniteLossError(
+                f"loss is {metrics['loss']} at step {step}; stopping. The last good checkpoint is step "
+                f"{last_good_step} (lower optimizer.lr or set optimizer.grad_clip, then rerun to resume)")
+
+
+def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = True) -> dict:
+    """Trains `config` in `workdir` (resuming from its latest checkpoint); returns the last metrics."""
+    devices = list(devices if devices is not None else jax.devices())
+    is_lead = jax.process_index() == 0
+
+    # 1. Resolve and validate the config, before anything compiles.
+    splits = datasets.load(config.data, seed=config.seed)
+    config = resolve(config, splits)
+    mesh_shape = validation.validate(config, len(devices), jax.process_count())
+
+    # 2. Set up the mesh.
+    mesh = sharding.make_mesh(mesh_shape, devices)
+    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+
+    # 3. Model, optimizer, and the shardings of the train state (abstract: nothing runs yet).
+    model = models.build(config.model)
+    schedule = optimizers.learning_rate_schedule(config.optimizer, config.train.steps)
+    tx = optimizers.build(config.optimizer, config.train.steps)
+    example_inputs = jax.ShapeDtypeStruct((batch_shards, splits.seq_len), np.int32)
+    init_fn = functools.partial(_init_state, model, tx, example_inputs)
+    rng = jax.random.PRNGKey(config.seed)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+        boxed_state = jax.eval_shape(init_fn, rng)
+    state_shardings = sharding.logical_shardings(boxed_state, mesh)
+    abstract_state = nn.meta.unbox(boxed_state)
+    sharding.check_divisible(abstract_state, state_shardings)
+
+    os.makedirs(workdir, exist_ok=True)
+    if is_lead:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(config.to_dict(), f, indent=2, sort_keys=True)
+
+    # Data: this process's slice of every global batch.
+    train_batch = batch_size(config.data.batch_size, len(splits.train["inputs"]), batch_shards)
+    process = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    train_iter = pipeline.iterator(pipeline.batched(
+        splits.train, batch_size=train_batch, seed=config.seed, drop_remainder=config.data.batch_size != -1, **process))
+
+    def eval_batches(examples):
+        size = batch_size(config.data.eval_batch_size, len(examples["inputs"]), batch_shards)
+        return pipeline.batched(examples, batch_size=size, seed=0, shuffle=False, num_epochs=1,
+                                drop_remainder=False, **process)
+
+    # 4. Restore the latest checkpoint, or initialise.
+    ckpt = checkpointing.manager(workdir, config.train.keep_checkpoints)
+    progress = metrics_writer.Progress(config.train.steps, 0, enabled=verbose and is_lead)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+        state = checkpointing.restore_latest(
+            ckpt, checkpointing.abstract_like(abstract_state, state_shardings), train_iter)
+        if state is None:
+            state = jax.jit(lambda r: nn.meta.unbox(init_fn(r)), out_shardings=state_shardings)(rng)
+        else:
+            progress.message(f"resumed from step {int(state.step)} in {workdir}")
+
+        # 5. Compile the steps: state donated and kept in its shardings, batches split over (data, fsdp).
+        batch_spec = sharding.batch_sharding(mesh)
+        train_step = jax.jit(functools.partial(_train_step, schedule=schedule), donate_argnums=0,
+                             in_shardings=(state_shardings, batch_spec),
+                             out_shardings=(state_shardings, sharding.replicated(mesh)))
+        eval_step = jax.jit(_eval_step, in_shardings=(state_shardings, batch_spec),
+                            out_shardings=sharding.replicated(mesh))
+
+        # 6. Loop.
+        writer = metrics_writer.MetricsWriter(workdir, enabled=is_lead)
+        step = first_step = int(state.step)
+        progress = metrics_writer.Progress(config.train.steps, first_step, enabled=verbose and is_lead)
+        last_good = ckpt.latest_step()
+        pending, window, last = [], [], {}
+        tokens_per_step = train_batch * splits.seq_len
+        window_start = time.perf_counter()
+
+        def sync():
+            """Fetches the pending train metrics; raises if any step's loss is not finite."""
+            fetched = jax.device_get(pending)
+            pending.clear()
+            steps = range(step - len(fetched) + 1, step + 1)
+            window.extend(zip(steps, fetched))
+            _check_finite(window[-len(fetched):], last_good)
+
+        with _SigtermFlag() as sigterm:
+            while step < config.train.steps and not sigterm.raised:
+                batch = sharding.global_batch(next(train_iter), mesh)
+                with jax.transfer_guard("disallow"):
+                    state, metrics = train_step(state, batch)
+                pending.append(metrics)
+                step += 1
+                final = step == config.train.steps
+                do_log = step % config.train.log_every == 0 or final
+                do_eval = (config.train.eval_every and step % config.train.eval_every == 0) or final
+                do_save = step % config.train.checkpoint_every == 0 or final or sigterm.raised
+                if do_log or do_save:
+                    sync()
+                if do_log:
+                    seconds = time.perf_counter() - window_start
+                    mean = {k: float(np.mean([m[k] for _, m in window])) for k in window[-1][1]}
+                    last["train"] = {**mean, "tokens_per_s": tokens_per_step * len(window) / seconds}
+                    writer.write(step, "train", last["train"])
+                    window.clear()
+                    window_start = time.perf_counter()
+                if do_eval:
+                    for name, examples in splits.evals.items():
+                        last[name] = evaluate(state, eval_step, eval_batches(examples), mesh)
+                        writer.write(step, name, last[name])
+                if do_log:
+                    shown = {"loss": last["train"]["loss"], "acc": last["train"]["accuracy"]}
+                    evals = "  ".join(f"{n} loss {m['loss']:.4g} acc {m['accuracy']:.4g}"
+                                      for n, m in last.items() if n != "train")
+                    progress.update(step, shown, evals)
+                if do_save:
+                    checkpointing.save(ckpt, step, state, train_iter)
+                    last_good = step
+            if sigterm.raised:
+                progress.message(f"SIGTERM: saved a checkpoint at step {step}; rerun to resume")
+        ckpt.wait_until_finished()
+        ckpt.close()
+        writer.close()
+    if is_lead and step > first_step:
+        plots.plot_curves(workdir, log_x=config.train.plot_log_x)
+    return {"step": step, **last}

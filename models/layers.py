@@ -1,0 +1,79 @@
+"""Small layers shared by the model families: norms, the MLP, rotary embeddings, initialisers.
+
+Every parameter carries logical axis names (`embed`, `mlp`, `heads`, `vocab`, ...); the one table
+in `experiments/sharding.py` maps them to mesh axes.
+"""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+NORMS = ("rmsnorm", "layernorm", "none")
+ACTIVATIONS = ("relu", "gelu", "swiglu")
+
+
+def dense_init(*logical_axes):
+    """LeCun-normal (std 1/sqrt(fan_in)) kernels with logical axis names."""
+    return nn.with_logical_partitioning(nn.initializers.lecun_normal(), logical_axes)
+
+
+def Norm(kind: str, dtype, name=None):
+    """y = x / rms(x) * scale (rmsnorm), the usual LayerNorm, or the identity ("none")."""
+    scale_init = nn.with_logical_partitioning(nn.initializers.ones, ("embed",))
+    if kind == "rmsnorm":
+        return nn.RMSNorm(dtype=dtype, scale_init=scale_init, name=name)
+    if kind == "layernorm":
+        bias_init = nn.with_logical_partitioning(nn.initializers.zeros, ("embed",))
+        return nn.LayerNorm(dtype=dtype, scale_init=scale_init, bias_init=bias_init, name=name)
+    return lambda x: x
+
+
+class Mlp(nn.Module):
+    """act(x W_in + b_in) W_out + b_out, or SwiGLU: (silu(x W_gate) * x W_in) W_out."""
+
+    d_mlp: int
+    activation: str
+    use_bias: bool = False
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):  # [B, L, D]
+        dense = functools.partial(
+            nn.Dense, use_bias=self.use_bias, dtype=self.dtype,
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)))
+        h = dense(self.d_mlp, kernel_init=dense_init("embed", "mlp"), name="wi")(x)
+        if self.activation == "swiglu":
+            gate = dense(self.d_mlp, kernel_init=dense_init("embed", "mlp"), name="wg")(x)
+            h = nn.silu(gate) * h
+        else:
+            h = {"relu": nn.relu, "gelu": nn.gelu}[self.activation](h)
+        h = nn.with_logical_constraint(h, ("activation_batch", "activation_length", "activation_mlp"))
+        return nn.Dense(
+            x.shape[-1], use_bias=self.use_bias, dtype=self.dtype, name="wo",
+            kernel_init=dense_init("mlp", "embed"),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(h)
+
+
+def apply_rope(x, positions, theta: float = 10000.0):
+    """Rotary embedding of x [B, L, H, D] at integer positions [L]: pairs (x_i, x_{i+D/2}) rotate by
+    angle pos * theta^(-2i/D)."""
+    half = x.shape[-1] // 2
+    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles = positions.astype(jnp.float32)[:, None] * inv_freq  # [L, D/2]
+    sin, cos = jnp.sin(angles)[None, :, None, :], jnp.cos(angles)[None, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def remat_policy(name: str):
+    """Rematerialisation policies by config name; None means no remat."""
+    return {
+        "none": None,
+        "full": jax.checkpoint_policies.nothing_saveable,
+        "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    }[name]
+
+
+REMAT_POLICIES = ("none", "full", "dots")

@@ -1,0 +1,160 @@
+"""Decoder-only transformer: pre-norm blocks, GQA attention with RoPE, scanned layers, KV-cache decoding.
+
+    x_0 = E[tokens] (+ P[positions] for learned positions)
+    x_{l+1} = x_l + Attn(norm(x_l)) ;  x_{l+1} += Mlp(norm(x_{l+1}))     (layers stacked with nn.scan)
+    logits = norm(x_L) U           (U = E^T when embeddings are tied)
+
+Attention has `num_heads` query heads and `num_kv_heads` key/value heads (grouped-query attention);
+query head h reads kv head h // (num_heads // num_kv_heads). Decoding keeps a cache of keys and
+values, [layers, B, max_len, Hkv, Dh], filled `start` positions deep; `decode` runs T new tokens
+against it and returns the same logits the full forward pass gives at those positions.
+"""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from models import attention, layers
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    """Every `config.model` key of the transformer; 0 means "derive it" where noted."""
+
+    name: str = "transformer"
+    vocab_size: int = 0  # 0: the dataset's vocabulary size
+    max_len: int = 0  # 0: the dataset's sequence length (bounds learned positions and the KV cache)
+    d_model: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 0  # 0: num_heads (plain multi-head attention)
+    head_dim: int = 0  # 0: d_model // num_heads
+    d_mlp: int = 512
+    activation: str = "gelu"  # relu | gelu | swiglu
+    norm: str = "rmsnorm"  # rmsnorm | layernorm | none
+    positional: str = "rope"  # rope | learned | none
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = False
+    mlp_bias: bool = False
+    dtype: str = "float32"  # compute dtype; parameters stay float32
+    remat: str = "none"  # none | full | dots
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.d_model // self.num_heads
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+
+class Attention(nn.Module):
+    cfg: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x, start, layer_cache):  # x [B, T, D]; start: positions already cached
+        cfg, dtype = self.cfg, self.cfg.compute_dtype
+        project = lambda name, heads, axes: jnp.einsum("btd,dhk->bthk", x, self.param(
+            name, nn.with_logical_partitioning(nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2)), axes),
+            (x.shape[-1], heads, cfg.head_size)).astype(dtype))
+        q = project("query", cfg.num_heads, ("embed", "heads", "head_dim"))  # [B, T, H, Dh]
+        k = project("key", cfg.kv_heads, ("embed", "kv_heads", "head_dim"))  # [B, T, Hkv, Dh]
+        v = project("value", cfg.kv_heads, ("embed", "kv_heads", "head_dim"))
+        positions = start + jnp.arange(x.shape[1])
+        if cfg.positional == "rope":
+            q, k = layers.apply_rope(q, positions, cfg.rope_theta), layers.apply_rope(k, positions, cfg.rope_theta)
+        if layer_cache is None:
+            out = attention.dot_product_attention(q, k, v, causal=True)
+        else:
+            k_all = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(layer_cache["k"].dtype), start, 1)
+            v_all = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype), start, 1)
+            layer_cache = {"k": k_all, "v": v_all}
+            mask = attention.causal_mask(x.shape[1], k_all.shape[1], q_offset=start)
+            out = attention.attend(q, k_all.astype(dtype), v_all.astype(dtype), mask)
+        out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_heads", None))
+        w_out = self.param("out", nn.with_logical_partitioning(
+            nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2), ("heads", "head_dim", "embed")),
+            (cfg.num_heads, cfg.head_size, x.shape[-1]))
+        return jnp.einsum("bthd,hde->bte", out, w_out.astype(dtype)), layer_cache
+
+
+class Block(nn.Module):
+    """x += Attn(norm(x)); x += Mlp(norm(x)). Signature fits nn.scan: (carry, per-layer xs, broadcast)."""
+
+    cfg: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x, layer_cache, start):
+        cfg, dtype = self.cfg, self.cfg.compute_dtype
+        h, layer_cache = Attention(cfg, name="attention")(layers.Norm(cfg.norm, dtype, "attention_norm")(x),
+                                                          start, layer_cache)
+        x = x + h
+        x = x + layers.Mlp(cfg.d_mlp, cfg.activation, cfg.mlp_bias, dtype, name="mlp")(
+            layers.Norm(cfg.norm, dtype, "mlp_norm")(x))
+        x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+        return x, layer_cache
+
+
+class Transformer(nn.Module):
+    cfg: TransformerConfig
+
+    def setup(self):
+        cfg, dtype = self.cfg, self.cfg.compute_dtype
+        self.embed = nn.Embed(
+            cfg.vocab_size, cfg.d_model, dtype=dtype,
+            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.d_model**-0.5), ("vocab", "embed")))
+        if cfg.positional == "learned":
+            self.position_embedding = self.param(
+                "position_embedding",
+                nn.with_logical_partitioning(nn.initializers.normal(cfg.d_model**-0.5), (None, "embed")),
+                (cfg.max_len, cfg.d_model))
+        block = Block
+        if cfg.remat != "none":
+            block = nn.remat(Block, policy=layers.remat_policy(cfg.remat), prevent_cse=False)
+        self.layers = nn.scan(
+            block, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=(0, nn.broadcast),
+            length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
+        self.final_norm = layers.Norm(cfg.norm, dtype, "final_norm")
+        if not cfg.tie_embeddings:
+            self.unembed = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dtype,
+                                    kernel_init=layers.dense_init("embed", "vocab"))
+
+    def embed_tokens(self, tokens, start=0):
+        """int32[B, T] -> [B, T, D] input embeddings of tokens at positions start..start+T-1."""
+        x = self.embed(tokens)
+        if self.cfg.positional == "learned":
+            positions = jax.lax.dynamic_slice_in_dim(self.position_embedding, start, tokens.shape[1])
+            x = x + positions.astype(x.dtype)
+        return nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+
+    def hidden(self, x, cache=None, start=0):
+        """Runs the stack over embeddings x [B, T, D]; returns (final-norm hidden [B, T, D], cache)."""
+        x, cache = self.layers(x, cache, start)
+        return self.final_norm(x), cache
+
+    def logits(self, h):
+        """[B, T, D] -> float32 logits [B, T, V]."""
+        out = self.embed.attend(h) if self.cfg.tie_embeddings else self.unembed(h)
+        return out.astype(jnp.float32)
+
+    def __call__(self, tokens):
+        """int32[B, L] -> float32 logits [B, L, V] of the next token at every position."""
+        h, _ = self.hidden(self.embed_tokens(tokens))
+        return self.logits(h)
+
+    def decode(self, tokens, cache, start):
+        """Runs tokens int32[B, T] at positions start.. against a KV cache; returns (logits, new cache)."""
+        h, cache = self.hidden(self.embed_tokens(tokens, start), cache, start)
+        return self.logits(h), cache
+
+
+def init_cache(cfg: TransformerConfig, batch: int, max_len: int, dtype=jnp.float32):
+    """An empty KV cache: {"k", "v"}: [layers, B, max_len, Hkv, Dh]."""
+    shape = (cfg.num_layers, batch, max_len, cfg.kv_heads, cfg.head_size)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}

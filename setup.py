@@ -1,0 +1,31 @@
+"""beyond: a JAX/Flax research codebase for sequence models beyond the plain transformer."""
+
+import setuptools
+
+setuptools.setup(
+    name="beyond",
+    version="0.1.0",
+    description="Sequence models beyond the plain transformer, in JAX/Flax: "
+    "one sharded trainer, resumable experiments, Pallas kernels.",
+    python_requires=">=3.11",
+    packages=setuptools.find_packages(include=["models*", "experiments*", "kernels_pallas*", "data*"]),
+    include_package_data=True,
+    # Ranges are the ones this repository is tested with (CPU, jax 0.10.x; GPU image jax 0.11).
+    install_requires=[
+        "jax>=0.10,<0.12",
+        "flax>=0.12,<0.13",
+        "optax>=0.2.6,<0.3",
+        "orbax-checkpoint>=0.12,<0.13",
+        "chex>=0.1.90,<0.2",
+        "grain>=0.2.15,<0.3",
+        "absl-py>=2.1,<3",
+        "ml_collections>=1.0,<2",
+        "numpy>=2.0,<3",
+        "matplotlib>=3.8,<4",
+        "tensorboardX>=2.6,<3",
+    ],
+    extras_require={
+        "test": ["pytest>=8,<10"],
+        "seqio": ["seqio>=0.0.19", "sentencepiece>=0.2"],
+    },
+)
