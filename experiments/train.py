@@ -17,8 +17,10 @@ from ml_collections import config_flags
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py")
 
-_CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Experiment config file (get_config).",
-                                          lock_config=True)
+# No default file here: config_flags would apply the --config.KEY overrides at import time, outside
+# the one-line error handling below. `_with_default_config` supplies the default instead.
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config); "
+                                          f"default {DEFAULT_CONFIG}.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder; default: a fresh folder under ./runs/. "
                                "An existing workdir is resumed from its latest checkpoint.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-process jobs).")
@@ -37,6 +39,12 @@ def _parse_flags(argv):
         return flags.FLAGS(argv)
     except flags.Error as e:
         _fail(str(e).splitlines()[0] if str(e) else repr(e))
+    except (AttributeError, KeyError) as e:  # ml_collections: an override names a key the config lacks
+        key = str(e).strip("\"'")
+        overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")
+                     and a.split("=")[0].rsplit(".", 1)[-1] == key]
+        _fail(f"unknown config key {key!r} in {', '.join(overrides) or 'the --config overrides'}; "
+              "valid keys are those of the config file (experiments/configs/base.py lists the common ones)")
 
 
 def _initialize_distributed():
@@ -59,7 +67,7 @@ def main(argv):
 
     from experiments import trainer, validation
 
-    config_name = os.path.splitext(os.path.basename(_CONFIG.value and flags.FLAGS["config"].config_filename))[0]
+    config_name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
     workdir = _WORKDIR.value or os.path.join(
         "runs", f"{config_name}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
     try:
@@ -73,5 +81,12 @@ def main(argv):
     print(f"done at step {result['step']}: {summary}\nworkdir: {workdir}")
 
 
+def _with_default_config(argv):
+    """argv with --config=DEFAULT_CONFIG added when the user named no config."""
+    if any(a == "--config" or a.startswith("--config=") for a in argv[1:]):
+        return argv
+    return [argv[0], f"--config={DEFAULT_CONFIG}", *argv[1:]]
+
+
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, argv=_with_default_config(sys.argv), flags_parser=_parse_flags)

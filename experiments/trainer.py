@@ -122,10 +122,10 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
     devices = list(devices if devices is not None else jax.devices())
     is_lead = jax.process_index() == 0
 
-    # 1. Resolve and validate the config, before anything compiles.
+    # 1. Validate the config, then resolve what the data decides; before anything compiles.
+    mesh_shape = validation.validate(config, len(devices), jax.process_count())
     splits = datasets.load(config.data, seed=config.seed)
     config = resolve(config, splits)
-    mesh_shape = validation.validate(config, len(devices), jax.process_count())
 
     # 2. Set up the mesh.
     mesh = sharding.make_mesh(mesh_shape, devices)
@@ -206,7 +206,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
                 final = step == config.train.steps
                 do_log = step % config.train.log_every == 0 or final
                 do_eval = (config.train.eval_every and step % config.train.eval_every == 0) or final
-                do_save = step % config.train.checkpoint_every == 0 or final or sigterm.raised
+                do_save = step % config.train.checkpoint_every == 0 or final
                 if do_log or do_save:
                     sync()
                 if do_log:
@@ -228,7 +228,10 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
                 if do_save:
                     checkpointing.save(ckpt, step, state, train_iter)
                     last_good = step
-            if sigterm.raised:
+            if sigterm.raised:  # the signal may arrive anywhere in the loop body: save here, once
+                if last_good != step:
+                    sync()
+                    checkpointing.save(ckpt, step, state, train_iter)
                 progress.message(f"SIGTERM: saved a checkpoint at step {step}; rerun to resume")
         ckpt.wait_until_finished()
         ckpt.close()

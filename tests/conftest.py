@@ -1,0 +1,32 @@
+"""8 fake CPU devices for every test, so each sharding path (data, fsdp, tensor, expert) runs."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from experiments.configs import grokking  # noqa: E402
+
+
+def pytest_configure(config):
+    assert jax.device_count() == 8, f"tests need 8 fake CPU devices, got {jax.devices()}"
+
+
+def make_tiny_config(steps: int = 6):
+    """The grokking config shrunk to seconds: a+b mod 13, 2 layers of width 32, GQA (4 heads, 2 kv)."""
+    config = grokking.get_config()
+    config.model.update(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, d_mlp=64, norm="rmsnorm",
+                        positional="rope", activation="gelu")
+    config.data.update(p=13, train_fraction=0.5, batch_size=16, eval_batch_size=32)
+    config.train.update(steps=steps, log_every=1, eval_every=3, checkpoint_every=3)
+    config.optimizer.update(lr=3e-3, warmup_steps=2)
+    config.mesh.update(data=-1)
+    return config
+
+
+@pytest.fixture
+def tiny_config():
+    return make_tiny_config()
