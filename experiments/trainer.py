@@ -54,13 +54,13 @@ def batch_size(requested: int, num_examples: int, batch_shards: int) -> int:
     return -(-num_examples // batch_shards) * batch_shards if requested == -1 else requested
 
 
-def _init_state(model, tx, example_inputs, rng):
+def init_state(model, tx, example_inputs, rng):
     params_rng, state_rng = jax.random.split(rng)
     params = model.init(params_rng, example_inputs)["params"]
     return TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=state_rng)
 
 
-def _train_step(state: TrainState, batch, *, schedule):
+def train_step(state: TrainState, batch, *, schedule):
     def loss_fn(params):
         logits = state.apply_fn({"params": params}, batch["inputs"],
                                 rngs={"dropout": jax.random.fold_in(state.rng, state.step)})
@@ -136,7 +136,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
     schedule = optimizers.learning_rate_schedule(config.optimizer, config.train.steps)
     tx = optimizers.build(config.optimizer, config.train.steps)
     example_inputs = jax.ShapeDtypeStruct((batch_shards, splits.seq_len), np.int32)
-    init_fn = functools.partial(_init_state, model, tx, example_inputs)
+    init_fn = functools.partial(init_state, model, tx, example_inputs)
     rng = jax.random.PRNGKey(config.seed)
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
         boxed_state = jax.eval_shape(init_fn, rng)
@@ -162,31 +162,31 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
 
     # 4. Restore the latest checkpoint, or initialise.
     ckpt = checkpointing.manager(workdir, config.train.keep_checkpoints)
-    progress = metrics_writer.Progress(config.train.steps, 0, enabled=verbose and is_lead)
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
         state = checkpointing.restore_latest(
             ckpt, checkpointing.abstract_like(abstract_state, state_shardings), train_iter)
-        if state is None:
+        resumed = state is not None
+        if not resumed:
             state = jax.jit(lambda r: nn.meta.unbox(init_fn(r)), out_shardings=state_shardings)(rng)
-        else:
-            progress.message(f"resumed from step {int(state.step)} in {workdir}")
 
         # 5. Compile the steps: state donated and kept in its shardings, batches split over (data, fsdp).
         batch_spec = sharding.batch_sharding(mesh)
-        train_step = jax.jit(functools.partial(_train_step, schedule=schedule), donate_argnums=0,
-                             in_shardings=(state_shardings, batch_spec),
-                             out_shardings=(state_shardings, sharding.replicated(mesh)))
-        eval_step = jax.jit(_eval_step, in_shardings=(state_shardings, batch_spec),
-                            out_shardings=sharding.replicated(mesh))
+        compiled_train_step = jax.jit(functools.partial(train_step, schedule=schedule), donate_argnums=0,
+                                      in_shardings=(state_shardings, batch_spec),
+                                      out_shardings=(state_shardings, sharding.replicated(mesh)))
+        compiled_eval_step = jax.jit(_eval_step, in_shardings=(state_shardings, batch_spec),
+                                     out_shardings=sharding.replicated(mesh))
 
         # 6. Loop.
         writer = metrics_writer.MetricsWriter(workdir, enabled=is_lead)
         step = first_step = int(state.step)
         progress = metrics_writer.Progress(config.train.steps, first_step, enabled=verbose and is_lead)
+        if resumed:
+            progress.message(f"resumed from step {first_step} in {workdir}")
         last_good = ckpt.latest_step()
         pending, window, last = [], [], {}
         tokens_per_step = train_batch * splits.seq_len
-        window_start = time.perf_counter()
+        window_start = loop_start = time.perf_counter()
 
         def sync():
             """Fetches the pending train metrics; raises if any step's loss is not finite."""
@@ -200,7 +200,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
             while step < config.train.steps and not sigterm.raised:
                 batch = sharding.global_batch(next(train_iter), mesh)
                 with jax.transfer_guard("disallow"):
-                    state, metrics = train_step(state, batch)
+                    state, metrics = compiled_train_step(state, batch)
                 pending.append(metrics)
                 step += 1
                 final = step == config.train.steps
@@ -212,13 +212,14 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
                 if do_log:
                     seconds = time.perf_counter() - window_start
                     mean = {k: float(np.mean([m[k] for _, m in window])) for k in window[-1][1]}
-                    last["train"] = {**mean, "tokens_per_s": tokens_per_step * len(window) / seconds}
+                    last["train"] = {**mean, "tokens_per_s": tokens_per_step * len(window) / seconds,
+                                     "wall_s": time.perf_counter() - loop_start}
                     writer.write(step, "train", last["train"])
                     window.clear()
                     window_start = time.perf_counter()
                 if do_eval:
                     for name, examples in splits.evals.items():
-                        last[name] = evaluate(state, eval_step, eval_batches(examples), mesh)
+                        last[name] = evaluate(state, compiled_eval_step, eval_batches(examples), mesh)
                         writer.write(step, name, last[name])
                 if do_log:
                     shown = {"loss": last["train"]["loss"], "acc": last["train"]["accuracy"]}

@@ -40,7 +40,7 @@ def test_workdir_files(tiny_config, tmp_path):
     for e in events:
         assert isinstance(e["step"], int)
         assert all(isinstance(v, float) for k, v in e.items() if k not in ("step", "split"))
-    assert {"loss", "accuracy", "tokens_per_s", "lr", "grad_norm"} <= set(train[0])
+    assert {"loss", "accuracy", "tokens_per_s", "wall_s", "lr", "grad_norm"} <= set(train[0])
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "6"]
     assert (tmp_path / "curves.png").stat().st_size > 0
     assert os.listdir(tmp_path / "tensorboard")

@@ -1,0 +1,92 @@
+"""Training throughput and model FLOPs utilisation (MFU) of LM-shaped transformers.
+
+    python scripts/bench_train.py [--steps=10]
+
+For each config it times the trainer's own jitted train step (AdamW, masked next-token loss) on
+random tokens, and divides the model FLOPs per second by a float32 matrix-multiply peak measured
+in the same run (the best of square matmuls of several sizes). Model FLOPs per token are PaLM's
+count: 6 * (matmul parameters) + 12 * layers * seq_len * d_model (attention scores and values).
+"""
+
+import time
+
+from absl import app, flags
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from experiments import optimizers, trainer
+from experiments.configs import base
+from models import transformer
+
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per config (after one warm-up step).")
+
+CONFIGS = {  # name: (model overrides, batch, seq_len)
+    "small": (dict(d_model=128, num_layers=4, num_heads=4, d_mlp=512, vocab_size=256), 32, 64),
+    "medium": (dict(d_model=512, num_layers=6, num_heads=8, d_mlp=2048, vocab_size=256), 16, 256),
+}
+
+
+def timed(fn, *args, repeats):
+    jax.block_until_ready(fn(*args))
+    start = time.perf_counter()
+    for _ in range(repeats):
+        out = fn(*args)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / repeats
+
+
+def matmul_peak_flops() -> tuple[float, int]:
+    best = (0.0, 0)
+    for n in (1024, 2048, 3072):
+        a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), np.float32))
+        seconds = timed(jax.jit(lambda x: x @ x), a, repeats=5)
+        best = max(best, (2 * n**3 / seconds, n))
+    return best
+
+
+def bench(name, steps):
+    overrides, batch, seq_len = CONFIGS[name]
+    config = base.get_config()
+    config.model.update(max_len=seq_len, activation="gelu", **overrides)
+    cfg = transformer.TransformerConfig(**config.model.to_dict())
+    model = transformer.Transformer(cfg)
+    schedule = optimizers.learning_rate_schedule(config.optimizer, 1000)
+    tx = optimizers.build(config.optimizer, 1000)
+    tokens = jax.random.randint(jax.random.key(0), (batch, seq_len + 1), 0, cfg.vocab_size)
+    batch_ = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": jnp.ones((batch, seq_len))}
+    state = jax.jit(lambda r: nn.meta.unbox(trainer.init_state(model, tx, batch_["inputs"], r)))(jax.random.PRNGKey(0))
+    step = jax.jit(lambda s, b: trainer.train_step(s, b, schedule=schedule), donate_argnums=0)
+    xla_flops = step.lower(state, batch_).compile().cost_analysis().get("flops", float("nan"))
+    state, _ = step(state, batch_)
+    jax.block_until_ready(state)
+    start = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = step(state, batch_)
+    jax.block_until_ready(metrics)
+    seconds = (time.perf_counter() - start) / steps
+    matmul_params = sum(x.size for path, x in jax.tree_util.tree_leaves_with_path(state.params)
+                        if x.ndim >= 2 and "position" not in jax.tree_util.keystr(path))
+    flops_per_token = 6 * matmul_params + 12 * cfg.num_layers * seq_len * cfg.d_model
+    tokens_per_s = batch * seq_len / seconds
+    return dict(name=name, params=sum(x.size for x in jax.tree.leaves(state.params)), tokens_per_s=tokens_per_s,
+                model_flops=tokens_per_s * flops_per_token, xla_flops=xla_flops / seconds, step_ms=seconds * 1e3)
+
+
+def main(argv):
+    del argv
+    peak, n = matmul_peak_flops()
+    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}")
+    print(f"float32 matmul peak (best square, n={n}): {peak / 1e9:.1f} GFLOP/s\n")
+    print(f"{'config':8} {'params':>10} {'step ms':>9} {'tokens/s':>10} {'model GFLOP/s':>14} {'MFU':>6} "
+          f"{'XLA-counted GFLOP/s':>20}")
+    for name in CONFIGS:
+        r = bench(name, _STEPS.value)
+        print(f"{name:8} {r['params']:>10,} {r['step_ms']:>9.1f} {r['tokens_per_s']:>10,.0f} "
+              f"{r['model_flops'] / 1e9:>14.1f} {r['model_flops'] / peak:>6.1%} {r['xla_flops'] / 1e9:>20.1f}")
+
+
+if __name__ == "__main__":
+    app.run(main)
