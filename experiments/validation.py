@@ -53,7 +53,7 @@ def _positive(problems, path, value, minimum=1):
 
 def _model_problems(m) -> list[str]:
     p = []
-    for key in ("d_model", "num_layers", "num_heads", "d_mlp"):
+    for key in ("d_model", "num_layers", "num_heads", "d_mlp", "scan_unroll"):
         _positive(p, f"model.{key}", m[key])
     for key in ("vocab_size", "max_len", "num_kv_heads", "head_dim"):
         _positive(p, f"model.{key}", m[key], minimum=0)

@@ -13,6 +13,8 @@ A query that sees no key at all outputs zeros. Tensors are BLHD (CONTRACTS §2).
 import jax
 import jax.numpy as jnp
 
+_MASKED = -1e30  # a finite "minus infinity": exp(_MASKED - row max) underflows to 0, never NaN
+
 
 def causal_mask(len_q: int, len_k: int, *, q_offset=None) -> jax.Array:
     """bool[len_q, len_k]: query i sees key j iff j <= i + q_offset (default len_k - len_q)."""
@@ -27,20 +29,27 @@ def attend(q, k, v, mask, *, sm_scale=None):
     heads_kv = k.shape[2]
     if sm_scale is None:
         sm_scale = head_dim**-0.5
-    # Heads-major [B, Hkv, G, L, D]: batch dimensions lead, which XLA:CPU's dot needs to be fast.
-    q = q.reshape(batch, len_q, heads_kv, heads_q // heads_kv, head_dim).transpose(0, 2, 3, 1, 4)
+    groups = heads_q // heads_kv
+    # Heads-major [B, Hkv, G*Lq, D]: one batch of dots per kv head, with the G query heads that
+    # share it stacked along the query axis (XLA:CPU's dot is fastest with leading batch dims).
+    q = q.reshape(batch, len_q, heads_kv, groups, head_dim).transpose(0, 2, 3, 1, 4)
+    q = q.reshape(batch, heads_kv, groups * len_q, head_dim)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Hkv, Lk, D]
-    scores = jnp.einsum("bhgqd,bhkd->bhgqk", q, k, preferred_element_type=jnp.float32) * sm_scale
+    scores = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * sm_scale
     if mask is not None:
-        scores = jnp.where(mask, scores, -jnp.inf)
-    row_max = jnp.max(scores, axis=-1, keepdims=True)
-    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)  # rows that see no key
-    probs = jnp.exp(scores - row_max)
-    denom = jnp.sum(probs, axis=-1, keepdims=True)
-    probs = probs / jnp.where(denom == 0.0, 1.0, denom)
-    out = jnp.einsum("bhgqk,bhkd->bhgqd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return out.transpose(0, 3, 1, 2, 4).reshape(batch, len_q, heads_q, head_dim).astype(q.dtype)
-
+        mask = jnp.tile(mask, (groups, 1))  # [G*Lq, Lk]
+        scores = jnp.where(mask, scores, _MASKED)
+    # The row max only shifts the exponent, so no gradient flows through it; normalising the
+    # [.., Lq, D] output instead of the [.., Lq, Lk] probabilities saves a pass over the scores.
+    row_max = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
+    unnormalised = jnp.exp(scores - row_max)
+    denom = jnp.sum(unnormalised, axis=-1, keepdims=True)
+    out = jnp.einsum("bhqk,bhkd->bhqd", unnormalised.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    out = out / denom
+    if mask is not None:  # a query that sees no key outputs zeros
+        out = jnp.where(jnp.any(mask, axis=-1)[:, None], out, 0.0)
+    out = out.reshape(batch, heads_kv, groups, len_q, head_dim).transpose(0, 3, 1, 2, 4)
+    return out.reshape(batch, len_q, heads_q, head_dim).astype(q.dtype)
 
 def dot_product_attention(q, k, v, *, causal=True, sm_scale=None):
     """Reference attention, [B, Lq, Hq, D] (CONTRACTS §3); the float32 softmax is kept whole."""

@@ -43,18 +43,20 @@ class Mlp(nn.Module):
         dense = functools.partial(
             nn.Dense, use_bias=self.use_bias, dtype=self.dtype,
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)))
-        h = dense(self.d_mlp, kernel_init=dense_init("embed", "mlp"), name="wi")(x)
+        tokens = x.reshape(-1, x.shape[-1])  # 2-D matmuls: XLA:CPU runs them (and their grads) ~2x faster
+        h = dense(self.d_mlp, kernel_init=dense_init("embed", "mlp"), name="wi")(tokens)
         if self.activation == "swiglu":
-            gate = dense(self.d_mlp, kernel_init=dense_init("embed", "mlp"), name="wg")(x)
+            gate = dense(self.d_mlp, kernel_init=dense_init("embed", "mlp"), name="wg")(tokens)
             h = nn.silu(gate) * h
         else:
             h = {"relu": nn.relu, "gelu": nn.gelu}[self.activation](h)
-        h = nn.with_logical_constraint(h, ("activation_batch", "activation_length", "activation_mlp"))
-        return nn.Dense(
+        h = nn.with_logical_constraint(h.reshape(*x.shape[:-1], self.d_mlp),
+                                       ("activation_batch", "activation_length", "activation_mlp"))
+        out = nn.Dense(
             x.shape[-1], use_bias=self.use_bias, dtype=self.dtype, name="wo",
             kernel_init=dense_init("mlp", "embed"),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(h)
-
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(h.reshape(tokens.shape[0], -1))
+        return out.reshape(x.shape[:-1] + out.shape[-1:])
 
 def apply_rope(x, positions, theta: float = 10000.0):
     """Rotary embedding of x [B, L, H, D] at integer positions [L]: pairs (x_i, x_{i+D/2}) rotate by
