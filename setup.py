@@ -23,9 +23,10 @@ setuptools.setup(
         "numpy>=2.0,<3",
         "matplotlib>=3.8,<4",
         "tensorboardX>=2.6,<3",
+        "sentencepiece>=0.2,<0.3",
     ],
     extras_require={
         "test": ["pytest>=8,<10"],
-        "seqio": ["seqio>=0.0.19", "sentencepiece>=0.2"],
+        "seqio": ["seqio>=0.0.19,<0.1"],  # pulls in TensorFlow
     },
 )

@@ -9,7 +9,7 @@ import dataclasses
 
 import numpy as np
 
-from data import algorithmic
+from data import algorithmic, text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,11 +25,28 @@ class AlgorithmicConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class TextConfig:
+    """Every `config.data` key of language modelling on a text file (`data/text.py`)."""
+
+    name: str = "text"
+    path: str = "../shared/data/tinyshakespeare.txt"  # relative paths: from the repository root
+    tokenizer: str = "byte"  # byte | sentencepiece
+    spm_model: str = ""  # the SentencePiece model file, for tokenizer="sentencepiece"
+    source: str = "grain"  # grain | seqio (the same tokens through a registered seqio Task)
+    seq_len: int = 64
+    stride: int = 0  # tokens between window starts; 0: seq_len (packed, no overlap)
+    train_fraction: float = 0.9  # the first 90% of the characters train, the last 10% validate
+    batch_size: int = 12
+    eval_batch_size: int = 256
+
+
+@dataclasses.dataclass(frozen=True)
 class Splits:
     train: dict[str, np.ndarray]
     evals: dict[str, dict[str, np.ndarray]]  # evaluation-set name -> examples
     vocab_size: int
     seq_len: int
+    chars_per_token: float | None = None  # text only: turns loss per token into bits per character
 
 
 def _load_algorithmic(config, seed: int) -> Splits:
@@ -37,8 +54,26 @@ def _load_algorithmic(config, seed: int) -> Splits:
     return Splits(train=train, evals={"eval": test}, vocab_size=config.p + 1, seq_len=3)
 
 
+def _load_text(config, seed: int) -> Splits:
+    del seed  # the split is by position, the order of batches by the pipeline's seed
+    if config.source == "seqio":
+        from data import seqio_tasks  # optional: needs the [seqio] extra
+
+        train_ids, eval_ids, vocab_size = seqio_tasks.token_streams(config)
+        chars = len(text.split_text(text.read_corpus(config.path), config.train_fraction)[1])
+    else:
+        tokenizer = text.tokenizer(config.tokenizer, config.spm_model)
+        train_text, eval_text = text.split_text(text.read_corpus(config.path), config.train_fraction)
+        train_ids, eval_ids, vocab_size = tokenizer.encode(train_text), tokenizer.encode(eval_text), tokenizer.vocab_size
+        chars = len(eval_text)
+    return Splits(train=text.pack(train_ids, config.seq_len, config.stride),
+                  evals={"eval": text.pack(eval_ids, config.seq_len)},
+                  vocab_size=vocab_size, seq_len=config.seq_len, chars_per_token=chars / len(eval_ids))
+
+
 DATASETS = {
     "algorithmic": (_load_algorithmic, AlgorithmicConfig, algorithmic.validate),
+    "text": (_load_text, TextConfig, text.validate),
 }
 
 

@@ -60,6 +60,17 @@ def init_state(model, tx, example_inputs, rng):
     return TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=state_rng)
 
 
+def abstract_state_and_shardings(init_fn, rng, mesh):
+    """(abstract train state, its NamedShardings by the logical rules); ConfigError if a dimension
+    does not divide over its mesh axes. Nothing is computed."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+        boxed_state = jax.eval_shape(init_fn, rng)
+    state_shardings = sharding.logical_shardings(boxed_state, mesh)
+    abstract_state = nn.meta.unbox(boxed_state)
+    sharding.check_divisible(abstract_state, state_shardings)
+    return abstract_state, state_shardings
+
+
 def train_step(state: TrainState, batch, *, schedule):
     def loss_fn(params):
         logits = state.apply_fn({"params": params}, batch["inputs"],
@@ -98,15 +109,20 @@ class _SigtermFlag:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def evaluate(state, eval_step, batches, mesh) -> dict:
-    """Exact loss and accuracy over every example of an evaluation set."""
+def evaluate(state, eval_step, batches, mesh, chars_per_token=None) -> dict:
+    """Exact loss, accuracy and perplexity over every example of an evaluation set; for text also
+    bits per character, loss / ln 2 / (characters per token)."""
     totals = None
     for batch in batches:
         sums = eval_step(state, sharding.global_batch(batch, mesh))
         totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
     totals = jax.device_get(totals)
     count = max(float(totals["count"]), 1.0)
-    return {"loss": float(totals["loss"]) / count, "accuracy": float(totals["correct"]) / count}
+    loss = float(totals["loss"]) / count
+    result = {"loss": loss, "accuracy": float(totals["correct"]) / count, "perplexity": float(np.exp(min(loss, 80.0)))}
+    if chars_per_token:
+        result["bits_per_char"] = loss / np.log(2.0) / chars_per_token
+    return result
 
 
 def _check_finite(window, last_good_step):
@@ -138,11 +154,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
     example_inputs = jax.ShapeDtypeStruct((batch_shards, splits.seq_len), np.int32)
     init_fn = functools.partial(init_state, model, tx, example_inputs)
     rng = jax.random.PRNGKey(config.seed)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-        boxed_state = jax.eval_shape(init_fn, rng)
-    state_shardings = sharding.logical_shardings(boxed_state, mesh)
-    abstract_state = nn.meta.unbox(boxed_state)
-    sharding.check_divisible(abstract_state, state_shardings)
+    abstract_state, state_shardings = abstract_state_and_shardings(init_fn, rng, mesh)
 
     os.makedirs(workdir, exist_ok=True)
     if is_lead:
@@ -219,7 +231,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
                     window_start = time.perf_counter()
                 if do_eval:
                     for name, examples in splits.evals.items():
-                        last[name] = evaluate(state, compiled_eval_step, eval_batches(examples), mesh)
+                        last[name] = evaluate(state, compiled_eval_step, eval_batches(examples), mesh,
+                                              splits.chars_per_token)
                         writer.write(step, name, last[name])
                 if do_log:
                     shown = {"loss": last["train"]["loss"], "acc": last["train"]["accuracy"]}

@@ -8,7 +8,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-from experiments.configs import grokking  # noqa: E402
+from experiments.configs import grokking, lm_shakespeare  # noqa: E402
 
 
 def pytest_configure(config):
@@ -23,6 +23,18 @@ def make_tiny_config(steps: int = 6):
     config.data.update(p=13, train_fraction=0.5, batch_size=16, eval_batch_size=32)
     config.train.update(steps=steps, log_every=1, eval_every=3, checkpoint_every=3)
     config.optimizer.update(lr=3e-3, warmup_steps=2)
+    config.mesh.update(data=-1)
+    return config
+
+
+def make_tiny_lm_config(steps: int = 4):
+    """The tiny-Shakespeare LM config shrunk to seconds: width 32, 2 layers, GQA (4 heads, 2 kv),
+    context 16, batch 16; 1% of the text validates."""
+    config = lm_shakespeare.get_config()
+    config.model.update(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, d_mlp=64, scan_unroll=1)
+    config.data.update(seq_len=16, batch_size=16, eval_batch_size=256, train_fraction=0.99)
+    config.train.update(steps=steps, log_every=1, eval_every=steps, checkpoint_every=steps)
+    config.optimizer.update(warmup_steps=2)
     config.mesh.update(data=-1)
     return config
 

@@ -1,0 +1,95 @@
+"""Language-modelling data from a text file: tokenize, split, pack into fixed-length examples.
+
+    text --tokenizer--> ids[0..N)      train = the first `train_fraction` of the characters,
+                                       validation = the rest (nanoGPT's 90% / 10% split)
+    example j = window ids[j*L : j*L + L + 1]:  inputs = window[:-1], targets = window[1:]
+
+Windows start every `stride` tokens (default L: packed, no overlap) and every position is scored.
+Two tokenizers: bytes (UTF-8, vocabulary 256, no file) and SentencePiece (a model file trained by
+`scripts/train_sentencepiece.py`).
+"""
+
+import os
+
+import numpy as np
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def resolve_path(path: str) -> str:
+    """Relative paths are relative to the repository root, so configs work from any directory."""
+    return path if os.path.isabs(path) else os.path.normpath(os.path.join(REPO_ROOT, path))
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens 0..255."""
+
+    vocab_size = 256
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
+
+    def decode(self, ids) -> str:
+        return bytes(np.asarray(ids, np.uint8).tolist()).decode("utf-8", errors="replace")
+
+
+class SentencePieceTokenizer:
+    """A trained SentencePiece model (`*.model`)."""
+
+    def __init__(self, model_path: str):
+        import sentencepiece  # imported here: only this tokenizer needs it
+
+        self.model_path = model_path
+        self._sp = sentencepiece.SentencePieceProcessor(model_file=model_path)
+        self.vocab_size = self._sp.get_piece_size()
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self._sp.encode(text), np.int32)
+
+    def decode(self, ids) -> str:
+        return self._sp.decode([int(i) for i in ids])
+
+
+def tokenizer(kind: str, spm_model: str = ""):
+    return ByteTokenizer() if kind == "byte" else SentencePieceTokenizer(resolve_path(spm_model))
+
+
+def read_corpus(path: str) -> str:
+    with open(resolve_path(path), encoding="utf-8") as f:
+        return f.read()
+
+
+def split_text(text: str, train_fraction: float) -> tuple[str, str]:
+    """(train, validation): the first `train_fraction` of the characters, then the rest."""
+    cut = int(len(text) * train_fraction)
+    return text[:cut], text[cut:]
+
+
+def pack(ids: np.ndarray, seq_len: int, stride: int = 0) -> dict[str, np.ndarray]:
+    """Windows of seq_len + 1 tokens every `stride` (0: seq_len) -> {"inputs", "targets", "loss_mask"} [N, L]."""
+    stride = stride or seq_len
+    starts = np.arange(0, len(ids) - seq_len, stride)
+    windows = ids[starts[:, None] + np.arange(seq_len + 1)]
+    return {"inputs": windows[:, :-1].astype(np.int32), "targets": windows[:, 1:].astype(np.int32),
+            "loss_mask": np.ones((len(starts), seq_len), np.float32)}
+
+
+def validate(config) -> list[str]:
+    """Problems with `config.data` for text, as one-line messages (empty when fine)."""
+    problems = []
+    if not os.path.isfile(resolve_path(config.path)):
+        problems.append(f"data.path={config.path!r}: no such file ({resolve_path(config.path)})")
+    if config.tokenizer not in ("byte", "sentencepiece"):
+        problems.append(f"data.tokenizer={config.tokenizer!r} is not one of ['byte', 'sentencepiece']")
+    elif config.tokenizer == "sentencepiece" and not os.path.isfile(resolve_path(config.spm_model)):
+        problems.append(f"data.spm_model={config.spm_model!r}: no such file; train one with "
+                        f"`python scripts/train_sentencepiece.py --output={config.spm_model or 'PATH.model'}`")
+    if config.source not in ("grain", "seqio"):
+        problems.append(f"data.source={config.source!r} is not one of ['grain', 'seqio']")
+    if config.seq_len < 1:
+        problems.append(f"data.seq_len={config.seq_len} must be >= 1")
+    if config.stride < 0:
+        problems.append(f"data.stride={config.stride} must be >= 0 (0: seq_len, packed)")
+    if not 0 < config.train_fraction < 1:
+        problems.append(f"data.train_fraction={config.train_fraction} must lie in (0, 1)")
+    return problems

@@ -1,0 +1,34 @@
+"""Character-level language modelling of tiny Shakespeare at nanoGPT's CPU shape and budget.
+
+nanoGPT's `train_shakespeare_char` on CPU: 4 layers, 4 heads, width 128, context 64, batch 12,
+2000 iterations, no dropout, AdamW lr 1e-3 (100 warmup steps, cosine to 1e-4), betas (0.9, 0.99),
+weight decay 0.1, gradient clipping 1.0, LayerNorm, GELU, learned positions, tied embeddings;
+it reaches validation loss about 1.88. Text is read as UTF-8 bytes (the corpus is ASCII, so one
+token per character); the first 90% trains, the last 10% validates.
+
+    python -m experiments.train --config=experiments/configs/lm_shakespeare.py --workdir=runs/lm
+    python -m experiments.sample --workdir=runs/lm --prompt="ROMEO:"
+
+`--config=...lm_shakespeare.py:sentencepiece` tokenizes with a SentencePiece vocabulary instead
+(train it first: `python scripts/train_sentencepiece.py`).
+"""
+
+from experiments.configs import base
+
+SPM_MODEL = "runs/spm/tinyshakespeare_1024.model"
+
+
+def get_config(arg=None):
+    config = base.get_config("transformer", "text")
+    config.model.update(d_model=128, num_layers=4, num_heads=4, d_mlp=512, activation="gelu", norm="layernorm",
+                        positional="learned", tie_embeddings=True, scan_unroll=4)
+    config.data.update(path="../shared/data/tinyshakespeare.txt", tokenizer="byte", seq_len=64, batch_size=12,
+                       eval_batch_size=256)
+    if arg == "sentencepiece":
+        config.data.update(tokenizer="sentencepiece", spm_model=SPM_MODEL)
+    elif arg:
+        raise ValueError(f"lm_shakespeare config argument {arg!r} is not one of ['', 'sentencepiece']")
+    config.train.update(steps=2000, log_every=100, eval_every=250, checkpoint_every=1000)
+    config.optimizer.update(lr=1e-3, b1=0.9, b2=0.99, weight_decay=0.1, schedule="cosine", warmup_steps=100,
+                            min_lr_ratio=0.1, grad_clip=1.0)
+    return config

@@ -1,0 +1,88 @@
+"""Samples text from the latest checkpoint of a language-model run.
+
+    python -m experiments.sample --workdir=runs/lm --prompt="ROMEO:" --num_tokens=200 \
+        [--temperature=0.8 --top_k=40 --top_p=0.95 --seed=0 --num_samples=2]
+
+Reads the run's `config.json` (model and tokenizer), restores the parameters from the latest
+checkpoint and generates with the KV cache (`models/sampling.py`); samples go to stdout.
+"""
+
+import json
+import os
+import sys
+
+from absl import app, flags, logging
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+import models
+from data import text
+from experiments import checkpointing, optimizers, trainer
+from models import sampling, transformer
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A language-model run folder (holds config.json and checkpoints/).",
+                               required=True)
+_PROMPT = flags.DEFINE_string("prompt", "\n", "Text the samples continue.")
+_NUM_TOKENS = flags.DEFINE_integer("num_tokens", 200, "Tokens generated per sample.")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Samples generated together, as one batch.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "Softmax temperature; 0 picks the most likely token.")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens; 0: all.")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Sample among the most likely tokens holding this probability mass.")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+
+
+def _fail(message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+    config_path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(config_path):
+        _fail(f"--workdir={workdir!r} has no config.json; pass the folder of a training run")
+    with open(config_path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def load_params(config, workdir: str):
+    """(model, parameters of the latest checkpoint in `workdir`), on one device."""
+    mngr = checkpointing.manager(workdir, keep=1, async_save=False)
+    if mngr.latest_step() is None:
+        _fail(f"--workdir={workdir!r} has no checkpoint yet")
+    model = models.build(config.model)
+    tx = optimizers.build(config.optimizer, config.train.steps)
+    inputs = jax.ShapeDtypeStruct((1, config.model.max_len), np.int32)
+    abstract = nn.meta.unbox(jax.eval_shape(lambda r: trainer.init_state(model, tx, inputs, r), jax.random.PRNGKey(0)))
+    on_one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_one_device), abstract)
+    restored = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+    return model, restored.state.params
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    config = load_config(_WORKDIR.value)
+    if config.data.name != "text":
+        _fail(f"the run in {_WORKDIR.value!r} trained on data.name={config.data.name!r}; sampling needs a text run")
+    tokenizer = text.tokenizer(config.data.tokenizer, config.data.spm_model)
+    prompt = tokenizer.encode(_PROMPT.value)
+    total = len(prompt) + _NUM_TOKENS.value
+    if len(prompt) == 0:
+        _fail("--prompt must hold at least one token")
+    if config.model.positional == "learned" and total > config.model.max_len:
+        _fail(f"prompt ({len(prompt)} tokens) + --num_tokens={_NUM_TOKENS.value} exceeds the model's "
+              f"max_len={config.model.max_len} (learned positions); ask for at most {config.model.max_len - len(prompt)}")
+    model, params = load_params(config, _WORKDIR.value)
+    prompts = np.tile(prompt[None], (_NUM_SAMPLES.value, 1))
+    cache = transformer.init_cache(model.cfg, _NUM_SAMPLES.value, total)
+    tokens = sampling.generate(model, params, prompts, cache, jax.random.key(_SEED.value), num_tokens=_NUM_TOKENS.value,
+                               temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value)
+    for i, row in enumerate(np.asarray(tokens)):
+        print(f"--- sample {i} ---\n{_PROMPT.value}{tokenizer.decode(row)}")
+
+if __name__ == "__main__":
+    app.run(main)

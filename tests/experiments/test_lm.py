@@ -1,0 +1,94 @@
+"""Language modelling through the trainer: the same losses on every mesh, evaluation metrics,
+FSDP's per-device memory from the compiled step, and sampling from a run's checkpoint."""
+
+import functools
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import data as datasets
+import models
+from experiments import metrics_writer, optimizers, sharding, trainer, validation
+from tests.conftest import make_tiny_lm_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+MESHES = {"data=8": dict(data=8), "fsdp=8": dict(data=1, fsdp=8),
+          "data=2,fsdp=2,tensor=2": dict(data=2, fsdp=2, tensor=2)}
+
+
+def _losses(workdir):
+    events = metrics_writer.read(str(workdir))
+    return {(e["split"], e["step"]): e["loss"] for e in events}
+
+
+@pytest.fixture(scope="module")
+def one_device_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("one")
+    result = trainer.train_and_evaluate(make_tiny_lm_config(), str(workdir), devices=jax.devices()[:1], verbose=False)
+    return workdir, result
+
+
+@pytest.mark.parametrize("mesh", list(MESHES))
+def test_same_losses_on_every_mesh(mesh, one_device_run, tmp_path):
+    config = make_tiny_lm_config()
+    config.mesh.update(**MESHES[mesh])
+    trainer.train_and_evaluate(config, str(tmp_path), verbose=False)
+    expected, got = _losses(one_device_run[0]), _losses(tmp_path)
+    assert expected.keys() == got.keys() and len(got) == 5  # 4 train steps + 1 eval
+    for key in expected:
+        np.testing.assert_allclose(got[key], expected[key], rtol=2e-5, err_msg=str(key))
+
+
+def test_evaluation_reports_perplexity_and_bits_per_char(one_device_run):
+    result = one_device_run[1]["eval"]
+    assert result["perplexity"] == pytest.approx(math.exp(result["loss"]), rel=1e-6)
+    splits = datasets.load(make_tiny_lm_config().data, seed=0)
+    assert result["bits_per_char"] == pytest.approx(result["loss"] / math.log(2) / splits.chars_per_token, rel=1e-6)
+    assert 4.0 < result["loss"] < math.log(256) + 0.5  # a few steps in: below uniform-ish, far from trained
+
+
+def _state_bytes_per_device(fsdp: int) -> int:
+    config = make_tiny_lm_config()
+    config.model.update(d_model=256, d_mlp=1024, num_heads=4, num_kv_heads=4)
+    config.mesh.update(data=8 // fsdp, fsdp=fsdp)
+    mesh = sharding.make_mesh(validation.mesh_shape(config.mesh, 8), jax.devices())
+    config.model.update(vocab_size=256, max_len=16)
+    model = models.build(config.model)
+    tx = optimizers.build(config.optimizer, 10)
+    init_fn = functools.partial(trainer.init_state, model, tx, jax.ShapeDtypeStruct((8, 16), np.int32))
+    state, shardings = trainer.abstract_state_and_shardings(init_fn, jax.random.PRNGKey(0), mesh)
+    step = jax.jit(functools.partial(trainer.train_step, schedule=optimizers.learning_rate_schedule(config.optimizer, 10)),
+                   in_shardings=(shardings, sharding.batch_sharding(mesh)), donate_argnums=0)
+    batch = {k: jax.ShapeDtypeStruct((8, 16), dtype) for k, dtype in
+             (("inputs", np.int32), ("targets", np.int32), ("loss_mask", np.float32))}
+    with jax.set_mesh(mesh):
+        compiled = step.lower(state, batch).compile()
+    batch_bytes = sum(math.prod(b.shape) * 4 for b in batch.values()) // 8  # split over data * fsdp = 8
+    return compiled.memory_analysis().argument_size_in_bytes - batch_bytes
+
+
+def test_fsdp_divides_parameter_and_optimizer_memory_per_device():
+    """The compiled step's arguments (params + Adam moments + step + rng) per device shrink ~8x."""
+    replicated, sharded = _state_bytes_per_device(1), _state_bytes_per_device(8)
+    assert replicated > 3 * 4 * 1_000_000  # ~1.1M parameters, 3 float32 copies
+    assert replicated / sharded > 7.5, (replicated, sharded)
+
+
+def test_sample_cli_continues_a_prompt_from_the_checkpoint(one_device_run):
+    workdir = one_device_run[0]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    args = [sys.executable, "-m", "experiments.sample", f"--workdir={workdir}", "--prompt=ROMEO:",
+            "--num_samples=2", "--top_k=5", "--seed=3"]
+    out = subprocess.run(args + ["--num_tokens=10"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    samples = out.stdout.split("--- sample ")[1:]
+    assert len(samples) == 2 and all(s.split("\n", 1)[1].startswith("ROMEO:") for s in samples)
+    too_long = subprocess.run(args + ["--num_tokens=100"], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=300)
+    assert too_long.returncode == 2
+    assert too_long.stderr.strip().splitlines()[-1].startswith("error: prompt (6 tokens) + --num_tokens=100 exceeds")
