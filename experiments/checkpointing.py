@@ -28,8 +28,16 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state, data_iterator):
     step = mngr.latest_step()
     if step is None:
         return None
-    restored = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data_iterator)))
+    data_file = os.path.join(str(mngr.directory), str(step), "data",
+                             f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+    if os.path.exists(data_file):
+        restored = mngr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data_iterator)))
+        return restored.state
+    # Saved by another number of processes: every process's iterator stood at the same index, the
+    # step (element s of the pipeline is step s's global batch), so the state alone says where to go on.
+    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+    data_iterator.set_state({**data_iterator.get_state(), "next_index": int(restored.state.step)})
     return restored.state
 
 

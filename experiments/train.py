@@ -26,6 +26,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder; default: a fresh fo
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-process jobs).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes in the job.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer("heartbeat_timeout_s", 100, "Multi-process jobs: a process silent "
+                                          "this long is declared dead and the others stop with an error.")
 
 
 def _fail(message: str, status: int = 2):
@@ -51,12 +53,16 @@ def _initialize_distributed():
     """jax.distributed for multi-process jobs: from the flags, or detected on TPU pods and SLURM."""
     import jax
 
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # collectives across CPU processes
+    timeouts = dict(heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value)
     if _COORDINATOR.value or _NUM_PROCESSES.value:
         if not (_COORDINATOR.value and _NUM_PROCESSES.value and _PROCESS_ID.value is not None):
             _fail("--coordinator_address, --num_processes and --process_id go together")
-        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+        if not 0 <= _PROCESS_ID.value < _NUM_PROCESSES.value:
+            _fail(f"--process_id={_PROCESS_ID.value} must lie in [0, --num_processes={_NUM_PROCESSES.value})")
+        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, **timeouts)
     elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
-        jax.distributed.initialize()
+        jax.distributed.initialize(**timeouts)
 
 
 def main(argv):

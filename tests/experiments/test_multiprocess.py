@@ -1,0 +1,97 @@
+"""Several processes on localhost (jax.distributed, gloo CPU collectives), 4 fake devices each:
+the same losses as one process with 8 devices, a checkpoint that one process restores on another
+mesh, and a dead process that stops the others instead of hanging them."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import metrics_writer, trainer
+from tests.conftest import make_tiny_lm_config
+
+pytestmark = pytest.mark.slow
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY_LM_FLAGS = [  # make_tiny_lm_config() as command-line overrides
+    "--config=experiments/configs/lm_shakespeare.py", "--config.model.d_model=32", "--config.model.num_layers=2",
+    "--config.model.num_kv_heads=2", "--config.model.d_mlp=64", "--config.model.scan_unroll=1",
+    "--config.data.seq_len=16", "--config.data.batch_size=16", "--config.data.train_fraction=0.99",
+    "--config.train.log_every=1", "--config.optimizer.warmup_steps=2"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _start_processes(workdir, extra_flags, num_processes=2):
+    """Popen handles; process i's stderr goes to workdir/../stderr_i.txt (files: pipes could fill and block)."""
+    port = _free_port()
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    return [subprocess.Popen(
+        [sys.executable, "-m", "experiments.train", *TINY_LM_FLAGS, *extra_flags, f"--workdir={workdir}",
+         f"--coordinator_address=localhost:{port}", f"--num_processes={num_processes}", f"--process_id={i}"],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=open(workdir.parent / f"stderr_{i}.txt", "w"))
+        for i in range(num_processes)]
+
+
+def _stderr(workdir, i) -> str:
+    return (workdir.parent / f"stderr_{i}.txt").read_text()
+
+
+def _losses(workdir):
+    return {(e["split"], e["step"]): e["loss"] for e in metrics_writer.read(str(workdir))}
+
+
+def test_two_processes_match_one_and_their_checkpoint_restores_on_another_mesh(tmp_path):
+    steps = ["--config.train.steps=4", "--config.train.eval_every=4", "--config.train.checkpoint_every=4"]
+    procs = _start_processes(tmp_path / "two", steps)
+    for i, p in enumerate(procs):
+        assert p.wait(timeout=600) == 0, _stderr(tmp_path / "two", i)[-3000:]
+    assert sorted(os.listdir(tmp_path / "two" / "checkpoints" / "4" / "data")) == [
+        "commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]
+
+    trainer.train_and_evaluate(make_tiny_lm_config(steps=4), str(tmp_path / "one"), verbose=False)
+    expected, got = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert expected.keys() == got.keys() and len(got) == 5
+    for key in expected:
+        np.testing.assert_allclose(got[key], expected[key], rtol=2e-5, err_msg=str(key))
+
+    # One process, another mesh, both runs continued to step 6: the same losses.
+    for name in ("one", "two"):
+        config = make_tiny_lm_config(steps=6)
+        config.mesh.update(data=1, fsdp=4, tensor=2)
+        result = trainer.train_and_evaluate(config, str(tmp_path / name), verbose=False)
+        assert result["step"] == 6
+    expected, got = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    for key in [("train", 5), ("train", 6), ("eval", 6)]:
+        np.testing.assert_allclose(got[key], expected[key], rtol=2e-5, err_msg=str(key))
+
+
+def test_a_dead_process_stops_the_others_with_a_clear_error(tmp_path):
+    procs = _start_processes(tmp_path / "run", ["--config.train.steps=1000000", "--config.train.eval_every=0",
+                                                "--config.train.checkpoint_every=1000000", "--heartbeat_timeout_s=5"])
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.5)
+    assert metrics.exists(), "the job never started training"
+    procs[1].send_signal(signal.SIGKILL)
+    killed_at = time.time()
+    try:
+        procs[0].wait(timeout=120)
+    finally:
+        for p in procs:
+            p.kill()
+    err = _stderr(tmp_path / "run", 0)
+    assert procs[0].returncode != 0
+    assert time.time() - killed_at < 120
+    assert "stopped sending heartbeats" in err or "another task died" in err, err[-3000:]
