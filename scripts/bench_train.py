@@ -4,7 +4,9 @@
 
 For each config it times the trainer's own jitted train step (AdamW, masked next-token loss) on
 random tokens, and divides the model FLOPs per second by a float32 matrix-multiply peak measured
-in the same run (the best of square matmuls of several sizes). Model FLOPs per token are PaLM's
+in the same run (the best of square matmuls of several sizes). "temp MiB" is the compiled step's
+temporary memory (activations kept for the backward pass, scratch), which bfloat16 compute and the
+remat policies change. Model FLOPs per token are PaLM's
 count: 6 * (matmul parameters) + 12 * layers * seq_len * d_model (attention scores and values).
 """
 
@@ -25,10 +27,13 @@ _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per config (after one wa
 
 SMALL = dict(d_model=128, num_layers=4, num_heads=4, d_mlp=512, vocab_size=256)
 MEDIUM = dict(d_model=512, num_layers=6, num_heads=8, d_mlp=2048, vocab_size=256)
-CONFIGS = {  # name: (model overrides, batch, seq_len); "scanned": layers in a loop (the default), else unrolled
+CONFIGS = {  # name: (model overrides, batch, seq_len); "scanned": the default nn.scan stack, else unrolled
     "small": (dict(SMALL, scan_unroll=4), 32, 64),
     "medium": (dict(MEDIUM, scan_unroll=6), 16, 256),
     "medium-scanned": (MEDIUM, 16, 256),
+    "  + bfloat16": (dict(MEDIUM, dtype="bfloat16"), 16, 256),
+    "  + remat dots": (dict(MEDIUM, remat="dots"), 16, 256),
+    "  + remat full": (dict(MEDIUM, remat="full"), 16, 256),
 }
 
 
@@ -62,6 +67,7 @@ def bench(name, steps):
     batch_ = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": jnp.ones((batch, seq_len))}
     state = jax.jit(lambda r: nn.meta.unbox(trainer.init_state(model, tx, batch_["inputs"], r)))(jax.random.PRNGKey(0))
     step = jax.jit(lambda s, b: trainer.train_step(s, b, schedule=schedule), donate_argnums=0)
+    temp_bytes = step.lower(state, batch_).compile().memory_analysis().temp_size_in_bytes
     state, _ = step(state, batch_)
     jax.block_until_ready(state)
     start = time.perf_counter()
@@ -74,7 +80,7 @@ def bench(name, steps):
     flops_per_token = 6 * matmul_params + 12 * cfg.num_layers * seq_len * cfg.d_model
     tokens_per_s = batch * seq_len / seconds
     return dict(name=name, params=sum(x.size for x in jax.tree.leaves(state.params)), tokens_per_s=tokens_per_s,
-                model_flops=tokens_per_s * flops_per_token, step_ms=seconds * 1e3)
+                model_flops=tokens_per_s * flops_per_token, temp_mib=temp_bytes / 2**20, step_ms=seconds * 1e3)
 
 
 def main(argv):
@@ -82,11 +88,11 @@ def main(argv):
     peak, n = matmul_peak_flops()
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}")
     print(f"float32 matmul peak (best square, n={n}): {peak / 1e9:.1f} GFLOP/s\n")
-    print(f"{'config':14} {'params':>10} {'step ms':>9} {'tokens/s':>10} {'model GFLOP/s':>14} {'MFU':>6}")
+    print(f"{'config':18} {'params':>10} {'step ms':>9} {'tokens/s':>10} {'model GFLOP/s':>14} {'MFU':>6} {'temp MiB':>9}")
     for name in CONFIGS:
         r = bench(name, _STEPS.value)
-        print(f"{name:14} {r['params']:>10,} {r['step_ms']:>9.1f} {r['tokens_per_s']:>10,.0f} "
-              f"{r['model_flops'] / 1e9:>14.1f} {r['model_flops'] / peak:>6.1%}")
+        print(f"{name:18} {r['params']:>10,} {r['step_ms']:>9.1f} {r['tokens_per_s']:>10,.0f} "
+              f"{r['model_flops'] / 1e9:>14.1f} {r['model_flops'] / peak:>6.1%} {r['temp_mib']:>9.0f}")
 
 
 if __name__ == "__main__":

@@ -92,3 +92,14 @@ def test_sample_cli_continues_a_prompt_from_the_checkpoint(one_device_run):
                               timeout=300)
     assert too_long.returncode == 2
     assert too_long.stderr.strip().splitlines()[-1].startswith("error: prompt (6 tokens) + --num_tokens=100 exceeds")
+
+
+def test_bfloat16_compute_tracks_float32(one_device_run, tmp_path):
+    config = make_tiny_lm_config()
+    config.model.dtype = "bfloat16"
+    trainer.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1], verbose=False)
+    expected, got = _losses(one_device_run[0]), _losses(tmp_path)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        np.testing.assert_allclose(got[key], expected[key], rtol=1e-2, err_msg=str(key))
+        assert got[key] != expected[key]  # the bfloat16 path really ran
