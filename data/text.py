@@ -9,6 +9,7 @@ Two tokenizers: bytes (UTF-8, vocabulary 256, no file) and SentencePiece (a mode
 `scripts/train_sentencepiece.py`).
 """
 
+import io
 import os
 
 import numpy as np
@@ -48,6 +49,25 @@ class SentencePieceTokenizer:
 
     def decode(self, ids) -> str:
         return self._sp.decode([int(i) for i in ids])
+
+
+def train_sentencepiece(corpus: str, vocab_size: int, train_fraction: float, model_type: str, output: str) -> str:
+    """Trains a SentencePiece model on the first `train_fraction` of the corpus; returns its path.
+
+    Byte fallback keeps every string encodable; whitespace and newlines are kept as they are."""
+    import sentencepiece
+
+    train_text, _ = split_text(read_corpus(corpus), train_fraction)
+    output = resolve_path(output)
+    os.makedirs(os.path.dirname(output), exist_ok=True)
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(train_text.splitlines(keepends=False)), model_writer=model, vocab_size=vocab_size,
+        model_type=model_type, character_coverage=1.0, byte_fallback=True, remove_extra_whitespaces=False,
+        user_defined_symbols=["\n"], minloglevel=2)
+    with open(output, "wb") as f:
+        f.write(model.getvalue())
+    return output
 
 
 def tokenizer(kind: str, spm_model: str = ""):

@@ -1,7 +1,6 @@
 """Text data: tokenizers round-trip, the 90/10 split by position, packing against an index loop,
 clear errors for missing files."""
 
-import importlib.util
 import os
 
 import ml_collections
@@ -50,12 +49,8 @@ def test_pack_matches_an_index_loop(seq_len, stride):
 
 
 def _train_spm(tmp_path, vocab_size: int) -> str:
-    """A SentencePiece model trained by scripts/train_sentencepiece.py on the corpus's train split."""
-    spec = importlib.util.spec_from_file_location("train_sentencepiece", os.path.join(
-        text.REPO_ROOT, "scripts", "train_sentencepiece.py"))
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script.train(CORPUS, vocab_size, 0.9, "bpe", str(tmp_path / "spm.model"))
+    """A SentencePiece model trained (as scripts/train_sentencepiece.py does) on the corpus's train split."""
+    return text.train_sentencepiece(CORPUS, vocab_size, 0.9, "bpe", str(tmp_path / "spm.model"))
 
 
 def test_sentencepiece_round_trips(tmp_path):
