@@ -21,7 +21,7 @@ import orbax.checkpoint as ocp
 import models
 from data import text
 from experiments import checkpointing, optimizers, trainer
-from models import sampling, transformer
+from models import sampling
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A language-model run folder (holds config.json and checkpoints/).",
                                required=True)
@@ -73,12 +73,12 @@ def main(argv):
     total = len(prompt) + _NUM_TOKENS.value
     if len(prompt) == 0:
         _fail("--prompt must hold at least one token")
-    if config.model.positional == "learned" and total > config.model.max_len:
+    if config.model.get("positional") == "learned" and total > config.model.max_len:
         _fail(f"prompt ({len(prompt)} tokens) + --num_tokens={_NUM_TOKENS.value} exceeds the model's "
               f"max_len={config.model.max_len} (learned positions); ask for at most {config.model.max_len - len(prompt)}")
     model, params = load_params(config, _WORKDIR.value)
     prompts = np.tile(prompt[None], (_NUM_SAMPLES.value, 1))
-    cache = transformer.init_cache(model.cfg, _NUM_SAMPLES.value, total)
+    cache = model.init_cache(_NUM_SAMPLES.value, total)
     tokens = sampling.generate(model, params, prompts, cache, jax.random.key(_SEED.value), num_tokens=_NUM_TOKENS.value,
                                temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value)
     for i, row in enumerate(np.asarray(tokens)):

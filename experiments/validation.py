@@ -8,7 +8,6 @@ import ml_collections
 
 import data
 import models
-from models import layers
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
@@ -49,27 +48,6 @@ def _choice(problems, path, value, choices):
 def _positive(problems, path, value, minimum=1):
     if value < minimum:
         problems.append(f"{path}={value} must be >= {minimum}")
-
-
-def _model_problems(m) -> list[str]:
-    p = []
-    for key in ("d_model", "num_layers", "num_heads", "d_mlp", "scan_unroll"):
-        _positive(p, f"model.{key}", m[key])
-    for key in ("vocab_size", "max_len", "num_kv_heads", "head_dim"):
-        _positive(p, f"model.{key}", m[key], minimum=0)
-    _choice(p, "model.activation", m.activation, layers.ACTIVATIONS)
-    _choice(p, "model.norm", m.norm, layers.NORMS)
-    _choice(p, "model.positional", m.positional, ("rope", "learned", "none"))
-    _choice(p, "model.dtype", m.dtype, ("float32", "bfloat16"))
-    _choice(p, "model.remat", m.remat, layers.REMAT_POLICIES)
-    if m.num_heads >= 1 and m.num_kv_heads and m.num_heads % m.num_kv_heads:
-        p.append(f"model.num_kv_heads={m.num_kv_heads} must divide model.num_heads={m.num_heads}")
-    if m.num_heads >= 1 and not m.head_dim and m.d_model % m.num_heads:
-        p.append(f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}; set model.head_dim")
-    head_size = m.head_dim or m.d_model // max(m.num_heads, 1)
-    if m.positional == "rope" and head_size % 2:
-        p.append(f"rotary embeddings need an even head size, got {head_size}")
-    return p
 
 
 def _train_problems(t, o) -> list[str]:
@@ -119,7 +97,7 @@ def validate(config, num_devices: int, process_count: int = 1) -> tuple[int, ...
     problems = _schema_problems(config, base.get_config(config.model.name, config.data.name))
     if problems:
         raise ConfigError("; ".join(problems))
-    problems = _model_problems(config.model) + _train_problems(config.train, config.optimizer)
+    problems = models.MODELS[config.model.name][2](config.model) + _train_problems(config.train, config.optimizer)
     problems += data.DATASETS[config.data.name][2](config.data)
     if problems:
         raise ConfigError("; ".join(problems))

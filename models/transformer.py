@@ -160,8 +160,42 @@ class Transformer(nn.Module):
         h, cache = self.hidden(self.embed_tokens(tokens, start), cache, start)
         return self.logits(h), cache
 
+    def init_cache(self, batch: int, max_len: int, dtype=jnp.float32):
+        return init_cache(self.cfg, batch, max_len, dtype)
+
 
 def init_cache(cfg: TransformerConfig, batch: int, max_len: int, dtype=jnp.float32):
     """An empty KV cache: {"k", "v"}: [layers, B, max_len, Hkv, Dh]."""
     shape = (cfg.num_layers, batch, max_len, cfg.kv_heads, cfg.head_size)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def validate_attention(m) -> list[str]:
+    """Problems with the attention keys of a config.model (num_heads, num_kv_heads, head sizes)."""
+    p = []
+    if m.num_heads >= 1 and m.num_kv_heads and m.num_heads % m.num_kv_heads:
+        p.append(f"model.num_kv_heads={m.num_kv_heads} must divide model.num_heads={m.num_heads}")
+    head_dim = m.get("head_dim", 0)
+    if m.num_heads >= 1 and not head_dim and m.d_model % m.num_heads:
+        p.append(f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}; set model.head_dim")
+    head_size = head_dim or m.d_model // max(m.num_heads, 1)
+    if m.get("positional", "rope") == "rope" and head_size % 2:
+        p.append(f"rotary embeddings need an even head size, got {head_size}")
+    return p
+
+
+def validate(m) -> list[str]:
+    """Problems with a transformer config.model, as one-line messages (empty when fine)."""
+    p = []
+    for key in ("d_model", "num_layers", "num_heads", "d_mlp", "scan_unroll"):
+        if m[key] < 1:
+            p.append(f"model.{key}={m[key]} must be >= 1")
+    for key in ("vocab_size", "max_len", "num_kv_heads", "head_dim"):
+        if m[key] < 0:
+            p.append(f"model.{key}={m[key]} must be >= 0")
+    for key, choices in (("activation", layers.ACTIVATIONS), ("norm", layers.NORMS),
+                         ("positional", ("rope", "learned", "none")), ("dtype", ("float32", "bfloat16")),
+                         ("remat", layers.REMAT_POLICIES)):
+        if m[key] not in choices:
+            p.append(f"model.{key}={m[key]!r} is not one of {list(choices)}")
+    return p + validate_attention(m)

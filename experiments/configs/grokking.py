@@ -10,11 +10,17 @@ from experiments.configs import base
 
 
 def get_config(arg=None):
-    del arg
-    config = base.get_config("transformer", "algorithmic")
+    """arg: "" (the paper's transformer), "ssd" or "hybrid" (Mamba-2 layers of the same width)."""
+    if arg not in (None, "", "ssd", "hybrid"):
+        raise ValueError(f"grokking config argument {arg!r} is not one of ['', 'ssd', 'hybrid']")
+    config = base.get_config(arg or "transformer", "algorithmic")
     config.seed = 0
-    config.model.update(d_model=128, num_layers=1, num_heads=4, d_mlp=512, activation="relu", norm="none",
-                        positional="learned", tie_embeddings=False, mlp_bias=True)
+    if not arg:
+        config.model.update(d_model=128, num_layers=1, num_heads=4, d_mlp=512, activation="relu", norm="none",
+                            positional="learned", tie_embeddings=False, mlp_bias=True)
+    else:  # the sequence is 3 tokens long: one chunk
+        config.model.update(d_model=128, num_layers=2 if arg == "hybrid" else 1, layer_pattern="SA" if arg == "hybrid"
+                            else "S", num_heads=4, d_mlp=512, chunk_size=4)
     config.data.update(p=113, op="a+b", train_fraction=0.3, batch_size=-1, eval_batch_size=-1)
     config.train.update(steps=20_000, log_every=100, eval_every=100, checkpoint_every=2_000, plot_log_x=True)
     config.optimizer.update(lr=1e-3, b1=0.9, b2=0.98, weight_decay=1.0, schedule="constant", warmup_steps=10)

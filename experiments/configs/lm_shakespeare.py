@@ -9,8 +9,10 @@ token per character); the first 90% trains, the last 10% validates.
     python -m experiments.train --config=experiments/configs/lm_shakespeare.py --workdir=runs/lm
     python -m experiments.sample --workdir=runs/lm --prompt="ROMEO:"
 
-`--config=...lm_shakespeare.py:sentencepiece` tokenizes with a SentencePiece vocabulary instead
-(train it first: `python scripts/train_sentencepiece.py`).
+Options after the colon, comma-separated: `sentencepiece` tokenizes with a SentencePiece vocabulary
+(train it first: `python scripts/train_sentencepiece.py`); `ssd` trains a Mamba-2 stack and `hybrid`
+an SSSA hybrid of the same width and depth instead of the transformer, e.g.
+`--config=experiments/configs/lm_shakespeare.py:hybrid,sentencepiece`.
 """
 
 from experiments.configs import base
@@ -18,16 +20,24 @@ from experiments.configs import base
 SPM_MODEL = "runs/spm/tinyshakespeare_1024.model"
 
 
+OPTIONS = ("sentencepiece", "ssd", "hybrid")
+
+
 def get_config(arg=None):
-    config = base.get_config("transformer", "text")
-    config.model.update(d_model=128, num_layers=4, num_heads=4, d_mlp=512, activation="gelu", norm="layernorm",
-                        positional="learned", tie_embeddings=True, scan_unroll=4)
+    options = [o for o in (arg or "").split(",") if o]
+    if set(options) - set(OPTIONS):
+        raise ValueError(f"lm_shakespeare config options {options} must come from {list(OPTIONS)} (comma-separated)")
+    model = "ssd" if "ssd" in options else "hybrid" if "hybrid" in options else "transformer"
+    config = base.get_config(model, "text")
+    if model == "transformer":
+        config.model.update(d_model=128, num_layers=4, num_heads=4, d_mlp=512, activation="gelu", norm="layernorm",
+                            positional="learned", tie_embeddings=True, scan_unroll=4)
+    else:  # Mamba-2 layers at the paper's defaults (expand 2, head_dim 64, state 128); hybrid: SSSA
+        config.model.update(d_model=128, num_layers=4, num_heads=4, d_mlp=512, tie_embeddings=True)
     config.data.update(path="../shared/data/tinyshakespeare.txt", tokenizer="byte", seq_len=64, batch_size=12,
                        eval_batch_size=256)
-    if arg == "sentencepiece":
+    if "sentencepiece" in options:
         config.data.update(tokenizer="sentencepiece", spm_model=SPM_MODEL)
-    elif arg:
-        raise ValueError(f"lm_shakespeare config argument {arg!r} is not one of ['', 'sentencepiece']")
     config.train.update(steps=2000, log_every=100, eval_every=250, checkpoint_every=1000)
     config.optimizer.update(lr=1e-3, b1=0.9, b2=0.99, weight_decay=0.1, schedule="cosine", warmup_steps=100,
                             min_lr_ratio=0.1, grad_clip=1.0)

@@ -1,0 +1,139 @@
+"""The Mamba-2 mixer (Dao & Gu 2024): a gated, convolved SSD layer, and its constant-state decoding.
+
+    z, xBC, dt = in_proj(u)                          d_inner = expand * d_model, heads = d_inner / P
+    x, B, C    = split(silu(causal_conv1d(xBC)))     depthwise, width 4, over x, B and C together
+    dt         = clip(softplus(dt + dt_bias), dt_limit)       [B, L, H]
+    A          = -exp(A_log)                                  [H]
+    y, H_L     = SSD(x * dt, A * dt, B, C; H_0)               (models/ssd.py)
+    out        = out_proj(rmsnorm(y + D * x) * silu(z)) * w)  (the gated RMSNorm)
+
+`__call__(u, state)` runs any number of new positions after a state
+{"conv": the last width-1 conv inputs [B, W-1, conv_dim], "ssm": H [B, heads, P, N]} and returns the
+new state, so the full pass is `state = zeros` and decoding one token is the same call with L = 1
+(the state's size does not grow with the sequence).
+
+Parameters shard their `embed` dimension over `fsdp`; the mixer's inner dimensions stay replicated
+over `tensor` (tensor parallelism of Mamba layers is not implemented).
+"""
+
+import dataclasses
+import functools
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from models import layers, ssd
+
+SSD_IMPLS = {
+    "chunked": ssd.ssd_chunked,
+    "associative_scan": ssd.ssd_associative_scan,
+    "sequential": ssd.ssd_sequential,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Mamba2Config:
+    d_model: int
+    expand: int = 2
+    head_dim: int = 64  # P
+    state: int = 128  # N
+    groups: int = 1  # G: heads share B and C within a group
+    conv_width: int = 4
+    chunk_size: int = 64
+    ssd_impl: str = "chunked"  # chunked | associative_scan | sequential
+    dt_min: float = 1e-3  # dt at initialisation is log-uniform in [dt_min, dt_max], at least dt_floor
+    dt_max: float = 0.1
+    dt_floor: float = 1e-4
+    dt_limit_min: float = 0.0  # dt is clipped to [dt_limit_min, dt_limit_max] in every forward pass
+    dt_limit_max: float = float("inf")
+    a_init_min: float = 1.0  # A = -exp(A_log) starts uniform in -[a_init_min, a_init_max]
+    a_init_max: float = 16.0
+    dtype: str = "float32"
+
+    @property
+    def d_inner(self) -> int:
+        return self.expand * self.d_model
+
+    @property
+    def heads(self) -> int:
+        return self.d_inner // self.head_dim
+
+    @property
+    def conv_dim(self) -> int:
+        return self.d_inner + 2 * self.groups * self.state
+
+
+def init_state(cfg: Mamba2Config, batch: int, dtype=jnp.float32) -> dict:
+    return {"conv": jnp.zeros((batch, cfg.conv_width - 1, cfg.conv_dim), dtype),
+            "ssm": jnp.zeros((batch, cfg.heads, cfg.head_dim, cfg.state), jnp.float32)}
+
+
+def _dt_bias_init(cfg: Mamba2Config):
+    def init(key, shape, dtype=jnp.float32):
+        log_dt = jax.random.uniform(key, shape, dtype, math.log(cfg.dt_min), math.log(cfg.dt_max))
+        dt = jnp.maximum(jnp.exp(log_dt), cfg.dt_floor)
+        return dt + jnp.log(-jnp.expm1(-dt))  # softplus^{-1}(dt)
+    return init
+
+
+def _a_log_init(cfg: Mamba2Config):
+    def init(key, shape, dtype=jnp.float32):
+        return jnp.log(jax.random.uniform(key, shape, dtype, cfg.a_init_min, cfg.a_init_max))
+    return init
+
+
+def causal_conv(inputs, previous, kernel, bias):
+    """Depthwise causal conv of inputs [B, L, C] after the W-1 previous inputs [B, W-1, C]:
+    out_t = bias + sum_k kernel[k] * padded[t + k]; returns (out [B, L, C], the last W-1 inputs)."""
+    width = kernel.shape[0]
+    padded = jnp.concatenate([previous.astype(inputs.dtype), inputs], axis=1)  # [B, L + W - 1, C]
+    length = inputs.shape[1]
+    out = bias + sum(kernel[k] * padded[:, k:k + length] for k in range(width))
+    return out, padded[:, length:]
+
+
+class Mamba2(nn.Module):
+    cfg: Mamba2Config
+
+    @nn.compact
+    def __call__(self, u, state):  # u [B, L, D]; state: init_state(...) or the previous call's
+        cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
+        batch, length, _ = u.shape
+        groups_state = cfg.groups * cfg.state
+        w_in = self.param("in_proj", layers.dense_init("embed", None), (u.shape[-1], 2 * cfg.d_inner + 2 * groups_state
+                                                                    + cfg.heads))
+        projected = (u.reshape(-1, u.shape[-1]) @ w_in.astype(dtype)).reshape(batch, length, -1)
+        z, xbc, dt = jnp.split(projected, [cfg.d_inner, cfg.d_inner + cfg.conv_dim], axis=-1)
+
+        conv_kernel = self.param("conv_kernel", nn.with_logical_partitioning(
+            nn.initializers.normal(cfg.conv_width**-0.5), (None, None)), (cfg.conv_width, cfg.conv_dim))
+        conv_bias = self.param("conv_bias", nn.with_logical_partitioning(nn.initializers.zeros, (None,)), (cfg.conv_dim,))
+        xbc, conv_state = causal_conv(xbc, state["conv"], conv_kernel.astype(dtype), conv_bias.astype(dtype))
+        x, b, c = jnp.split(nn.silu(xbc), [cfg.d_inner, cfg.d_inner + groups_state], axis=-1)
+
+        dt_bias = self.param("dt_bias", nn.with_logical_partitioning(_dt_bias_init(cfg), (None,)), (cfg.heads,))
+        a_log = self.param("A_log", nn.with_logical_partitioning(_a_log_init(cfg), (None,)), (cfg.heads,))
+        skip = self.param("D", nn.with_logical_partitioning(nn.initializers.ones, (None,)), (cfg.heads,))
+        dt = jnp.clip(jax.nn.softplus(dt.astype(jnp.float32) + dt_bias), cfg.dt_limit_min, cfg.dt_limit_max)
+        a = -jnp.exp(a_log)  # [H]
+
+        x = x.reshape(batch, length, cfg.heads, cfg.head_dim).astype(jnp.float32)
+        b = b.reshape(batch, length, cfg.groups, cfg.state)
+        c = c.reshape(batch, length, cfg.groups, cfg.state)
+        impl = "sequential" if length == 1 else cfg.ssd_impl  # one decoding step: the recurrence itself
+        scan = SSD_IMPLS[impl]
+        if impl == "chunked":
+            scan = functools.partial(scan, chunk_size=cfg.chunk_size)
+        y, ssm_state = scan(x * dt[..., None], a * dt, b, c, initial_state=state["ssm"])
+        y = (y + skip[:, None] * x).reshape(batch, length, cfg.d_inner).astype(dtype)
+
+        gated = y * nn.silu(z)
+        norm_scale = self.param("norm", nn.with_logical_partitioning(nn.initializers.ones, (None,)), (cfg.d_inner,))
+        variance = jnp.mean(jnp.square(gated.astype(jnp.float32)), axis=-1, keepdims=True)
+        normed = (gated * jax.lax.rsqrt(variance + 1e-6).astype(dtype)) * norm_scale.astype(dtype)
+
+        w_out = self.param("out_proj", layers.dense_init(None, "embed"), (cfg.d_inner, u.shape[-1]))
+        out = (normed.reshape(-1, cfg.d_inner) @ w_out.astype(dtype)).reshape(batch, length, -1)
+        return out, {"conv": conv_state.astype(state["conv"].dtype), "ssm": ssm_state}

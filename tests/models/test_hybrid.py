@@ -1,0 +1,104 @@
+"""Mamba-2 and hybrid stacks: decoding with the constant-size state equals the full pass, the
+causal conv against a loop, the trainer on a sharded mesh, and config errors."""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import metrics_writer, trainer, validation
+from models import hybrid, mamba2
+from tests.conftest import make_tiny_lm_config
+
+
+def make(pattern, num_layers, **overrides):
+    cfg = hybrid.HybridConfig(vocab_size=19, max_len=40, d_model=32, num_layers=num_layers, layer_pattern=pattern,
+                              ssm_head_dim=16, ssm_state=8, ssm_groups=2, chunk_size=8, num_heads=4, num_kv_heads=2,
+                              d_mlp=48, **overrides)
+    model = hybrid.HybridLM(cfg)
+    tokens = jax.random.randint(jax.random.key(0), (2, 21), 0, cfg.vocab_size)
+    params = nn.meta.unbox(model.init(jax.random.key(1), tokens)["params"])
+    return cfg, model, params, tokens
+
+
+@pytest.mark.parametrize("pattern,num_layers", [("S", 2), ("SA", 2), ("SSSA", 4), ("AS", 2)])
+@pytest.mark.parametrize("impl", ["chunked", "associative_scan"])
+def test_decode_equals_the_full_pass(pattern, num_layers, impl):
+    cfg, model, params, tokens = make(pattern, num_layers, ssd_impl=impl)
+    full = jax.jit(lambda p, t: model.apply({"params": p}, t))(params, tokens)
+    chex.assert_shape(full, (2, 21, cfg.vocab_size))
+    decode = jax.jit(lambda p, t, c, s: model.apply({"params": p}, t, c, s, method=model.decode))
+    cache = model.init_cache(2, 21)
+    logits, cache = decode(params, tokens[:, :13], cache, 0)  # a prompt of 13 (not a multiple of the chunk)
+    pieces = [logits]
+    for t in range(13, 21):  # then one token at a time
+        logits, cache = decode(params, tokens[:, t:t + 1], cache, t)
+        pieces.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), full, rtol=1e-4, atol=1e-4)
+    ssm_state = cache["0"]["ssm"] if pattern[0] == "S" else cache["1"]["ssm"]
+    chex.assert_shape(ssm_state, (num_layers // len(pattern), 2, 4, 16, 8))  # constant in the length
+
+
+def test_causal_conv_matches_a_loop():
+    rng = np.random.default_rng(0)
+    inputs, previous = rng.standard_normal((2, 9, 5)), rng.standard_normal((2, 3, 5))
+    kernel, bias = rng.standard_normal((4, 5)), rng.standard_normal(5)
+    out, last = mamba2.causal_conv(jnp.asarray(inputs), jnp.asarray(previous), jnp.asarray(kernel), jnp.asarray(bias))
+    padded = np.concatenate([previous, inputs], axis=1)
+    for t in range(9):
+        expected = bias + sum(kernel[k] * padded[:, t + k] for k in range(4))
+        np.testing.assert_allclose(out[:, t], expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(last, padded[:, -3:], rtol=1e-6)
+
+
+def test_parameters_match_the_paper_layout():
+    cfg, model, params, _ = make("S", 1)
+    mixer = params["periods"]["layer_0_ssm"]["mixer"]
+    heads = 2 * 32 // 16
+    assert mixer["in_proj"].shape == (1, 32, 2 * 64 + 2 * 2 * 8 + heads)  # z, x, B, C, dt
+    assert mixer["conv_kernel"].shape == (1, 4, 64 + 2 * 2 * 8)
+    a = -np.exp(np.asarray(mixer["A_log"]))
+    assert ((a <= -1.0) & (a >= -16.0)).all()
+    dt = np.asarray(jax.nn.softplus(mixer["dt_bias"]))
+    assert ((dt >= 1e-3 * 0.999) & (dt <= 0.1 * 1.001)).all()
+
+
+@pytest.mark.parametrize("name", ["ssd", "hybrid"])
+def test_trains_with_the_same_losses_on_one_device_and_a_2x2x2_mesh(name, tmp_path):
+    def config():
+        c = make_tiny_lm_config()
+        with c.unlocked():
+            c.model = dict(hybrid.SSDConfig().__dict__ if name == "ssd" else hybrid.HybridConfig().__dict__)
+        c.model.update(d_model=32, num_layers=2, layer_pattern="S" if name == "ssd" else "SA", ssm_head_dim=16,
+                       ssm_state=8, chunk_size=8, num_heads=4, num_kv_heads=2, d_mlp=64)
+        return c
+
+    trainer.train_and_evaluate(config(), str(tmp_path / "one"), devices=jax.devices()[:1], verbose=False)
+    mesh_config = config()
+    mesh_config.mesh.update(data=2, fsdp=2, tensor=2)
+    trainer.train_and_evaluate(mesh_config, str(tmp_path / "mesh"), verbose=False)
+    losses = lambda d: {(e["split"], e["step"]): e["loss"] for e in metrics_writer.read(str(d))}  # noqa: E731
+    expected, got = losses(tmp_path / "one"), losses(tmp_path / "mesh")
+    assert expected.keys() == got.keys() and len(got) == 5
+    for key in expected:
+        np.testing.assert_allclose(got[key], expected[key], rtol=2e-5, err_msg=str(key))
+    assert got[("train", 4)] < got[("train", 1)]
+
+
+@pytest.mark.parametrize("override,message", [
+    (dict(layer_pattern="SXA"), "model.layer_pattern='SXA' must be a non-empty string of S"),
+    (dict(num_layers=3), "model.num_layers=3 must be a multiple of len(model.layer_pattern='SSSA')"),
+    (dict(ssm_head_dim=48), "is not divisible by model.ssm_head_dim=48"),
+    (dict(ssd_impl="fast"), "model.ssd_impl='fast' is not one of"),
+    (dict(num_kv_heads=3), "model.num_kv_heads=3 must divide model.num_heads=4"),
+])
+def test_bad_hybrid_config_is_one_clear_line(override, message):
+    config = make_tiny_lm_config()
+    with config.unlocked():
+        config.model = dict(hybrid.HybridConfig().__dict__)
+    config.model.update(**override)
+    with pytest.raises(validation.ConfigError) as info:
+        validation.validate(config, 8)
+    assert message in str(info.value) and "\n" not in str(info.value)
