@@ -9,7 +9,7 @@ import dataclasses
 
 import numpy as np
 
-from data import algorithmic, text
+from data import algorithmic, recall, text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +38,20 @@ class TextConfig:
     train_fraction: float = 0.9  # the first 90% of the characters train, the last 10% validate
     batch_size: int = 12
     eval_batch_size: int = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class RecallConfig:
+    """Every `config.data` key of multi-query associative recall (`data/recall.py`)."""
+
+    name: str = "recall"
+    seq_len: int = 64
+    num_pairs: int = 8
+    vocab_size: int = 256
+    train_examples: int = 20_000
+    test_examples: int = 1_000
+    batch_size: int = 64
+    eval_batch_size: int = 500
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,9 +85,16 @@ def _load_text(config, seed: int) -> Splits:
                   vocab_size=vocab_size, seq_len=config.seq_len, chars_per_token=chars / len(eval_ids))
 
 
+def _load_recall(config, seed: int) -> Splits:
+    make = lambda n, s: recall.examples(n, config.seq_len, config.num_pairs, config.vocab_size, s)  # noqa: E731
+    return Splits(train=make(config.train_examples, seed), evals={"eval": make(config.test_examples, seed + 10_000)},
+                  vocab_size=config.vocab_size, seq_len=config.seq_len)
+
+
 DATASETS = {
     "algorithmic": (_load_algorithmic, AlgorithmicConfig, algorithmic.validate),
     "text": (_load_text, TextConfig, text.validate),
+    "recall": (_load_recall, RecallConfig, recall.validate),
 }
 
 

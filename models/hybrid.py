@@ -34,7 +34,7 @@ class HybridConfig:
     ssm_state: int = 128
     ssm_groups: int = 1
     conv_width: int = 4
-    chunk_size: int = 64
+    chunk_size: int = 0  # 0: the backend's best measured (models/mamba2.CHUNK_SIZES)
     ssd_impl: str = "chunked"  # chunked | associative_scan | sequential
     # attention layers
     num_heads: int = 4
@@ -172,7 +172,7 @@ def validate(m) -> list[str]:
     elif m.num_layers % len(pattern):
         p.append(f"model.num_layers={m.num_layers} must be a multiple of len(model.layer_pattern={pattern!r})")
     for key in ("d_model", "num_layers", "expand", "ssm_head_dim", "ssm_state", "ssm_groups", "conv_width",
-                "chunk_size", "num_heads", "d_mlp"):
+                "num_heads", "d_mlp"):
         if m[key] < 1:
             p.append(f"model.{key}={m[key]} must be >= 1")
     if m.d_model >= 1 and m.expand >= 1 and m.ssm_head_dim >= 1 and (m.expand * m.d_model) % m.ssm_head_dim:
@@ -180,6 +180,8 @@ def validate(m) -> list[str]:
                  f"model.ssm_head_dim={m.ssm_head_dim}")
     elif m.ssm_groups >= 1 and m.ssm_head_dim >= 1 and (m.expand * m.d_model // m.ssm_head_dim) % m.ssm_groups:
         p.append(f"model.ssm_groups={m.ssm_groups} must divide the {m.expand * m.d_model // m.ssm_head_dim} SSM heads")
+    if m.chunk_size < 0:
+        p.append(f"model.chunk_size={m.chunk_size} must be >= 1, or 0 for the backend's best")
     if m.ssd_impl not in mamba2.SSD_IMPLS:
         p.append(f"model.ssd_impl={m.ssd_impl!r} is not one of {list(mamba2.SSD_IMPLS)}")
     if "A" in pattern:

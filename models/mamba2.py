@@ -33,6 +33,15 @@ SSD_IMPLS = {
 }
 
 
+# Chunk sizes by backend, from scripts/bench_ssd.py (BENCHMARKS.md): 32 was fastest on CPU forward
+# and forward+backward at every length; GPU and TPU keep the paper's 64 until measured there.
+CHUNK_SIZES = {"cpu": 32}
+
+
+def chunk_size_for_backend() -> int:
+    return CHUNK_SIZES.get(jax.default_backend(), 64)
+
+
 @dataclasses.dataclass(frozen=True)
 class Mamba2Config:
     d_model: int
@@ -41,7 +50,7 @@ class Mamba2Config:
     state: int = 128  # N
     groups: int = 1  # G: heads share B and C within a group
     conv_width: int = 4
-    chunk_size: int = 64
+    chunk_size: int = 0  # 0: the backend's best measured (scripts/bench_ssd.py), CHUNK_SIZES
     ssd_impl: str = "chunked"  # chunked | associative_scan | sequential
     dt_min: float = 1e-3  # dt at initialisation is log-uniform in [dt_min, dt_max], at least dt_floor
     dt_max: float = 0.1
@@ -125,7 +134,7 @@ class Mamba2(nn.Module):
         impl = "sequential" if length == 1 else cfg.ssd_impl  # one decoding step: the recurrence itself
         scan = SSD_IMPLS[impl]
         if impl == "chunked":
-            scan = functools.partial(scan, chunk_size=cfg.chunk_size)
+            scan = functools.partial(scan, chunk_size=cfg.chunk_size or chunk_size_for_backend())
         y, ssm_state = scan(x * dt[..., None], a * dt, b, c, initial_state=state["ssm"])
         y = (y + skip[:, None] * x).reshape(batch, length, cfg.d_inner).astype(dtype)
 

@@ -12,12 +12,14 @@ Unrolled, y = M x with the lower-triangular "attention-like" matrix
 - `ssd_sequential`: the recurrence, one `lax.scan` step per position (O(L) work, L serial steps).
 - `ssd_associative_scan`: the same recurrence as a parallel prefix over pairs (decay, state) with
   (a1, S1) . (a2, S2) = (a1 + a2, exp(a2) S1 + S2)  (O(L log L) work, log L depth, [L, P, N] states).
-- `ssd_chunked`: the paper's block decomposition of M into chunks of T positions:
-    1. diagonal blocks: within each chunk, y = (C B^T * exp(segsum(a))) x   (quadratic, matmuls)
-    2. chunk states: the state each chunk's inputs leave at its end
-    3. state passing: a scan over chunks carries the states across chunk boundaries
-    4. state to output: each position reads the state entering its chunk, decayed to it
-  (O(L T) work, L/T serial steps, everything else matmuls.)
+- `ssd_chunked`: the paper's block decomposition of M into chunks of T positions, as a scan over
+  chunks (like the Triton kernels' sequential state passing), each step:
+    1. diagonal block: within the chunk, y = (C B^T * exp(segsum(a))) x   (quadratic, matmuls)
+    2. chunk state: the state the chunk's inputs leave at its end
+    3. state passing: H_leaving = exp(sum of the chunk's a) H_entering + chunk state
+    4. state to output: each position reads H_entering, decayed to it
+  (O(L T) work, L/T serial steps of matmuls; the working set is one chunk, which keeps it in
+  cache where a fully vectorised form over all chunks falls out of it at a few thousand positions.)
 
 All three take [B, L, ...] arrays of any length (the chunked form pads inside) and return
 (y [B, L, H, P], final state [B, H, P, N]), computed in float32.
@@ -92,16 +94,19 @@ def segsum(a):
     """[..., T] -> [..., T, T]: out[i, j] = a_{j+1} + ... + a_i for j <= i, -inf above the diagonal.
 
     Built as a masked cumulative sum down each column, never as a difference of prefix sums (which
-    cancels catastrophically for long chunks or strong decay)."""
+    cancels catastrophically for long chunks or strong decay). The cumulative sum is a product with
+    a lower-triangular matrix of ones, which XLA runs as a matmul: every term it adds is one of the
+    a_k of the segment (the others are multiplied by exactly 0), so nothing cancels."""
     length = a.shape[-1]
     strictly_lower = jnp.tril(jnp.ones((length, length), bool), -1)
     column_terms = jnp.where(strictly_lower, a[..., :, None], 0.0)  # [i, j] = a_i where i > j
-    sums = jnp.cumsum(column_terms, axis=-2)
+    sums = jnp.matmul(jnp.tril(jnp.ones((length, length), a.dtype)), column_terms,
+                      precision=jax.lax.Precision.HIGHEST)  # cumsum down the columns
     return jnp.where(jnp.tril(jnp.ones((length, length), bool)), sums, -jnp.inf)
 
 
 def ssd_chunked(x, a, b, c, *, chunk_size=64, initial_state=None):
-    """Mamba-2's chunked SSD: diagonal blocks, chunk states, state passing, state to output."""
+    """Mamba-2's chunked SSD: a scan over chunks, each doing the paper's four steps with matmuls."""
     heads_per_group = _heads_per_group(x, b)
     state0 = _initial(x, b, initial_state)
     x, a, b, c = _f32(x, a, b, c)
@@ -112,37 +117,29 @@ def ssd_chunked(x, a, b, c, *, chunk_size=64, initial_state=None):
     if pad:
         x, a, b, c = (jnp.pad(t, [(0, 0), (0, pad)] + [(0, 0)] * (t.ndim - 2)) for t in (x, a, b, c))
     chunks = (length + pad) // chunk_size
-    # [B, chunks, T, G, R, ...]: R heads share each group's b, c.
+    # Chunk-major [chunks, B, T, G, ...]; R = H / G heads share each group's b and c.
     x = x.reshape(batch, chunks, chunk_size, groups, heads_per_group, head_dim)
     a = a.reshape(batch, chunks, chunk_size, groups, heads_per_group)
     b = b.reshape(batch, chunks, chunk_size, groups, state_dim)
     c = c.reshape(batch, chunks, chunk_size, groups, state_dim)
-    a = jnp.moveaxis(a, 2, -1)  # [B, chunks, G, R, T]
-    decay = jnp.exp(segsum(a))  # [B, chunks, G, R, T, T]: exp(a_{s+1} + ... + a_t)
 
-    # 1. Diagonal blocks: y_t += sum_{s <= t in the chunk} (c_t . b_s) decay[t, s] x_s.
-    scores = jnp.einsum("bclgn,bcsgn->bcgls", c, b)
-    y_diagonal = jnp.einsum("bcgls,bcgrls,bcsgrp->bclgrp", scores, decay, x)
-
-    # 2. Chunk states: the state the chunk's own inputs leave at its end (decay from s to the end).
-    decay_to_end = decay[..., -1, :]  # [B, chunks, G, R, T]
-    chunk_states = jnp.einsum("bcsgn,bcgrs,bcsgrp->bcgrpn", b, decay_to_end, x)
-
-    # 3. State passing: H_end(c) = exp(sum of the chunk's a) H_end(c - 1) + chunk_states(c).
-    chunk_decay = jnp.exp(jnp.sum(a, axis=-1))  # [B, chunks, G, R]
-
-    def pass_state(state, inputs):  # state [B, G, R, P, N]: entering the chunk
-        decay_c, new_c = inputs
-        return decay_c[..., None, None] * state + new_c, state
+    def chunk(state, inputs):  # state [B, G, R, P, N]: entering this chunk
+        x, a, b, c = inputs  # [B, T, G, R, P], [B, T, G, R], [B, T, G, N], [B, T, G, N]
+        a = jnp.moveaxis(a, 1, -1)  # [B, G, R, T]
+        decay = jnp.exp(segsum(a))  # [B, G, R, T, T]: exp(a_{s+1} + ... + a_t)
+        # 1. Diagonal block: y_t = sum_{s <= t in the chunk} (c_t . b_s) decay[t, s] x_s.
+        scores = jnp.einsum("blgn,bsgn->bgls", c, b)
+        y = jnp.einsum("bgrls,bsgrp->blgrp", scores[:, :, None] * decay, x)
+        # 2. Chunk state: the state the chunk's own inputs leave at its end.
+        chunk_state = jnp.einsum("bsgn,bgrs,bsgrp->bgrpn", b, decay[..., -1, :], x)
+        # 3. State passing: the state leaving this chunk, H_end = exp(sum of a) H_entering + chunk state.
+        leaving = jnp.exp(jnp.sum(a, axis=-1))[..., None, None] * state + chunk_state
+        # 4. State to output: y_t += c_t . (exp(a_0 + ... + a_t) H_entering).
+        decay_from_start = jnp.exp(jnp.cumsum(a, axis=-1))  # [B, G, R, T]
+        y = y + jnp.einsum("blgn,bgrpn,bgrl->blgrp", c, state, decay_from_start)
+        return leaving, y
 
     state0 = state0.reshape(batch, groups, heads_per_group, head_dim, state_dim)
-    final, entering = jax.lax.scan(pass_state, state0, (jnp.moveaxis(chunk_decay, 1, 0),
-                                                        jnp.moveaxis(chunk_states, 1, 0)))
-    entering = jnp.moveaxis(entering, 0, 1)  # [B, chunks, G, R, P, N]
-
-    # 4. State to output: y_t += c_t . (exp(a_0 + ... + a_t) H_entering).
-    decay_from_start = jnp.exp(jnp.cumsum(a, axis=-1))  # [B, chunks, G, R, T]
-    y_off_diagonal = jnp.einsum("bclgn,bcgrpn,bcgrl->bclgrp", c, entering, decay_from_start)
-
-    y = (y_diagonal + y_off_diagonal).reshape(batch, chunks * chunk_size, heads, head_dim)[:, :length]
+    final, y = jax.lax.scan(chunk, state0, tuple(jnp.moveaxis(t, 1, 0) for t in (x, a, b, c)))
+    y = jnp.moveaxis(y, 0, 1).reshape(batch, chunks * chunk_size, heads, head_dim)[:, :length]
     return y, final.reshape(batch, heads, head_dim, state_dim)

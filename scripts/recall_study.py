@@ -1,0 +1,96 @@
+"""The recall study: transformer vs Mamba-2 (two state sizes) vs hybrid on MQAR over sequence lengths.
+
+    python scripts/recall_study.py [--out=runs/recall_study] [--lengths=64,128,256] [--steps=2000]
+
+Each run is the shared trainer on `experiments/configs/recall.py` with num_pairs = seq_len / 8, in
+its own workdir under --out (a finished run is not run again). Writes `results.csv`, `recall.png`
+(test accuracy against length, one line per model) and prints a Markdown table.
+"""
+
+import csv
+import os
+import time
+
+from absl import app, flags
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+import models  # noqa: E402
+from experiments import metrics_writer, trainer  # noqa: E402
+from experiments.configs import recall  # noqa: E402
+
+_OUT = flags.DEFINE_string("out", "runs/recall_study", "Folder for the runs, results.csv and recall.png.")
+_LENGTHS = flags.DEFINE_list("lengths", ["64", "128", "256"], "Sequence lengths; num_pairs = length / 8.")
+_STEPS = flags.DEFINE_integer("steps", 2000, "Training steps per run.")
+
+VARIANTS = {  # name: (recall config arg, model overrides)
+    "transformer": ("transformer", {}),
+    "ssd, state 16": ("ssd", dict(ssm_state=16)),
+    "ssd, state 64": ("ssd", dict(ssm_state=64)),
+    "hybrid (SA), state 16": ("hybrid", dict(ssm_state=16)),
+}
+
+
+def parameter_count(config) -> int:
+    model = models.build(config.model)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, config.data.seq_len), jnp.int32))
+    return sum(x.size for x in jax.tree.leaves(nn.meta.unbox(shapes)))
+
+
+def run(variant: str, length: int) -> dict:
+    arg, overrides = VARIANTS[variant]
+    config = recall.get_config(arg)
+    config.model.update(vocab_size=config.data.vocab_size, max_len=length, **overrides)
+    config.data.update(seq_len=length, num_pairs=length // 8)
+    config.train.update(steps=_STEPS.value, checkpoint_every=_STEPS.value)
+    workdir = os.path.join(_OUT.value, f"{arg}_state{overrides.get('ssm_state', 0)}_len{length}")
+    start = time.perf_counter()
+    trainer.train_and_evaluate(config, workdir, devices=jax.devices()[:1], verbose=False)
+    evals = [e for e in metrics_writer.read(workdir) if e["split"] == "eval"]
+    train = [e for e in metrics_writer.read(workdir) if e["split"] == "train"]
+    return dict(model=variant, length=length, num_pairs=length // 8, params=parameter_count(config),
+                test_accuracy=evals[-1]["accuracy"], train_loss=train[-1]["loss"],
+                seconds=round(time.perf_counter() - start, 1), wall_s=round(train[-1]["wall_s"], 1))
+
+
+def main(argv):
+    del argv
+    os.makedirs(_OUT.value, exist_ok=True)
+    lengths = [int(n) for n in _LENGTHS.value]
+    results = []
+    for length in lengths:
+        for variant in VARIANTS:
+            results.append(run(variant, length))
+            print(results[-1], flush=True)
+    with open(os.path.join(_OUT.value, "results.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(results[0]))
+        writer.writeheader()
+        writer.writerows(results)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for variant in VARIANTS:
+        rows = [r for r in results if r["model"] == variant]
+        ax.plot([r["length"] for r in rows], [r["test_accuracy"] for r in rows], marker="o",
+                label=f"{variant} ({rows[0]['params']:,} params)")
+    ax.set(xscale="log", xlabel="sequence length (key-value pairs = length / 8)", ylabel="test accuracy",
+           title=f"MQAR after {_STEPS.value} steps", ylim=(0, 1.02))
+    ax.set_xticks(lengths, [str(n) for n in lengths])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(_OUT.value, "recall.png"), dpi=120)
+
+    print("\n| model | params | " + " | ".join(f"L={n} ({n // 8} pairs)" for n in lengths) + " |")
+    print("|---|---|" + "---|" * len(lengths))
+    for variant in VARIANTS:
+        row = [r for r in results if r["model"] == variant]
+        print(f"| {variant} | {row[0]['params']:,} | " + " | ".join(f"{r['test_accuracy']:.3f}" for r in row) + " |")
+
+
+if __name__ == "__main__":
+    app.run(main)
