@@ -70,19 +70,17 @@ def _load_algorithmic(config, seed: int) -> Splits:
 
 def _load_text(config, seed: int) -> Splits:
     del seed  # the split is by position, the order of batches by the pipeline's seed
+    train_text, eval_text = text.split_text(text.read_corpus(config.path), config.train_fraction)
     if config.source == "seqio":
         from data import seqio_tasks  # optional: needs the [seqio] extra
 
         train_ids, eval_ids, vocab_size = seqio_tasks.token_streams(config)
-        chars = len(text.split_text(text.read_corpus(config.path), config.train_fraction)[1])
     else:
         tokenizer = text.tokenizer(config.tokenizer, config.spm_model)
-        train_text, eval_text = text.split_text(text.read_corpus(config.path), config.train_fraction)
         train_ids, eval_ids, vocab_size = tokenizer.encode(train_text), tokenizer.encode(eval_text), tokenizer.vocab_size
-        chars = len(eval_text)
     return Splits(train=text.pack(train_ids, config.seq_len, config.stride),
                   evals={"eval": text.pack(eval_ids, config.seq_len)},
-                  vocab_size=vocab_size, seq_len=config.seq_len, chars_per_token=chars / len(eval_ids))
+                  vocab_size=vocab_size, seq_len=config.seq_len, chars_per_token=len(eval_text) / len(eval_ids))
 
 
 def _load_recall(config, seed: int) -> Splits:
