@@ -11,7 +11,6 @@ Train metrics are fetched from the device only every `log_every` steps (and befo
 so dispatch runs ahead of the host; every step's loss is still checked before a checkpoint is written.
 """
 
-import dataclasses
 import functools
 import json
 import os

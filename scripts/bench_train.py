@@ -16,7 +16,6 @@ from absl import app, flags
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from experiments import optimizers, trainer

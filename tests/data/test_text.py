@@ -3,7 +3,6 @@ clear errors for missing files."""
 
 import os
 
-import ml_collections
 import numpy as np
 import pytest
 

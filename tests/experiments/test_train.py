@@ -72,7 +72,6 @@ def test_same_losses_on_one_device_and_on_a_2x2x2_mesh(tmp_path):
 
 def test_state_is_sharded_by_the_rules():
     from experiments import sharding
-    import flax.linen as nn
     from models import transformer
     cfg = transformer.TransformerConfig(vocab_size=16, max_len=4, d_model=32, num_heads=4, d_mlp=64)
     mesh = sharding.make_mesh((2, 2, 2, 1), jax.devices())
