@@ -110,9 +110,7 @@ class HybridLM(nn.Module):
 
     def setup(self):
         cfg, dtype = self.cfg, self.cfg.compute_dtype
-        self.embed = nn.Embed(
-            cfg.vocab_size, cfg.d_model, dtype=dtype,
-            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.d_model**-0.5), ("vocab", "embed")))
+        self.embed = layers.token_embedding(cfg.vocab_size, cfg.d_model, dtype)
         period = Period
         if cfg.remat != "none":
             period = nn.remat(Period, policy=layers.remat_policy(cfg.remat), prevent_cse=False)
@@ -121,9 +119,7 @@ class HybridLM(nn.Module):
             length=cfg.num_layers // len(cfg.layer_pattern), metadata_params={nn.PARTITION_NAME: "layers"},
         )(cfg, name="periods")
         self.final_norm = layers.Norm(cfg.norm, dtype, "final_norm")
-        if not cfg.tie_embeddings:
-            self.unembed = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dtype,
-                                    kernel_init=layers.dense_init("embed", "vocab"))
+        self.unembed = None if cfg.tie_embeddings else layers.unembedding(cfg.vocab_size, dtype)
 
     def hidden(self, tokens, cache=None, start=0):
         x = nn.with_logical_constraint(self.embed(tokens), ("activation_batch", "activation_length", "activation_embed"))
@@ -131,9 +127,7 @@ class HybridLM(nn.Module):
         return self.final_norm(x), cache
 
     def logits(self, h):
-        tokens = h.reshape(-1, h.shape[-1])
-        out = self.embed.attend(tokens) if self.cfg.tie_embeddings else self.unembed(tokens)
-        return out.reshape(*h.shape[:-1], -1).astype(jnp.float32)
+        return layers.vocab_logits(h, self.embed, self.unembed)
 
     def __call__(self, tokens):
         """int32[B, L] -> float32 logits [B, L, V]."""

@@ -58,6 +58,24 @@ class Mlp(nn.Module):
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(h.reshape(tokens.shape[0], -1))
         return out.reshape(x.shape[:-1] + out.shape[-1:])
 
+def token_embedding(vocab_size: int, d_model: int, dtype):
+    """E [V, D], normal(std 1/sqrt(D)): the input embedding, and the unembedding when tied."""
+    return nn.Embed(vocab_size, d_model, dtype=dtype, embedding_init=nn.with_logical_partitioning(
+        nn.initializers.normal(d_model**-0.5), ("vocab", "embed")))
+
+
+def unembedding(vocab_size: int, dtype):
+    """U [D, V] of an untied output layer."""
+    return nn.Dense(vocab_size, use_bias=False, dtype=dtype, kernel_init=dense_init("embed", "vocab"))
+
+
+def vocab_logits(h, embed, unembed):
+    """[B, T, D] -> float32 logits [B, T, V]: h E^T when unembed is None (tied), else h U."""
+    tokens = h.reshape(-1, h.shape[-1])  # one 2-D matmul
+    out = embed.attend(tokens) if unembed is None else unembed(tokens)
+    return out.reshape(*h.shape[:-1], -1).astype(jnp.float32)
+
+
 def apply_rope(x, positions, theta: float = 10000.0):
     """Rotary embedding of x [B, L, H, D] at integer positions [L]: pairs (x_i, x_{i+D/2}) rotate by
     angle pos * theta^(-2i/D)."""

@@ -112,9 +112,7 @@ class Transformer(nn.Module):
 
     def setup(self):
         cfg, dtype = self.cfg, self.cfg.compute_dtype
-        self.embed = nn.Embed(
-            cfg.vocab_size, cfg.d_model, dtype=dtype,
-            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.d_model**-0.5), ("vocab", "embed")))
+        self.embed = layers.token_embedding(cfg.vocab_size, cfg.d_model, dtype)
         if cfg.positional == "learned":
             self.position_embedding = self.param(
                 "position_embedding",
@@ -127,9 +125,7 @@ class Transformer(nn.Module):
             block, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=(0, nn.broadcast),
             length=cfg.num_layers, unroll=cfg.scan_unroll, metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
         self.final_norm = layers.Norm(cfg.norm, dtype, "final_norm")
-        if not cfg.tie_embeddings:
-            self.unembed = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dtype,
-                                    kernel_init=layers.dense_init("embed", "vocab"))
+        self.unembed = None if cfg.tie_embeddings else layers.unembedding(cfg.vocab_size, dtype)
 
     def embed_tokens(self, tokens, start=0):
         """int32[B, T] -> [B, T, D] input embeddings of tokens at positions start..start+T-1."""
@@ -146,9 +142,7 @@ class Transformer(nn.Module):
 
     def logits(self, h):
         """[B, T, D] -> float32 logits [B, T, V]."""
-        tokens = h.reshape(-1, h.shape[-1])
-        out = self.embed.attend(tokens) if self.cfg.tie_embeddings else self.unembed(tokens)
-        return out.reshape(*h.shape[:-1], -1).astype(jnp.float32)
+        return layers.vocab_logits(h, self.embed, self.unembed)
 
     def __call__(self, tokens):
         """int32[B, L] -> float32 logits [B, L, V] of the next token at every position."""

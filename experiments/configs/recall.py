@@ -3,7 +3,8 @@
     python -m experiments.train --config=experiments/configs/recall.py:ssd --workdir=runs/recall_ssd \
         --config.data.seq_len=128 --config.data.num_pairs=16 --config.model.ssm_state=64
 
-arg: transformer (default) | ssd | hybrid. Sizes are matched roughly in parameters (~75-100k):
+arg: transformer (default) | ssd | hybrid. Sizes are matched roughly in parameters (110-131k with
+vocabulary 256, embeddings included):
 2 attention layers of width 64; 3 Mamba-2 layers of width 64 (expand 2, head_dim 32); the hybrid
 one Mamba-2 and one attention layer. `scripts/recall_study.py` runs the grid of the README's table.
 """
