@@ -47,8 +47,8 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
         return ml_collections.ConfigDict(json.load(f))
 
 
-def load_params(config, workdir: str):
-    """(model, parameters of the latest checkpoint in `workdir`), on one device."""
+def load_variables(config, workdir: str):
+    """(model, {"params", **model state} of the latest checkpoint in `workdir`), on one device."""
     mngr = checkpointing.manager(workdir, keep=1, async_save=False)
     if mngr.latest_step() is None:
         _fail(f"--workdir={workdir!r} has no checkpoint yet")
@@ -59,7 +59,7 @@ def load_params(config, workdir: str):
     on_one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_one_device), abstract)
     restored = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-    return model, restored.state.params
+    return model, {"params": restored.state.params, **restored.state.model_state}
 
 
 def main(argv):
@@ -76,10 +76,10 @@ def main(argv):
     if config.model.get("positional") == "learned" and total > config.model.max_len:
         _fail(f"prompt ({len(prompt)} tokens) + --num_tokens={_NUM_TOKENS.value} exceeds the model's "
               f"max_len={config.model.max_len} (learned positions); ask for at most {config.model.max_len - len(prompt)}")
-    model, params = load_params(config, _WORKDIR.value)
+    model, variables = load_variables(config, _WORKDIR.value)
     prompts = np.tile(prompt[None], (_NUM_SAMPLES.value, 1))
     cache = model.init_cache(_NUM_SAMPLES.value, total)
-    tokens = sampling.generate(model, params, prompts, cache, jax.random.key(_SEED.value), num_tokens=_NUM_TOKENS.value,
+    tokens = sampling.generate(model, variables, prompts, cache, jax.random.key(_SEED.value), num_tokens=_NUM_TOKENS.value,
                                temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value)
     for i, row in enumerate(np.asarray(tokens)):
         print(f"--- sample {i} ---\n{_PROMPT.value}{tokenizer.decode(row)}")

@@ -17,8 +17,12 @@ import os
 import signal
 import time
 
+from typing import Any
+
+import flax
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax.training import train_state
@@ -31,6 +35,7 @@ from experiments import checkpointing, losses, metrics_writer, optimizers, plots
 
 class TrainState(train_state.TrainState):
     rng: jax.Array  # raw uint32 key; step s uses fold_in(rng, s)
+    model_state: Any = flax.struct.field(default_factory=dict)  # the model's other collections (models/__init__.py)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -55,8 +60,22 @@ def batch_size(requested: int, num_examples: int, batch_shards: int) -> int:
 
 def init_state(model, tx, example_inputs, rng):
     params_rng, state_rng = jax.random.split(rng)
-    params = model.init(params_rng, example_inputs)["params"]
-    return TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=state_rng)
+    variables = dict(model.init(params_rng, example_inputs))
+    params = variables.pop("params")
+    model_state = {k: v for k, v in variables.items() if k not in models.SOWN}
+    return TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=state_rng, model_state=model_state)
+
+
+def _flat_metrics(tree, prefix="") -> dict:
+    """Sown metrics / probe cotangents -> {"path/name": scalar}; arrays (e.g. stacked over scanned layers,
+    or per expert) give one entry per element, "path/name/i" or "path/name/i/j"."""
+    flat = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        keys = [str(getattr(k, "key", getattr(k, "name", ""))) for k in path if not isinstance(k, jax.tree_util.SequenceKey)]
+        name = prefix + "/".join(keys)
+        for index in np.ndindex(leaf.shape):
+            flat["/".join([name, *map(str, index)])] = leaf[index].astype(jnp.float32)
+    return flat
 
 
 def abstract_state_and_shardings(init_fn, rng, mesh):
@@ -71,18 +90,30 @@ def abstract_state_and_shardings(init_fn, rng, mesh):
 
 
 def train_step(state: TrainState, batch, *, schedule):
-    def loss_fn(params):
-        logits = state.apply_fn({"params": params}, batch["inputs"],
-                                rngs={"dropout": jax.random.fold_in(state.rng, state.step)})
-        return losses.masked_mean(logits, batch["targets"], batch["loss_mask"])
+    """One optimizer step on loss = masked cross-entropy + the sown auxiliary losses; the model's other
+    collections take the values the forward pass wrote; sown metrics and probe cotangents are logged."""
+    probes = state.model_state.get(models.PROBES, {})
+    model_state = {k: v for k, v in state.model_state.items() if k != models.PROBES}
 
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    metrics = {"loss": loss, **aux, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
-    return state.apply_gradients(grads=grads), metrics
+    def loss_fn(params, probes):
+        logits, written = state.apply_fn(
+            {"params": params, **model_state, models.PROBES: probes}, batch["inputs"],
+            rngs={"dropout": jax.random.fold_in(state.rng, state.step)}, mutable=[*model_state, *models.SOWN])
+        loss, aux = losses.masked_mean(logits, batch["targets"], batch["loss_mask"])
+        aux_losses = [jnp.sum(x) for x in jax.tree.leaves(written.get("losses", {}))]
+        return loss + sum(aux_losses), (loss, aux, written)
+
+    (_, (loss, aux, written)), (grads, probe_grads) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
+        state.params, probes)
+    sown = {"aux_loss": sum(jnp.sum(x) for x in jax.tree.leaves(written.get("losses", {})))} if "losses" in written else {}
+    metrics = {"loss": loss, **aux, **sown, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step),
+               **_flat_metrics(written.get("metrics", {})), **_flat_metrics(probe_grads)}
+    new_model_state = {**{k: written[k] for k in model_state}, **({models.PROBES: probes} if probes else {})}
+    return state.apply_gradients(grads=grads, model_state=new_model_state), metrics
 
 
 def _eval_step(state: TrainState, batch):
-    logits = state.apply_fn({"params": state.params}, batch["inputs"])
+    logits = state.apply_fn({"params": state.params, **state.model_state}, batch["inputs"])
     return losses.masked_sums(logits, batch["targets"], batch["loss_mask"])
 
 

@@ -4,9 +4,22 @@
 `config.model.name` from. The config dataclass lists every key of `config.model` for that family,
 with its default; validate(config.model) returns its problems as one-line messages.
 Every module has `__call__(tokens) -> logits`, `decode(tokens, cache, start)` and `init_cache(batch, max_len)`.
+
+Flax collections the trainer understands, besides "params" (trained by gradients):
+- "losses": auxiliary loss terms a module sows (`self.sow("losses", name, value)`); the trainer adds
+  their sum to the training loss and logs it as `aux_loss`.
+- "metrics": per-step statistics a module sows; logged under their path ("layers/moe/max_violation/0",
+  one entry per element of a sown array).
+- "probes": zero-valued variables whose cotangents carry statistics of a custom backward pass (the
+  DEQ's adjoint solve); the trainer differentiates with respect to them and logs the cotangents.
+- any other collection (e.g. MoE router biases): model state that the training forward pass updates
+  (when the collection is mutable), kept in the train state and checkpointed.
 """
 
 from models import hybrid, transformer
+
+SOWN = ("losses", "metrics")  # written by every training forward pass, not kept
+PROBES = "probes"
 
 MODELS = {
     "transformer": (transformer.Transformer, transformer.TransformerConfig, transformer.validate),

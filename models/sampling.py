@@ -34,12 +34,13 @@ def sample_token(rng, logits, *, temperature: float, top_k: int, top_p: float):
 
 
 @functools.partial(jax.jit, static_argnames=("model", "num_tokens", "temperature", "top_k", "top_p"))
-def generate(model, params, prompt, cache, rng, *, num_tokens: int, temperature: float = 1.0,
+def generate(model, variables, prompt, cache, rng, *, num_tokens: int, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0):
     """Continues int32[B, T0] prompts by num_tokens tokens -> int32[B, num_tokens].
 
-    `cache` is an empty cache with room for T0 + num_tokens positions (`transformer.init_cache`)."""
-    apply = functools.partial(model.apply, {"params": params}, method=model.decode)
+    `variables`: {"params": ..., **model state}; `cache` is an empty cache with room for T0 + num_tokens
+    positions (`model.init_cache`)."""
+    apply = functools.partial(model.apply, variables, method=model.decode)
     pick = functools.partial(sample_token, temperature=temperature, top_k=top_k, top_p=top_p)
     logits, cache = apply(prompt, cache, 0)
     first = pick(jax.random.fold_in(rng, 0), logits[:, -1])
