@@ -18,7 +18,8 @@ Gradients (`backward=`):
 - "unroll": plain differentiation through max_iter damped iterations (the reference; memory linear
   in max_iter).
 `fixed_point_with_stats` also returns {"iterations", "residual", "converged"} of the forward solve,
-so non-convergence shows in the metrics.
+so non-convergence shows in the metrics; with the implicit backward, the cotangent of its optional
+`probe` (a zero vector of 2) is (iterations, residual) of the adjoint solve.
 """
 
 import dataclasses
@@ -151,24 +152,24 @@ def _stats(k, res, opt):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _implicit(f, opt, backward_opt, z0, args):
+def _implicit(f, opt, backward_opt, z0, args, probe):
     z, k, res = solve(lambda z: f(z, *args), jax.lax.stop_gradient(z0), opt)
     return z, _stats(k, res, opt)
 
 
-def _implicit_fwd(f, opt, backward_opt, z0, args):
-    z, stats = _implicit(f, opt, backward_opt, z0, args)
-    return (z, stats), (z, args)
+def _implicit_fwd(f, opt, backward_opt, z0, args, probe):
+    z, stats = _implicit(f, opt, backward_opt, z0, args, probe)
+    return (z, stats), (z, args, probe)
 
 
 def _implicit_bwd(f, opt, backward_opt, residuals, cotangents):
-    z, args = residuals
+    z, args, probe = residuals
     z_bar = cotangents[0]
     _, vjp_z = jax.vjp(lambda z_: f(z_, *args), z)
     # The adjoint fixed point u = z_bar + u df/dz, solved like the forward one.
-    u, _, _ = solve(lambda u_: vjp_z(u_)[0] + z_bar, z_bar, backward_opt)
+    u, k, res = solve(lambda u_: vjp_z(u_)[0] + z_bar, z_bar, backward_opt)
     _, vjp_args = jax.vjp(lambda *a: f(z, *a), *args)
-    return jnp.zeros_like(z), vjp_args(u)
+    return jnp.zeros_like(z), vjp_args(u), jnp.stack([k, res]).astype(probe.dtype)
 
 
 _implicit.defvjp(_implicit_fwd, _implicit_bwd)
@@ -176,7 +177,7 @@ _implicit.defvjp(_implicit_fwd, _implicit_bwd)
 
 def fixed_point_with_stats(f, z0, *args, solver="anderson", tol=1e-5, max_iter=50, backward="implicit",
                            backward_solver=None, backward_max_iter=None, phantom_steps=5, phantom_damping=0.5,
-                           **options):
+                           probe=None, **options):
     """(z*, stats) with f(z*, *args) = z*; see the module docstring for solvers and `backward`."""
     if backward not in BACKWARDS:
         raise ValueError(f"backward={backward!r} is not one of {list(BACKWARDS)}")
@@ -190,7 +191,7 @@ def fixed_point_with_stats(f, z0, *args, solver="anderson", tol=1e-5, max_iter=5
     backward_opt = dataclasses.replace(opt, solver=backward_solver or solver,
                                        max_iter=backward_max_iter or max_iter)
     if backward == "implicit":
-        return _implicit(f, opt, backward_opt, z0, args)
+        return _implicit(f, opt, backward_opt, z0, args, jnp.zeros(2) if probe is None else probe)
     z, k, res = solve(lambda z_: f(z_, *args), jax.lax.stop_gradient(z0), opt)
     z = jax.lax.stop_gradient(z)
     for _ in range(phantom_steps):  # the phantom gradient's k damped steps, differentiated through

@@ -10,12 +10,16 @@ from experiments.configs import base
 
 
 def get_config(arg=None):
-    """arg: "" (the paper's transformer), "ssd" or "hybrid" (Mamba-2 layers of the same width)."""
-    if arg not in (None, "", "ssd", "hybrid"):
-        raise ValueError(f"grokking config argument {arg!r} is not one of ['', 'ssd', 'hybrid']")
+    """arg: "" (the paper's transformer), "ssd" or "hybrid" (Mamba-2 layers of the same width), or "deq"
+    (the paper's layer as a deep-equilibrium cell)."""
+    if arg not in (None, "", "ssd", "hybrid", "deq"):
+        raise ValueError(f"grokking config argument {arg!r} is not one of ['', 'ssd', 'hybrid', 'deq']")
     config = base.get_config(arg or "transformer", "algorithmic")
     config.seed = 0
-    if not arg:
+    if arg == "deq":  # a norm keeps the iteration bounded
+        config.model.update(d_model=128, num_layers=1, num_heads=4, d_mlp=512, activation="relu", norm="rmsnorm",
+                            positional="learned", tie_embeddings=False, mlp_bias=True)
+    elif not arg:
         config.model.update(d_model=128, num_layers=1, num_heads=4, d_mlp=512, activation="relu", norm="none",
                             positional="learned", tie_embeddings=False, mlp_bias=True)
     else:  # the sequence is 3 tokens long: one chunk

@@ -11,7 +11,8 @@ token per character); the first 90% trains, the last 10% validates.
 
 Options after the colon, comma-separated: `sentencepiece` tokenizes with a SentencePiece vocabulary
 (train it first: `python scripts/train_sentencepiece.py`); `ssd` trains a Mamba-2 stack and `hybrid`
-an SSSA hybrid of the same width and depth instead of the transformer, e.g.
+an SSSA hybrid of the same width and depth instead of the transformer, `deq` one transformer block
+iterated to its fixed point (models/deq_transformer.py), e.g.
 `--config=experiments/configs/lm_shakespeare.py:hybrid,sentencepiece`.
 """
 
@@ -20,18 +21,24 @@ from experiments.configs import base
 SPM_MODEL = "runs/spm/tinyshakespeare_1024.model"
 
 
-OPTIONS = ("sentencepiece", "ssd", "hybrid")
+OPTIONS = ("sentencepiece", "ssd", "hybrid", "deq")
 
 
 def get_config(arg=None):
     options = [o for o in (arg or "").split(",") if o]
     if set(options) - set(OPTIONS):
         raise ValueError(f"lm_shakespeare config options {options} must come from {list(OPTIONS)} (comma-separated)")
-    model = "ssd" if "ssd" in options else "hybrid" if "hybrid" in options else "transformer"
+    families = [o for o in options if o != "sentencepiece"]
+    if len(families) > 1:
+        raise ValueError(f"lm_shakespeare config options {options} name more than one model family")
+    model = families[0] if families else "transformer"
     config = base.get_config(model, "text")
     if model == "transformer":
         config.model.update(d_model=128, num_layers=4, num_heads=4, d_mlp=512, activation="gelu", norm="layernorm",
                             positional="learned", tie_embeddings=True, scan_unroll=4)
+    elif model == "deq":  # the transformer's block, weight-tied and solved to equilibrium
+        config.model.update(d_model=128, num_layers=1, num_heads=4, d_mlp=512, activation="gelu", norm="layernorm",
+                            positional="learned", tie_embeddings=True, max_iter=12, backward_max_iter=12, tol=1e-3)
     else:  # Mamba-2 layers at the paper's defaults (expand 2, head_dim 64, state 128); hybrid: SSSA
         config.model.update(d_model=128, num_layers=4, num_heads=4, d_mlp=512, tie_embeddings=True)
     config.data.update(path="../shared/data/tinyshakespeare.txt", tokenizer="byte", seq_len=64, batch_size=12,
