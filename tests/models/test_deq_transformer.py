@@ -123,3 +123,15 @@ def test_deq_trains_in_the_trainer_and_logs_solver_statistics(tmp_path):
         assert event["jacobian_frobenius_sq"] > 0 and event["aux_loss"] == pytest.approx(
             0.5 * event["jacobian_frobenius_sq"], rel=1e-5)
     assert train[-1]["loss"] < train[0]["loss"]
+
+
+def test_implicit_backward_memory_is_flat_in_max_iter_and_unrolling_grows():
+    def temp_bytes(backward, max_iter):
+        _, model, variables, tokens = _model(backward=backward, max_iter=max_iter, backward_max_iter=max_iter)
+        grad = jax.jit(jax.grad(lambda v: jnp.sum(model.apply(v, tokens) ** 2)))
+        return grad.lower(variables).compile().memory_analysis().temp_size_in_bytes
+
+    implicit = [temp_bytes("implicit", n) for n in (4, 16)]
+    unroll = [temp_bytes("unroll", n) for n in (4, 16)]
+    assert implicit[0] == implicit[1]
+    assert unroll[1] > 2.5 * unroll[0] and unroll[0] > implicit[0]
