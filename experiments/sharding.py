@@ -2,7 +2,8 @@
 
 Parameters carry logical names (models/*.py); `LOGICAL_AXIS_RULES` maps each to a mesh axis or to
 None (replicated). FSDP shards parameters' `embed` dimension over `fsdp`; tensor parallelism splits
-heads, MLP and vocabulary over `tensor`; batches split over (`data`, `fsdp`); experts over `expert`.
+heads, MLP and vocabulary over `tensor`; batches split over (`data`, `fsdp`, `expert`); experts over
+`expert`, so an expert-parallel mesh is also data-parallel outside the MoE layers.
 """
 
 import math
@@ -25,14 +26,14 @@ LOGICAL_AXIS_RULES = (
     ("head_dim", None),
     ("layers", None),
     # activations
-    ("activation_batch", ("data", "fsdp")),
+    ("activation_batch", ("data", "fsdp", "expert")),
     ("activation_length", None),
     ("activation_embed", None),
     ("activation_heads", "tensor"),
     ("activation_mlp", "tensor"),
 )
 
-BATCH_AXES = ("data", "fsdp")
+BATCH_AXES = ("data", "fsdp", "expert")  # expert shards hold different tokens too (expert parallelism)
 
 
 def make_mesh(shape: tuple[int, ...], devices) -> Mesh:
@@ -41,8 +42,13 @@ def make_mesh(shape: tuple[int, ...], devices) -> Mesh:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (batch) dimension split over data and fsdp; the rest replicated."""
+    """Leading (batch) dimension split over data, fsdp and expert; the rest replicated."""
     return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def batch_shards(mesh: Mesh) -> int:
+    """How many slices a global batch is split into."""
+    return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

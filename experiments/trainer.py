@@ -175,7 +175,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
 
     # 2. Set up the mesh.
     mesh = sharding.make_mesh(mesh_shape, devices)
-    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    batch_shards = sharding.batch_shards(mesh)
 
     # 3. Model, optimizer, and the shardings of the train state (abstract: nothing runs yet).
     model = models.build(config.model)

@@ -4,10 +4,12 @@ The schema is the base config for the chosen model and dataset (`experiments.con
 a key it lacks is unknown, a value of another type is wrong, and the checks below bound the values.
 """
 
+import jax
 import ml_collections
 
 import data
 import models
+from models import moe_dispatch
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
@@ -102,10 +104,14 @@ def validate(config, num_devices: int, process_count: int = 1) -> tuple[int, ...
     if problems:
         raise ConfigError("; ".join(problems))
     shape = mesh_shape(config.mesh, num_devices)
-    batch_shards = shape[0] * shape[1]
+    batch_shards = shape[0] * shape[1] * shape[3]  # data * fsdp * expert
     for key in ("batch_size", "eval_batch_size"):
         size = config.data[key]
         if size != -1 and (size < 1 or size % batch_shards or size % process_count):
             raise ConfigError(f"data.{key}={size} must be -1 (whole split) or a positive multiple of "
-                              f"mesh data*fsdp={batch_shards} and of the {process_count} processes")
+                              f"mesh data*fsdp*expert={batch_shards} and of the {process_count} processes")
+    if config.model.name == "moe" and config.model.dispatch == "ragged":
+        problem = moe_dispatch.check_ragged_supported(shape[3], jax.default_backend())
+        if problem:
+            raise ConfigError(problem)
     return shape

@@ -16,7 +16,7 @@ Flax collections the trainer understands, besides "params" (trained by gradients
   (when the collection is mutable), kept in the train state and checkpointed.
 """
 
-from models import deq_transformer, hybrid, transformer
+from models import deq_transformer, hybrid, moe_transformer, transformer
 
 SOWN = ("losses", "metrics")  # written by every training forward pass, not kept
 PROBES = "probes"
@@ -25,6 +25,7 @@ MODELS = {
     "transformer": (transformer.Transformer, transformer.TransformerConfig, transformer.validate),
     "ssd": (hybrid.HybridLM, hybrid.SSDConfig, hybrid.validate),
     "hybrid": (hybrid.HybridLM, hybrid.HybridConfig, hybrid.validate),
+    "moe": (moe_transformer.MoETransformer, moe_transformer.MoEConfig, moe_transformer.validate),
     "deq": (deq_transformer.DEQTransformer, deq_transformer.DEQConfig, deq_transformer.validate),
 }
 

@@ -95,14 +95,18 @@ class Block(nn.Module):
 
     cfg: TransformerConfig
 
+    def feed_forward(self):
+        """The block's FFN module (models/moe_transformer.py swaps in a mixture of experts)."""
+        cfg = self.cfg
+        return layers.Mlp(cfg.d_mlp, cfg.activation, cfg.mlp_bias, cfg.compute_dtype, name="mlp")
+
     @nn.compact
     def __call__(self, x, layer_cache, start):
         cfg, dtype = self.cfg, self.cfg.compute_dtype
         h, layer_cache = Attention(cfg, name="attention")(layers.Norm(cfg.norm, dtype, "attention_norm")(x),
                                                           start, layer_cache)
         x = x + h
-        x = x + layers.Mlp(cfg.d_mlp, cfg.activation, cfg.mlp_bias, dtype, name="mlp")(
-            layers.Norm(cfg.norm, dtype, "mlp_norm")(x))
+        x = x + self.feed_forward()(layers.Norm(cfg.norm, dtype, "mlp_norm")(x))
         x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
         return x, layer_cache
 
@@ -118,14 +122,18 @@ class Transformer(nn.Module):
                 "position_embedding",
                 nn.with_logical_partitioning(nn.initializers.normal(cfg.d_model**-0.5), (None, "embed")),
                 (cfg.max_len, cfg.d_model))
-        block = Block
-        if cfg.remat != "none":
-            block = nn.remat(Block, policy=layers.remat_policy(cfg.remat), prevent_cse=False)
-        self.layers = nn.scan(
-            block, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=(0, nn.broadcast),
-            length=cfg.num_layers, unroll=cfg.scan_unroll, metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
+        self.layers = self.stack(Block, cfg.num_layers, variable_axes={"params": 0})
         self.final_norm = layers.Norm(cfg.norm, dtype, "final_norm")
         self.unembed = None if cfg.tie_embeddings else layers.unembedding(cfg.vocab_size, dtype)
+
+    def stack(self, unit, length: int, variable_axes):
+        """`length` copies of `unit` (a block, or a period of blocks) scanned with nn.scan, under remat if set."""
+        cfg = self.cfg
+        if cfg.remat != "none":
+            unit = nn.remat(unit, policy=layers.remat_policy(cfg.remat), prevent_cse=False)
+        return nn.scan(unit, variable_axes=variable_axes, split_rngs={"params": True}, in_axes=(0, nn.broadcast),
+                       length=length, unroll=cfg.scan_unroll, metadata_params={nn.PARTITION_NAME: "layers"})(
+                           cfg, name="layers")
 
     def embed_tokens(self, tokens, start=0):
         """int32[B, T] -> [B, T, D] input embeddings of tokens at positions start..start+T-1."""

@@ -62,7 +62,7 @@ def test_batch_that_does_not_divide_the_batch_shards(tmp_path):
     config = make_tiny_config()
     config.data.batch_size = 12
     config.mesh.update(data=8)
-    assert "data.batch_size=12 must be -1 (whole split) or a positive multiple of mesh data*fsdp=8" in \
+    assert "data.batch_size=12 must be -1 (whole split) or a positive multiple of mesh data*fsdp*expert=8" in \
         _error(config, tmp_path)
 
 

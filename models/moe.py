@@ -1,0 +1,160 @@
+"""Mixture-of-experts FFN: a router picks k of E SwiGLU experts per token; shared experts see every token.
+
+Routers, with affinities from logits u = x W_r [T, E]:
+- "softmax" (Switch / GShard): p = softmax(u); the top-k of p are chosen; gates are the chosen p
+  (renormalised over the chosen when `normalise_gates`). Auxiliary loss (Switch Transformer):
+      L_aux = alpha * E * sum_i f_i P_i,  f_i = (assignments to i) / (k T),  P_i = mean_t p_{t,i}.
+- "sigmoid" (DeepSeek-V3, auxiliary-loss-free balancing): s = sigmoid(u); the top-k of s + b are
+  chosen, b a per-expert bias that no gradient trains; gates g = s_chosen / sum s_chosen. After each
+  training step b_i <- b_i - gamma sign(load_i - mean load) (the load of the step's whole batch);
+  b lives in the "router_bias" collection (train state, checkpointed). Optional sequence-wise balance
+  loss, per sequence of length L then averaged:
+      L_bal = alpha * sum_i f_i P_i,  f_i = E / (k L) * (assignments to i),  P_i = mean_t s_{t,i} / sum_j s_{t,j}.
+
+Metrics sown per layer: `load` (assignments per expert in the batch), `max_violation`
+MaxVio = (max_i load_i - mean load) / mean load, `dropped_fraction` of assignments, and for the
+sigmoid router the bias range `bias_min` / `bias_max`.
+
+    y = sum_j g_j FFN_{e_j}(x) + SharedFFN(x)           (models/moe_dispatch.py sends the tokens)
+"""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from models import layers, moe_dispatch
+
+ROUTERS = ("softmax", "sigmoid")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEOptions:
+    num_experts: int = 8
+    top_k: int = 2
+    d_expert: int = 0  # hidden width of each routed expert; 0: d_mlp (smaller = fine-grained experts)
+    num_shared_experts: int = 1  # always-active experts of width d_expert, run as one SwiGLU
+    router: str = "sigmoid"  # softmax (+ auxiliary loss) | sigmoid (DeepSeek-V3 bias balancing)
+    normalise_gates: bool = True  # softmax router: renormalise the chosen probabilities
+    aux_loss_weight: float = 0.01  # alpha of the softmax router's auxiliary loss
+    balance_loss_weight: float = 1e-4  # alpha of the sigmoid router's sequence-wise loss; 0: off
+    bias_update_rate: float = 1e-3  # gamma of the bias update
+    dispatch: str = "capacity"  # dense | capacity | ragged
+    capacity_factor: float = 0.0  # slots per expert = factor * tokens * k / E per shard; 0: tokens (no drops)
+
+
+def route_softmax(logits, top_k: int, normalise: bool):
+    """(experts [T, k], gates [T, k], probabilities [T, E])."""
+    probs = jax.nn.softmax(logits, axis=-1)
+    gates, experts = jax.lax.top_k(probs, top_k)
+    if normalise:
+        gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
+    return experts, gates, probs
+
+
+def route_sigmoid(logits, bias, top_k: int):
+    """(experts [T, k], gates [T, k], affinities s [T, E]); the bias only chooses."""
+    scores = jax.nn.sigmoid(logits)
+    _, experts = jax.lax.top_k(scores + jax.lax.stop_gradient(bias), top_k)
+    chosen = jnp.take_along_axis(scores, experts, axis=-1)
+    return experts, chosen / jnp.sum(chosen, axis=-1, keepdims=True), scores
+
+
+def expert_load(experts, num_experts: int):
+    """Assignments per expert: experts [..., k] -> float32 [E]."""
+    return jnp.sum(jax.nn.one_hot(experts.reshape(-1), num_experts, dtype=jnp.float32), axis=0)
+
+
+def switch_aux_loss(experts, probs, weight: float):
+    """alpha * E * sum_i f_i P_i over all tokens (experts [T, k], probs [T, E])."""
+    num_experts = probs.shape[-1]
+    fraction = expert_load(experts, num_experts) / experts.size
+    return weight * num_experts * jnp.sum(fraction * jnp.mean(probs, axis=0))
+
+
+def sequence_balance_loss(experts, scores, weight: float):
+    """DeepSeek-V3's sequence-wise loss; experts [B, L, k], scores [B, L, E]."""
+    batch, length, top_k = experts.shape
+    num_experts = scores.shape[-1]
+    counts = jnp.sum(jax.nn.one_hot(experts, num_experts, dtype=jnp.float32), axis=(1, 2))  # [B, E]
+    fraction = counts * num_experts / (top_k * length)
+    share = jnp.mean(scores / jnp.sum(scores, axis=-1, keepdims=True), axis=1)  # [B, E]
+    return weight * jnp.mean(jnp.sum(fraction * share, axis=-1))
+
+
+def bias_update(bias, load, rate: float):
+    """b_i - gamma sign(load_i - mean load): over-loaded experts get less attractive."""
+    return bias - rate * jnp.sign(load - jnp.mean(load))
+
+
+def max_violation(load):
+    """(max load - mean load) / mean load."""
+    mean = jnp.mean(load)
+    return (jnp.max(load) - mean) / jnp.maximum(mean, 1e-9)
+
+
+class MoEFfn(nn.Module):
+    """The MoE FFN of a block: [B, L, D] -> [B, L, D]."""
+
+    d_model: int
+    d_expert: int
+    options: MoEOptions
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        opt, (batch, length, d) = self.options, x.shape
+        tokens = x.reshape(-1, d)
+        router = self.param("router", layers.dense_init("embed", None), (d, opt.num_experts))
+        logits = tokens.astype(jnp.float32) @ router  # routing in float32
+        if opt.router == "softmax":
+            experts, gates, probs = route_softmax(logits, opt.top_k, opt.normalise_gates)
+            self.sow("losses", "aux_loss", switch_aux_loss(experts, probs, opt.aux_loss_weight))
+        else:
+            bias = self.variable("router_bias", "bias", jnp.zeros, (opt.num_experts,))
+            experts, gates, scores = route_sigmoid(logits, bias.value, opt.top_k)
+            if opt.balance_loss_weight:
+                self.sow("losses", "balance_loss", sequence_balance_loss(
+                    experts.reshape(batch, length, -1), scores.reshape(batch, length, -1), opt.balance_loss_weight))
+        load = expert_load(experts, opt.num_experts)
+        if opt.router == "sigmoid" and self.is_mutable_collection("router_bias") and not self.is_initializing():
+            bias.value = bias_update(bias.value, load, opt.bias_update_rate)
+
+        def expert_weights(name, shape, axes):
+            return self.param(name, nn.with_logical_partitioning(
+                nn.initializers.lecun_normal(in_axis=1, out_axis=2, batch_axis=(0,)), axes), shape).astype(self.dtype)
+
+        weights = (expert_weights("w_gate", (opt.num_experts, d, self.d_expert), ("expert", "embed", "mlp")),
+                   expert_weights("w_in", (opt.num_experts, d, self.d_expert), ("expert", "embed", "mlp")),
+                   expert_weights("w_out", (opt.num_experts, self.d_expert, d), ("expert", "mlp", "embed")))
+        y, dropped = moe_dispatch.dispatch(opt.dispatch, tokens.astype(self.dtype), experts,
+                                           gates.astype(self.dtype), weights, capacity_factor=opt.capacity_factor)
+        y = y.reshape(x.shape)
+        if opt.num_shared_experts:
+            y = y + layers.Mlp(opt.num_shared_experts * self.d_expert, "swiglu", dtype=self.dtype, name="shared")(x)
+        self.sow("metrics", "load", load)
+        self.sow("metrics", "max_violation", max_violation(load))
+        self.sow("metrics", "dropped_fraction", dropped / experts.size)
+        if opt.router == "sigmoid":
+            self.sow("metrics", "bias_min", jnp.min(bias.value))
+            self.sow("metrics", "bias_max", jnp.max(bias.value))
+        return y
+
+
+def validate(m) -> list[str]:
+    """Problems with the MoE keys of a config.model."""
+    p = []
+    for key in ("num_experts", "top_k"):
+        if m[key] < 1:
+            p.append(f"model.{key}={m[key]} must be >= 1")
+    if m.top_k > m.num_experts:
+        p.append(f"model.top_k={m.top_k} must be <= model.num_experts={m.num_experts}")
+    for key in ("d_expert", "num_shared_experts", "aux_loss_weight", "balance_loss_weight", "bias_update_rate",
+                "capacity_factor"):
+        if m[key] < 0:
+            p.append(f"model.{key}={m[key]} must be >= 0")
+    for key, choices in (("router", ROUTERS), ("dispatch", moe_dispatch.DISPATCHES)):
+        if m[key] not in choices:
+            p.append(f"model.{key}={m[key]!r} is not one of {list(choices)}")
+    return p

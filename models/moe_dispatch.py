@@ -1,0 +1,159 @@
+"""Three ways to send tokens to their experts and back; all compute the same function.
+
+    y_t = sum_{j < k} g_{t,j} FFN_{e_{t,j}}(x_t)        FFN_e(x) = (silu(x Wg_e) * (x Wi_e)) Wo_e
+
+for tokens x [T, D], chosen experts e [T, k] (distinct per token), gates g [T, k] and stacked expert
+weights Wg, Wi [E, D, F], Wo [E, F, D].
+
+- `dense`: every expert on every token, combined with the gates (the reference; E times the FLOPs).
+- `capacity` (expert parallelism, GShard / Switch style): on each shard, the assignments fill
+  per-expert buckets of `capacity` slots, in priority order (all first choices, then all second
+  choices, ..., tokens in order); assignments past the capacity are dropped (their output is 0)
+  and counted. `all_to_all` over the `expert` mesh axis sends each bucket to the shard holding its
+  expert, the experts run on what they received, and a second `all_to_all` brings the results home.
+  Capacity `tokens per shard` drops nothing: an expert is chosen at most once per token.
+- `ragged` (dropless): assignments sorted by expert, the experts as grouped matmuls
+  (`jax.lax.ragged_dot`) over contiguous groups, results scattered back. Per shard, with every
+  expert on every shard; across expert shards it needs `jax.lax.ragged_all_to_all`, which XLA:CPU
+  does not implement (`check_ragged_supported` says so before anything compiles).
+
+Under a mesh (`jax.set_mesh`), `capacity` and `ragged` run inside `jax.shard_map` with tokens split
+over the batch axes (data, fsdp, expert); without one they run on the whole batch as one shard.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+DISPATCHES = ("dense", "capacity", "ragged")
+TOKEN_AXES = ("data", "fsdp", "expert")  # tokens split over these mesh axes inside the MoE layer
+EXPERT_AXIS = "expert"
+
+
+def expert_ffn(x, w_gate, w_in, w_out):
+    """SwiGLU experts batched over a leading expert axis: x [E, N, D] -> [E, N, D]."""
+    h = jax.nn.silu(jnp.einsum("end,edf->enf", x, w_gate)) * jnp.einsum("end,edf->enf", x, w_in)
+    return jnp.einsum("enf,efd->end", h, w_out)
+
+
+def dense(x, experts, gates, weights):
+    """Reference: every expert on every token. Returns (y [T, D], dropped assignments = 0)."""
+    num_experts = weights[0].shape[0]
+    out = expert_ffn(jnp.broadcast_to(x, (num_experts, *x.shape)), *weights)  # [E, T, D]
+    combine = jnp.sum(jax.nn.one_hot(experts, num_experts, dtype=x.dtype) * gates[..., None], axis=1)  # [T, E]
+    return jnp.einsum("te,etd->td", combine, out), jnp.zeros((), jnp.int32)
+
+
+def bucket_positions(experts, num_experts: int):
+    """Slot of each assignment in its expert's bucket, in priority order (choice-major, then token):
+    experts [T, k] -> positions [T, k]."""
+    flat = experts.T.reshape(-1)  # [k*T]: all first choices, then all second choices, ...
+    one_hot = jax.nn.one_hot(flat, num_experts, dtype=jnp.int32)
+    positions = jnp.take_along_axis(jnp.cumsum(one_hot, axis=0) - 1, flat[:, None], axis=1)[:, 0]
+    return positions.reshape(experts.shape[::-1]).T
+
+
+def _capacity_local(x, experts, gates, w_gate, w_in, w_out, *, capacity: int, num_experts: int, axis):
+    """One shard's part of `capacity`: x [T, D] local tokens, experts' weights [E_local, ...]."""
+    tokens, k = experts.shape
+    shards = num_experts // w_in.shape[0]
+    positions = bucket_positions(experts, num_experts)  # [T, k]
+    kept = positions < capacity
+    source = jnp.broadcast_to(jnp.arange(tokens)[:, None], experts.shape)
+    buckets = jnp.zeros((num_experts, capacity, x.shape[-1]), x.dtype)
+    buckets = buckets.at[experts, positions].set(x[source], mode="drop")  # slots past capacity: dropped
+    if axis is not None:  # [shards, E_local, C, D]: bucket group s goes to shard s, which sends its own back
+        buckets = jax.lax.all_to_all(buckets.reshape(shards, -1, capacity, x.shape[-1]), axis, 0, 0, tiled=True)
+    received = buckets.reshape(shards, -1, capacity, x.shape[-1]).transpose(1, 0, 2, 3)  # [E_local, shards, C, D]
+    out = expert_ffn(received.reshape(received.shape[0], -1, x.shape[-1]), w_gate, w_in, w_out)
+    out = out.reshape(received.shape).transpose(1, 0, 2, 3)  # [shards, E_local, C, D]
+    if axis is not None:
+        out = jax.lax.all_to_all(out, axis, 0, 0, tiled=True)
+    out = out.reshape(num_experts, capacity, x.shape[-1])
+    per_assignment = out.at[experts, positions].get(mode="fill", fill_value=0)  # [T, k, D]; dropped: 0
+    y = jnp.einsum("tk,tkd->td", gates * kept, per_assignment)
+    return y, jnp.sum(~kept).astype(jnp.int32)
+
+
+def _ragged_local(x, experts, gates, w_gate, w_in, w_out):
+    """One shard's dropless grouped matmuls over assignments sorted by expert."""
+    tokens, k = experts.shape
+    num_experts = w_in.shape[0]
+    flat = experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    source = order // k  # token of each sorted assignment
+    sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+    xs = x[source]
+    h = jax.nn.silu(jax.lax.ragged_dot(xs, w_gate, sizes)) * jax.lax.ragged_dot(xs, w_in, sizes)
+    ys = jax.lax.ragged_dot(h, w_out, sizes) * gates.reshape(-1)[order][:, None]
+    return jnp.zeros_like(x).at[source].add(ys), jnp.zeros((), jnp.int32)
+
+
+def _mesh_axes():
+    """(mesh, token axes present in it, whether an expert axis > 1 exists); mesh None when unset."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return None, (), False
+    axes = tuple(a for a in TOKEN_AXES if a in mesh.shape)
+    return mesh, axes, mesh.shape.get(EXPERT_AXIS, 1) > 1
+
+
+def capacity_for(tokens_per_shard: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
+    """Slots per expert and shard: ceil(factor * T k / E); factor 0 means T (nothing can drop)."""
+    if capacity_factor <= 0:
+        return tokens_per_shard
+    return max(1, math.ceil(capacity_factor * tokens_per_shard * top_k / num_experts))
+
+
+def capacity(x, experts, gates, weights, *, capacity_factor: float = 0.0):
+    """Expert-parallel dispatch with capacity-limited buckets; returns (y [T, D], dropped assignments)."""
+    num_experts = weights[0].shape[0]
+    mesh, axes, _ = _mesh_axes()
+    if mesh is None:
+        cap = capacity_for(x.shape[0], experts.shape[1], num_experts, capacity_factor)
+        return _capacity_local(x, experts, gates, *weights, capacity=cap, num_experts=num_experts, axis=None)
+    shards = math.prod(mesh.shape[a] for a in axes)
+    cap = capacity_for(x.shape[0] // shards, experts.shape[1], num_experts, capacity_factor)
+    axis = EXPERT_AXIS if EXPERT_AXIS in mesh.shape else None
+
+    def local(x, experts, gates, w_gate, w_in, w_out):
+        y, dropped = _capacity_local(x, experts, gates, w_gate, w_in, w_out, capacity=cap,
+                                     num_experts=num_experts, axis=axis)
+        return y, jax.lax.psum(dropped, axes)
+
+    weight_spec = P(axis)  # experts split over the expert axis, whole on each of its shards
+    return jax.shard_map(local, in_specs=(P(axes),) * 3 + (weight_spec,) * 3, out_specs=(P(axes), P()))(
+        x, experts, gates, *weights)
+
+
+def check_ragged_supported(expert_axis_size: int, backend: str) -> str | None:
+    """Why `ragged` cannot run on this mesh and backend, or None when it can."""
+    if expert_axis_size > 1:
+        return (f"model.dispatch='ragged' with mesh.expert={expert_axis_size} needs jax.lax.ragged_all_to_all, "
+                f"which the {backend!r} backend does not implement here; use model.dispatch='capacity' "
+                f"(set model.capacity_factor=0 to drop nothing) or mesh.expert=1")
+    return None
+
+
+def ragged(x, experts, gates, weights):
+    """Dropless grouped-matmul dispatch, every expert on every shard; returns (y [T, D], 0 dropped)."""
+    mesh, axes, expert_parallel = _mesh_axes()
+    if mesh is None:
+        return _ragged_local(x, experts, gates, *weights)
+    problem = check_ragged_supported(mesh.shape[EXPERT_AXIS], jax.default_backend()) if expert_parallel else None
+    if problem:
+        raise ValueError(problem)
+    return jax.shard_map(_ragged_local, in_specs=(P(axes),) * 3 + (P(),) * 3, out_specs=(P(axes), P()))(
+        x, experts, gates, *weights)
+
+
+def dispatch(name: str, x, experts, gates, weights, *, capacity_factor: float = 0.0):
+    if name == "dense":
+        return dense(x, experts, gates, weights)
+    if name == "capacity":
+        return capacity(x, experts, gates, weights, capacity_factor=capacity_factor)
+    if name == "ragged":
+        return ragged(x, experts, gates, weights)
+    raise ValueError(f"dispatch={name!r} is not one of {list(DISPATCHES)}")

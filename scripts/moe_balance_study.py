@@ -1,0 +1,120 @@
+"""Auxiliary-loss vs auxiliary-loss-free MoE balancing (Wang et al. 2024) on tiny Shakespeare.
+
+    python scripts/moe_balance_study.py [--seeds=0,1,2] [--steps=1500] [--workdir=runs/moe_balance]
+
+Trains `experiments/configs/moe_balance.py:aux` and `:loss_free` for each seed with the shared
+trainer (a finished run is not re-run: the trainer resumes from its last checkpoint), then reports:
+- validation loss at the end;
+- MaxVio_batch: (max - mean) / mean of the per-expert load in a training batch, averaged over the
+  MoE layers and the last 10% of the logged steps;
+- MaxVio_global: the same over the loads of the whole validation split, from the final parameters.
+Writes `table.md` and `curves.png` (validation loss and MaxVio_batch against steps) to the workdir.
+"""
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import matplotlib  # noqa: E402
+import numpy as np  # noqa: E402
+
+import data as datasets  # noqa: E402
+from data import pipeline  # noqa: E402
+from experiments import metrics_writer, sample, trainer  # noqa: E402
+from experiments.configs import moe_balance  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds per scheme.")
+_STEPS = flags.DEFINE_integer("steps", 1500, "Training steps per run.")
+_WORKDIR = flags.DEFINE_string("workdir", "runs/moe_balance", "Where the runs, the table and the plot go.")
+
+
+def max_violation(load):
+    """(max - mean) / mean over the last axis."""
+    mean = load.mean(-1)
+    return (load.max(-1) - mean) / mean
+
+
+def batch_curves(workdir):
+    """(steps, MaxVio_batch averaged over layers) and (steps, validation loss) from metrics.jsonl."""
+    events = metrics_writer.read(workdir)
+    train = [e for e in events if e["split"] == "train"]
+    steps = np.array([e["step"] for e in train])
+    vio = np.array([np.mean([v for k, v in e.items() if k.endswith("max_violation") or "/max_violation/" in k])
+                    for e in train])
+    evals = [e for e in events if e["split"] == "eval"]
+    return (steps, vio), (np.array([e["step"] for e in evals]), np.array([e["loss"] for e in evals]))
+
+
+def global_max_violation(config, workdir) -> float:
+    """MaxVio over the whole validation split's expert loads, averaged over the MoE layers."""
+    model, variables = sample.load_variables(config, workdir)
+    splits = datasets.load(config.data, seed=config.seed)
+    apply = jax.jit(lambda v, x: model.apply(v, x, mutable=["metrics"])[1]["metrics"])
+    total = None
+    for batch in pipeline.batched(splits.evals["eval"], batch_size=256, seed=0, shuffle=False, num_epochs=1,
+                                  drop_remainder=True, process_index=0, process_count=1):  # no padding rows
+        metrics = apply(variables, jnp.asarray(batch["inputs"]))
+        loads = [np.asarray(x) for path, x in jax.tree_util.tree_flatten_with_path(metrics)[0]
+                 if "load" in jax.tree_util.keystr(path)]
+        load = np.concatenate([x.reshape(-1, x.shape[-1]) for x in loads])  # [MoE layers, E]
+        total = load if total is None else total + load
+    return float(np.mean(max_violation(total)))
+
+
+def main(argv):
+    del argv
+    os.makedirs(_WORKDIR.value, exist_ok=True)
+    rows, curves = {}, {}
+    for scheme in moe_balance.SCHEMES:
+        for seed in map(int, _SEEDS.value):
+            config = moe_balance.get_config(scheme)
+            config.seed = seed
+            config.train.steps = _STEPS.value
+            workdir = os.path.join(_WORKDIR.value, f"{scheme}_seed{seed}")
+            start = time.perf_counter()
+            result = trainer.train_and_evaluate(config, workdir, verbose=False)
+            seconds = time.perf_counter() - start
+            (steps, vio), (eval_steps, eval_loss) = batch_curves(workdir)
+            tail = vio[steps > 0.9 * _STEPS.value]
+            rows.setdefault(scheme, []).append(dict(
+                loss=result["eval"]["loss"], vio_batch=float(np.mean(tail)),
+                vio_global=global_max_violation(trainer.resolve(config, datasets.load(config.data, seed)), workdir),
+                seconds=seconds))
+            curves.setdefault(scheme, []).append(((steps, vio), (eval_steps, eval_loss)))
+            print(f"{scheme} seed {seed}: {rows[scheme][-1]}", flush=True)
+
+    lines = ["| scheme | seeds | val loss | MaxVio_batch | MaxVio_global | wall s per run |", "|---|---|---|---|---|---|"]
+    for scheme, runs in rows.items():
+        cell = lambda k, f: f"{np.mean([r[k] for r in runs]):{f}} ± {np.std([r[k] for r in runs]):{f}}"  # noqa: E731
+        lines.append(f"| {scheme} | {len(runs)} | {cell('loss', '.4f')} | {cell('vio_batch', '.3f')} | "
+                     f"{cell('vio_global', '.3f')} | {np.mean([r['seconds'] for r in runs]):.0f} |")
+    table = "\n".join(lines)
+    print(table)
+    with open(os.path.join(_WORKDIR.value, "table.md"), "w") as f:
+        f.write(table + "\n")
+
+    fig, (ax_loss, ax_vio) = plt.subplots(1, 2, figsize=(11, 4))
+    for scheme, color in zip(curves, ("tab:red", "tab:blue")):
+        for i, ((steps, vio), (eval_steps, eval_loss)) in enumerate(curves[scheme]):
+            label = scheme if i == 0 else None
+            ax_loss.plot(eval_steps, eval_loss, color=color, alpha=0.7, label=label)
+            ax_vio.plot(steps, vio, color=color, alpha=0.7, label=label)
+    ax_loss.set(xlabel="step", ylabel="validation loss", title="validation loss")
+    ax_vio.set(xlabel="step", ylabel="MaxVio_batch (mean over layers)", yscale="log", title="load imbalance")
+    for ax in (ax_loss, ax_vio):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(_WORKDIR.value, "curves.png"), dpi=120)
+
+
+if __name__ == "__main__":
+    app.run(main)

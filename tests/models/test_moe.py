@@ -1,0 +1,178 @@
+"""Mixture of experts: every dispatch against the dense reference (values and gradients, with and
+without drops, on several meshes), the routers' losses and bias update against hand-computed cases,
+and expert-parallel training against one shard."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import metrics_writer, sharding, trainer, validation
+from experiments.configs import moe_lm
+from models import moe, moe_dispatch
+from tests.conftest import make_tiny_lm_config
+
+E, D, F = 8, 12, 20
+
+
+def _inputs(tokens, top_k, seed=0, skew=0.0):
+    """Random tokens, distinct experts per token (skewed towards expert 0 by `skew`), gates, weights."""
+    rng = np.random.default_rng(seed)
+    scores = rng.normal(size=(tokens, E)) + skew * (np.arange(E) == 0)
+    experts = np.argsort(-scores, axis=1)[:, :top_k].astype(np.int32)
+    gates = rng.uniform(0.1, 1.0, size=(tokens, top_k)).astype(np.float32)
+    x = rng.normal(size=(tokens, D)).astype(np.float32)
+    weights = tuple(jnp.asarray(rng.normal(size=s).astype(np.float32) / np.sqrt(s[1]))
+                    for s in ((E, D, F), (E, D, F), (E, F, D)))
+    return jnp.asarray(x), jnp.asarray(experts), jnp.asarray(gates), weights
+
+
+def _kept_numpy(experts, capacity, shards):
+    """Which assignments fit: per shard (contiguous tokens), all first choices in token order, then all
+    second choices, each taking its expert's next slot while fewer than `capacity` are taken."""
+    experts = np.asarray(experts)
+    kept = np.zeros(experts.shape, bool)
+    per_shard = len(experts) // shards
+    for s in range(shards):
+        taken = np.zeros(E, int)
+        for j in range(experts.shape[1]):
+            for t in range(s * per_shard, (s + 1) * per_shard):
+                e = experts[t, j]
+                kept[t, j] = taken[e] < capacity
+                taken[e] += 1
+    return kept
+
+
+def _values_and_grads(fn, x, experts, gates, weights):
+    def loss(x, gates, weights):
+        y, dropped = fn(x, experts, gates, weights)
+        return jnp.sum(jnp.sin(y)), (y, dropped)
+    (_, (y, dropped)), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(x, gates, weights)
+    return y, dropped, grads
+
+
+MESHES = {"none": None, "expert8": (1, 1, 1, 8), "data2_fsdp2_expert2": (2, 2, 1, 2)}
+
+
+@pytest.mark.parametrize("mesh_name", list(MESHES))
+@pytest.mark.parametrize("dispatch", ["capacity", "ragged"])
+def test_dispatch_equals_the_dense_reference(dispatch, mesh_name):
+    shape = MESHES[mesh_name]
+    if dispatch == "ragged" and shape and shape[3] > 1:
+        shape = (shape[0] * shape[3], shape[1], 1, 1)  # ragged across expert shards is CPU-unsupported (tested below)
+    x, experts, gates, weights = _inputs(tokens=40, top_k=2, seed=1)
+    expected = _values_and_grads(moe_dispatch.dense, x, experts, gates, weights)
+    fn = functools.partial(moe_dispatch.dispatch, dispatch)
+    if shape is None:
+        got = _values_and_grads(fn, x, experts, gates, weights)
+    else:
+        with jax.set_mesh(sharding.make_mesh(shape, jax.devices())):
+            got = jax.jit(functools.partial(_values_and_grads, fn))(x, experts, gates, weights)
+    np.testing.assert_allclose(got[0], expected[0], rtol=1e-5, atol=1e-5)
+    assert int(got[1]) == 0
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), got[2], expected[2])
+
+
+@pytest.mark.parametrize("shape", [None, (1, 1, 1, 8), (2, 1, 1, 4)])
+def test_capacity_overflow_drops_exactly_those_assignments(shape):
+    tokens, top_k, factor = 64, 2, 0.75
+    x, experts, gates, weights = _inputs(tokens, top_k, seed=2, skew=2.0)  # expert 0 is popular
+    shards = 1 if shape is None else shape[0] * shape[1] * shape[3]
+    capacity = moe_dispatch.capacity_for(tokens // shards, top_k, E, factor)
+    kept = _kept_numpy(experts, capacity, shards)
+    assert 0 < (~kept).sum() < kept.size
+    expected = _values_and_grads(moe_dispatch.dense, x, experts, gates * jnp.asarray(kept), weights)
+    fn = functools.partial(moe_dispatch.capacity, capacity_factor=factor)
+    if shape is None:
+        got = _values_and_grads(fn, x, experts, gates, weights)
+    else:
+        with jax.set_mesh(sharding.make_mesh(shape, jax.devices())):
+            got = jax.jit(functools.partial(_values_and_grads, fn))(x, experts, gates, weights)
+    assert int(got[1]) == (~kept).sum()
+    np.testing.assert_allclose(got[0], expected[0], rtol=1e-5, atol=1e-5)
+    grads, expected_grads = got[2], expected[2]
+    np.testing.assert_allclose(grads[0], expected_grads[0], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(grads[1] * kept, expected_grads[1] * kept, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(grads[1])[~kept], 0.0)  # a dropped gate does not matter
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), grads[2], expected_grads[2])
+
+
+def test_bucket_positions_are_choice_major():
+    experts = jnp.asarray([[0, 1], [1, 0], [0, 2]])
+    np.testing.assert_array_equal(moe_dispatch.bucket_positions(experts, 3), [[0, 1], [0, 2], [1, 0]])
+
+
+def test_losses_and_bias_update_match_hand_computed_cases():
+    np.testing.assert_allclose(moe.bias_update(jnp.zeros(4), jnp.asarray([3.0, 1.0, 2.0, 2.0]), 0.1),
+                               [-0.1, 0.1, 0.0, 0.0])
+    experts = jnp.asarray([[0], [0], [1]])
+    probs = jnp.asarray([[0.7, 0.2, 0.1], [0.5, 0.3, 0.2], [0.1, 0.8, 0.1]])
+    # f = (2/3, 1/3, 0), P = (1.3, 1.3, 0.4) / 3: 0.01 * 3 * (2/3 * 1.3/3 + 1/3 * 1.3/3)
+    np.testing.assert_allclose(moe.switch_aux_loss(experts, probs, 0.01), 0.01 * 3 * (1.3 / 3), rtol=1e-6)
+    scores = jnp.asarray([[[0.5, 0.5], [0.2, 0.6]]])
+    # f = counts * E / (k L) = (2, 0); P = mean(s / sum s) = (0.375, 0.625): alpha * 2 * 0.375
+    np.testing.assert_allclose(moe.sequence_balance_loss(jnp.asarray([[[0], [0]]]), scores, 1e-4), 0.75e-4, rtol=1e-6)
+    np.testing.assert_allclose(moe.max_violation(jnp.asarray([3.0, 1.0, 2.0, 2.0])), 0.5)
+    # the bias picks expert 2 over expert 1, but the gates come from the unbiased affinities
+    logits = jnp.asarray([[2.0, 1.0, 0.0]])
+    experts, gates, scores = moe.route_sigmoid(logits, jnp.asarray([0.0, 0.0, 1.5]), top_k=2)
+    assert set(np.asarray(experts)[0].tolist()) == {0, 2}
+    s = jax.nn.sigmoid(jnp.asarray([2.0, 0.0]))
+    np.testing.assert_allclose(sorted(np.asarray(gates)[0]), sorted(np.asarray(s / s.sum())), rtol=1e-6)
+
+
+def test_training_forward_moves_the_router_bias_against_the_load():
+    layer = moe.MoEFfn(D, F, moe.MoEOptions(num_experts=E, top_k=2, bias_update_rate=0.01, dispatch="dense"))
+    x = jax.random.normal(jax.random.key(0), (2, 16, D))
+    variables = layer.init(jax.random.key(1), x)
+    _, written = layer.apply({"params": variables["params"], "router_bias": variables["router_bias"]}, x,
+                             mutable=["router_bias", "metrics", "losses"])
+    load = np.asarray(written["metrics"]["load"][0])
+    np.testing.assert_allclose(written["router_bias"]["bias"], -0.01 * np.sign(load - load.mean()), atol=1e-7)
+    assert load.sum() == 2 * 16 * 2
+    np.testing.assert_allclose(written["metrics"]["max_violation"][0], (load.max() - load.mean()) / load.mean(),
+                               rtol=1e-6)
+    assert set(written["losses"]) == {"balance_loss"}
+    eval_out = layer.apply({"params": variables["params"], "router_bias": variables["router_bias"]}, x)
+    assert eval_out.shape == x.shape  # evaluation leaves the bias alone (immutable)
+
+
+def _tiny_moe_config(steps, router="sigmoid"):
+    config = make_tiny_lm_config(steps)
+    config.model = moe_lm.get_config("aux" if router == "softmax" else None).model
+    config.model.update(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, d_mlp=64, d_expert=16,
+                        moe_every=2, vocab_size=0, max_len=0)
+    config.train.update(log_every=1)
+    return config
+
+
+@pytest.mark.parametrize("router", ["sigmoid", "softmax"])
+def test_expert_parallel_training_gives_the_losses_of_one_shard(router, tmp_path):
+    losses = {}
+    for name, mesh in (("expert8", dict(data=1, expert=8)), ("data8", dict(data=8, expert=1))):
+        config = _tiny_moe_config(steps=3, router=router)
+        config.mesh.update(**mesh)
+        trainer.train_and_evaluate(config, str(tmp_path / name), verbose=False)
+        losses[name] = [e for e in metrics_writer.read(str(tmp_path / name)) if e["split"] == "train"]
+    for a, b in zip(losses["expert8"], losses["data8"]):
+        np.testing.assert_allclose(a["loss"], b["loss"], rtol=2e-5)
+        assert a["layers/block_1/moe/dropped_fraction/0"] == 0.0
+        np.testing.assert_allclose(a["layers/block_1/moe/max_violation/0"], b["layers/block_1/moe/max_violation/0"],
+                                   rtol=1e-5)
+    if router == "sigmoid":
+        assert losses["expert8"][-1]["layers/block_1/moe/bias_max/0"] > 0 > losses["expert8"][-1][
+            "layers/block_1/moe/bias_min/0"]
+    else:
+        assert losses["expert8"][-1]["aux_loss"] > 0
+
+
+def test_ragged_dispatch_across_expert_shards_on_cpu_fails_before_compiling():
+    config = _tiny_moe_config(steps=1)
+    config.model.dispatch = "ragged"
+    config.mesh.update(data=1, expert=8)
+    with pytest.raises(validation.ConfigError, match="ragged_all_to_all"):
+        validation.validate(config, num_devices=8)
+    config.mesh.update(data=8, expert=1)
+    validation.validate(config, num_devices=8)
