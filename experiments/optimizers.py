@@ -1,7 +1,9 @@
 """The optax optimizer built from `config.optimizer`: AdamW after linear warmup, constant or cosine,
-with optional global-norm gradient clipping."""
+with optional global-norm gradient clipping and optional Grokfast gradient filtering in front."""
 
 import optax
+
+from experiments import grokfast
 
 
 def learning_rate_schedule(opt, total_steps: int) -> optax.Schedule:
@@ -16,4 +18,9 @@ def learning_rate_schedule(opt, total_steps: int) -> optax.Schedule:
 def build(opt, total_steps: int) -> optax.GradientTransformation:
     adamw = optax.adamw(learning_rate_schedule(opt, total_steps), b1=opt.b1, b2=opt.b2, eps=opt.eps,
                         weight_decay=opt.weight_decay)
-    return optax.chain(optax.clip_by_global_norm(opt.grad_clip), adamw) if opt.grad_clip > 0 else adamw
+    chain = []
+    if opt.get("grokfast_lambda", 0.0) > 0:
+        chain.append(grokfast.grokfast_ema(opt.grokfast_alpha, opt.grokfast_lambda))
+    if opt.grad_clip > 0:
+        chain.append(optax.clip_by_global_norm(opt.grad_clip))
+    return optax.chain(*chain, adamw) if chain else adamw

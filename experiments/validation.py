@@ -64,7 +64,9 @@ def _train_problems(t, o) -> list[str]:
     for key in ("b1", "b2"):
         if not 0 <= o[key] < 1:
             p.append(f"optimizer.{key}={o[key]} must lie in [0, 1)")
-    for key in ("eps", "weight_decay", "grad_clip", "warmup_steps", "min_lr_ratio"):
+    if not 0 <= o.grokfast_alpha < 1:
+        p.append(f"optimizer.grokfast_alpha={o.grokfast_alpha} must lie in [0, 1)")
+    for key in ("eps", "weight_decay", "grad_clip", "warmup_steps", "min_lr_ratio", "grokfast_lambda"):
         _positive(p, f"optimizer.{key}", o[key], minimum=0)
     return p
 

@@ -1,6 +1,6 @@
 """Auxiliary-loss vs auxiliary-loss-free MoE balancing (Wang et al. 2024) on tiny Shakespeare.
 
-    python scripts/moe_balance_study.py [--seeds=0,1,2] [--steps=1500] [--workdir=runs/moe_balance]
+    python scripts/moe_balance_study.py [--seeds=0,1,2] [--steps=1000] [--workdir=runs/moe_balance]
 
 Trains `experiments/configs/moe_balance.py:aux` and `:loss_free` for each seed with the shared
 trainer (a finished run is not re-run: the trainer resumes from its last checkpoint), then reports:
@@ -32,7 +32,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds per scheme.")
-_STEPS = flags.DEFINE_integer("steps", 1500, "Training steps per run.")
+_STEPS = flags.DEFINE_integer("steps", 1000, "Training steps per run.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/moe_balance", "Where the runs, the table and the plot go.")
 
 

@@ -36,6 +36,8 @@ def get_config(model: str = "transformer", dataset: str = "algorithmic") -> ml_c
         warmup_steps=0,
         min_lr_ratio=0.0,  # cosine: final lr = lr * min_lr_ratio
         grad_clip=0.0,  # global-norm clipping; 0: none
+        grokfast_alpha=0.98,  # Grokfast's EMA decay (experiments/grokfast.py)
+        grokfast_lambda=0.0,  # Grokfast's amplification of the slow gradient; 0: off
     )
     config.mesh = dict(data=-1, fsdp=1, tensor=1, expert=1)  # -1: all devices left over
     return config

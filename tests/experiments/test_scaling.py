@@ -1,0 +1,98 @@
+"""Scaling-law fits against published numbers and synthetic laws; the IsoFLOP sweep driver; Grokfast."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import grokfast, metrics_writer, scaling, scaling_fits
+from tests.conftest import make_tiny_lm_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CHINCHILLA = os.path.join(REPO, "..", "shared", "data", "chinchilla_svg_extracted_data.csv")
+
+
+def test_fit_command_reproduces_besiroglu_et_al_on_the_chinchilla_data():
+    out = subprocess.run([sys.executable, "-m", "experiments.scaling", f"--fit={CHINCHILLA}"], cwd=REPO,
+                         capture_output=True, text=True, timeout=900, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    fit = json.loads(out.stdout.strip().splitlines()[-1])
+    assert fit["points"] == 240
+    assert fit["E"] == pytest.approx(1.8172, rel=0.01)
+    assert fit["alpha"] == pytest.approx(0.3478, rel=0.02) and fit["beta"] == pytest.approx(0.3658, rel=0.02)
+    assert fit["A"] == pytest.approx(482.01, rel=0.10) and fit["B"] == pytest.approx(2085.43, rel=0.10)
+
+
+def test_fit_command_names_a_missing_file():
+    out = subprocess.run([sys.executable, "-m", "experiments.scaling", "--fit=no/such.csv"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "no/such.csv" in out.stderr.strip().splitlines()[-1]
+
+
+def _law(n, d, e=1.7, a=400.0, b=2000.0, alpha=0.34, beta=0.37):
+    return e + a / n**alpha + b / d**beta
+
+
+def test_approach3_recovers_a_noise_free_law_with_bootstrap_intervals():
+    rng = np.random.default_rng(0)
+    n = 10 ** rng.uniform(7, 10, 60)
+    d = 10 ** rng.uniform(9, 12, 60)
+    grid = dict(a=np.array([5.0]), b=np.array([5.0, 10.0]), e=np.array([0.0, 0.5]), alpha=np.array([0.5]),
+                beta=np.array([0.5]))
+    fit = scaling_fits.fit_approach3(n, d, _law(n, d), grid=grid, steps=400, bootstrap=8)
+    for key, true in dict(E=1.7, A=400.0, B=2000.0, alpha=0.34, beta=0.37).items():
+        assert fit[key] == pytest.approx(true, rel=0.02), key
+        low, high = fit["intervals"][key]
+        assert low <= fit[key] * 1.02 and high >= fit[key] * 0.98
+
+
+def test_approach2_finds_the_compute_optimal_exponent_of_a_known_law():
+    alpha, beta = 0.34, 0.37
+    sizes, flops, losses = [], [], []
+    for budget in (1e18, 1e19, 1e20, 1e21):
+        for n in np.geomspace(1e7, 1e11, 25):
+            sizes.append(n)
+            flops.append(budget)
+            losses.append(_law(n, budget / (6 * n), alpha=alpha, beta=beta))
+    fit = scaling_fits.fit_approach2(np.array(sizes), np.array(flops), np.array(losses))
+    # L(N, C/6N) is minimised at N_opt ~ C^(beta / (alpha + beta))
+    assert fit["n_opt_exponent"] == pytest.approx(beta / (alpha + beta), abs=0.03)
+    assert fit["d_opt_exponent"] == pytest.approx(alpha / (alpha + beta), abs=0.03)
+
+
+def test_sweep_runs_each_point_once_and_writes_the_csv(tmp_path):
+    base = make_tiny_lm_config()
+    base.model.update(vocab_size=0, max_len=0)
+    sizes, budgets = ["32x1", "64x1"], [2e8]
+    rows = scaling.sweep(base, sizes, budgets, str(tmp_path))
+    assert [r["size"] for r in rows] == sizes
+    for row in rows:
+        assert row["tokens"] == pytest.approx(2e8 / (6 * row["Model Size"]))
+        assert row["steps"] == max(1, round(row["tokens"] / (16 * 16))) and np.isfinite(row["loss"])
+    assert rows[0]["Model Size"] < rows[1]["Model Size"] and rows[0]["steps"] > rows[1]["steps"]
+    logged = {s: len(metrics_writer.read(str(tmp_path / f"{s}_2e+08"))) for s in sizes}
+    again = scaling.sweep(base, sizes, budgets, str(tmp_path))
+    assert again == rows and logged == {s: len(metrics_writer.read(str(tmp_path / f"{s}_2e+08"))) for s in sizes}
+    with open(tmp_path / "results.csv") as f:
+        assert [r["size"] for r in csv.DictReader(f)] == sizes
+    with pytest.raises(ValueError, match="WIDTHxLAYERS"):
+        scaling.parse_size("wide")
+
+
+def test_grokfast_amplifies_the_exponential_moving_average_of_the_gradients():
+    alpha, lamb = 0.9, 2.0
+    tx = grokfast.grokfast_ema(alpha, lamb)
+    params = {"w": jnp.zeros(3)}
+    state = tx.init(params)
+    ema = None
+    for g in np.random.default_rng(0).normal(size=(5, 3)):
+        ema = g if ema is None else alpha * ema + (1 - alpha) * g
+        out, state = tx.update({"w": jnp.asarray(g)}, state, params)
+        np.testing.assert_allclose(out["w"], g + lamb * ema, rtol=1e-6)
+    assert jax.tree.structure(out) == jax.tree.structure(params)
