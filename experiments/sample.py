@@ -12,15 +12,12 @@ import os
 import sys
 
 from absl import app, flags, logging
-import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
-import models
 from data import text
-from experiments import checkpointing, optimizers, trainer
+from experiments import restore
 from models import sampling
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A language-model run folder (holds config.json and checkpoints/).",
@@ -47,21 +44,6 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
         return ml_collections.ConfigDict(json.load(f))
 
 
-def load_variables(config, workdir: str):
-    """(model, {"params", **model state} of the latest checkpoint in `workdir`), on one device."""
-    mngr = checkpointing.manager(workdir, keep=1, async_save=False)
-    if mngr.latest_step() is None:
-        _fail(f"--workdir={workdir!r} has no checkpoint yet")
-    model = models.build(config.model)
-    tx = optimizers.build(config.optimizer, config.train.steps)
-    inputs = jax.ShapeDtypeStruct((1, config.model.max_len), np.int32)
-    abstract = nn.meta.unbox(jax.eval_shape(lambda r: trainer.init_state(model, tx, inputs, r), jax.random.PRNGKey(0)))
-    on_one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_one_device), abstract)
-    restored = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-    return model, {"params": restored.state.params, **restored.state.model_state}
-
-
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
@@ -76,7 +58,10 @@ def main(argv):
     if config.model.get("positional") == "learned" and total > config.model.max_len:
         _fail(f"prompt ({len(prompt)} tokens) + --num_tokens={_NUM_TOKENS.value} exceeds the model's "
               f"max_len={config.model.max_len} (learned positions); ask for at most {config.model.max_len - len(prompt)}")
-    model, variables = load_variables(config, _WORKDIR.value)
+    try:
+        model, variables = restore.load_variables(config, _WORKDIR.value)
+    except FileNotFoundError as e:
+        _fail(str(e))
     prompts = np.tile(prompt[None], (_NUM_SAMPLES.value, 1))
     cache = model.init_cache(_NUM_SAMPLES.value, total)
     tokens = sampling.generate(model, variables, prompts, cache, jax.random.key(_SEED.value), num_tokens=_NUM_TOKENS.value,

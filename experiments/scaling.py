@@ -4,8 +4,8 @@
         --sizes=64x2,96x3,128x4 --budgets=1e13,3e13,1e14 --workdir=runs/scaling
     python -m experiments.scaling --fit=runs/scaling/results.csv        # or the Chinchilla CSV
 
-Sweep: for every model size (`WIDTHxLAYERS`: d_model, num_layers, heads = d_model / 32, MLP
-4 x d_model) and compute budget C, N is the model's parameter count without embeddings, the run
+Sweep: for every model size (`WIDTHxLAYERS`: d_model, num_layers, heads = d_model / 32 (no
+grouping), MLP 4 x d_model) and compute budget C, N is the model's parameter count without embeddings, the run
 sees D = C / (6N) tokens, i.e. steps = D / (batch x seq_len), with the learning-rate schedule as
 long as the run. Each run trains in WORKDIR/<size>_<budget> with the shared trainer; a finished run
 is not re-run (its final validation loss is read back). Results go to WORKDIR/results.csv with the
@@ -68,6 +68,8 @@ def run_config(base: ml_collections.ConfigDict, size: str, budget: float):
     """(config of one sweep point, N, tokens) with the schedule matched to the token count."""
     config = base.copy_and_resolve_references()
     config.model.update(**parse_size(size))
+    if "num_kv_heads" in config.model:
+        config.model.num_kv_heads = 0  # plain multi-head attention at every size
     splits_like = dict(vocab_size=config.model.vocab_size or 256, max_len=config.model.max_len or config.data.seq_len)
     probe = config.model.copy_and_resolve_references()
     probe.update(**splits_like)

@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 
 import data as datasets  # noqa: E402
 from data import pipeline  # noqa: E402
-from experiments import metrics_writer, sample, trainer  # noqa: E402
+from experiments import metrics_writer, restore, trainer  # noqa: E402
 from experiments.configs import moe_balance  # noqa: E402
 
 matplotlib.use("Agg")
@@ -55,7 +55,7 @@ def batch_curves(workdir):
 
 def global_max_violation(config, workdir) -> float:
     """MaxVio over the whole validation split's expert loads, averaged over the MoE layers."""
-    model, variables = sample.load_variables(config, workdir)
+    model, variables = restore.load_variables(config, workdir)
     splits = datasets.load(config.data, seed=config.seed)
     apply = jax.jit(lambda v, x: model.apply(v, x, mutable=["metrics"])[1]["metrics"])
     total = None
