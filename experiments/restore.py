@@ -1,8 +1,12 @@
 """The model and its variables from the latest checkpoint of a run folder, on one device (for sampling
 and for analyses of finished runs)."""
 
+import json
+import os
+
 import flax.linen as nn
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -10,16 +14,31 @@ import models
 from experiments import checkpointing, optimizers, trainer
 
 
-def load_variables(config, workdir: str):
-    """(model, {"params", **model state}) of the latest checkpoint in `workdir`; FileNotFoundError if none."""
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+    """The resolved config a run saved in `workdir`; FileNotFoundError if it has none."""
+    config_path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"--workdir={workdir!r} has no config.json; pass the folder of a training run")
+    with open(config_path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+    return sorted(checkpointing.manager(workdir, keep=1, async_save=False).all_steps())
+
+
+def load_variables(config, workdir: str, step: int | None = None):
+    """(model, {"params", **model state}) of checkpoint `step` (default: the latest) in `workdir`;
+    FileNotFoundError if there is none."""
     mngr = checkpointing.manager(workdir, keep=1, async_save=False)
-    if mngr.latest_step() is None:
-        raise FileNotFoundError(f"--workdir={workdir!r} has no checkpoint yet")
+    step = mngr.latest_step() if step is None else step
+    if step is None or step not in mngr.all_steps():
+        raise FileNotFoundError(f"--workdir={workdir!r} has no checkpoint {'yet' if step is None else step}")
     model = models.build(config.model)
     tx = optimizers.build(config.optimizer, config.train.steps)
     inputs = jax.ShapeDtypeStruct((1, config.model.max_len), np.int32)
     abstract = nn.meta.unbox(jax.eval_shape(lambda r: trainer.init_state(model, tx, inputs, r), jax.random.PRNGKey(0)))
     on_one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_one_device), abstract)
-    restored = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
     return model, {"params": restored.state.params, **restored.state.model_state}

@@ -7,13 +7,10 @@ Reads the run's `config.json` (model and tokenizer), restores the parameters fro
 checkpoint and generates with the KV cache (`models/sampling.py`); samples go to stdout.
 """
 
-import json
-import os
 import sys
 
 from absl import app, flags, logging
 import jax
-import ml_collections
 import numpy as np
 
 from data import text
@@ -36,18 +33,13 @@ def _fail(message):
     sys.exit(2)
 
 
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-    config_path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(config_path):
-        _fail(f"--workdir={workdir!r} has no config.json; pass the folder of a training run")
-    with open(config_path) as f:
-        return ml_collections.ConfigDict(json.load(f))
-
-
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
-    config = load_config(_WORKDIR.value)
+    try:
+        config = restore.load_config(_WORKDIR.value)
+    except FileNotFoundError as e:
+        _fail(str(e))
     if config.data.name != "text":
         _fail(f"the run in {_WORKDIR.value!r} trained on data.name={config.data.name!r}; sampling needs a text run")
     tokenizer = text.tokenizer(config.data.tokenizer, config.data.spm_model)

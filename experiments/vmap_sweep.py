@@ -9,11 +9,8 @@ complement. Learning rate and weight decay live in each member's optimizer state
 shared multiplier after AdamW, which makes each member's update exactly the trainer's AdamW
 (`experiments/optimizers.py`) at that member's learning rate and weight decay.
 
-    python -m experiments.vmap_sweep --config=experiments/configs/grokking.py \
-        --lrs=3e-4,1e-3,3e-3 --weight_decays=0.1,1,3 --steps=3000 --workdir=runs/phase
-
-writes `members.json` (each member's settings, steps to 90% / 99% train and test accuracy, phase)
-and `phase_diagram.png` (weight decay x learning rate, coloured by phase).
+`scripts/phase_diagram.py` runs a grid of members and draws Liu et al.'s phase diagram;
+`scripts/bench_vmap_sweep.py` measures the throughput against running members one by one.
 
 Phases, from the steps at which train and test accuracy first reach 90% (never within the budget
 counts as never): confusion (train never), memorisation (train, test never), grokking (test more
@@ -22,17 +19,13 @@ than `grokking_gap` steps after train), comprehension (test within `grokking_gap
 
 import functools
 import itertools
-import json
-import os
 import time
 
-from absl import app, flags
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from ml_collections import config_flags
 
 import models
 from data import algorithmic
@@ -179,32 +172,3 @@ def plot_phase_diagram(results, path):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/grokking.py", "A grokking config.")
-_SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds.")
-_LRS = flags.DEFINE_list("lrs", ["1e-3"], "Learning rates.")
-_WDS = flags.DEFINE_list("weight_decays", ["1.0"], "Weight decays.")
-_FRACTIONS = flags.DEFINE_list("train_fractions", ["0.3"], "Train fractions.")
-_STEPS = flags.DEFINE_integer("steps", 3000, "Steps per member.")
-_EVAL_EVERY = flags.DEFINE_integer("eval_every", 50, "Accuracy evaluation interval.")
-_GAP = flags.DEFINE_integer("grokking_gap", 500, "Steps between 90% train and 90% test that count as grokking.")
-_WORKDIR = flags.DEFINE_string("workdir", "runs/vmap_sweep", "Output folder.")
-
-
-def main(argv):
-    del argv
-    members = member_grid([int(s) for s in _SEEDS.value], [float(v) for v in _LRS.value],
-                          [float(v) for v in _WDS.value], [float(v) for v in _FRACTIONS.value])
-    results = run(_CONFIG.value, members, _STEPS.value, _EVAL_EVERY.value, _GAP.value)
-    os.makedirs(_WORKDIR.value, exist_ok=True)
-    with open(os.path.join(_WORKDIR.value, "members.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    for r in results:
-        print({k: r[k] for k in ("seed", "lr", "weight_decay", "train_fraction", "train_90", "test_90", "phase")})
-    if len({r["lr"] for r in results}) * len({r["weight_decay"] for r in results}) > 1:
-        plot_phase_diagram(results, os.path.join(_WORKDIR.value, "phase_diagram.png"))
-
-
-if __name__ == "__main__":
-    app.run(main)
