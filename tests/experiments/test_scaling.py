@@ -18,6 +18,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 CHINCHILLA = os.path.join(REPO, "..", "shared", "data", "chinchilla_svg_extracted_data.csv")
 
 
+@pytest.mark.slow  # ~2 min: 4,500 L-BFGS starts
 def test_fit_command_reproduces_besiroglu_et_al_on_the_chinchilla_data():
     out = subprocess.run([sys.executable, "-m", "experiments.scaling", f"--fit={CHINCHILLA}"], cwd=REPO,
                          capture_output=True, text=True, timeout=900, env={**os.environ, "JAX_PLATFORMS": "cpu"})
