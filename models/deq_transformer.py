@@ -83,10 +83,7 @@ class DEQTransformer(nn.Module):
         cfg, dtype = self.cfg, self.cfg.compute_dtype
         self.embed = layers.token_embedding(cfg.vocab_size, cfg.d_model, dtype)
         if cfg.positional == "learned":
-            self.position_embedding = self.param(
-                "position_embedding",
-                nn.with_logical_partitioning(nn.initializers.normal(cfg.d_model**-0.5), (None, "embed")),
-                (cfg.max_len, cfg.d_model))
+            self.position_embedding = layers.learned_positions(self, cfg.max_len, cfg.d_model)
         self.cell = Cell(cfg, name="cell")
         if cfg.weight_normalisation == "weight":
             self.weight_norm = WeightNormGains(name="weight_norm")
@@ -100,7 +97,7 @@ class DEQTransformer(nn.Module):
     def _inject(self, tokens, start):
         x = self.embed(tokens)
         if self.cfg.positional == "learned":
-            x = x + jax.lax.dynamic_slice_in_dim(self.position_embedding, start, tokens.shape[1]).astype(x.dtype)
+            x = layers.add_positions(x, self.position_embedding, start)
         return nn.with_logical_constraint(self.injection_norm(x), ("activation_batch", "activation_length", "activation_embed"))
 
     def _cell_params(self, x, cache, start):

@@ -64,6 +64,17 @@ def token_embedding(vocab_size: int, d_model: int, dtype):
         nn.initializers.normal(d_model**-0.5), ("vocab", "embed")))
 
 
+def learned_positions(module: nn.Module, max_len: int, d_model: int):
+    """P [max_len, D], normal(std 1/sqrt(D)): a learned position table, a parameter of `module` (call in setup)."""
+    return module.param("position_embedding", nn.with_logical_partitioning(
+        nn.initializers.normal(d_model**-0.5), (None, "embed")), (max_len, d_model))
+
+
+def add_positions(x, table, start):
+    """x [B, T, D] + P[start : start + T]."""
+    return x + jax.lax.dynamic_slice_in_dim(table, start, x.shape[1]).astype(x.dtype)
+
+
 def unembedding(vocab_size: int, dtype):
     """U [D, V] of an untied output layer."""
     return nn.Dense(vocab_size, use_bias=False, dtype=dtype, kernel_init=dense_init("embed", "vocab"))

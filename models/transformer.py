@@ -118,10 +118,7 @@ class Transformer(nn.Module):
         cfg, dtype = self.cfg, self.cfg.compute_dtype
         self.embed = layers.token_embedding(cfg.vocab_size, cfg.d_model, dtype)
         if cfg.positional == "learned":
-            self.position_embedding = self.param(
-                "position_embedding",
-                nn.with_logical_partitioning(nn.initializers.normal(cfg.d_model**-0.5), (None, "embed")),
-                (cfg.max_len, cfg.d_model))
+            self.position_embedding = layers.learned_positions(self, cfg.max_len, cfg.d_model)
         self.layers = self.stack(Block, cfg.num_layers, variable_axes={"params": 0})
         self.final_norm = layers.Norm(cfg.norm, dtype, "final_norm")
         self.unembed = None if cfg.tie_embeddings else layers.unembedding(cfg.vocab_size, dtype)
@@ -139,8 +136,7 @@ class Transformer(nn.Module):
         """int32[B, T] -> [B, T, D] input embeddings of tokens at positions start..start+T-1."""
         x = self.embed(tokens)
         if self.cfg.positional == "learned":
-            positions = jax.lax.dynamic_slice_in_dim(self.position_embedding, start, tokens.shape[1])
-            x = x + positions.astype(x.dtype)
+            x = layers.add_positions(x, self.position_embedding, start)
         return nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
 
     def hidden(self, x, cache=None, start=0):
