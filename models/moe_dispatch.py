@@ -13,14 +13,19 @@ weights Wg, Wi [E, D, F], Wo [E, F, D].
   expert, the experts run on what they received, and a second `all_to_all` brings the results home.
   Capacity `tokens per shard` drops nothing: an expert is chosen at most once per token.
 - `ragged` (dropless): assignments sorted by expert, the experts as grouped matmuls
-  (`jax.lax.ragged_dot`) over contiguous groups, results scattered back. Per shard, with every
-  expert on every shard; across expert shards it needs `jax.lax.ragged_all_to_all`, which XLA:CPU
-  does not implement (`check_ragged_supported` says so before anything compiles).
+  (`jax.lax.ragged_dot`) over contiguous groups, results scattered back. With experts split over
+  the `expert` axis, each shard sends each other shard exactly the rows for its experts with
+  `jax.lax.ragged_all_to_all` (sizes exchanged first with an all-gather), runs its experts on what
+  it received, and sends the results back the same way. XLA:CPU does not implement
+  ragged_all_to_all (`check_ragged_supported` says so before anything compiles); the tests run
+  this path on CPU with an emulation of the collective built from all-gathers
+  (`exchange=` argument).
 
 Under a mesh (`jax.set_mesh`), `capacity` and `ragged` run inside `jax.shard_map` with tokens split
 over the batch axes (data, fsdp, expert); without one they run on the whole batch as one shard.
 """
 
+import functools
 import math
 
 import jax
@@ -130,22 +135,57 @@ def capacity(x, experts, gates, weights, *, capacity_factor: float = 0.0):
 
 def check_ragged_supported(expert_axis_size: int, backend: str) -> str | None:
     """Why `ragged` cannot run on this mesh and backend, or None when it can."""
-    if expert_axis_size > 1:
+    if expert_axis_size > 1 and backend == "cpu":
         return (f"model.dispatch='ragged' with mesh.expert={expert_axis_size} needs jax.lax.ragged_all_to_all, "
-                f"which the {backend!r} backend does not implement here; use model.dispatch='capacity' "
-                f"(set model.capacity_factor=0 to drop nothing) or mesh.expert=1")
+                f"which XLA:CPU does not implement; use model.dispatch='capacity' (model.capacity_factor=0 drops "
+                f"nothing) or mesh.expert=1")
     return None
 
 
-def ragged(x, experts, gates, weights):
-    """Dropless grouped-matmul dispatch, every expert on every shard; returns (y [T, D], 0 dropped)."""
+def _ragged_expert_parallel(x, experts, gates, w_gate, w_in, w_out, *, exchange):
+    """One shard's part of `ragged` with experts split over the expert axis (weights [E_local, ...])."""
+    tokens, k = experts.shape
+    shards, local_experts = jax.lax.axis_size(EXPERT_AXIS), w_in.shape[0]
+    me = jax.lax.axis_index(EXPERT_AXIS)
+    flat = experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True)  # grouped by expert, hence by the shard holding it
+    rows = x[order // k]
+    send_sizes = jnp.bincount(flat // local_experts, length=shards).astype(jnp.int32)
+    sizes = jax.lax.all_gather(send_sizes, EXPERT_AXIS)  # [source, destination]
+    send_offsets = jnp.cumsum(sizes, axis=1) - sizes  # where each chunk starts in its source's rows
+    land_offsets = jnp.cumsum(sizes, axis=0) - sizes  # where it lands in its destination's buffer
+    capacity = tokens * k * shards  # static bound: every row of every shard to one shard
+    received = exchange(rows, jnp.zeros((capacity, x.shape[-1]), x.dtype), send_offsets[me], sizes[me],
+                        land_offsets[me], sizes[:, me], axis_name=EXPERT_AXIS)
+    local_ids = exchange((flat[order] % local_experts)[:, None], jnp.full((capacity, 1), local_experts, jnp.int32),
+                         send_offsets[me], sizes[me], land_offsets[me], sizes[:, me], axis_name=EXPERT_AXIS)[:, 0]
+    by_expert = jnp.argsort(local_ids, stable=True)  # empty slots (id = local_experts) last
+    group_sizes = jnp.bincount(local_ids, length=local_experts + 1)[:local_experts].astype(jnp.int32)
+    xs = received[by_expert]
+    h = jax.nn.silu(jax.lax.ragged_dot(xs, w_gate, group_sizes)) * jax.lax.ragged_dot(xs, w_in, group_sizes)
+    out = jnp.zeros_like(received).at[by_expert].set(jax.lax.ragged_dot(h, w_out, group_sizes))
+    returned = exchange(out, jnp.zeros_like(rows), land_offsets[:, me], sizes[:, me], send_offsets[:, me], sizes[me],
+                        axis_name=EXPERT_AXIS)
+    y = jnp.zeros_like(x).at[order // k].add(returned * gates.reshape(-1)[order][:, None])
+    return y, jnp.zeros((), jnp.int32)
+
+
+def ragged(x, experts, gates, weights, *, exchange=None):
+    """Dropless grouped-matmul dispatch; returns (y [T, D], 0 dropped). `exchange` replaces
+    jax.lax.ragged_all_to_all (the tests' CPU emulation)."""
     mesh, axes, expert_parallel = _mesh_axes()
     if mesh is None:
         return _ragged_local(x, experts, gates, *weights)
-    problem = check_ragged_supported(mesh.shape[EXPERT_AXIS], jax.default_backend()) if expert_parallel else None
-    if problem:
-        raise ValueError(problem)
-    return jax.shard_map(_ragged_local, in_specs=(P(axes),) * 3 + (P(),) * 3, out_specs=(P(axes), P()))(
+    if not expert_parallel:
+        return jax.shard_map(_ragged_local, in_specs=(P(axes),) * 3 + (P(),) * 3, out_specs=(P(axes), P()))(
+            x, experts, gates, *weights)
+    if exchange is None:
+        problem = check_ragged_supported(mesh.shape[EXPERT_AXIS], jax.default_backend())
+        if problem:
+            raise ValueError(problem)
+        exchange = jax.lax.ragged_all_to_all
+    local = functools.partial(_ragged_expert_parallel, exchange=exchange)
+    return jax.shard_map(local, in_specs=(P(axes),) * 3 + (P(EXPERT_AXIS),) * 3, out_specs=(P(axes), P()))(
         x, experts, gates, *weights)
 
 

@@ -99,6 +99,33 @@ def test_capacity_overflow_drops_exactly_those_assignments(shape):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), grads[2], expected_grads[2])
 
 
+def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *, axis_name):
+    """jax.lax.ragged_all_to_all's documented semantics from all-gathers (XLA:CPU lacks the collective):
+    source s's rows [input_offsets_s[me], + send_sizes_s[me]) land in my output at output_offsets_s[me]."""
+    del recv_sizes
+    me = jax.lax.axis_index(axis_name)
+    operands = jax.lax.all_gather(operand, axis_name)
+    starts, counts, lands = (jax.lax.all_gather(v, axis_name)[:, me] for v in (input_offsets, send_sizes, output_offsets))
+    rows = jnp.arange(operand.shape[0])
+    for source in range(operands.shape[0]):
+        inside = (rows >= starts[source]) & (rows < starts[source] + counts[source])
+        target = jnp.where(inside, lands[source] + rows - starts[source], output.shape[0])  # outside: dropped
+        output = output.at[target].set(operands[source], mode="drop")
+    return output
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 8), (2, 1, 1, 4)])
+def test_ragged_expert_parallel_exchange_equals_the_dense_reference(shape):
+    x, experts, gates, weights = _inputs(tokens=48, top_k=2, seed=4, skew=1.5)
+    expected = _values_and_grads(moe_dispatch.dense, x, experts, gates, weights)
+    fn = functools.partial(moe_dispatch.ragged, exchange=emulated_ragged_all_to_all)
+    with jax.set_mesh(sharding.make_mesh(shape, jax.devices())):
+        got = jax.jit(functools.partial(_values_and_grads, fn))(x, experts, gates, weights)
+    np.testing.assert_allclose(got[0], expected[0], rtol=1e-5, atol=1e-5)
+    assert int(got[1]) == 0
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), got[2], expected[2])
+
+
 def test_bucket_positions_are_choice_major():
     experts = jnp.asarray([[0, 1], [1, 0], [0, 2]])
     np.testing.assert_array_equal(moe_dispatch.bucket_positions(experts, 3), [[0, 1], [0, 2], [1, 0]])
