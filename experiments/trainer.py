@@ -100,13 +100,13 @@ def train_step(state: TrainState, batch, *, schedule):
             {"params": params, **model_state, models.PROBES: probes}, batch["inputs"],
             rngs={"dropout": jax.random.fold_in(state.rng, state.step)}, mutable=[*model_state, *models.SOWN])
         loss, aux = losses.masked_mean(logits, batch["targets"], batch["loss_mask"])
-        aux_losses = [jnp.sum(x) for x in jax.tree.leaves(written.get("losses", {}))]
-        return loss + sum(aux_losses), (loss, aux, written)
+        if "losses" in written:
+            aux["aux_loss"] = sum(jnp.sum(x) for x in jax.tree.leaves(written["losses"]))
+        return loss + aux.get("aux_loss", 0.0), (loss, aux, written)
 
     (_, (loss, aux, written)), (grads, probe_grads) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
         state.params, probes)
-    sown = {"aux_loss": sum(jnp.sum(x) for x in jax.tree.leaves(written.get("losses", {})))} if "losses" in written else {}
-    metrics = {"loss": loss, **aux, **sown, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step),
+    metrics = {"loss": loss, **aux, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step),
                **_flat_metrics(written.get("metrics", {})), **_flat_metrics(probe_grads)}
     new_model_state = {**{k: written[k] for k in model_state}, **({models.PROBES: probes} if probes else {})}
     return state.apply_gradients(grads=grads, model_state=new_model_state), metrics
