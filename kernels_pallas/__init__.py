@@ -1,1 +1,7 @@
-"""Pallas kernels (attention, SSD scan); see issue 6. Nothing is exported yet."""
+"""Pallas kernels: flash attention and the chunked SSD (CONTRACTS §3), compiled on GPU / TPU and
+run in interpret mode on CPU."""
+
+from kernels_pallas.flash_attention import flash_attention
+from kernels_pallas.ssd import ssd_chunked
+
+__all__ = ["flash_attention", "ssd_chunked"]

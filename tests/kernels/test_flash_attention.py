@@ -1,0 +1,135 @@
+"""Flash attention (Pallas, interpret mode) against the reference: values and gradients over awkward
+shapes, bfloat16, every output element written, bad arguments refused."""
+
+import functools
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kernels_pallas
+fa = importlib.import_module("kernels_pallas.flash_attention")  # the module (the package exports the function)
+from models import attention
+
+SHAPES = [  # batch, len_q, len_k, heads_q, heads_kv, head_dim, causal, block_q, block_k
+    pytest.param(1, 100, 100, 4, 1, 64, True, 32, 16, id="not-multiples-gqa4-batch1"),
+    pytest.param(2, 37, 90, 4, 1, 128, True, 16, 32, id="lq<lk-causal-d128"),
+    pytest.param(1, 90, 37, 8, 2, 64, True, 16, 16, id="lq>lk-causal-first-queries-see-nothing"),
+    pytest.param(2, 70, 50, 3, 3, 64, False, 32, 16, id="non-causal-odd-heads"),
+    pytest.param(1, 1, 50, 4, 1, 64, True, 16, 16, id="one-query"),
+    pytest.param(1, 64, 64, 2, 2, 128, True, 16, 16, id="exact-multiples-4-blocks"),
+]
+
+
+def relative_error(got, want):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return np.max(np.abs(got - want)) / np.max(np.abs(want))
+
+
+def inputs(batch, len_q, len_k, heads_q, heads_kv, head_dim, dtype=jnp.float32, seed=0):
+    keys = jax.random.split(jax.random.key(seed), 4)
+    q = jax.random.normal(keys[0], (batch, len_q, heads_q, head_dim), dtype)
+    k = jax.random.normal(keys[1], (batch, len_k, heads_kv, head_dim), dtype)
+    v = jax.random.normal(keys[2], (batch, len_k, heads_kv, head_dim), dtype)
+    d_out = jax.random.normal(keys[3], q.shape, jnp.float32)
+    return q, k, v, d_out
+
+
+def value_and_grads(fn, q, k, v, d_out):
+    out, vjp = jax.vjp(fn, q, k, v)
+    return (out, *vjp(d_out.astype(out.dtype)))
+
+
+@pytest.mark.parametrize("batch,len_q,len_k,heads_q,heads_kv,head_dim,causal,block_q,block_k", SHAPES)
+def test_matches_the_reference_in_float32(batch, len_q, len_k, heads_q, heads_kv, head_dim, causal, block_q, block_k):
+    q, k, v, d_out = inputs(batch, len_q, len_k, heads_q, heads_kv, head_dim)
+    flash = functools.partial(kernels_pallas.flash_attention, causal=causal, block_q=block_q, block_k=block_k)
+    reference = functools.partial(attention.dot_product_attention, causal=causal)
+    got = jax.jit(functools.partial(value_and_grads, flash))(q, k, v, d_out)
+    want = jax.jit(functools.partial(value_and_grads, reference))(q, k, v, d_out)
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        assert g.shape == w.shape and g.dtype == w.dtype, name
+        assert relative_error(g, w) < 1e-5, (name, relative_error(g, w))
+
+
+@pytest.mark.parametrize("len_q,len_k", [(20, 50), (33, 80), (50, 63), (47, 33), (64, 65), (65, 64), (17, 17)])
+def test_causal_offsets_across_block_boundaries(len_q, len_k):
+    """Bottom-right causal alignment at offsets len_k - len_q of every residue class that moves a
+    block between the masked and unmasked loops (blocks of 16: offsets 30, 47, 13, -14, 1, -1, 0)."""
+    q, k, v, d_out = inputs(1, len_q, len_k, 2, 1, 16, seed=len_q * len_k)
+    flash = functools.partial(kernels_pallas.flash_attention, causal=True, block_q=16, block_k=16)
+    reference = functools.partial(attention.dot_product_attention, causal=True)
+    got = jax.jit(functools.partial(value_and_grads, flash))(q, k, v, d_out)
+    want = jax.jit(functools.partial(value_and_grads, reference))(q, k, v, d_out)
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        assert relative_error(g, w) < 1e-5, (name, relative_error(g, w))
+
+
+@pytest.mark.parametrize("batch,len_q,len_k,heads_q,heads_kv,head_dim,causal,block_q,block_k",
+                         [SHAPES[0], SHAPES[2], SHAPES[3]])
+def test_matches_the_reference_in_bfloat16(batch, len_q, len_k, heads_q, heads_kv, head_dim, causal, block_q, block_k):
+    """bfloat16 inputs, float32 accumulation: within 2e-2 of the float32 reference on the same inputs."""
+    q, k, v, d_out = inputs(batch, len_q, len_k, heads_q, heads_kv, head_dim, dtype=jnp.bfloat16)
+    flash = functools.partial(kernels_pallas.flash_attention, causal=causal, block_q=block_q, block_k=block_k)
+    got = jax.jit(functools.partial(value_and_grads, flash))(q, k, v, d_out)
+    as_f32 = [t.astype(jnp.float32) for t in (q, k, v)]
+    want = value_and_grads(functools.partial(attention.dot_product_attention, causal=causal), *as_f32, d_out)
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        assert g.dtype == jnp.bfloat16, name
+        assert relative_error(g, w) < 2e-2, (name, relative_error(g, w))
+
+
+def test_sm_scale_and_the_float64_loop():
+    """A non-default scale, against the float64 loop the reference itself is tested with."""
+    from tests.models.test_attention import attention_loop
+
+    q, k, v, _ = inputs(2, 45, 45, 4, 2, 64)
+    out = kernels_pallas.flash_attention(q, k, v, causal=True, sm_scale=0.3, block_q=16, block_k=16)
+    np.testing.assert_allclose(out, attention_loop(q, k, v, True, 0.3), rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_every_output_element_is_written(causal):
+    """Interpret mode fills each kernel output with NaN before the grid runs (pallas' poisoning of
+    uninitialised memory); finite outputs, padded rows included, mean every element was written."""
+    q, k, v, d_out = inputs(1, 75, 50, 4, 2, 64)
+    plan = fa.make_plan(q, k, v, causal=causal, sm_scale=None, block_q=16, block_k=16, interpret=True,
+                        num_warps=None, num_stages=None, backward_launch=(32, 32, None, None))
+    padded = fa.pad_inputs(plan, q, k, v)
+    out, lse = fa.forward(*padded, plan)
+    d_out = jnp.pad(d_out, ((0, 0), (0, plan.padded_q - 75), (0, 0), (0, 0)))
+    grads = fa.backward(*padded, out, lse, d_out, plan)
+    assert out.shape[1] == plan.padded_q > 75 and grads[1].shape[1] == plan.padded_k > 50
+    for name, t in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads)):
+        assert np.isfinite(np.asarray(t)).all(), name
+
+
+def test_poisoning_catches_an_unwritten_block():
+    """The check above can fail: a kernel that skips a block leaves NaN there."""
+    from jax.experimental import pallas as pl
+
+    def copy_but_the_last_block(x_ref, o_ref):
+        @pl.when(pl.program_id(0) < pl.num_programs(0) - 1)
+        def _():
+            o_ref[...] = x_ref[...]
+
+    x = jnp.ones((48, 8))
+    spec = pl.BlockSpec((16, 8), lambda i: (i, 0))
+    out = pl.pallas_call(copy_but_the_last_block, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype), grid=(3,),
+                         in_specs=[spec], out_specs=spec, interpret=True)(x)
+    assert np.isfinite(np.asarray(out[:32])).all() and np.isnan(np.asarray(out[32:])).all()
+
+
+@pytest.mark.parametrize("kwargs,shapes,message", [
+    (dict(block_q=48), None, "block_q=48 must be a power of two >= 16"),
+    (dict(block_k=8), None, "block_k=8 must be a power of two >= 16"),
+    ({}, ((1, 8, 3, 16), (1, 8, 2, 16)), "heads_q=3 is not a multiple of heads_kv=2"),
+    ({}, ((1, 8, 2, 16), (1, 8, 2, 32)), "must agree in batch and head_dim"),
+])
+def test_bad_arguments_are_refused(kwargs, shapes, message):
+    q_shape, k_shape = shapes or ((1, 8, 2, 16), (1, 8, 2, 16))
+    q, k = jnp.zeros(q_shape), jnp.zeros(k_shape)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        kernels_pallas.flash_attention(q, k, k, **kwargs)
