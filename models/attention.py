@@ -8,10 +8,18 @@ For one query head h (kv head g = h // (heads_q // heads_kv)):
 
 Causal masking with Lq != Lk is bottom-right aligned: query i sees keys j <= i + Lk - Lq.
 A query that sees no key at all outputs zeros. Tensors are BLHD (CONTRACTS §2).
+
+`causal_attention(q, k, v, impl)` is what the models call: impl "xla" is the reference below,
+"pallas" the flash-attention kernels of kernels_pallas, run per shard of the active mesh.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
+
+import kernels_pallas
+from kernels_pallas import on_mesh
 
 _MASKED = -1e30  # a finite "minus infinity": exp(_MASKED - row max) underflows to 0, never NaN
 
@@ -55,3 +63,16 @@ def dot_product_attention(q, k, v, *, causal=True, sm_scale=None):
     """Reference attention, [B, Lq, Hq, D] (CONTRACTS §3); the float32 softmax is kept whole."""
     mask = causal_mask(q.shape[1], k.shape[1]) if causal else None
     return attend(q, k, v, mask, sm_scale=sm_scale)
+
+
+IMPLS = ("xla", "pallas")
+
+
+def causal_attention(q, k, v, impl: str = "xla"):
+    """Causal self-attention with the named implementation (`model.attention_impl`)."""
+    if impl == "xla":
+        return dot_product_attention(q, k, v, causal=True)
+    if impl == "pallas":
+        flash = functools.partial(kernels_pallas.flash_attention, causal=True)
+        return on_mesh.per_shard(flash, q, k, v, split_heads=True)
+    raise ValueError(f"attention impl {impl!r} is not one of {list(IMPLS)}")

@@ -35,13 +35,14 @@ class HybridConfig:
     ssm_groups: int = 1
     conv_width: int = 4
     chunk_size: int = 0  # 0: the backend's best measured (models/mamba2.CHUNK_SIZES)
-    ssd_impl: str = "chunked"  # chunked | associative_scan | sequential
+    ssd_impl: str = "chunked"  # chunked | associative_scan | sequential | pallas (kernels_pallas.ssd_chunked)
     # attention layers
     num_heads: int = 4
     num_kv_heads: int = 0  # 0: num_heads
     d_mlp: int = 512
     activation: str = "swiglu"  # relu | gelu | swiglu
     rope_theta: float = 10000.0
+    attention_impl: str = "xla"  # xla | pallas (kernels_pallas flash attention)
     norm: str = "rmsnorm"  # rmsnorm | layernorm
     tie_embeddings: bool = False
     dtype: str = "float32"
@@ -60,7 +61,7 @@ class HybridConfig:
         return transformer.TransformerConfig(
             vocab_size=self.vocab_size, max_len=self.max_len, d_model=self.d_model, num_heads=self.num_heads,
             num_kv_heads=self.num_kv_heads, d_mlp=self.d_mlp, activation=self.activation, norm=self.norm,
-            positional="rope", rope_theta=self.rope_theta, dtype=self.dtype)
+            positional="rope", rope_theta=self.rope_theta, dtype=self.dtype, attention_impl=self.attention_impl)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,6 +179,8 @@ def validate(m) -> list[str]:
         p.append(f"model.chunk_size={m.chunk_size} must be >= 1, or 0 for the backend's best")
     if m.ssd_impl not in mamba2.SSD_IMPLS:
         p.append(f"model.ssd_impl={m.ssd_impl!r} is not one of {list(mamba2.SSD_IMPLS)}")
+    elif m.ssd_impl == "pallas" and m.chunk_size and (m.chunk_size < 16 or m.chunk_size & (m.chunk_size - 1)):
+        p.append(f"model.chunk_size={m.chunk_size} must be a power of two >= 16 for model.ssd_impl='pallas'")
     if "A" in pattern:
         p += transformer.validate_attention(m)
     for key, choices in (("activation", layers.ACTIVATIONS), ("norm", ("rmsnorm", "layernorm")),

@@ -24,10 +24,21 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+import kernels_pallas
+from kernels_pallas import on_mesh
 from models import layers, ssd
+
+
+def _pallas_chunked(x, a, b, c, *, chunk_size, initial_state):
+    """kernels_pallas.ssd_chunked, run per batch shard of the active mesh."""
+    kernel = functools.partial(kernels_pallas.ssd_chunked, chunk_size=chunk_size)
+    return on_mesh.per_shard(lambda x, a, b, c, h: kernel(x, a, b, c, initial_state=h), x, a, b, c, initial_state,
+                             num_outputs=2)
+
 
 SSD_IMPLS = {
     "chunked": ssd.ssd_chunked,
+    "pallas": _pallas_chunked,
     "associative_scan": ssd.ssd_associative_scan,
     "sequential": ssd.ssd_sequential,
 }
@@ -133,7 +144,7 @@ class Mamba2(nn.Module):
         c = c.reshape(batch, length, cfg.groups, cfg.state)
         impl = "sequential" if length == 1 else cfg.ssd_impl  # one decoding step: the recurrence itself
         scan = SSD_IMPLS[impl]
-        if impl == "chunked":
+        if impl in ("chunked", "pallas"):
             scan = functools.partial(scan, chunk_size=cfg.chunk_size or chunk_size_for_backend())
         y, ssm_state = scan(x * dt[..., None], a * dt, b, c, initial_state=state["ssm"])
         y = (y + skip[:, None] * x).reshape(batch, length, cfg.d_inner).astype(dtype)

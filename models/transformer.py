@@ -8,6 +8,8 @@ Attention has `num_heads` query heads and `num_kv_heads` key/value heads (groupe
 query head h reads kv head h // (num_heads // num_kv_heads). Decoding keeps a cache of keys and
 values, [layers, B, max_len, Hkv, Dh], filled `start` positions deep; `decode` runs T new tokens
 against it and returns the same logits the full forward pass gives at those positions.
+`attention_impl` picks the full pass's attention: the XLA reference or the Pallas flash kernels;
+cached decoding always uses the reference's masked core (a few queries against the cache).
 """
 
 import dataclasses
@@ -41,6 +43,7 @@ class TransformerConfig:
     dtype: str = "float32"  # compute dtype; parameters stay float32
     remat: str = "none"  # none | full | dots
     scan_unroll: int = 1  # layers per scan iteration; num_layers unrolls the stack (faster on CPU, slower compile)
+    attention_impl: str = "xla"  # xla (models/attention.py) | pallas (kernels_pallas flash attention)
 
     @property
     def kv_heads(self) -> int:
@@ -75,7 +78,7 @@ class Attention(nn.Module):
         if cfg.positional == "rope":
             q, k = layers.apply_rope(q, positions, cfg.rope_theta), layers.apply_rope(k, positions, cfg.rope_theta)
         if layer_cache is None:
-            out = attention.dot_product_attention(q, k, v, causal=True)
+            out = attention.causal_attention(q, k, v, cfg.attention_impl)
         else:
             k_all = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(layer_cache["k"].dtype), start, 1)
             v_all = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype), start, 1)
@@ -179,6 +182,8 @@ def validate_attention(m) -> list[str]:
     head_size = head_dim or m.d_model // max(m.num_heads, 1)
     if m.get("positional", "rope") == "rope" and head_size % 2:
         p.append(f"rotary embeddings need an even head size, got {head_size}")
+    if m.get("attention_impl", "xla") not in attention.IMPLS:
+        p.append(f"model.attention_impl={m.attention_impl!r} is not one of {list(attention.IMPLS)}")
     return p
 
 

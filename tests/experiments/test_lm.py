@@ -33,10 +33,12 @@ def one_device_run(tmp_path_factory):
     return workdir, result
 
 
-@pytest.mark.parametrize("mesh", list(MESHES))
-def test_same_losses_on_every_mesh(mesh, one_device_run, tmp_path):
+@pytest.mark.parametrize("mesh,attention_impl", [(mesh, "xla") for mesh in MESHES] + [("data=2,fsdp=2,tensor=2", "pallas")])
+def test_same_losses_on_every_mesh(mesh, attention_impl, one_device_run, tmp_path):
+    """Each mesh, and the Pallas flash-attention kernels run per shard, give the one-device XLA losses."""
     config = make_tiny_lm_config()
     config.mesh.update(**MESHES[mesh])
+    config.model.attention_impl = attention_impl
     trainer.train_and_evaluate(config, str(tmp_path), verbose=False)
     expected, got = _losses(one_device_run[0]), _losses(tmp_path)
     assert expected.keys() == got.keys() and len(got) == 5  # 4 train steps + 1 eval

@@ -65,19 +65,23 @@ def test_parameters_match_the_paper_layout():
     assert ((dt >= 1e-3 * 0.999) & (dt <= 0.1 * 1.001)).all()
 
 
-@pytest.mark.parametrize("name", ["ssd", "hybrid"])
-def test_trains_with_the_same_losses_on_one_device_and_a_2x2x2_mesh(name, tmp_path):
+@pytest.mark.parametrize("name,kernels", [("ssd", "xla"), ("hybrid", "xla"), ("hybrid", "pallas")])
+def test_trains_with_the_same_losses_on_one_device_and_a_2x2x2_mesh(name, kernels, tmp_path):
+    """The mesh run gives the one-device losses; with kernels="pallas" it runs the Pallas SSD and
+    flash-attention kernels per shard against the XLA implementations on one device."""
     def config():
         c = make_tiny_lm_config()
         with c.unlocked():
             c.model = dict(hybrid.SSDConfig().__dict__ if name == "ssd" else hybrid.HybridConfig().__dict__)
         c.model.update(d_model=32, num_layers=2, layer_pattern="S" if name == "ssd" else "SA", ssm_head_dim=16,
-                       ssm_state=8, chunk_size=8, num_heads=4, num_kv_heads=2, d_mlp=64)
+                       ssm_state=8, chunk_size=8 if kernels == "xla" else 16, num_heads=4, num_kv_heads=2, d_mlp=64)
         return c
 
     trainer.train_and_evaluate(config(), str(tmp_path / "one"), devices=jax.devices()[:1], verbose=False)
     mesh_config = config()
     mesh_config.mesh.update(data=2, fsdp=2, tensor=2)
+    if kernels == "pallas":
+        mesh_config.model.update(ssd_impl="pallas", attention_impl="pallas")
     trainer.train_and_evaluate(mesh_config, str(tmp_path / "mesh"), verbose=False)
     losses = lambda d: {(e["split"], e["step"]): e["loss"] for e in metrics_writer.read(str(d))}  # noqa: E731
     expected, got = losses(tmp_path / "one"), losses(tmp_path / "mesh")
@@ -92,6 +96,8 @@ def test_trains_with_the_same_losses_on_one_device_and_a_2x2x2_mesh(name, tmp_pa
     (dict(num_layers=3), "model.num_layers=3 must be a multiple of len(model.layer_pattern='SSSA')"),
     (dict(ssm_head_dim=48), "is not divisible by model.ssm_head_dim=48"),
     (dict(ssd_impl="fast"), "model.ssd_impl='fast' is not one of"),
+    (dict(ssd_impl="pallas", chunk_size=24), "model.chunk_size=24 must be a power of two >= 16 for model.ssd_impl"),
+    (dict(attention_impl="cuda"), "model.attention_impl='cuda' is not one of ['xla', 'pallas']"),
     (dict(num_kv_heads=3), "model.num_kv_heads=3 must divide model.num_heads=4"),
 ])
 def test_bad_hybrid_config_is_one_clear_line(override, message):
