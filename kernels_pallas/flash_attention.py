@@ -25,8 +25,10 @@ outside the kernels (the padded keys are masked, the padded queries sliced off),
 in float32 whatever the input dtype.
 
 Lowerings: interpret mode on CPU (`interpret=None` picks it there), Triton on GPU (selected with
-`pallas.triton.CompilerParams`; head dim padded to a power of two), and on TPU the same kernels on
-heads-major [B, H, L, D] blocks (Mosaic needs the last two block dims to be (L, D)).
+`pallas.triton.CompilerParams`; head dim padded to a power of two; measured on an H100 in
+BENCHMARKS.md), and on TPU the same kernels on heads-major [B, H, L, D] blocks with lse / delta as
+[B, H, L, 1] (Mosaic wants the last two block dims to be multiples of (8, 128) or whole); the TPU
+path passes Pallas' Mosaic lowering (tested) but has not run on TPU hardware.
 """
 
 import dataclasses
@@ -163,6 +165,11 @@ def _visible(q_start, k_start, plan: Plan):
     return visible
 
 
+def _column(rows):
+    """Per-query rows as a [block, 1] column ([block] refs on GPU / CPU, [block, 1] on TPU)."""
+    return rows[:, None] if rows.ndim == 1 else rows
+
+
 def _scores(q, k, plan: Plan):
     """log2(e) * sm_scale * q k^T in float32, [block_q, block_k]."""
     return jnp.dot(q, k.T, preferred_element_type=jnp.float32) * (plan.sm_scale * _LOG2E)
@@ -216,7 +223,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, plan: Plan):
         rows = q_start + lax.broadcasted_iota(jnp.int32, (plan.block_q, head_dim), 0)
         out = jnp.where(rows + plan.offset >= 0, out, 0.0)
     o_ref[...] = out.astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(seen, row_max + jnp.log2(safe_sum), 0.0)
+    lse_ref[...] = jnp.where(seen, row_max + jnp.log2(safe_sum), 0.0).reshape(lse_ref.shape)
 
 
 def _key_value_grad_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, plan: Plan):
@@ -230,12 +237,12 @@ def _key_value_grad_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_r
             q_start = pl.multiple_of(q_block * plan.block_q, plan.block_q)
             rows = pl.ds(q_start, plan.block_q)
             q, do = q_ref[rows, :], do_ref[rows, :]
-            p = jnp.exp2(_scores(q, k, plan) - lse_ref[rows][:, None])
+            p = jnp.exp2(_scores(q, k, plan) - _column(lse_ref[rows]))
             if masked:
                 p = jnp.where(_visible(q_start, k_start, plan), p, 0.0)
             dv = dv + jnp.dot(p.astype(do.dtype).T, do, preferred_element_type=jnp.float32)
             dp = jnp.dot(do, v.T, preferred_element_type=jnp.float32)
-            ds = p * (dp - delta_ref[rows][:, None])
+            ds = p * (dp - _column(delta_ref[rows]))
             dk = dk + jnp.dot(ds.astype(q.dtype).T, q, preferred_element_type=jnp.float32)
             return dk, dv
 
@@ -253,18 +260,18 @@ def _query_grad_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, 
     q_block = _q_block(plan)
     q_start = q_block * plan.block_q
     q, do = q_ref[...], do_ref[...]
-    lse, delta = lse_ref[...], delta_ref[...]
+    lse, delta = _column(lse_ref[...]), _column(delta_ref[...])
 
     def step(masked):
         def body(k_block, dq):
             k_start = pl.multiple_of(k_block * plan.block_k, plan.block_k)
             k = k_ref[pl.ds(k_start, plan.block_k), :]
             v = v_ref[pl.ds(k_start, plan.block_k), :]
-            p = jnp.exp2(_scores(q, k, plan) - lse[:, None])
+            p = jnp.exp2(_scores(q, k, plan) - lse)
             if masked:
                 p = jnp.where(_visible(q_start, k_start, plan), p, 0.0)
             dp = jnp.dot(do, v.T, preferred_element_type=jnp.float32)
-            ds = p * (dp - delta[:, None])
+            ds = p * (dp - delta)
             return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
 
         return body
@@ -296,6 +303,20 @@ def _rows_spec(plan: Plan, rows: str, heads: str, head_dim):
     return pl.BlockSpec(shape, index_map)
 
 
+def _rows_of_queries_spec(plan: Plan, tiled: bool):
+    """Spec of lse / delta, [B, H, Lq] (a trailing unit dim on TPU, whose blocks need a last dim of
+    128 lanes or the array's own, and a second-to-last of 8 sublanes)."""
+    block = plan.block_q if tiled else plan.padded_q
+    index = (lambda i, b, h: (b, h, plan.query_block(i))) if tiled else (lambda i, b, h: (b, h, 0))
+    if plan.heads_major:
+        return pl.BlockSpec((None, None, block, 1), lambda i, b, h: (*index(i, b, h), 0))
+    return pl.BlockSpec((None, None, block), index)
+
+
+def _row_shape(plan: Plan, batch, heads):
+    return (batch, heads, plan.padded_q) + ((1,) if plan.heads_major else ())
+
+
 def _specs(plan: Plan, head_dim, *which):
     """Named specs: q_tile, q_all, kv_tile, kv_all, kgrad_tile (dK, dV per query head), and
     row_tile / row_all for the per-query rows (lse, delta: [B, H, Lq])."""
@@ -303,10 +324,8 @@ def _specs(plan: Plan, head_dim, *which):
              "kv_all": ("all", "kv"), "kgrad_tile": ("key_tile", "q")}
     out = []
     for name in which:
-        if name == "row_tile":
-            out.append(pl.BlockSpec((None, None, plan.block_q), lambda i, b, h: (b, h, plan.query_block(i))))
-        elif name == "row_all":
-            out.append(pl.BlockSpec((None, None, plan.padded_q), lambda i, b, h: (b, h, 0)))
+        if name in ("row_tile", "row_all"):
+            out.append(_rows_of_queries_spec(plan, tiled=name == "row_tile"))
         else:
             out.append(_rows_spec(plan, *slabs[name], head_dim))
     return out
@@ -336,7 +355,7 @@ def forward(q, k, v, plan: Plan):
     head_dim = q.shape[-1]
     batch, heads = q.shape[0], q.shape[1 if plan.heads_major else 2]
     out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
-                 jax.ShapeDtypeStruct((batch, heads, plan.padded_q), jnp.float32)]
+                 jax.ShapeDtypeStruct(_row_shape(plan, batch, heads), jnp.float32)]
     in_specs = _specs(plan, head_dim, "q_tile", "kv_all", "kv_all")
     out_specs = _specs(plan, head_dim, "q_tile", "row_tile")
     return _call(_forward_kernel, plan, plan.q_blocks, in_specs, out_specs, out_shape, "flash_forward")(q, k, v)
@@ -348,8 +367,7 @@ def backward(q, k, v, out, lse, d_out, plan: Plan):
     head_dim = q.shape[-1]
     head_axis = 1 if plan.heads_major else 2
     delta = jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32), axis=-1)  # [B, L, H] or [B, H, L]
-    if not plan.heads_major:
-        delta = delta.transpose(0, 2, 1)
+    delta = delta.reshape(lse.shape) if plan.heads_major else delta.transpose(0, 2, 1)
     # dK, dV per query head (float32 when a group sums them), then summed over each group.
     kv_grad_dtype = jnp.float32 if plan.groups > 1 else k.dtype
     per_head_shape = list(k.shape)

@@ -133,3 +133,24 @@ def test_bad_arguments_are_refused(kwargs, shapes, message):
     q, k = jnp.zeros(q_shape), jnp.zeros(k_shape)
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         kernels_pallas.flash_attention(q, k, k, **kwargs)
+
+
+@pytest.mark.parametrize("dtype,head_dim", [(jnp.bfloat16, 128), (jnp.float32, 64)])
+def test_lowers_for_tpu(monkeypatch, dtype, head_dim):
+    """The TPU path (heads-major blocks, lse / delta with a trailing unit dim) passes Pallas' Mosaic
+    lowering, block-shape rules included, forward and backward; no TPU is needed to lower (the
+    Mosaic compiler itself runs only on one). jax is told the backend is a TPU v5e."""
+    from jax._src.pallas.mosaic import tpu_info
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    monkeypatch.setattr(tpu_info, "get_device_kind", lambda: "TPU v5e")
+    monkeypatch.setattr(tpu_info, "get_num_device_cores", lambda: 1)
+    q = jax.ShapeDtypeStruct((2, 1000, 8, head_dim), dtype)
+    k = jax.ShapeDtypeStruct((2, 1000, 2, head_dim), dtype)
+    flash = functools.partial(kernels_pallas.flash_attention, causal=True, interpret=False)
+    plan = fa.make_plan(q, k, k, causal=True, sm_scale=None, block_q=None, block_k=None, interpret=False,
+                        num_warps=None, num_stages=None, backward_launch=None)
+    assert plan.heads_major and plan.padded_q == 1024
+    forward_backward = jax.jit(lambda q, k, v: jax.vjp(flash, q, k, v)[1](jnp.ones(q.shape, q.dtype)))
+    text = forward_backward.trace(q, k, k).lower(lowering_platforms=("tpu",)).as_text()
+    assert text.count("tpu_custom_call") == 3  # forward, dK/dV, dQ
