@@ -5,7 +5,8 @@
     python -m experiments.scaling --fit=runs/scaling/results.csv        # or the Chinchilla CSV
 
 Sweep: for every model size (`WIDTHxLAYERS`: d_model, num_layers, heads = d_model / 32 (no
-grouping), MLP 4 x d_model) and compute budget C, N is the model's parameter count without embeddings, the run
+grouping), MLP 4 x d_model; MoE experts d_model wide) and compute budget C, N is the model's
+parameter count without embeddings (for MoE, active: routed experts count top_k / num_experts), the run
 sees D = C / (6N) tokens, i.e. steps = D / (batch x seq_len), with the learning-rate schedule as
 long as the run. Each run trains in WORKDIR/<size>_<budget> with the shared trainer; a finished run
 is not re-run (its final validation loss is read back). Results go to WORKDIR/results.csv with the
@@ -56,12 +57,20 @@ def parse_size(size: str) -> dict:
 
 
 def non_embedding_params(model_config) -> int:
-    """Parameters outside the token / position embeddings and the unembedding."""
+    """Parameters outside the token / position embeddings and the unembedding that each token uses:
+    a mixture of experts' routed experts count top_k / num_experts of theirs (C = 6 N D, N active)."""
     model = models.build(model_config)
     shapes = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, model_config.max_len), jnp.int32))
     leaves = jax.tree_util.tree_flatten_with_path(nn.meta.unbox(shapes["params"]))[0]
-    return int(sum(np.prod(x.shape) for path, x in leaves
-                   if not any(k in jax.tree_util.keystr(path) for k in ("embed", "position_embedding", "unembed"))))
+    routed_share = model_config.get("top_k", 1) / model_config.get("num_experts", 1)
+    total = 0.0
+    for path, x in leaves:
+        key = jax.tree_util.keystr(path)
+        if any(k in key for k in ("embed", "position_embedding", "unembed")):
+            continue
+        routed = any(key.endswith(f"['{w}']") for w in ("w_gate", "w_in", "w_out"))
+        total += np.prod(x.shape) * (routed_share if routed else 1.0)
+    return int(total)
 
 
 def run_config(base: ml_collections.ConfigDict, size: str, budget: float):
@@ -70,6 +79,8 @@ def run_config(base: ml_collections.ConfigDict, size: str, budget: float):
     config.model.update(**parse_size(size))
     if "num_kv_heads" in config.model:
         config.model.num_kv_heads = 0  # plain multi-head attention at every size
+    if "d_expert" in config.model:
+        config.model.d_expert = config.model.d_model  # experts as wide as the model (moe_lm's ratio)
     splits_like = dict(vocab_size=config.model.vocab_size or 256, max_len=config.model.max_len or config.data.seq_len)
     probe = config.model.copy_and_resolve_references()
     probe.update(**splits_like)

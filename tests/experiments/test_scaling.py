@@ -86,6 +86,26 @@ def test_sweep_runs_each_point_once_and_writes_the_csv(tmp_path):
         scaling.parse_size("wide")
 
 
+def test_moe_counts_active_parameters():
+    """N for a mixture of experts is what a token uses: the dense parts, and top_k of the routed
+    experts (SwiGLU, 3 x d_model x d_expert each), counted by hand here."""
+    from experiments.configs import moe_lm
+
+    config, n, _ = scaling.run_config(moe_lm.get_config(), "64x2", 1e12)
+    m = config.model.copy_and_resolve_references()
+    m.update(vocab_size=256, max_len=config.data.seq_len)
+    d, layers, experts, top_k = 64, 2, m.num_experts, m.top_k
+    assert m.d_expert == d
+    attention = 4 * d * d
+    routed = experts * 3 * d * d
+    shared = 3 * d * d * m.num_shared_experts
+    router = d * experts
+    norms = 2 * 2 * d  # two layernorms per block (scale, bias)
+    dense_params = layers * (attention + shared + router + norms) + 2 * d  # + the final layernorm
+    assert scaling.non_embedding_params(m) == dense_params + layers * routed * top_k // experts
+    assert n == dense_params + layers * routed * top_k // experts
+
+
 def test_grokfast_amplifies_the_exponential_moving_average_of_the_gradients():
     alpha, lamb = 0.9, 2.0
     tx = grokfast.grokfast_ema(alpha, lamb)
