@@ -8,7 +8,8 @@ a grid of starting values (all starts optimised at once, vmapped, in float64, fo
 steps: on the Chinchilla data 100 reach Besiroglu et al.'s optimum, 50 do not); the best final
 objective wins. Bootstrap: refit on resampled points (as multiplicities) from the best start.
 
-Approach 2: per compute budget C, a parabola of loss in log N through the `window` sizes nearest
+Approach 2: per compute budget C whose lowest loss is not at the smallest or largest size (else
+the valley lies outside the sizes tried), a parabola of loss in log N through the `window` sizes nearest
 (in log N) the lowest loss (a parabola is only the valley's local shape; over decades it biases the
 vertex); its vertex is N_opt(C). Fitting
 log N_opt = a log C + const gives N_opt ~ C^a and, with D = C / (6N), D_opt ~ C^(1 - a).
@@ -96,6 +97,8 @@ def fit_approach2(model_size, flops, loss, window: int = 7) -> dict:
             continue
         on_curve = on_curve[np.argsort(model_size[on_curve])]
         best = int(np.argmin(loss[on_curve]))
+        if best in (0, len(on_curve) - 1):  # the lowest loss at an end: the valley is outside the sizes tried
+            continue
         low = min(max(best - window // 2, 0), max(len(on_curve) - window, 0))
         on_curve = on_curve[low:low + window]
         c2, c1, _ = np.polyfit(np.log(model_size[on_curve]), loss[on_curve], 2)
@@ -104,7 +107,7 @@ def fit_approach2(model_size, flops, loss, window: int = 7) -> dict:
         budgets.append(budget)
         optima.append(np.exp(-c1 / (2 * c2)))
     if len(budgets) < 2:
-        raise ValueError(f"approach 2 needs >= 2 budgets with >= 3 sizes and a minimum; got {len(budgets)}")
+        raise ValueError(f"approach 2 needs >= 2 budgets with >= 3 sizes and an interior minimum; got {len(budgets)}")
     a, log_k = np.polyfit(np.log(budgets), np.log(optima), 1)
     return {"n_opt_exponent": float(a), "d_opt_exponent": float(1 - a), "budgets": [float(b) for b in budgets],
             "n_opt": [float(n) for n in optima], "n_opt_coefficient": float(np.exp(log_k))}

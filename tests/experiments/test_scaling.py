@@ -65,6 +65,10 @@ def test_approach2_finds_the_compute_optimal_exponent_of_a_known_law():
     # L(N, C/6N) is minimised at N_opt ~ C^(beta / (alpha + beta))
     assert fit["n_opt_exponent"] == pytest.approx(beta / (alpha + beta), abs=0.03)
     assert fit["d_opt_exponent"] == pytest.approx(alpha / (alpha + beta), abs=0.03)
+    # Sizes all above the optimum (loss rising with N on every curve): no valley to fit.
+    large = np.array(sizes) > 1e10
+    with pytest.raises(ValueError, match="interior minimum"):
+        scaling_fits.fit_approach2(np.array(sizes)[large], np.array(flops)[large], np.array(losses)[large])
 
 
 def test_sweep_runs_each_point_once_and_writes_the_csv(tmp_path):
