@@ -2,7 +2,8 @@
 
     # the sweeps (experiments/scaling.py; a finished run is not re-run), e.g. one family per core:
     S="--sizes=64x2,96x2,128x3,160x3,192x4 --budgets=3e11,1e12,3e12"
-    python -m experiments.scaling --config=experiments/configs/lm_shakespeare.py $S --workdir=runs/scaling/transformer
+    python -m experiments.scaling --config=experiments/configs/lm_shakespeare.py \
+        --sizes=32x2,64x1,64x2,96x2,128x3,160x3,192x4 --budgets=3e11,1e12,3e12 --workdir=runs/scaling/transformer
     python -m experiments.scaling --config=experiments/configs/lm_shakespeare.py:ssd $S --workdir=runs/scaling/ssd
     python -m experiments.scaling --config=experiments/configs/moe_lm.py --config.data.batch_size=12 $S \
         --workdir=runs/scaling/moe
