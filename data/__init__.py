@@ -1,15 +1,17 @@
 """Datasets for the trainer: a name -> (loader, config dataclass) table, like `models.MODELS`.
 
 A loader turns `config.data` (and the seed) into `Splits`: NumPy example dicts
-{"inputs", "targets", "loss_mask"} of [N, L] arrays for training and for each evaluation set.
-`data.pipeline` turns them into sharded, checkpointable grain batches.
+{"inputs", "targets", "loss_mask"} of [N, L] arrays for training (one per curriculum stage where the
+data has a curriculum) and for each evaluation set. `data.pipeline` turns them into sharded,
+checkpointable grain batches.
 """
 
 import dataclasses
+import functools
 
 import numpy as np
 
-from data import algorithmic, recall, text
+from data import algorithmic, prontoqa, prosqa, reasoning, recall, text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,12 +57,43 @@ class RecallConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ReasoningConfig:
+    """Every `config.data` key of the ProsQA- and ProntoQA-style tasks (`data/reasoning.py`)."""
+
+    name: str = "prosqa"  # prosqa | prontoqa
+    method: str = "coconut"  # nocot | cot | coconut (the model's `thoughts` decides latent or pause)
+    curriculum: bool = True  # False: train on the last stage (every step a thought) from the start
+    last_stage: int = 4  # S: stage S replaces every step by S * thoughts_per_step thoughts
+    thoughts_per_step: int = 1  # c
+    epochs_per_stage: int = 3  # epochs of every stage before the last, which runs to train.steps
+    min_hops: int = 3
+    max_hops: int = 4
+    branches: int = 3  # dead ends (ProsQA) / the distractor chain's length (ProntoQA)
+    train_examples: int = 4_000
+    eval_examples: int = 500
+    test_examples: int = 500
+    batch_size: int = 64
+    eval_batch_size: int = 500
+
+
+@dataclasses.dataclass(frozen=True)
+class ProntoQAConfig(ReasoningConfig):
+    name: str = "prontoqa"
+    last_stage: int = 6
+    min_hops: int = 5
+    max_hops: int = 5
+
+
+@dataclasses.dataclass(frozen=True)
 class Splits:
-    train: dict[str, np.ndarray]
+    train: dict[str, np.ndarray]  # with a curriculum: the first stage's examples
     evals: dict[str, dict[str, np.ndarray]]  # evaluation-set name -> examples
     vocab_size: int
     seq_len: int
     chars_per_token: float | None = None  # text only: turns loss per token into bits per character
+    stages: tuple[dict[str, np.ndarray], ...] = ()  # curriculum: each stage's training examples, in order
+    epochs_per_stage: int = 0  # every stage but the last runs this many epochs
+    model_keys: dict = dataclasses.field(default_factory=dict)  # config.model values the data decides
 
 
 def _load_algorithmic(config, seed: int) -> Splits:
@@ -89,10 +122,55 @@ def _load_recall(config, seed: int) -> Splits:
                   vocab_size=config.vocab_size, seq_len=config.seq_len)
 
 
+GENERATORS = {"prosqa": prosqa, "prontoqa": prontoqa}
+
+
+def reasoning_problems(config, seed: int) -> dict[str, list[reasoning.Problem]]:
+    """The train / eval / test problems of a reasoning config: disjoint, deterministic in the seed."""
+    module = GENERATORS[config.name]
+    generate = functools.partial(module.problem, min_hops=config.min_hops, max_hops=config.max_hops,
+                                 branches=config.branches)
+    sizes = {"train": config.train_examples, "eval": config.eval_examples, "test": config.test_examples}
+    return reasoning.unique_splits(generate, sizes, seed)
+
+
+def reasoning_geometry(config, problems) -> reasoning.Geometry:
+    return reasoning.geometry([p for ps in problems.values() for p in ps], config.method, config.last_stage,
+                              config.thoughts_per_step)
+
+
+def _load_reasoning(config, seed: int) -> Splits:
+    problems = reasoning_problems(config, seed)
+    vocab, geo = GENERATORS[config.name].VOCABULARY, reasoning_geometry(config, problems)
+    layout = functools.partial(reasoning.examples, vocab=vocab, geo=geo, method=config.method,
+                               last_stage=config.last_stage, thoughts_per_step=config.thoughts_per_step)
+    last = config.last_stage if config.method == "coconut" else 0
+    first = 0 if config.curriculum else last
+    stages = tuple(layout(problems["train"], stage=s) for s in range(first, last + 1))
+    model_keys = dict(bot_position=geo.bot_position, max_thoughts=last * config.thoughts_per_step,
+                      thought_token=reasoning.THOUGHT, pad_token=reasoning.PAD, eot_token=reasoning.EOT)
+    return Splits(train=stages[0], evals={"eval": layout(problems["eval"], stage=last)}, vocab_size=len(vocab),
+                  seq_len=geo.row_len - 1, stages=stages if len(stages) > 1 else (),
+                  epochs_per_stage=config.epochs_per_stage, model_keys=model_keys)
+
+
+def _validate_reasoning(config) -> list[str]:
+    p = GENERATORS[config.name].validate(config)
+    if config.method not in reasoning.METHODS:
+        p.append(f"data.method={config.method!r} is not one of {list(reasoning.METHODS)}")
+    for key in ("last_stage", "thoughts_per_step", "epochs_per_stage", "train_examples", "eval_examples",
+                "test_examples"):
+        if config[key] < (0 if key == "last_stage" else 1):
+            p.append(f"data.{key}={config[key]} must be >= {0 if key == 'last_stage' else 1}")
+    return p
+
+
 DATASETS = {
     "algorithmic": (_load_algorithmic, AlgorithmicConfig, algorithmic.validate),
     "text": (_load_text, TextConfig, text.validate),
     "recall": (_load_recall, RecallConfig, recall.validate),
+    "prosqa": (_load_reasoning, ReasoningConfig, _validate_reasoning),
+    "prontoqa": (_load_reasoning, ProntoQAConfig, _validate_reasoning),
 }
 
 

@@ -9,8 +9,12 @@ grain provides the iterator (prefetch, `get_state` / `set_state` for orbax check
 With `drop_remainder=False` the last, short batch of an epoch is padded with copies of row 0
 whose `loss_mask` is zero, so a batch can be larger than the data (full-batch training) and an
 evaluation pass sees every example exactly once.
+
+A curriculum (`staged`) chains datasets: stage k's examples for `epochs_per_stage` epochs each, the
+last stage for ever; step s belongs to stage `stage_of(starts, s)`.
 """
 
+import bisect
 import functools
 
 import grain
@@ -29,14 +33,22 @@ def batched(examples: dict[str, np.ndarray], *, batch_size: int, seed: int, shuf
     per_epoch = num_batches(n, batch_size, drop_remainder)
     if per_epoch == 0:
         raise ValueError(f"batch_size={batch_size} is larger than the {n} examples with drop_remainder=True")
+    make_batch = _batch_maker(examples, batch_size, (seed,), shuffle, process_index, process_count)
+    return grain.MapDataset.range(per_epoch).repeat(num_epochs).map_with_index(
+        lambda step, index_in_epoch: make_batch(step // per_epoch, index_in_epoch))
+
+
+def _batch_maker(examples, batch_size: int, seed: tuple, shuffle: bool, process_index: int, process_count: int):
+    """(epoch, batch index in the epoch) -> this process's slice of that batch."""
+    n = len(examples["inputs"])
     per_process = batch_size // process_count
 
     @functools.lru_cache(maxsize=2)
     def epoch_order(epoch):
-        return np.random.default_rng((seed, epoch)).permutation(n) if shuffle else np.arange(n)
+        return np.random.default_rng((*seed, epoch)).permutation(n) if shuffle else np.arange(n)
 
-    def make_batch(step, index_in_epoch):
-        order = epoch_order(step // per_epoch)
+    def make_batch(epoch, index_in_epoch):
+        order = epoch_order(epoch)
         rows = np.arange(index_in_epoch * batch_size, (index_in_epoch + 1) * batch_size)
         rows = rows[process_index * per_process:(process_index + 1) * per_process]
         valid = rows < n
@@ -45,7 +57,35 @@ def batched(examples: dict[str, np.ndarray], *, batch_size: int, seed: int, shuf
         batch["loss_mask"] = batch["loss_mask"] * valid[:, None].astype(np.float32)
         return batch
 
-    return grain.MapDataset.range(per_epoch).repeat(num_epochs).map_with_index(make_batch)
+    return make_batch
+
+
+def staged(stages, *, epochs_per_stage: int, batch_size: int, seed: int, process_index: int = 0,
+           process_count: int = 1) -> tuple[grain.MapDataset, list[int]]:
+    """(an infinite dataset of step s -> batch s of the curriculum, the first step of every stage).
+
+    Stage k (each a dict of [N_k, L] arrays, one L for all) runs `epochs_per_stage` epochs of full batches,
+    shuffled by (seed, k, epoch); the last stage runs for ever."""
+    per_epoch = [num_batches(len(s["inputs"]), batch_size, True) for s in stages]
+    if min(per_epoch) == 0:
+        raise ValueError(f"batch_size={batch_size} is larger than a curriculum stage of "
+                         f"{min(len(s['inputs']) for s in stages)} examples")
+    starts = [0]
+    for k in per_epoch[:-1]:
+        starts.append(starts[-1] + epochs_per_stage * k)
+    makers = [_batch_maker(s, batch_size, (seed, k), True, process_index, process_count) for k, s in enumerate(stages)]
+
+    def make_batch(step, _):
+        stage = stage_of(starts, step)
+        local = step - starts[stage]
+        return makers[stage](local // per_epoch[stage], local % per_epoch[stage])
+
+    return grain.MapDataset.range(1).repeat(None).map_with_index(make_batch), starts
+
+
+def stage_of(starts: list[int], step: int) -> int:
+    """The curriculum stage that step `step` (0-based) trains in."""
+    return bisect.bisect_right(starts, step) - 1
 
 
 def iterator(dataset: grain.MapDataset, prefetch: int = 2) -> grain.DatasetIterator:

@@ -7,6 +7,9 @@
     5. compile the train and eval steps
     6. loop: step, log, evaluate, checkpoint; stop cleanly on SIGTERM, loudly on a non-finite loss
 
+With a curriculum (data whose `Splits.stages` are set, e.g. Coconut's), each stage's first step resets
+the optimizer state; the stage is part of the train state, so a resumed run continues in its stage.
+
 Train metrics are fetched from the device only every `log_every` steps (and before each checkpoint),
 so dispatch runs ahead of the host; every step's loss is still checked before a checkpoint is written.
 """
@@ -36,6 +39,7 @@ from experiments import checkpointing, losses, metrics_writer, optimizers, plots
 class TrainState(train_state.TrainState):
     rng: jax.Array  # raw uint32 key; step s uses fold_in(rng, s)
     model_state: Any = flax.struct.field(default_factory=dict)  # the model's other collections (models/__init__.py)
+    stage: jax.Array = 0  # int32 curriculum stage (0 without a curriculum)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -50,6 +54,9 @@ def resolve(config, splits: datasets.Splits):
             config.model.vocab_size = splits.vocab_size
         if not config.model.max_len:
             config.model.max_len = splits.seq_len
+        for key, value in splits.model_keys.items():  # layout keys the data decides (-1: "from the data")
+            if config.model.get(key) == -1:
+                config.model[key] = value
     return config
 
 
@@ -63,7 +70,13 @@ def init_state(model, tx, example_inputs, rng):
     variables = dict(model.init(params_rng, example_inputs))
     params = variables.pop("params")
     model_state = {k: v for k, v in variables.items() if k not in models.SOWN}
-    return TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=state_rng, model_state=model_state)
+    return TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=state_rng, model_state=model_state,
+                             stage=jnp.zeros((), jnp.int32))
+
+
+def begin_stage(state: TrainState, stage, *, tx) -> TrainState:
+    """The state at the start of curriculum stage `stage`: a fresh optimizer state, the same parameters."""
+    return state.replace(opt_state=tx.init(state.params), stage=jnp.asarray(stage, jnp.int32))
 
 
 def _flat_metrics(tree, prefix="") -> dict:
@@ -106,7 +119,7 @@ def train_step(state: TrainState, batch, *, schedule):
 
     (_, (loss, aux, written)), (grads, probe_grads) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
         state.params, probes)
-    metrics = {"loss": loss, **aux, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step),
+    metrics = {"loss": loss, **aux, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step), "stage": state.stage,
                **_flat_metrics(written.get("metrics", {})), **_flat_metrics(probe_grads)}
     new_model_state = {**{k: written[k] for k in model_state}, **({models.PROBES: probes} if probes else {})}
     return state.apply_gradients(grads=grads, model_state=new_model_state), metrics
@@ -194,8 +207,13 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
     # Data: this process's slice of every global batch.
     train_batch = batch_size(config.data.batch_size, len(splits.train["inputs"]), batch_shards)
     process = dict(process_index=jax.process_index(), process_count=jax.process_count())
-    train_iter = pipeline.iterator(pipeline.batched(
-        splits.train, batch_size=train_batch, seed=config.seed, drop_remainder=config.data.batch_size != -1, **process))
+    if splits.stages:
+        train_data, stage_starts = pipeline.staged(splits.stages, epochs_per_stage=splits.epochs_per_stage,
+                                                   batch_size=train_batch, seed=config.seed, **process)
+    else:
+        train_data, stage_starts = pipeline.batched(splits.train, batch_size=train_batch, seed=config.seed,
+                                                    drop_remainder=config.data.batch_size != -1, **process), [0]
+    train_iter = pipeline.iterator(train_data)
 
     def eval_batches(examples):
         size = batch_size(config.data.eval_batch_size, len(examples["inputs"]), batch_shards)
@@ -218,6 +236,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
                                       out_shardings=(state_shardings, sharding.replicated(mesh)))
         compiled_eval_step = jax.jit(_eval_step, in_shardings=(state_shardings, batch_spec),
                                      out_shardings=sharding.replicated(mesh))
+        compiled_begin_stage = jax.jit(functools.partial(begin_stage, tx=tx), static_argnums=1, donate_argnums=0,
+                                       out_shardings=state_shardings)
 
         # 6. Loop.
         writer = metrics_writer.MetricsWriter(workdir, enabled=is_lead)
@@ -226,6 +246,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
         if resumed:
             progress.message(f"resumed from step {first_step} in {workdir}")
         last_good = ckpt.latest_step()
+        stage = int(state.stage)
         pending, window, last = [], [], {}
         tokens_per_step = train_batch * splits.seq_len
         window_start = loop_start = time.perf_counter()
@@ -240,6 +261,10 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
 
         with _SigtermFlag() as sigterm:
             while step < config.train.steps and not sigterm.raised:
+                if pipeline.stage_of(stage_starts, step) != stage:
+                    stage = pipeline.stage_of(stage_starts, step)
+                    state = compiled_begin_stage(state, stage)
+                    progress.message(f"curriculum stage {stage} from step {step}: optimizer state reset")
                 batch = sharding.global_batch(next(train_iter), mesh)
                 with jax.transfer_guard("disallow"):
                     state, metrics = compiled_train_step(state, batch)

@@ -16,7 +16,7 @@ Flax collections the trainer understands, besides "params" (trained by gradients
   (when the collection is mutable), kept in the train state and checkpointed.
 """
 
-from models import deq_transformer, hybrid, moe_transformer, transformer
+from models import coconut, deq_transformer, hybrid, moe_transformer, transformer
 
 SOWN = ("losses", "metrics")  # written by every training forward pass, not kept
 PROBES = "probes"
@@ -27,6 +27,7 @@ MODELS = {
     "hybrid": (hybrid.HybridLM, hybrid.HybridConfig, hybrid.validate),
     "moe": (moe_transformer.MoETransformer, moe_transformer.MoEConfig, moe_transformer.validate),
     "deq": (deq_transformer.DEQTransformer, deq_transformer.DEQConfig, deq_transformer.validate),
+    "coconut": (coconut.Coconut, coconut.CoconutConfig, coconut.validate),
 }
 
 

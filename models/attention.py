@@ -32,7 +32,8 @@ def causal_mask(len_q: int, len_k: int, *, q_offset=None) -> jax.Array:
 
 
 def attend(q, k, v, mask, *, sm_scale=None):
-    """Softmax attention of q [B, Lq, Hq, D] over k, v [B, Lk, Hkv, D] with bool mask [Lq, Lk] or None."""
+    """Softmax attention of q [B, Lq, Hq, D] over k, v [B, Lk, Hkv, D] with a bool mask [Lq, Lk] (the same
+    for every row), [B, Lq, Lk] (e.g. causal and a key-padding mask), or None."""
     batch, len_q, heads_q, head_dim = q.shape
     heads_kv = k.shape[2]
     if sm_scale is None:
@@ -45,8 +46,8 @@ def attend(q, k, v, mask, *, sm_scale=None):
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Hkv, Lk, D]
     scores = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * sm_scale
     if mask is not None:
-        mask = jnp.tile(mask, (groups, 1))  # [G*Lq, Lk]
-        scores = jnp.where(mask, scores, _MASKED)
+        mask = jnp.tile(mask.reshape(-1, len_q, mask.shape[-1]), (1, groups, 1))  # [1 or B, G*Lq, Lk]
+        scores = jnp.where(mask[:, None], scores, _MASKED)
     # The row max only shifts the exponent, so no gradient flows through it; normalising the
     # [.., Lq, D] output instead of the [.., Lq, Lk] probabilities saves a pass over the scores.
     row_max = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
@@ -55,9 +56,10 @@ def attend(q, k, v, mask, *, sm_scale=None):
     out = jnp.einsum("bhqk,bhkd->bhqd", unnormalised.astype(v.dtype), v, preferred_element_type=jnp.float32)
     out = out / denom
     if mask is not None:  # a query that sees no key outputs zeros
-        out = jnp.where(jnp.any(mask, axis=-1)[:, None], out, 0.0)
+        out = jnp.where(jnp.any(mask, axis=-1)[:, None, :, None], out, 0.0)
     out = out.reshape(batch, heads_kv, groups, len_q, head_dim).transpose(0, 3, 1, 2, 4)
     return out.reshape(batch, len_q, heads_q, head_dim).astype(q.dtype)
+
 
 def dot_product_attention(q, k, v, *, causal=True, sm_scale=None):
     """Reference attention, [B, Lq, Hq, D] (CONTRACTS §3); the float32 softmax is kept whole."""

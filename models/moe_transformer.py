@@ -41,12 +41,12 @@ class Period(nn.Module):
     cfg: MoEConfig
 
     @nn.compact
-    def __call__(self, x, cache, start):
+    def __call__(self, x, cache, start, key_mask=None):
         new_cache = []
         for i in range(self.cfg.moe_every):
             block = MoEBlock if i == self.cfg.moe_every - 1 else transformer.Block
             x, layer_cache = block(self.cfg, name=f"block_{i}")(x, None if cache is None else jax.tree.map(
-                lambda c: c[i], cache), start)
+                lambda c: c[i], cache), start, key_mask)
             new_cache.append(layer_cache)
         return x, None if cache is None else jax.tree.map(lambda *c: jnp.stack(c), *new_cache)
 

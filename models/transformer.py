@@ -9,7 +9,8 @@ query head h reads kv head h // (num_heads // num_kv_heads). Decoding keeps a ca
 values, [layers, B, max_len, Hkv, Dh], filled `start` positions deep; `decode` runs T new tokens
 against it and returns the same logits the full forward pass gives at those positions.
 `attention_impl` picks the full pass's attention: the XLA reference or the Pallas flash kernels;
-cached decoding always uses the reference's masked core (a few queries against the cache).
+cached decoding always uses the reference's masked core (a few queries against the cache), and so does
+a pass with a key mask (bool[B, keys]: False hides a key, e.g. left padding, from every query).
 """
 
 import dataclasses
@@ -62,7 +63,7 @@ class Attention(nn.Module):
     cfg: TransformerConfig
 
     @nn.compact
-    def __call__(self, x, start, layer_cache):  # x [B, T, D]; start: positions already cached
+    def __call__(self, x, start, layer_cache, key_mask=None):  # x [B, T, D]; start: positions already cached
         cfg, dtype = self.cfg, self.cfg.compute_dtype
         tokens = x.reshape(-1, x.shape[-1])  # [B*T, D]: 2-D matmuls are XLA:CPU's fastest
 
@@ -77,13 +78,18 @@ class Attention(nn.Module):
         positions = start + jnp.arange(x.shape[1])
         if cfg.positional == "rope":
             q, k = layers.apply_rope(q, positions, cfg.rope_theta), layers.apply_rope(k, positions, cfg.rope_theta)
-        if layer_cache is None:
+        if layer_cache is None and key_mask is None:
             out = attention.causal_attention(q, k, v, cfg.attention_impl)
+        elif layer_cache is None:
+            mask = attention.causal_mask(x.shape[1], x.shape[1])[None] & key_mask[:, None, :]
+            out = attention.attend(q, k, v, mask)
         else:
             k_all = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(layer_cache["k"].dtype), start, 1)
             v_all = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype), start, 1)
             layer_cache = {"k": k_all, "v": v_all}
             mask = attention.causal_mask(x.shape[1], k_all.shape[1], q_offset=start)
+            if key_mask is not None:
+                mask = mask[None] & key_mask[:, None, :]
             out = attention.attend(q, k_all.astype(dtype), v_all.astype(dtype), mask)
         out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_heads", None))
         w_out = self.param("out", nn.with_logical_partitioning(
@@ -94,7 +100,7 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """x += Attn(norm(x)); x += Mlp(norm(x)). Signature fits nn.scan: (carry, per-layer xs, broadcast)."""
+    """x += Attn(norm(x)); x += Mlp(norm(x)). Signature fits nn.scan: (carry, per-layer xs, broadcasts)."""
 
     cfg: TransformerConfig
 
@@ -104,10 +110,10 @@ class Block(nn.Module):
         return layers.Mlp(cfg.d_mlp, cfg.activation, cfg.mlp_bias, cfg.compute_dtype, name="mlp")
 
     @nn.compact
-    def __call__(self, x, layer_cache, start):
+    def __call__(self, x, layer_cache, start, key_mask=None):
         cfg, dtype = self.cfg, self.cfg.compute_dtype
         h, layer_cache = Attention(cfg, name="attention")(layers.Norm(cfg.norm, dtype, "attention_norm")(x),
-                                                          start, layer_cache)
+                                                          start, layer_cache, key_mask)
         x = x + h
         x = x + self.feed_forward()(layers.Norm(cfg.norm, dtype, "mlp_norm")(x))
         x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
@@ -131,7 +137,7 @@ class Transformer(nn.Module):
         cfg = self.cfg
         if cfg.remat != "none":
             unit = nn.remat(unit, policy=layers.remat_policy(cfg.remat), prevent_cse=False)
-        return nn.scan(unit, variable_axes=variable_axes, split_rngs={"params": True}, in_axes=(0, nn.broadcast),
+        return nn.scan(unit, variable_axes=variable_axes, split_rngs={"params": True}, in_axes=(0, nn.broadcast, nn.broadcast),
                        length=length, unroll=cfg.scan_unroll, metadata_params={nn.PARTITION_NAME: "layers"})(
                            cfg, name="layers")
 
@@ -142,9 +148,10 @@ class Transformer(nn.Module):
             x = layers.add_positions(x, self.position_embedding, start)
         return nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
 
-    def hidden(self, x, cache=None, start=0):
-        """Runs the stack over embeddings x [B, T, D]; returns (final-norm hidden [B, T, D], cache)."""
-        x, cache = self.layers(x, cache, start)
+    def hidden(self, x, cache=None, start=0, key_mask=None):
+        """Runs the stack over embeddings x [B, T, D]; returns (final-norm hidden [B, T, D], cache).
+        key_mask: None, or bool[B, keys] (T keys, or the cache's length when decoding)."""
+        x, cache = self.layers(x, cache, start, key_mask)
         return self.final_norm(x), cache
 
     def logits(self, h):

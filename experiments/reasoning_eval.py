@@ -1,0 +1,31 @@
+"""Answer accuracy of a finished reasoning run (`data.name = prosqa | prontoqa`) by batched generation.
+
+The model reads each left-padded question (and `<bot>`, its thoughts and `<eot>` for Coconut), then
+generates greedily; an answer counts when the words between `###` and `<eos>` equal the problem's answer.
+Unlike the trainer's teacher-forced evaluation, chain of thought here runs on the model's own steps.
+"""
+
+import jax.numpy as jnp
+import numpy as np
+
+import data as datasets
+from data import reasoning
+from experiments import restore
+from models import coconut
+
+
+def evaluate(config, workdir: str, split: str = "test", batch_size: int = 250) -> dict[str, float]:
+    """{"accuracy", "tokens" (language tokens generated per answer, <eos> included), "thoughts"} on `split`."""
+    model, variables = restore.load_variables(config, workdir)
+    problems = datasets.reasoning_problems(config.data, config.seed)
+    geo = datasets.reasoning_geometry(config.data, problems)
+    vocab = datasets.GENERATORS[config.data.name].VOCABULARY
+    prompts = reasoning.prompts(problems[split], vocab, geo, config.data.method)
+    num_thoughts = config.model.max_thoughts if config.data.method == "coconut" else 0
+    generated = []
+    for start in range(0, len(prompts), batch_size):
+        generated.append(np.asarray(coconut.generate(
+            model, variables, jnp.asarray(prompts[start:start + batch_size]), num_thoughts=num_thoughts,
+            num_tokens=geo.row_len - geo.question_len)))
+    result = reasoning.score(np.concatenate(generated), problems[split], vocab)
+    return {**result, "thoughts": float(num_thoughts)}

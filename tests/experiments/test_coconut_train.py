@@ -1,0 +1,69 @@
+"""Coconut through the shared trainer: the curriculum's stages, optimizer resets, resume mid-curriculum,
+and answer accuracy by batched generation."""
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from data import reasoning as R
+from experiments import checkpointing, metrics_writer, reasoning_eval, restore, trainer
+from experiments.configs import coconut_prosqa
+
+
+def tiny_config(steps: int, variant: str = "coconut"):
+    """4 batches per epoch, 1 epoch per stage: stages 0, 1 start at steps 0, 4; the last (2) at step 8."""
+    config = coconut_prosqa.get_config(variant)
+    config.model.update(d_model=32, num_layers=2, num_heads=2, d_mlp=64)
+    config.data.update(train_examples=32, eval_examples=8, test_examples=8, last_stage=2, epochs_per_stage=1,
+                       min_hops=2, max_hops=2, branches=1, batch_size=8, eval_batch_size=8)
+    config.train.update(steps=steps, log_every=1, eval_every=0, checkpoint_every=4)
+    config.optimizer.update(warmup_steps=0)
+    config.mesh.update(data=-1)
+    return config
+
+
+def by_step(workdir):
+    return {e["step"]: e for e in metrics_writer.read(str(workdir)) if e["split"] == "train"}
+
+
+def adam_counts(workdir, step):
+    """Every `count` leaf of the optimizer state in checkpoint `step` (steps since the last reset)."""
+    restored = checkpointing.manager(str(workdir), keep=1, async_save=False).restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    opt_state = restored.state["opt_state"]
+    counts = [np.asarray(leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]
+              if "count" in jax.tree_util.keystr(path)]
+    return counts, int(np.asarray(restored.state["stage"]))
+
+
+def test_curriculum_resets_the_optimizer_and_resumes_mid_curriculum(tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    trainer.train_and_evaluate(tiny_config(10), str(straight), verbose=False)
+    stages = [by_step(straight)[s]["stage"] for s in range(1, 11)]
+    assert stages == [0] * 4 + [1] * 4 + [2] * 2
+    counts, stage = adam_counts(straight, 10)
+    assert stage == 2 and counts and all(int(c) == 2 for c in counts)  # reset at step 8: 2 updates since
+    counts, stage = adam_counts(straight, 8)
+    assert stage == 1 and all(int(c) == 4 for c in counts)  # saved after stage 1's 4 steps
+
+    trainer.train_and_evaluate(tiny_config(8), str(resumed), verbose=False)  # stops at the stage boundary
+    trainer.train_and_evaluate(tiny_config(10), str(resumed), verbose=False)  # resumes: stage 2, fresh Adam
+    a, b = by_step(straight), by_step(resumed)
+    for step in range(1, 11):
+        np.testing.assert_allclose(b[step]["loss"], a[step]["loss"], rtol=1e-6, err_msg=f"step {step}")
+
+    config = restore.load_config(str(straight))
+    assert config.model.bot_position > 0 and config.model.max_thoughts == 2
+    result = reasoning_eval.evaluate(config, str(straight), batch_size=3)  # 8 problems in batches of 3, 3, 2
+    assert 0.0 <= result["accuracy"] <= 1.0 and result["thoughts"] == 2.0
+    assert 1.0 <= result["tokens"] <= 8.0
+
+
+def test_chain_of_thought_has_no_curriculum_and_no_thoughts(tmp_path):
+    trainer.train_and_evaluate(tiny_config(3, "cot"), str(tmp_path), verbose=False)
+    assert [by_step(tmp_path)[s]["stage"] for s in (1, 2, 3)] == [0, 0, 0]
+    config = restore.load_config(str(tmp_path))
+    assert config.model.max_thoughts == 0
+    result = reasoning_eval.evaluate(config, str(tmp_path))
+    assert result["thoughts"] == 0.0 and 0.0 <= result["accuracy"] <= 1.0
+    assert R.SPECIALS[R.BOT] == "<bot>"
