@@ -73,7 +73,7 @@ class ReasoningConfig:
     eval_examples: int = 500
     test_examples: int = 500
     batch_size: int = 64
-    eval_batch_size: int = 500
+    eval_batch_size: int = -1  # -1: each evaluation set in one batch
 
 
 @dataclasses.dataclass(frozen=True)

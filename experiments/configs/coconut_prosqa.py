@@ -26,7 +26,7 @@ def get_config(arg=None):
     config.data.update(method={"nocot": "nocot", "cot": "cot"}.get(variant, "coconut"),
                        curriculum=variant != "coconut_flat", last_stage=3, thoughts_per_step=1, epochs_per_stage=1,
                        min_hops=2, max_hops=3, branches=1, train_examples=10_000, eval_examples=500,
-                       test_examples=500, batch_size=32, eval_batch_size=500)
+                       test_examples=500, batch_size=32, eval_batch_size=-1)
     # 312 batches per epoch: stages 0-2 take 1 epoch each (936 steps), the last stage (3 thoughts) the rest.
     config.train.update(steps=2_500, log_every=100, eval_every=500, checkpoint_every=500)
     config.optimizer.update(lr=1e-3, b1=0.9, b2=0.98, weight_decay=0.01, schedule="constant", warmup_steps=100,

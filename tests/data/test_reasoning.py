@@ -131,8 +131,9 @@ def test_score_reads_the_answer_between_marker_and_eos():
     assert result["tokens"] == pytest.approx((4 + 3 + 5) / 3)
 
 
-def test_loader_fills_the_model_layout_and_a_curriculum_of_stages():
-    config = base.get_config("coconut", "prosqa")
+@pytest.mark.parametrize("name", ["prosqa", "prontoqa"])
+def test_loader_fills_the_model_layout_and_a_curriculum_of_stages(name):
+    config = base.get_config("coconut", name)
     config.data.update(train_examples=64, eval_examples=8, test_examples=8, last_stage=3, thoughts_per_step=2)
     splits = datasets.load(config.data, seed=0)
     assert len(splits.stages) == 4 and splits.model_keys["max_thoughts"] == 6
