@@ -144,6 +144,7 @@ def _splits_like(config):
     class Splits:
         vocab_size = config.data.p + 1
         seq_len = 3
+        model_keys = {}
     return Splits
 
 
