@@ -119,8 +119,8 @@ def train_step(state: TrainState, batch, *, schedule):
 
     (_, (loss, aux, written)), (grads, probe_grads) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
         state.params, probes)
-    metrics = {"loss": loss, **aux, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step), "stage": state.stage,
-               **_flat_metrics(written.get("metrics", {})), **_flat_metrics(probe_grads)}
+    metrics = {"loss": loss, **aux, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step),
+               "stage": state.stage, **_flat_metrics(written.get("metrics", {})), **_flat_metrics(probe_grads)}
     new_model_state = {**{k: written[k] for k in model_state}, **({models.PROBES: probes} if probes else {})}
     return state.apply_gradients(grads=grads, model_state=new_model_state), metrics
 
