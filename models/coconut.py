@@ -124,8 +124,8 @@ def generate(model: Coconut, variables, prompt, *, num_thoughts: int, num_tokens
     if num_thoughts:
         def thought(carry, i):
             h_prev, cache = carry
-            x = embed(jnp.full((batch, 1), cfg.thought_token, jnp.int32), position + i)
-            x = h_prev.astype(x.dtype) if cfg.thoughts == "latent" else x
+            thought_tokens = jnp.full((batch, 1), cfg.thought_token, jnp.int32)
+            x = apply(h_prev, embed(thought_tokens, position + i), thought_tokens, method=Coconut.feed_back)
             return run(x, cache, position + i), None
 
         (h_last, cache), _ = jax.lax.scan(thought, (h_last, cache), jnp.arange(num_thoughts))

@@ -137,9 +137,9 @@ class Transformer(nn.Module):
         cfg = self.cfg
         if cfg.remat != "none":
             unit = nn.remat(unit, policy=layers.remat_policy(cfg.remat), prevent_cse=False)
-        return nn.scan(unit, variable_axes=variable_axes, split_rngs={"params": True}, in_axes=(0, nn.broadcast, nn.broadcast),
-                       length=length, unroll=cfg.scan_unroll, metadata_params={nn.PARTITION_NAME: "layers"})(
-                           cfg, name="layers")
+        return nn.scan(unit, variable_axes=variable_axes, split_rngs={"params": True},
+                       in_axes=(0, nn.broadcast, nn.broadcast), length=length, unroll=cfg.scan_unroll,
+                       metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
 
     def embed_tokens(self, tokens, start=0):
         """int32[B, T] -> [B, T, D] input embeddings of tokens at positions start..start+T-1."""
