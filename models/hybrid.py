@@ -3,7 +3,12 @@
     x_0 = E[tokens]
     S layer:  x += Mamba2(norm(x))                               (models/mamba2.py)
     A layer:  x += Attn(norm(x)); x += Mlp(norm(x))              (models/transformer.Block, RoPE)
+    C layer:  x += conv_W(norm(x)) W_o                           (short depthwise causal conv, width conv_width)
     logits = norm(x_L) U
+
+The C layer is the short convolution Zoology (Arora et al. 2023) puts in front of every mixer on MQAR:
+it hands each position its few predecessors, the "previous token" half of an induction circuit that a
+pure attention stack must otherwise discover by itself (pattern "CA" = attention with it).
 
 `layer_pattern` ("S", "SSSA", ...) is one period of layers, repeated num_layers / len(pattern)
 times with `nn.scan`. Decoding keeps, per layer, a constant-size state for S layers (conv inputs and
@@ -27,7 +32,7 @@ class HybridConfig:
     max_len: int = 0  # 0: the dataset's sequence length (bounds the KV cache of attention layers)
     d_model: int = 128
     num_layers: int = 4
-    layer_pattern: str = "SSSA"  # S: Mamba-2 layer, A: attention + MLP block; one period, repeated
+    layer_pattern: str = "SSSA"  # S: Mamba-2, A: attention + MLP block, C: short conv; one period, repeated
     # Mamba-2 layers (paper defaults: expand 2, head_dim 64, state 128, conv 4)
     expand: int = 2
     ssm_head_dim: int = 64
@@ -88,6 +93,33 @@ class MambaLayer(nn.Module):
         return x, None if fresh else state
 
 
+class ShortConvLayer(nn.Module):
+    """x += conv_W(norm(x)) W_o, with the last W-1 normed inputs as its state; None in means a fresh start."""
+
+    cfg: HybridConfig
+
+    @nn.compact
+    def __call__(self, x, state, start):
+        del start
+        cfg, dtype = self.cfg, x.dtype
+        fresh = state is None
+        if fresh:
+            state = init_short_conv_state(cfg, x.shape[0], dtype)
+        kernel = self.param("conv_kernel", nn.with_logical_partitioning(
+            nn.initializers.normal(cfg.conv_width**-0.5), (None, "embed")), (cfg.conv_width, cfg.d_model))
+        bias = self.param("conv_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), (cfg.d_model,))
+        h, conv_state = mamba2.causal_conv(layers.Norm(cfg.norm, dtype, "norm")(x), state["conv"],
+                                           kernel.astype(dtype), bias.astype(dtype))
+        w_out = self.param("out_proj", layers.dense_init(None, "embed"), (cfg.d_model, cfg.d_model))
+        x = x + (h.reshape(-1, cfg.d_model) @ w_out.astype(dtype)).reshape(x.shape)
+        x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+        return x, None if fresh else {"conv": conv_state.astype(state["conv"].dtype)}
+
+
+def init_short_conv_state(cfg: HybridConfig, batch: int, dtype=jnp.float32) -> dict:
+    return {"conv": jnp.zeros((batch, cfg.conv_width - 1, cfg.d_model), dtype)}
+
+
 class Period(nn.Module):
     """One period of the layer pattern; the signature fits nn.scan: (x, per-period caches, start)."""
 
@@ -100,6 +132,8 @@ class Period(nn.Module):
             cache = None if caches is None else caches[str(i)]
             if kind == "S":
                 x, cache = MambaLayer(self.cfg, name=f"layer_{i}_ssm")(x, cache, start)
+            elif kind == "C":
+                x, cache = ShortConvLayer(self.cfg, name=f"layer_{i}_conv")(x, cache, start)
             else:
                 x, cache = transformer.Block(self.cfg.attention(), name=f"layer_{i}_attention")(x, cache, start)
             new_caches[str(i)] = cache
@@ -144,13 +178,15 @@ class HybridLM(nn.Module):
 
 
 def init_cache(cfg: HybridConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict:
-    """Per pattern position i, stacked over periods: Mamba state for S, a KV cache for A."""
+    """Per pattern position i, stacked over periods: Mamba state for S, the last inputs for C, a KV cache for A."""
     periods = cfg.num_layers // len(cfg.layer_pattern)
     attention = cfg.attention()
     cache = {}
     for i, kind in enumerate(cfg.layer_pattern):
         if kind == "S":
             one = mamba2.init_state(cfg.mamba(), batch, dtype)
+        elif kind == "C":
+            one = init_short_conv_state(cfg, batch, dtype)
         else:
             shape = (batch, max_len, attention.kv_heads, attention.head_size)
             one = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
@@ -162,8 +198,9 @@ def validate(m) -> list[str]:
     """Problems with a `ssd` / `hybrid` config.model, as one-line messages."""
     p = []
     pattern = m.layer_pattern
-    if not pattern or set(pattern) - {"S", "A"}:
-        p.append(f"model.layer_pattern={pattern!r} must be a non-empty string of S (Mamba-2) and A (attention)")
+    if not pattern or set(pattern) - {"S", "A", "C"}:
+        p.append(f"model.layer_pattern={pattern!r} must be a non-empty string of S (Mamba-2), A (attention) "
+                 "and C (short conv)")
     elif m.num_layers % len(pattern):
         p.append(f"model.num_layers={m.num_layers} must be a multiple of len(model.layer_pattern={pattern!r})")
     for key in ("d_model", "num_layers", "expand", "ssm_head_dim", "ssm_state", "ssm_groups", "conv_width",

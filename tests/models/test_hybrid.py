@@ -23,8 +23,9 @@ def make(pattern, num_layers, **overrides):
     return cfg, model, params, tokens
 
 
-@pytest.mark.parametrize("pattern,num_layers", [("S", 2), ("SA", 2), ("SSSA", 4), ("AS", 2)])
-@pytest.mark.parametrize("impl", ["chunked", "associative_scan"])
+@pytest.mark.parametrize("pattern,num_layers,impl", [
+    *[(p, n, impl) for p, n in [("S", 2), ("SA", 2), ("SSSA", 4), ("AS", 2)] for impl in ("chunked", "associative_scan")],
+    ("CSA", 3, "chunked"), ("CA", 4, "chunked")])
 def test_decode_equals_the_full_pass(pattern, num_layers, impl):
     cfg, model, params, tokens = make(pattern, num_layers, ssd_impl=impl)
     full = jax.jit(lambda p, t: model.apply({"params": p}, t))(params, tokens)
@@ -37,8 +38,11 @@ def test_decode_equals_the_full_pass(pattern, num_layers, impl):
         logits, cache = decode(params, tokens[:, t:t + 1], cache, t)
         pieces.append(logits)
     np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), full, rtol=1e-4, atol=1e-4)
-    ssm_state = cache["0"]["ssm"] if pattern[0] == "S" else cache["1"]["ssm"]
-    chex.assert_shape(ssm_state, (num_layers // len(pattern), 2, 4, 16, 8))  # constant in the length
+    for i, kind in enumerate(pattern):  # every state is constant in the length but the KV cache
+        if kind == "S":
+            chex.assert_shape(cache[str(i)]["ssm"], (num_layers // len(pattern), 2, 4, 16, 8))
+        if kind == "C":
+            chex.assert_shape(cache[str(i)]["conv"], (num_layers // len(pattern), 2, 3, 32))
 
 
 def test_causal_conv_matches_a_loop():
@@ -51,6 +55,21 @@ def test_causal_conv_matches_a_loop():
         expected = bias + sum(kernel[k] * padded[:, t + k] for k in range(4))
         np.testing.assert_allclose(out[:, t], expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(last, padded[:, -3:], rtol=1e-6)
+
+
+def test_short_conv_layer_against_numpy():
+    """C layer: x + conv(rmsnorm(x)) W_o, the conv over the current and conv_width - 1 previous positions."""
+    cfg, model, params, tokens = make("C", 1)
+    layer = jax.tree.map(np.asarray, params["periods"]["layer_0_conv"])
+    x = np.asarray(params["embed"]["embedding"])[np.asarray(tokens)].astype(np.float64)  # [B, L, D]
+    normed = x / np.sqrt(np.mean(x**2, axis=-1, keepdims=True) + 1e-6) * layer["norm"]["scale"][0]
+    kernel, bias, w_out = layer["conv_kernel"][0], layer["conv_bias"][0], layer["out_proj"][0]
+    expected = np.empty_like(x)
+    for t in range(x.shape[1]):
+        conv = bias + sum(kernel[3 - j] * normed[:, t - j] for j in range(4) if t - j >= 0)
+        expected[:, t] = x[:, t] + conv @ w_out
+    got = model.apply({"params": params}, tokens, method=lambda m, t: m.periods(m.embed(t), None, 0)[0])
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_parameters_match_the_paper_layout():
@@ -73,7 +92,8 @@ def test_trains_with_the_same_losses_on_one_device_and_a_2x2x2_mesh(name, kernel
         c = make_tiny_lm_config()
         with c.unlocked():
             c.model = dict(hybrid.SSDConfig().__dict__ if name == "ssd" else hybrid.HybridConfig().__dict__)
-        c.model.update(d_model=32, num_layers=2, layer_pattern="S" if name == "ssd" else "SA", ssm_head_dim=16,
+        c.model.update(d_model=32, num_layers=3 if name == "hybrid" else 2,
+                       layer_pattern="S" if name == "ssd" else "CSA", ssm_head_dim=16,
                        ssm_state=8, chunk_size=8 if kernels == "xla" else 16, num_heads=4, num_kv_heads=2, d_mlp=64)
         return c
 
