@@ -53,7 +53,7 @@ class RecallConfig:
     train_examples: int = 20_000
     test_examples: int = 1_000
     batch_size: int = 64
-    eval_batch_size: int = 500
+    eval_batch_size: int = -1  # -1: the test set in one batch
 
 
 @dataclasses.dataclass(frozen=True)

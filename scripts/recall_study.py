@@ -1,15 +1,16 @@
-"""The recall study: transformer vs Mamba-2 (two state sizes) vs hybrid on MQAR over sequence lengths.
+"""The recall study: attention vs Mamba-2 (two state sizes) vs hybrid on MQAR over sequence lengths.
 
-    python scripts/recall_study.py [--out=runs/recall_study] [--lengths=64,128,256] [--steps=2000]
+    python scripts/recall_study.py [--out=runs/recall_study] [--lengths=32,64,128] [--steps=1500]
+        [--variants=attention,ssd_state16,...]
 
-Each run is the shared trainer on `experiments/configs/recall.py` with num_pairs = seq_len / 8, in
-its own workdir under --out (a finished run is not run again). Writes `results.csv`, `recall.png`
-(test accuracy against length, one line per model) and prints a Markdown table.
+Each run is the shared trainer on `experiments/configs/recall.py` with num_pairs = seq_len / 8 and
+fresh examples, in its own workdir under --out (a finished run is read back, not run again). Writes
+`results.csv`, `recall.png` (test accuracy against length, one line per model) and prints a
+Markdown table.
 """
 
 import csv
 import os
-import time
 
 from absl import app, flags
 import flax.linen as nn
@@ -25,15 +26,18 @@ from experiments import metrics_writer, trainer  # noqa: E402
 from experiments.configs import recall  # noqa: E402
 
 _OUT = flags.DEFINE_string("out", "runs/recall_study", "Folder for the runs, results.csv and recall.png.")
-_LENGTHS = flags.DEFINE_list("lengths", ["64", "128", "256"], "Sequence lengths; num_pairs = length / 8.")
-_STEPS = flags.DEFINE_integer("steps", 2000, "Training steps per run.")
+_LENGTHS = flags.DEFINE_list("lengths", ["32", "64", "128"], "Sequence lengths; num_pairs = length / 8.")
+_STEPS = flags.DEFINE_integer("steps", 1500, "Training steps per run.")
 
-VARIANTS = {  # name: (recall config arg, model overrides)
-    "transformer": ("transformer", {}),
-    "ssd, state 16": ("ssd", dict(ssm_state=16)),
-    "ssd, state 64": ("ssd", dict(ssm_state=64)),
-    "hybrid (SA), state 16": ("hybrid", dict(ssm_state=16)),
+VARIANTS = {  # key: (label, recall config arg, model overrides)
+    "attention": ("attention (CA x 2)", "attention", {}),
+    "ssd_state16": ("Mamba-2, state 16", "ssd", dict(ssm_state=16)),
+    "ssd_state64": ("Mamba-2, state 64", "ssd", dict(ssm_state=64)),
+    "hybrid": ("hybrid (SA), state 16", "hybrid", dict(ssm_state=16)),
+    "transformer": ("transformer, no conv", "transformer", {}),
 }
+_VARIANTS = flags.DEFINE_list("variants", ["attention", "ssd_state16", "ssd_state64", "hybrid"],
+                              f"Models to run, of {list(VARIANTS)}.")
 
 
 def parameter_count(config) -> int:
@@ -43,28 +47,30 @@ def parameter_count(config) -> int:
 
 
 def run(variant: str, length: int) -> dict:
-    arg, overrides = VARIANTS[variant]
+    label, arg, overrides = VARIANTS[variant]
     config = recall.get_config(arg)
     config.model.update(vocab_size=config.data.vocab_size, max_len=length, **overrides)
-    config.data.update(seq_len=length, num_pairs=length // 8)
+    config.data.update(seq_len=length, num_pairs=length // 8, train_examples=_STEPS.value * config.data.batch_size)
     config.train.update(steps=_STEPS.value, checkpoint_every=_STEPS.value)
-    workdir = os.path.join(_OUT.value, f"{arg}_state{overrides.get('ssm_state', 0)}_len{length}")
-    start = time.perf_counter()
+    workdir = os.path.join(_OUT.value, f"{variant}_len{length}")
     trainer.train_and_evaluate(config, workdir, devices=jax.devices()[:1], verbose=False)
     evals = [e for e in metrics_writer.read(workdir) if e["split"] == "eval"]
     train = [e for e in metrics_writer.read(workdir) if e["split"] == "train"]
-    return dict(model=variant, length=length, num_pairs=length // 8, params=parameter_count(config),
-                test_accuracy=evals[-1]["accuracy"], train_loss=train[-1]["loss"],
-                seconds=round(time.perf_counter() - start, 1), wall_s=round(train[-1]["wall_s"], 1))
+    return dict(model=label, length=length, num_pairs=length // 8, params=parameter_count(config),
+                test_accuracy=evals[-1]["accuracy"], train_loss=train[-1]["loss"], wall_s=round(train[-1]["wall_s"], 1))
 
 
 def main(argv):
     del argv
     os.makedirs(_OUT.value, exist_ok=True)
     lengths = [int(n) for n in _LENGTHS.value]
+    unknown = sorted(set(_VARIANTS.value) - set(VARIANTS))
+    if unknown:
+        raise app.UsageError(f"--variants={','.join(unknown)}: not among {list(VARIANTS)}")
+    labels = [VARIANTS[v][0] for v in _VARIANTS.value]
     results = []
     for length in lengths:
-        for variant in VARIANTS:
+        for variant in _VARIANTS.value:
             results.append(run(variant, length))
             print(results[-1], flush=True)
     with open(os.path.join(_OUT.value, "results.csv"), "w", newline="") as f:
@@ -72,24 +78,28 @@ def main(argv):
         writer.writeheader()
         writer.writerows(results)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for variant in VARIANTS:
-        rows = [r for r in results if r["model"] == variant]
-        ax.plot([r["length"] for r in rows], [r["test_accuracy"] for r in rows], marker="o",
-                label=f"{variant} ({rows[0]['params']:,} params)")
-    ax.set(xscale="log", xlabel="sequence length (key-value pairs = length / 8)", ylabel="test accuracy",
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    markers = "osD^v<>"
+    for i, label in enumerate(labels):
+        rows = [r for r in results if r["model"] == label]
+        ax.plot([r["length"] for r in rows], [r["test_accuracy"] for r in rows], marker=markers[i % len(markers)],
+                linestyle="--" if i % 2 else "-", label=f"{label} ({rows[0]['params']:,} params)")
+    ax.plot(lengths, [8 / n for n in lengths], color="gray", linestyle=":", label="1 / pairs (a value from the context)")
+    ax.set_xscale("log", base=2)
+    ax.minorticks_off()
+    ax.set_xticks(lengths, [f"{n} ({n // 8} pairs)" for n in lengths])
+    ax.set(xlabel="sequence length (key-value pairs)", ylabel="test accuracy",
            title=f"MQAR after {_STEPS.value} steps", ylim=(0, 1.02))
-    ax.set_xticks(lengths, [str(n) for n in lengths])
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(_OUT.value, "recall.png"), dpi=120)
 
     print("\n| model | params | " + " | ".join(f"L={n} ({n // 8} pairs)" for n in lengths) + " |")
     print("|---|---|" + "---|" * len(lengths))
-    for variant in VARIANTS:
-        row = [r for r in results if r["model"] == variant]
-        print(f"| {variant} | {row[0]['params']:,} | " + " | ".join(f"{r['test_accuracy']:.3f}" for r in row) + " |")
+    for label in labels:
+        row = [r for r in results if r["model"] == label]
+        print(f"| {label} | {row[0]['params']:,} | " + " | ".join(f"{r['test_accuracy']:.3f}" for r in row) + " |")
 
 
 if __name__ == "__main__":

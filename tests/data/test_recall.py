@@ -1,8 +1,13 @@
-"""MQAR examples against a direct reading of the sequence; determinism; config errors."""
+"""MQAR examples against a direct reading of the sequence; determinism; config errors; the study's
+models are valid configs of matched size."""
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import models
 from data import recall
 from experiments import validation
 from experiments.configs import recall as recall_config
@@ -40,3 +45,14 @@ def test_bad_recall_config_is_one_clear_line(override, message):
     with pytest.raises(validation.ConfigError) as info:
         validation.validate(config, 8)
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize("arg", recall_config.MODELS)
+def test_every_recall_model_is_a_valid_config_of_about_the_same_size(arg):
+    config = recall_config.get_config(arg)
+    validation.validate(config, 8)
+    config.model.update(vocab_size=config.data.vocab_size, max_len=config.data.seq_len)
+    model = models.build(config.model)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, config.data.seq_len), jnp.int32))
+    params = sum(x.size for x in jax.tree.leaves(nn.meta.unbox(shapes)))
+    assert 100_000 < params < 145_000, (arg, params)
