@@ -13,7 +13,6 @@ forward + backward (gradients of the parameters and the input), jitted, on this 
 default device; the median of --repeats calls after a warm-up. Ratios are against the dense FFN.
 """
 
-import functools
 import time
 
 from absl import app, flags
