@@ -1,7 +1,7 @@
 """The recall study: attention vs Mamba-2 (two state sizes) vs hybrid on MQAR over sequence lengths.
 
     python scripts/recall_study.py [--out=runs/recall_study] [--lengths=32,64,128] [--steps=1500]
-        [--variants=attention,ssd_state16,...]
+        [--variants=attention,ssd_state16,...]   (all five by default)
 
 Each run is the shared trainer on `experiments/configs/recall.py` with num_pairs = seq_len / 8 and
 fresh examples, in its own workdir under --out (a finished run is read back, not run again). Writes
@@ -36,8 +36,7 @@ VARIANTS = {  # key: (label, recall config arg, model overrides)
     "hybrid": ("hybrid (SA), state 16", "hybrid", dict(ssm_state=16)),
     "transformer": ("transformer, no conv", "transformer", {}),
 }
-_VARIANTS = flags.DEFINE_list("variants", ["attention", "ssd_state16", "ssd_state64", "hybrid"],
-                              f"Models to run, of {list(VARIANTS)}.")
+_VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), f"Models to run, of {list(VARIANTS)}.")
 
 
 def parameter_count(config) -> int:
