@@ -16,6 +16,10 @@ Flax collections the trainer understands, besides "params" (trained by gradients
   (when the collection is mutable), kept in the train state and checkpointed.
 """
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
 from models import coconut, deq_transformer, hybrid, moe_transformer, transformer
 
 SOWN = ("losses", "metrics")  # written by every training forward pass, not kept
@@ -35,3 +39,9 @@ def build(model_config):
     """ConfigDict `config.model` -> a Flax module (`init` / `apply`)."""
     module, config_cls, _ = MODELS[model_config.name]
     return module(config_cls(**model_config.to_dict()))
+
+
+def parameter_count(model_config, seq_len: int) -> int:
+    """Trained parameters ("params") of `config.model`, from shapes only (nothing is allocated)."""
+    shapes = jax.eval_shape(build(model_config).init, jax.random.key(0), jax.ShapeDtypeStruct((1, seq_len), jnp.int32))
+    return sum(x.size for x in jax.tree.leaves(nn.meta.unbox(shapes["params"])))

@@ -18,10 +18,8 @@ import tempfile
 import time
 
 from absl import app, flags
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import models
 from experiments import losses, trainer
@@ -63,12 +61,6 @@ def train(config) -> dict:
     return {"val_loss": result["eval"]["loss"], "seconds": seconds, "train": result["train"]}
 
 
-def count_params(config) -> int:
-    model = models.build(config.model)
-    shapes = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 64), jnp.int32))["params"]
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(shapes))))
-
-
 def main(argv):
     del argv
     print("## Backward memory of one DEQ LM gradient (compiled temporaries, MiB)\n")
@@ -106,7 +98,7 @@ def main(argv):
         last = result["train"]
         deq_cells = (f"{last['forward_iterations']:.1f} | {last['forward_residual']:.3g} | "
                      f"{last.get('backward_iterations', float('nan')):.1f}") if "forward_iterations" in last else "- | - | -"
-        print(f"| {name} | {count_params(config):,} | {config.train.steps} | {result['val_loss']:.3f} | "
+        print(f"| {name} | {models.parameter_count(config.model, 64):,} | {config.train.steps} | {result['val_loss']:.3f} | "
               f"{last['loss']:.3f} | {deq_cells} | {result['seconds']:.0f} |", flush=True)
 
 

@@ -13,9 +13,7 @@ import csv
 import os
 
 from absl import app, flags
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import matplotlib
 
 matplotlib.use("Agg")
@@ -39,12 +37,6 @@ VARIANTS = {  # key: (label, recall config arg, model overrides)
 _VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), f"Models to run, of {list(VARIANTS)}.")
 
 
-def parameter_count(config) -> int:
-    model = models.build(config.model)
-    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, config.data.seq_len), jnp.int32))
-    return sum(x.size for x in jax.tree.leaves(nn.meta.unbox(shapes)))
-
-
 def run(variant: str, length: int) -> dict:
     label, arg, overrides = VARIANTS[variant]
     config = recall.get_config(arg)
@@ -55,8 +47,9 @@ def run(variant: str, length: int) -> dict:
     trainer.train_and_evaluate(config, workdir, devices=jax.devices()[:1], verbose=False)
     evals = [e for e in metrics_writer.read(workdir) if e["split"] == "eval"]
     train = [e for e in metrics_writer.read(workdir) if e["split"] == "train"]
-    return dict(model=label, length=length, num_pairs=length // 8, params=parameter_count(config),
-                test_accuracy=evals[-1]["accuracy"], train_loss=train[-1]["loss"], wall_s=round(train[-1]["wall_s"], 1))
+    return dict(model=label, length=length, num_pairs=length // 8,
+                params=models.parameter_count(config.model, length), test_accuracy=evals[-1]["accuracy"],
+                train_loss=train[-1]["loss"], wall_s=round(train[-1]["wall_s"], 1))
 
 
 def main(argv):

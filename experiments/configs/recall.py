@@ -3,7 +3,7 @@
     python -m experiments.train --config=experiments/configs/recall.py:ssd --workdir=runs/recall_ssd \
         --config.data.seq_len=128 --config.data.num_pairs=16 --config.model.ssm_state=64
 
-arg, sized to 108-139k parameters with vocabulary 256 (embeddings included):
+arg, sized to 110-140k parameters with vocabulary 256 (embeddings included):
   attention    Zoology's attention baseline: short conv, attention, short conv, attention
                (hybrid pattern "CA" x 2; width 64, 4 heads, MLP 256)
   transformer  the same two attention blocks without the short convs (models/transformer.py)
@@ -22,8 +22,7 @@ def get_config(arg=None):
     name = arg or "attention"
     if name not in MODELS:
         raise ValueError(f"recall config argument {arg!r} is not one of {list(MODELS)}")
-    config = base.get_config("transformer" if name == "transformer" else "hybrid" if name == "attention" else name,
-                             "recall")
+    config = base.get_config("hybrid" if name == "attention" else name, "recall")  # CA x 2 is a hybrid pattern
     attention = dict(d_model=64, num_heads=4, d_mlp=256, activation="gelu", norm="rmsnorm")
     if name == "transformer":
         config.model.update(num_layers=2, positional="rope", **attention)
