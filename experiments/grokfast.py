@@ -5,7 +5,7 @@ its slow component is amplified before the optimizer sees them.
     mu_t = alpha mu_{t-1} + (1 - alpha) g_t          (mu_0 = g_0, the paper's initialisation)
     g'_t = g_t + lambda mu_t
 
-Chained in front of AdamW by `optimizer.grokfast_lambda > 0` (`experiments/optimizers.py`); the
+Chained in front of the optimizer by `optimizer.grokfast.lamb > 0` (`experiments/optimizers.py`); the
 paper's setting for modular arithmetic is alpha 0.98, lambda 2.
 """
 

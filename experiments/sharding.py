@@ -1,11 +1,16 @@
-"""Where arrays live: the device mesh, and the one table mapping logical axis names to mesh axes.
+"""Where arrays live: the mesh axes, and the one table mapping logical axis names to them.
 
-Parameters carry logical names (models/*.py); `LOGICAL_AXIS_RULES` maps each to a mesh axis or to
-None (replicated). FSDP shards parameters' `embed` dimension over `fsdp`; tensor parallelism splits
-heads, MLP and vocabulary over `tensor`; batches split over (`data`, `fsdp`, `expert`); experts over
-`expert`, so an expert-parallel mesh is also data-parallel outside the MoE layers.
+Every mesh-axis name lives in this file. Parameters and activations carry logical names (models/*.py);
+`LOGICAL_AXIS_RULES` maps each to mesh axes or to None (replicated). FSDP shards parameters' `embed`
+dimension over `fsdp`; tensor parallelism splits heads, MLP and vocabulary over `tensor`; batches split
+over (`data`, `fsdp`, `expert`); experts over `expert`, so an expert-parallel mesh is also data-parallel
+outside the MoE layers. Code that needs mesh axes inside a model or kernel (a `shard_map` spec) derives
+them from logical names through these rules, which `use_mesh` makes active
+(`nn.logical_to_mesh_axes`; kernels_pallas/on_mesh.py).
 """
 
+import contextlib
+import dataclasses
 import math
 
 import flax.linen as nn
@@ -13,7 +18,21 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from experiments.validation import MESH_AXES, ConfigError
+from models.config_fields import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """`config.mesh`: one size per axis; -1 takes all devices left over (at most one axis)."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    expert: int = 1
+
+
+MESH_AXES = tuple(f.name for f in dataclasses.fields(MeshConfig))
+BATCH_AXES = ("data", "fsdp", "expert")  # expert shards hold different tokens too (expert parallelism)
 
 LOGICAL_AXIS_RULES = (
     # parameters
@@ -26,23 +45,50 @@ LOGICAL_AXIS_RULES = (
     ("head_dim", None),
     ("layers", None),
     # activations
-    ("activation_batch", ("data", "fsdp", "expert")),
+    ("activation_batch", BATCH_AXES),
     ("activation_length", None),
     ("activation_embed", None),
     ("activation_heads", "tensor"),
     ("activation_mlp", "tensor"),
 )
 
-BATCH_AXES = ("data", "fsdp", "expert")  # expert shards hold different tokens too (expert parallelism)
+
+def mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
+    """Sizes of MESH_AXES with -1 resolved; ConfigError if they do not fit the devices."""
+    sizes = [mesh_config[a] for a in MESH_AXES]
+    spec = ", ".join(f"{a}={s}" for a, s in zip(MESH_AXES, sizes))
+    if any(s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
+        raise ConfigError(f"mesh ({spec}) is invalid: sizes are >= 1, with at most one -1 (all devices left over)")
+    fixed = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if num_devices % fixed:
+            raise ConfigError(f"mesh ({spec}) does not fit {num_devices} devices: {fixed} does not divide {num_devices}")
+        sizes[sizes.index(-1)] = num_devices // fixed
+    elif fixed != num_devices:
+        raise ConfigError(f"mesh ({spec}) has {fixed} devices but {num_devices} are available; "
+                          f"make the product {num_devices} or set one axis to -1")
+    return tuple(sizes)
+
+
+def batch_shards_of(shape: tuple[int, ...]) -> int:
+    """How many slices a global batch is split into on a mesh of this shape (sizes of MESH_AXES)."""
+    return math.prod(size for axis, size in zip(MESH_AXES, shape) if axis in BATCH_AXES)
 
 
 def make_mesh(shape: tuple[int, ...], devices) -> Mesh:
-    """A mesh with axes (data, fsdp, tensor, expert) of the given sizes over `devices`."""
+    """A mesh with MESH_AXES of the given sizes over `devices`."""
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh):
+    """The mesh and the logical axis rules, active together (what models and kernels read)."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+        yield
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (batch) dimension split over data, fsdp and expert; the rest replicated."""
+    """Leading (batch) dimension split over the batch axes; the rest replicated."""
     return NamedSharding(mesh, P(BATCH_AXES))
 
 

@@ -94,7 +94,7 @@ def _flat_metrics(tree, prefix="") -> dict:
 def abstract_state_and_shardings(init_fn, rng, mesh):
     """(abstract train state, its NamedShardings by the logical rules); ConfigError if a dimension
     does not divide over its mesh axes. Nothing is computed."""
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+    with sharding.use_mesh(mesh):
         boxed_state = jax.eval_shape(init_fn, rng)
     state_shardings = sharding.logical_shardings(boxed_state, mesh)
     abstract_state = nn.meta.unbox(boxed_state)
@@ -185,6 +185,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
     mesh_shape = validation.validate(config, len(devices), jax.process_count())
     splits = datasets.load(config.data, seed=config.seed)
     config = resolve(config, splits)
+    validation.validate_resolved(config)
 
     # 2. Set up the mesh.
     mesh = sharding.make_mesh(mesh_shape, devices)
@@ -222,7 +223,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
 
     # 4. Restore the latest checkpoint, or initialise.
     ckpt = checkpointing.manager(workdir, config.train.keep_checkpoints)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+    with sharding.use_mesh(mesh):
         state = checkpointing.restore_latest(
             ckpt, checkpointing.abstract_like(abstract_state, state_shardings), train_iter)
         resumed = state is not None

@@ -17,6 +17,7 @@ counts as never): confusion (train never), memorisation (train, test never), gro
 than `grokking_gap` steps after train), comprehension (test within `grokking_gap` steps of train).
 """
 
+import dataclasses
 import functools
 import itertools
 import time
@@ -50,13 +51,18 @@ def train_masks(p: int, op: str, members) -> np.ndarray:
 
 
 def _optimizer(opt, lr, weight_decay, total_steps):
-    """(AdamW with injectable lr / weight decay, then the schedule's shape; the shape)."""
+    """(the table's optimizer with injectable lr / weight decay, then the schedule's shape; the shape)."""
     shape_of_schedule = opt.copy_and_resolve_references()
     shape_of_schedule.lr = 1.0
     schedule = optimizers.learning_rate_schedule(shape_of_schedule, total_steps)
-    adamw = optax.inject_hyperparams(optax.adamw)(learning_rate=lr, b1=opt.b1, b2=opt.b2, eps=opt.eps,
-                                                  weight_decay=weight_decay)
-    return optax.chain(adamw, optax.scale_by_schedule(schedule)), schedule
+    keys_cls, make = optimizers.OPTIMIZERS[opt.name]
+    keys = keys_cls(**opt[opt.name])
+
+    def factory(learning_rate, weight_decay):  # the table's optimizer with both as per-member hyperparameters
+        return make(learning_rate, dataclasses.replace(keys, weight_decay=weight_decay))
+
+    tx = optax.inject_hyperparams(factory)(learning_rate=lr, weight_decay=weight_decay)
+    return optax.chain(tx, optax.scale_by_schedule(schedule)), schedule
 
 
 def init_states(config, members, inputs, total_steps: int):

@@ -2,18 +2,25 @@
 
 `pallas_call` has no SPMD partitioning rule: under `jit` on a mesh, XLA would gather its sharded
 inputs onto every device. Attention and the SSD are independent across batch rows and heads, so
-the models call the kernels through `jax.shard_map`: batch split over the mesh's batch axes
-(data, fsdp, expert) and, for attention, heads over `tensor`, each shard running the kernel on its
-own slice. Without a mesh (or on one device) the kernel runs directly.
+the models call the kernels through `jax.shard_map`: batch rows split like the `activation_batch`
+logical axis and, for attention, heads like `activation_heads`, each shard running the kernel on its
+own slice. Mesh axes are derived from those logical names through the active logical axis rules
+(experiments/sharding.py owns them and `sharding.use_mesh` activates them); without a mesh, on one
+device, or without rules, the kernel runs directly on the whole arrays.
 """
 
 import math
 
+import flax.linen as nn
 import jax
 from jax.sharding import PartitionSpec as P
 
-BATCH_AXES = ("data", "fsdp", "expert")
-HEAD_AXIS = "tensor"
+
+def mesh_axes(logical: str, mesh) -> tuple[str, ...]:
+    """The axes of `mesh` (of size > 1) that the active logical axis rules map `logical` to."""
+    spec = nn.logical_to_mesh_axes((logical,))[0]
+    axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
+    return tuple(a for a in axes if mesh.shape.get(a, 1) > 1)
 
 
 def _divides(mesh, axes, size):
@@ -23,18 +30,17 @@ def _divides(mesh, axes, size):
 def per_shard(kernel, *arrays, split_heads=False, num_outputs=1):
     """kernel(*arrays), each array [B, ...] split over batch per shard.
 
-    split_heads: every array and output is [B, L, H, ...]; heads are split over `tensor` too when
-    every array's head count divides by its size (else they stay whole on each shard).
+    split_heads: every array and output is [B, L, H, ...]; heads are split too when every array's head
+    count divides by the head axes' size (else they stay whole on each shard).
     num_outputs: how many arrays the kernel returns (a tuple when more than one).
     """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return kernel(*arrays)
-    batch = tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1)
+    batch = mesh_axes("activation_batch", mesh)
     batch = batch if batch and _divides(mesh, batch, arrays[0].shape[0]) else None
-    heads = None
-    if split_heads and mesh.shape.get(HEAD_AXIS, 1) > 1 and all(_divides(mesh, (HEAD_AXIS,), t.shape[2]) for t in arrays):
-        heads = HEAD_AXIS
+    heads = mesh_axes("activation_heads", mesh) if split_heads else ()
+    heads = heads if heads and all(_divides(mesh, heads, t.shape[2]) for t in arrays) else None
     spec = P(batch, None, heads) if heads else P(batch)
     out_specs = spec if num_outputs == 1 else (spec,) * num_outputs
     return jax.shard_map(kernel, in_specs=(spec,) * len(arrays), out_specs=out_specs, check_vma=False)(*arrays)

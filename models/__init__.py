@@ -1,14 +1,15 @@
-"""Model families: pure functional Flax Linen modules (`init` / `apply`).
+"""Model families: pure functional Flax Linen modules (`init` / `apply`) over one LM skeleton (models/lm.py).
 
 `MODELS` is the one name -> (module, config dataclass, validate) table the trainer reads
-`config.model.name` from. The config dataclass lists every key of `config.model` for that family,
-with its default; validate(config.model) returns its problems as one-line messages.
+`config.model.name` from. The config dataclass lists every key of `config.model` for that family, with
+its default and its valid values (models/config_fields.py); validate(config.model) returns the
+cross-field problems as one-line messages.
 Every module has `__call__(tokens) -> logits`, `decode(tokens, cache, start)` and `init_cache(batch, max_len)`.
 
 Flax collections the trainer understands, besides "params" (trained by gradients):
 - "losses": auxiliary loss terms a module sows (`self.sow("losses", name, value)`); the trainer adds
   their sum to the training loss and logs it as `aux_loss`.
-- "metrics": per-step statistics a module sows; logged under their path ("layers/moe/max_violation/0",
+- "metrics": per-step statistics a module sows; logged under their path ("layers/block_0/moe/max_violation/0",
   one entry per element of a sown array).
 - "probes": zero-valued variables whose cotangents carry statistics of a custom backward pass (the
   DEQ's adjoint solve); the trainer differentiates with respect to them and logs the cotangents.
@@ -41,7 +42,9 @@ def build(model_config):
     return module(config_cls(**model_config.to_dict()))
 
 
-def parameter_count(model_config, seq_len: int) -> int:
-    """Trained parameters ("params") of `config.model`, from shapes only (nothing is allocated)."""
+def parameter_count(model_config, seq_len: int, *, exclude: tuple[str, ...] = ()) -> int:
+    """Trained parameters ("params") of `config.model`, from shapes only (nothing is allocated); `exclude`
+    leaves out the top-level parameter groups it names (e.g. ("embed", "unembed", "position_embedding"))."""
     shapes = jax.eval_shape(build(model_config).init, jax.random.key(0), jax.ShapeDtypeStruct((1, seq_len), jnp.int32))
-    return sum(x.size for x in jax.tree.leaves(nn.meta.unbox(shapes["params"])))
+    params = {k: v for k, v in nn.meta.unbox(shapes["params"]).items() if k not in exclude}
+    return sum(x.size for x in jax.tree.leaves(params))

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from models import transformer
+from models.config_fields import field
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,25 +36,20 @@ class CoconutConfig(transformer.TransformerConfig):
     """The transformer's keys and the layout's; -1 means "from the data" (`data/reasoning.py`)."""
 
     name: str = "coconut"
-    thoughts: str = "latent"  # latent (continuous thoughts) | pause (<thought> embedded as a token)
-    bot_position: int = -1  # where <bot> sits in every row
-    max_thoughts: int = -1  # K: positions after <bot> run one at a time (0: a plain causal pass)
-    thought_token: int = -1
-    pad_token: int = -1
-    eot_token: int = -1
+    attention_impl: str = field("xla", choices=("xla",))  # padded keys are masked: only the xla attention can
+    thoughts: str = field("latent", choices=("latent", "pause"))  # latent (continuous thoughts) | pause tokens
+    bot_position: int = field(-1, min=-1)  # where <bot> sits in every row
+    max_thoughts: int = field(-1, min=-1)  # K: positions after <bot> run one at a time (0: a plain causal pass)
+    thought_token: int = field(-1, min=-1)
+    pad_token: int = field(-1, min=-1)
+    eot_token: int = field(-1, min=-1)
 
 
 class Coconut(nn.Module):
     cfg: CoconutConfig
 
     def setup(self):
-        cfg = self.cfg
-        unresolved = [k for k in ("bot_position", "max_thoughts", "thought_token", "pad_token", "eot_token")
-                      if getattr(cfg, k) < 0]
-        if unresolved:
-            raise ValueError(f"model.{unresolved[0]}=-1 was not filled in: train on a reasoning dataset "
-                             "(data.name = prosqa | prontoqa) or set it")
-        self.transformer = transformer.Transformer(cfg)
+        self.transformer = transformer.Transformer(self.cfg)
 
     def embed(self, tokens, start=0):
         return self.transformer.embed_tokens(tokens, start)
@@ -79,10 +75,7 @@ class Coconut(nn.Module):
         if cfg.max_thoughts == 0:
             return self.logits(self.run(x, None, 0, key_mask)[0])
         first, last = cfg.bot_position + 1, cfg.bot_position + 1 + cfg.max_thoughts  # the thought segment
-        if last > tokens.shape[1]:
-            raise ValueError(f"model.bot_position={cfg.bot_position} + model.max_thoughts={cfg.max_thoughts} + 1 "
-                             f"exceeds the row length {tokens.shape[1]}")
-        cache = transformer.init_cache(cfg, tokens.shape[0], tokens.shape[1], cfg.compute_dtype)
+        cache = self.transformer.init_cache(tokens.shape[0], tokens.shape[1], cfg.compute_dtype)
         h_prefix, cache = self.run(x[:, :first], cache, 0, key_mask)
 
         def thought_step(model, carry, position):
@@ -102,7 +95,7 @@ class Coconut(nn.Module):
         return self.transformer.decode(tokens, cache, start)
 
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32):
-        return transformer.init_cache(self.cfg, batch, max_len, dtype)
+        return transformer.Transformer(self.cfg, parent=None).init_cache(batch, max_len, dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "num_thoughts", "num_tokens"))
@@ -144,14 +137,10 @@ def generate(model: Coconut, variables, prompt, *, num_thoughts: int, num_tokens
 
 
 def validate(m) -> list[str]:
-    """Problems with a Coconut config.model, as one-line messages."""
+    """Cross-field problems of a Coconut config.model (each key's range is declared with it; layout keys left
+    at -1 are refused once the data has had its say, by experiments/validation.py)."""
     p = transformer.validate(m)
-    if m.thoughts not in ("latent", "pause"):
-        p.append(f"model.thoughts={m.thoughts!r} is not one of ['latent', 'pause']")
-    if m.attention_impl != "xla":
-        p.append(f"model.attention_impl={m.attention_impl!r}: Coconut masks padded keys, which only the xla "
-                 "attention supports; use 'xla'")
-    for key in ("bot_position", "max_thoughts", "thought_token", "pad_token", "eot_token"):
-        if m[key] < -1:
-            p.append(f"model.{key}={m[key]} must be >= 0 (or -1: from the data)")
+    if m.max_len and m.bot_position >= 0 and m.max_thoughts > 0 and m.bot_position + 1 + m.max_thoughts > m.max_len:
+        p.append(f"model.bot_position={m.bot_position} + model.max_thoughts={m.max_thoughts} + 1 exceeds the row "
+                 f"length model.max_len={m.max_len}")
     return p

@@ -32,7 +32,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models import deq, deq_stabilisers, layers, transformer
+from models import blocks, deq, deq_stabilisers, layers, lm, transformer
+from models.config_fields import field
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,32 +41,32 @@ class DEQConfig(transformer.TransformerConfig):
     """The transformer's keys (num_layers: blocks inside the cell) and the solver's."""
 
     name: str = "deq"
-    num_layers: int = 1
-    solver: str = "anderson"  # fixed_point | anderson | broyden
-    tol: float = 1e-3  # relative residual ||f(z) - z|| / ||f(z)||
-    max_iter: int = 12
-    backward: str = "implicit"  # implicit | phantom | unroll
-    backward_max_iter: int = 12
-    phantom_steps: int = 5
-    weight_normalisation: str = "none"  # none | spectral | weight
-    jacobian_weight: float = 0.0  # 0: no Jacobian regularisation
-    jacobian_frequency: float = 1.0  # fraction of training steps that compute it
+    num_layers: int = field(1, min=1)
+    remat: str = field("none", choices=("none",))  # a DEQ keeps no per-iteration activations
+    solver: str = field("anderson", choices=deq.SOLVERS)  # fixed_point | anderson | broyden
+    tol: float = field(1e-3, above=0)  # relative residual ||f(z) - z|| / ||f(z)||
+    max_iter: int = field(12, min=1)
+    backward: str = field("implicit", choices=deq.BACKWARDS)  # implicit | phantom | unroll
+    backward_max_iter: int = field(12, min=1)
+    phantom_steps: int = field(5, min=1)
+    weight_normalisation: str = field("none", choices=deq_stabilisers.NORMALISATIONS)  # none | spectral | weight
+    jacobian_weight: float = field(0.0, min=0)  # 0: no Jacobian regularisation
+    jacobian_frequency: float = field(1.0, min=0, max=1)  # fraction of training steps that compute it
 
 
 class Cell(nn.Module):
-    """f(z; x) = norm_f(Blocks(z + x) - z), with each block's KV cache when decoding."""
+    """f(z; x) = norm_f(Blocks(z + x) - z), with each block's cache (keyed by block name) when decoding."""
 
     cfg: DEQConfig
 
     @nn.compact
     def __call__(self, z, x, cache, start):
-        h, new_cache = z + x, []
+        h, new_cache = z + x, {}
         for i in range(self.cfg.num_layers):
-            layer_cache = None if cache is None else jax.tree.map(lambda c: c[i], cache)
-            h, layer_cache = transformer.Block(self.cfg, name=f"block_{i}")(h, layer_cache, start)
-            new_cache.append(layer_cache)
+            name = f"block_{i}"
+            h, new_cache[name] = blocks.Block(self.cfg, name=name)(h, None if cache is None else cache[name], start)
         h = layers.Norm(self.cfg.norm, self.cfg.compute_dtype, "cell_norm")(h - z)
-        return h, None if cache is None else jax.tree.map(lambda *c: jnp.stack(c), *new_cache)
+        return h, None if cache is None else new_cache
 
 
 class WeightNormGains(nn.Module):
@@ -76,29 +77,22 @@ class WeightNormGains(nn.Module):
         return self.param("gains", lambda _: deq_stabilisers.column_norms(params))
 
 
-class DEQTransformer(nn.Module):
+class DEQTransformer(lm.LM):
     cfg: DEQConfig
 
+    def unit(self):
+        return None  # no stack: the cell is iterated to its fixed point
+
     def setup(self):
-        cfg, dtype = self.cfg, self.cfg.compute_dtype
-        self.embed = layers.token_embedding(cfg.vocab_size, cfg.d_model, dtype)
-        if cfg.positional == "learned":
-            self.position_embedding = layers.learned_positions(self, cfg.max_len, cfg.d_model)
+        super().setup()
+        cfg = self.cfg
         self.cell = Cell(cfg, name="cell")
         if cfg.weight_normalisation == "weight":
             self.weight_norm = WeightNormGains(name="weight_norm")
         if cfg.backward == "implicit" and (self.has_variable("probes", "backward_iterations")
                                            or self.is_mutable_collection("probes")):
             self.probes = [self.variable("probes", f"backward_{name}", jnp.zeros, ()) for name in ("iterations", "residual")]
-        self.injection_norm = layers.Norm(cfg.norm, dtype, "injection_norm")
-        self.final_norm = layers.Norm(cfg.norm, dtype, "final_norm")
-        self.unembed = None if cfg.tie_embeddings else layers.unembedding(cfg.vocab_size, dtype)
-
-    def _inject(self, tokens, start):
-        x = self.embed(tokens)
-        if self.cfg.positional == "learned":
-            x = layers.add_positions(x, self.position_embedding, start)
-        return nn.with_logical_constraint(self.injection_norm(x), ("activation_batch", "activation_length", "activation_embed"))
+        self.injection_norm = layers.Norm(cfg.norm, cfg.compute_dtype, "injection_norm")
 
     def _cell_params(self, x, cache, start):
         """The cell's parameters as a plain tree (created on first use), normalised as configured."""
@@ -140,43 +134,25 @@ class DEQTransformer(nn.Module):
         self.sow("metrics", "jacobian_frobenius_sq", estimate)
         self.sow("losses", "jacobian", cfg.jacobian_weight * estimate)
 
-    def logits(self, h):
-        return layers.vocab_logits(self.final_norm(h), self.embed, self.unembed)
-
-    def __call__(self, tokens):
-        """int32[B, L] -> float32 logits [B, L, V]."""
-        x = self._inject(tokens, 0)
-        z, params = self._equilibrium(x)
-        if self.cfg.jacobian_weight > 0 and self.has_rng("dropout") and self.is_mutable_collection("losses"):
-            self._jacobian_penalty(z, params, x)
-        return self.logits(z)
-
-    def decode(self, tokens, cache, start):
-        """Tokens int32[B, T] at positions start.. against the KV cache of the solved prefix; (logits, cache)."""
-        x = self._inject(tokens, start)
+    def hidden(self, x, cache=None, start=0, key_mask=None):
+        """The fixed point z* of the cell for embeddings x [B, T, D], final-normed; with a cache, also the
+        cache's keys and values at the new positions' fixed point."""
+        if key_mask is not None:
+            raise ValueError("the DEQ takes no key mask")
+        x = self.injection_norm(x)
         z, params = self._equilibrium(x, cache, start)
-        _, cache = Cell(self.cfg, parent=None).apply({"params": params}, z, x, cache, start)
-        return self.logits(z), cache
+        if cache is None and self.cfg.jacobian_weight > 0 and self.has_rng("dropout") \
+                and self.is_mutable_collection("losses"):
+            self._jacobian_penalty(z, params, x)
+        if cache is not None:
+            _, cache = Cell(self.cfg, parent=None).apply({"params": params}, z, x, cache, start)
+        return self.final_norm(z), cache
 
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32):
-        return transformer.init_cache(self.cfg, batch, max_len, dtype)
+        """Each cell block's attention cache, keyed by block name."""
+        return {f"block_{i}": blocks.Block.init_cache(self.cfg, batch, max_len, dtype) for i in range(self.cfg.num_layers)}
 
 
 def validate(m) -> list[str]:
-    """Problems with a DEQ config.model, as one-line messages."""
-    p = transformer.validate(m)
-    for key, choices in (("solver", deq.SOLVERS), ("backward", deq.BACKWARDS),
-                         ("weight_normalisation", deq_stabilisers.NORMALISATIONS)):
-        if m[key] not in choices:
-            p.append(f"model.{key}={m[key]!r} is not one of {list(choices)}")
-    for key in ("max_iter", "backward_max_iter", "phantom_steps"):
-        if m[key] < 1:
-            p.append(f"model.{key}={m[key]} must be >= 1")
-    if not m.tol > 0:
-        p.append(f"model.tol={m.tol} must be > 0")
-    if m.jacobian_weight < 0 or not 0 <= m.jacobian_frequency <= 1:
-        p.append(f"model.jacobian_weight={m.jacobian_weight} must be >= 0 and model.jacobian_frequency="
-                 f"{m.jacobian_frequency} in [0, 1]")
-    if m.remat != "none":
-        p.append(f"model.remat={m.remat!r}: a DEQ keeps no per-iteration activations; use 'none'")
-    return p
+    """Cross-field problems of a DEQ config.model (each key's range is declared with it)."""
+    return transformer.validate(m)

@@ -5,7 +5,7 @@
     dt         = clip(softplus(dt + dt_bias), dt_limit)       [B, L, H]
     A          = -exp(A_log)                                  [H]
     y, H_L     = SSD(x * dt, A * dt, B, C; H_0)               (models/ssd.py)
-    out        = out_proj(rmsnorm(y + D * x) * silu(z)) * w)  (the gated RMSNorm)
+    out        = out_proj(rmsnorm_G((y + D * x) * silu(z)) * w)   (the gated RMSNorm, per group of channels)
 
 `__call__(u, state)` runs any number of new positions after a state
 {"conv": the last width-1 conv inputs [B, W-1, conv_dim], "ssm": H [B, heads, P, N]} and returns the
@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import kernels_pallas
 from kernels_pallas import on_mesh
 from models import layers, ssd
+from models.config_fields import field
 
 
 def _pallas_chunked(x, a, b, c, *, chunk_size, initial_state):
@@ -54,43 +55,45 @@ def chunk_size_for_backend() -> int:
 
 
 @dataclasses.dataclass(frozen=True)
-class Mamba2Config:
-    d_model: int
-    expand: int = 2
-    head_dim: int = 64  # P
-    state: int = 128  # N
-    groups: int = 1  # G: heads share B and C within a group
-    conv_width: int = 4
-    chunk_size: int = 0  # 0: the backend's best measured (scripts/bench_ssd.py), CHUNK_SIZES
-    ssd_impl: str = "chunked"  # chunked | associative_scan | sequential
-    dt_min: float = 1e-3  # dt at initialisation is log-uniform in [dt_min, dt_max], at least dt_floor
-    dt_max: float = 0.1
-    dt_floor: float = 1e-4
-    dt_limit_min: float = 0.0  # dt is clipped to [dt_limit_min, dt_limit_max] in every forward pass
-    dt_limit_max: float = float("inf")
-    a_init_min: float = 1.0  # A = -exp(A_log) starts uniform in -[a_init_min, a_init_max]
-    a_init_max: float = 16.0
-    dtype: str = "float32"
+class Mamba2Options:
+    """The Mamba-2 keys of a config.model (mixed into the families that have Mamba-2 layers, which
+    supply d_model and dtype)."""
+
+    expand: int = field(2, min=1)  # d_inner = expand * d_model
+    ssm_head_dim: int = field(64, min=1)  # P
+    ssm_state: int = field(128, min=1)  # N
+    ssm_groups: int = field(1, min=1)  # G: heads share B and C within a group
+    conv_width: int = field(4, min=1)
+    chunk_size: int = field(0, min=0)  # 0: the backend's best measured (scripts/bench_ssd.py), CHUNK_SIZES
+    ssd_impl: str = field("chunked", choices=tuple(SSD_IMPLS))  # chunked | associative_scan | sequential | pallas
+    dt_min: float = field(1e-3, above=0)  # dt at initialisation is log-uniform in [dt_min, dt_max], >= dt_floor
+    dt_max: float = field(0.1, above=0)
+    dt_floor: float = field(1e-4, min=0)
+    dt_limit_min: float = field(0.0, min=0)  # dt is clipped to [dt_limit_min, dt_limit_max] in every forward pass
+    dt_limit_max: float = field(float("inf"), above=0)
+    a_init_min: float = field(1.0, above=0)  # A = -exp(A_log) starts uniform in -[a_init_min, a_init_max]
+    a_init_max: float = field(16.0, above=0)
+    ssm_norm_eps: float = field(1e-5, above=0)  # the gated RMSNorm's epsilon (mamba_ssm's default)
 
     @property
     def d_inner(self) -> int:
         return self.expand * self.d_model
 
     @property
-    def heads(self) -> int:
-        return self.d_inner // self.head_dim
+    def ssm_heads(self) -> int:
+        return self.d_inner // self.ssm_head_dim
 
     @property
     def conv_dim(self) -> int:
-        return self.d_inner + 2 * self.groups * self.state
+        return self.d_inner + 2 * self.ssm_groups * self.ssm_state
 
 
-def init_state(cfg: Mamba2Config, batch: int, dtype=jnp.float32) -> dict:
+def init_state(cfg: Mamba2Options, batch: int, dtype=jnp.float32) -> dict:
     return {"conv": jnp.zeros((batch, cfg.conv_width - 1, cfg.conv_dim), dtype),
-            "ssm": jnp.zeros((batch, cfg.heads, cfg.head_dim, cfg.state), jnp.float32)}
+            "ssm": jnp.zeros((batch, cfg.ssm_heads, cfg.ssm_head_dim, cfg.ssm_state), jnp.float32)}
 
 
-def _dt_bias_init(cfg: Mamba2Config):
+def _dt_bias_init(cfg: Mamba2Options):
     def init(key, shape, dtype=jnp.float32):
         log_dt = jax.random.uniform(key, shape, dtype, math.log(cfg.dt_min), math.log(cfg.dt_max))
         dt = jnp.maximum(jnp.exp(log_dt), cfg.dt_floor)
@@ -98,7 +101,7 @@ def _dt_bias_init(cfg: Mamba2Config):
     return init
 
 
-def _a_log_init(cfg: Mamba2Config):
+def _a_log_init(cfg: Mamba2Options):
     def init(key, shape, dtype=jnp.float32):
         return jnp.log(jax.random.uniform(key, shape, dtype, cfg.a_init_min, cfg.a_init_max))
     return init
@@ -114,16 +117,25 @@ def causal_conv(inputs, previous, kernel, bias):
     return out, padded[:, length:]
 
 
+def gated_rms_norm(y, z, scale, groups: int, eps: float):
+    """mamba_ssm's RMSNormGated (norm after the gate): g = y * silu(z), normalised over each of `groups`
+    equal slices of the channels, g / sqrt(mean_slice(g^2) + eps) * scale; y, z [B, L, C], scale [C]."""
+    gated = y * nn.silu(z)
+    grouped = gated.reshape(*gated.shape[:-1], groups, -1)
+    variance = jnp.mean(jnp.square(grouped.astype(jnp.float32)), axis=-1, keepdims=True)
+    return (grouped * jax.lax.rsqrt(variance + eps).astype(gated.dtype)).reshape(gated.shape) * scale
+
+
 class Mamba2(nn.Module):
-    cfg: Mamba2Config
+    cfg: Mamba2Options
 
     @nn.compact
     def __call__(self, u, state):  # u [B, L, D]; state: init_state(...) or the previous call's
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
         batch, length, _ = u.shape
-        groups_state = cfg.groups * cfg.state
+        groups_state = cfg.ssm_groups * cfg.ssm_state
         w_in = self.param("in_proj", layers.dense_init("embed", None), (u.shape[-1], 2 * cfg.d_inner + 2 * groups_state
-                                                                    + cfg.heads))
+                                                                    + cfg.ssm_heads))
         projected = (u.reshape(-1, u.shape[-1]) @ w_in.astype(dtype)).reshape(batch, length, -1)
         z, xbc, dt = jnp.split(projected, [cfg.d_inner, cfg.d_inner + cfg.conv_dim], axis=-1)
 
@@ -133,15 +145,15 @@ class Mamba2(nn.Module):
         xbc, conv_state = causal_conv(xbc, state["conv"], conv_kernel.astype(dtype), conv_bias.astype(dtype))
         x, b, c = jnp.split(nn.silu(xbc), [cfg.d_inner, cfg.d_inner + groups_state], axis=-1)
 
-        dt_bias = self.param("dt_bias", nn.with_logical_partitioning(_dt_bias_init(cfg), (None,)), (cfg.heads,))
-        a_log = self.param("A_log", nn.with_logical_partitioning(_a_log_init(cfg), (None,)), (cfg.heads,))
-        skip = self.param("D", nn.with_logical_partitioning(nn.initializers.ones, (None,)), (cfg.heads,))
+        dt_bias = self.param("dt_bias", nn.with_logical_partitioning(_dt_bias_init(cfg), (None,)), (cfg.ssm_heads,))
+        a_log = self.param("A_log", nn.with_logical_partitioning(_a_log_init(cfg), (None,)), (cfg.ssm_heads,))
+        skip = self.param("D", nn.with_logical_partitioning(nn.initializers.ones, (None,)), (cfg.ssm_heads,))
         dt = jnp.clip(jax.nn.softplus(dt.astype(jnp.float32) + dt_bias), cfg.dt_limit_min, cfg.dt_limit_max)
         a = -jnp.exp(a_log)  # [H]
 
-        x = x.reshape(batch, length, cfg.heads, cfg.head_dim).astype(jnp.float32)
-        b = b.reshape(batch, length, cfg.groups, cfg.state)
-        c = c.reshape(batch, length, cfg.groups, cfg.state)
+        x = x.reshape(batch, length, cfg.ssm_heads, cfg.ssm_head_dim).astype(jnp.float32)
+        b = b.reshape(batch, length, cfg.ssm_groups, cfg.ssm_state)
+        c = c.reshape(batch, length, cfg.ssm_groups, cfg.ssm_state)
         impl = "sequential" if length == 1 else cfg.ssd_impl  # one decoding step: the recurrence itself
         scan = SSD_IMPLS[impl]
         if impl in ("chunked", "pallas"):
@@ -149,10 +161,8 @@ class Mamba2(nn.Module):
         y, ssm_state = scan(x * dt[..., None], a * dt, b, c, initial_state=state["ssm"])
         y = (y + skip[:, None] * x).reshape(batch, length, cfg.d_inner).astype(dtype)
 
-        gated = y * nn.silu(z)
         norm_scale = self.param("norm", nn.with_logical_partitioning(nn.initializers.ones, (None,)), (cfg.d_inner,))
-        variance = jnp.mean(jnp.square(gated.astype(jnp.float32)), axis=-1, keepdims=True)
-        normed = (gated * jax.lax.rsqrt(variance + 1e-6).astype(dtype)) * norm_scale.astype(dtype)
+        normed = gated_rms_norm(y, z, norm_scale.astype(dtype), cfg.ssm_groups, cfg.ssm_norm_eps)
 
         w_out = self.param("out_proj", layers.dense_init(None, "embed"), (cfg.d_inner, u.shape[-1]))
         out = (normed.reshape(-1, cfg.d_inner) @ w_out.astype(dtype)).reshape(batch, length, -1)

@@ -25,23 +25,24 @@ import jax
 import jax.numpy as jnp
 
 from models import layers, moe_dispatch
+from models.config_fields import field
 
 ROUTERS = ("softmax", "sigmoid")
 
 
 @dataclasses.dataclass(frozen=True)
 class MoEOptions:
-    num_experts: int = 8
-    top_k: int = 2
-    d_expert: int = 0  # hidden width of each routed expert; 0: d_mlp (smaller = fine-grained experts)
-    num_shared_experts: int = 1  # always-active experts of width d_expert, run as one SwiGLU
-    router: str = "sigmoid"  # softmax (+ auxiliary loss) | sigmoid (DeepSeek-V3 bias balancing)
+    num_experts: int = field(8, min=1)
+    top_k: int = field(2, min=1)
+    d_expert: int = field(0, min=0)  # hidden width of each routed expert; 0: d_mlp (smaller = fine-grained experts)
+    num_shared_experts: int = field(1, min=0)  # always-active experts of width d_expert, run as one SwiGLU
+    router: str = field("sigmoid", choices=ROUTERS)  # softmax (+ auxiliary loss) | sigmoid (DeepSeek-V3 balancing)
     normalise_gates: bool = True  # softmax router: renormalise the chosen probabilities
-    aux_loss_weight: float = 0.01  # alpha of the softmax router's auxiliary loss
-    balance_loss_weight: float = 1e-4  # alpha of the sigmoid router's sequence-wise loss; 0: off
-    bias_update_rate: float = 1e-3  # gamma of the bias update
-    dispatch: str = "capacity"  # dense | capacity | ragged
-    capacity_factor: float = 0.0  # slots per expert = factor * tokens * k / E per shard; 0: tokens (no drops)
+    aux_loss_weight: float = field(0.01, min=0)  # alpha of the softmax router's auxiliary loss
+    balance_loss_weight: float = field(1e-4, min=0)  # alpha of the sigmoid router's sequence-wise loss; 0: off
+    bias_update_rate: float = field(1e-3, min=0)  # gamma of the bias update
+    dispatch: str = field("capacity", choices=moe_dispatch.DISPATCHES)  # dense | capacity | ragged
+    capacity_factor: float = field(0.0, min=0)  # slots per expert = factor * tokens * k / E per shard; 0: tokens
 
 
 def route_softmax(logits, top_k: int, normalise: bool):
@@ -143,18 +144,7 @@ class MoEFfn(nn.Module):
 
 
 def validate(m) -> list[str]:
-    """Problems with the MoE keys of a config.model."""
-    p = []
-    for key in ("num_experts", "top_k"):
-        if m[key] < 1:
-            p.append(f"model.{key}={m[key]} must be >= 1")
+    """Cross-field problems of the MoE keys of a config.model (each key's range is declared with it)."""
     if m.top_k > m.num_experts:
-        p.append(f"model.top_k={m.top_k} must be <= model.num_experts={m.num_experts}")
-    for key in ("d_expert", "num_shared_experts", "aux_loss_weight", "balance_loss_weight", "bias_update_rate",
-                "capacity_factor"):
-        if m[key] < 0:
-            p.append(f"model.{key}={m[key]} must be >= 0")
-    for key, choices in (("router", ROUTERS), ("dispatch", moe_dispatch.DISPATCHES)):
-        if m[key] not in choices:
-            p.append(f"model.{key}={m[key]!r} is not one of {list(choices)}")
-    return p
+        return [f"model.top_k={m.top_k} must be <= model.num_experts={m.num_experts}"]
+    return []

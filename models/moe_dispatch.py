@@ -21,8 +21,9 @@ weights Wg, Wi [E, D, F], Wo [E, F, D].
   this path on CPU with an emulation of the collective built from all-gathers
   (`exchange=` argument).
 
-Under a mesh (`jax.set_mesh`), `capacity` and `ragged` run inside `jax.shard_map` with tokens split
-over the batch axes (data, fsdp, expert); without one they run on the whole batch as one shard.
+Under a mesh and the logical axis rules (`experiments.sharding.use_mesh`), `capacity` and `ragged` run
+inside `jax.shard_map` with tokens split like the `activation_batch` logical axis and experts like
+`expert`; without them they run on the whole batch as one shard.
 """
 
 import functools
@@ -32,9 +33,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from kernels_pallas import on_mesh
+
 DISPATCHES = ("dense", "capacity", "ragged")
-TOKEN_AXES = ("data", "fsdp", "expert")  # tokens split over these mesh axes inside the MoE layer
-EXPERT_AXIS = "expert"
 
 
 def expert_ffn(x, w_gate, w_in, w_out):
@@ -97,12 +98,12 @@ def _ragged_local(x, experts, gates, w_gate, w_in, w_out):
 
 
 def _mesh_axes():
-    """(mesh, token axes present in it, whether an expert axis > 1 exists); mesh None when unset."""
+    """(mesh, the mesh axes tokens split over, the expert mesh axis or None); mesh None when unset."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
-        return None, (), False
-    axes = tuple(a for a in TOKEN_AXES if a in mesh.shape)
-    return mesh, axes, mesh.shape.get(EXPERT_AXIS, 1) > 1
+        return None, (), None
+    experts = on_mesh.mesh_axes("expert", mesh)
+    return mesh, on_mesh.mesh_axes("activation_batch", mesh), experts[0] if experts else None
 
 
 def capacity_for(tokens_per_shard: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
@@ -115,18 +116,17 @@ def capacity_for(tokens_per_shard: int, top_k: int, num_experts: int, capacity_f
 def capacity(x, experts, gates, weights, *, capacity_factor: float = 0.0):
     """Expert-parallel dispatch with capacity-limited buckets; returns (y [T, D], dropped assignments)."""
     num_experts = weights[0].shape[0]
-    mesh, axes, _ = _mesh_axes()
-    if mesh is None:
+    if _mesh_axes()[0] is None:
         cap = capacity_for(x.shape[0], experts.shape[1], num_experts, capacity_factor)
         return _capacity_local(x, experts, gates, *weights, capacity=cap, num_experts=num_experts, axis=None)
+    mesh, axes, axis = _mesh_axes()
     shards = math.prod(mesh.shape[a] for a in axes)
     cap = capacity_for(x.shape[0] // shards, experts.shape[1], num_experts, capacity_factor)
-    axis = EXPERT_AXIS if EXPERT_AXIS in mesh.shape else None
 
     def local(x, experts, gates, w_gate, w_in, w_out):
         y, dropped = _capacity_local(x, experts, gates, w_gate, w_in, w_out, capacity=cap,
                                      num_experts=num_experts, axis=axis)
-        return y, jax.lax.psum(dropped, axes)
+        return y, jax.lax.psum(dropped, axes) if axes else dropped
 
     weight_spec = P(axis)  # experts split over the expert axis, whole on each of its shards
     return jax.shard_map(local, in_specs=(P(axes),) * 3 + (weight_spec,) * 3, out_specs=(P(axes), P()))(
@@ -142,30 +142,30 @@ def check_ragged_supported(expert_axis_size: int, backend: str) -> str | None:
     return None
 
 
-def _ragged_expert_parallel(x, experts, gates, w_gate, w_in, w_out, *, exchange):
+def _ragged_expert_parallel(x, experts, gates, w_gate, w_in, w_out, *, exchange, axis):
     """One shard's part of `ragged` with experts split over the expert axis (weights [E_local, ...])."""
     tokens, k = experts.shape
-    shards, local_experts = jax.lax.axis_size(EXPERT_AXIS), w_in.shape[0]
-    me = jax.lax.axis_index(EXPERT_AXIS)
+    shards, local_experts = jax.lax.axis_size(axis), w_in.shape[0]
+    me = jax.lax.axis_index(axis)
     flat = experts.reshape(-1)
     order = jnp.argsort(flat, stable=True)  # grouped by expert, hence by the shard holding it
     rows = x[order // k]
     send_sizes = jnp.bincount(flat // local_experts, length=shards).astype(jnp.int32)
-    sizes = jax.lax.all_gather(send_sizes, EXPERT_AXIS)  # [source, destination]
+    sizes = jax.lax.all_gather(send_sizes, axis)  # [source, destination]
     send_offsets = jnp.cumsum(sizes, axis=1) - sizes  # where each chunk starts in its source's rows
     land_offsets = jnp.cumsum(sizes, axis=0) - sizes  # where it lands in its destination's buffer
     capacity = tokens * k * shards  # static bound: every row of every shard to one shard
     received = exchange(rows, jnp.zeros((capacity, x.shape[-1]), x.dtype), send_offsets[me], sizes[me],
-                        land_offsets[me], sizes[:, me], axis_name=EXPERT_AXIS)
+                        land_offsets[me], sizes[:, me], axis_name=axis)
     local_ids = exchange((flat[order] % local_experts)[:, None], jnp.full((capacity, 1), local_experts, jnp.int32),
-                         send_offsets[me], sizes[me], land_offsets[me], sizes[:, me], axis_name=EXPERT_AXIS)[:, 0]
+                         send_offsets[me], sizes[me], land_offsets[me], sizes[:, me], axis_name=axis)[:, 0]
     by_expert = jnp.argsort(local_ids, stable=True)  # empty slots (id = local_experts) last
     group_sizes = jnp.bincount(local_ids, length=local_experts + 1)[:local_experts].astype(jnp.int32)
     xs = received[by_expert]
     h = jax.nn.silu(jax.lax.ragged_dot(xs, w_gate, group_sizes)) * jax.lax.ragged_dot(xs, w_in, group_sizes)
     out = jnp.zeros_like(received).at[by_expert].set(jax.lax.ragged_dot(h, w_out, group_sizes))
     returned = exchange(out, jnp.zeros_like(rows), land_offsets[:, me], sizes[:, me], send_offsets[:, me], sizes[me],
-                        axis_name=EXPERT_AXIS)
+                        axis_name=axis)
     y = jnp.zeros_like(x).at[order // k].add(returned * gates.reshape(-1)[order][:, None])
     return y, jnp.zeros((), jnp.int32)
 
@@ -173,19 +173,19 @@ def _ragged_expert_parallel(x, experts, gates, w_gate, w_in, w_out, *, exchange)
 def ragged(x, experts, gates, weights, *, exchange=None):
     """Dropless grouped-matmul dispatch; returns (y [T, D], 0 dropped). `exchange` replaces
     jax.lax.ragged_all_to_all (the tests' CPU emulation)."""
-    mesh, axes, expert_parallel = _mesh_axes()
+    mesh, axes, axis = _mesh_axes()
     if mesh is None:
         return _ragged_local(x, experts, gates, *weights)
-    if not expert_parallel:
+    if axis is None:
         return jax.shard_map(_ragged_local, in_specs=(P(axes),) * 3 + (P(),) * 3, out_specs=(P(axes), P()))(
             x, experts, gates, *weights)
     if exchange is None:
-        problem = check_ragged_supported(mesh.shape[EXPERT_AXIS], jax.default_backend())
+        problem = check_ragged_supported(mesh.shape[axis], jax.default_backend())
         if problem:
             raise ValueError(problem)
         exchange = jax.lax.ragged_all_to_all
-    local = functools.partial(_ragged_expert_parallel, exchange=exchange)
-    return jax.shard_map(local, in_specs=(P(axes),) * 3 + (P(EXPERT_AXIS),) * 3, out_specs=(P(axes), P()))(
+    local = functools.partial(_ragged_expert_parallel, exchange=exchange, axis=axis)
+    return jax.shard_map(local, in_specs=(P(axes),) * 3 + (P(axis),) * 3, out_specs=(P(axes), P()))(
         x, experts, gates, *weights)
 
 

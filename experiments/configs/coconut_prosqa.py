@@ -29,6 +29,6 @@ def get_config(arg=None):
                        test_examples=500, batch_size=32, eval_batch_size=-1)
     # 312 batches per epoch: stages 0-2 take 1 epoch each (936 steps), the last stage (3 thoughts) the rest.
     config.train.update(steps=2_500, log_every=100, eval_every=500, checkpoint_every=500)
-    config.optimizer.update(lr=1e-3, b1=0.9, b2=0.98, weight_decay=0.01, schedule="constant", warmup_steps=100,
-                            grad_clip=1.0)
+    config.optimizer.update(lr=1e-3, schedule="constant", warmup_steps=100, grad_clip=1.0)
+    config.optimizer.adamw.update(b1=0.9, b2=0.98, weight_decay=0.01)
     return config

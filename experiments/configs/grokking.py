@@ -27,5 +27,6 @@ def get_config(arg=None):
                             else "S", num_heads=4, d_mlp=512, chunk_size=4)
     config.data.update(p=113, op="a+b", train_fraction=0.3, batch_size=-1, eval_batch_size=-1)
     config.train.update(steps=20_000, log_every=100, eval_every=100, checkpoint_every=2_000, plot_log_x=True)
-    config.optimizer.update(lr=1e-3, b1=0.9, b2=0.98, weight_decay=1.0, schedule="constant", warmup_steps=10)
+    config.optimizer.update(lr=1e-3, schedule="constant", warmup_steps=10)
+    config.optimizer.adamw.update(b1=0.9, b2=0.98, weight_decay=1.0)
     return config

@@ -25,7 +25,7 @@ def get_config(arg=None):
     config.data.update(path="../shared/data/tinyshakespeare.txt", tokenizer="byte", seq_len=64, batch_size=16,
                        eval_batch_size=256)
     config.train.update(steps=2000, log_every=100, eval_every=250, checkpoint_every=1000)
-    config.optimizer.update(lr=1e-3, b1=0.9, b2=0.99, weight_decay=0.1, schedule="cosine", warmup_steps=100,
-                            min_lr_ratio=0.1, grad_clip=1.0)
+    config.optimizer.update(lr=1e-3, schedule="cosine", warmup_steps=100, min_lr_ratio=0.1, grad_clip=1.0)
+    config.optimizer.adamw.update(b1=0.9, b2=0.99, weight_decay=0.1)
     config.mesh.update(data=1, expert=-1)
     return config

@@ -34,6 +34,6 @@ def get_config(arg=None):
     config.data.update(seq_len=64, num_pairs=8, vocab_size=256, train_examples=steps * batch, test_examples=1_000,
                        batch_size=batch, eval_batch_size=-1)
     config.train.update(steps=steps, log_every=100, eval_every=500, checkpoint_every=steps)
-    config.optimizer.update(lr=3e-3, b1=0.9, b2=0.98, weight_decay=0.0, schedule="cosine", warmup_steps=100,
-                            min_lr_ratio=0.05, grad_clip=1.0)
+    config.optimizer.update(lr=3e-3, schedule="cosine", warmup_steps=100, min_lr_ratio=0.05, grad_clip=1.0)
+    config.optimizer.adamw.update(b1=0.9, b2=0.98, weight_decay=0.0)
     return config

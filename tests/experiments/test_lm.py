@@ -58,7 +58,7 @@ def _state_bytes_per_device(fsdp: int) -> int:
     config = make_tiny_lm_config()
     config.model.update(d_model=256, d_mlp=1024, num_heads=4, num_kv_heads=4)
     config.mesh.update(data=8 // fsdp, fsdp=fsdp)
-    mesh = sharding.make_mesh(validation.mesh_shape(config.mesh, 8), jax.devices())
+    mesh = sharding.make_mesh(sharding.mesh_shape(config.mesh, 8), jax.devices())
     config.model.update(vocab_size=256, max_len=16)
     model = models.build(config.model)
     tx = optimizers.build(config.optimizer, 10)
@@ -68,7 +68,7 @@ def _state_bytes_per_device(fsdp: int) -> int:
                    in_shardings=(shardings, sharding.batch_sharding(mesh)), donate_argnums=0)
     batch = {k: jax.ShapeDtypeStruct((8, 16), dtype) for k, dtype in
              (("inputs", np.int32), ("targets", np.int32), ("loss_mask", np.float32))}
-    with jax.set_mesh(mesh):
+    with sharding.use_mesh(mesh):
         compiled = step.lower(state, batch).compile()
     batch_bytes = sum(math.prod(b.shape) * 4 for b in batch.values()) // 8  # split over data * fsdp = 8
     return compiled.memory_analysis().argument_size_in_bytes - batch_bytes

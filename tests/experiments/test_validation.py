@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from experiments import trainer, validation
+from experiments import sharding, trainer, validation
 from tests.conftest import make_tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -40,7 +40,7 @@ def _unlocked_set(config, path, value):
     ("model.activation", "tanh", "model.activation='tanh' is not one of"),
     ("model.num_kv_heads", 3, "model.num_kv_heads=3 must divide model.num_heads=4"),
     ("train.steps", 0, "train.steps=0 must be >= 1"),
-    ("optimizer.b2", 1.5, "optimizer.b2=1.5 must lie in [0, 1)"),
+    ("optimizer.adamw.b2", 1.5, "optimizer.adamw.b2=1.5 must be < 1"),
     ("optimizer.lr", -1.0, "optimizer.lr=-1.0 must be > 0"),
     ("data.p", 12, "data.p=12 is not a prime"),
     ("model.name", "mamba7", "model.name='mamba7' is not one of"),
@@ -62,7 +62,7 @@ def test_batch_that_does_not_divide_the_batch_shards(tmp_path):
     config = make_tiny_config()
     config.data.batch_size = 12
     config.mesh.update(data=8)
-    assert "data.batch_size=12 must be -1 (whole split) or a positive multiple of mesh data*fsdp*expert=8" in \
+    assert "data.batch_size=12 must be -1 (whole split) or a positive multiple of the 8 batch shards" in \
         _error(config, tmp_path)
 
 
@@ -75,10 +75,10 @@ def test_parameter_that_does_not_divide_over_its_mesh_axes(tmp_path):
 
 
 def test_mesh_shape_resolution():
-    assert validation.mesh_shape(dict(data=-1, fsdp=2, tensor=2, expert=1), 8) == (2, 2, 2, 1)
-    assert validation.mesh_shape(dict(data=1, fsdp=1, tensor=1, expert=-1), 8) == (1, 1, 1, 8)
+    assert sharding.mesh_shape(dict(data=-1, fsdp=2, tensor=2, expert=1), 8) == (2, 2, 2, 1)
+    assert sharding.mesh_shape(dict(data=1, fsdp=1, tensor=1, expert=-1), 8) == (1, 1, 1, 8)
     with pytest.raises(validation.ConfigError, match="at most one -1"):
-        validation.mesh_shape(dict(data=-1, fsdp=-1, tensor=1, expert=1), 8)
+        sharding.mesh_shape(dict(data=-1, fsdp=-1, tensor=1, expert=1), 8)
 
 
 def _cli(*args):

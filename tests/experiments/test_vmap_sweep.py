@@ -31,7 +31,8 @@ def test_each_vmapped_member_trains_exactly_like_the_trainer_alone():
     for i in (0, 5):  # (seed 0, lr 1e-3, wd 0.1) and (seed 1, lr 1e-3, wd 1.0)
         member = members[i]
         opt = config.optimizer.copy_and_resolve_references()
-        opt.update(lr=member["lr"], weight_decay=member["weight_decay"])
+        opt.update(lr=member["lr"])
+        opt.adamw.update(weight_decay=member["weight_decay"])
         tx = optimizers.build(opt, steps)
         state = nn.meta.unbox(trainer.init_state(model, tx, examples["inputs"][:1], jax.random.PRNGKey(member["seed"])))
         batch = {**examples, "loss_mask": examples["loss_mask"] * masks[i][:, None]}

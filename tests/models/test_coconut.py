@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from data import reasoning as R
+from experiments import validation
+from experiments.configs import base
 from models import coconut
 
 BOT_AT, K, LENGTH, VOCAB = 5, 4, 15, 24
@@ -134,14 +136,16 @@ def test_batched_generation_equals_greedy_full_passes(thoughts):
 
 
 def test_unfilled_layout_keys_and_bad_values_are_refused():
-    cfg = coconut.CoconutConfig(vocab_size=VOCAB, max_len=LENGTH, d_model=32, num_heads=4, d_mlp=32)
-    with pytest.raises(ValueError, match="bot_position=-1"):
-        coconut.Coconut(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, LENGTH), jnp.int32))
-    with pytest.raises(ValueError, match="exceeds the row length"):
-        make_model(max_thoughts=LENGTH).init(jax.random.PRNGKey(0), make_tokens())
-    import ml_collections, dataclasses  # noqa: E401
-    m = ml_collections.ConfigDict(dataclasses.asdict(cfg))
-    m.update(thoughts="words", attention_impl="pallas")
-    problems = coconut.validate(m)
-    assert any("model.thoughts='words'" in p for p in problems)
-    assert any("attention_impl='pallas'" in p for p in problems)
+    """Layout keys the data did not fill in, a thought segment past the row and bad values: one line each,
+    at the config boundary (before anything is built)."""
+    config = base.get_config("coconut", "prosqa")
+    with pytest.raises(validation.ConfigError, match="model.bot_position=-1 was not filled in"):
+        validation.validate_resolved(config)
+    config.model.update(max_len=LENGTH, bot_position=BOT_AT, max_thoughts=LENGTH, thought_token=R.THOUGHT,
+                        pad_token=R.PAD, eot_token=R.EOT)
+    with pytest.raises(validation.ConfigError, match="exceeds the row length model.max_len=%d" % LENGTH):
+        validation.validate_resolved(config)
+    config.model.update(thoughts="words", attention_impl="pallas")
+    with pytest.raises(validation.ConfigError) as info:
+        validation.validate(config, 8)
+    assert "model.thoughts='words' is not one of" in str(info.value) and "model.attention_impl='pallas'" in str(info.value)

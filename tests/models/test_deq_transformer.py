@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import metrics_writer, trainer
+from experiments import metrics_writer, trainer, validation
 from experiments.configs import lm_shakespeare
 from models import deq_stabilisers, deq_transformer
 from tests.conftest import make_tiny_config
@@ -62,12 +62,13 @@ def test_output_is_the_fixed_point_of_plain_iteration(weight_normalisation):
     cfg, model, variables, tokens = _model(tol=1e-6, max_iter=100, weight_normalisation=weight_normalisation)
     logits, written = model.apply(variables, tokens, mutable=["metrics"])
     assert float(written["metrics"]["forward_converged"][0]) == 1.0
-    x = model.apply(variables, tokens, 0, method=model._inject)
+    x = model.apply(variables, tokens, method=lambda m, t: m.injection_norm(m.embed_tokens(t)))
     params = model.apply(variables, x, None, 0, method=model._cell_params)
     z = jnp.zeros_like(x)
     for _ in range(300):  # plain iteration, long enough to converge without acceleration
         z = model._f(z, params, x, None, 0)
-    np.testing.assert_allclose(logits, model.apply(variables, z, method=model.logits), atol=1e-4)
+    np.testing.assert_allclose(logits, model.apply(variables, z, method=lambda m, z: m.logits(m.final_norm(z))),
+                               atol=1e-4)
 
 
 def test_cached_decoding_equals_the_full_pass():
@@ -104,8 +105,9 @@ def test_implicit_gradients_equal_unrolled_ones_and_the_probe_reports_the_adjoin
 def test_bad_deq_keys_are_named():
     config = lm_shakespeare.get_config("deq")
     config.model.update(solver="newton", max_iter=0)
-    problems = deq_transformer.validate(config.model)
-    assert any("model.solver='newton'" in p for p in problems) and any("model.max_iter=0" in p for p in problems)
+    with pytest.raises(validation.ConfigError) as info:
+        validation.validate(config, 8)
+    assert "model.solver='newton' is not one of" in str(info.value) and "model.max_iter=0 must be >= 1" in str(info.value)
 
 
 def test_deq_trains_in_the_trainer_and_logs_solver_statistics(tmp_path):

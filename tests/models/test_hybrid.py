@@ -1,6 +1,8 @@
 """Mamba-2 and hybrid stacks: decoding with the constant-size state equals the full pass, the
 causal conv against a loop, the trainer on a sharded mesh, and config errors."""
 
+import dataclasses
+
 import chex
 import flax.linen as nn
 import jax
@@ -40,9 +42,9 @@ def test_decode_equals_the_full_pass(pattern, num_layers, impl):
     np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), full, rtol=1e-4, atol=1e-4)
     for i, kind in enumerate(pattern):  # every state is constant in the length but the KV cache
         if kind == "S":
-            chex.assert_shape(cache[str(i)]["ssm"], (num_layers // len(pattern), 2, 4, 16, 8))
+            chex.assert_shape(cache[f"layer_{i}_ssm"]["ssm"], (num_layers // len(pattern), 2, 4, 16, 8))
         if kind == "C":
-            chex.assert_shape(cache[str(i)]["conv"], (num_layers // len(pattern), 2, 3, 32))
+            chex.assert_shape(cache[f"layer_{i}_conv"]["conv"], (num_layers // len(pattern), 2, 3, 32))
 
 
 def test_causal_conv_matches_a_loop():
@@ -68,7 +70,7 @@ def test_short_conv_layer_against_numpy():
     for t in range(x.shape[1]):
         conv = bias + sum(kernel[3 - j] * normed[:, t - j] for j in range(4) if t - j >= 0)
         expected[:, t] = x[:, t] + conv @ w_out
-    got = model.apply({"params": params}, tokens, method=lambda m, t: m.periods(m.embed(t), None, 0)[0])
+    got = model.apply({"params": params}, tokens, method=lambda m, t: m.stack(m.embed(t), None, 0, None)[0])
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
@@ -91,7 +93,7 @@ def test_trains_with_the_same_losses_on_one_device_and_a_2x2x2_mesh(name, kernel
     def config():
         c = make_tiny_lm_config()
         with c.unlocked():
-            c.model = dict(hybrid.SSDConfig().__dict__ if name == "ssd" else hybrid.HybridConfig().__dict__)
+            c.model = dataclasses.asdict(hybrid.SSDConfig() if name == "ssd" else hybrid.HybridConfig())
         c.model.update(d_model=32, num_layers=3 if name == "hybrid" else 2,
                        layer_pattern="S" if name == "ssd" else "CSA", ssm_head_dim=16,
                        ssm_state=8, chunk_size=8 if kernels == "xla" else 16, num_heads=4, num_kv_heads=2, d_mlp=64)
@@ -123,7 +125,7 @@ def test_trains_with_the_same_losses_on_one_device_and_a_2x2x2_mesh(name, kernel
 def test_bad_hybrid_config_is_one_clear_line(override, message):
     config = make_tiny_lm_config()
     with config.unlocked():
-        config.model = dict(hybrid.HybridConfig().__dict__)
+        config.model = dataclasses.asdict(hybrid.HybridConfig())
     config.model.update(**override)
     with pytest.raises(validation.ConfigError) as info:
         validation.validate(config, 8)

@@ -68,7 +68,7 @@ def test_dispatch_equals_the_dense_reference(dispatch, mesh_name):
     if shape is None:
         got = _values_and_grads(fn, x, experts, gates, weights)
     else:
-        with jax.set_mesh(sharding.make_mesh(shape, jax.devices())):
+        with sharding.use_mesh(sharding.make_mesh(shape, jax.devices())):
             got = jax.jit(functools.partial(_values_and_grads, fn))(x, experts, gates, weights)
     np.testing.assert_allclose(got[0], expected[0], rtol=1e-5, atol=1e-5)
     assert int(got[1]) == 0
@@ -88,7 +88,7 @@ def test_capacity_overflow_drops_exactly_those_assignments(shape):
     if shape is None:
         got = _values_and_grads(fn, x, experts, gates, weights)
     else:
-        with jax.set_mesh(sharding.make_mesh(shape, jax.devices())):
+        with sharding.use_mesh(sharding.make_mesh(shape, jax.devices())):
             got = jax.jit(functools.partial(_values_and_grads, fn))(x, experts, gates, weights)
     assert int(got[1]) == (~kept).sum()
     np.testing.assert_allclose(got[0], expected[0], rtol=1e-5, atol=1e-5)
@@ -119,7 +119,7 @@ def test_ragged_expert_parallel_exchange_equals_the_dense_reference(shape):
     x, experts, gates, weights = _inputs(tokens=48, top_k=2, seed=4, skew=1.5)
     expected = _values_and_grads(moe_dispatch.dense, x, experts, gates, weights)
     fn = functools.partial(moe_dispatch.ragged, exchange=emulated_ragged_all_to_all)
-    with jax.set_mesh(sharding.make_mesh(shape, jax.devices())):
+    with sharding.use_mesh(sharding.make_mesh(shape, jax.devices())):
         got = jax.jit(functools.partial(_values_and_grads, fn))(x, experts, gates, weights)
     np.testing.assert_allclose(got[0], expected[0], rtol=1e-5, atol=1e-5)
     assert int(got[1]) == 0

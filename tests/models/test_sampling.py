@@ -52,7 +52,7 @@ def test_greedy_generation_equals_rerunning_the_full_forward_pass(positional):
     cfg, model, params = _model(positional)
     prompt = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 5)), jnp.int32)
     num_tokens = 9
-    cache = transformer.init_cache(cfg, 2, 5 + num_tokens)
+    cache = model.init_cache(2, 5 + num_tokens)
     got = sampling.generate(model, {"params": params}, prompt, cache, jax.random.key(0), num_tokens=num_tokens, temperature=0.0)
     chex.assert_shape(got, (2, num_tokens))
     sequence = prompt
@@ -66,7 +66,7 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy():
     cfg, model, params = _model("rope")
     prompt = jnp.asarray([[1, 2, 3]], jnp.int32)
     run = lambda seed, **kw: np.asarray(sampling.generate(  # noqa: E731
-        model, {"params": params}, prompt, transformer.init_cache(cfg, 1, 15), jax.random.key(seed), num_tokens=12, **kw))
+        model, {"params": params}, prompt, model.init_cache(1, 15), jax.random.key(seed), num_tokens=12, **kw))
     np.testing.assert_array_equal(run(0), run(0))
     assert not np.array_equal(run(0, temperature=2.0), run(1, temperature=2.0))
     np.testing.assert_array_equal(run(3, top_k=1), run(0, temperature=0.0))

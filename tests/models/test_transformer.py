@@ -73,7 +73,7 @@ def test_kv_cache_decode_equals_full_pass(variant, prefill):
     cfg, model, params, tokens = make(VARIANTS[variant])
     full = model.apply({"params": params}, tokens)
     decode = jax.jit(lambda p, t, c, s: model.apply({"params": p}, t, c, s, method=transformer.Transformer.decode))
-    cache = transformer.init_cache(cfg, batch=2, max_len=cfg.max_len)
+    cache = model.init_cache(batch=2, max_len=cfg.max_len)
     logits, cache = decode(params, tokens[:, :prefill], cache, 0)
     pieces = [logits]
     for i in range(prefill, tokens.shape[1]):
@@ -93,6 +93,6 @@ def test_pallas_attention_gives_the_xla_logits_gradients_and_decoding(variant):
     got = jax.jit(jax.value_and_grad(loss(flash_model)))(params)
     chex.assert_trees_all_close(got, want, atol=1e-6, rtol=1e-5)
     full = flash_model.apply({"params": params}, tokens)
-    cache = transformer.init_cache(cfg, batch=2, max_len=cfg.max_len)
+    cache = model.init_cache(batch=2, max_len=cfg.max_len)
     logits, _ = flash_model.apply({"params": params}, tokens[:, :5], cache, 0, method=transformer.Transformer.decode)
     np.testing.assert_allclose(logits, full[:, :5], atol=2e-5, rtol=2e-5)

@@ -1,0 +1,74 @@
+"""Blocks and periods: what the LM skeleton (models/lm.py) scans, and the tables of token mixers and FFNs.
+
+    Block:   x += Attn(norm(x));  x += FFN(norm(x))          Attn from ATTENTIONS[cfg.attention],
+                                                             FFN from FFNS[ffn] ("mlp" or "moe")
+    Period:  its layers in order, e.g. (block_0, block_1) or (Mamba-2, Mamba-2, Mamba-2, attention block)
+
+A unit's signature fits nn.scan: `(x, cache, start, key_mask) -> (x, cache)`; `cache` is None for a
+full pass (nothing cached), else the unit's decoding cache (`init_cache`), which a period keys by the
+names of its layers. Adding an attention kind is a module file and one entry in ATTENTIONS; adding an
+FFN, one entry in FFNS.
+"""
+
+import flax.linen as nn
+
+from models import gqa, layers, moe, qk_norm
+
+ATTENTIONS = {
+    "gqa": gqa.GroupedQueryAttention,  # MHA / GQA / MQA by num_kv_heads
+    "qk_norm": qk_norm.QKNormAttention,
+}
+
+FFNS = {
+    "mlp": lambda cfg: layers.Mlp(cfg.d_mlp, cfg.activation, cfg.mlp_bias, cfg.compute_dtype, name="mlp"),
+    "moe": lambda cfg: moe.MoEFfn(cfg.d_model, cfg.d_expert or cfg.d_mlp, cfg, cfg.compute_dtype, name="moe"),
+}
+
+ACTIVATION = ("activation_batch", "activation_length", "activation_embed")
+
+
+def validate_attention(m) -> list[str]:
+    """Problems with config.model's attention kind and its keys."""
+    if m.attention not in ATTENTIONS:
+        return [f"model.attention={m.attention!r} is not one of {list(ATTENTIONS)}"]
+    return ATTENTIONS[m.attention].validate(m)
+
+
+class Block(nn.Module):
+    """x += Attn(norm(x)); x += FFN(norm(x))."""
+
+    cfg: object  # an LMConfig (with the MoE keys when ffn == "moe")
+    ffn: str = "mlp"
+
+    @nn.compact
+    def __call__(self, x, cache, start, key_mask=None):
+        cfg, dtype = self.cfg, self.cfg.compute_dtype
+        attention = ATTENTIONS[cfg.attention](cfg, name="attention")
+        h, cache = attention(layers.Norm(cfg.norm, dtype, "attention_norm")(x), start, cache, key_mask)
+        x = x + h
+        x = x + FFNS[self.ffn](cfg)(layers.Norm(cfg.norm, dtype, "mlp_norm")(x))
+        return nn.with_logical_constraint(x, ACTIVATION), cache
+
+    @staticmethod
+    def init_cache(cfg, batch: int, max_len: int, dtype, ffn: str = "mlp"):
+        del ffn
+        return ATTENTIONS[cfg.attention].init_cache(cfg, batch, max_len, dtype)
+
+
+class Period(nn.Module):
+    """Layers run in order; `members` = ((name, unit class, ((keyword, value), ...)), ...)."""
+
+    cfg: object
+    members: tuple
+
+    @nn.compact
+    def __call__(self, x, caches, start, key_mask=None):
+        new_caches = {}
+        for name, unit, kwargs in self.members:
+            cache = None if caches is None else caches[name]
+            x, new_caches[name] = unit(self.cfg, **dict(kwargs), name=name)(x, cache, start, key_mask)
+        return x, None if caches is None else new_caches
+
+    @staticmethod
+    def init_cache(cfg, batch: int, max_len: int, dtype, members: tuple):
+        return {name: unit.init_cache(cfg, batch, max_len, dtype, **dict(kwargs)) for name, unit, kwargs in members}

@@ -1,0 +1,87 @@
+"""Grouped-query attention (`model.attention = "gqa"`), the attention kind of every family by default.
+
+    q = x W_q [B, T, H, Dh],  k = x W_k, v = x W_v [B, T, Hkv, Dh]      (Hkv = H: MHA; Hkv = 1: MQA)
+    q, k = RoPE(q), RoPE(k)                                               (positional = "rope")
+    out = Attn(q, k, v) W_o                                               (models/attention.py)
+
+Query head h reads kv head h // (H / Hkv). Decoding keeps a cache {"k", "v"}: [B, max_len, Hkv, Dh],
+filled `start` positions deep; new tokens write their keys and values at start.. and attend to the
+whole cache (masked causally), which gives the logits of the full pass. `attention_impl` picks the full
+pass's attention (the XLA reference or the Pallas flash kernels); cached decoding and passes with a
+key mask (bool[B, keys]: False hides a key, e.g. left padding) use the reference's masked core.
+
+An attention kind is a module `(cfg)` with `__call__(x, start, cache, key_mask) -> (out, cache)`,
+`init_cache(cfg, batch, max_len, dtype)` and `validate(m)`; `queries_and_keys` is the seam that
+variants override (models/qk_norm.py).
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from models import attention, layers
+from models.lm_config import LMConfig
+
+
+class GroupedQueryAttention(nn.Module):
+    cfg: LMConfig
+
+    def queries_and_keys(self, q, k, positions):
+        """q [B, T, H, Dh], k [B, T, Hkv, Dh] at integer positions [T] -> as attention sees them (RoPE)."""
+        cfg = self.cfg
+        if cfg.positional == "rope":
+            return layers.apply_rope(q, positions, cfg.rope_theta), layers.apply_rope(k, positions, cfg.rope_theta)
+        return q, k
+
+    @nn.compact
+    def __call__(self, x, start, cache=None, key_mask=None):  # x [B, T, D]; start: positions already cached
+        cfg, dtype = self.cfg, self.cfg.compute_dtype
+        tokens = x.reshape(-1, x.shape[-1])  # [B*T, D]: 2-D matmuls are XLA:CPU's fastest
+
+        def project(name, heads, axes):  # [B, T, D] @ [D, heads, Dh] -> [B, T, heads, Dh]
+            w = self.param(name, nn.with_logical_partitioning(
+                nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2)), axes), (x.shape[-1], heads, cfg.head_size))
+            return (tokens @ w.reshape(x.shape[-1], -1).astype(dtype)).reshape(*x.shape[:2], heads, cfg.head_size)
+
+        q = project("query", cfg.num_heads, ("embed", "heads", "head_dim"))  # [B, T, H, Dh]
+        k = project("key", cfg.kv_heads, ("embed", "kv_heads", "head_dim"))  # [B, T, Hkv, Dh]
+        v = project("value", cfg.kv_heads, ("embed", "kv_heads", "head_dim"))
+        q, k = self.queries_and_keys(q, k, start + jnp.arange(x.shape[1]))
+        if cache is None and key_mask is None:
+            out = attention.causal_attention(q, k, v, cfg.attention_impl)
+        elif cache is None:
+            mask = attention.causal_mask(x.shape[1], x.shape[1])[None] & key_mask[:, None, :]
+            out = attention.attend(q, k, v, mask)
+        else:
+            k_all = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), start, 1)
+            v_all = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), start, 1)
+            cache = {"k": k_all, "v": v_all}
+            mask = attention.causal_mask(x.shape[1], k_all.shape[1], q_offset=start)
+            if key_mask is not None:
+                mask = mask[None] & key_mask[:, None, :]
+            out = attention.attend(q, k_all.astype(dtype), v_all.astype(dtype), mask)
+        out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_heads", None))
+        w_out = self.param("out", nn.with_logical_partitioning(
+            nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2), ("heads", "head_dim", "embed")),
+            (cfg.num_heads, cfg.head_size, x.shape[-1]))
+        out = out.reshape(-1, cfg.num_heads * cfg.head_size) @ w_out.reshape(-1, x.shape[-1]).astype(dtype)
+        return out.reshape(x.shape), cache
+
+    @staticmethod
+    def init_cache(cfg, batch: int, max_len: int, dtype=jnp.float32) -> dict:
+        """An empty KV cache: {"k", "v"}: [B, max_len, Hkv, Dh]."""
+        shape = (batch, max_len, cfg.kv_heads, cfg.head_size)
+        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+    @staticmethod
+    def validate(m) -> list[str]:
+        """Cross-field problems of the attention keys (head counts and sizes)."""
+        p = []
+        if m.num_heads >= 1 and m.num_kv_heads and m.num_heads % m.num_kv_heads:
+            p.append(f"model.num_kv_heads={m.num_kv_heads} must divide model.num_heads={m.num_heads}")
+        if m.num_heads >= 1 and not m.head_dim and m.d_model % m.num_heads:
+            p.append(f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}; set model.head_dim")
+        head_size = m.head_dim or m.d_model // max(m.num_heads, 1)
+        if m.positional == "rope" and head_size % 2:
+            p.append(f"rotary embeddings need an even head size, got {head_size}")
+        return p

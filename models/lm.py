@@ -1,0 +1,88 @@
+"""The language-model skeleton every family shares; a family supplies only its unit (or its fixed point).
+
+    x_0 = E[tokens] (+ P[positions] for learned positions)
+    x_L = Stack(x_0)            `num_units` copies of the family's unit, scanned with nn.scan
+    logits = norm(x_L) U        (U = E^T when embeddings are tied)
+
+The unit is a module `(cfg, **unit_kwargs)` with `__call__(x, cache, start, key_mask) -> (x, cache)` and
+`init_cache(cfg, batch, max_len, dtype, **unit_kwargs)`: a block (models/blocks.Block) or a period of
+layers (models/blocks.Period). The stack stacks the unit's parameters and model state ("router_bias"),
+sown losses and metrics along a leading `layers` axis, under `nn.remat` when `remat` is set, with
+`scan_unroll` units per scan iteration. Decoding caches are the unit's cache stacked over units.
+
+Families override `unit()` (what is scanned), `stack_name` (the parameter path of the stack), and, for
+a family without a stack (the DEQ's fixed point), `hidden`.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from models import blocks, layers
+from models.lm_config import LMConfig
+
+STACKED_COLLECTIONS = ("params", "router_bias", "metrics", "losses")
+ACTIVATION = ("activation_batch", "activation_length", "activation_embed")
+
+
+class LM(nn.Module):
+    cfg: LMConfig
+
+    stack_name = "layers"  # the stack's name in the parameter tree (checkpoints depend on it)
+
+    def unit(self):
+        """(module class, its extra keyword arguments) scanned `num_units` times; None: no stack."""
+        return blocks.Block, {}
+
+    @property
+    def num_units(self) -> int:
+        return self.cfg.num_layers
+
+    def setup(self):
+        cfg, dtype = self.cfg, self.cfg.compute_dtype
+        self.embed = layers.token_embedding(cfg.vocab_size, cfg.d_model, dtype)
+        if cfg.positional == "learned":
+            self.position_embedding = layers.learned_positions(self, cfg.max_len, cfg.d_model)
+        if self.unit() is not None:
+            unit, kwargs = self.unit()
+            if cfg.remat != "none":
+                unit = nn.remat(unit, policy=layers.remat_policy(cfg.remat), prevent_cse=False)
+            self.stack = nn.scan(
+                unit, variable_axes={c: 0 for c in STACKED_COLLECTIONS}, split_rngs={"params": True},
+                in_axes=(0, nn.broadcast, nn.broadcast), length=self.num_units, unroll=cfg.scan_unroll,
+                metadata_params={nn.PARTITION_NAME: "layers"})(cfg, **kwargs, name=self.stack_name)
+        self.final_norm = layers.Norm(cfg.norm, dtype, "final_norm")
+        self.unembed = None if cfg.tie_embeddings else layers.unembedding(cfg.vocab_size, dtype)
+
+    def embed_tokens(self, tokens, start=0):
+        """int32[B, T] -> [B, T, D] input embeddings of tokens at positions start..start+T-1."""
+        x = self.embed(tokens)
+        if self.cfg.positional == "learned":
+            x = layers.add_positions(x, self.position_embedding, start)
+        return nn.with_logical_constraint(x, ACTIVATION)
+
+    def hidden(self, x, cache=None, start=0, key_mask=None):
+        """Runs the stack over embeddings x [B, T, D]; returns (final-norm hidden [B, T, D], cache).
+        key_mask: None, or bool[B, keys] (T keys, or the cache's length when decoding)."""
+        x, cache = self.stack(x, cache, start, key_mask)
+        return self.final_norm(x), cache
+
+    def logits(self, h):
+        """[B, T, D] -> float32 logits [B, T, V]."""
+        return layers.vocab_logits(h, self.embed, self.unembed)
+
+    def __call__(self, tokens):
+        """int32[B, L] -> float32 logits [B, L, V] of the next token at every position."""
+        h, _ = self.hidden(self.embed_tokens(tokens))
+        return self.logits(h)
+
+    def decode(self, tokens, cache, start):
+        """Runs tokens int32[B, T] at positions start.. after `cache`; returns (logits, new cache)."""
+        h, cache = self.hidden(self.embed_tokens(tokens, start), cache, start)
+        return self.logits(h), cache
+
+    def init_cache(self, batch: int, max_len: int, dtype=jnp.float32):
+        """An empty decoding cache: the unit's, stacked over the units."""
+        unit, kwargs = self.unit()
+        one = unit.init_cache(self.cfg, batch, max_len, dtype, **kwargs)
+        return jax.tree.map(lambda v: jnp.broadcast_to(v, (self.num_units, *v.shape)), one)

@@ -1,0 +1,56 @@
+"""The keys every language-model family shares (`config.model`); families subclass `LMConfig` and add theirs.
+
+Each key declares its valid values beside its default (models/config_fields.py); `0` means "derive
+it" where noted. `attention` names the token mixer of attention blocks (models/blocks.ATTENTIONS),
+and the attention and MLP keys below configure those blocks in every family.
+"""
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from models.config_fields import field
+
+NORMS = ("rmsnorm", "layernorm", "none")
+ACTIVATIONS = ("relu", "gelu", "swiglu")
+POSITIONALS = ("rope", "learned", "none")
+REMAT_POLICIES = ("none", "full", "dots")
+ATTENTION_IMPLS = ("xla", "pallas")
+
+
+@dataclasses.dataclass(frozen=True)
+class LMConfig:
+    name: str = "transformer"
+    vocab_size: int = field(0, min=0)  # 0: the dataset's vocabulary size
+    max_len: int = field(0, min=0)  # 0: the dataset's sequence length (bounds learned positions and the KV cache)
+    d_model: int = field(128, min=1)
+    num_layers: int = field(2, min=1)
+    norm: str = field("rmsnorm", choices=NORMS)
+    positional: str = field("rope", choices=POSITIONALS)
+    rope_theta: float = field(10000.0, above=0)
+    tie_embeddings: bool = False
+    dtype: str = field("float32", choices=("float32", "bfloat16"))  # compute dtype; parameters stay float32
+    remat: str = field("none", choices=REMAT_POLICIES)
+    scan_unroll: int = field(1, min=1)  # units per scan iteration; the unit count unrolls it (faster on CPU)
+    # attention blocks
+    attention: str = "gqa"  # the attention kind (models/blocks.ATTENTIONS; checked there)
+    num_heads: int = field(4, min=1)
+    num_kv_heads: int = field(0, min=0)  # 0: num_heads (plain multi-head attention)
+    head_dim: int = field(0, min=0)  # 0: d_model // num_heads
+    attention_impl: str = field("xla", choices=ATTENTION_IMPLS)  # xla | pallas (kernels_pallas flash attention)
+    # MLPs
+    d_mlp: int = field(512, min=1)
+    activation: str = field("gelu", choices=ACTIVATIONS)
+    mlp_bias: bool = False
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.d_model // self.num_heads
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
