@@ -12,6 +12,7 @@ import functools
 import numpy as np
 
 from data import algorithmic, prontoqa, prosqa, reasoning, recall, text
+from data.config_fields import field
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,9 +20,9 @@ class AlgorithmicConfig:
     """Every `config.data` key of the modular-arithmetic tasks."""
 
     name: str = "algorithmic"
-    p: int = 113
-    op: str = "a+b"
-    train_fraction: float = 0.3
+    p: int = field(113, min=2)  # a prime (checked in data/algorithmic.py)
+    op: str = field("a+b", choices=tuple(algorithmic.OPERATIONS))
+    train_fraction: float = field(0.3, above=0, below=1)
     batch_size: int = -1  # global batch; -1: the whole train split every step (full batch)
     eval_batch_size: int = -1  # -1: each evaluation set in one batch
 
@@ -32,12 +33,12 @@ class TextConfig:
 
     name: str = "text"
     path: str = "../shared/data/tinyshakespeare.txt"  # relative paths: from the repository root
-    tokenizer: str = "byte"  # byte | sentencepiece
+    tokenizer: str = field("byte", choices=("byte", "sentencepiece"))
     spm_model: str = ""  # the SentencePiece model file, for tokenizer="sentencepiece"
-    source: str = "grain"  # grain | seqio (the same tokens through a registered seqio Task)
-    seq_len: int = 64
-    stride: int = 0  # tokens between window starts; 0: seq_len (packed, no overlap)
-    train_fraction: float = 0.9  # the first 90% of the characters train, the last 10% validate
+    source: str = field("grain", choices=("grain", "seqio"))  # seqio: the same tokens through a registered Task
+    seq_len: int = field(64, min=1)
+    stride: int = field(0, min=0)  # tokens between window starts; 0: seq_len (packed, no overlap)
+    train_fraction: float = field(0.9, above=0, below=1)  # the first 90% of the characters train, the rest validate
     batch_size: int = 12
     eval_batch_size: int = 256
 
@@ -47,11 +48,11 @@ class RecallConfig:
     """Every `config.data` key of multi-query associative recall (`data/recall.py`)."""
 
     name: str = "recall"
-    seq_len: int = 64
-    num_pairs: int = 8
-    vocab_size: int = 256
-    train_examples: int = 20_000
-    test_examples: int = 1_000
+    seq_len: int = field(64, min=3)
+    num_pairs: int = field(8, min=1)
+    vocab_size: int = field(256, min=4)
+    train_examples: int = field(20_000, min=1)
+    test_examples: int = field(1_000, min=1)
     batch_size: int = 64
     eval_batch_size: int = -1  # -1: the test set in one batch
 
@@ -61,17 +62,17 @@ class ReasoningConfig:
     """Every `config.data` key of the ProsQA- and ProntoQA-style tasks (`data/reasoning.py`)."""
 
     name: str = "prosqa"  # prosqa | prontoqa
-    method: str = "coconut"  # nocot | cot | coconut (the model's `thoughts` decides latent or pause)
+    method: str = field("coconut", choices=reasoning.METHODS)  # the model's `thoughts` decides latent or pause
     curriculum: bool = True  # False: train on the last stage (every step a thought) from the start
-    last_stage: int = 4  # S: stage S replaces every step by S * thoughts_per_step thoughts
-    thoughts_per_step: int = 1  # c
-    epochs_per_stage: int = 3  # epochs of every stage before the last, which runs to train.steps
-    min_hops: int = 3
-    max_hops: int = 4
-    branches: int = 3  # dead ends (ProsQA) / the distractor chain's length (ProntoQA)
-    train_examples: int = 4_000
-    eval_examples: int = 500
-    test_examples: int = 500
+    last_stage: int = field(4, min=0)  # S: stage S replaces every step by S * thoughts_per_step thoughts
+    thoughts_per_step: int = field(1, min=1)  # c
+    epochs_per_stage: int = field(3, min=1)  # epochs of every stage before the last, which runs to train.steps
+    min_hops: int = field(3, min=1)
+    max_hops: int = field(4, min=1)
+    branches: int = field(3, min=0)  # dead ends (ProsQA) / the distractor chain's length (ProntoQA)
+    train_examples: int = field(4_000, min=1)
+    eval_examples: int = field(500, min=1)
+    test_examples: int = field(500, min=1)
     batch_size: int = 64
     eval_batch_size: int = -1  # -1: each evaluation set in one batch
 
@@ -154,23 +155,12 @@ def _load_reasoning(config, seed: int) -> Splits:
                   epochs_per_stage=config.epochs_per_stage, model_keys=model_keys)
 
 
-def _validate_reasoning(config) -> list[str]:
-    p = GENERATORS[config.name].validate(config)
-    if config.method not in reasoning.METHODS:
-        p.append(f"data.method={config.method!r} is not one of {list(reasoning.METHODS)}")
-    for key in ("last_stage", "thoughts_per_step", "epochs_per_stage", "train_examples", "eval_examples",
-                "test_examples"):
-        if config[key] < (0 if key == "last_stage" else 1):
-            p.append(f"data.{key}={config[key]} must be >= {0 if key == 'last_stage' else 1}")
-    return p
-
-
 DATASETS = {
     "algorithmic": (_load_algorithmic, AlgorithmicConfig, algorithmic.validate),
     "text": (_load_text, TextConfig, text.validate),
     "recall": (_load_recall, RecallConfig, recall.validate),
-    "prosqa": (_load_reasoning, ReasoningConfig, _validate_reasoning),
-    "prontoqa": (_load_reasoning, ProntoQAConfig, _validate_reasoning),
+    "prosqa": (_load_reasoning, ReasoningConfig, prosqa.validate),
+    "prontoqa": (_load_reasoning, ProntoQAConfig, prontoqa.validate),
 }
 
 

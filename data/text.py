@@ -99,17 +99,7 @@ def validate(config) -> list[str]:
     problems = []
     if not os.path.isfile(resolve_path(config.path)):
         problems.append(f"data.path={config.path!r}: no such file ({resolve_path(config.path)})")
-    if config.tokenizer not in ("byte", "sentencepiece"):
-        problems.append(f"data.tokenizer={config.tokenizer!r} is not one of ['byte', 'sentencepiece']")
-    elif config.tokenizer == "sentencepiece" and not os.path.isfile(resolve_path(config.spm_model)):
+    if config.tokenizer == "sentencepiece" and not os.path.isfile(resolve_path(config.spm_model)):
         problems.append(f"data.spm_model={config.spm_model!r}: no such file; train one with "
                         f"`python scripts/train_sentencepiece.py --output={config.spm_model or 'PATH.model'}`")
-    if config.source not in ("grain", "seqio"):
-        problems.append(f"data.source={config.source!r} is not one of ['grain', 'seqio']")
-    if config.seq_len < 1:
-        problems.append(f"data.seq_len={config.seq_len} must be >= 1")
-    if config.stride < 0:
-        problems.append(f"data.stride={config.stride} must be >= 0 (0: seq_len, packed)")
-    if not 0 < config.train_fraction < 1:
-        problems.append(f"data.train_fraction={config.train_fraction} must lie in (0, 1)")
     return problems

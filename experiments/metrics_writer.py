@@ -34,10 +34,11 @@ class MetricsWriter:
             self._tensorboard.close()
 
 
-def read(workdir: str) -> list[dict]:
-    """Every event in `metrics.jsonl`, in order."""
+def read(workdir: str, split: str | None = None) -> list[dict]:
+    """Every event in `metrics.jsonl` (of one split, if given), in order."""
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        events = [json.loads(line) for line in f if line.strip()]
+    return events if split is None else [e for e in events if e["split"] == split]
 
 
 class Progress:

@@ -13,7 +13,7 @@ import dataclasses
 import optax
 
 from experiments import grokfast
-from models.config_fields import field
+from data.config_fields import field
 
 
 @dataclasses.dataclass(frozen=True)

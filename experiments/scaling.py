@@ -23,9 +23,6 @@ import os
 import sys
 
 from absl import app, flags
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from ml_collections import config_flags
@@ -59,18 +56,7 @@ def parse_size(size: str) -> dict:
 def non_embedding_params(model_config) -> int:
     """Parameters outside the token / position embeddings and the unembedding that each token uses:
     a mixture of experts' routed experts count top_k / num_experts of theirs (C = 6 N D, N active)."""
-    model = models.build(model_config)
-    shapes = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, model_config.max_len), jnp.int32))
-    leaves = jax.tree_util.tree_flatten_with_path(nn.meta.unbox(shapes["params"]))[0]
-    routed_share = model_config.get("top_k", 1) / model_config.get("num_experts", 1)
-    total = 0.0
-    for path, x in leaves:
-        key = jax.tree_util.keystr(path)
-        if any(k in key for k in ("embed", "position_embedding", "unembed")):
-            continue
-        routed = any(key.endswith(f"['{w}']") for w in ("w_gate", "w_in", "w_out"))
-        total += np.prod(x.shape) * (routed_share if routed else 1.0)
-    return int(total)
+    return models.parameter_count(model_config, model_config.max_len, exclude=models.EMBEDDINGS, active=True)
 
 
 def run_config(base: ml_collections.ConfigDict, size: str, budget: float):
@@ -93,7 +79,7 @@ def run_config(base: ml_collections.ConfigDict, size: str, budget: float):
 
 
 def final_eval_loss(workdir: str) -> float | None:
-    events = [e for e in metrics_writer.read(workdir) if e["split"] == "eval"] if os.path.isdir(workdir) else []
+    events = metrics_writer.read(workdir, "eval") if os.path.isdir(workdir) else []
     return events[-1]["loss"] if events else None
 
 
@@ -104,7 +90,7 @@ def sweep(base, sizes, budgets, workdir: str) -> list[dict]:
             config, n, tokens = run_config(base, size, budget)
             run_dir = os.path.join(workdir, f"{size}_{budget:.3g}")
             done = final_eval_loss(run_dir) is not None and any(
-                e["step"] == config.train.steps for e in metrics_writer.read(run_dir) if e["split"] == "eval")
+                e["step"] == config.train.steps for e in metrics_writer.read(run_dir, "eval"))
             if not done:
                 trainer.train_and_evaluate(config, run_dir, verbose=False)
             rows.append({"size": size, "Model Size": n, "Training FLOP": budget, "tokens": tokens,

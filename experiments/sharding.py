@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from models.config_fields import ConfigError
+from data.config_fields import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +73,13 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
 def batch_shards_of(shape: tuple[int, ...]) -> int:
     """How many slices a global batch is split into on a mesh of this shape (sizes of MESH_AXES)."""
     return math.prod(size for axis, size in zip(MESH_AXES, shape) if axis in BATCH_AXES)
+
+
+def logical_axis_size(shape: tuple[int, ...], logical: str) -> int:
+    """How many shards the rules split the logical axis `logical` into on a mesh of this shape."""
+    axes = dict(LOGICAL_AXIS_RULES)[logical]
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return math.prod(size for axis, size in zip(MESH_AXES, shape) if axis in axes)
 
 
 def make_mesh(shape: tuple[int, ...], devices) -> Mesh:

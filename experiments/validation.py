@@ -2,7 +2,7 @@
 
 The schema is the base config for the chosen model and dataset (`experiments.configs.base`): a key it
 lacks is unknown and a value of another type is wrong; each key's declared range (its dataclass field,
-models/config_fields.py) bounds its value; then the family's, the dataset's and the mesh's cross-field rules.
+data/config_fields.py) bounds its value; then the family's, the dataset's and the mesh's cross-field rules.
 """
 
 import jax
@@ -12,7 +12,7 @@ import data
 import models
 from experiments import sharding
 from models import moe_dispatch
-from models.config_fields import ConfigError, problems as field_problems
+from data.config_fields import ConfigError, problems as field_problems
 
 __all__ = ["ConfigError", "validate", "validate_resolved"]
 
@@ -67,7 +67,7 @@ def validate(config, num_devices: int, process_count: int = 1) -> tuple[int, ...
                               f"{batch_shards} batch shards (mesh {' * '.join(sharding.BATCH_AXES)}) and of the "
                               f"{process_count} processes")
     if config.model.get("dispatch") == "ragged":
-        _raise([p for p in [moe_dispatch.check_ragged_supported(shape[sharding.MESH_AXES.index("expert")],
+        _raise([p for p in [moe_dispatch.check_ragged_supported(sharding.logical_axis_size(shape, "expert"),
                                                                 jax.default_backend())] if p])
     return shape
 

@@ -2,7 +2,7 @@
 
 `MODELS` is the one name -> (module, config dataclass, validate) table the trainer reads
 `config.model.name` from. The config dataclass lists every key of `config.model` for that family, with
-its default and its valid values (models/config_fields.py); validate(config.model) returns the
+its default and its valid values (data/config_fields.py); validate(config.model) returns the
 cross-field problems as one-line messages.
 Every module has `__call__(tokens) -> logits`, `decode(tokens, cache, start)` and `init_cache(batch, max_len)`.
 
@@ -42,9 +42,18 @@ def build(model_config):
     return module(config_cls(**model_config.to_dict()))
 
 
-def parameter_count(model_config, seq_len: int, *, exclude: tuple[str, ...] = ()) -> int:
-    """Trained parameters ("params") of `config.model`, from shapes only (nothing is allocated); `exclude`
-    leaves out the top-level parameter groups it names (e.g. ("embed", "unembed", "position_embedding"))."""
+def parameter_count(model_config, seq_len: int, *, exclude: tuple[str, ...] = (), active: bool = False) -> int:
+    """Trained parameters ("params") of `config.model`, from shapes only (nothing is allocated). `exclude`
+    leaves out the top-level groups it names (e.g. EMBEDDINGS); `active` counts what each token uses:
+    routed experts (w_gate / w_in / w_out) at top_k / num_experts of their size (C = 6 N D, N active)."""
     shapes = jax.eval_shape(build(model_config).init, jax.random.key(0), jax.ShapeDtypeStruct((1, seq_len), jnp.int32))
     params = {k: v for k, v in nn.meta.unbox(shapes["params"]).items() if k not in exclude}
-    return sum(x.size for x in jax.tree.leaves(params))
+    routed_share = model_config.get("top_k", 1) / model_config.get("num_experts", 1) if active else 1.0
+    total = 0.0
+    for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+        routed = getattr(path[-1], "key", None) in ("w_gate", "w_in", "w_out")
+        total += x.size * (routed_share if routed else 1.0)
+    return int(total)
+
+
+EMBEDDINGS = ("embed", "position_embedding", "unembed")  # the top-level groups of token / position tables

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from models import transformer
-from models.config_fields import field
+from data.config_fields import field
 
 
 @dataclasses.dataclass(frozen=True)

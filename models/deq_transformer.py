@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from models import blocks, deq, deq_stabilisers, layers, lm, transformer
-from models.config_fields import field
+from data.config_fields import field
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from models import blocks, layers, lm, mamba2, moe
-from models.config_fields import field
+from data.config_fields import field
 from models.lm_config import ACTIVATIONS, LMConfig
 
 LAYER_KINDS = "SAEC"

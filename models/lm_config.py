@@ -1,6 +1,6 @@
 """The keys every language-model family shares (`config.model`); families subclass `LMConfig` and add theirs.
 
-Each key declares its valid values beside its default (models/config_fields.py); `0` means "derive
+Each key declares its valid values beside its default (data/config_fields.py); `0` means "derive
 it" where noted. `attention` names the token mixer of attention blocks (models/blocks.ATTENTIONS),
 and the attention and MLP keys below configure those blocks in every family.
 """
@@ -9,7 +9,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from models.config_fields import field
+from data.config_fields import field
 
 NORMS = ("rmsnorm", "layernorm", "none")
 ACTIVATIONS = ("relu", "gelu", "swiglu")

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import kernels_pallas
 from kernels_pallas import on_mesh
 from models import layers, ssd
-from models.config_fields import field
+from data.config_fields import field
 
 
 def _pallas_chunked(x, a, b, c, *, chunk_size, initial_state):

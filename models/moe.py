@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from models import layers, moe_dispatch
-from models.config_fields import field
+from data.config_fields import field
 
 ROUTERS = ("softmax", "sigmoid")
 

@@ -13,7 +13,7 @@ losses and metrics are stacked over periods like the parameters (models/lm.py).
 import dataclasses
 
 from models import blocks, lm, moe, transformer
-from models.config_fields import field
+from data.config_fields import field
 from models.lm_config import ACTIVATIONS
 
 

@@ -18,14 +18,13 @@ SSD (GPU): `kernels_pallas.ssd_chunked` against `models.ssd.ssd_chunked`, millis
 """
 
 import functools
-import time
 
 from absl import app, flags
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import kernels_pallas
+from experiments import studies
 from models import attention, ssd
 
 _LENGTHS = flags.DEFINE_list("lengths", ["1024", "2048", "4096", "8192", "16384"], "Sequence lengths.")
@@ -42,14 +41,7 @@ _SSD = flags.DEFINE_bool("ssd", True, "Time the SSD kernels too (accelerators on
 def time_ms(fn, *args):
     """Median milliseconds of jit(fn)(*args) after one warm-up call, or None if it runs out of memory."""
     try:
-        compiled = jax.jit(fn).lower(*args).compile()
-        jax.block_until_ready(compiled(*args))
-        times = []
-        for _ in range(_REPEATS.value):
-            start = time.perf_counter()
-            jax.block_until_ready(compiled(*args))
-            times.append(time.perf_counter() - start)
-        return 1e3 * float(np.median(times))
+        return 1e3 * studies.median_seconds(jax.jit(fn).lower(*args).compile(), *args, repeats=_REPEATS.value)
     except Exception as error:  # noqa: BLE001 - out of memory, or an implementation that refuses a shape
         print(f"  ({getattr(fn, '__name__', fn)}: {str(error).splitlines()[0][:120]})")
         return None

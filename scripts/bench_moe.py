@@ -13,14 +13,13 @@ forward + backward (gradients of the parameters and the input), jitted, on this 
 default device; the median of --repeats calls after a warm-up. Ratios are against the dense FFN.
 """
 
-import time
 
 from absl import app, flags
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from experiments import studies
 from models import layers, moe
 
 _D_MODEL = flags.DEFINE_integer("d_model", 256, "Model width (and each expert's width).")
@@ -31,14 +30,7 @@ _REPEATS = flags.DEFINE_integer("repeats", 10, "Timed calls after a warm-up.")
 
 
 def timed_ms(fn, *args):
-    compiled = jax.jit(fn).lower(*args).compile()
-    jax.block_until_ready(compiled(*args))
-    times = []
-    for _ in range(_REPEATS.value):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
+    return 1e3 * studies.median_seconds(jax.jit(fn).lower(*args).compile(), *args, repeats=_REPEATS.value)
 
 
 def measure(module, x, mutable=()):

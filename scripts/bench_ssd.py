@@ -11,12 +11,12 @@ where chunked SSD overtakes attention.
 """
 
 import functools
-import time
 
 from absl import app, flags
 import jax
 import jax.numpy as jnp
 
+from experiments import studies
 from models import attention, ssd
 
 _LENGTHS = flags.DEFINE_list("lengths", ["512", "1024", "2048", "4096", "8192", "16384"], "Sequence lengths.")
@@ -45,16 +45,10 @@ def attention_inputs(length):
 
 
 def measure(fn, args):
-    """(best seconds, temporary bytes) of jit(fn)(*args), forward or forward+backward as fn is."""
+    """(median seconds, temporary bytes) of jit(fn)(*args), forward or forward+backward as fn is."""
     compiled = jax.jit(fn).lower(*args).compile()
     temp = compiled.memory_analysis().temp_size_in_bytes
-    jax.block_until_ready(compiled(*args))
-    best = float("inf")
-    for _ in range(_REPEATS.value):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        best = min(best, time.perf_counter() - start)
-    return best, temp
+    return studies.median_seconds(compiled, *args, repeats=_REPEATS.value), temp
 
 
 def main(argv):

@@ -19,13 +19,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import optimizers, trainer
+from experiments import optimizers, studies, trainer
 from experiments.configs import base
 from models import transformer
 
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per config (after one warm-up step).")
-_CONFIGS = flags.DEFINE_list("configs", ["small", "medium", "medium-scanned", "  + bfloat16", "  + remat dots",
-                                         "  + remat full"], "Configs to time (names of CONFIGS).")
+_CONFIGS = flags.DEFINE_list("configs", ["small", "medium", "medium-scanned", "medium-bf16", "medium-remat-dots",
+                                         "medium-remat-full"], "Configs to time (names of CONFIGS).")
 
 SMALL = dict(d_model=128, num_layers=4, num_heads=4, d_mlp=512, vocab_size=256)
 MEDIUM = dict(d_model=512, num_layers=6, num_heads=8, d_mlp=2048, vocab_size=256)
@@ -34,9 +34,9 @@ CONFIGS = {  # name: (model overrides, batch, seq_len); "scanned": the default n
     "small": (dict(SMALL, scan_unroll=4), 32, 64),
     "medium": (dict(MEDIUM, scan_unroll=6), 16, 256),
     "medium-scanned": (MEDIUM, 16, 256),
-    "  + bfloat16": (dict(MEDIUM, dtype="bfloat16"), 16, 256),
-    "  + remat dots": (dict(MEDIUM, remat="dots"), 16, 256),
-    "  + remat full": (dict(MEDIUM, remat="full"), 16, 256),
+    "medium-bf16": (dict(MEDIUM, dtype="bfloat16"), 16, 256),
+    "medium-remat-dots": (dict(MEDIUM, remat="dots"), 16, 256),
+    "medium-remat-full": (dict(MEDIUM, remat="full"), 16, 256),
     # accelerator-sized: 1,024 wide, heads of 128, bfloat16; attention by XLA or Pallas (at context
     # 4,096 the XLA step asks for 81.6 GiB on an 80 GiB H100: BENCHMARKS.md)
     "long-xla": (dict(LONG, attention_impl="xla"), 8, 2048),
@@ -45,21 +45,12 @@ CONFIGS = {  # name: (model overrides, batch, seq_len); "scanned": the default n
 }
 
 
-def timed(fn, *args, repeats):
-    jax.block_until_ready(fn(*args))
-    start = time.perf_counter()
-    for _ in range(repeats):
-        out = fn(*args)
-    jax.block_until_ready(out)
-    return (time.perf_counter() - start) / repeats
-
-
 def matmul_peak_flops(dtype) -> tuple[float, int]:
     best = (0.0, 0)
     sizes = (1024, 2048, 3072) if jax.default_backend() == "cpu" else (2048, 4096, 8192)
     for n in sizes:
         a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), np.float32)).astype(dtype)
-        seconds = timed(jax.jit(lambda x: x @ x), a, repeats=5)
+        seconds = studies.median_seconds(jax.jit(lambda x: x @ x), a, repeats=5)
         best = max(best, (2 * n**3 / seconds, n))
     return best
 

@@ -13,17 +13,14 @@ gathers every run's `result.json` into `table.md` and `accuracy.png` in the work
 
 import json
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, flags
+import matplotlib
+import numpy as np
 
-from absl import app, flags  # noqa: E402
-import matplotlib  # noqa: E402
-import numpy as np  # noqa: E402
-
-from experiments import reasoning_eval, restore, trainer  # noqa: E402
-from experiments.configs import coconut_prosqa  # noqa: E402
+from experiments import reasoning_eval, restore, trainer
+from experiments.configs import coconut_prosqa
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

@@ -12,20 +12,18 @@ Writes `table.md` and `curves.png` (validation loss and MaxVio_batch against ste
 """
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, flags
+import jax
+import jax.numpy as jnp
+import matplotlib
+import numpy as np
 
-from absl import app, flags  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import matplotlib  # noqa: E402
-import numpy as np  # noqa: E402
-
-import data as datasets  # noqa: E402
-from data import pipeline  # noqa: E402
-from experiments import metrics_writer, restore, trainer  # noqa: E402
-from experiments.configs import moe_balance  # noqa: E402
+import data as datasets
+from data import pipeline
+from experiments import metrics_writer, restore, studies, trainer
+from experiments.configs import moe_balance
+from models import moe
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -35,20 +33,13 @@ _STEPS = flags.DEFINE_integer("steps", 1000, "Training steps per run.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/moe_balance", "Where the runs, the table and the plot go.")
 
 
-def max_violation(load):
-    """(max - mean) / mean over the last axis."""
-    mean = load.mean(-1)
-    return (load.max(-1) - mean) / mean
-
-
 def batch_curves(workdir):
     """(steps, MaxVio_batch averaged over layers) and (steps, validation loss) from metrics.jsonl."""
-    events = metrics_writer.read(workdir)
-    train = [e for e in events if e["split"] == "train"]
+    train = metrics_writer.read(workdir, "train")
     steps = np.array([e["step"] for e in train])
     vio = np.array([np.mean([v for k, v in e.items() if k.endswith("max_violation") or "/max_violation/" in k])
                     for e in train])
-    evals = [e for e in events if e["split"] == "eval"]
+    evals = metrics_writer.read(workdir, "eval")
     return (steps, vio), (np.array([e["step"] for e in evals]), np.array([e["loss"] for e in evals]))
 
 
@@ -64,7 +55,7 @@ def global_max_violation(config, splits, workdir) -> float:
                  if "load" in jax.tree_util.keystr(path)]
         load = np.concatenate([x.reshape(-1, x.shape[-1]) for x in loads])  # [MoE layers, E]
         total = load if total is None else total + load
-    return float(np.mean(max_violation(total)))
+    return float(np.mean(jax.vmap(moe.max_violation)(total)))  # per MoE layer, then averaged
 
 
 def main(argv):
@@ -77,8 +68,7 @@ def main(argv):
             config.seed = seed
             config.train.steps = _STEPS.value
             workdir = os.path.join(_WORKDIR.value, f"{scheme}_seed{seed}")
-            trainer.train_and_evaluate(config, workdir, verbose=False)  # returns at once if finished
-            seconds = [e for e in metrics_writer.read(workdir) if e["split"] == "train"][-1]["wall_s"]
+            seconds = studies.run_or_reuse(config, workdir)[0][-1]["wall_s"]
             (steps, vio), (eval_steps, eval_loss) = batch_curves(workdir)
             splits = datasets.load(config.data, seed=seed)
             tail = vio[steps > 0.9 * _STEPS.value]

@@ -20,7 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 import models  # noqa: E402
-from experiments import metrics_writer, trainer  # noqa: E402
+from experiments import studies  # noqa: E402
 from experiments.configs import recall  # noqa: E402
 
 _OUT = flags.DEFINE_string("out", "runs/recall_study", "Folder for the runs, results.csv and recall.png.")
@@ -44,9 +44,7 @@ def run(variant: str, length: int) -> dict:
     config.data.update(seq_len=length, num_pairs=length // 8, train_examples=_STEPS.value * config.data.batch_size)
     config.train.update(steps=_STEPS.value, checkpoint_every=_STEPS.value)
     workdir = os.path.join(_OUT.value, f"{variant}_len{length}")
-    trainer.train_and_evaluate(config, workdir, devices=jax.devices()[:1], verbose=False)
-    evals = [e for e in metrics_writer.read(workdir) if e["split"] == "eval"]
-    train = [e for e in metrics_writer.read(workdir) if e["split"] == "train"]
+    train, evals = studies.run_or_reuse(config, workdir, devices=jax.devices()[:1])
     return dict(model=label, length=length, num_pairs=length // 8,
                 params=models.parameter_count(config.model, length), test_accuracy=evals[-1]["accuracy"],
                 train_loss=train[-1]["loss"], wall_s=round(train[-1]["wall_s"], 1))

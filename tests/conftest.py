@@ -13,6 +13,14 @@ from experiments.configs import grokking, lm_shakespeare  # noqa: E402
 
 def pytest_configure(config):
     assert jax.device_count() == 8, f"tests need 8 fake CPU devices, got {jax.devices()}"
+    if config.option.markexpr == "not slow":  # the default suite: tiny shapes, where compiling dominates
+        jax.config.update("jax_disable_most_optimizations", True)  # ~35% faster; slow tests stay optimised
+
+
+def slow(*values):
+    """One parametrisation marked slow: the default suite keeps a representative of each path, the others
+    run with `-m slow` (CI runs both)."""
+    return pytest.param(*values, marks=pytest.mark.slow)
 
 
 def make_tiny_config(steps: int = 6):

@@ -1,6 +1,6 @@
 """The keys every experiment has (CONTRACTS §1), with defaults; experiment configs start from here.
 
-Every section is a dataclass whose fields declare their defaults and valid values (models/config_fields.py):
+Every section is a dataclass whose fields declare their defaults and valid values (data/config_fields.py):
 `config.model` the family's (`models.MODELS`), `config.data` the dataset's (`data.DATASETS`),
 `config.train` below, `config.optimizer` (experiments/optimizers.py) and `config.mesh`
 (experiments/sharding.py), so the config, its checks and the code cannot drift apart.
@@ -13,7 +13,7 @@ import ml_collections
 import data
 import models
 from experiments import optimizers, sharding
-from models.config_fields import field
+from data.config_fields import field
 
 
 @dataclasses.dataclass(frozen=True)

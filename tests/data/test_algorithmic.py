@@ -1,5 +1,6 @@
 """Algorithmic tasks against a plain Python loop; seeded splits; the grain batch pipeline."""
 
+import chex
 import numpy as np
 import pytest
 
@@ -36,7 +37,7 @@ def test_examples_match_python_loop(op):
 def test_split_is_seeded_disjoint_and_complete():
     train, test = algorithmic.train_test_split(13, "a+b", 0.3, seed=5)
     assert len(train["inputs"]) == int(0.3 * 169)
-    pairs = lambda d: {tuple(r) for r in d["inputs"][:, :2]}
+    pairs = lambda d: {tuple(r) for r in d["inputs"][:, :2]}  # noqa: E731
     assert not pairs(train) & pairs(test) and len(pairs(train) | pairs(test)) == 169
     again, _ = algorithmic.train_test_split(13, "a+b", 0.3, seed=5)
     other, _ = algorithmic.train_test_split(13, "a+b", 0.3, seed=6)
@@ -87,7 +88,8 @@ def test_padding_masks_rows_beyond_the_data():
     seen = np.concatenate([b["inputs"][b["loss_mask"][:, 0] > 0, 0] for b in batches])
     assert sorted(seen) == list(range(10))
     full = _take(pipeline.batched(ex, batch_size=12, seed=0, drop_remainder=False), 1)[0]  # full batch, padded
-    assert full["inputs"].shape == (12, 1) and full["loss_mask"].sum() == 10
+    chex.assert_shape(full["inputs"], (12, 1))
+    assert full["loss_mask"].sum() == 10
 
 
 def test_iterator_state_resumes_exactly():
@@ -104,10 +106,17 @@ def test_iterator_state_resumes_exactly():
 
 
 def test_validate_names_bad_values():
-    from data import AlgorithmicConfig
-    import ml_collections, dataclasses
+    """The declared ranges (data/config_fields.py) and the task's own rule (a prime modulus), one line each."""
+    import dataclasses
+
+    import ml_collections
+
+    from data import AlgorithmicConfig, config_fields
+
     config = ml_collections.ConfigDict(dataclasses.asdict(AlgorithmicConfig()))
-    assert algorithmic.validate(config) == []
+    assert algorithmic.validate(config) == [] and config_fields.problems(AlgorithmicConfig, config, "data.") == []
     config.update(p=100, op="a%b", train_fraction=1.5)
-    problems = " ".join(algorithmic.validate(config))
-    assert "data.p=100" in problems and "'a%b'" in problems and "train_fraction=1.5" in problems
+    assert algorithmic.validate(config) == ["data.p=100 is not a prime (grokking tasks need a prime modulus, e.g. 97 or 113)"]
+    assert config_fields.problems(AlgorithmicConfig, config, "data.") == [
+        f"data.op='a%b' is not one of {list(algorithmic.OPERATIONS)}",
+        "data.train_fraction=1.5 must lie in (0, 1)"]

@@ -155,3 +155,25 @@ def test_staged_pipeline_runs_each_stage_for_its_epochs():
     assert starts == [0, 4, 8]
     assert [int(dataset[i]["inputs"][0, 0]) for i in range(12)] == [0] * 4 + [1] * 4 + [2] * 4
     assert [pipeline.stage_of(starts, s) for s in (0, 3, 4, 7, 8, 1000)] == [0, 0, 1, 1, 2, 2]
+
+
+def test_score_against_hand_scored_generations():
+    """The words between the last `###` and `<eos>` must equal the answer; tokens count up to `<eos>`."""
+    vocab = R.Vocabulary(["tom", "is", "a", "wumpus", "yumpus", "."])
+    problem = R.Problem(question=("q",), steps=(), answer=("wumpus",))
+
+    def row(*words):
+        ids = vocab.encode(words)
+        return ids + [R.PAD] * (8 - len(ids))
+
+    generated = np.array([
+        row("###", "wumpus", "<eos>"),                      # right: 3 tokens
+        row("tom", "is", "a", "###", "yumpus", "<eos>"),    # wrong answer: 6 tokens
+        row("###", "yumpus", "###", "wumpus", "<eos>"),     # the last ### counts: right, 5 tokens
+        row("wumpus", "<eos>"),                             # no ###: wrong, 2 tokens
+        row("###", "wumpus", "wumpus", "<eos>"),            # an extra word: wrong, 4 tokens
+        row("tom", "is", "a", ".", ".", ".", "###", "wumpus"),  # no <eos> in the budget: right, 8 tokens
+    ])
+    result = R.score(generated, [problem] * len(generated), vocab)
+    assert result["accuracy"] == 3 / 6
+    assert result["tokens"] == (3 + 6 + 5 + 2 + 4 + 8) / 6

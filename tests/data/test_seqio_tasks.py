@@ -31,6 +31,7 @@ def test_task_tokens_equal_the_grain_path(tokenizer, tmp_path):
     np.testing.assert_array_equal(validation_ids, tok.encode(validation_text))
 
 
+@pytest.mark.slow
 def test_training_from_the_seqio_task_gives_the_grain_losses(tmp_path):
     results = {}
     for source in ("grain", "seqio"):

@@ -3,6 +3,7 @@ clear errors for missing files."""
 
 import os
 
+import chex
 import numpy as np
 import pytest
 
@@ -39,7 +40,7 @@ def test_pack_matches_an_index_loop(seq_len, stride):
     packed = text.pack(ids, seq_len, stride)
     step = stride or seq_len
     starts = list(range(0, len(ids) - seq_len, step))
-    assert packed["inputs"].shape == (len(starts), seq_len)
+    chex.assert_shape([packed["inputs"], packed["targets"]], (len(starts), seq_len))
     for row, start in enumerate(starts):
         for i in range(seq_len):
             assert packed["inputs"][row, i] == ids[start + i]

@@ -4,9 +4,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+@pytest.mark.slow
 def test_bench_moe_times_every_dispatch():
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
     result = subprocess.run([sys.executable, "scripts/bench_moe.py", "--tokens=128", "--d_model=16", "--repeats=1"],

@@ -4,8 +4,8 @@ and answer accuracy by batched generation."""
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 
-from data import reasoning as R
 from experiments import checkpointing, metrics_writer, reasoning_eval, restore, trainer
 from experiments.configs import coconut_prosqa
 
@@ -36,6 +36,7 @@ def adam_counts(workdir, step):
     return counts, int(np.asarray(restored.state["stage"]))
 
 
+@pytest.mark.slow
 def test_curriculum_resets_the_optimizer_and_resumes_mid_curriculum(tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     trainer.train_and_evaluate(tiny_config(10), str(straight), verbose=False)
@@ -65,5 +66,4 @@ def test_chain_of_thought_has_no_curriculum_and_no_thoughts(tmp_path):
     config = restore.load_config(str(tmp_path))
     assert config.model.max_thoughts == 0
     result = reasoning_eval.evaluate(config, str(tmp_path))
-    assert result["thoughts"] == 0.0 and 0.0 <= result["accuracy"] <= 1.0
-    assert R.SPECIALS[R.BOT] == "<bot>"
+    assert result["thoughts"] == 0.0

@@ -2,6 +2,7 @@
 part of logits built from known components is recovered exactly, and the losses follow."""
 
 import numpy as np
+import pytest
 
 from experiments import progress_measures as pm
 
@@ -38,3 +39,36 @@ def test_restricted_and_excluded_losses_separate_the_key_frequency_circuit():
     full = pm._cross_entropy(logits, pairs[:, 0], pairs[:, 1])
     assert restricted < full + 0.1  # the circuit alone still solves the task
     assert excluded > np.log(P) - 0.5  # without it, the training pairs are near chance
+
+
+@pytest.mark.slow
+def test_progress_measures_script_end_to_end(tmp_path):
+    """scripts/progress_measures.py over the checkpoints of a tiny grokking run: a row per checkpoint whose
+    test loss is the cross-entropy over the answer tokens of the restored model on the held-out pairs."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import jax
+
+    from data import algorithmic
+    from experiments import restore, trainer
+    from tests.conftest import make_tiny_config
+
+    config = make_tiny_config(steps=6)
+    config.train.update(checkpoint_every=2, keep_checkpoints=5)
+    trainer.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1], verbose=False)
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    subprocess.run([sys.executable, "scripts/progress_measures.py", f"--workdir={tmp_path}", "--key_frequencies=2"],
+                   cwd=repo, env={**os.environ, "JAX_PLATFORMS": "cpu"}, check=True, capture_output=True, timeout=300)
+    result = json.loads((tmp_path / "progress_measures.json").read_text())
+    assert [r["step"] for r in result["checkpoints"]] == [2, 4, 6] and len(result["key_frequencies"]) == 2
+    assert (tmp_path / "progress_measures.png").stat().st_size > 0
+
+    model, variables = restore.load_variables(restore.load_config(str(tmp_path)), str(tmp_path), 6)
+    _, test = algorithmic.train_test_split(13, "a+b", 0.5, 0)
+    logits = np.asarray(model.apply(variables, test["inputs"])[:, -1, :13], np.float64)
+    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    expected = -np.mean(log_probs[np.arange(len(logits)), test["targets"][:, -1]])
+    np.testing.assert_allclose(result["checkpoints"][-1]["test_loss"], expected, rtol=1e-4)

@@ -71,6 +71,7 @@ def test_approach2_finds_the_compute_optimal_exponent_of_a_known_law():
         scaling_fits.fit_approach2(np.array(sizes)[large], np.array(flops)[large], np.array(losses)[large])
 
 
+@pytest.mark.slow
 def test_sweep_runs_each_point_once_and_writes_the_csv(tmp_path):
     base = make_tiny_lm_config()
     base.model.update(vocab_size=0, max_len=0)

@@ -59,6 +59,7 @@ def test_resume_is_exact(tmp_path):
                 assert a[step][key] == b[step][key], (split, step, key)
 
 
+@pytest.mark.slow
 def test_same_losses_on_one_device_and_on_a_2x2x2_mesh(tmp_path):
     config = make_tiny_config()
     _run(config, tmp_path / "one", devices=jax.devices()[:1])
@@ -98,6 +99,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
         assert np.isfinite(np.asarray(leaf)).all()
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
     workdir = tmp_path / "run"
     args = [sys.executable, "-m", "experiments.train", "--config=experiments/configs/grokking.py",

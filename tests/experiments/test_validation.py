@@ -40,7 +40,7 @@ def _unlocked_set(config, path, value):
     ("model.activation", "tanh", "model.activation='tanh' is not one of"),
     ("model.num_kv_heads", 3, "model.num_kv_heads=3 must divide model.num_heads=4"),
     ("train.steps", 0, "train.steps=0 must be >= 1"),
-    ("optimizer.adamw.b2", 1.5, "optimizer.adamw.b2=1.5 must be < 1"),
+    ("optimizer.adamw.b2", 1.5, "optimizer.adamw.b2=1.5 must lie in [0, 1)"),
     ("optimizer.lr", -1.0, "optimizer.lr=-1.0 must be > 0"),
     ("data.p", 12, "data.p=12 is not a prime"),
     ("model.name", "mamba7", "model.name='mamba7' is not one of"),

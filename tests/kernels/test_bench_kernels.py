@@ -6,9 +6,12 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+@pytest.mark.slow
 def test_cpu_memory_table():
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
     result = subprocess.run([sys.executable, "scripts/bench_kernels.py", "--memory_length=2048"], cwd=REPO, env=env,

@@ -12,6 +12,7 @@ from data import reasoning as R
 from experiments import validation
 from experiments.configs import base
 from models import coconut
+from tests.conftest import slow
 
 BOT_AT, K, LENGTH, VOCAB = 5, 4, 15, 24
 
@@ -68,7 +69,7 @@ def _naive_logits(model, variables, tokens, latent, offsets, columns):
     return model.apply(variables, full(x), method=coconut.Coconut.logits)
 
 
-@pytest.mark.parametrize("thoughts", ["latent", "pause"])
+@pytest.mark.parametrize("thoughts", ["latent", slow("pause")])
 def test_cached_loop_equals_naive_loop_values_and_gradients(thoughts):
     model, tokens, variables = make_model(thoughts), make_tokens(), init_variables()
     weights = jax.random.normal(jax.random.PRNGKey(1), (3, LENGTH, VOCAB))

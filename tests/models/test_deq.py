@@ -2,6 +2,7 @@
 Broyden in fewer iterations; implicit gradients against the closed form, finite differences and
 unrolling (float64); the phantom gradient approaches the implicit one; non-convergence is reported."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -86,6 +87,19 @@ def test_phantom_gradient_approaches_the_implicit_one():
                                                                    phantom_damping=1.0))(x) - implicit))
               for k in (1, 3, 10, 40)]
     assert errors[0] > errors[1] > errors[2] > errors[3] and errors[3] < 1e-3 * float(jnp.linalg.norm(implicit))
+
+
+class FixedPointTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_fixed_point_with_and_without_jit(self):
+        """z* = (I - A)^{-1} x by Anderson, and its implicit gradient in x, the same under jit and eagerly."""
+        f, a, x = linear(seed=4)
+        solve = self.variant(lambda a, x: deq.fixed_point(f, jnp.zeros(N), a, x, tol=1e-6, max_iter=200))
+        a32, x32 = jnp.asarray(a, jnp.float32), jnp.asarray(x, jnp.float32)
+        chex.assert_trees_all_close(solve(a32, x32), np.linalg.solve(np.eye(N) - a, x), rtol=1e-4, atol=1e-4)
+        grad = self.variant(jax.grad(lambda x: jnp.sum(deq.fixed_point(f, jnp.zeros(N), a32, x, tol=1e-6,
+                                                                        max_iter=200))))(x32)
+        chex.assert_trees_all_close(grad, np.linalg.solve((np.eye(N) - a).T, np.ones(N)), rtol=1e-3, atol=1e-4)
 
 
 def test_non_convergence_is_reported():

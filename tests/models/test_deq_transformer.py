@@ -1,6 +1,7 @@
 """The DEQ stabilisers against closed forms, and the DEQ transformer LM: its output is the fixed point,
 cached decoding equals the full pass, implicit gradients equal unrolled ones, and it trains."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 from experiments import metrics_writer, trainer, validation
 from experiments.configs import lm_shakespeare
 from models import deq_stabilisers, deq_transformer
-from tests.conftest import make_tiny_config
+from tests.conftest import make_tiny_config, slow
 
 
 def test_hutchinson_estimates_the_frobenius_norm_of_the_jacobian():
@@ -39,7 +40,7 @@ def test_weight_normalise_is_the_identity_at_initialisation_and_sets_column_norm
     params = {"out": jnp.asarray(rng.normal(size=(3, 8, 24))), "wo": {"kernel": jnp.asarray(rng.normal(size=(40, 24)))},
               "scale": jnp.ones(24)}
     gains = deq_stabilisers.column_norms(params)
-    assert gains["out"].shape == (24,) and gains["wo/kernel"].shape == (24,)
+    chex.assert_shape([gains["out"], gains["wo/kernel"]], (24,))
     same = deq_stabilisers.weight_normalise(params, gains)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), same, params)
     new_gains = jax.tree.map(lambda g: 2.0 + 0 * g, gains)
@@ -57,7 +58,7 @@ def _model(**overrides):
     return cfg, model, {k: v for k, v in variables.items() if k != "metrics"}, tokens
 
 
-@pytest.mark.parametrize("weight_normalisation", ["none", "spectral", "weight"])
+@pytest.mark.parametrize("weight_normalisation", ["none", slow("spectral"), slow("weight")])
 def test_output_is_the_fixed_point_of_plain_iteration(weight_normalisation):
     cfg, model, variables, tokens = _model(tol=1e-6, max_iter=100, weight_normalisation=weight_normalisation)
     logits, written = model.apply(variables, tokens, mutable=["metrics"])
@@ -119,14 +120,17 @@ def test_deq_trains_in_the_trainer_and_logs_solver_statistics(tmp_path):
     trainer.train_and_evaluate(config, str(tmp_path), verbose=False)
     train = [e for e in metrics_writer.read(str(tmp_path)) if e["split"] == "train"]
     assert len(train) == 4
-    for event in train:
-        assert 1 <= event["forward_iterations"] <= 12 and event["forward_residual"] >= 0
-        assert 1 <= event["backward_iterations"] <= 12 and event["backward_residual"] >= 0
+    for event in train:  # each solve stops at its tolerance or at its iteration cap, never elsewhere
+        assert event["forward_residual"] <= config.model.tol or event["forward_iterations"] == config.model.max_iter
+        assert event["backward_residual"] <= config.model.tol or \
+            event["backward_iterations"] == config.model.backward_max_iter
+        assert event["forward_iterations"] >= 2 and event["forward_residual"] > 0  # it did iterate
         assert event["jacobian_frobenius_sq"] > 0 and event["aux_loss"] == pytest.approx(
             0.5 * event["jacobian_frobenius_sq"], rel=1e-5)
     assert train[-1]["loss"] < train[0]["loss"]
 
 
+@pytest.mark.slow  # compiled-memory figures: measured with the optimisations the default suite turns off
 def test_implicit_backward_memory_is_flat_in_max_iter_and_unrolling_grows():
     def temp_bytes(backward, max_iter):
         _, model, variables, tokens = _model(backward=backward, max_iter=max_iter, backward_max_iter=max_iter)

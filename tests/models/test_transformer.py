@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from models import transformer
+from tests.conftest import slow
 
 VARIANTS = {  # name -> TransformerConfig overrides
     "gqa_rope_rmsnorm_swiglu": dict(num_heads=4, num_kv_heads=2, positional="rope", norm="rmsnorm", activation="swiglu"),
@@ -19,8 +20,8 @@ VARIANTS = {  # name -> TransformerConfig overrides
 
 
 def make(overrides, **extra):
-    cfg = transformer.TransformerConfig(vocab_size=23, max_len=16, d_model=24, num_layers=2, d_mlp=40,
-                                        **{**overrides, **extra})
+    cfg = transformer.TransformerConfig(**{**dict(vocab_size=23, max_len=16, d_model=24, num_layers=2, d_mlp=40),
+                                           **overrides, **extra})
     model = transformer.Transformer(cfg)
     tokens = jax.random.randint(jax.random.key(0), (2, 11), 0, cfg.vocab_size)
     params = nn.meta.unbox(model.init(jax.random.key(1), tokens)["params"])
@@ -60,15 +61,26 @@ class TransformerTest(chex.TestCase):
     def test_remat_changes_nothing(self):
         overrides = VARIANTS["gqa_rope_rmsnorm_swiglu"]
         _, model, params, tokens = make(overrides)
-        loss = lambda m: (lambda p: jnp.mean(m.apply({"params": p}, tokens) ** 2))
+        loss = lambda m: (lambda p: jnp.mean(m.apply({"params": p}, tokens) ** 2))  # noqa: E731
         reference = jax.value_and_grad(loss(model))(params)
         for policy in ("full", "dots"):
             _, remat_model, _, _ = make(overrides, remat=policy)
             chex.assert_trees_all_close(jax.value_and_grad(loss(remat_model))(params), reference, atol=1e-6)
 
+    def test_scan_unroll_changes_nothing(self):
+        """Two layers per scan iteration (and the stack fully unrolled) compute the same loss and gradients."""
+        overrides = VARIANTS["mha_learned_layernorm_gelu_tied"]
+        _, model, params, tokens = make(overrides, num_layers=4)
+        loss = lambda m: (lambda p: jnp.mean(m.apply({"params": p}, tokens) ** 2))  # noqa: E731
+        reference = jax.value_and_grad(loss(model))(params)
+        for unroll in (2,):  # 2 layers per iteration of 4 (scan_unroll=num_layers unrolls it all: bench_train)
+            _, unrolled, unrolled_params, _ = make(overrides, num_layers=4, scan_unroll=unroll)
+            chex.assert_trees_all_equal_shapes(unrolled_params, params)  # the same stacked parameters
+            chex.assert_trees_all_close(jax.value_and_grad(loss(unrolled))(params), reference, rtol=1e-5, atol=1e-6)
+
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-@pytest.mark.parametrize("prefill", [1, 4])
+@pytest.mark.parametrize("prefill", [slow(1), 4])
 def test_kv_cache_decode_equals_full_pass(variant, prefill):
     cfg, model, params, tokens = make(VARIANTS[variant])
     full = model.apply({"params": params}, tokens)
@@ -82,7 +94,8 @@ def test_kv_cache_decode_equals_full_pass(variant, prefill):
     np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), full, atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("variant", ["gqa_rope_rmsnorm_swiglu", slow("mha_learned_layernorm_gelu_tied"),
+                                     slow("mqa_nopos_nonorm_relu_bias")])
 def test_pallas_attention_gives_the_xla_logits_gradients_and_decoding(variant):
     """attention_impl="pallas" (flash kernels, interpret mode here): the same logits and parameter
     gradients as the XLA reference, and cached decoding (which uses the reference) still matches it."""

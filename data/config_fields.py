@@ -35,16 +35,27 @@ def problems(cls, values, prefix: str) -> list[str]:
         if not f.metadata:
             continue
         value, meta, path = values[f.name], f.metadata, f"{prefix}{f.name}"
-        if meta["choices"] is not None and value not in meta["choices"]:
-            found.append(f"{path}={value!r} is not one of {list(meta['choices'])}")
-        elif meta["min"] is not None and not value >= meta["min"]:
-            found.append(f"{path}={value} must be >= {meta['min']}")
-        elif meta["max"] is not None and not value <= meta["max"]:
-            found.append(f"{path}={value} must be <= {meta['max']}")
-        elif meta["above"] is not None and not value > meta["above"]:
-            found.append(f"{path}={value} must be > {meta['above']}")
-        elif meta["below"] is not None and not value < meta["below"]:
-            found.append(f"{path}={value} must be < {meta['below']}")
+        if meta["choices"] is not None:
+            if value not in meta["choices"]:
+                found.append(f"{path}={value!r} is not one of {list(meta['choices'])}")
         elif isinstance(value, float) and math.isnan(value):
             found.append(f"{path}=nan is not a number")
+        elif not _in_range(value, meta):
+            found.append(f"{path}={value} must {_describe_range(meta)}")
     return found
+
+
+def _in_range(value, meta) -> bool:
+    return ((meta["min"] is None or value >= meta["min"]) and (meta["max"] is None or value <= meta["max"])
+            and (meta["above"] is None or value > meta["above"]) and (meta["below"] is None or value < meta["below"]))
+
+
+def _describe_range(meta) -> str:
+    """The declared range in words: be >= 1, be < 1, lie in (0, 1), lie in [0, 1), ..."""
+    low = ("[", meta["min"]) if meta["min"] is not None else ("(", meta["above"]) if meta["above"] is not None else None
+    high = ("]", meta["max"]) if meta["max"] is not None else (")", meta["below"]) if meta["below"] is not None else None
+    if low and high:
+        return f"lie in {low[0]}{low[1]}, {high[1]}{high[0]}"
+    if low:
+        return f"be {'>=' if low[0] == '[' else '>'} {low[1]}"
+    return f"be {'<=' if high[0] == ']' else '<'} {high[1]}"

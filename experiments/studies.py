@@ -1,0 +1,30 @@
+"""What study and benchmark scripts share: run a config (or reuse its finished run) and read its metrics,
+and time a jitted function with one statistic, the median.
+
+Counting parameters is `models.parameter_count`; MoE load balance is `models.moe.max_violation`.
+"""
+
+import time
+
+import jax
+import numpy as np
+
+from experiments import metrics_writer, trainer
+
+
+def run_or_reuse(config, workdir: str, **train_kwargs) -> tuple[list[dict], list[dict]]:
+    """(train events, eval events) of `config` trained in `workdir`; a finished run is read, not rerun (the
+    trainer resumes from its last checkpoint, which is the end)."""
+    trainer.train_and_evaluate(config, workdir, verbose=False, **train_kwargs)
+    return metrics_writer.read(workdir, "train"), metrics_writer.read(workdir, "eval")
+
+
+def median_seconds(fn, *args, repeats: int = 10) -> float:
+    """Median wall seconds of fn(*args) (a jitted or compiled function) over `repeats` calls after a warm-up."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
