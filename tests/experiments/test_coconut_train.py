@@ -67,3 +67,32 @@ def test_chain_of_thought_has_no_curriculum_and_no_thoughts(tmp_path):
     assert config.model.max_thoughts == 0
     result = reasoning_eval.evaluate(config, str(tmp_path))
     assert result["thoughts"] == 0.0
+
+
+def test_evaluate_scores_hand_made_generations_batch_by_batch(tmp_path, monkeypatch):
+    """reasoning_eval.evaluate with the model's generations replaced by known ones: every third problem
+    answered right, the others with the wrong option; batches of 4 over the test split, in order."""
+    import data as datasets
+    from data import reasoning
+
+    trainer.train_and_evaluate(tiny_config(1, "nocot"), str(tmp_path), verbose=False)
+    config = restore.load_config(str(tmp_path))
+    problems = datasets.reasoning_problems(config.data, config.seed)["test"]
+    vocab = datasets.GENERATORS[config.data.name].VOCABULARY
+    served = []
+
+    def generate(model, variables, prompt, *, num_thoughts, num_tokens):
+        rows = []
+        for i in range(len(served), len(served) + len(prompt)):
+            options = [w for w in problems[i].question if w in vocab.ids and w not in problems[i].answer]
+            answer = problems[i].answer if i % 3 == 0 else (options[-1],)
+            words = ["###", *answer, "<eos>"]
+            rows.append(vocab.encode(words) + [reasoning.PAD] * (num_tokens - len(words)))
+        served.extend(rows)
+        return np.asarray(rows, np.int32)
+
+    monkeypatch.setattr(reasoning_eval.coconut, "generate", generate)
+    result = reasoning_eval.evaluate(config, str(tmp_path), batch_size=4)
+    assert len(served) == len(problems) == 8
+    assert result["accuracy"] == 3 / 8  # problems 0, 3 and 6
+    assert result["tokens"] == 3.0 and result["thoughts"] == 0.0
