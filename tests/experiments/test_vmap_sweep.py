@@ -16,6 +16,7 @@ from experiments import optimizers, trainer, vmap_sweep
 from tests.conftest import make_tiny_config
 
 
+@pytest.mark.slow
 def test_each_vmapped_member_trains_exactly_like_the_trainer_alone():
     config = make_tiny_config()
     config.optimizer.update(warmup_steps=3, schedule="cosine", min_lr_ratio=0.1)

@@ -84,6 +84,7 @@ def test_cached_decoding_equals_the_full_pass():
     np.testing.assert_allclose(jnp.concatenate(pieces, 1), full, atol=2e-4)
 
 
+@pytest.mark.slow  # by default: tests/models/test_deq.py (implicit gradients vs closed form, finite differences)
 def test_implicit_gradients_equal_unrolled_ones_and_the_probe_reports_the_adjoint_solve():
     targets = jnp.asarray(np.random.default_rng(3).integers(0, 13, (2, 11)), jnp.int32)
 
