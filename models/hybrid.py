@@ -23,7 +23,8 @@ import jax.numpy as jnp
 
 from models import blocks, layers, lm, mamba2, moe
 from data.config_fields import field
-from models.lm_config import ACTIVATIONS, LMConfig
+from models.layers import ACTIVATIONS
+from models.lm_config import LMConfig
 
 LAYER_KINDS = "SAEC"
 

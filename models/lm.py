@@ -22,7 +22,6 @@ from models import blocks, layers
 from models.lm_config import LMConfig
 
 STACKED_COLLECTIONS = ("params", "router_bias", "metrics", "losses")
-ACTIVATION = ("activation_batch", "activation_length", "activation_embed")
 
 
 class LM(nn.Module):
@@ -43,8 +42,8 @@ class LM(nn.Module):
         self.embed = layers.token_embedding(cfg.vocab_size, cfg.d_model, dtype)
         if cfg.positional == "learned":
             self.position_embedding = layers.learned_positions(self, cfg.max_len, cfg.d_model)
-        if self.unit() is not None:
-            unit, kwargs = self.unit()
+        if (stacked := self.unit()) is not None:
+            unit, kwargs = stacked
             if cfg.remat != "none":
                 unit = nn.remat(unit, policy=layers.remat_policy(cfg.remat), prevent_cse=False)
             self.stack = nn.scan(
@@ -59,7 +58,7 @@ class LM(nn.Module):
         x = self.embed(tokens)
         if self.cfg.positional == "learned":
             x = layers.add_positions(x, self.position_embedding, start)
-        return nn.with_logical_constraint(x, ACTIVATION)
+        return nn.with_logical_constraint(x, blocks.ACTIVATION)
 
     def hidden(self, x, cache=None, start=0, key_mask=None):
         """Runs the stack over embeddings x [B, T, D]; returns (final-norm hidden [B, T, D], cache).

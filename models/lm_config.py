@@ -10,12 +10,10 @@ import dataclasses
 import jax.numpy as jnp
 
 from data.config_fields import field
+from models.attention import IMPLS as ATTENTION_IMPLS
+from models.layers import ACTIVATIONS, NORMS, REMAT_POLICIES
 
-NORMS = ("rmsnorm", "layernorm", "none")
-ACTIVATIONS = ("relu", "gelu", "swiglu")
 POSITIONALS = ("rope", "learned", "none")
-REMAT_POLICIES = ("none", "full", "dots")
-ATTENTION_IMPLS = ("xla", "pallas")
 
 
 @dataclasses.dataclass(frozen=True)

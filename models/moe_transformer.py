@@ -14,7 +14,7 @@ import dataclasses
 
 from models import blocks, lm, moe, transformer
 from data.config_fields import field
-from models.lm_config import ACTIVATIONS
+from models.layers import ACTIVATIONS
 
 
 @dataclasses.dataclass(frozen=True)

@@ -88,7 +88,7 @@ def test_parameters_match_the_paper_layout():
     assert ((dt >= 1e-3 * 0.999) & (dt <= 0.1 * 1.001)).all()
 
 
-@pytest.mark.parametrize("name,kernels", [slow("ssd", "xla"), slow("hybrid", "xla"), ("hybrid", "pallas")])
+@pytest.mark.parametrize("name,kernels", [slow("ssd", "xla"), slow("hybrid", "xla"), slow("hybrid", "pallas")])
 def test_trains_with_the_same_losses_on_one_device_and_a_2x2x2_mesh(name, kernels, tmp_path):
     """The mesh run gives the one-device losses; with kernels="pallas" it runs the Pallas SSD and
     flash-attention kernels per shard against the XLA implementations on one device."""
