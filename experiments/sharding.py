@@ -70,11 +70,6 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
     return tuple(sizes)
 
 
-def batch_shards_of(shape: tuple[int, ...]) -> int:
-    """How many slices a global batch is split into on a mesh of this shape (sizes of MESH_AXES)."""
-    return math.prod(size for axis, size in zip(MESH_AXES, shape) if axis in BATCH_AXES)
-
-
 def logical_axis_size(shape: tuple[int, ...], logical: str) -> int:
     """How many shards the rules split the logical axis `logical` into on a mesh of this shape."""
     axes = dict(LOGICAL_AXIS_RULES)[logical]

@@ -59,7 +59,7 @@ def validate(config, num_devices: int, process_count: int = 1) -> tuple[int, ...
             for p in field_problems(cls, config[name], f"{name}.")])
     _raise(models.MODELS[config.model.name][2](config.model) + data.DATASETS[config.data.name][2](config.data))
     shape = sharding.mesh_shape(config.mesh, num_devices)
-    batch_shards = sharding.batch_shards_of(shape)
+    batch_shards = sharding.logical_axis_size(shape, "activation_batch")
     for key in ("batch_size", "eval_batch_size"):
         size = config.data[key]
         if size != -1 and (size < 1 or size % batch_shards or size % process_count):
