@@ -56,7 +56,7 @@ def main(argv):
     lengths = [int(n) for n in _LENGTHS.value]
     chunk_sizes = [int(n) for n in _CHUNKS.value]
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}; batch {BATCH}, heads {HEADS}, "
-          f"head_dim {HEAD_DIM}, state {STATE}, float32; best of {_REPEATS.value}\n")
+          f"head_dim {HEAD_DIM}, state {STATE}, float32; median of {_REPEATS.value}\n")
     rows = {}
     for length in lengths:
         args = inputs(length)
