@@ -8,6 +8,8 @@ checkpointable grain batches.
 
 import dataclasses
 import functools
+import hashlib
+import os
 
 import numpy as np
 
@@ -162,6 +164,32 @@ DATASETS = {
     "prosqa": (_load_reasoning, ReasoningConfig, prosqa.validate),
     "prontoqa": (_load_reasoning, ProntoQAConfig, prontoqa.validate),
 }
+
+
+def _sha256_of_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def identity(data_config, splits: Splits) -> dict:
+    """What a run trains and evaluates on, for the resume check (experiments/run_record.py): the SHA-256 of
+    every token array (any dataset), and for text the file (path, bytes, SHA-256) and the tokenizer model."""
+    digest = hashlib.sha256()
+    for name, examples in [("train", splits.train), *enumerate(splits.stages), *sorted(splits.evals.items())]:
+        for key in sorted(examples):
+            array = np.ascontiguousarray(examples[key])
+            digest.update(f"{name}/{key}{array.dtype}{array.shape}".encode())
+            digest.update(array.tobytes())
+    found = {"tokens_sha256": digest.hexdigest()}
+    if data_config.name == "text":
+        path = text.resolve_path(data_config.path)
+        found.update(file=path, file_bytes=os.path.getsize(path), file_sha256=_sha256_of_file(path))
+        if data_config.tokenizer == "sentencepiece":
+            found["tokenizer_sha256"] = _sha256_of_file(text.resolve_path(data_config.spm_model))
+    return found
 
 
 def load(data_config, seed: int) -> Splits:

@@ -1,7 +1,8 @@
 """Where metrics go: `metrics.jsonl` (CONTRACTS §1), TensorBoard event files, and a progress line.
 
-Only process 0 writes. Each event is one JSON object per line, appended, so a resumed run
-continues the file: {"step": 500, "split": "train", "loss": 0.0123, ...} with plain floats.
+Only process 0 writes. Each event is one JSON object per line, {"step": 500, "split": "train", "loss": 0.0123,
+...} with plain floats, appended, so a resumed run continues the file; the one rewrite drops a last line torn
+by a kill. A resumed run logs again the steps between its checkpoint and the kill: the later event wins.
 """
 
 import json
@@ -16,7 +17,9 @@ class MetricsWriter:
     def __init__(self, workdir: str, enabled: bool = True):
         self.enabled = enabled
         if enabled:
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            path = os.path.join(workdir, "metrics.jsonl")
+            _drop_torn_line(path)
+            self._jsonl = open(path, "a")
             self._tensorboard = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, split: str, metrics: dict) -> None:
@@ -34,10 +37,24 @@ class MetricsWriter:
             self._tensorboard.close()
 
 
+def _drop_torn_line(path: str) -> None:
+    """Truncates a last line without its newline (a writer killed mid-write), so appending goes on cleanly."""
+    if not os.path.exists(path):
+        return
+    with open(path, "rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0 or (f.seek(size - 1) is not None and f.read(1) == b"\n"):
+            return
+        f.seek(0)
+        f.truncate(f.read().rfind(b"\n") + 1)
+
+
 def read(workdir: str, split: str | None = None) -> list[dict]:
-    """Every event in `metrics.jsonl` (of one split, if given), in order."""
+    """Every event in `metrics.jsonl` (of one split, if given), in order; a torn last line (a writer killed
+    mid-write, or one still writing) is not an event."""
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        events = [json.loads(line) for line in f if line.strip()]
+        complete = f.read().split("\n")[:-1]
+    events = [json.loads(line) for line in complete if line.strip()]
     return events if split is None else [e for e in events if e["split"] == split]
 
 

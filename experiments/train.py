@@ -4,8 +4,10 @@
         [--config.KEY=VALUE ...] [--coordinator_address=HOST:PORT --num_processes=N --process_id=I]
 
 With no --config the default experiment runs (experiments/configs/default.py). Running again with
-the same --workdir resumes from its latest checkpoint. Bad input exits with status 2 and one line
-on stderr before anything compiles; a non-finite loss exits with status 1.
+the same --workdir resumes from its newest good checkpoint. Bad input (including a resume with another
+config or other data) exits with status 2 and one line on stderr before anything compiles; a non-finite
+loss (after `train.nan_rollbacks` rollbacks), a checkpoint that cannot be written, a workdir whose every
+checkpoint is damaged and a multi-process job that cannot form exit with status 1 and one line.
 """
 
 import datetime
@@ -28,6 +30,8 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
 _HEARTBEAT_TIMEOUT = flags.DEFINE_integer("heartbeat_timeout_s", 100, "Multi-process jobs: a process silent "
                                           "this long is declared dead and the others stop with an error.")
+_INIT_TIMEOUT = flags.DEFINE_integer("init_timeout_s", 300, "Multi-process jobs: stop with an error if the job "
+                                     "has not formed (every process connected to the coordinator) in this time.")
 
 
 def _fail(message: str, status: int = 2):
@@ -54,15 +58,25 @@ def _initialize_distributed():
     import jax
 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # collectives across CPU processes
-    timeouts = dict(heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value)
+    timeouts = dict(heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value, initialization_timeout=_INIT_TIMEOUT.value)
     if _COORDINATOR.value or _NUM_PROCESSES.value:
         if not (_COORDINATOR.value and _NUM_PROCESSES.value and _PROCESS_ID.value is not None):
             _fail("--coordinator_address, --num_processes and --process_id go together")
         if not 0 <= _PROCESS_ID.value < _NUM_PROCESSES.value:
             _fail(f"--process_id={_PROCESS_ID.value} must lie in [0, --num_processes={_NUM_PROCESSES.value})")
-        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, **timeouts)
+        where = f"coordinator {_COORDINATOR.value}"
+        initialize = lambda: jax.distributed.initialize(  # noqa: E731
+            _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, **timeouts)
     elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
-        jax.distributed.initialize(**timeouts)
+        where, initialize = "the coordinator SLURM / the TPU runtime named", lambda: jax.distributed.initialize(**timeouts)
+    else:
+        return
+    try:
+        initialize()
+    except Exception as e:  # jax raises a multi-line runtime error (DEADLINE_EXCEEDED, UNAVAILABLE, ...)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        _fail(f"the multi-process job did not form within --init_timeout_s={_INIT_TIMEOUT.value} s at {where} "
+              f"({first[:200]}); check that every process was started with the same address", status=1)
 
 
 def main(argv):
@@ -71,7 +85,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # library chatter (orbax, absl) off; our progress goes to stdout
     _initialize_distributed()
 
-    from experiments import trainer, validation
+    from experiments import checkpointing, trainer, validation
 
     config_name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
     workdir = _WORKDIR.value or os.path.join(
@@ -80,7 +94,7 @@ def main(argv):
         result = trainer.train_and_evaluate(_CONFIG.value, workdir)
     except validation.ConfigError as e:
         _fail(str(e))
-    except trainer.NonFiniteLossError as e:
+    except (trainer.NonFiniteLossError, checkpointing.CheckpointWriteError, checkpointing.NoGoodCheckpointError) as e:
         _fail(str(e), status=1)
     summary = "  ".join(f"{split} " + " ".join(f"{k} {v:.4g}" for k, v in m.items())
                         for split, m in result.items() if isinstance(m, dict))

@@ -3,21 +3,26 @@
     1. resolve and validate the config (before anything compiles)
     2. set up the mesh
     3. build data, model, optimizer, and the shardings of the train state
-    4. restore the latest checkpoint, or initialise
+    4. restore the newest good checkpoint (damaged ones are reported and set aside), or initialise
     5. compile the train and eval steps
-    6. loop: step, log, evaluate, checkpoint; stop cleanly on SIGTERM, loudly on a non-finite loss
+    6. loop: step, log, evaluate, checkpoint; stop cleanly on SIGTERM; on a non-finite loss roll back to
+       the last good checkpoint past the batches that diverged (`train.nan_rollbacks` times), then stop loudly
 
 With a curriculum (data whose `Splits.stages` are set, e.g. Coconut's), each stage's first step resets
 the optimizer state; the stage is part of the train state, so a resumed run continues in its stage.
 
 Train metrics are fetched from the device only every `log_every` steps (and before each checkpoint),
 so dispatch runs ahead of the host; every step's loss is still checked before a checkpoint is written.
+
+A resumed workdir must hold the same run: the config and the data's identity are recorded on the first
+start and checked on every later one (experiments/run_record.py).
 """
 
 import functools
 import json
 import os
 import signal
+import sys
 import time
 
 from typing import Any
@@ -33,17 +38,22 @@ from flax.training import train_state
 import data as datasets
 import models
 from data import pipeline
-from experiments import checkpointing, losses, metrics_writer, optimizers, plots, sharding, validation
+from experiments import checkpointing, losses, metrics_writer, optimizers, plots, run_record, sharding, validation
 
 
 class TrainState(train_state.TrainState):
     rng: jax.Array  # raw uint32 key; step s uses fold_in(rng, s)
     model_state: Any = flax.struct.field(default_factory=dict)  # the model's other collections (models/__init__.py)
     stage: jax.Array = 0  # int32 curriculum stage (0 without a curriculum)
+    data_skipped: jax.Array = 0  # int32 batches skipped by NaN rollbacks: step s trains on batch s + data_skipped
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or Inf; the message names the step and the last good checkpoint."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
 
 
 def resolve(config, splits: datasets.Splits):
@@ -71,7 +81,7 @@ def init_state(model, tx, example_inputs, rng):
     params = variables.pop("params")
     model_state = {k: v for k, v in variables.items() if k not in models.SOWN}
     return TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=state_rng, model_state=model_state,
-                             stage=jnp.zeros((), jnp.int32))
+                             stage=jnp.zeros((), jnp.int32), data_skipped=jnp.zeros((), jnp.int32))
 
 
 def begin_stage(state: TrainState, stage, *, tx) -> TrainState:
@@ -168,24 +178,50 @@ def evaluate(state, eval_step, batches, mesh, chars_per_token=None) -> dict:
     return result
 
 
-def _check_finite(window, last_good_step):
+def _check_finite(window, last_good_step, rollbacks: int):
     for step, metrics in window:
         if not np.isfinite(metrics["loss"]):
+            after = f" after {rollbacks} rollbacks" if rollbacks else ""
             raise NonFiniteLossError(
-                f"loss is {metrics['loss']} at step {step}; stopping. The last good checkpoint is step "
-                f"{last_good_step} (lower optimizer.lr or set optimizer.grad_clip, then rerun to resume)")
+                f"loss is {metrics['loss']} at step {step}{after}; stopping. The last good checkpoint is step "
+                f"{last_good_step} (lower optimizer.lr, set optimizer.grad_clip or train.nan_rollbacks, then rerun "
+                "to resume)", step)
+
+
+def roll_back(ckpt: checkpointing.Checkpoints, bad_step: int, data_skipped: int, abstract_state, data_iterator,
+              fresh_state, skipped_sharding):
+    """PaLM's remedy for a loss spike: the last good state (the initial one if nothing was saved yet), with the
+    data moved past every batch up to the one of `bad_step` (which ran with `data_skipped` batches skipped
+    before it); returns (state, batches skipped now)."""
+    ckpt.finish_pending()
+    if ckpt.latest_good is None:
+        state = fresh_state()
+    else:
+        state = ckpt.restore(ckpt.latest_good, abstract_state, data_iterator)
+    next_index = bad_step + data_skipped  # step s trains on batch s - 1 + data_skipped
+    skipped_before = int(state.data_skipped)
+    data_iterator.set_state({**data_iterator.get_state(), "next_index": next_index})
+    now_skipped = next_index - int(state.step)
+    state = state.replace(data_skipped=jax.device_put(np.int32(now_skipped), skipped_sharding))
+    return state, now_skipped - skipped_before
 
 
 def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = True) -> dict:
-    """Trains `config` in `workdir` (resuming from its latest checkpoint); returns the last metrics."""
+    """Trains `config` in `workdir` (resuming from its newest good checkpoint); returns the last metrics."""
     devices = list(devices if devices is not None else jax.devices())
     is_lead = jax.process_index() == 0
 
-    # 1. Validate the config, then resolve what the data decides; before anything compiles.
+    def warn(message):
+        if is_lead:
+            print(message, file=sys.stderr, flush=True)
+
+    # 1. Validate the config, then resolve what the data decides; a workdir resumes only the same run.
     mesh_shape = validation.validate(config, len(devices), jax.process_count())
     splits = datasets.load(config.data, seed=config.seed)
     config = resolve(config, splits)
     validation.validate_resolved(config)
+    resolved, data_identity = json.loads(json.dumps(config.to_dict())), datasets.identity(config.data, splits)
+    run_record.check_resumable(workdir, resolved, data_identity)
 
     # 2. Set up the mesh.
     mesh = sharding.make_mesh(mesh_shape, devices)
@@ -199,11 +235,11 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
     init_fn = functools.partial(init_state, model, tx, example_inputs)
     rng = jax.random.PRNGKey(config.seed)
     abstract_state, state_shardings = abstract_state_and_shardings(init_fn, rng, mesh)
+    abstract_state = checkpointing.abstract_like(abstract_state, state_shardings)
 
     os.makedirs(workdir, exist_ok=True)
     if is_lead:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(config.to_dict(), f, indent=2, sort_keys=True)
+        run_record.record(workdir, resolved, data_identity)
 
     # Data: this process's slice of every global batch.
     train_batch = batch_size(config.data.batch_size, len(splits.train["inputs"]), batch_shards)
@@ -221,14 +257,15 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
         return pipeline.batched(examples, batch_size=size, seed=0, shuffle=False, num_epochs=1,
                                 drop_remainder=False, **process)
 
-    # 4. Restore the latest checkpoint, or initialise.
-    ckpt = checkpointing.manager(workdir, config.train.keep_checkpoints)
+    # 4. Restore the newest good checkpoint, or initialise.
     with sharding.use_mesh(mesh):
-        state = checkpointing.restore_latest(
-            ckpt, checkpointing.abstract_like(abstract_state, state_shardings), train_iter)
+        compiled_init = jax.jit(lambda r: nn.meta.unbox(init_fn(r)), out_shardings=state_shardings)
+        state = checkpointing.restore_latest(workdir, abstract_state, train_iter, warn=warn)
         resumed = state is not None
         if not resumed:
-            state = jax.jit(lambda r: nn.meta.unbox(init_fn(r)), out_shardings=state_shardings)(rng)
+            state = compiled_init(rng)
+        ckpt = checkpointing.Checkpoints(workdir, config.train.keep_checkpoints,
+                                         latest_good=int(state.step) if resumed else None)
 
         # 5. Compile the steps: state donated and kept in its shardings, batches split over (data, fsdp).
         batch_spec = sharding.batch_sharding(mesh)
@@ -246,8 +283,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
         progress = metrics_writer.Progress(config.train.steps, first_step, enabled=verbose and is_lead)
         if resumed:
             progress.message(f"resumed from step {first_step} in {workdir}")
-        last_good = ckpt.latest_step()
-        stage = int(state.stage)
+        stage, data_skipped, rollbacks = int(state.stage), int(state.data_skipped), 0
         pending, window, last = [], [], {}
         tokens_per_step = train_batch * splits.seq_len
         window_start = loop_start = time.perf_counter()
@@ -258,54 +294,69 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
             pending.clear()
             steps = range(step - len(fetched) + 1, step + 1)
             window.extend(zip(steps, fetched))
-            _check_finite(window[-len(fetched):], last_good)
+            _check_finite(window[-len(fetched):], ckpt.last_saved, rollbacks)
 
-        with _SigtermFlag() as sigterm:
-            while step < config.train.steps and not sigterm.raised:
-                if pipeline.stage_of(stage_starts, step) != stage:
-                    stage = pipeline.stage_of(stage_starts, step)
-                    state = compiled_begin_stage(state, stage)
-                    progress.message(f"curriculum stage {stage} from step {step}: optimizer state reset")
-                batch = sharding.global_batch(next(train_iter), mesh)
-                with jax.transfer_guard("disallow"):
-                    state, metrics = compiled_train_step(state, batch)
-                pending.append(metrics)
-                step += 1
-                final = step == config.train.steps
-                do_log = step % config.train.log_every == 0 or final
-                do_eval = (config.train.eval_every and step % config.train.eval_every == 0) or final
-                do_save = step % config.train.checkpoint_every == 0 or final
-                if do_log or do_save:
-                    sync()
-                if do_log:
-                    seconds = time.perf_counter() - window_start
-                    mean = {k: float(np.mean([m[k] for _, m in window])) for k in window[-1][1]}
-                    last["train"] = {**mean, "tokens_per_s": tokens_per_step * len(window) / seconds,
-                                     "wall_s": time.perf_counter() - loop_start}
-                    writer.write(step, "train", last["train"])
-                    window.clear()
-                    window_start = time.perf_counter()
-                if do_eval:
-                    for name, examples in splits.evals.items():
-                        last[name] = evaluate(state, compiled_eval_step, eval_batches(examples), mesh,
-                                              splits.chars_per_token)
-                        writer.write(step, name, last[name])
-                if do_log:
-                    shown = {"loss": last["train"]["loss"], "acc": last["train"]["accuracy"]}
-                    evals = "  ".join(f"{n} loss {m['loss']:.4g} acc {m['accuracy']:.4g}"
-                                      for n, m in last.items() if n != "train")
-                    progress.update(step, shown, evals)
-                if do_save:
-                    checkpointing.save(ckpt, step, state, train_iter)
-                    last_good = step
-            if sigterm.raised:  # the signal may arrive anywhere in the loop body: save here, once
-                if last_good != step:
-                    sync()
-                    checkpointing.save(ckpt, step, state, train_iter)
-                progress.message(f"SIGTERM: saved a checkpoint at step {step}; rerun to resume")
-        ckpt.wait_until_finished()
-        ckpt.close()
-        writer.close()
+        try:
+            with _SigtermFlag() as sigterm:
+                while step < config.train.steps and not sigterm.raised:
+                    data_stage = pipeline.stage_of(stage_starts, step + data_skipped)
+                    if data_stage != stage:
+                        stage = data_stage
+                        state = compiled_begin_stage(state, stage)
+                        progress.message(f"curriculum stage {stage} from step {step}: optimizer state reset")
+                    batch = sharding.global_batch(next(train_iter), mesh)
+                    with jax.transfer_guard("disallow"):
+                        state, metrics = compiled_train_step(state, batch)
+                    pending.append(metrics)
+                    step += 1
+                    final = step == config.train.steps
+                    do_log = step % config.train.log_every == 0 or final
+                    do_eval = (config.train.eval_every and step % config.train.eval_every == 0) or final
+                    do_save = step % config.train.checkpoint_every == 0 or final
+                    if do_log or do_save:
+                        try:
+                            sync()
+                        except NonFiniteLossError as error:
+                            if rollbacks == config.train.nan_rollbacks:
+                                raise
+                            rollbacks += 1
+                            state, skipped = roll_back(ckpt, error.step, data_skipped, abstract_state, train_iter,
+                                                       lambda: compiled_init(rng), state_shardings.data_skipped)
+                            step, stage, data_skipped = int(state.step), int(state.stage), int(state.data_skipped)
+                            window.clear()
+                            writer.write(step, "rollback", {"bad_step": error.step, "skipped_batches": skipped,
+                                                            "rollback": rollbacks})
+                            warn(f"warning: {error.args[0].split(';')[0]}: rolled back to step {step} and skipped "
+                                 f"{skipped} batches (rollback {rollbacks} of {config.train.nan_rollbacks})")
+                            continue
+                    if do_log:
+                        seconds = time.perf_counter() - window_start
+                        mean = {k: float(np.mean([m[k] for _, m in window])) for k in window[-1][1]}
+                        last["train"] = {**mean, "tokens_per_s": tokens_per_step * len(window) / seconds,
+                                         "wall_s": time.perf_counter() - loop_start}
+                        writer.write(step, "train", last["train"])
+                        window.clear()
+                        window_start = time.perf_counter()
+                    if do_eval:
+                        for name, examples in splits.evals.items():
+                            last[name] = evaluate(state, compiled_eval_step, eval_batches(examples), mesh,
+                                                  splits.chars_per_token)
+                            writer.write(step, name, last[name])
+                    if do_log:
+                        shown = {"loss": last["train"]["loss"], "acc": last["train"]["accuracy"]}
+                        evals = "  ".join(f"{n} loss {m['loss']:.4g} acc {m['accuracy']:.4g}"
+                                          for n, m in last.items() if n != "train")
+                        progress.update(step, shown, evals)
+                    if do_save:
+                        ckpt.save(step, state, train_iter)
+                if sigterm.raised:  # the signal may arrive anywhere in the loop body: save here, once
+                    if ckpt.last_saved != step:
+                        sync()
+                        ckpt.save(step, state, train_iter)
+                    progress.message(f"SIGTERM: saved a checkpoint at step {step}; rerun to resume")
+        finally:
+            ckpt.close()
+            writer.close()
     if is_lead and step > first_step:
         plots.plot_curves(workdir, log_x=config.train.plot_log_x)
     return {"step": step, **last}

@@ -1,9 +1,17 @@
-"""8 fake CPU devices for every test, so each sharding path (data, fsdp, tensor, expert) runs."""
+"""8 fake CPU devices for every test, so each sharding path (data, fsdp, tensor, expert) runs.
+
+One persistent compilation cache per pytest session (a fresh temporary folder, inherited by the
+subprocesses tests start): the many runs of the same tiny configs compile once.
+"""
 
 import os
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="beyond-jax-cache-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -22,7 +22,9 @@ class TrainConfig:
     log_every: int = field(100, min=1)
     eval_every: int = field(500, min=0)  # 0: evaluate only at the end
     checkpoint_every: int = field(1000, min=1)
-    keep_checkpoints: int = field(3, min=1)
+    keep_checkpoints: int = field(3, min=1)  # >= 2 leaves a previous step to fall back to if the latest is damaged
+    nan_rollbacks: int = field(0, min=0)  # K: on a non-finite loss restore the last good checkpoint, skip the
+    # batches since, and go on, up to K times (PaLM's remedy); 0: stop at once
     plot_log_x: bool = False  # log-scale step axis in the workdir's curves.png
 
 
