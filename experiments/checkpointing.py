@@ -10,10 +10,13 @@ step sealed by a manifest so that a resume can tell a damaged step from a good o
              `WORKDIR/damaged_checkpoints/` (nothing is deleted); the first step that passes wins.
              A step killed between its rename and its seal has no manifest and is taken on orbax's word.
 
-A save that fails (disk full, permission denied) raises `CheckpointWriteError`, one line, and the
+A save that cannot succeed (less free space than the state's bytes, a folder that is not writable) is
+refused before it starts; a save that fails midway (the disk fills up during the write) is reported when
+the next save or the end of the run waits for it. Both raise `CheckpointWriteError`, one line, and the
 previous step stays the latest.
 """
 
+import errno
 import json
 import os
 import shutil
@@ -66,6 +69,7 @@ class Checkpoints:
         try:
             self.mngr.wait_until_finished()
         except Exception as e:  # orbax re-raises the background thread's error here
+            self._unsealed.clear()  # not good: never sealed, never the fallback
             raise CheckpointWriteError(self._write_failure(step, e)) from e
         if jax.process_index() == 0:
             for done in self._unsealed:
@@ -78,8 +82,20 @@ class Checkpoints:
         return (f"could not write checkpoint step {step} in {self.mngr.directory} ({_first_line(error)}); "
                 f"the latest good checkpoint is step {self.latest_good} (free space or fix permissions, then rerun)")
 
+    def _check_room(self, step: int, state) -> None:
+        """Refuses a save that cannot succeed, before orbax starts writing."""
+        directory = str(self.mngr.directory)
+        needed = sum(leaf.nbytes for leaf in jax.tree.leaves(state))
+        free = shutil.disk_usage(directory).free
+        if free < needed:
+            raise CheckpointWriteError(self._write_failure(step, OSError(
+                errno.ENOSPC, f"{free} bytes free, the state needs {needed}")))
+        if not os.access(directory, os.W_OK):
+            raise CheckpointWriteError(self._write_failure(step, OSError(errno.EACCES, "the folder is not writable")))
+
     def save(self, step: int, state, data_iterator) -> None:
         self.finish_pending()
+        self._check_room(step, state)
         try:
             self.mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                          data=grain.checkpoint.CheckpointSave(data_iterator)),

@@ -7,12 +7,15 @@ With no --config the default experiment runs (experiments/configs/default.py). R
 the same --workdir resumes from its newest good checkpoint. Bad input (including a resume with another
 config or other data) exits with status 2 and one line on stderr before anything compiles; a non-finite
 loss (after `train.nan_rollbacks` rollbacks), a checkpoint that cannot be written, a workdir whose every
-checkpoint is damaged and a multi-process job that cannot form exit with status 1 and one line.
+checkpoint is damaged and a coordinator that never answers exit with status 1 and one line.
 """
 
 import datetime
+import logging as std_logging
 import os
+import socket
 import sys
+import time
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -30,12 +33,17 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
 _HEARTBEAT_TIMEOUT = flags.DEFINE_integer("heartbeat_timeout_s", 100, "Multi-process jobs: a process silent "
                                           "this long is declared dead and the others stop with an error.")
-_INIT_TIMEOUT = flags.DEFINE_integer("init_timeout_s", 300, "Multi-process jobs: stop with an error if the job "
-                                     "has not formed (every process connected to the coordinator) in this time.")
+_INIT_TIMEOUT = flags.DEFINE_integer("init_timeout_s", 300, "Multi-process jobs: stop with an error if the "
+                                     "coordinator does not answer, or the job has not formed, in this time.")
 
 
 def _fail(message: str, status: int = 2):
-    print(f"error: {message}", file=sys.stderr)
+    """One line on stderr, then exit. A failure mid-run (status 1) exits at once, skipping the interpreter's
+    teardown, where the libraries' broken background work (e.g. orbax's failed writes) would print pages."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    if status == 1:
+        sys.stdout.flush()
+        os._exit(status)
     sys.exit(status)
 
 
@@ -64,25 +72,38 @@ def _initialize_distributed():
             _fail("--coordinator_address, --num_processes and --process_id go together")
         if not 0 <= _PROCESS_ID.value < _NUM_PROCESSES.value:
             _fail(f"--process_id={_PROCESS_ID.value} must lie in [0, --num_processes={_NUM_PROCESSES.value})")
-        where = f"coordinator {_COORDINATOR.value}"
-        initialize = lambda: jax.distributed.initialize(  # noqa: E731
-            _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, **timeouts)
+        if _PROCESS_ID.value != 0:
+            _wait_for_coordinator(_COORDINATOR.value, _INIT_TIMEOUT.value)
+        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, **timeouts)
     elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
-        where, initialize = "the coordinator SLURM / the TPU runtime named", lambda: jax.distributed.initialize(**timeouts)
-    else:
-        return
-    try:
-        initialize()
-    except Exception as e:  # jax raises a multi-line runtime error (DEADLINE_EXCEEDED, UNAVAILABLE, ...)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        _fail(f"the multi-process job did not form within --init_timeout_s={_INIT_TIMEOUT.value} s at {where} "
-              f"({first[:200]}); check that every process was started with the same address", status=1)
+        jax.distributed.initialize(**timeouts)
+
+
+def _wait_for_coordinator(address: str, timeout_s: float):
+    """Returns once something accepts connections at HOST:PORT; a one-line error after `timeout_s`. (jax's own
+    client would abort the process with a C++ stack trace when nobody answers.)"""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        _fail(f"--coordinator_address={address!r} must be HOST:PORT")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=1.0).close()
+            return
+        except OSError as e:
+            if time.monotonic() > deadline:
+                _fail(f"nobody answered at --coordinator_address={address} within --init_timeout_s={timeout_s:g} "
+                      f"({e.strerror or e}); start process 0 there first, or check the address", status=1)
+            time.sleep(0.5)
 
 
 def main(argv):
     if len(argv) > 1:
         _fail(f"unexpected arguments {argv[1:]}; pass settings as --config.KEY=VALUE")
-    logging.set_verbosity(logging.WARNING)  # library chatter (orbax, absl) off; our progress goes to stdout
+    # Library chatter off (orbax logs a failed write as pages of ERROR lines and asyncio tracebacks, which
+    # the one-line error below replaces); our progress and warnings are printed.
+    logging.set_verbosity(logging.FATAL)
+    std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)
     _initialize_distributed()
 
     from experiments import checkpointing, trainer, validation

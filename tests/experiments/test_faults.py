@@ -87,21 +87,32 @@ def test_every_checkpoint_damaged_is_one_error_naming_the_workdir(finished_run, 
     assert "\n" not in str(e.value)
 
 
-def test_a_failed_save_stops_with_one_line_and_keeps_the_previous_step(finished_run, tmp_path, monkeypatch):
-    workdir = _copy(finished_run, tmp_path)
+def _disk_full_after_step_6(monkeypatch):
     real_save = ocp.CheckpointManager.save
 
-    def disk_full_after_step_6(self, step, *args, **kwargs):
+    def save(self, step, *args, **kwargs):
         if step > 6:
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(self, step, *args, **kwargs)
 
-    monkeypatch.setattr(ocp.CheckpointManager, "save", disk_full_after_step_6)
+    monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+
+
+def _little_free_space(monkeypatch):
+    monkeypatch.setattr(checkpointing.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 1000))
+
+
+@pytest.mark.parametrize("fault, cause", [(_disk_full_after_step_6, "No space left on device"),
+                                          (_little_free_space, "1000 bytes free, the state needs")])
+def test_a_failed_save_stops_with_one_line_and_keeps_the_previous_step(finished_run, tmp_path, monkeypatch,
+                                                                       fault, cause):
+    workdir = _copy(finished_run, tmp_path)
+    fault(monkeypatch)
     with pytest.raises(checkpointing.CheckpointWriteError) as e:
         _run(make_tiny_config(steps=9), workdir)
     message = str(e.value)
     assert "\n" not in message
-    assert "could not write checkpoint step 9" in message and "No space left on device" in message
+    assert "could not write checkpoint step 9" in message and cause in message
     assert "the latest good checkpoint is step 6" in message
     monkeypatch.undo()
     assert restore.checkpoint_steps(str(workdir)) == [3, 6]

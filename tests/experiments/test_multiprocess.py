@@ -1,8 +1,10 @@
 """Several processes on localhost (jax.distributed, gloo CPU collectives), 4 fake devices each:
 the same losses as one process with 8 devices, a checkpoint that one process restores on another
-mesh, and a dead process that stops the others instead of hanging them."""
+mesh, a dead process that stops the others instead of hanging them, a process killed mid-save whose
+workdir any job resumes, and a coordinator nobody answers."""
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -94,3 +96,55 @@ def test_a_dead_process_stops_the_others_with_a_clear_error(tmp_path):
     assert procs[0].returncode != 0
     assert time.time() - killed_at < 120
     assert "stopped sending heartbeats" in err or "another task died" in err, err[-3000:]
+
+
+def test_a_process_killed_during_a_save_leaves_a_workdir_that_any_job_resumes(tmp_path):
+    """Process 1 of 2 is killed just after the third save began; process 0 stops (heartbeats). The workdir then
+    resumes, as one process with 8 devices and as 2 processes again, from the newest complete step, to the
+    losses of an uninterrupted one-process run."""
+    flags = ["--config.train.steps=12", "--config.train.eval_every=12", "--config.train.checkpoint_every=2",
+             "--heartbeat_timeout_s=5"]
+    workdir = tmp_path / "killed"
+    procs = _start_processes(workdir, flags)
+    checkpoints, saves_begun = workdir / "checkpoints", set()
+    deadline = time.time() + 300
+    while len(saves_begun) < 3 and time.time() < deadline and procs[1].poll() is None:
+        if checkpoints.is_dir():
+            saves_begun.update(n for n in os.listdir(checkpoints) if "tmp" in n)
+        time.sleep(0.001)
+    procs[1].send_signal(signal.SIGKILL)
+    try:
+        assert procs[0].wait(timeout=120) != 0
+    finally:
+        for p in procs:
+            p.kill()
+    complete = sorted(int(n) for n in os.listdir(checkpoints) if n.isdigit())
+    assert len(saves_begun) == 3 and complete and complete[-1] <= 6, (saves_begun, complete)
+
+    config = make_tiny_lm_config(steps=12)
+    config.train.update(eval_every=12, checkpoint_every=2)
+    trainer.train_and_evaluate(config, str(tmp_path / "reference"), verbose=False)
+    expected = _losses(tmp_path / "reference")
+
+    shutil.copytree(workdir, tmp_path / "as_one")
+    assert trainer.train_and_evaluate(config, str(tmp_path / "as_one"), verbose=False)["step"] == 12
+    procs = _start_processes(workdir, flags)
+    for i, p in enumerate(procs):
+        assert p.wait(timeout=600) == 0, _stderr(workdir, i)[-3000:]
+    for name in ("as_one", "killed"):
+        got = _losses(tmp_path / name)
+        assert got.keys() == expected.keys(), name
+        for key in expected:
+            np.testing.assert_allclose(got[key], expected[key], rtol=2e-5, err_msg=f"{name} {key}")
+
+
+def test_a_coordinator_nobody_answers_is_one_line_within_the_timeout(tmp_path):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    start = time.time()
+    done = subprocess.run(
+        [sys.executable, "-m", "experiments.train", *TINY_LM_FLAGS, f"--workdir={tmp_path / 'run'}",
+         f"--coordinator_address=localhost:{_free_port()}", "--num_processes=2", "--process_id=1",
+         "--init_timeout_s=3"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert time.time() - start < 60
+    assert len(done.stderr.strip().splitlines()) == 1 and "nobody answered at --coordinator_address" in done.stderr
