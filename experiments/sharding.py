@@ -56,7 +56,7 @@ LOGICAL_AXIS_RULES = (
 def mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
     """Sizes of MESH_AXES with -1 resolved; ConfigError if they do not fit the devices."""
     sizes = [mesh_config[a] for a in MESH_AXES]
-    spec = ", ".join(f"{a}={s}" for a, s in zip(MESH_AXES, sizes))
+    spec = ", ".join(f"mesh.{a}={s}" for a, s in zip(MESH_AXES, sizes))
     if any(s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
         raise ConfigError(f"mesh ({spec}) is invalid: sizes are >= 1, with at most one -1 (all devices left over)")
     fixed = math.prod(s for s in sizes if s != -1)
@@ -118,9 +118,10 @@ def check_divisible(abstract_tree, shardings) -> None:
             axes = (axes,) if isinstance(axes, str) else (axes or ())
             size = math.prod(sharding.mesh.shape[a] for a in axes)
             if dim % size:
+                named = ", ".join(f"mesh.{a}={sharding.mesh.shape[a]}" for a in axes)
                 raise ConfigError(
                     f"{jax.tree_util.keystr(path)} has shape {leaf.shape}: dimension {dim} does not divide over "
-                    f"mesh axes {axes} of total size {size}; pick mesh sizes that divide it")
+                    f"mesh axes {axes} of total size {size} ({named}); pick mesh sizes that divide it")
 
 
 def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

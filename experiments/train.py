@@ -106,13 +106,19 @@ def main(argv):
     std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)
     _initialize_distributed()
 
-    from experiments import checkpointing, trainer, validation
-
     config_name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
     workdir = _WORKDIR.value or os.path.join(
         "runs", f"{config_name}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    run(_CONFIG.value, workdir)
+
+
+def run(config, workdir: str) -> dict:
+    """Trains `config` in `workdir` as the command line does: an expected failure becomes one stderr line and
+    exit status 2 (bad input) or 1 (a failure mid-run)."""
+    from experiments import checkpointing, trainer, validation
+
     try:
-        result = trainer.train_and_evaluate(_CONFIG.value, workdir)
+        result = trainer.train_and_evaluate(config, workdir)
     except validation.ConfigError as e:
         _fail(str(e))
     except (trainer.NonFiniteLossError, checkpointing.CheckpointWriteError, checkpointing.NoGoodCheckpointError) as e:
@@ -120,6 +126,7 @@ def main(argv):
     summary = "  ".join(f"{split} " + " ".join(f"{k} {v:.4g}" for k, v in m.items())
                         for split, m in result.items() if isinstance(m, dict))
     print(f"done at step {result['step']}: {summary}\nworkdir: {workdir}")
+    return result
 
 
 def _with_default_config(argv):

@@ -233,8 +233,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
     tx = optimizers.build(config.optimizer, config.train.steps)
     example_inputs = jax.ShapeDtypeStruct((batch_shards, splits.seq_len), np.int32)
     init_fn = functools.partial(init_state, model, tx, example_inputs)
-    rng = jax.random.PRNGKey(config.seed)
-    abstract_state, state_shardings = abstract_state_and_shardings(init_fn, rng, mesh)
+    abstract_rng = jax.eval_shape(jax.random.PRNGKey, config.seed)
+    abstract_state, state_shardings = abstract_state_and_shardings(init_fn, abstract_rng, mesh)
     abstract_state = checkpointing.abstract_like(abstract_state, state_shardings)
 
     os.makedirs(workdir, exist_ok=True)
@@ -257,7 +257,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
         return pipeline.batched(examples, batch_size=size, seed=0, shuffle=False, num_epochs=1,
                                 drop_remainder=False, **process)
 
-    # 4. Restore the newest good checkpoint, or initialise.
+    # 4. Restore the newest good checkpoint, or initialise (the first computation of the run).
+    rng = jax.random.PRNGKey(config.seed)
     with sharding.use_mesh(mesh):
         compiled_init = jax.jit(lambda r: nn.meta.unbox(init_fn(r)), out_shardings=state_shardings)
         state = checkpointing.restore_latest(workdir, abstract_state, train_iter, warn=warn)

@@ -53,7 +53,8 @@ def test_bad_values(tmp_path, path, value, expected):
 def test_mesh_that_does_not_match_the_devices(tmp_path):
     config = make_tiny_config()
     config.mesh.update(data=2, fsdp=2, tensor=1)
-    assert "mesh (data=2, fsdp=2, tensor=1, expert=1) has 4 devices but 8 are available" in _error(config, tmp_path)
+    assert ("mesh (mesh.data=2, mesh.fsdp=2, mesh.tensor=1, mesh.expert=1) has 4 devices but 8 are available"
+            in _error(config, tmp_path))
     config.mesh.update(data=-1, fsdp=3)
     assert "3 does not divide 8" in _error(config, tmp_path)
 
@@ -90,7 +91,7 @@ def _cli(*args):
 @pytest.mark.parametrize("args, expected", [
     (["--config.model.dropout=0.1"], "dropout"),  # unknown key, caught by the flag parser
     (["--config.model.d_model=wide"], "wide"),  # wrong type, caught by the flag parser
-    (["--config.mesh.data=3"], "mesh (data=3"),  # caught by validation
+    (["--config.mesh.data=3"], "mesh (mesh.data=3"),  # caught by validation
     (["--config.data.op=a%b"], "data.op='a%b'"),
 ])
 def test_cli_prints_one_line_and_exits_nonzero(tmp_path, args, expected):
