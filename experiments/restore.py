@@ -28,10 +28,12 @@ def checkpoint_steps(workdir: str) -> list[int]:
 
 
 def load_variables(config, workdir: str, step: int | None = None):
-    """(model, {"params", **model state}) of checkpoint `step` (default: the latest) in `workdir`;
-    FileNotFoundError if there is none."""
+    """(model, {"params", **model state}) of checkpoint `step` (default: the newest whose files match its
+    manifest) in `workdir`; FileNotFoundError if there is none."""
     mngr = checkpointing.manager(workdir, keep=1, async_save=False)
-    step = mngr.latest_step() if step is None else step
+    if step is None:
+        intact = [s for s in mngr.all_steps() if checkpointing.damage(os.path.join(str(mngr.directory), str(s))) is None]
+        step = max(intact, default=None)
     if step is None or step not in mngr.all_steps():
         raise FileNotFoundError(f"--workdir={workdir!r} has no checkpoint {'yet' if step is None else step}")
     model = models.build(config.model)

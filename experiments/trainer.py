@@ -257,11 +257,11 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
         return pipeline.batched(examples, batch_size=size, seed=0, shuffle=False, num_epochs=1,
                                 drop_remainder=False, **process)
 
-    # 4. Restore the newest good checkpoint, or initialise (the first computation of the run).
-    rng = jax.random.PRNGKey(config.seed)
+    # 4. Restore the newest good checkpoint, or initialise: the run's first computations.
     with sharding.use_mesh(mesh):
         compiled_init = jax.jit(lambda r: nn.meta.unbox(init_fn(r)), out_shardings=state_shardings)
         state = checkpointing.restore_latest(workdir, abstract_state, train_iter, warn=warn)
+        rng = jax.random.PRNGKey(config.seed)
         resumed = state is not None
         if not resumed:
             state = compiled_init(rng)

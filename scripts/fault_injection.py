@@ -3,9 +3,10 @@
     python scripts/fault_injection.py --trials=40 --seed=0 --out=fault_trials.json
 
 Each trial starts the tiny grokking run (`RUN_FLAGS`: 300 steps, a checkpoint every 10, asynchronous
-saves) in a subprocess and kills it with SIGKILL or SIGTERM, either at a random time after launch
-(start-up, compiling, training) or a random few milliseconds after the k-th checkpoint save began
-(k = 1: the first save). It notes what the kill left (the complete steps, a temporary save folder, i.e.
+saves) in a subprocess and kills it with SIGKILL or SIGTERM (2 : 1) at a moment drawn in turn from
+`MOMENTS`: a random few milliseconds after the k-th checkpoint save began (k random, or 1: the first
+save), during start-up (importing, loading data, compiling: the first 40% of the reference run's
+time), or at any random time. It notes what the kill left (the complete steps, a temporary save folder, i.e.
 killed mid-save, a torn metrics line), reruns the same command to the end, and compares every train and
 eval event of the finished workdir with the uninterrupted reference run's: loss and accuracy equal to
 the last bit at every step (the resumed run logs again the steps after its checkpoint; the later event
@@ -63,15 +64,18 @@ def _saves_begun(checkpoints: str, seen: set) -> int:
     return len(seen)
 
 
-def _kill(proc, workdir: str, rng: random.Random, reference_seconds: float) -> dict:
-    """Kills `proc` at a random moment; returns how."""
+MOMENTS = ("during a save", "during the first save", "during a save", "start-up", "random time")
+
+
+def _kill(proc, workdir: str, rng: random.Random, reference_seconds: float, moment: str) -> dict:
+    """Kills `proc` at a random point of `moment`; returns how."""
     sig = rng.choice([signal.SIGKILL, signal.SIGKILL, signal.SIGTERM])
     start = time.perf_counter()
-    if rng.random() < 0.5:
-        moment = "random time"
-        time.sleep(rng.uniform(0.05, 1.0) * reference_seconds)
+    if moment in ("start-up", "random time"):  # start-up: importing, loading data, compiling
+        time.sleep(rng.uniform(0.0, 0.4) * reference_seconds if moment == "start-up"
+                   else rng.uniform(0.05, 1.0) * reference_seconds)
     else:
-        k = rng.choice([1, 1, *range(2, STEPS // CHECKPOINT_EVERY)])
+        k = 1 if moment == "during the first save" else rng.randrange(2, STEPS // CHECKPOINT_EVERY)
         moment = f"during save {k}"
         seen, checkpoints = set(), os.path.join(workdir, "checkpoints")
         while _saves_begun(checkpoints, seen) < k and proc.poll() is None:
@@ -92,7 +96,8 @@ def _kill(proc, workdir: str, rng: random.Random, reference_seconds: float) -> d
 
 def trial(index: int, root: str, rng: random.Random, reference: dict, reference_seconds: float) -> dict:
     workdir = os.path.join(root, f"trial_{index}")
-    record = {"trial": index, **_kill(_start(workdir), workdir, rng, reference_seconds)}
+    moment = MOMENTS[index % len(MOMENTS)]
+    record = {"trial": index, **_kill(_start(workdir), workdir, rng, reference_seconds, moment)}
     resumed = _start(workdir)
     out, err = resumed.communicate(timeout=600)
     found = re.search(r"resumed from step (\d+)", out)

@@ -1,5 +1,6 @@
-"""Faults in real processes (slow): kill trials through scripts/fault_injection.py, and a disk that fills
-up (a file-size limit) during an asynchronous save."""
+"""The fault-injection suite's long form (slow): kill trials (scripts/fault_injection.py), a disk that fills
+up (a file-size limit) during an asynchronous save, and every file of a checkpoint damaged every way
+(scripts/corruption_sweep.py)."""
 
 import json
 import os
@@ -20,13 +21,13 @@ GROKKING_FLAGS = ["--config=experiments/configs/grokking.py", "--config.data.p=1
 
 def test_kill_trials_resume_with_nothing_lost(tmp_path):
     out = tmp_path / "trials.json"
-    done = subprocess.run([sys.executable, "scripts/fault_injection.py", "--trials=3", "--seed=3", f"--out={out}"],
+    done = subprocess.run([sys.executable, "scripts/fault_injection.py", "--trials=4", "--seed=0", f"--out={out}"],
                           cwd=REPO, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     trials = json.loads(out.read_text())["trials"]
-    assert len(trials) == 3 and all(t["ok"] for t in trials)
-    assert any(t["mid_save"] for t in trials)  # seed 3 kills during saves 1 and 14, and at a random time
-    assert any(t["moment"] == "during save 1" for t in trials)
+    assert len(trials) == 4 and all(t["ok"] for t in trials)
+    assert [t["moment"].split()[0] for t in trials] == ["during", "during", "during", "start-up"]
+    assert trials[1]["moment"] == "during save 1" and sum(t["mid_save"] for t in trials) >= 2
 
 
 def _train(workdir, steps, file_size_limit_kib=None):
@@ -56,3 +57,10 @@ def test_a_disk_that_fills_up_mid_save_stops_with_one_line_and_keeps_the_previou
     assert open(workdir / "metrics.jsonl").read().endswith("\n")
     again = _train(workdir, 8)  # space freed
     assert again.returncode == 0 and "resumed from step 4" in again.stdout, again.stderr[-3000:]
+
+
+def test_corruption_sweep_every_file_every_damage_resumes_with_nothing_lost():
+    done = subprocess.run([sys.executable, "scripts/corruption_sweep.py"], cwd=REPO, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "of 57 corrupted-checkpoint cases resumed with nothing lost" in done.stdout
