@@ -20,6 +20,8 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from experiments import cli
+
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py")
 
 # No default file here: config_flags would apply the --config.KEY overrides at import time, outside
@@ -37,27 +39,17 @@ _INIT_TIMEOUT = flags.DEFINE_integer("init_timeout_s", 300, "Multi-process jobs:
                                      "coordinator does not answer, or the job has not formed, in this time.")
 
 
-def _fail(message: str, status: int = 2):
-    """One line on stderr, then exit. A failure mid-run (status 1) exits at once, skipping the interpreter's
-    teardown, where the libraries' broken background work (e.g. orbax's failed writes) would print pages."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    if status == 1:
-        sys.stdout.flush()
-        os._exit(status)
-    sys.exit(status)
-
-
 def _parse_flags(argv):
     """absl flag parsing, with any error (unknown or mistyped config key, bad flag) as one stderr line."""
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
-        _fail(str(e).splitlines()[0] if str(e) else repr(e))
+        cli.fail(str(e).splitlines()[0] if str(e) else repr(e))
     except (AttributeError, KeyError) as e:  # ml_collections: an override names a key the config lacks
         key = str(e).strip("\"'")
         overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")
                      and a.split("=")[0].rsplit(".", 1)[-1] == key]
-        _fail(f"unknown config key {key!r} in {', '.join(overrides) or 'the --config overrides'}; "
+        cli.fail(f"unknown config key {key!r} in {', '.join(overrides) or 'the --config overrides'}; "
               "valid keys are those of the config file (experiments/configs/base.py lists the common ones)")
 
 
@@ -69,9 +61,9 @@ def _initialize_distributed():
     timeouts = dict(heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value, initialization_timeout=_INIT_TIMEOUT.value)
     if _COORDINATOR.value or _NUM_PROCESSES.value:
         if not (_COORDINATOR.value and _NUM_PROCESSES.value and _PROCESS_ID.value is not None):
-            _fail("--coordinator_address, --num_processes and --process_id go together")
+            cli.fail("--coordinator_address, --num_processes and --process_id go together")
         if not 0 <= _PROCESS_ID.value < _NUM_PROCESSES.value:
-            _fail(f"--process_id={_PROCESS_ID.value} must lie in [0, --num_processes={_NUM_PROCESSES.value})")
+            cli.fail(f"--process_id={_PROCESS_ID.value} must lie in [0, --num_processes={_NUM_PROCESSES.value})")
         if _PROCESS_ID.value != 0:
             _wait_for_coordinator(_COORDINATOR.value, _INIT_TIMEOUT.value)
         jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, **timeouts)
@@ -84,7 +76,7 @@ def _wait_for_coordinator(address: str, timeout_s: float):
     client would abort the process with a C++ stack trace when nobody answers.)"""
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
-        _fail(f"--coordinator_address={address!r} must be HOST:PORT")
+        cli.fail(f"--coordinator_address={address!r} must be HOST:PORT")
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -92,14 +84,14 @@ def _wait_for_coordinator(address: str, timeout_s: float):
             return
         except OSError as e:
             if time.monotonic() > deadline:
-                _fail(f"nobody answered at --coordinator_address={address} within --init_timeout_s={timeout_s:g} "
+                cli.fail(f"nobody answered at --coordinator_address={address} within --init_timeout_s={timeout_s:g} "
                       f"({e.strerror or e}); start process 0 there first, or check the address", status=1)
             time.sleep(0.5)
 
 
 def main(argv):
     if len(argv) > 1:
-        _fail(f"unexpected arguments {argv[1:]}; pass settings as --config.KEY=VALUE")
+        cli.fail(f"unexpected arguments {argv[1:]}; pass settings as --config.KEY=VALUE")
     # Library chatter off (orbax logs a failed write as pages of ERROR lines and asyncio tracebacks, which
     # the one-line error below replaces); our progress and warnings are printed.
     logging.set_verbosity(logging.FATAL)
@@ -109,24 +101,7 @@ def main(argv):
     config_name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
     workdir = _WORKDIR.value or os.path.join(
         "runs", f"{config_name}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
-    run(_CONFIG.value, workdir)
-
-
-def run(config, workdir: str) -> dict:
-    """Trains `config` in `workdir` as the command line does: an expected failure becomes one stderr line and
-    exit status 2 (bad input) or 1 (a failure mid-run)."""
-    from experiments import checkpointing, trainer, validation
-
-    try:
-        result = trainer.train_and_evaluate(config, workdir)
-    except validation.ConfigError as e:
-        _fail(str(e))
-    except (trainer.NonFiniteLossError, checkpointing.CheckpointWriteError, checkpointing.NoGoodCheckpointError) as e:
-        _fail(str(e), status=1)
-    summary = "  ".join(f"{split} " + " ".join(f"{k} {v:.4g}" for k, v in m.items())
-                        for split, m in result.items() if isinstance(m, dict))
-    print(f"done at step {result['step']}: {summary}\nworkdir: {workdir}")
-    return result
+    cli.run(_CONFIG.value, workdir)
 
 
 def _with_default_config(argv):

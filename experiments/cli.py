@@ -1,0 +1,38 @@
+"""What the command line does with a config: train it, or stop with one stderr line and an exit status.
+
+    2   bad input, found before anything compiles (experiments/validation.py: a `ConfigError`)
+    1   a failure mid-run: a non-finite loss (after `train.nan_rollbacks` rollbacks), a checkpoint that
+        cannot be written, a workdir whose every checkpoint is damaged, a coordinator that never answers
+
+Here rather than in experiments/train.py (which defines the absl flags) so that tests call it in process.
+"""
+
+import os
+import sys
+
+
+def fail(message: str, status: int = 2):
+    """One line on stderr, then exit. A failure mid-run (status 1) exits at once, skipping the interpreter's
+    teardown, where the libraries' broken background work (e.g. orbax's failed writes) would print pages."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    if status == 1:
+        sys.stdout.flush()
+        os._exit(status)
+    sys.exit(status)
+
+
+def run(config, workdir: str) -> dict:
+    """Trains `config` in `workdir` as the command line does: an expected failure becomes one stderr line and
+    exit status 2 (bad input) or 1 (a failure mid-run)."""
+    from experiments import checkpointing, trainer, validation
+
+    try:
+        result = trainer.train_and_evaluate(config, workdir)
+    except validation.ConfigError as e:
+        fail(str(e))
+    except (trainer.NonFiniteLossError, checkpointing.CheckpointWriteError, checkpointing.NoGoodCheckpointError) as e:
+        fail(str(e), status=1)
+    summary = "  ".join(f"{split} " + " ".join(f"{k} {v:.4g}" for k, v in m.items())
+                        for split, m in result.items() if isinstance(m, dict))
+    print(f"done at step {result['step']}: {summary}\nworkdir: {workdir}")
+    return result
