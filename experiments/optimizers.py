@@ -1,15 +1,27 @@
 """Optimizers by name (`optimizer.name`), each with its own typed keys, and what composes around any of them:
-the learning-rate schedule (linear warmup, then constant or cosine), global-norm gradient clipping and
-Grokfast gradient filtering (experiments/grokfast.py) in front.
+the learning-rate schedule (linear warmup, then constant, cosine, linear, inverse square root or
+warmup-stable-decay), which parameters weight decay touches (`optimizer.decay`), global-norm gradient
+clipping and Grokfast gradient filtering (experiments/grokfast.py) in front.
 
-    config.optimizer = {name, lr, schedule, warmup_steps, min_lr_ratio, grad_clip,
-                        grokfast: {alpha, lamb}, adamw: {b1, b2, eps, weight_decay}, <other optimizers' keys>}
+    config.optimizer = {name, lr, schedule, warmup_steps, min_lr_ratio, decay_fraction, decay, grad_clip,
+                        grokfast: {alpha, lamb}, adamw: {...}, adam: {...}, sgd: {...}, lion: {...}, adafactor: {...},
+                        schedule_free_adamw: {...}, muon: {...}}
 
-Adding an optimizer: its keys as a dataclass and one entry in OPTIMIZERS, (keys, build(lr_schedule, keys)).
+    adamw      Loshchilov & Hutter 2019: Adam, then  p -= lr * wd * p  (decoupled)
+    adam       Kingma & Ba 2015, with L2 regularisation coupled into the gradient:  g += wd * p
+    sgd        g += wd * p;  m = momentum * m + g;  p -= lr * (g + momentum * m if nesterov else m)
+    lion       Chen et al. 2023: p -= lr * (sign(b1 m + (1 - b1) g) + wd * p);  m = b2 m + (1 - b2) g
+    adafactor  Shazeer & Stern 2018: factored second moments, update clipping, relative step scale
+    schedule_free_adamw  Defazio et al. 2024: no decay schedule; evaluated at the averaged iterate
+    muon       Jordan et al. 2024: orthogonalised momentum for hidden matrices, AdamW for the rest
+
+Every optimizer has `weight_decay` (the vmapped sweep sweeps it). Adding one: its keys as a dataclass and one
+entry in OPTIMIZERS, (keys, build(lr_schedule, keys, decay_mask)).
 """
 
 import dataclasses
 
+import jax
 import optax
 
 from experiments import grokfast
@@ -26,9 +38,176 @@ class AdamWConfig:
     weight_decay: float = field(0.0, min=0)
 
 
+@dataclasses.dataclass(frozen=True)
+class AdamConfig:
+    """Adam (Kingma & Ba 2015) with coupled L2 regularisation: the decay joins the gradient before the moments."""
+
+    b1: float = field(0.9, min=0, below=1)
+    b2: float = field(0.999, min=0, below=1)
+    eps: float = field(1e-8, min=0)
+    weight_decay: float = field(0.0, min=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class SGDConfig:
+    """SGD with (heavy-ball or Nesterov) momentum and coupled weight decay (optax.sgd)."""
+
+    momentum: float = field(0.9, min=0, below=1)  # 0: plain SGD
+    nesterov: bool = False
+    weight_decay: float = field(0.0, min=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class LionConfig:
+    """Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"): the sign of an interpolated
+    momentum, decoupled weight decay; the paper uses a 3-10x smaller lr and a 3-10x larger decay than AdamW."""
+
+    b1: float = field(0.9, min=0, below=1)
+    b2: float = field(0.99, min=0, below=1)
+    weight_decay: float = field(0.0, min=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class AdafactorConfig:
+    """Adafactor (Shazeer & Stern 2018) as optax.adafactor: row / column second-moment factors for matrices
+    whose dimensions reach `min_dim_size_to_factor`, updates clipped to RMS `clipping_threshold`, steps scaled
+    by the parameter's RMS (`multiply_by_parameter_scale`); `weight_decay` is decoupled (times lr)."""
+
+    decay_rate: float = field(0.8, above=0, below=1)  # second-moment decay 1 - t^-decay_rate
+    clipping_threshold: float = field(1.0, above=0)
+    min_dim_size_to_factor: int = field(128, min=1)
+    multiply_by_parameter_scale: bool = True
+    momentum: float = field(0.0, min=0, below=1)  # 0: none (the paper's default)
+    weight_decay: float = field(0.0, min=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleFreeAdamWConfig:
+    """Schedule-free AdamW (Defazio et al. 2024, "The Road Less Scheduled"): no decay schedule (warmup, then
+    constant); gradients at y = (1 - b1) z + b1 x, AdamW's step (without momentum) on z, x the average of the
+    z's weighted by lr^weight_lr_power; evaluation at x (`evaluation_params`)."""
+
+    b1: float = field(0.9, above=0, below=1)
+    b2: float = field(0.999, min=0, below=1)
+    eps: float = field(1e-8, min=0)
+    weight_decay: float = field(0.0, min=0)
+    weight_lr_power: float = field(2.0, min=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class MuonConfig:
+    """Muon (Jordan et al. 2024; optax.contrib.muon): Nesterov momentum orthogonalised by 5 Newton-Schulz steps
+    for the hidden matrices (`muon_dimensions`: by logical axis names), AdamW for the rest (embeddings,
+    unembedding, norms, biases, SSM dynamics); `adam_lr_ratio` scales the lr of that AdamW group."""
+
+    beta: float = field(0.95, min=0, below=1)
+    ns_steps: int = field(5, min=1)
+    nesterov: bool = True
+    weight_decay: float = field(0.0, min=0)
+    adam_b1: float = field(0.9, min=0, below=1)
+    adam_b2: float = field(0.95, min=0, below=1)
+    adam_lr_ratio: float = field(0.1, above=0)  # the AdamW group's lr = adam_lr_ratio * the schedule's lr
+    adam_weight_decay: float = field(0.0, min=0)
+
+
+def _adamw(lr, c, mask):
+    return optax.adamw(lr, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay, mask=mask)
+
+
+def _adam(lr, c, mask):
+    return optax.chain(optax.add_decayed_weights(c.weight_decay, mask), optax.adam(lr, b1=c.b1, b2=c.b2, eps=c.eps))
+
+
+def _sgd(lr, c, mask):
+    return optax.chain(optax.add_decayed_weights(c.weight_decay, mask),
+                       optax.sgd(lr, momentum=c.momentum or None, nesterov=c.nesterov))
+
+
+def _lion(lr, c, mask):
+    return optax.lion(lr, b1=c.b1, b2=c.b2, weight_decay=c.weight_decay, mask=mask)
+
+
+def _adafactor(lr, c, mask):
+    return optax.adafactor(lr, min_dim_size_to_factor=c.min_dim_size_to_factor, decay_rate=c.decay_rate,
+                           multiply_by_parameter_scale=c.multiply_by_parameter_scale,
+                           clipping_threshold=c.clipping_threshold, momentum=c.momentum or None,
+                           weight_decay_rate=c.weight_decay or None, weight_decay_mask=mask)
+
+
+def _schedule_free_adamw(lr, c, mask):
+    adamw_without_momentum = optax.chain(
+        optax.scale_by_rms(decay=c.b2, eps=c.eps, eps_in_sqrt=False, bias_correction=True),
+        optax.add_decayed_weights(c.weight_decay, mask), optax.scale_by_learning_rate(lr))
+    return optax.contrib.schedule_free(adamw_without_momentum, learning_rate=lr, b1=c.b1,
+                                       weight_lr_power=c.weight_lr_power)
+
+
+BATCH_AXES = ("layers", "expert")  # stacked copies of a matrix: Muon treats each on its own
+
+
+def muon_dimensions(names: tuple) -> "optax.contrib.MuonDimensionNumbers | None":
+    """Muon's view of a parameter from its logical axis names (models use DenseGeneral's (inputs..., outputs...)
+    order): with the stacking axes (`layers`, `expert`) set aside, a matrix whose first axis is `embed` maps
+    it to the rest (query, wi, in_proj), one whose last axis is `embed` maps the rest to it (out, wo,
+    out_proj). Everything else, and anything over `vocab` (embeddings, unembedding), goes to AdamW (None)."""
+    names = tuple(names)
+    kept = [i for i, n in enumerate(names) if n not in BATCH_AXES]
+    if len(kept) < 2 or "vocab" in names or "embed" not in names:
+        return None
+    if names[kept[0]] == "embed":
+        return optax.contrib.MuonDimensionNumbers(reduction_axis=(kept[0],), output_axis=tuple(kept[1:]))
+    if names[kept[-1]] == "embed":
+        return optax.contrib.MuonDimensionNumbers(reduction_axis=tuple(kept[:-1]), output_axis=(kept[-1],))
+    return None
+
+
+def _muon(lr, c, mask, axis_names=None):
+    if axis_names is None:
+        raise ValueError("optimizer.name='muon' needs the parameters' logical axis names (optimizers.build's "
+                         "axis_names)")
+    dims = jax.tree.map(muon_dimensions, axis_names, is_leaf=lambda x: isinstance(x, tuple))
+    return optax.contrib.muon(lr, ns_steps=c.ns_steps, beta=c.beta, nesterov=c.nesterov, weight_decay=c.weight_decay,
+                              weight_decay_mask=mask, adam_b1=c.adam_b1, adam_b2=c.adam_b2,
+                              adam_learning_rate=lambda t: c.adam_lr_ratio * lr(t),
+                              adam_weight_decay=c.adam_weight_decay, muon_weight_dimension_numbers=dims)
+
+
 OPTIMIZERS = {
-    "adamw": (AdamWConfig, lambda lr, c: optax.adamw(lr, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay)),
+    "adamw": (AdamWConfig, _adamw),
+    "adam": (AdamConfig, _adam),
+    "sgd": (SGDConfig, _sgd),
+    "lion": (LionConfig, _lion),
+    "adafactor": (AdafactorConfig, _adafactor),
+    "schedule_free_adamw": (ScheduleFreeAdamWConfig, _schedule_free_adamw),
+    "muon": (MuonConfig, _muon),
 }
+
+DECAY_GROUPS = ("all", "weights", "hidden_weights")
+SCHEDULES = ("constant", "cosine", "linear", "inverse_sqrt", "wsd")
+
+
+def _path_names(path) -> list[str]:
+    return [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+
+
+NOT_WEIGHTS = ("bias", "scale", "conv_bias", "dt_bias", "A_log", "D", "gains")  # gains, offsets, SSM dynamics
+EMBEDDINGS = ("embed", "position_embedding", "unembed")
+
+
+def decay_mask(group: str):
+    """Which parameters weight decay touches, as an optax mask function (by parameter name):
+        all             every parameter
+        weights         not norms, biases, Mamba's A_log / D / dt_bias or DEQ gains (GPT-2 / nanoGPT's rule)
+        hidden_weights  nor the embeddings, positions and unembedding"""
+    def is_decayed(path, leaf) -> bool:
+        names = _path_names(path)
+        if group == "all":
+            return True
+        if names[-1] in NOT_WEIGHTS or any("norm" in n for n in names):
+            return False
+        return group == "weights" or not any(n in EMBEDDINGS for n in names)
+
+    return lambda params: jax.tree_util.tree_map_with_path(is_decayed, params)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,27 +222,70 @@ class OptimizerConfig:
 
     name: str = field("adamw", choices=tuple(OPTIMIZERS))
     lr: float = field(1e-3, above=0)  # peak learning rate
-    schedule: str = field("constant", choices=("constant", "cosine"))  # both after linear warmup
+    schedule: str = field("constant", choices=SCHEDULES)  # every one after linear warmup
     warmup_steps: int = field(0, min=0)
-    min_lr_ratio: float = field(0.0, min=0)  # cosine: final lr = lr * min_lr_ratio
+    min_lr_ratio: float = field(0.0, min=0)  # cosine, linear, wsd: final lr = lr * min_lr_ratio
+    decay_fraction: float = field(0.2, above=0, max=1)  # wsd: the last fraction of the steps decays
+    decay: str = field("all", choices=DECAY_GROUPS)  # which parameters weight decay touches
     grad_clip: float = field(0.0, min=0)  # global-norm clipping; 0: none
     grokfast: GrokfastConfig = field(GrokfastConfig())
     adamw: AdamWConfig = field(AdamWConfig())
+    adam: AdamConfig = field(AdamConfig())
+    sgd: SGDConfig = field(SGDConfig())
+    lion: LionConfig = field(LionConfig())
+    adafactor: AdafactorConfig = field(AdafactorConfig())
+    schedule_free_adamw: ScheduleFreeAdamWConfig = field(ScheduleFreeAdamWConfig())
+    muon: MuonConfig = field(MuonConfig())
+
+
+def validate(opt) -> list[str]:
+    """Cross-field rules of `config.optimizer`."""
+    if opt.name == "schedule_free_adamw" and opt.schedule != "constant":
+        return [f"optimizer.schedule={opt.schedule!r} with optimizer.name='schedule_free_adamw': schedule-free "
+                "training replaces the decay schedule; use optimizer.schedule='constant' (warmup still applies)"]
+    return []
+
+
+def evaluation_params(opt_state, params):
+    """The parameters to evaluate: schedule-free's average x = (y - (1 - b1) z) / b1, else `params`."""
+    is_schedule_free = lambda x: isinstance(x, optax.contrib.ScheduleFreeState)  # noqa: E731
+    found = [s for s in jax.tree.leaves(opt_state, is_leaf=is_schedule_free) if is_schedule_free(s)]
+    return optax.contrib.schedule_free_eval_params(found[0], params) if found else params
 
 
 def learning_rate_schedule(opt, total_steps: int) -> optax.Schedule:
-    """lr(t) = lr * t / warmup during warmup, then lr (constant) or cosine decay to lr * min_lr_ratio."""
+    """Linear warmup from 0 to `lr` over `warmup_steps`, then, with T = total_steps, w = warmup_steps,
+    r = min_lr_ratio:
+        constant      lr
+        cosine        r lr + (1 - r) lr (1 + cos(pi (t - w) / (T - w))) / 2
+        linear        lr - (1 - r) lr (t - w) / (T - w)
+        inverse_sqrt  lr sqrt(max(w, 1) / t)                          (the Transformer's rsqrt decay)
+        wsd           lr until T - d, then linear to r lr at T; d = decay_fraction T (warmup-stable-decay)
+    """
+    w, T, lr, r = opt.warmup_steps, max(total_steps, opt.warmup_steps + 1), opt.lr, opt.min_lr_ratio
     if opt.schedule == "cosine":
-        return optax.warmup_cosine_decay_schedule(
-            0.0, opt.lr, opt.warmup_steps, max(total_steps, opt.warmup_steps + 1), end_value=opt.lr * opt.min_lr_ratio)
-    warmup = optax.linear_schedule(0.0, opt.lr, max(opt.warmup_steps, 1))
-    return optax.join_schedules([warmup, optax.constant_schedule(opt.lr)], [opt.warmup_steps])
+        return optax.warmup_cosine_decay_schedule(0.0, lr, w, T, end_value=lr * r)
+    warmup = optax.linear_schedule(0.0, lr, max(w, 1))
+    if opt.schedule == "constant":
+        after, boundaries = [optax.constant_schedule(lr)], [w]
+    elif opt.schedule == "linear":
+        after, boundaries = [optax.linear_schedule(lr, lr * r, T - w)], [w]
+    elif opt.schedule == "inverse_sqrt":
+        after, boundaries = [lambda t: lr * jax.numpy.sqrt(max(w, 1) / jax.numpy.maximum(t + w, 1))], [w]
+    else:  # wsd
+        decay_start = max(w, T - int(round(opt.decay_fraction * T)))
+        after = [optax.constant_schedule(lr), optax.linear_schedule(lr, lr * r, T - decay_start)]
+        boundaries = [w, decay_start]
+    return optax.join_schedules([warmup, *after], boundaries)
 
 
-def build(opt, total_steps: int) -> optax.GradientTransformation:
-    """The optax transformation of `config.optimizer` (a ConfigDict or a mapping of the same keys)."""
+def build(opt, total_steps: int, axis_names=None) -> optax.GradientTransformation:
+    """The optax transformation of `config.optimizer` (a ConfigDict or a mapping of the same keys);
+    `axis_names`: the parameters' logical axis names (a tree of tuples, `models.axis_names`), which Muon needs."""
     keys_cls, make = OPTIMIZERS[opt.name]
-    optimizer = make(learning_rate_schedule(opt, total_steps), keys_cls(**opt[opt.name]))
+    extra = {"axis_names": axis_names} if opt.name == "muon" else {}
+    optimizer = make(learning_rate_schedule(opt, total_steps), keys_cls(**opt[opt.name]), decay_mask(opt.decay),
+                     **extra)
     chain = []
     if opt.grokfast.lamb > 0:
         chain.append(grokfast.grokfast_ema(opt.grokfast.alpha, opt.grokfast.lamb))

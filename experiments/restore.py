@@ -11,7 +11,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 import models
-from experiments import checkpointing, optimizers, trainer
+from experiments import checkpointing, trainer
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -37,9 +37,11 @@ def load_variables(config, workdir: str, step: int | None = None):
     if step is None or step not in mngr.all_steps():
         raise FileNotFoundError(f"--workdir={workdir!r} has no checkpoint {'yet' if step is None else step}")
     model = models.build(config.model)
-    tx = optimizers.build(config.optimizer, config.train.steps)
     inputs = jax.ShapeDtypeStruct((1, config.model.max_len), np.int32)
-    abstract = nn.meta.unbox(jax.eval_shape(lambda r: trainer.init_state(model, tx, inputs, r), jax.random.PRNGKey(0)))
+    tx = trainer.make_optimizer(config, model, inputs)
+    ema = config.train.get("ema_decay", 0.0) > 0
+    abstract = nn.meta.unbox(jax.eval_shape(lambda r: trainer.init_state(model, tx, inputs, r, ema=ema),
+                                            jax.random.PRNGKey(0)))
     on_one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_one_device), abstract)
     restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))

@@ -109,6 +109,25 @@ def logical_shardings(boxed_tree, mesh: Mesh):
     return nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_AXIS_RULES)
 
 
+def replicate_misfits(boxed_tree, mesh: Mesh):
+    """The tree with the boxes removed (so the values replicate) where a value cannot take its box's layout: its
+    rank differs from the names, or a dimension does not divide over the mesh axes the names map to. For
+    optimizer state, whose statistics inherit their parameter's box whatever their shape (Adafactor's factored
+    rows and columns, its (1,) placeholders); a parameter that does not divide stays an error."""
+    def fits(box) -> bool:
+        if len(box.names) != len(box.value.shape):
+            return False
+        spec = nn.logical_to_mesh_axes(box.names, LOGICAL_AXIS_RULES)
+        for dim, axes in zip(box.value.shape, spec):
+            axes = (axes,) if isinstance(axes, str) else (axes or ())
+            if dim % math.prod(mesh.shape[a] for a in axes):
+                return False
+        return True
+
+    is_boxed = lambda x: isinstance(x, nn.Partitioned)  # noqa: E731
+    return jax.tree.map(lambda x: x if not is_boxed(x) or fits(x) else x.value, boxed_tree, is_leaf=is_boxed)
+
+
 def check_divisible(abstract_tree, shardings) -> None:
     """ConfigError naming the first array whose dimension the mesh axes sharding it do not divide."""
     flat, _ = jax.tree_util.tree_flatten_with_path(abstract_tree)

@@ -46,6 +46,7 @@ class TrainState(train_state.TrainState):
     model_state: Any = flax.struct.field(default_factory=dict)  # the model's other collections (models/__init__.py)
     stage: jax.Array = 0  # int32 curriculum stage (0 without a curriculum)
     data_skipped: jax.Array = 0  # int32 batches skipped by NaN rollbacks: step s trains on batch s + data_skipped
+    ema_params: Any = flax.struct.field(default_factory=dict)  # train.ema_decay > 0: the weights' moving average
 
 
 class NonFiniteLossError(RuntimeError):
@@ -75,13 +76,21 @@ def batch_size(requested: int, num_examples: int, batch_shards: int) -> int:
     return -(-num_examples // batch_shards) * batch_shards if requested == -1 else requested
 
 
-def init_state(model, tx, example_inputs, rng):
+def make_optimizer(config, model, example_inputs):
+    """`config.optimizer` as an optax transformation; Muon also gets the parameters' logical axis names."""
+    names = models.axis_names(model, example_inputs) if config.optimizer.name == "muon" else None
+    return optimizers.build(config.optimizer, config.train.steps, axis_names=names)
+
+
+def init_state(model, tx, example_inputs, rng, ema: bool = False):
+    """The initial train state; with `ema` its moving average of the weights starts at the weights."""
     params_rng, state_rng = jax.random.split(rng)
     variables = dict(model.init(params_rng, example_inputs))
     params = variables.pop("params")
     model_state = {k: v for k, v in variables.items() if k not in models.SOWN}
     return TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=state_rng, model_state=model_state,
-                             stage=jnp.zeros((), jnp.int32), data_skipped=jnp.zeros((), jnp.int32))
+                             stage=jnp.zeros((), jnp.int32), data_skipped=jnp.zeros((), jnp.int32),
+                             ema_params=params if ema else {})
 
 
 def begin_stage(state: TrainState, stage, *, tx) -> TrainState:
@@ -112,31 +121,69 @@ def abstract_state_and_shardings(init_fn, rng, mesh):
     return abstract_state, state_shardings
 
 
-def train_step(state: TrainState, batch, *, schedule):
+def train_step(state: TrainState, batch, *, schedule, accumulate: int = 1, ema_decay: float = 0.0):
     """One optimizer step on loss = masked cross-entropy + the sown auxiliary losses; the model's other
-    collections take the values the forward pass wrote; sown metrics and probe cotangents are logged."""
+    collections take the values the forward pass wrote; sown metrics and probe cotangents are logged.
+
+    Gradient accumulation (`accumulate` = k > 1): the batch splits into k micro-batches (rows i, i + k, ...,
+    so each spreads over every batch shard) run one after another; micro-batch i's loss is its masked sum
+    over the whole batch's token count, so the k gradients add up to the full batch's exactly. State the
+    forward pass writes (MoE router biases) is written by each micro-batch in turn.
+
+    With `ema_decay` = d > 0 the moving average of the weights follows: ema <- d ema + (1 - d) params (new)."""
     probes = state.model_state.get(models.PROBES, {})
     model_state = {k: v for k, v in state.model_state.items() if k != models.PROBES}
+    count = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
+    rng = jax.random.fold_in(state.rng, state.step)
 
-    def loss_fn(params, probes):
+    def loss_fn(params, probes, model_state, micro, micro_rng):
         logits, written = state.apply_fn(
-            {"params": params, **model_state, models.PROBES: probes}, batch["inputs"],
-            rngs={"dropout": jax.random.fold_in(state.rng, state.step)}, mutable=[*model_state, *models.SOWN])
-        loss, aux = losses.masked_mean(logits, batch["targets"], batch["loss_mask"])
-        if "losses" in written:
-            aux["aux_loss"] = sum(jnp.sum(x) for x in jax.tree.leaves(written["losses"]))
-        return loss + aux.get("aux_loss", 0.0), (loss, aux, written)
+            {"params": params, **model_state, models.PROBES: probes}, micro["inputs"],
+            rngs={"dropout": micro_rng}, mutable=[*model_state, *models.SOWN])
+        sums = losses.masked_sums(logits, micro["targets"], micro["loss_mask"])
+        aux_loss = (sum(jnp.sum(x) for x in jax.tree.leaves(written["losses"])) / accumulate
+                    if "losses" in written else None)  # None: the model sows no auxiliary loss
+        return sums["loss"] / count + (0.0 if aux_loss is None else aux_loss), (sums, aux_loss, written)
 
-    (_, (loss, aux, written)), (grads, probe_grads) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
-        state.params, probes)
-    metrics = {"loss": loss, **aux, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step),
-               "stage": state.stage, **_flat_metrics(written.get("metrics", {})), **_flat_metrics(probe_grads)}
-    new_model_state = {**{k: written[k] for k in model_state}, **({models.PROBES: probes} if probes else {})}
-    return state.apply_gradients(grads=grads, model_state=new_model_state), metrics
+    grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
+
+    def micro_step(model_state, micro, micro_rng):
+        (_, (sums, aux_loss, written)), grads = grad_fn(state.params, probes, model_state, micro, micro_rng)
+        return {k: written[k] for k in model_state}, grads, (sums, aux_loss, written.get("metrics", {}))
+
+    if accumulate == 1:
+        written_state, (grads, probe_grads), (sums, aux_loss, sown) = micro_step(model_state, batch, rng)
+    else:
+        micro_batches = jax.tree.map(lambda x: x.reshape(-1, accumulate, *x.shape[1:]).swapaxes(0, 1), batch)
+
+        def scan_body(carry, micro_and_index):
+            written_state, summed = carry
+            micro, index = micro_and_index
+            written_state, grads, outputs = micro_step(written_state, micro, jax.random.fold_in(rng, index))
+            return (written_state, jax.tree.map(jnp.add, summed, grads)), outputs
+
+        zeros = jax.tree.map(jnp.zeros_like, (state.params, probes))
+        (written_state, (grads, probe_grads)), stacked = jax.lax.scan(
+            scan_body, (model_state, zeros), (micro_batches, jnp.arange(accumulate)))
+        sums = jax.tree.map(jnp.sum, stacked[0])
+        aux_loss = None if stacked[1] is None else jnp.sum(stacked[1])
+        sown = jax.tree.map(lambda x: jnp.mean(x, axis=0), stacked[2])
+    metrics = {"loss": sums["loss"] / count, "accuracy": sums["correct"] / count,
+               **({} if aux_loss is None else {"aux_loss": aux_loss}),
+               "grad_norm": optax.global_norm(grads), "lr": schedule(state.step),
+               "stage": state.stage, **_flat_metrics(sown), **_flat_metrics(probe_grads)}
+    new_model_state = {**written_state, **({models.PROBES: probes} if probes else {})}
+    new_state = state.apply_gradients(grads=grads, model_state=new_model_state)
+    if ema_decay:
+        new_state = new_state.replace(ema_params=jax.tree.map(
+            lambda e, p: ema_decay * e + (1 - ema_decay) * p, state.ema_params, new_state.params))
+    return new_state, metrics
 
 
-def _eval_step(state: TrainState, batch):
-    logits = state.apply_fn({"params": state.params, **state.model_state}, batch["inputs"])
+def _eval_step(state: TrainState, batch, ema: bool = False):
+    """Masked sums at the raw weights (schedule-free: its averaged iterate), or at their moving average."""
+    params = state.ema_params if ema else optimizers.evaluation_params(state.opt_state, state.params)
+    logits = state.apply_fn({"params": params, **state.model_state}, batch["inputs"])
     return losses.masked_sums(logits, batch["targets"], batch["loss_mask"])
 
 
@@ -230,9 +277,13 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
     # 3. Model, optimizer, and the shardings of the train state (abstract: nothing runs yet).
     model = models.build(config.model)
     schedule = optimizers.learning_rate_schedule(config.optimizer, config.train.steps)
-    tx = optimizers.build(config.optimizer, config.train.steps)
     example_inputs = jax.ShapeDtypeStruct((batch_shards, splits.seq_len), np.int32)
-    init_fn = functools.partial(init_state, model, tx, example_inputs)
+    tx = make_optimizer(config, model, example_inputs)
+    ema_decay = config.train.ema_decay
+    def init_fn(rng):  # boxed with logical names; optimizer statistics that cannot take them replicate
+        state = init_state(model, tx, example_inputs, rng, ema=ema_decay > 0)
+        return state.replace(opt_state=sharding.replicate_misfits(state.opt_state, mesh))
+
     abstract_rng = jax.eval_shape(jax.random.PRNGKey, config.seed)
     abstract_state, state_shardings = abstract_state_and_shardings(init_fn, abstract_rng, mesh)
     abstract_state = checkpointing.abstract_like(abstract_state, state_shardings)
@@ -242,7 +293,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
         run_record.record(workdir, resolved, data_identity)
 
     # Data: this process's slice of every global batch.
-    train_batch = batch_size(config.data.batch_size, len(splits.train["inputs"]), batch_shards)
+    micro_batches = config.train.grad_accum_steps
+    train_batch = batch_size(config.data.batch_size, len(splits.train["inputs"]), batch_shards * micro_batches)
     process = dict(process_index=jax.process_index(), process_count=jax.process_count())
     if splits.stages:
         train_data, stage_starts = pipeline.staged(splits.stages, epochs_per_stage=splits.epochs_per_stage,
@@ -270,11 +322,14 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
 
         # 5. Compile the steps: state donated and kept in its shardings, batches split over (data, fsdp).
         batch_spec = sharding.batch_sharding(mesh)
-        compiled_train_step = jax.jit(functools.partial(train_step, schedule=schedule), donate_argnums=0,
+        compiled_train_step = jax.jit(functools.partial(train_step, schedule=schedule, accumulate=micro_batches,
+                                                        ema_decay=ema_decay), donate_argnums=0,
                                       in_shardings=(state_shardings, batch_spec),
                                       out_shardings=(state_shardings, sharding.replicated(mesh)))
         compiled_eval_step = jax.jit(_eval_step, in_shardings=(state_shardings, batch_spec),
                                      out_shardings=sharding.replicated(mesh))
+        compiled_eval_ema = jax.jit(functools.partial(_eval_step, ema=True), in_shardings=(state_shardings, batch_spec),
+                                    out_shardings=sharding.replicated(mesh))
         compiled_begin_stage = jax.jit(functools.partial(begin_stage, tx=tx), static_argnums=1, donate_argnums=0,
                                        out_shardings=state_shardings)
 
@@ -343,6 +398,10 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
                             last[name] = evaluate(state, compiled_eval_step, eval_batches(examples), mesh,
                                                   splits.chars_per_token)
                             writer.write(step, name, last[name])
+                            if ema_decay:  # the moving average of the weights, beside the raw ones
+                                last[f"{name}_ema"] = evaluate(state, compiled_eval_ema, eval_batches(examples), mesh,
+                                                               splits.chars_per_token)
+                                writer.write(step, f"{name}_ema", last[f"{name}_ema"])
                     if do_log:
                         shown = {"loss": last["train"]["loss"], "acc": last["train"]["accuracy"]}
                         evals = "  ".join(f"{n} loss {m['loss']:.4g} acc {m['accuracy']:.4g}"

@@ -10,7 +10,7 @@ import ml_collections
 
 import data
 import models
-from experiments import sharding
+from experiments import optimizers, sharding
 from models import moe_dispatch
 from data.config_fields import ConfigError, problems as field_problems
 
@@ -57,15 +57,17 @@ def validate(config, num_devices: int, process_count: int = 1) -> tuple[int, ...
     _raise(_schema_problems(config, base.get_config(config.model.name, config.data.name)))
     _raise([p for name, cls in base.sections(config.model.name, config.data.name).items()
             for p in field_problems(cls, config[name], f"{name}.")])
-    _raise(models.MODELS[config.model.name][2](config.model) + data.DATASETS[config.data.name][2](config.data))
+    _raise(models.MODELS[config.model.name][2](config.model) + data.DATASETS[config.data.name][2](config.data)
+           + optimizers.validate(config.optimizer))
     shape = sharding.mesh_shape(config.mesh, num_devices)
     batch_shards = sharding.logical_axis_size(shape, "activation_batch")
-    for key in ("batch_size", "eval_batch_size"):
-        size = config.data[key]
-        if size != -1 and (size < 1 or size % batch_shards or size % process_count):
+    for key, micro_batches in (("batch_size", config.train.grad_accum_steps), ("eval_batch_size", 1)):
+        size, per = config.data[key], batch_shards * micro_batches
+        if size != -1 and (size < 1 or size % per or size % process_count):
+            accumulated = f" times train.grad_accum_steps={micro_batches}" if micro_batches > 1 else ""
             raise ConfigError(f"data.{key}={size} must be -1 (whole split) or a positive multiple of the "
-                              f"{batch_shards} batch shards (mesh {' * '.join(sharding.BATCH_AXES)}) and of the "
-                              f"{process_count} processes")
+                              f"{batch_shards} batch shards (mesh {' * '.join(sharding.BATCH_AXES)}){accumulated} "
+                              f"and of the {process_count} processes")
     if config.model.get("dispatch") == "ragged":
         _raise([p for p in [moe_dispatch.check_ragged_supported(sharding.logical_axis_size(shape, "expert"),
                                                                 jax.default_backend())] if p])

@@ -59,7 +59,7 @@ def _optimizer(opt, lr, weight_decay, total_steps):
     keys = keys_cls(**opt[opt.name])
 
     def factory(learning_rate, weight_decay):  # the table's optimizer with both as per-member hyperparameters
-        return make(learning_rate, dataclasses.replace(keys, weight_decay=weight_decay))
+        return make(learning_rate, dataclasses.replace(keys, weight_decay=weight_decay), optimizers.decay_mask(opt.decay))
 
     tx = optax.inject_hyperparams(factory)(learning_rate=lr, weight_decay=weight_decay)
     return optax.chain(tx, optax.scale_by_schedule(schedule)), schedule

@@ -57,3 +57,12 @@ def parameter_count(model_config, seq_len: int, *, exclude: tuple[str, ...] = ()
 
 
 EMBEDDINGS = ("embed", "position_embedding", "unembed")  # the top-level groups of token / position tables
+
+
+def axis_names(model, example_inputs) -> dict:
+    """The logical axis names of every parameter, a tree of tuples (None for an unnamed axis), from a trace of
+    `model.init` (nothing is computed); what Muon reads its matrices from (experiments/optimizers.py)."""
+    abstract_key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+    boxed = jax.eval_shape(model.init, abstract_key, example_inputs)["params"]
+    is_boxed = lambda x: isinstance(x, nn.Partitioned)  # noqa: E731
+    return jax.tree.map(lambda p: tuple(p.names) if is_boxed(p) else (None,) * len(p.shape), boxed, is_leaf=is_boxed)

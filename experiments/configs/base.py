@@ -23,6 +23,8 @@ class TrainConfig:
     eval_every: int = field(500, min=0)  # 0: evaluate only at the end
     checkpoint_every: int = field(1000, min=1)
     keep_checkpoints: int = field(3, min=1)  # >= 2 leaves a previous step to fall back to if the latest is damaged
+    ema_decay: float = field(0.0, min=0, below=1)  # d > 0: keep ema <- d ema + (1 - d) weights, evaluated beside
+    grad_accum_steps: int = field(1, min=1)  # k micro-batches per optimizer step: the update of one k-times batch
     nan_rollbacks: int = field(0, min=0)  # K: on a non-finite loss restore the last good checkpoint, skip the
     # batches since, and go on, up to K times (PaLM's remedy); 0: stop at once
     plot_log_x: bool = False  # log-scale step axis in the workdir's curves.png

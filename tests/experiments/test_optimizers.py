@@ -1,5 +1,6 @@
-"""The optimizer table (experiments/optimizers.py): config wiring of AdamW's keys, Grokfast and clipping
-against optax and NumPy built by hand; the key groups in the base config and their validation."""
+"""The optimizer table (experiments/optimizers.py): every optimizer against a float64 NumPy loop of its
+equations (optax's own for Adafactor's wiring), Grokfast and clipping, the weight-decay groups on a real
+model's parameters, every schedule against hand-computed values, and validation of the key groups."""
 
 import chex
 import jax.numpy as jnp
@@ -42,7 +43,10 @@ def test_grokfast_and_adamw_keys_reach_optax():
 
 
 @pytest.mark.parametrize("key,value,message", [
-    ("name", "sgd", "optimizer.name='sgd' is not one of ['adamw']"),
+    ("name", "rmsprop", "optimizer.name='rmsprop' is not one of ['adamw', 'adam', 'sgd', 'lion', 'adafactor',"),
+    ("sgd.momentum", 1.0, "optimizer.sgd.momentum=1.0 must lie in [0, 1)"),
+    ("schedule", "step", "optimizer.schedule='step' is not one of"),
+    ("decay", "norms", "optimizer.decay='norms' is not one of ['all', 'weights', 'hidden_weights']"),
     ("adamw.b1", 1.0, "optimizer.adamw.b1=1.0 must lie in [0, 1)"),
     ("grokfast.alpha", -0.1, "optimizer.grokfast.alpha=-0.1 must lie in [0, 1)"),
     ("lr", 0.0, "optimizer.lr=0.0 must be > 0"),
@@ -54,3 +58,238 @@ def test_bad_optimizer_keys_are_one_line(key, value, message):
     with pytest.raises(validation.ConfigError) as info:
         validation.validate(config, 8)
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def _trajectory(opt, grads, params0, steps=10):
+    """Parameters after each update of `optimizers.build(opt)` fed `grads(t, params)`."""
+    tx = optimizers.build(opt, steps)
+    params = {k: jnp.asarray(v, jnp.float32) for k, v in params0.items()}
+    state, out = tx.init(params), []
+    for t in range(len(grads)):
+        updates, state = tx.update({k: jnp.asarray(v, jnp.float32) for k, v in grads[t].items()}, state, params)
+        params = optax.apply_updates(params, updates)
+        out.append({k: np.asarray(v) for k, v in params.items()})
+    return out
+
+
+def _numpy_reference(name, keys, lr, grads, params0):
+    """The optimizer's update equations in float64 (experiments/optimizers.py's docstring)."""
+    p = {k: np.asarray(v, np.float64) for k, v in params0.items()}
+    m = {k: np.zeros_like(v) for k, v in p.items()}
+    v2 = {k: np.zeros_like(v) for k, v in p.items()}
+    out = []
+    for t, g_t in enumerate(grads, start=1):
+        for k in p:
+            g = np.asarray(g_t[k], np.float64)
+            if name == "adam":
+                g = g + keys["weight_decay"] * p[k]
+                m[k] = keys["b1"] * m[k] + (1 - keys["b1"]) * g
+                v2[k] = keys["b2"] * v2[k] + (1 - keys["b2"]) * g * g
+                m_hat, v_hat = m[k] / (1 - keys["b1"] ** t), v2[k] / (1 - keys["b2"] ** t)
+                p[k] = p[k] - lr * m_hat / (np.sqrt(v_hat) + keys["eps"])
+            elif name == "sgd":
+                g = g + keys["weight_decay"] * p[k]
+                m[k] = g + keys["momentum"] * m[k]
+                p[k] = p[k] - lr * (g + keys["momentum"] * m[k] if keys["nesterov"] else m[k])
+            elif name == "lion":
+                c = keys["b1"] * m[k] + (1 - keys["b1"]) * g
+                p[k] = p[k] - lr * (np.sign(c) + keys["weight_decay"] * p[k])
+                m[k] = keys["b2"] * m[k] + (1 - keys["b2"]) * g
+        out.append({k: v.copy() for k, v in p.items()})
+    return out
+
+
+@pytest.mark.parametrize("name, keys", [
+    ("adam", dict(b1=0.8, b2=0.95, eps=1e-6, weight_decay=0.1)),
+    ("sgd", dict(momentum=0.9, nesterov=False, weight_decay=0.05)),
+    ("sgd", dict(momentum=0.8, nesterov=True, weight_decay=0.0)),
+    ("lion", dict(b1=0.9, b2=0.99, weight_decay=0.3)),
+])
+def test_each_optimizer_follows_its_equations(name, keys):
+    rng = np.random.default_rng(1)
+    params0 = {"w": rng.normal(size=(3, 5)), "b": rng.normal(size=(5,))}
+    grads = [{k: rng.normal(size=v.shape) for k, v in params0.items()} for _ in range(6)]
+    opt = base.get_config().optimizer
+    opt.update(name=name, lr=0.05, warmup_steps=0)
+    opt[name].update(**keys)
+    got, expected = _trajectory(opt, grads, params0), _numpy_reference(name, keys, 0.05, grads, params0)
+    for a, b in zip(got, expected):
+        chex.assert_trees_all_close(a, b, rtol=2e-5, atol=2e-6)
+
+
+def test_adafactor_keys_reach_optax():
+    rng = np.random.default_rng(2)
+    params0 = {"w": rng.normal(size=(4, 6)), "b": rng.normal(size=(6,))}
+    grads = [{k: rng.normal(size=v.shape) for k, v in params0.items()} for _ in range(4)]
+    opt = base.get_config().optimizer
+    opt.update(name="adafactor", lr=0.01, warmup_steps=0)
+    opt.adafactor.update(decay_rate=0.7, clipping_threshold=0.5, min_dim_size_to_factor=2, weight_decay=0.1)
+    expected_tx = optax.adafactor(0.01, min_dim_size_to_factor=2, decay_rate=0.7, clipping_threshold=0.5,
+                                  weight_decay_rate=0.1)
+    params = {k: jnp.asarray(v, jnp.float32) for k, v in params0.items()}
+    state, expected = expected_tx.init(params), []
+    for g in grads:
+        updates, state = expected_tx.update({k: jnp.asarray(v, jnp.float32) for k, v in g.items()}, state, params)
+        params = optax.apply_updates(params, updates)
+        expected.append(params)
+    for a, b in zip(_trajectory(opt, grads, params0), expected):
+        chex.assert_trees_all_close(a, b, rtol=1e-6)
+
+
+def test_weight_decay_groups_on_a_real_model():
+    import flax.linen as nn
+    import jax
+    from models import transformer
+    cfg = transformer.TransformerConfig(vocab_size=16, max_len=4, d_model=8, num_heads=2, d_mlp=16, positional="learned",
+                                        mlp_bias=True, norm="layernorm", tie_embeddings=False)
+    params = nn.meta.unbox(jax.eval_shape(transformer.Transformer(cfg).init, jax.random.key(0),
+                                          jnp.zeros((1, 4), jnp.int32)))["params"]
+    decayed = {group: {jax.tree_util.keystr(p) for p, d in jax.tree_util.tree_flatten_with_path(
+        optimizers.decay_mask(group)(params))[0] if d} for group in optimizers.DECAY_GROUPS}
+    every = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+    matrices = {"['layers']['attention']['query']", "['layers']['attention']['key']", "['layers']['attention']['value']",
+                "['layers']['attention']['out']", "['layers']['mlp']['wi']['kernel']", "['layers']['mlp']['wo']['kernel']"}
+    embeddings = {"['embed']['embedding']", "['position_embedding']", "['unembed']['kernel']"}
+    assert decayed["all"] == every
+    assert decayed["weights"] == matrices | embeddings
+    assert decayed["hidden_weights"] == matrices
+
+    # AdamW with zero gradients: only the decayed parameters move, by -lr * wd * p.
+    opt = base.get_config().optimizer
+    opt.update(lr=0.1, warmup_steps=0, decay="hidden_weights")
+    opt.adamw.weight_decay = 0.5
+    ones = jax.tree.map(lambda x: jnp.ones(x.shape, jnp.float32), params)
+    tx = optimizers.build(opt, 10)
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, ones), tx.init(ones), ones)
+    for path, u in jax.tree_util.tree_flatten_with_path(updates)[0]:
+        np.testing.assert_allclose(u, -0.05 if jax.tree_util.keystr(path) in matrices else 0.0, atol=1e-7)
+
+
+@pytest.mark.parametrize("schedule, expected", [  # lr 1, 4 warmup steps, 24 steps, min_lr_ratio 0.1
+    ("constant", {0: 0.0, 2: 0.5, 4: 1.0, 23: 1.0}),
+    ("linear", {2: 0.5, 4: 1.0, 14: 0.55, 24: 0.1}),
+    ("cosine", {2: 0.5, 4: 1.0, 14: 0.55, 24: 0.1}),
+    ("inverse_sqrt", {2: 0.5, 4: 1.0, 16: 0.5, 25: 0.4}),
+    ("wsd", {2: 0.5, 4: 1.0, 19: 1.0, 21: 0.64, 24: 0.1}),  # decays over the last round(0.2 * 24) = 5 steps
+])
+def test_schedules_against_hand_computed_values(schedule, expected):
+    opt = base.get_config().optimizer
+    opt.update(lr=1.0, warmup_steps=4, schedule=schedule, min_lr_ratio=0.1, decay_fraction=0.2)
+    lr = optimizers.learning_rate_schedule(opt, 24)
+    for step, value in expected.items():
+        np.testing.assert_allclose(float(lr(step)), value, rtol=1e-5, atol=1e-6, err_msg=f"{schedule} at {step}")
+
+
+def test_schedule_free_adamw_is_optax_and_the_trainer_evaluates_the_average():
+    import flax.linen as nn
+    import jax
+    from experiments import trainer
+    from models import transformer
+    rng = np.random.default_rng(3)
+    params0 = {"w": rng.normal(size=(3, 4)), "b": rng.normal(size=(4,))}
+    grads = [{k: rng.normal(size=v.shape) for k, v in params0.items()} for _ in range(5)]
+    opt = base.get_config().optimizer
+    opt.update(name="schedule_free_adamw", lr=0.05, warmup_steps=2)
+    opt.schedule_free_adamw.update(b1=0.8, b2=0.99, weight_decay=0.1)
+    reference = optax.contrib.schedule_free_adamw(0.05, warmup_steps=2, b1=0.8, b2=0.99, weight_decay=0.1)
+    params = {k: jnp.asarray(v, jnp.float32) for k, v in params0.items()}
+    state, expected = reference.init(params), []
+    for g in grads:
+        updates, state = reference.update({k: jnp.asarray(v, jnp.float32) for k, v in g.items()}, state, params)
+        params = optax.apply_updates(params, updates)
+        expected.append(params)
+    for a, b in zip(_trajectory(opt, grads, params0), expected):
+        chex.assert_trees_all_close(a, b, rtol=1e-6)
+
+    # The trainer's evaluation runs at x = (y - (1 - b1) z) / b1, not at the stored (gradient) point y.
+    cfg = transformer.TransformerConfig(vocab_size=11, max_len=5, d_model=8, num_heads=2, d_mlp=16)
+    model, tx = transformer.Transformer(cfg), optimizers.build(opt, 10)
+    tokens = jnp.asarray(rng.integers(0, 11, size=(4, 5)), jnp.int32)
+    batch = {"inputs": tokens, "targets": jnp.roll(tokens, -1, axis=1), "loss_mask": jnp.ones((4, 5))}
+    state = nn.meta.unbox(trainer.init_state(model, tx, tokens, jax.random.PRNGKey(0)))
+    for _ in range(3):
+        state, _ = trainer.train_step(state, batch, schedule=optimizers.learning_rate_schedule(opt, 10))
+    z = state.opt_state.z
+    x = jax.tree.map(lambda y, z: (y - 0.2 * z) / 0.8, state.params, z)
+    at = lambda p: float(trainer.losses.masked_mean(model.apply({"params": p}, tokens), batch["targets"],  # noqa: E731
+                                                    batch["loss_mask"])[0])
+    evaluated = trainer._eval_step(state, batch)
+    np.testing.assert_allclose(float(evaluated["loss"]) / float(evaluated["count"]), at(x), rtol=1e-5)
+    assert abs(at(x) - at(state.params)) > 1e-4
+
+
+def test_schedule_free_needs_the_constant_schedule():
+    config = make_tiny_config()
+    config.optimizer.update(name="schedule_free_adamw", schedule="cosine")
+    with pytest.raises(validation.ConfigError, match="optimizer.schedule='cosine' with optimizer.name='schedule_free"):
+        validation.validate(config, 8)
+
+
+def test_muon_dimensions_from_logical_axis_names():
+    dims = optimizers.muon_dimensions
+    assert dims(("layers", "embed", "heads", "head_dim")) == (( 1,), (2, 3))  # query: embed -> heads x head_dim
+    assert dims(("layers", "heads", "head_dim", "embed")) == ((1, 2), (3,))  # out: heads x head_dim -> embed
+    assert dims(("layers", "expert", "embed", "mlp")) == ((2,), (3,))  # every expert its own matrix
+    assert dims(("layers", "embed", None)) == ((1,), (2,))  # Mamba-2's in_proj
+    assert dims(("embed", "mlp")) == ((0,), (1,))
+    for adamw in [("vocab", "embed"), ("embed", "vocab"), ("layers", "embed"), ("embed",), ("layers", None, None)]:
+        assert dims(adamw) is None, adamw
+
+
+def _newton_schulz(g, steps=5, coeffs=(3.4445, -4.775, 2.0315)):
+    """Muon's orthogonalisation in float64: X <- a X + (b A + c A^2) X, A = X X^T, X_0 = G / ||G||_F."""
+    a, b, c = coeffs
+    x = g / (np.linalg.norm(g) + 1e-7)
+    transposed = x.shape[0] > x.shape[1]
+    x = x.T if transposed else x
+    for _ in range(steps):
+        s = x @ x.T
+        x = a * x + (b * s + c * s @ s) @ x
+    return x.T if transposed else x
+
+
+def test_muon_orthogonalises_each_stacked_matrix_and_adamw_steps_the_rest():
+    rng = np.random.default_rng(4)
+    params = {"wi": jnp.asarray(rng.normal(size=(2, 6, 4)), jnp.float32),
+              "embedding": jnp.asarray(rng.normal(size=(5, 6)), jnp.float32)}
+    names = {"wi": ("layers", "embed", "mlp"), "embedding": ("vocab", "embed")}
+    grads = {k: jnp.asarray(rng.normal(size=v.shape), jnp.float32) for k, v in params.items()}
+    opt = base.get_config().optimizer
+    opt.update(name="muon", lr=0.02, warmup_steps=0)
+    opt.muon.update(beta=0.9, nesterov=False, adam_lr_ratio=0.5)
+    tx = optimizers.build(opt, 10, axis_names=names)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    # First step, no Nesterov: momentum = g, so each layer's update is -lr * scale * NS(g_layer), optax's scale
+    # sqrt(max(1, fan_out / fan_in)) = 1 here (4 <= 6).
+    for layer in range(2):
+        expected = -0.02 * _newton_schulz(np.asarray(grads["wi"][layer], np.float64))
+        np.testing.assert_allclose(updates["wi"][layer], expected, rtol=2e-3, atol=2e-5)
+    # The embedding is AdamW's: the first step is -lr_adam * sign(g) (bias-corrected m / sqrt(v)).
+    np.testing.assert_allclose(updates["embedding"], -0.01 * np.sign(grads["embedding"]), rtol=1e-3)
+
+
+def test_ema_of_the_weights_follows_its_recursion_and_is_evaluated_beside_them():
+    import flax.linen as nn
+    import jax
+    from experiments import trainer
+    from models import transformer
+    rng = np.random.default_rng(5)
+    cfg = transformer.TransformerConfig(vocab_size=11, max_len=5, d_model=8, num_heads=2, d_mlp=16)
+    model, opt = transformer.Transformer(cfg), base.get_config().optimizer
+    opt.update(lr=0.05, warmup_steps=0)
+    tx = optimizers.build(opt, 10)
+    tokens = jnp.asarray(rng.integers(0, 11, size=(4, 5)), jnp.int32)
+    batch = {"inputs": tokens, "targets": jnp.roll(tokens, -1, axis=1), "loss_mask": jnp.ones((4, 5))}
+    state = nn.meta.unbox(trainer.init_state(model, tx, tokens, jax.random.PRNGKey(0), ema=True))
+    step = jax.jit(lambda s, b: trainer.train_step(s, b, schedule=optimizers.learning_rate_schedule(opt, 10),
+                                                   ema_decay=0.7))
+    ema = jax.tree.map(lambda p: np.asarray(p, np.float64), state.params)
+    for _ in range(3):
+        state, _ = step(state, batch)
+        ema = jax.tree.map(lambda e, p: 0.7 * e + 0.3 * np.asarray(p, np.float64), ema, state.params)
+    chex.assert_trees_all_close(state.ema_params, ema, rtol=1e-5, atol=1e-7)
+    sums = trainer._eval_step(state, batch, ema=True)
+    logits = model.apply({"params": state.ema_params}, tokens)
+    np.testing.assert_allclose(float(sums["loss"]) / float(sums["count"]),
+                               float(trainer.losses.masked_mean(logits, batch["targets"], batch["loss_mask"])[0]),
+                               rtol=1e-5)

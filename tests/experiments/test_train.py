@@ -125,3 +125,51 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed from step {stop}" in resumed.stdout
     assert max(_by_step(workdir, "train")) == stop + 2
+
+
+def test_gradient_accumulation_gives_the_full_batch_update_on_the_mesh(tmp_path):
+    """k = 2 micro-batches of 8 rows on a 2x2x2 mesh: the losses and parameters of one 16-row batch per step."""
+    runs = {}
+    for k in (1, 2):
+        config = make_tiny_config(steps=4)
+        config.train.update(grad_accum_steps=k, eval_every=4, checkpoint_every=4)
+        config.mesh.update(data=2, fsdp=2, tensor=2, expert=1)
+        _run(config, tmp_path / f"k{k}")
+        runs[k] = _by_step(tmp_path / f"k{k}", "train")
+    for step in runs[1]:
+        np.testing.assert_allclose(runs[2][step]["loss"], runs[1][step]["loss"], rtol=1e-5)
+        np.testing.assert_allclose(runs[2][step]["grad_norm"], runs[1][step]["grad_norm"], rtol=1e-4)
+    from experiments import restore
+    (_, one), (_, two) = [restore.load_variables(restore.load_config(str(tmp_path / f"k{k}")), str(tmp_path / f"k{k}"))
+                          for k in (1, 2)]
+    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(two)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["lion", *[pytest.param(n, marks=pytest.mark.slow)
+                                            for n in ("adam", "sgd", "adafactor", "adamw", "schedule_free_adamw")]])
+def test_every_optimizer_trains_through_the_trainer_on_the_mesh(tmp_path, name):
+    config = make_tiny_config(steps=8)
+    config.optimizer.update(name=name, lr={"lion": 3e-4, "sgd": 0.3}.get(name, 3e-3), decay="weights")
+    config.train.update(checkpoint_every=8, eval_every=8)
+    config.mesh.update(data=2, fsdp=2, tensor=2, expert=1)
+    _run(config, tmp_path)
+    losses = [e["loss"] for e in metrics_writer.read(str(tmp_path), "train")]
+    assert len(losses) == 8 and np.all(np.isfinite(losses))
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses
+
+
+@pytest.mark.slow
+def test_ema_is_evaluated_beside_the_weights_and_resumes(tmp_path):
+    config = make_tiny_config(steps=6)
+    config.train.update(ema_decay=0.9)
+    _run(config, tmp_path / "straight")
+    half = make_tiny_config(steps=3)
+    half.train.update(ema_decay=0.9)
+    _run(half, tmp_path / "resumed")
+    _run(config, tmp_path / "resumed")
+    for run in ("straight", "resumed"):
+        assert sorted(_by_step(tmp_path / run, "eval_ema")) == [3, 6]
+    a, b = _by_step(tmp_path / "straight", "eval_ema"), _by_step(tmp_path / "resumed", "eval_ema")
+    assert a[6]["loss"] == b[6]["loss"]  # the average is checkpointed with the weights
+    assert a[6]["loss"] != _by_step(tmp_path / "straight", "eval")[6]["loss"]
