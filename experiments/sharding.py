@@ -113,9 +113,11 @@ def replicate_misfits(boxed_tree, mesh: Mesh):
     """The tree with the boxes removed (so the values replicate) where a value cannot take its box's layout: its
     rank differs from the names, or a dimension does not divide over the mesh axes the names map to. For
     optimizer state, whose statistics inherit their parameter's box whatever their shape (Adafactor's factored
-    rows and columns, its (1,) placeholders); a parameter that does not divide stays an error."""
+    rows and columns, its (1,) placeholders; the empty placeholders of masked-out groups, e.g. Muon's); a
+    parameter that does not divide stays an error."""
     def fits(box) -> bool:
-        if len(box.names) != len(box.value.shape):
+        shape = getattr(box.value, "shape", None)  # None: a placeholder (optax.MaskedNode of a masked-out group)
+        if shape is None or len(box.names) != len(shape):
             return False
         spec = nn.logical_to_mesh_axes(box.names, LOGICAL_AXIS_RULES)
         for dim, axes in zip(box.value.shape, spec):

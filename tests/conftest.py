@@ -55,6 +55,12 @@ def make_tiny_lm_config(steps: int = 4):
     return config
 
 
-@pytest.fixture
-def tiny_config():
-    return make_tiny_config()
+@pytest.fixture(scope="session")
+def finished_tiny_run(tmp_path_factory):
+    """The workdir of `make_tiny_config(steps=6)` trained once per session (checkpoints at 3 and 6); tests read it
+    or copy it, never change it."""
+    from experiments import trainer
+
+    workdir = tmp_path_factory.mktemp("finished_tiny_run") / "run"
+    trainer.train_and_evaluate(make_tiny_config(steps=6), str(workdir), verbose=False)
+    return workdir

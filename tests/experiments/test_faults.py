@@ -24,12 +24,10 @@ def _by_step(workdir, split="train"):
     return {e["step"]: e for e in metrics_writer.read(str(workdir), split)}
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    """The tiny config trained to step 6, checkpoints at 3 and 6: every test copies it."""
-    workdir = tmp_path_factory.mktemp("finished") / "run"
-    _run(make_tiny_config(steps=6), workdir)
-    return workdir
+@pytest.fixture
+def finished_run(finished_tiny_run):
+    """The tiny config trained to step 6, checkpoints at 3 and 6 (conftest.py): every test copies it."""
+    return finished_tiny_run
 
 
 def _copy(finished_run, tmp_path):
@@ -119,6 +117,7 @@ def test_a_failed_save_stops_with_one_line_and_keeps_the_previous_step(finished_
     assert _run(make_tiny_config(steps=9), workdir)["step"] == 9  # space freed: it resumes from step 6
 
 
+@pytest.mark.slow
 def test_nan_rollback_restores_the_last_checkpoint_and_skips_the_batches_that_diverged(tmp_path, monkeypatch):
     """Batch 4 (step 5) poisons the loss; with checkpoints every 2 steps the run goes back to step 4 and trains
     step 5 on batch 5. Checked against the step computed by hand from the step-4 checkpoint and batch 5."""
@@ -149,7 +148,6 @@ def test_nan_rollback_restores_the_last_checkpoint_and_skips_the_batches_that_di
     np.testing.assert_allclose(_by_step(tmp_path)[5]["loss"], float(expected), rtol=1e-5)
 
 
-@pytest.mark.slow
 def test_nan_rollbacks_give_up_after_k_with_the_clear_error(tmp_path, capsys):
     config = make_tiny_config(steps=20)
     config.train.update(checkpoint_every=2, nan_rollbacks=2)

@@ -2,6 +2,8 @@
 equations (optax's own for Adafactor's wiring), Grokfast and clipping, the weight-decay groups on a real
 model's parameters, every schedule against hand-computed values, and validation of the key groups."""
 
+import functools
+
 import chex
 import jax.numpy as jnp
 import numpy as np
@@ -160,7 +162,7 @@ def test_weight_decay_groups_on_a_real_model():
     opt.adamw.weight_decay = 0.5
     ones = jax.tree.map(lambda x: jnp.ones(x.shape, jnp.float32), params)
     tx = optimizers.build(opt, 10)
-    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, ones), tx.init(ones), ones)
+    updates, _ = jax.jit(lambda p: tx.update(jax.tree.map(jnp.zeros_like, p), tx.init(p), p))(ones)
     for path, u in jax.tree_util.tree_flatten_with_path(updates)[0]:
         np.testing.assert_allclose(u, -0.05 if jax.tree_util.keystr(path) in matrices else 0.0, atol=1e-7)
 
@@ -207,13 +209,14 @@ def test_schedule_free_adamw_is_optax_and_the_trainer_evaluates_the_average():
     tokens = jnp.asarray(rng.integers(0, 11, size=(4, 5)), jnp.int32)
     batch = {"inputs": tokens, "targets": jnp.roll(tokens, -1, axis=1), "loss_mask": jnp.ones((4, 5))}
     state = nn.meta.unbox(trainer.init_state(model, tx, tokens, jax.random.PRNGKey(0)))
+    step = jax.jit(lambda s, b: trainer.train_step(s, b, schedule=optimizers.learning_rate_schedule(opt, 10)))
     for _ in range(3):
-        state, _ = trainer.train_step(state, batch, schedule=optimizers.learning_rate_schedule(opt, 10))
+        state, _ = step(state, batch)
     z = state.opt_state.z
     x = jax.tree.map(lambda y, z: (y - 0.2 * z) / 0.8, state.params, z)
     at = lambda p: float(trainer.losses.masked_mean(model.apply({"params": p}, tokens), batch["targets"],  # noqa: E731
                                                     batch["loss_mask"])[0])
-    evaluated = trainer._eval_step(state, batch)
+    evaluated = jax.jit(trainer._eval_step)(state, batch)
     np.testing.assert_allclose(float(evaluated["loss"]) / float(evaluated["count"]), at(x), rtol=1e-5)
     assert abs(at(x) - at(state.params)) > 1e-4
 
@@ -288,7 +291,7 @@ def test_ema_of_the_weights_follows_its_recursion_and_is_evaluated_beside_them()
         state, _ = step(state, batch)
         ema = jax.tree.map(lambda e, p: 0.7 * e + 0.3 * np.asarray(p, np.float64), ema, state.params)
     chex.assert_trees_all_close(state.ema_params, ema, rtol=1e-5, atol=1e-7)
-    sums = trainer._eval_step(state, batch, ema=True)
+    sums = jax.jit(functools.partial(trainer._eval_step, ema=True))(state, batch)
     logits = model.apply({"params": state.ema_params}, tokens)
     np.testing.assert_allclose(float(sums["loss"]) / float(sums["count"]),
                                float(trainer.losses.masked_mean(logits, batch["targets"], batch["loss_mask"])[0]),

@@ -28,9 +28,8 @@ def _by_step(workdir, split):
     return {e["step"]: e for e in metrics_writer.read(str(workdir)) if e["split"] == split}
 
 
-def test_workdir_files(tiny_config, tmp_path):
-    result = _run(tiny_config, tmp_path)
-    assert result["step"] == 6
+def test_workdir_files(finished_tiny_run):
+    tmp_path = finished_tiny_run
     resolved = json.loads((tmp_path / "config.json").read_text())
     assert resolved["model"]["vocab_size"] == 14 and resolved["model"]["max_len"] == 3
     events = metrics_writer.read(str(tmp_path))
@@ -46,9 +45,8 @@ def test_workdir_files(tiny_config, tmp_path):
     assert os.listdir(tmp_path / "tensorboard")
 
 
-def test_resume_is_exact(tmp_path):
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    _run(make_tiny_config(steps=6), straight)
+def test_resume_is_exact(finished_tiny_run, tmp_path):
+    straight, resumed = finished_tiny_run, tmp_path / "resumed"
     _run(make_tiny_config(steps=3), resumed)
     _run(make_tiny_config(steps=6), resumed)  # restarts from the step-3 checkpoint
     for split in ("train", "eval"):
@@ -127,6 +125,7 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
     assert max(_by_step(workdir, "train")) == stop + 2
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_gives_the_full_batch_update_on_the_mesh(tmp_path):
     """k = 2 micro-batches of 8 rows on a 2x2x2 mesh: the losses and parameters of one 16-row batch per step."""
     runs = {}
@@ -146,11 +145,11 @@ def test_gradient_accumulation_gives_the_full_batch_update_on_the_mesh(tmp_path)
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["lion", *[pytest.param(n, marks=pytest.mark.slow)
-                                            for n in ("adam", "sgd", "adafactor", "adamw", "schedule_free_adamw")]])
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["lion", "adam", "sgd", "adafactor", "adamw", "schedule_free_adamw", "muon"])
 def test_every_optimizer_trains_through_the_trainer_on_the_mesh(tmp_path, name):
     config = make_tiny_config(steps=8)
-    config.optimizer.update(name=name, lr={"lion": 3e-4, "sgd": 0.3}.get(name, 3e-3), decay="weights")
+    config.optimizer.update(name=name, lr={"lion": 3e-4, "sgd": 0.3, "muon": 0.02}.get(name, 3e-3), decay="weights")
     config.train.update(checkpoint_every=8, eval_every=8)
     config.mesh.update(data=2, fsdp=2, tensor=2, expert=1)
     _run(config, tmp_path)
