@@ -64,7 +64,7 @@ def _saves_begun(checkpoints: str, seen: set) -> int:
     return len(seen)
 
 
-MOMENTS = ("during a save", "during the first save", "during a save", "start-up", "random time")
+MOMENTS = ("during the first save", "during a save", "start-up", "random time", "during a save")
 
 
 def _kill(proc, workdir: str, rng: random.Random, reference_seconds: float, moment: str) -> dict:

@@ -178,7 +178,7 @@ def test_every_bad_value_of_every_key(name, tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.slow
-@settings(max_examples=20, deadline=None, derandomize=True,
+@settings(max_examples=10, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(case=st.sampled_from([c for c in ALL if c[2] in ("type", "range", "choice", "unknown key")]))
 def test_the_command_line_gives_the_same_one_line(case, tmp_path):
