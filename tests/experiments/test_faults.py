@@ -13,7 +13,7 @@ import pytest
 import data as datasets
 from data import pipeline
 from experiments import checkpointing, losses, metrics_writer, restore, run_record, trainer, validation
-from tests.conftest import make_tiny_config
+from tests.conftest import make_tiny_config, slow
 
 
 def _run(config, workdir):
@@ -101,7 +101,7 @@ def _little_free_space(monkeypatch):
 
 
 @pytest.mark.parametrize("fault, cause", [(_disk_full_after_step_6, "No space left on device"),
-                                          (_little_free_space, "1000 bytes free, the state needs")])
+                                          slow(_little_free_space, "1000 bytes free, the state needs")])
 def test_a_failed_save_stops_with_one_line_and_keeps_the_previous_step(finished_run, tmp_path, monkeypatch,
                                                                        fault, cause):
     workdir = _copy(finished_run, tmp_path)

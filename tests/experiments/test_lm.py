@@ -87,6 +87,7 @@ def _state_bytes_per_device(fsdp: int) -> int:
     return compiled.memory_analysis().argument_size_in_bytes - batch_bytes
 
 
+@pytest.mark.slow
 def test_fsdp_divides_parameter_and_optimizer_memory_per_device():
     """The compiled step's arguments (params + Adam moments + step + rng) per device shrink ~8x."""
     replicated, sharded = _state_bytes_per_device(1), _state_bytes_per_device(8)

@@ -119,6 +119,7 @@ def test_each_optimizer_follows_its_equations(name, keys):
         chex.assert_trees_all_close(a, b, rtol=2e-5, atol=2e-6)
 
 
+@pytest.mark.slow
 def test_adafactor_keys_reach_optax():
     rng = np.random.default_rng(2)
     params0 = {"w": rng.normal(size=(4, 6)), "b": rng.normal(size=(6,))}

@@ -112,6 +112,7 @@ def test_bad_deq_keys_are_named():
     assert "model.solver='newton' is not one of" in str(info.value) and "model.max_iter=0 must be >= 1" in str(info.value)
 
 
+@pytest.mark.slow
 def test_deq_trains_in_the_trainer_and_logs_solver_statistics(tmp_path):
     config = make_tiny_config(steps=4)
     config.model = lm_shakespeare.get_config("deq").model

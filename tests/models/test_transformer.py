@@ -58,6 +58,7 @@ class TransformerTest(chex.TestCase):
         stacked = boxed["layers"]["mlp"]["wi"]["kernel"]
         assert stacked.names == ("layers", "embed", "mlp") and stacked.value.shape == (2, 24, 40)
 
+    @pytest.mark.slow
     def test_remat_changes_nothing(self):
         overrides = VARIANTS["gqa_rope_rmsnorm_swiglu"]
         _, model, params, tokens = make(overrides)
@@ -67,6 +68,7 @@ class TransformerTest(chex.TestCase):
             _, remat_model, _, _ = make(overrides, remat=policy)
             chex.assert_trees_all_close(jax.value_and_grad(loss(remat_model))(params), reference, atol=1e-6)
 
+    @pytest.mark.slow
     def test_scan_unroll_changes_nothing(self):
         """Two layers per scan iteration (and the stack fully unrolled) compute the same loss and gradients."""
         overrides = VARIANTS["mha_learned_layernorm_gelu_tied"]
@@ -79,7 +81,7 @@ class TransformerTest(chex.TestCase):
             chex.assert_trees_all_close(jax.value_and_grad(loss(unrolled))(params), reference, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("variant", [v if v != "mha_learned_layernorm_gelu_tied" else slow(v) for v in sorted(VARIANTS)])
 @pytest.mark.parametrize("prefill", [slow(1), 4])
 def test_kv_cache_decode_equals_full_pass(variant, prefill):
     cfg, model, params, tokens = make(VARIANTS[variant])
