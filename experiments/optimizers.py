@@ -39,13 +39,9 @@ class AdamWConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class AdamConfig:
-    """Adam (Kingma & Ba 2015) with coupled L2 regularisation: the decay joins the gradient before the moments."""
-
-    b1: float = field(0.9, min=0, below=1)
-    b2: float = field(0.999, min=0, below=1)
-    eps: float = field(1e-8, min=0)
-    weight_decay: float = field(0.0, min=0)
+class AdamConfig(AdamWConfig):
+    """Adam (Kingma & Ba 2015) with coupled L2 regularisation: the decay joins the gradient before the moments.
+    The same keys as AdamW's."""
 
 
 @dataclasses.dataclass(frozen=True)

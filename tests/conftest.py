@@ -31,6 +31,19 @@ def slow(*values):
     return pytest.param(*values, marks=pytest.mark.slow)
 
 
+def set_any_value(config, path: str, value):
+    """config[path] = value whatever its type (a ConfigDict is typed; a config file can still set any type)."""
+    *parents, key = path.split(".")
+    node = config
+    for part in parents:
+        node = node[part]
+    with config.unlocked():
+        if key in node:
+            del node[key]
+        node[key] = value
+    return config
+
+
 def make_tiny_config(steps: int = 6):
     """The grokking config shrunk to seconds: a+b mod 13, 2 layers of width 32, GQA (4 heads, 2 kv)."""
     config = grokking.get_config()

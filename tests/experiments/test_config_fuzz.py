@@ -21,6 +21,7 @@ from jax import monitoring
 
 from experiments import checkpointing, cli
 from experiments.configs import base, coconut_prosqa, grokking, lm_shakespeare, moe_lm, recall
+from tests.conftest import set_any_value
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -61,17 +62,6 @@ def _get(config, key):
     for part in key.split("."):
         node = node[part]
     return node
-
-
-def _set(config, key, value):
-    *parents, name = key.split(".")
-    node = config
-    for part in parents:
-        node = node[part]
-    with config.unlocked():
-        if name in node:
-            del node[name]  # ConfigDict is typed; a config file can still set any type
-        node[name] = value
 
 
 def _bad_values(config, key, field):
@@ -131,7 +121,7 @@ def _apply(config, key, kind, value):
         config.mesh.update(data=1, fsdp=1, tensor=1, expert=1)
         config.mesh.update(**value)
     else:
-        _set(config, key, value)
+        set_any_value(config, key, value)
     return config
 
 

@@ -62,9 +62,9 @@ def test_bad_optimizer_keys_are_one_line(key, value, message):
     assert message in str(info.value) and "\n" not in str(info.value)
 
 
-def _trajectory(opt, grads, params0, steps=10):
-    """Parameters after each update of `optimizers.build(opt)` fed `grads(t, params)`."""
-    tx = optimizers.build(opt, steps)
+def _trajectory(opt_or_tx, grads, params0, steps=10):
+    """Parameters after each update of `optimizers.build(opt)` (or of an optax transformation) fed `grads[t]`."""
+    tx = opt_or_tx if isinstance(opt_or_tx, optax.GradientTransformation) else optimizers.build(opt_or_tx, steps)
     params = {k: jnp.asarray(v, jnp.float32) for k, v in params0.items()}
     state, out = tx.init(params), []
     for t in range(len(grads)):
@@ -127,14 +127,8 @@ def test_adafactor_keys_reach_optax():
     opt = base.get_config().optimizer
     opt.update(name="adafactor", lr=0.01, warmup_steps=0)
     opt.adafactor.update(decay_rate=0.7, clipping_threshold=0.5, min_dim_size_to_factor=2, weight_decay=0.1)
-    expected_tx = optax.adafactor(0.01, min_dim_size_to_factor=2, decay_rate=0.7, clipping_threshold=0.5,
-                                  weight_decay_rate=0.1)
-    params = {k: jnp.asarray(v, jnp.float32) for k, v in params0.items()}
-    state, expected = expected_tx.init(params), []
-    for g in grads:
-        updates, state = expected_tx.update({k: jnp.asarray(v, jnp.float32) for k, v in g.items()}, state, params)
-        params = optax.apply_updates(params, updates)
-        expected.append(params)
+    expected = _trajectory(optax.adafactor(0.01, min_dim_size_to_factor=2, decay_rate=0.7, clipping_threshold=0.5,
+                                           weight_decay_rate=0.1), grads, params0)
     for a, b in zip(_trajectory(opt, grads, params0), expected):
         chex.assert_trees_all_close(a, b, rtol=1e-6)
 
@@ -195,13 +189,7 @@ def test_schedule_free_adamw_is_optax_and_the_trainer_evaluates_the_average():
     opt.update(name="schedule_free_adamw", lr=0.05, warmup_steps=2)
     opt.schedule_free_adamw.update(b1=0.8, b2=0.99, weight_decay=0.1)
     reference = optax.contrib.schedule_free_adamw(0.05, warmup_steps=2, b1=0.8, b2=0.99, weight_decay=0.1)
-    params = {k: jnp.asarray(v, jnp.float32) for k, v in params0.items()}
-    state, expected = reference.init(params), []
-    for g in grads:
-        updates, state = reference.update({k: jnp.asarray(v, jnp.float32) for k, v in g.items()}, state, params)
-        params = optax.apply_updates(params, updates)
-        expected.append(params)
-    for a, b in zip(_trajectory(opt, grads, params0), expected):
+    for a, b in zip(_trajectory(opt, grads, params0), _trajectory(reference, grads, params0)):
         chex.assert_trees_all_close(a, b, rtol=1e-6)
 
     # The trainer's evaluation runs at x = (y - (1 - b1) z) / b1, not at the stored (gradient) point y.

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from experiments import sharding, trainer, validation
-from tests.conftest import make_tiny_config
+from tests.conftest import make_tiny_config, set_any_value
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -19,18 +19,6 @@ def _error(config, tmp_path, devices=None) -> str:
     assert "\n" not in message
     assert not (tmp_path / "checkpoints").exists()  # nothing ran
     return message
-
-
-def _unlocked_set(config, path, value):
-    *parents, key = path.split(".")
-    node = config
-    for p in parents:
-        node = node[p]
-    with config.unlocked():
-        if key in node:
-            del node[key]  # ConfigDict is type-safe; a config file can still build a wrong type
-        node[key] = value
-    return config
 
 
 @pytest.mark.parametrize("path, value, expected", [
@@ -46,7 +34,7 @@ def _unlocked_set(config, path, value):
     ("model.name", "mamba7", "model.name='mamba7' is not one of"),
 ])
 def test_bad_values(tmp_path, path, value, expected):
-    config = _unlocked_set(make_tiny_config(), path, value)
+    config = set_any_value(make_tiny_config(), path, value)
     assert expected in _error(config, tmp_path)
 
 
