@@ -11,7 +11,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 import models
-from experiments import checkpointing, trainer
+from experiments import checkpointing, optimizers, trainer
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -29,7 +29,8 @@ def checkpoint_steps(workdir: str) -> list[int]:
 
 def load_variables(config, workdir: str, step: int | None = None):
     """(model, {"params", **model state}) of checkpoint `step` (default: the newest whose files match its
-    manifest) in `workdir`; FileNotFoundError if there is none."""
+    manifest) in `workdir`, the parameters the run evaluates (schedule-free: its average); FileNotFoundError
+    if there is none."""
     mngr = checkpointing.manager(workdir, keep=1, async_save=False)
     if step is None:
         intact = [s for s in mngr.all_steps() if checkpointing.damage(os.path.join(str(mngr.directory), str(s))) is None]
@@ -45,4 +46,5 @@ def load_variables(config, workdir: str, step: int | None = None):
     on_one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_one_device), abstract)
     restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-    return model, {"params": restored.state.params, **restored.state.model_state}
+    params = optimizers.evaluation_params(restored.state.opt_state, restored.state.params)  # schedule-free: x
+    return model, {"params": params, **restored.state.model_state}

@@ -280,6 +280,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
     example_inputs = jax.ShapeDtypeStruct((batch_shards, splits.seq_len), np.int32)
     tx = make_optimizer(config, model, example_inputs)
     ema_decay = config.train.ema_decay
+
     def init_fn(rng):  # boxed with logical names; optimizer statistics that cannot take them replicate
         state = init_state(model, tx, example_inputs, rng, ema=ema_decay > 0)
         return state.replace(opt_state=sharding.replicate_misfits(state.opt_state, mesh))
