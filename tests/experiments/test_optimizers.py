@@ -62,6 +62,21 @@ def test_bad_optimizer_keys_are_one_line(key, value, message):
     assert message in str(info.value) and "\n" not in str(info.value)
 
 
+def _random_problem(rng, rows: int, cols: int, steps: int):
+    """(initial parameters {"w": [rows, cols], "b": [cols]}, `steps` random gradients of the same shapes)."""
+    params0 = {"w": rng.normal(size=(rows, cols)), "b": rng.normal(size=(cols,))}
+    return params0, [{k: rng.normal(size=v.shape) for k, v in params0.items()} for _ in range(steps)]
+
+
+def _tiny_lm_and_batch(rng):
+    """A 1-layer transformer (vocabulary 11, width 8) and a random next-token batch of 4 x 5."""
+    from models import transformer
+    model = transformer.Transformer(transformer.TransformerConfig(vocab_size=11, max_len=5, d_model=8, num_heads=2,
+                                                                  d_mlp=16))
+    tokens = jnp.asarray(rng.integers(0, 11, size=(4, 5)), jnp.int32)
+    return model, {"inputs": tokens, "targets": jnp.roll(tokens, -1, axis=1), "loss_mask": jnp.ones((4, 5))}
+
+
 def _trajectory(opt_or_tx, grads, params0, steps=10):
     """Parameters after each update of `optimizers.build(opt)` (or of an optax transformation) fed `grads[t]`."""
     tx = opt_or_tx if isinstance(opt_or_tx, optax.GradientTransformation) else optimizers.build(opt_or_tx, steps)
@@ -109,8 +124,7 @@ def _numpy_reference(name, keys, lr, grads, params0):
 ])
 def test_each_optimizer_follows_its_equations(name, keys):
     rng = np.random.default_rng(1)
-    params0 = {"w": rng.normal(size=(3, 5)), "b": rng.normal(size=(5,))}
-    grads = [{k: rng.normal(size=v.shape) for k, v in params0.items()} for _ in range(6)]
+    params0, grads = _random_problem(rng, 3, 5, 6)
     opt = base.get_config().optimizer
     opt.update(name=name, lr=0.05, warmup_steps=0)
     opt[name].update(**keys)
@@ -122,8 +136,7 @@ def test_each_optimizer_follows_its_equations(name, keys):
 @pytest.mark.slow
 def test_adafactor_keys_reach_optax():
     rng = np.random.default_rng(2)
-    params0 = {"w": rng.normal(size=(4, 6)), "b": rng.normal(size=(6,))}
-    grads = [{k: rng.normal(size=v.shape) for k, v in params0.items()} for _ in range(4)]
+    params0, grads = _random_problem(rng, 4, 6, 4)
     opt = base.get_config().optimizer
     opt.update(name="adafactor", lr=0.01, warmup_steps=0)
     opt.adafactor.update(decay_rate=0.7, clipping_threshold=0.5, min_dim_size_to_factor=2, weight_decay=0.1)
@@ -181,10 +194,8 @@ def test_schedule_free_adamw_is_optax_and_the_trainer_evaluates_the_average():
     import flax.linen as nn
     import jax
     from experiments import trainer
-    from models import transformer
     rng = np.random.default_rng(3)
-    params0 = {"w": rng.normal(size=(3, 4)), "b": rng.normal(size=(4,))}
-    grads = [{k: rng.normal(size=v.shape) for k, v in params0.items()} for _ in range(5)]
+    params0, grads = _random_problem(rng, 3, 4, 5)
     opt = base.get_config().optimizer
     opt.update(name="schedule_free_adamw", lr=0.05, warmup_steps=2)
     opt.schedule_free_adamw.update(b1=0.8, b2=0.99, weight_decay=0.1)
@@ -193,10 +204,8 @@ def test_schedule_free_adamw_is_optax_and_the_trainer_evaluates_the_average():
         chex.assert_trees_all_close(a, b, rtol=1e-6)
 
     # The trainer's evaluation runs at x = (y - (1 - b1) z) / b1, not at the stored (gradient) point y.
-    cfg = transformer.TransformerConfig(vocab_size=11, max_len=5, d_model=8, num_heads=2, d_mlp=16)
-    model, tx = transformer.Transformer(cfg), optimizers.build(opt, 10)
-    tokens = jnp.asarray(rng.integers(0, 11, size=(4, 5)), jnp.int32)
-    batch = {"inputs": tokens, "targets": jnp.roll(tokens, -1, axis=1), "loss_mask": jnp.ones((4, 5))}
+    (model, batch), tx = _tiny_lm_and_batch(rng), optimizers.build(opt, 10)
+    tokens = batch["inputs"]
     state = nn.meta.unbox(trainer.init_state(model, tx, tokens, jax.random.PRNGKey(0)))
     step = jax.jit(lambda s, b: trainer.train_step(s, b, schedule=optimizers.learning_rate_schedule(opt, 10)))
     for _ in range(3):
@@ -264,14 +273,10 @@ def test_ema_of_the_weights_follows_its_recursion_and_is_evaluated_beside_them()
     import flax.linen as nn
     import jax
     from experiments import trainer
-    from models import transformer
-    rng = np.random.default_rng(5)
-    cfg = transformer.TransformerConfig(vocab_size=11, max_len=5, d_model=8, num_heads=2, d_mlp=16)
-    model, opt = transformer.Transformer(cfg), base.get_config().optimizer
+    model, batch = _tiny_lm_and_batch(np.random.default_rng(5))
+    tokens, opt = batch["inputs"], base.get_config().optimizer
     opt.update(lr=0.05, warmup_steps=0)
     tx = optimizers.build(opt, 10)
-    tokens = jnp.asarray(rng.integers(0, 11, size=(4, 5)), jnp.int32)
-    batch = {"inputs": tokens, "targets": jnp.roll(tokens, -1, axis=1), "loss_mask": jnp.ones((4, 5))}
     state = nn.meta.unbox(trainer.init_state(model, tx, tokens, jax.random.PRNGKey(0), ema=True))
     step = jax.jit(lambda s, b: trainer.train_step(s, b, schedule=optimizers.learning_rate_schedule(opt, 10),
                                                    ema_decay=0.7))
