@@ -1,8 +1,19 @@
 """Masked next-token losses: only positions with loss_mask = 1 count.
 
     loss = sum_i m_i * CE(logits_i, target_i) / sum_i m_i      accuracy likewise with [argmax == target]
+
+The training objective may add, per token (`Objective`, from `config.train`):
+
+    label smoothing   CE against (1 - eps) onehot(target) + eps / V                     (Szegedy et al. 2016)
+    z-loss            + c log^2 Z,  Z = sum_v exp(logits_v)                              (PaLM: c = 1e-4)
+    distillation      (1 - a) CE + a T^2 KL(softmax(teacher / T) || softmax(logits / T))  (Hinton et al. 2015)
+
+`loss` in the metrics stays the plain cross-entropy, so runs with and without them compare.
 """
 
+import dataclasses
+
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -19,3 +30,37 @@ def masked_mean(logits, targets, loss_mask):
     sums = masked_sums(logits, targets, loss_mask)
     count = jnp.maximum(sums["count"], 1.0)
     return sums["loss"] / count, {"accuracy": sums["correct"] / count}
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """The per-token training objective's terms beyond cross-entropy (all off by default)."""
+
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    distill_weight: float = 0.0  # a: the KL's share; needs teacher logits
+    temperature: float = 1.0  # T
+
+    def sums(self, logits, targets, loss_mask, teacher_logits=None) -> dict:
+        """{"objective": the objective summed over masked tokens, and the sums of its extra terms}."""
+        labels = jax.nn.one_hot(targets, logits.shape[-1], dtype=jnp.float32)
+        if self.label_smoothing:
+            labels = optax.smooth_labels(labels, self.label_smoothing)
+        per_token = optax.softmax_cross_entropy(logits, labels)
+        extra = {}
+        if teacher_logits is not None:
+            kl = distillation_kl(logits, teacher_logits, self.temperature)
+            per_token = (1 - self.distill_weight) * per_token + self.distill_weight * self.temperature**2 * kl
+            extra["distill_kl"] = jnp.sum(kl * loss_mask)
+        if self.z_loss:
+            log_z_squared = jax.nn.logsumexp(logits, axis=-1) ** 2
+            per_token = per_token + self.z_loss * log_z_squared
+            extra["log_z_squared"] = jnp.sum(log_z_squared * loss_mask)
+        return {"objective": jnp.sum(per_token * loss_mask), **extra}
+
+
+def distillation_kl(logits, teacher_logits, temperature: float):
+    """KL(softmax(teacher / T) || softmax(logits / T)) per position, the teacher held fixed."""
+    teacher = jax.nn.log_softmax(jax.lax.stop_gradient(teacher_logits) / temperature, axis=-1)
+    student = jax.nn.log_softmax(logits / temperature, axis=-1)
+    return jnp.sum(jnp.exp(teacher) * (teacher - student), axis=-1)

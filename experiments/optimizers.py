@@ -5,7 +5,7 @@ clipping and Grokfast gradient filtering (experiments/grokfast.py) in front.
 
     config.optimizer = {name, lr, schedule, warmup_steps, min_lr_ratio, decay_fraction, decay, grad_clip,
                         grokfast: {alpha, lamb}, adamw: {...}, adam: {...}, sgd: {...}, lion: {...}, adafactor: {...},
-                        schedule_free_adamw: {...}, muon: {...}}
+                        schedule_free_adamw: {...}, muon: {...}, shampoo: {...}}
 
     adamw      Loshchilov & Hutter 2019: Adam, then  p -= lr * wd * p  (decoupled)
     adam       Kingma & Ba 2015, with L2 regularisation coupled into the gradient:  g += wd * p
@@ -14,6 +14,7 @@ clipping and Grokfast gradient filtering (experiments/grokfast.py) in front.
     adafactor  Shazeer & Stern 2018: factored second moments, update clipping, relative step scale
     schedule_free_adamw  Defazio et al. 2024: no decay schedule; evaluated at the averaged iterate
     muon       Jordan et al. 2024: orthogonalised momentum for hidden matrices, AdamW for the rest
+    shampoo    Gupta et al. 2018: block-diagonal Kronecker preconditioners grafted to Adam (experiments/shampoo.py)
 
 Every optimizer has `weight_decay` (the vmapped sweep sweeps it). Adding one: its keys as a dataclass and one
 entry in OPTIMIZERS, (keys, build(lr_schedule, keys, decay_mask)).
@@ -24,7 +25,7 @@ import dataclasses
 import jax
 import optax
 
-from experiments import grokfast
+from experiments import grokfast, shampoo
 from data.config_fields import field
 
 
@@ -106,6 +107,20 @@ class MuonConfig:
     adam_weight_decay: float = field(0.0, min=0)
 
 
+@dataclasses.dataclass(frozen=True)
+class ShampooConfig:
+    """Shampoo with Adam grafting (experiments/shampoo.py): preconditioner blocks of at most `block_size`
+    rows and columns, inverse 4th roots recomputed every `precondition_every` steps; decoupled weight decay."""
+
+    b1: float = field(0.9, min=0, below=1)
+    b2: float = field(0.999, min=0, below=1)  # Adam's second moment and the preconditioner statistics
+    eps: float = field(1e-8, min=0)
+    block_size: int = field(128, min=1)
+    precondition_every: int = field(10, min=1)
+    matrix_eps: float = field(1e-6, above=0)  # ridge added before the root, relative to the largest eigenvalue
+    weight_decay: float = field(0.0, min=0)
+
+
 def _adamw(lr, c, mask):
     return optax.adamw(lr, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay, mask=mask)
 
@@ -138,7 +153,23 @@ def _schedule_free_adamw(lr, c, mask):
                                        weight_lr_power=c.weight_lr_power)
 
 
-BATCH_AXES = ("layers", "expert")  # stacked copies of a matrix: Muon treats each on its own
+BATCH_AXES = ("layers", "expert")  # stacked copies of a matrix: Muon and Shampoo treat each on its own
+
+
+def leading_batch_axes(names: tuple) -> int:
+    """How many of a parameter's leading axes stack copies (BATCH_AXES)."""
+    count = 0
+    while count < len(names) and names[count] in BATCH_AXES:
+        count += 1
+    return count
+
+
+def _shampoo(lr, c, mask, axis_names=None):
+    batch_dims = None if axis_names is None else jax.tree.map(
+        leading_batch_axes, axis_names, is_leaf=lambda x: isinstance(x, tuple))
+    return optax.chain(shampoo.scale_by_shampoo(c.b1, c.b2, c.eps, c.block_size, c.precondition_every, c.matrix_eps,
+                                                batch_dims),
+                       optax.add_decayed_weights(c.weight_decay, mask), optax.scale_by_learning_rate(lr))
 
 
 def muon_dimensions(names: tuple) -> "optax.contrib.MuonDimensionNumbers | None":
@@ -176,8 +207,10 @@ OPTIMIZERS = {
     "adafactor": (AdafactorConfig, _adafactor),
     "schedule_free_adamw": (ScheduleFreeAdamWConfig, _schedule_free_adamw),
     "muon": (MuonConfig, _muon),
+    "shampoo": (ShampooConfig, _shampoo),
 }
 
+NEEDS_AXIS_NAMES = ("muon", "shampoo")  # optimizers that read the parameters' logical axis names
 DECAY_GROUPS = ("all", "weights", "hidden_weights")
 SCHEDULES = ("constant", "cosine", "linear", "inverse_sqrt", "wsd")
 
@@ -232,6 +265,7 @@ class OptimizerConfig:
     adafactor: AdafactorConfig = field(AdafactorConfig())
     schedule_free_adamw: ScheduleFreeAdamWConfig = field(ScheduleFreeAdamWConfig())
     muon: MuonConfig = field(MuonConfig())
+    shampoo: ShampooConfig = field(ShampooConfig())
 
 
 def validate(opt) -> list[str]:
@@ -277,9 +311,10 @@ def learning_rate_schedule(opt, total_steps: int) -> optax.Schedule:
 
 def build(opt, total_steps: int, axis_names=None) -> optax.GradientTransformation:
     """The optax transformation of `config.optimizer` (a ConfigDict or a mapping of the same keys);
-    `axis_names`: the parameters' logical axis names (a tree of tuples, `models.axis_names`), which Muon needs."""
+    `axis_names`: the parameters' logical axis names (a tree of tuples, `models.axis_names`), which Muon needs
+    and Shampoo reads its stacked copies from."""
     keys_cls, make = OPTIMIZERS[opt.name]
-    extra = {"axis_names": axis_names} if opt.name == "muon" else {}
+    extra = {"axis_names": axis_names} if opt.name in NEEDS_AXIS_NAMES else {}
     optimizer = make(learning_rate_schedule(opt, total_steps), keys_cls(**opt[opt.name]), decay_mask(opt.decay),
                      **extra)
     chain = []

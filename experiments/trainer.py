@@ -77,8 +77,8 @@ def batch_size(requested: int, num_examples: int, batch_shards: int) -> int:
 
 
 def make_optimizer(config, model, example_inputs):
-    """`config.optimizer` as an optax transformation; Muon also gets the parameters' logical axis names."""
-    names = models.axis_names(model, example_inputs) if config.optimizer.name == "muon" else None
+    """`config.optimizer` as an optax transformation; Muon and Shampoo also get the parameters' logical axis names."""
+    names = models.axis_names(model, example_inputs) if config.optimizer.name in optimizers.NEEDS_AXIS_NAMES else None
     return optimizers.build(config.optimizer, config.train.steps, axis_names=names)
 
 

@@ -146,7 +146,7 @@ def test_gradient_accumulation_gives_the_full_batch_update_on_the_mesh(tmp_path)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["lion", "adam", "sgd", "adafactor", "schedule_free_adamw", "muon"])  # adamw: everywhere
+@pytest.mark.parametrize("name", ["lion", "adam", "sgd", "adafactor", "schedule_free_adamw", "muon", "shampoo"])  # adamw: everywhere
 def test_every_optimizer_trains_through_the_trainer_on_the_mesh(tmp_path, name):
     config = make_tiny_config(steps=8)
     config.optimizer.update(name=name, lr={"lion": 3e-4, "sgd": 0.3, "muon": 0.02}.get(name, 3e-3), decay="weights")
