@@ -1,9 +1,10 @@
 """Optimizers by name (`optimizer.name`), each with its own typed keys, and what composes around any of them:
 the learning-rate schedule (linear warmup, then constant, cosine, linear, inverse square root or
 warmup-stable-decay), which parameters weight decay touches (`optimizer.decay`), global-norm gradient
-clipping and Grokfast gradient filtering (experiments/grokfast.py) in front.
+clipping and Grokfast gradient filtering (experiments/grokfast.py) in front, per-group learning-rate
+multipliers by parameter path (`optimizer.lr_multipliers`) after.
 
-    config.optimizer = {name, lr, schedule, warmup_steps, min_lr_ratio, decay_fraction, decay, grad_clip,
+    config.optimizer = {name, lr, schedule, warmup_steps, min_lr_ratio, decay_fraction, decay, grad_clip, lr_multipliers,
                         grokfast: {alpha, lamb}, adamw: {...}, adam: {...}, sgd: {...}, lion: {...}, adafactor: {...},
                         schedule_free_adamw: {...}, muon: {...}, shampoo: {...}}
 
@@ -21,6 +22,7 @@ entry in OPTIMIZERS, (keys, build(lr_schedule, keys, decay_mask)).
 """
 
 import dataclasses
+import fnmatch
 
 import jax
 import optax
@@ -239,6 +241,38 @@ def decay_mask(group: str):
     return lambda params: jax.tree_util.tree_map_with_path(is_decayed, params)
 
 
+def parse_lr_multipliers(spec: str) -> list[tuple[str, float]]:
+    """`optimizer.lr_multipliers` "PATTERN=M,PATTERN=M" -> [(pattern, M)]; ValueError names a bad entry."""
+    pairs = []
+    for entry in (e.strip() for e in spec.split(",") if e.strip()):
+        pattern, equals, value = entry.rpartition("=")
+        try:
+            multiplier = float(value)
+        except ValueError:
+            multiplier = -1.0
+        if not equals or not pattern or multiplier < 0:
+            raise ValueError(f"optimizer.lr_multipliers entry {entry!r} is not PATTERN=M with M >= 0 (e.g. "
+                             "'embed/*=0.1,*norm*=0')")
+        pairs.append((pattern, multiplier))
+    return pairs
+
+
+def lr_multipliers(spec: str):
+    """Per-group learning-rate multipliers as an optax transformation chained after the optimizer: each
+    parameter's update is scaled by the multiplier of the first PATTERN (an fnmatch glob over its '/'-joined
+    path, e.g. `layers/attention/query`) that matches it, 1 if none does. Every optimizer here but schedule-free
+    is linear in the lr (decoupled decay included), so this is that group's lr times M; for schedule-free it
+    scales the step of its fast iterate."""
+    pairs = parse_lr_multipliers(spec)
+
+    def multiplier(path) -> float:
+        name = "/".join(_path_names(path))
+        return next((m for pattern, m in pairs if fnmatch.fnmatchcase(name, pattern)), 1.0)
+
+    return optax.stateless(lambda updates, params=None: jax.tree_util.tree_map_with_path(
+        lambda path, u: u * multiplier(path) if multiplier(path) != 1.0 else u, updates))
+
+
 @dataclasses.dataclass(frozen=True)
 class GrokfastConfig:
     alpha: float = field(0.98, min=0, below=1)  # Grokfast's EMA decay
@@ -257,6 +291,7 @@ class OptimizerConfig:
     decay_fraction: float = field(0.2, above=0, max=1)  # wsd: the last fraction of the steps decays
     decay: str = field("all", choices=DECAY_GROUPS)  # which parameters weight decay touches
     grad_clip: float = field(0.0, min=0)  # global-norm clipping; 0: none
+    lr_multipliers: str = ""  # "PATTERN=M,...": per-group lr multipliers by parameter path (`lr_multipliers`)
     grokfast: GrokfastConfig = field(GrokfastConfig())
     adamw: AdamWConfig = field(AdamWConfig())
     adam: AdamConfig = field(AdamConfig())
@@ -270,6 +305,10 @@ class OptimizerConfig:
 
 def validate(opt) -> list[str]:
     """Cross-field rules of `config.optimizer`."""
+    try:
+        parse_lr_multipliers(opt.lr_multipliers)
+    except ValueError as error:
+        return [str(error)]
     if opt.name == "schedule_free_adamw" and opt.schedule != "constant":
         return [f"optimizer.schedule={opt.schedule!r} with optimizer.name='schedule_free_adamw': schedule-free "
                 "training replaces the decay schedule; use optimizer.schedule='constant' (warmup still applies)"]
@@ -322,4 +361,5 @@ def build(opt, total_steps: int, axis_names=None) -> optax.GradientTransformatio
         chain.append(grokfast.grokfast_ema(opt.grokfast.alpha, opt.grokfast.lamb))
     if opt.grad_clip > 0:
         chain.append(optax.clip_by_global_norm(opt.grad_clip))
-    return optax.chain(*chain, optimizer) if chain else optimizer
+    after = [lr_multipliers(opt.lr_multipliers)] if opt.lr_multipliers else []
+    return optax.chain(*chain, optimizer, *after) if chain or after else optimizer

@@ -38,7 +38,7 @@ from flax.training import train_state
 import data as datasets
 import models
 from data import pipeline
-from experiments import checkpointing, losses, metrics_writer, optimizers, plots, run_record, sharding, validation
+from experiments import checkpointing, distill, losses, metrics_writer, optimizers, plots, run_record, sharding, validation
 
 
 class TrainState(train_state.TrainState):
@@ -121,29 +121,38 @@ def abstract_state_and_shardings(init_fn, rng, mesh):
     return abstract_state, state_shardings
 
 
-def train_step(state: TrainState, batch, *, schedule, accumulate: int = 1, ema_decay: float = 0.0):
-    """One optimizer step on loss = masked cross-entropy + the sown auxiliary losses; the model's other
-    collections take the values the forward pass wrote; sown metrics and probe cotangents are logged.
+def train_step(state: TrainState, batch, teacher=None, *, schedule, accumulate: int = 1, ema_decay: float = 0.0,
+               objective: losses.Objective = losses.Objective(), teacher_apply=None):
+    """One optimizer step on loss = the objective (masked cross-entropy, with `objective`'s label smoothing,
+    z-loss and distillation from `teacher`'s variables through `teacher_apply`) + the sown auxiliary losses;
+    the model's other collections take the values the forward pass wrote; sown metrics and probe cotangents
+    are logged.
 
     Gradient accumulation (`accumulate` = k > 1): the batch splits into k micro-batches (rows i, i + k, ...,
     so each spreads over every batch shard) run one after another; micro-batch i's loss is its masked sum
     over the whole batch's token count, so the k gradients add up to the full batch's exactly. State the
-    forward pass writes (MoE router biases) is written by each micro-batch in turn.
+    forward pass writes (MoE router biases) is written by each micro-batch in turn. Each micro-batch draws
+    its dropout from fold_in(rng, step) (and its index), so a resumed run repeats the same masks.
 
     With `ema_decay` = d > 0 the moving average of the weights follows: ema <- d ema + (1 - d) params (new)."""
     probes = state.model_state.get(models.PROBES, {})
     model_state = {k: v for k, v in state.model_state.items() if k != models.PROBES}
     count = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
     rng = jax.random.fold_in(state.rng, state.step)
+    plain = objective == losses.Objective()
 
     def loss_fn(params, probes, model_state, micro, micro_rng):
         logits, written = state.apply_fn(
             {"params": params, **model_state, models.PROBES: probes}, micro["inputs"],
             rngs={"dropout": micro_rng}, mutable=[*model_state, *models.SOWN])
         sums = losses.masked_sums(logits, micro["targets"], micro["loss_mask"])
+        if not plain:
+            teacher_logits = None if teacher is None else teacher_apply(teacher, micro["inputs"])
+            sums = {**sums, **objective.sums(logits, micro["targets"], micro["loss_mask"], teacher_logits)}
         aux_loss = (sum(jnp.sum(x) for x in jax.tree.leaves(written["losses"])) / accumulate
                     if "losses" in written else None)  # None: the model sows no auxiliary loss
-        return sums["loss"] / count + (0.0 if aux_loss is None else aux_loss), (sums, aux_loss, written)
+        total = sums["loss" if plain else "objective"] / count
+        return total + (0.0 if aux_loss is None else aux_loss), (sums, aux_loss, written)
 
     grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
 
@@ -168,7 +177,8 @@ def train_step(state: TrainState, batch, *, schedule, accumulate: int = 1, ema_d
         sums = jax.tree.map(jnp.sum, stacked[0])
         aux_loss = None if stacked[1] is None else jnp.sum(stacked[1])
         sown = jax.tree.map(lambda x: jnp.mean(x, axis=0), stacked[2])
-    metrics = {"loss": sums["loss"] / count, "accuracy": sums["correct"] / count,
+    extra_terms = {k: sums[k] / count for k in ("distill_kl", "log_z_squared") if k in sums}
+    metrics = {"loss": sums["loss"] / count, "accuracy": sums["correct"] / count, **extra_terms,
                **({} if aux_loss is None else {"aux_loss": aux_loss}),
                "grad_norm": optax.global_norm(grads), "lr": schedule(state.step),
                "stage": state.stage, **_flat_metrics(sown), **_flat_metrics(probe_grads)}
@@ -267,6 +277,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
     splits = datasets.load(config.data, seed=config.seed)
     config = resolve(config, splits)
     validation.validate_resolved(config)
+    teacher_config = distill.teacher_config(config) if config.train.distill.teacher else None
     resolved, data_identity = json.loads(json.dumps(config.to_dict())), datasets.identity(config.data, splits)
     run_record.check_resumable(workdir, resolved, data_identity)
 
@@ -280,6 +291,9 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
     example_inputs = jax.ShapeDtypeStruct((batch_shards, splits.seq_len), np.int32)
     tx = make_optimizer(config, model, example_inputs)
     ema_decay = config.train.ema_decay
+    objective = losses.Objective(label_smoothing=config.train.label_smoothing, z_loss=config.train.z_loss,
+                                 distill_weight=config.train.distill.weight if teacher_config else 0.0,
+                                 temperature=config.train.distill.temperature)
 
     def init_fn(rng):  # boxed with logical names; optimizer statistics that cannot take them replicate
         state = init_state(model, tx, example_inputs, rng, ema=ema_decay > 0)
@@ -288,6 +302,11 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
     abstract_rng = jax.eval_shape(jax.random.PRNGKey, config.seed)
     abstract_state, state_shardings = abstract_state_and_shardings(init_fn, abstract_rng, mesh)
     abstract_state = checkpointing.abstract_like(abstract_state, state_shardings)
+
+    # A distillation teacher: restored once, sharded like the student.
+    teacher_apply, teacher, teacher_shardings = (
+        distill.load_teacher(teacher_config, config.train.distill.teacher, mesh, splits.seq_len)
+        if teacher_config else (None, None, None))
 
     os.makedirs(workdir, exist_ok=True)
     if is_lead:
@@ -324,8 +343,9 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
         # 5. Compile the steps: state donated and kept in its shardings, batches split over (data, fsdp).
         batch_spec = sharding.batch_sharding(mesh)
         compiled_train_step = jax.jit(functools.partial(train_step, schedule=schedule, accumulate=micro_batches,
-                                                        ema_decay=ema_decay), donate_argnums=0,
-                                      in_shardings=(state_shardings, batch_spec),
+                                                        ema_decay=ema_decay, objective=objective,
+                                                        teacher_apply=teacher_apply), donate_argnums=0,
+                                      in_shardings=(state_shardings, batch_spec, teacher_shardings),
                                       out_shardings=(state_shardings, sharding.replicated(mesh)))
         compiled_eval_step = jax.jit(_eval_step, in_shardings=(state_shardings, batch_spec),
                                      out_shardings=sharding.replicated(mesh))
@@ -363,7 +383,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
                         progress.message(f"curriculum stage {stage} from step {step}: optimizer state reset")
                     batch = sharding.global_batch(next(train_iter), mesh)
                     with jax.transfer_guard("disallow"):
-                        state, metrics = compiled_train_step(state, batch)
+                        state, metrics = compiled_train_step(state, batch, teacher)
                     pending.append(metrics)
                     step += 1
                     final = step == config.train.steps

@@ -17,6 +17,15 @@ from data.config_fields import field
 
 
 @dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    """Knowledge distillation (experiments/distill.py): the teacher is a finished run folder, restored once."""
+
+    teacher: str = ""  # the teacher's workdir; "": no distillation
+    weight: float = field(0.5, min=0, max=1)  # a: objective = (1 - a) CE + a T^2 KL(teacher || student)
+    temperature: float = field(2.0, above=0)  # T
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     steps: int = field(1000, min=1)
     log_every: int = field(100, min=1)
@@ -28,6 +37,9 @@ class TrainConfig:
     nan_rollbacks: int = field(0, min=0)  # K: on a non-finite loss restore the last good checkpoint, skip the
     # batches since, and go on, up to K times (PaLM's remedy); 0: stop at once
     plot_log_x: bool = False  # log-scale step axis in the workdir's curves.png
+    label_smoothing: float = field(0.0, min=0, below=1)  # eps: targets (1 - eps) onehot + eps / V
+    z_loss: float = field(0.0, min=0)  # c: + c log^2 Z per token (PaLM: 1e-4)
+    distill: DistillConfig = field(DistillConfig())
 
 
 def sections(model: str, dataset: str) -> dict:

@@ -52,6 +52,7 @@ def test_grokfast_and_adamw_keys_reach_optax():
     ("adamw.b1", 1.0, "optimizer.adamw.b1=1.0 must lie in [0, 1)"),
     ("grokfast.alpha", -0.1, "optimizer.grokfast.alpha=-0.1 must lie in [0, 1)"),
     ("lr", 0.0, "optimizer.lr=0.0 must be > 0"),
+    ("lr_multipliers", "embed/*:0.1", "optimizer.lr_multipliers entry 'embed/*:0.1' is not PATTERN=M with M >= 0"),
 ])
 def test_bad_optimizer_keys_are_one_line(key, value, message):
     config = make_tiny_config()
@@ -290,3 +291,18 @@ def test_ema_of_the_weights_follows_its_recursion_and_is_evaluated_beside_them()
     np.testing.assert_allclose(float(sums["loss"]) / float(sums["count"]),
                                float(trainer.losses.masked_mean(logits, batch["targets"], batch["loss_mask"])[0]),
                                rtol=1e-5)
+
+
+def test_lr_multipliers_scale_each_group_as_its_own_learning_rate():
+    """AdamW with decoupled decay and `w=0.25`: w steps exactly as AdamW at a quarter of the lr, b as before."""
+    rng = np.random.default_rng(6)
+    params0, grads = _random_problem(rng, 3, 4, 5)
+    opt = base.get_config().optimizer
+    opt.update(lr=0.04, warmup_steps=0, lr_multipliers="w=0.25, nothing/*=3")
+    opt.adamw.update(weight_decay=0.1)
+    got = _trajectory(opt, grads, params0)
+    for group, lr in (("w", 0.01), ("b", 0.04)):
+        alone = _trajectory(optax.adamw(lr, weight_decay=0.1), [{group: g[group]} for g in grads],
+                            {group: params0[group]})
+        for a, b in zip(got, alone):
+            np.testing.assert_allclose(a[group], b[group], rtol=1e-6)

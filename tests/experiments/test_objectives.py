@@ -1,0 +1,98 @@
+"""The training objective's extra terms (experiments/losses.Objective): label smoothing, z-loss and
+distillation against float64 NumPy, their wiring into the trainer's step against a hand-written objective,
+and distillation from a finished run through the trainer on the mesh."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import data
+from data.config_fields import ConfigError
+from experiments import distill, losses, metrics_writer, optimizers, trainer
+from experiments.configs import base
+from tests.conftest import make_tiny_config
+
+
+def _log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def test_each_term_against_numpy():
+    rng = np.random.default_rng(0)
+    logits, teacher = rng.normal(size=(2, 3, 7)) * 3, rng.normal(size=(2, 3, 7)) * 3
+    targets, mask = rng.integers(0, 7, size=(2, 3)), np.array([[1, 1, 0], [1, 0, 1]], np.float64)
+    eps, c, a, t = 0.1, 1e-2, 0.3, 2.0
+    labels = np.eye(7)[targets] * (1 - eps) + eps / 7
+    ce = -(labels * _log_softmax(logits)).sum(-1)
+    log_z = np.log(np.exp(logits).sum(-1))
+    p_teacher = np.exp(_log_softmax(teacher / t))
+    kl = (p_teacher * (np.log(p_teacher) - _log_softmax(logits / t))).sum(-1)
+    expected = ((1 - a) * ce + a * t**2 * kl + c * log_z**2) * mask
+    got = losses.Objective(label_smoothing=eps, z_loss=c, distill_weight=a, temperature=t).sums(
+        jnp.asarray(logits, jnp.float32), jnp.asarray(targets), jnp.asarray(mask, jnp.float32),
+        jnp.asarray(teacher, jnp.float32))
+    np.testing.assert_allclose(got["objective"], expected.sum(), rtol=1e-5)
+    np.testing.assert_allclose(got["distill_kl"], (kl * mask).sum(), rtol=1e-5)
+    np.testing.assert_allclose(got["log_z_squared"], (log_z**2 * mask).sum(), rtol=1e-5)
+
+
+def test_the_train_step_descends_the_objective_it_names():
+    """SGD at lr 1 without momentum: the step's update is minus the gradient of the objective written out."""
+    from tests.experiments.test_optimizers import _tiny_lm_and_batch
+    import flax.linen as nn
+    model, batch = _tiny_lm_and_batch(np.random.default_rng(1))
+    teacher_variables = {"params": nn.meta.unbox(model.init(jax.random.PRNGKey(7), batch["inputs"])["params"])}
+    opt = base.get_config().optimizer
+    opt.update(name="sgd", lr=1.0, warmup_steps=0)
+    opt.sgd.update(momentum=0.0)
+    objective = losses.Objective(label_smoothing=0.2, z_loss=1e-3, distill_weight=0.4, temperature=1.5)
+    state = nn.meta.unbox(trainer.init_state(model, optimizers.build(opt, 3), batch["inputs"], jax.random.PRNGKey(0)))
+    new_state, metrics = jax.jit(lambda s, b, t: trainer.train_step(
+        s, b, t, schedule=optimizers.learning_rate_schedule(opt, 3), objective=objective,
+        teacher_apply=model.apply))(state, batch, teacher_variables)
+
+    def by_hand(params):
+        logits = model.apply({"params": params}, batch["inputs"])
+        teacher = model.apply(teacher_variables, batch["inputs"])
+        labels = jax.nn.one_hot(batch["targets"], 11) * 0.8 + 0.2 / 11
+        ce = -jnp.sum(labels * jax.nn.log_softmax(logits), -1)
+        p_teacher = jax.nn.softmax(teacher / 1.5)
+        kl = jnp.sum(p_teacher * (jnp.log(p_teacher) - jax.nn.log_softmax(logits / 1.5)), -1)
+        z = jax.scipy.special.logsumexp(logits, -1)
+        return jnp.mean(0.6 * ce + 0.4 * 1.5**2 * kl + 1e-3 * z**2)
+
+    expected = jax.tree.map(lambda p, g: p - g, state.params, jax.grad(by_hand)(state.params))
+    for a, b in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    logits = model.apply({"params": state.params}, batch["inputs"])
+    np.testing.assert_allclose(metrics["loss"], optax.softmax_cross_entropy_with_integer_labels(
+        logits, batch["targets"]).mean(), rtol=1e-5)  # the logged loss stays the plain cross-entropy
+
+
+def test_distillation_from_a_finished_run_on_the_mesh(tmp_path, finished_tiny_run):
+    teacher_dir = str(finished_tiny_run)
+    config = make_tiny_config(steps=4)
+    config.model.update(num_layers=1)
+    config.train.update(log_every=1, eval_every=4, checkpoint_every=4)
+    config.train.distill.update(teacher=teacher_dir, weight=0.7, temperature=2.0)
+    config.mesh.update(data=2, fsdp=2, tensor=2, expert=1)
+    trainer.train_and_evaluate(config, str(tmp_path), verbose=False)
+    events = metrics_writer.read(str(tmp_path), "train")
+    assert len(events) == 4 and all(np.isfinite(e["distill_kl"]) and e["distill_kl"] > 0 for e in events)
+
+
+@pytest.mark.parametrize("teacher, vocab_size, message", [
+    ("missing", 0, "has no config.json; pass the workdir of a finished training run"),
+    ("run", 5, "has model.vocab_size=14, the student 5: distillation needs the same vocabulary"),
+])
+def test_bad_teachers_are_one_line_errors(tmp_path, finished_tiny_run, teacher, vocab_size, message):
+    config = make_tiny_config(steps=2)
+    config.train.distill.teacher = str(tmp_path / "nothing") if teacher == "missing" else str(finished_tiny_run)
+    config = trainer.resolve(config, data.load(config.data, seed=0))
+    if vocab_size:
+        config.model.vocab_size = vocab_size
+    with pytest.raises(ConfigError, match=message):
+        distill.teacher_config(config)
