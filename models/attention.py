@@ -31,9 +31,11 @@ def causal_mask(len_q: int, len_k: int, *, q_offset=None) -> jax.Array:
     return jnp.arange(len_k)[None, :] <= jnp.arange(len_q)[:, None] + q_offset
 
 
-def attend(q, k, v, mask, *, sm_scale=None):
+def attend(q, k, v, mask, *, sm_scale=None, dropout_rate: float = 0.0, dropout_rng=None):
     """Softmax attention of q [B, Lq, Hq, D] over k, v [B, Lk, Hkv, D] with a bool mask [Lq, Lk] (the same
-    for every row), [B, Lq, Lk] (e.g. causal and a key-padding mask), or None."""
+    for every row), [B, Lq, Lk] (e.g. causal and a key-padding mask), or None. With `dropout_rng`, each
+    probability is kept with chance 1 - dropout_rate and scaled by 1 / (1 - dropout_rate) (after the softmax:
+    the kept weights no longer sum to 1)."""
     batch, len_q, heads_q, head_dim = q.shape
     heads_kv = k.shape[2]
     if sm_scale is None:
@@ -53,6 +55,9 @@ def attend(q, k, v, mask, *, sm_scale=None):
     row_max = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
     unnormalised = jnp.exp(scores - row_max)
     denom = jnp.sum(unnormalised, axis=-1, keepdims=True)
+    if dropout_rng is not None and dropout_rate:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, unnormalised.shape)
+        unnormalised = jnp.where(keep, unnormalised / (1.0 - dropout_rate), 0.0)
     out = jnp.einsum("bhqk,bhkd->bhqd", unnormalised.astype(v.dtype), v, preferred_element_type=jnp.float32)
     out = out / denom
     if mask is not None:  # a query that sees no key outputs zeros
@@ -70,10 +75,12 @@ def dot_product_attention(q, k, v, *, causal=True, sm_scale=None):
 IMPLS = ("xla", "pallas")
 
 
-def causal_attention(q, k, v, impl: str = "xla"):
-    """Causal self-attention with the named implementation (`model.attention_impl`)."""
-    if impl == "xla":
-        return dot_product_attention(q, k, v, causal=True)
+def causal_attention(q, k, v, impl: str = "xla", *, dropout_rate: float = 0.0, dropout_rng=None):
+    """Causal self-attention with the named implementation (`model.attention_impl`); attention dropout
+    (training) runs in the XLA reference only."""
+    if impl == "xla" or dropout_rng is not None:
+        return attend(q, k, v, causal_mask(q.shape[1], k.shape[1]), dropout_rate=dropout_rate,
+                      dropout_rng=dropout_rng)
     if impl == "pallas":
         flash = functools.partial(kernels_pallas.flash_attention, causal=True)
         return on_mesh.per_shard(flash, q, k, v, split_heads=True)

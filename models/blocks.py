@@ -1,7 +1,8 @@
 """Blocks and periods: what the LM skeleton (models/lm.py) scans, and the tables of token mixers and FFNs.
 
-    Block:   x += Attn(norm(x));  x += FFN(norm(x))          Attn from ATTENTIONS[cfg.attention],
-                                                             FFN from FFNS[ffn] ("mlp" or "moe")
+    Block:   x += Drop(Attn(norm(x)));  x += Drop(FFN(norm(x)))   Attn from ATTENTIONS[cfg.attention],
+                                                                 FFN from FFNS[ffn] ("mlp" or "moe"),
+                                                                 Drop: residual dropout (training)
     Period:  its layers in order, e.g. (block_0, block_1) or (Mamba-2, Mamba-2, Mamba-2, attention block)
 
 A unit's signature fits nn.scan: `(x, cache, start, key_mask) -> (x, cache)`; `cache` is None for a
@@ -45,8 +46,9 @@ class Block(nn.Module):
         cfg, dtype = self.cfg, self.cfg.compute_dtype
         attention = ATTENTIONS[cfg.attention](cfg, name="attention")
         h, cache = attention(layers.Norm(cfg.norm, dtype, "attention_norm")(x), start, cache, key_mask)
-        x = x + h
-        x = x + FFNS[self.ffn](cfg)(layers.Norm(cfg.norm, dtype, "mlp_norm")(x))
+        x = x + layers.dropout(self, h, cfg.residual_dropout)
+        h = FFNS[self.ffn](cfg)(layers.Norm(cfg.norm, dtype, "mlp_norm")(x))
+        x = x + layers.dropout(self, h, cfg.residual_dropout)
         return nn.with_logical_constraint(x, ACTIVATION), cache
 
     @staticmethod

@@ -155,4 +155,6 @@ class DEQTransformer(lm.LM):
 
 def validate(m) -> list[str]:
     """Cross-field problems of a DEQ config.model (each key's range is declared with it)."""
-    return transformer.validate(m)
+    random = [f"model.{k}={m[k]}" for k in ("attention_dropout", "residual_dropout") if m[k]]
+    return transformer.validate(m) + ([f"{random[0]} is not supported by model.name='deq' (its fixed point needs a "
+                                       "deterministic map); use embed_dropout"] if random else [])

@@ -47,11 +47,13 @@ class GroupedQueryAttention(nn.Module):
         k = project("key", cfg.kv_heads, ("embed", "kv_heads", "head_dim"))  # [B, T, Hkv, Dh]
         v = project("value", cfg.kv_heads, ("embed", "kv_heads", "head_dim"))
         q, k = self.queries_and_keys(q, k, start + jnp.arange(x.shape[1]))
+        dropout = {"dropout_rate": cfg.attention_dropout, "dropout_rng": (
+            self.make_rng("dropout") if cfg.attention_dropout and self.has_rng("dropout") else None)}
         if cache is None and key_mask is None:
-            out = attention.causal_attention(q, k, v, cfg.attention_impl)
+            out = attention.causal_attention(q, k, v, cfg.attention_impl, **dropout)
         elif cache is None:
             mask = attention.causal_mask(x.shape[1], x.shape[1])[None] & key_mask[:, None, :]
-            out = attention.attend(q, k, v, mask)
+            out = attention.attend(q, k, v, mask, **dropout)
         else:
             k_all = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), start, 1)
             v_all = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), start, 1)
@@ -84,4 +86,7 @@ class GroupedQueryAttention(nn.Module):
         head_size = m.head_dim or m.d_model // max(m.num_heads, 1)
         if m.positional == "rope" and head_size % 2:
             p.append(f"rotary embeddings need an even head size, got {head_size}")
+        if m.attention_dropout and m.attention_impl != "xla":
+            p.append(f"model.attention_dropout={m.attention_dropout} needs model.attention_impl='xla' (the Pallas "
+                     "kernels have no dropout)")
         return p

@@ -65,7 +65,7 @@ class MambaLayer(nn.Module):
         if fresh:
             state = mamba2.init_state(self.cfg, x.shape[0])
         h, state = mamba2.Mamba2(self.cfg, name="mixer")(layers.Norm(self.cfg.norm, x.dtype, "norm")(x), state)
-        x = nn.with_logical_constraint(x + h, blocks.ACTIVATION)
+        x = nn.with_logical_constraint(x + layers.dropout(self, h, self.cfg.residual_dropout), blocks.ACTIVATION)
         return x, None if fresh else state
 
     @staticmethod

@@ -14,6 +14,15 @@ NORMS = ("rmsnorm", "layernorm", "none")
 ACTIVATIONS = ("relu", "gelu", "swiglu")
 
 
+def dropout(module: nn.Module, x, rate: float):
+    """Inverted dropout: x * keep / (1 - rate), keep ~ Bernoulli(1 - rate) from the module's "dropout" rng;
+    the identity when rate is 0 or no "dropout" rng was given (evaluation, sampling, initialisation)."""
+    if not rate or not module.has_rng("dropout"):
+        return x
+    keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
 def dense_init(*logical_axes):
     """LeCun-normal (std 1/sqrt(fan_in)) kernels with logical axis names."""
     return nn.with_logical_partitioning(nn.initializers.lecun_normal(), logical_axes)

@@ -6,7 +6,8 @@
 
 The unit is a module `(cfg, **unit_kwargs)` with `__call__(x, cache, start, key_mask) -> (x, cache)` and
 `init_cache(cfg, batch, max_len, dtype, **unit_kwargs)`: a block (models/blocks.Block) or a period of
-layers (models/blocks.Period). The stack stacks the unit's parameters and model state ("router_bias"),
+layers (models/blocks.Period). Dropout (`embed_dropout` here, `attention_dropout` and `residual_dropout` in
+the blocks) draws from the "dropout" rng, split per scanned unit. The stack stacks the unit's parameters and model state ("router_bias"),
 sown losses and metrics along a leading `layers` axis, under `nn.remat` when `remat` is set, with
 `scan_unroll` units per scan iteration. Decoding caches are the unit's cache stacked over units.
 
@@ -47,7 +48,7 @@ class LM(nn.Module):
             if cfg.remat != "none":
                 unit = nn.remat(unit, policy=layers.remat_policy(cfg.remat), prevent_cse=False)
             self.stack = nn.scan(
-                unit, variable_axes={c: 0 for c in STACKED_COLLECTIONS}, split_rngs={"params": True},
+                unit, variable_axes={c: 0 for c in STACKED_COLLECTIONS}, split_rngs={"params": True, "dropout": True},
                 in_axes=(0, nn.broadcast, nn.broadcast), length=self.num_units, unroll=cfg.scan_unroll,
                 metadata_params={nn.PARTITION_NAME: "layers"})(cfg, **kwargs, name=self.stack_name)
         self.final_norm = layers.Norm(cfg.norm, dtype, "final_norm")
@@ -58,6 +59,7 @@ class LM(nn.Module):
         x = self.embed(tokens)
         if self.cfg.positional == "learned":
             x = layers.add_positions(x, self.position_embedding, start)
+        x = layers.dropout(self, x, self.cfg.embed_dropout)
         return nn.with_logical_constraint(x, blocks.ACTIVATION)
 
     def hidden(self, x, cache=None, start=0, key_mask=None):
