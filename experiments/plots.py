@@ -1,4 +1,5 @@
-"""Training curves from `metrics.jsonl`: loss and accuracy of every split against step."""
+"""Training curves from `metrics.jsonl`: loss and accuracy of every split against step; the monitors
+(experiments/monitors.py), one panel per kind."""
 
 import os
 
@@ -29,3 +30,34 @@ def plot_curves(workdir: str, keys=("loss", "accuracy"), log_x: bool = False, fi
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_monitors(workdir: str, log_x: bool = False, filename: str = "monitors.png") -> str:
+    """One panel per monitor kind (weight_norm, update_ratio, grad_norm, entropy, residual_rms,
+    activation_density), one line per group / layer / head; returns the image's path."""
+    events = metrics_writer.read(workdir, "train")
+    keys = sorted({k for e in events for k in e if k.startswith("monitor/")})
+    kinds = sorted({_kind(k) for k in keys})
+    fig, axes = plt.subplots(1, len(kinds), figsize=(4.5 * len(kinds), 3.8), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        for key in (k for k in keys if _kind(k) == kind):
+            points = dict(sorted({e["step"]: e[key] for e in events if key in e}.items()))
+            label = key.removeprefix("monitor/").replace(kind, "").strip("/").replace("//", "/") or "all"
+            ax.plot(list(points), list(points.values()), label=label, linewidth=1)
+        ax.set(xlabel="step", title=kind, xscale="log" if log_x else "linear",
+               yscale="log" if kind in ("update_ratio", "grad_norm") else "linear")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    path = os.path.join(workdir, filename)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _kind(key: str) -> str:
+    """monitor/weight_norm/layers/3 -> weight_norm; monitor/layers/attention/entropy/3/1 -> entropy."""
+    parts = key.split("/")
+    if parts[1] in ("weight_norm", "update_ratio", "grad_norm"):
+        return parts[1]
+    return next(p for p in reversed(parts) if not p.isdigit())

@@ -38,7 +38,8 @@ from flax.training import train_state
 import data as datasets
 import models
 from data import pipeline
-from experiments import checkpointing, distill, losses, metrics_writer, optimizers, plots, run_record, sharding, validation
+from experiments import (checkpointing, distill, losses, metrics_writer, monitors, optimizers, plots, run_record,
+                         sharding, validation)
 
 
 class TrainState(train_state.TrainState):
@@ -87,7 +88,7 @@ def init_state(model, tx, example_inputs, rng, ema: bool = False):
     params_rng, state_rng = jax.random.split(rng)
     variables = dict(model.init(params_rng, example_inputs))
     params = variables.pop("params")
-    model_state = {k: v for k, v in variables.items() if k not in models.SOWN}
+    model_state = {k: v for k, v in variables.items() if k not in models.NOT_STATE}
     return TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=state_rng, model_state=model_state,
                              stage=jnp.zeros((), jnp.int32), data_skipped=jnp.zeros((), jnp.int32),
                              ema_params=params if ema else {})
@@ -122,7 +123,7 @@ def abstract_state_and_shardings(init_fn, rng, mesh):
 
 
 def train_step(state: TrainState, batch, teacher=None, *, schedule, accumulate: int = 1, ema_decay: float = 0.0,
-               objective: losses.Objective = losses.Objective(), teacher_apply=None):
+               objective: losses.Objective = losses.Objective(), teacher_apply=None, with_monitors: bool = False):
     """One optimizer step on loss = the objective (masked cross-entropy, with `objective`'s label smoothing,
     z-loss and distillation from `teacher`'s variables through `teacher_apply`) + the sown auxiliary losses;
     the model's other collections take the values the forward pass wrote; sown metrics and probe cotangents
@@ -134,7 +135,8 @@ def train_step(state: TrainState, batch, teacher=None, *, schedule, accumulate: 
     forward pass writes (MoE router biases) is written by each micro-batch in turn. Each micro-batch draws
     its dropout from fold_in(rng, step) (and its index), so a resumed run repeats the same masks.
 
-    With `ema_decay` = d > 0 the moving average of the weights follows: ema <- d ema + (1 - d) params (new)."""
+    With `ema_decay` = d > 0 the moving average of the weights follows: ema <- d ema + (1 - d) params (new).
+    With `with_monitors`, the step also logs experiments/monitors.py's statistics (and the model's sown ones)."""
     probes = state.model_state.get(models.PROBES, {})
     model_state = {k: v for k, v in state.model_state.items() if k != models.PROBES}
     count = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
@@ -144,7 +146,8 @@ def train_step(state: TrainState, batch, teacher=None, *, schedule, accumulate: 
     def loss_fn(params, probes, model_state, micro, micro_rng):
         logits, written = state.apply_fn(
             {"params": params, **model_state, models.PROBES: probes}, micro["inputs"],
-            rngs={"dropout": micro_rng}, mutable=[*model_state, *models.SOWN])
+            rngs={"dropout": micro_rng},
+            mutable=[*model_state, *models.SOWN, *([models.MONITORS] if with_monitors else [])])
         sums = losses.masked_sums(logits, micro["targets"], micro["loss_mask"])
         if not plain:
             teacher_logits = None if teacher is None else teacher_apply(teacher, micro["inputs"])
@@ -158,7 +161,8 @@ def train_step(state: TrainState, batch, teacher=None, *, schedule, accumulate: 
 
     def micro_step(model_state, micro, micro_rng):
         (_, (sums, aux_loss, written)), grads = grad_fn(state.params, probes, model_state, micro, micro_rng)
-        return {k: written[k] for k in model_state}, grads, (sums, aux_loss, written.get("metrics", {}))
+        sown = {"metrics": written.get("metrics", {}), "monitors": written.get(models.MONITORS, {})}
+        return {k: written[k] for k in model_state}, grads, (sums, aux_loss, sown)
 
     if accumulate == 1:
         written_state, (grads, probe_grads), (sums, aux_loss, sown) = micro_step(model_state, batch, rng)
@@ -181,9 +185,12 @@ def train_step(state: TrainState, batch, teacher=None, *, schedule, accumulate: 
     metrics = {"loss": sums["loss"] / count, "accuracy": sums["correct"] / count, **extra_terms,
                **({} if aux_loss is None else {"aux_loss": aux_loss}),
                "grad_norm": optax.global_norm(grads), "lr": schedule(state.step),
-               "stage": state.stage, **_flat_metrics(sown), **_flat_metrics(probe_grads)}
+               "stage": state.stage, **_flat_metrics(sown["metrics"]), **_flat_metrics(probe_grads),
+               **_flat_metrics(sown["monitors"], prefix="monitor/")}
     new_model_state = {**written_state, **({models.PROBES: probes} if probes else {})}
     new_state = state.apply_gradients(grads=grads, model_state=new_model_state)
+    if with_monitors:
+        metrics.update(monitors.parameter_monitors(state.params, new_state.params, grads))
     if ema_decay:
         new_state = new_state.replace(ema_params=jax.tree.map(
             lambda e, p: ema_decay * e + (1 - ema_decay) * p, state.ema_params, new_state.params))
@@ -344,7 +351,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
         batch_spec = sharding.batch_sharding(mesh)
         compiled_train_step = jax.jit(functools.partial(train_step, schedule=schedule, accumulate=micro_batches,
                                                         ema_decay=ema_decay, objective=objective,
-                                                        teacher_apply=teacher_apply), donate_argnums=0,
+                                                        teacher_apply=teacher_apply, with_monitors=config.train.monitors),
+                                      donate_argnums=0,
                                       in_shardings=(state_shardings, batch_spec, teacher_shardings),
                                       out_shardings=(state_shardings, sharding.replicated(mesh)))
         compiled_eval_step = jax.jit(_eval_step, in_shardings=(state_shardings, batch_spec),
@@ -440,4 +448,6 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
             writer.close()
     if is_lead and step > first_step:
         plots.plot_curves(workdir, log_x=config.train.plot_log_x)
+        if config.train.monitors:
+            plots.plot_monitors(workdir, log_x=config.train.plot_log_x)
     return {"step": step, **last}

@@ -11,6 +11,8 @@ Flax collections the trainer understands, besides "params" (trained by gradients
   their sum to the training loss and logs it as `aux_loss`.
 - "metrics": per-step statistics a module sows; logged under their path ("layers/block_0/moe/max_violation/0",
   one entry per element of a sown array).
+- "monitors": training-dynamics statistics (attention entropy, residual RMS, activation density) a module
+  sows only when the collection is mutable (`train.monitors`): nothing is computed otherwise.
 - "probes": zero-valued variables whose cotangents carry statistics of a custom backward pass (the
   DEQ's adjoint solve); the trainer differentiates with respect to them and logs the cotangents.
 - any other collection (e.g. MoE router biases): model state that the training forward pass updates
@@ -24,6 +26,8 @@ import jax.numpy as jnp
 from models import coconut, deq_transformer, hybrid, moe_transformer, transformer
 
 SOWN = ("losses", "metrics")  # written by every training forward pass, not kept
+MONITORS = "monitors"  # sown only when the trainer asks (train.monitors), not kept
+NOT_STATE = (*SOWN, MONITORS)
 PROBES = "probes"
 
 MODELS = {

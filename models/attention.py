@@ -66,6 +66,19 @@ def attend(q, k, v, mask, *, sm_scale=None, dropout_rate: float = 0.0, dropout_r
     return out.reshape(batch, len_q, heads_q, head_dim).astype(q.dtype)
 
 
+def entropy(q, k, mask, *, sm_scale=None):
+    """Attention entropy per query head, -sum_j P_ij log P_ij averaged over batch and queries: [Hq] (nats).
+    mask: bool [Lq, Lk] or [B, Lq, Lk] or None, as in `attend`."""
+    heads_q, heads_kv = q.shape[2], k.shape[2]
+    k = jnp.repeat(k, heads_q // heads_kv, axis=2)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * (
+        q.shape[-1]**-0.5 if sm_scale is None else sm_scale)
+    if mask is not None:
+        scores = jnp.where(mask.reshape(-1, 1, *mask.shape[-2:]), scores, _MASKED)
+    log_p = jax.nn.log_softmax(scores, axis=-1)
+    return jnp.mean(-jnp.sum(jnp.exp(log_p) * log_p, axis=-1), axis=(0, 2))
+
+
 def dot_product_attention(q, k, v, *, causal=True, sm_scale=None):
     """Reference attention, [B, Lq, Hq, D] (CONTRACTS §3); the float32 softmax is kept whole."""
     mask = causal_mask(q.shape[1], k.shape[1]) if causal else None

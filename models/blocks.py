@@ -12,6 +12,7 @@ FFN, one entry in FFNS.
 """
 
 import flax.linen as nn
+import jax.numpy as jnp
 
 from models import gqa, layers, moe, qk_norm
 
@@ -49,6 +50,8 @@ class Block(nn.Module):
         x = x + layers.dropout(self, h, cfg.residual_dropout)
         h = FFNS[self.ffn](cfg)(layers.Norm(cfg.norm, dtype, "mlp_norm")(x))
         x = x + layers.dropout(self, h, cfg.residual_dropout)
+        if self.is_mutable_collection("monitors"):
+            self.sow("monitors", "residual_rms", jnp.sqrt(jnp.mean(jnp.square(x.astype(jnp.float32)))))
         return nn.with_logical_constraint(x, ACTIVATION), cache
 
     @staticmethod

@@ -54,7 +54,11 @@ class GroupedQueryAttention(nn.Module):
         elif cache is None:
             mask = attention.causal_mask(x.shape[1], x.shape[1])[None] & key_mask[:, None, :]
             out = attention.attend(q, k, v, mask, **dropout)
-        else:
+        if cache is None and self.is_mutable_collection("monitors"):
+            mask = attention.causal_mask(x.shape[1], x.shape[1])
+            self.sow("monitors", "entropy", attention.entropy(
+                q, k, mask if key_mask is None else mask[None] & key_mask[:, None, :]))
+        if cache is not None:
             k_all = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), start, 1)
             v_all = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), start, 1)
             cache = {"k": k_all, "v": v_all}

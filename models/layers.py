@@ -59,6 +59,8 @@ class Mlp(nn.Module):
             h = nn.silu(gate) * h
         else:
             h = {"relu": nn.relu, "gelu": nn.gelu}[self.activation](h)
+        if self.is_mutable_collection("monitors"):
+            self.sow("monitors", "activation_density", jnp.mean((h > 0).astype(jnp.float32)))
         h = nn.with_logical_constraint(h.reshape(*x.shape[:-1], self.d_mlp),
                                        ("activation_batch", "activation_length", "activation_mlp"))
         out = nn.Dense(

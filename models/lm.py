@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from models import blocks, layers
 from models.lm_config import LMConfig
 
-STACKED_COLLECTIONS = ("params", "router_bias", "metrics", "losses")
+STACKED_COLLECTIONS = ("params", "router_bias", "metrics", "losses", "monitors")
 
 
 class LM(nn.Module):

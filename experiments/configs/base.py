@@ -40,6 +40,8 @@ class TrainConfig:
     label_smoothing: float = field(0.0, min=0, below=1)  # eps: targets (1 - eps) onehot + eps / V
     z_loss: float = field(0.0, min=0)  # c: + c log^2 Z per token (PaLM: 1e-4)
     distill: DistillConfig = field(DistillConfig())
+    monitors: bool = False  # log weight / update / gradient norms per group, attention entropy, residual RMS,
+    # activation density (experiments/monitors.py) with the train metrics, and plot them in monitors.png
 
 
 def sections(model: str, dataset: str) -> dict:
