@@ -22,7 +22,7 @@ ATTENTIONS = {
 }
 
 FFNS = {
-    "mlp": lambda cfg: layers.Mlp(cfg.d_mlp, cfg.activation, cfg.mlp_bias, cfg.compute_dtype, name="mlp"),
+    "mlp": lambda cfg: layers.Mlp(cfg.d_mlp, cfg.activation, cfg.mlp_bias, cfg.compute_dtype, cfg.bitnet, name="mlp"),
     "moe": lambda cfg: moe.MoEFfn(cfg.d_model, cfg.d_expert or cfg.d_mlp, cfg, cfg.compute_dtype, name="moe"),
 }
 

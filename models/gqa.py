@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models import attention, layers
+from models import attention, bitnet, layers
 from models.lm_config import LMConfig
 
 
@@ -41,7 +41,8 @@ class GroupedQueryAttention(nn.Module):
         def project(name, heads, axes):  # [B, T, D] @ [D, heads, Dh] -> [B, T, heads, Dh]
             w = self.param(name, nn.with_logical_partitioning(
                 nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2)), axes), (x.shape[-1], heads, cfg.head_size))
-            return (tokens @ w.reshape(x.shape[-1], -1).astype(dtype)).reshape(*x.shape[:2], heads, cfg.head_size)
+            projected = bitnet.matmul(tokens, w.reshape(x.shape[-1], -1).astype(dtype), cfg.bitnet)
+            return projected.reshape(*x.shape[:2], heads, cfg.head_size)
 
         q = project("query", cfg.num_heads, ("embed", "heads", "head_dim"))  # [B, T, H, Dh]
         k = project("key", cfg.kv_heads, ("embed", "kv_heads", "head_dim"))  # [B, T, Hkv, Dh]
@@ -70,7 +71,8 @@ class GroupedQueryAttention(nn.Module):
         w_out = self.param("out", nn.with_logical_partitioning(
             nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2), ("heads", "head_dim", "embed")),
             (cfg.num_heads, cfg.head_size, x.shape[-1]))
-        out = out.reshape(-1, cfg.num_heads * cfg.head_size) @ w_out.reshape(-1, x.shape[-1]).astype(dtype)
+        out = bitnet.matmul(out.reshape(-1, cfg.num_heads * cfg.head_size), w_out.reshape(-1, x.shape[-1]).astype(dtype),
+                            cfg.bitnet)
         return out.reshape(x.shape), cache
 
     @staticmethod

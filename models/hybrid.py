@@ -135,6 +135,9 @@ def validate(m) -> list[str]:
                  "E (attention + MoE) and C (short conv)")
     elif m.num_layers % len(pattern):
         p.append(f"model.num_layers={m.num_layers} must be a multiple of len(model.layer_pattern={pattern!r})")
+    if m.bitnet and set(pattern) - {"A"}:
+        p.append(f"model.bitnet=True quantises attention blocks only; model.layer_pattern={pattern!r} has other "
+                 "layers (use 'A' layers, or model.name='transformer')")
     if (m.expand * m.d_model) % m.ssm_head_dim:
         p.append(f"model.expand * model.d_model = {m.expand * m.d_model} is not divisible by "
                  f"model.ssm_head_dim={m.ssm_head_dim}")

@@ -10,6 +10,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from models import bitnet
+
 NORMS = ("rmsnorm", "layernorm", "none")
 ACTIVATIONS = ("relu", "gelu", "swiglu")
 
@@ -46,11 +48,12 @@ class Mlp(nn.Module):
     activation: str
     use_bias: bool = False
     dtype: jnp.dtype = jnp.float32
+    bitnet: bool = False  # ternary weights and 8-bit activations (models/bitnet.py)
 
     @nn.compact
     def __call__(self, x):  # [B, L, D]
         dense = functools.partial(
-            nn.Dense, use_bias=self.use_bias, dtype=self.dtype,
+            nn.Dense, use_bias=self.use_bias, dtype=self.dtype, dot_general=bitnet.dot_general if self.bitnet else None,
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)))
         tokens = x.reshape(-1, x.shape[-1])  # 2-D matmuls: XLA:CPU runs them (and their grads) ~2x faster
         h = dense(self.d_mlp, kernel_init=dense_init("embed", "mlp"), name="wi")(tokens)
@@ -63,8 +66,8 @@ class Mlp(nn.Module):
             self.sow("monitors", "activation_density", jnp.mean((h > 0).astype(jnp.float32)))
         h = nn.with_logical_constraint(h.reshape(*x.shape[:-1], self.d_mlp),
                                        ("activation_batch", "activation_length", "activation_mlp"))
-        out = nn.Dense(
-            x.shape[-1], use_bias=self.use_bias, dtype=self.dtype, name="wo",
+        out = dense(
+            x.shape[-1], name="wo",
             kernel_init=dense_init("mlp", "embed"),
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(h.reshape(tokens.shape[0], -1))
         return out.reshape(x.shape[:-1] + out.shape[-1:])

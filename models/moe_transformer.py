@@ -43,6 +43,9 @@ class MoETransformer(lm.LM):
 def validate(m) -> list[str]:
     """Cross-field problems of an MoE config.model."""
     p = transformer.validate(m) + moe.validate(m)
+    if m.bitnet:
+        p.append("model.bitnet=True is not supported by model.name='moe' (its experts are not BitLinear); use "
+                 "model.name='transformer'")
     if m.num_layers % m.moe_every:
         p.append(f"model.moe_every={m.moe_every} must divide model.num_layers={m.num_layers}")
     return p

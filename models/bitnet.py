@@ -1,0 +1,53 @@
+"""BitNet b1.58 (Ma et al. 2024, "The Era of 1-bit LLMs: All Large Language Models are in 1.58 Bits"):
+every matmul of the blocks (attention projections, MLP) with ternary weights and 8-bit activations; the
+embeddings and the output head stay in float. `model.bitnet = True`.
+
+    s = mean |W| (+ eps)                       W_q = s * clip(round(W / s), -1, 1)      one scale per matrix
+    m = max_j |x_j| per token (+ eps)          x_q = clip(round(127 x / m), -128, 127) * m / 127
+    y = x_q W_q
+
+Training keeps float master weights: both quantisers pass gradients straight through (y's gradients are
+those of x W at x_q, W_q: q(x) = stop_gradient(q(x)) + x - stop_gradient(x), whose value is q(x) exactly).
+At inference a matrix is its ternary codes (log2(3) = 1.58 bits each, 2 bits packed) and one float scale.
+"""
+
+import jax
+import jax.numpy as jnp
+
+EPS = 1e-5
+
+
+def _straight_through(x, quantised):
+    """The value of `quantised` exactly (x - x is 0 in floating point), the gradient of x."""
+    return jax.lax.stop_gradient(quantised) + (x - jax.lax.stop_gradient(x))
+
+
+def ternary(w):
+    """W -> s * clip(round(W / s), -1, 1), s = mean |W|: three values per matrix; straight-through gradients."""
+    w32 = w.astype(jnp.float32)
+    scale = jnp.mean(jnp.abs(w32)) + EPS
+    return _straight_through(w32, jnp.clip(jnp.round(w32 / scale), -1, 1) * scale).astype(w.dtype)
+
+
+def absmax_int8(x):
+    """Per-token (last axis) absmax quantisation to the 8-bit grid; straight-through gradients."""
+    x32 = x.astype(jnp.float32)
+    scale = 127.0 / (jnp.max(jnp.abs(x32), axis=-1, keepdims=True) + EPS)
+    return _straight_through(x32, jnp.clip(jnp.round(x32 * scale), -128, 127) / scale).astype(x.dtype)
+
+
+def matmul(x, w, enabled: bool):
+    """x [N, K] @ w [K, M]: BitLinear's quantised product when `enabled`, else the plain one."""
+    return absmax_int8(x) @ ternary(w) if enabled else x @ w
+
+
+def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    """`jax.lax.dot_general` with BitLinear's quantisers, for `nn.Dense(dot_general=...)` (lhs: activations
+    [..., K], rhs: the kernel [K, M])."""
+    return jax.lax.dot_general(absmax_int8(lhs), ternary(rhs), dimension_numbers, precision=precision,
+                               preferred_element_type=preferred_element_type)
+
+
+def packed_bytes(num_weights: int) -> int:
+    """Inference storage of a ternary matrix: 2 bits per weight, packed."""
+    return -(-num_weights * 2 // 8)
