@@ -4,7 +4,8 @@ warmup-stable-decay), which parameters weight decay touches (`optimizer.decay`),
 clipping and Grokfast gradient filtering (experiments/grokfast.py) in front, per-group learning-rate
 multipliers by parameter path (`optimizer.lr_multipliers`) after.
 
-    config.optimizer = {name, lr, schedule, warmup_steps, min_lr_ratio, decay_fraction, decay, grad_clip, lr_multipliers,
+    config.optimizer = {name, lr, schedule, warmup_steps, min_lr_ratio, decay_fraction, decay, grad_clip,
+                        lr_multipliers,
                         grokfast: {alpha, lamb}, adamw: {...}, adam: {...}, sgd: {...}, lion: {...}, adafactor: {...},
                         schedule_free_adamw: {...}, muon: {...}, shampoo: {...}}
 

@@ -71,8 +71,8 @@ class GroupedQueryAttention(nn.Module):
         w_out = self.param("out", nn.with_logical_partitioning(
             nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2), ("heads", "head_dim", "embed")),
             (cfg.num_heads, cfg.head_size, x.shape[-1]))
-        out = bitnet.matmul(out.reshape(-1, cfg.num_heads * cfg.head_size), w_out.reshape(-1, x.shape[-1]).astype(dtype),
-                            cfg.bitnet)
+        out = bitnet.matmul(out.reshape(-1, cfg.num_heads * cfg.head_size),
+                            w_out.reshape(-1, x.shape[-1]).astype(dtype), cfg.bitnet)
         return out.reshape(x.shape), cache
 
     @staticmethod

@@ -7,9 +7,9 @@
 The unit is a module `(cfg, **unit_kwargs)` with `__call__(x, cache, start, key_mask) -> (x, cache)` and
 `init_cache(cfg, batch, max_len, dtype, **unit_kwargs)`: a block (models/blocks.Block) or a period of
 layers (models/blocks.Period). Dropout (`embed_dropout` here, `attention_dropout` and `residual_dropout` in
-the blocks) draws from the "dropout" rng, split per scanned unit. The stack stacks the unit's parameters and model state ("router_bias"),
-sown losses and metrics along a leading `layers` axis, under `nn.remat` when `remat` is set, with
-`scan_unroll` units per scan iteration. Decoding caches are the unit's cache stacked over units.
+the blocks) draws from the "dropout" rng, split per scanned unit. The stack stacks the unit's parameters and
+model state ("router_bias"), sown losses, metrics and monitors along a leading `layers` axis, under `nn.remat`
+when `remat` is set, with `scan_unroll` units per scan iteration. Decoding caches are the unit's cache stacked over units.
 
 Families override `unit()` (what is scanned), `stack_name` (the parameter path of the stack), and, for
 a family without a stack (the DEQ's fixed point), `hidden`.
