@@ -3,7 +3,8 @@ optax gradient transformation: block-diagonal Kronecker preconditioners, their i
 every `precondition_every` steps, the direction grafted to Adam's step size per block.
 
 A parameter with two or more axes besides its stacking axes (`layers`, `expert`: each copy on its own) is
-viewed as a matrix G [m, n] (every axis but the last merged into rows) and cut into blocks of at most `block_size` x `block_size` (the edges zero-padded). For each block, at step t:
+viewed as a matrix G [m, n] (every axis but the last merged into rows) and cut into blocks of at most
+`block_size` x `block_size` (the edges zero-padded). For each block, at step t:
 
     L = b2 L + (1 - b2) G G^T             R = b2 R + (1 - b2) G^T G            (statistics: raw gradients)
     mu = b1 mu + (1 - b1) G               nu = b2 nu + (1 - b2) G^2            (Adam's moments, elementwise)

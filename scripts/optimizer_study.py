@@ -16,7 +16,7 @@ from absl import app, flags
 import matplotlib
 import numpy as np
 
-from experiments import metrics_writer, studies
+from experiments import studies
 from experiments.configs import lm_shakespeare
 
 matplotlib.use("Agg")
