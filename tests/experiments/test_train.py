@@ -14,7 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from experiments import checkpointing, metrics_writer, trainer
-from tests.conftest import make_tiny_config
+from tests.conftest import make_tiny_config, make_tiny_lm_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -146,10 +146,13 @@ def test_gradient_accumulation_gives_the_full_batch_update_on_the_mesh(tmp_path)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["lion", "adam", "sgd", "adafactor", "schedule_free_adamw", "muon", "shampoo"])  # adamw: everywhere
-def test_every_optimizer_trains_through_the_trainer_on_the_mesh(tmp_path, name):
-    config = make_tiny_config(steps=8)
+@pytest.mark.parametrize("kind", ["grokking", "lm"])
+@pytest.mark.parametrize("name", ["lion", "adam", "sgd", "adafactor", "schedule_free_adamw", "muon", "shampoo"])
+def test_every_optimizer_trains_through_the_trainer_on_the_mesh(tmp_path, name, kind):  # adamw: everywhere
+    config = make_tiny_config(steps=8) if kind == "grokking" else make_tiny_lm_config(steps=8)
     config.optimizer.update(name=name, lr={"lion": 3e-4, "sgd": 0.3, "muon": 0.02}.get(name, 3e-3), decay="weights")
+    if name == "schedule_free_adamw":
+        config.optimizer.schedule = "constant"
     config.train.update(checkpoint_every=8, eval_every=8)
     config.mesh.update(data=2, fsdp=2, tensor=2, expert=1)
     _run(config, tmp_path)
