@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from experiments import metrics_writer, trainer
 from models import attention, blocks, transformer
@@ -54,6 +55,7 @@ def test_the_model_drops_only_with_a_dropout_rng_and_each_layer_draws_its_own_ma
     assert keys.shape[0] == 2 and not np.array_equal(keys[0], keys[1])
 
 
+@pytest.mark.slow
 def test_dropout_resumes_exactly(tmp_path):
     def config(steps):
         c = make_tiny_config(steps=steps)
