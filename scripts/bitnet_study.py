@@ -3,8 +3,8 @@ with `model.bitnet=True`: ternary weights and 8-bit activations in every attenti
 
     python scripts/bitnet_study.py [--steps=2000] [--lrs=1e-3,3e-3] [--workdir=runs/bitnet_study]
 
-Trains the float LM at the config's lr and the b1.58 LM at each of `--lrs` (Ma et al. train BitNet at a larger
-lr than its float twin), and reports validation loss at the end, training-loop seconds, and the weight memory
+Trains the float LM and the b1.58 LM at each of `--lrs` (Ma et al. train BitNet at a larger lr than its float
+twin), and reports validation loss at the end, training-loop seconds, and the weight memory
 at inference: float32 for every parameter, against 2-bit packed ternary codes plus one float32 scale per
 matrix for the quantised ones (embeddings, norms and positions stay float32). Finished runs are read, not
 rerun. Writes `table.md` and `curves.png` to the workdir.
@@ -45,14 +45,13 @@ def inference_bytes(params, quantised: bool) -> int:
 
 def main(argv):
     del argv
-    runs = [("float", False, None)] + [(f"b1.58_lr{lr}", True, float(lr)) for lr in _LRS.value]
+    runs = [(f"{kind}_lr{lr}", kind == "b1.58", float(lr)) for kind in ("float", "b1.58") for lr in _LRS.value]
     rows, curves = [], {}
     for name, on, lr in runs:
         config = lm_shakespeare.get_config()
         config.model.bitnet = on
         config.train.update(steps=_STEPS.value, checkpoint_every=_STEPS.value, eval_every=100)
-        if lr:
-            config.optimizer.lr = lr
+        config.optimizer.lr = lr
         workdir = os.path.join(_WORKDIR.value, name)
         train, evals = studies.run_or_reuse(config, workdir)
         _, variables = restore.load_variables(restore.load_config(workdir), workdir)
