@@ -1,7 +1,7 @@
 """BitNet b1.58 against its float twin on tiny Shakespeare at equal steps (experiments/configs/lm_shakespeare.py
 with `model.bitnet=True`: ternary weights and 8-bit activations in every attention and MLP matmul).
 
-    python scripts/bitnet_study.py [--steps=2000] [--lrs=1e-3,3e-3] [--workdir=runs/bitnet_study]
+    python scripts/bitnet_study.py [--steps=2000] [--lrs=1e-3,3e-3,1e-2] [--workdir=runs/bitnet_study]
 
 Trains the float LM and the b1.58 LM at each of `--lrs` (Ma et al. train BitNet at a larger lr than its float
 twin), and reports validation loss at the end, training-loop seconds, and the weight memory
@@ -24,7 +24,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 _STEPS = flags.DEFINE_integer("steps", 2000, "Training steps per run.")
-_LRS = flags.DEFINE_list("lrs", ["1e-3", "3e-3"], "Peak learning rates of the b1.58 runs.")
+_LRS = flags.DEFINE_list("lrs", ["1e-3", "3e-3", "1e-2"], "Peak learning rates of the b1.58 runs.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/bitnet_study", "Where the runs, the table and the plot go.")
 
 QUANTISED = ("query", "key", "value", "out", "wi", "wo")  # the block matrices BitLinear replaces
