@@ -7,7 +7,8 @@
 Both are written atomically (a temporary file renamed), so a kill never leaves half a file. A workdir with
 checkpoints resumes only with the same model, optimizer, data and seed: anything else is refused in one line
 naming what changed. Keys that say how long, how often, on what mesh or with which kernels the run goes
-(`MAY_CHANGE`) may differ.
+(`MAY_CHANGE`) may differ. A key the saved config lacks (added to the code after the run started) counts as
+unchanged when it holds its default: the run it names is the same.
 """
 
 import json
@@ -56,9 +57,13 @@ def _read(path: str):
         return None
 
 
-def config_changes(saved: dict, current: dict) -> list[str]:
-    """'key old -> new' for every key that differs and may not change on resume."""
-    old, new = _flatten(saved), _flatten(current)
+def config_changes(saved: dict, current: dict, defaults: dict | None = None) -> list[str]:
+    """'key old -> new' for every key that differs and may not change on resume; a key absent from `saved`
+    that holds its value in `defaults` (the schema's defaults) is not a change."""
+    old, new, default = _flatten(saved), _flatten(current), _flatten(defaults or {})
+    for key in new.keys() - old.keys():
+        if key in default and new[key] == default[key]:
+            old[key] = new[key]
     return [f"{key} {old.get(key, '(absent)')!r} -> {new.get(key, '(absent)')!r}" for key in sorted(old.keys() | new.keys())
             if old.get(key) != new.get(key) and not key.startswith(MAY_CHANGE)]
 
@@ -69,8 +74,9 @@ def data_changes(saved: dict, current: dict) -> list[str]:
             f"{str(current.get(key))[:12]})" for key, what in DATA_KEYS if saved.get(key) != current.get(key)]
 
 
-def check_resumable(workdir: str, config: dict, data_identity: dict) -> None:
-    """ConfigError (one line) if `workdir`'s checkpoints were trained with another config or other data."""
+def check_resumable(workdir: str, config: dict, data_identity: dict, defaults: dict | None = None) -> None:
+    """ConfigError (one line) if `workdir`'s checkpoints were trained with another config or other data
+    (`defaults`: the schema's defaults, for keys newer than the run)."""
     checkpoints = os.path.join(workdir, "checkpoints")
     if not (os.path.isdir(checkpoints) and any(name.isdigit() for name in os.listdir(checkpoints))):
         return
@@ -79,7 +85,7 @@ def check_resumable(workdir: str, config: dict, data_identity: dict) -> None:
     if saved_config is None:
         raise ConfigError(f"--workdir={workdir} has checkpoints but no readable config.json to check them against; "
                           "use a fresh --workdir")
-    changed = config_changes(saved_config, config)
+    changed = config_changes(saved_config, config, defaults)
     if changed:
         raise ConfigError(f"--workdir={workdir} was trained with another config: {'; '.join(changed)}; resume "
                           "with the same config (only the step counts, intervals, mesh and kernels may change) "

@@ -286,7 +286,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
     validation.validate_resolved(config)
     teacher_config = distill.teacher_config(config) if config.train.distill.teacher else None
     resolved, data_identity = json.loads(json.dumps(config.to_dict())), datasets.identity(config.data, splits)
-    run_record.check_resumable(workdir, resolved, data_identity)
+    run_record.check_resumable(workdir, resolved, data_identity, validation.defaults(config))
 
     # 2. Set up the mesh.
     mesh = sharding.make_mesh(mesh_shape, devices)

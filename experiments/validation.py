@@ -74,6 +74,13 @@ def validate(config, num_devices: int, process_count: int = 1) -> tuple[int, ...
     return shape
 
 
+def defaults(config) -> dict:
+    """The schema's default config for `config`'s model family and dataset, as a dict."""
+    from experiments.configs import base
+
+    return base.get_config(config.model.name, config.data.name).to_dict()
+
+
 def validate_resolved(config) -> None:
     """After the data has filled in what it decides: keys still at -1 ("from the data") and the family's
     cross-field rules on the filled-in values; before anything compiles."""

@@ -199,3 +199,12 @@ def test_step_counts_intervals_and_mesh_may_change_on_resume():
     assert run_record.config_changes(saved, changed.to_dict()) == []
     changed.seed = 1
     assert run_record.config_changes(saved, changed.to_dict()) == ["seed 0 -> 1"]
+
+
+def test_a_key_newer_than_the_run_resumes_at_its_default_only():
+    saved = make_tiny_config().to_dict()
+    del saved["train"]["monitors"], saved["model"]["bitnet"]  # as written before these keys existed
+    current, schema = make_tiny_config(), validation.defaults(make_tiny_config())
+    assert run_record.config_changes(saved, current.to_dict(), schema) == []
+    current.model.bitnet = True
+    assert run_record.config_changes(saved, current.to_dict(), schema) == ["model.bitnet '(absent)' -> True"]
