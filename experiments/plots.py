@@ -61,3 +61,19 @@ def _kind(key: str) -> str:
     if parts[1] in ("weight_norm", "update_ratio", "grad_norm"):
         return parts[1]
     return next(p for p in reversed(parts) if not p.isdigit())
+
+
+def validation_curves(curves: dict, path: str, title: str, target: float | None = None) -> str:
+    """A study's validation-loss curves, {label: (steps, losses)}, on one panel (a dashed line at `target`)."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, (steps, losses) in curves.items():
+        ax.plot(steps, losses, label=label)
+    if target is not None:
+        ax.axhline(target, color="gray", linestyle="--", linewidth=0.8)
+    ax.set(xlabel="step", ylabel="validation loss (cross-entropy)", ylim=(1.4, 3.0), title=title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -4,6 +4,7 @@ and time a jitted function with one statistic, the median.
 Counting parameters is `models.parameter_count`; MoE load balance is `models.moe.max_violation`.
 """
 
+import os
 import time
 
 import jax
@@ -17,6 +18,15 @@ def run_or_reuse(config, workdir: str, **train_kwargs) -> tuple[list[dict], list
     trainer resumes from its last checkpoint, which is the end)."""
     trainer.train_and_evaluate(config, workdir, verbose=False, **train_kwargs)
     return metrics_writer.read(workdir, "train"), metrics_writer.read(workdir, "eval")
+
+
+def write_table(workdir: str, lines: list[str]) -> str:
+    """Prints a markdown table and writes it to WORKDIR/table.md; returns it."""
+    table = "\n".join(lines)
+    print(table)
+    with open(os.path.join(workdir, "table.md"), "w") as f:
+        f.write(table + "\n")
+    return table
 
 
 def median_seconds(fn, *args, repeats: int = 10) -> float:

@@ -14,14 +14,10 @@ import os
 
 from absl import app, flags
 import jax
-import matplotlib
 
-from experiments import restore, studies
+from experiments import plots, restore, studies
 from experiments.configs import lm_shakespeare
 from models import bitnet
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
 _STEPS = flags.DEFINE_integer("steps", 2000, "Training steps per run.")
 _LRS = flags.DEFINE_list("lrs", ["1e-3", "3e-3", "1e-2"], "Peak learning rates of the b1.58 runs.")
@@ -60,19 +56,10 @@ def main(argv):
         megabytes = inference_bytes(variables["params"], on) / 2**20
         rows.append(f"| {label} | {evals[-1]['loss']:.4f} | {megabytes:.2f} | {train[-1]['wall_s']:.0f} |")
         print(rows[-1], flush=True)
-    table = "\n".join([f"| LM | val loss at {_STEPS.value} | weight MiB at inference | training-loop s |",
-                       "|---|---|---|---|", *rows])
-    print(table)
-    with open(os.path.join(_WORKDIR.value, "table.md"), "w") as f:
-        f.write(table + "\n")
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for label, (steps, losses) in curves.items():
-        ax.plot(steps, losses, label=label)
-    ax.set(xlabel="step", ylabel="validation loss", ylim=(1.4, 3.0), title="BitNet b1.58 vs float, tiny Shakespeare")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(os.path.join(_WORKDIR.value, "curves.png"), dpi=120)
+    studies.write_table(_WORKDIR.value, [f"| LM | val loss at {_STEPS.value} | weight MiB at inference | "
+                                         "training-loop s |", "|---|---|---|---|", *rows])
+    plots.validation_curves(curves, os.path.join(_WORKDIR.value, "curves.png"),
+                            "BitNet b1.58 vs float, tiny Shakespeare")
 
 
 if __name__ == "__main__":

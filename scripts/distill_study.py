@@ -12,14 +12,10 @@ Writes `table.md` and `curves.png` to the workdir.
 import os
 
 from absl import app, flags
-import matplotlib
 
 import models
-from experiments import restore, studies
+from experiments import plots, restore, studies
 from experiments.configs import lm_shakespeare
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
 _STEPS = flags.DEFINE_integer("steps", 2000, "Training steps per run.")
 _WEIGHT = flags.DEFINE_float("weight", 0.5, "The KL term's share a.")
@@ -50,19 +46,9 @@ def main(argv):
         rows.append(f"| {label} | {models.parameter_count(resolved.model, config.data.seq_len):,} | "
                     f"{evals[-1]['loss']:.4f} | {train[-1]['wall_s']:.0f} |")
         print(rows[-1], flush=True)
-    table = "\n".join([f"| run | parameters | val loss at {_STEPS.value} | training-loop s |", "|---|---|---|---|", *rows])
-    print(table)
-    with open(os.path.join(_WORKDIR.value, "table.md"), "w") as f:
-        f.write(table + "\n")
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for label, (steps, losses) in curves.items():
-        ax.plot(steps, losses, label=label)
-    ax.set(xlabel="step", ylabel="validation loss (cross-entropy)", ylim=(1.4, 3.0),
-           title="distillation, tiny Shakespeare")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(os.path.join(_WORKDIR.value, "curves.png"), dpi=120)
+    studies.write_table(_WORKDIR.value, [f"| run | parameters | val loss at {_STEPS.value} | training-loop s |",
+                                         "|---|---|---|---|", *rows])
+    plots.validation_curves(curves, os.path.join(_WORKDIR.value, "curves.png"), "distillation, tiny Shakespeare")
 
 
 if __name__ == "__main__":

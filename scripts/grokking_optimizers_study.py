@@ -75,10 +75,7 @@ def main(argv):
         median = np.median([s or np.inf for s in steps])
         lines.append(f"| {name} ({SETTINGS[name][0]:g}) | {' | '.join(cells)} | "
                      f"{f'{median:,.0f}' if np.isfinite(median) else 'never'} |")
-    table = "\n".join(lines)
-    print(table)
-    with open(os.path.join(_WORKDIR.value, "table.md"), "w") as f:
-        f.write(table + "\n")
+    studies.write_table(_WORKDIR.value, lines)
 
     variants = {"AdamW, weight decay 1.0": config_for("adamw", 0),
                 "AdamW, no weight decay": config_for("adamw", 0, weight_decay=0.0),

@@ -13,14 +13,10 @@ milliseconds per step. Finished runs are read, not rerun. Writes `table.md` and 
 import os
 
 from absl import app, flags
-import matplotlib
 import numpy as np
 
-from experiments import studies
+from experiments import plots, studies
 from experiments.configs import lm_shakespeare
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
 LRS = {  # peak learning rates swept, around each method's usual value at this scale
     "adamw": (3e-4, 1e-3, 3e-3),
@@ -85,7 +81,7 @@ def main(argv):
         rows[name] = dict(sweep=sweep, best=best, second=run(name, best["lr"], 1))
 
     lines = [f"| optimizer | lrs swept (val loss) | best lr | val loss at {_STEPS.value} (seeds 0, 1) | "
-             f"first step <= {TARGET} (seeds 0, 1) | ms / step |", "|---|---|---|---|---|---|"]
+             f"first step <= {TARGET} (seeds 0, 1) | loop ms / step, as run |", "|---|---|---|---|---|---|"]
     for name, row in rows.items():
         sweep = ", ".join(f"{r['lr']:g} ({r['loss']:.3f})" for r in row["sweep"])
         runs = (row["best"], row["second"])
@@ -93,22 +89,10 @@ def main(argv):
                      f"{runs[0]['loss']:.4f}, {runs[1]['loss']:.4f} | "
                      f"{', '.join(str(r['reached'] or 'never') for r in runs)} | "
                      f"{np.mean([r['ms_per_step'] for r in runs]):.1f} |")
-    table = "\n".join(lines)
-    print(table)
-    with open(os.path.join(_WORKDIR.value, "table.md"), "w") as f:
-        f.write(table + "\n")
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, row in rows.items():
-        steps, losses = row["best"]["curve"]
-        ax.plot(steps, losses, label=f"{name} (lr {row['best']['lr']:g})")
-    ax.axhline(TARGET, color="gray", linestyle="--", linewidth=0.8)
-    ax.set(xlabel="step", ylabel="validation loss", ylim=(1.4, 3.0),
-           title="tiny Shakespeare, 4-layer LM: each optimizer at its best lr (seed 0)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(os.path.join(_WORKDIR.value, "curves.png"), dpi=120)
+    studies.write_table(_WORKDIR.value, lines)
+    curves = {f"{name} (lr {row['best']['lr']:g})": row["best"]["curve"] for name, row in rows.items()}
+    plots.validation_curves(curves, os.path.join(_WORKDIR.value, "curves.png"),
+                            "tiny Shakespeare, 4-layer LM: each optimizer at its best lr (seed 0)", target=TARGET)
 
 
 if __name__ == "__main__":
