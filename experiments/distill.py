@@ -21,6 +21,9 @@ def teacher_config(config):
     from experiments import restore  # restore reads the trainer's state layout: imported when used
 
     workdir = config.train.distill.teacher
+    if jax.process_count() > 1:
+        raise ConfigError(f"train.distill.teacher={workdir!r} in a {jax.process_count()}-process job: the teacher is "
+                          "restored on one device and then sharded, which needs a single process (for now)")
     try:
         teacher = restore.load_config(workdir)
     except FileNotFoundError:
