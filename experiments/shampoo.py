@@ -58,6 +58,11 @@ def from_blocks(b, blocks, shape):
     return matrices[:, :math.prod(shape) // (copies * shape[-1]), :shape[-1]].reshape(shape)
 
 
+def _frobenius(x):
+    """||x||_F of each matrix of x [..., k, l], kept as [..., 1, 1]."""
+    return jnp.sqrt(jnp.sum(x * x, axis=(-2, -1), keepdims=True))
+
+
 def inverse_fourth_root(stat, matrix_eps: float, tol: float = 1e-6, max_iter: int = 100):
     """(S + e I)^(-1/4) of symmetric PSD matrices [..., k, k], e = matrix_eps * ||S||_F, by the coupled Newton
     iteration (Guo & Higham 2006; what Shampoo runs on accelerators: matmuls only). With A = S + e I,
@@ -66,9 +71,8 @@ def inverse_fourth_root(stat, matrix_eps: float, tol: float = 1e-6, max_iter: in
     collectives over several devices; these matmuls do not.)"""
     k = stat.shape[-1]
     identity = jnp.eye(k, dtype=stat.dtype)
-    frobenius = lambda x: jnp.sqrt(jnp.sum(x * x, axis=(-2, -1), keepdims=True))  # noqa: E731
-    a = stat + matrix_eps * jnp.maximum(frobenius(stat), 1e-30) * identity
-    z = 2.5 / frobenius(a)
+    a = stat + matrix_eps * jnp.maximum(_frobenius(stat), 1e-30) * identity
+    z = 2.5 / _frobenius(a)
     m, h = z * a, z**0.25 * jnp.broadcast_to(identity, a.shape)
 
     def not_done(carry):
@@ -127,10 +131,9 @@ def scale_by_shampoo(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, bloc
             roots = jax.lax.cond(refresh, lambda: (inverse_fourth_root(left, matrix_eps),
                                                    inverse_fourth_root(right, matrix_eps)), lambda: roots)
             direction = roots[0] @ m_blocks @ roots[1]
-            norm = lambda x: jnp.sqrt(jnp.sum(x * x, axis=(-2, -1), keepdims=True))  # noqa: E731
-            direction_norm = norm(direction)
-            scale = jnp.where(direction_norm > 0, norm(adam_blocks) / jnp.where(direction_norm > 0, direction_norm, 1),
-                              0.0)
+            direction_norm = _frobenius(direction)
+            safe_norm = jnp.where(direction_norm > 0, direction_norm, 1.0)
+            scale = jnp.where(direction_norm > 0, _frobenius(adam_blocks) / safe_norm, 0.0)
             return from_blocks(direction * scale, blocks, g.shape), (left, right), roots
 
         dims = copies_axes(grads)
