@@ -128,8 +128,8 @@ def test_nan_rollback_restores_the_last_checkpoint_and_skips_the_batches_that_di
     poisoned = np.asarray(batches[4]["inputs"])
     real_step = trainer.train_step
 
-    def train_step_with_a_poisoned_batch(state, batch, **kwargs):
-        new_state, metrics = real_step(state, batch, **kwargs)
+    def train_step_with_a_poisoned_batch(state, batch, *args, **kwargs):
+        new_state, metrics = real_step(state, batch, *args, **kwargs)
         bad = jax.numpy.all(batch["inputs"] == poisoned)
         metrics["loss"] = jax.numpy.where(bad, jax.numpy.nan, metrics["loss"])
         return new_state, metrics
