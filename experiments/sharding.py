@@ -43,6 +43,8 @@ LOGICAL_AXIS_RULES = (
     ("mlp", "tensor"),
     ("expert", "expert"),
     ("head_dim", None),
+    ("q_lora", None),  # MLA's query and key/value latents: small, replicated
+    ("kv_lora", None),
     ("layers", None),
     # activations
     ("activation_batch", BATCH_AXES),

@@ -32,7 +32,7 @@ def causal_mask(len_q: int, len_k: int, *, q_offset=None) -> jax.Array:
 
 
 def attend(q, k, v, mask, *, sm_scale=None, dropout_rate: float = 0.0, dropout_rng=None):
-    """Softmax attention of q [B, Lq, Hq, D] over k, v [B, Lk, Hkv, D] with a bool mask [Lq, Lk] (the same
+    """Softmax attention of q [B, Lq, Hq, D] over k [B, Lk, Hkv, D], v [B, Lk, Hkv, Dv] with a bool mask [Lq, Lk] (the same
     for every row), [B, Lq, Lk] (e.g. causal and a key-padding mask), or None. With `dropout_rng`, each
     probability is kept with chance 1 - dropout_rate and scaled by 1 / (1 - dropout_rate) (after the softmax:
     the kept weights no longer sum to 1)."""
@@ -62,8 +62,9 @@ def attend(q, k, v, mask, *, sm_scale=None, dropout_rate: float = 0.0, dropout_r
     out = out / denom
     if mask is not None:  # a query that sees no key outputs zeros
         out = jnp.where(jnp.any(mask, axis=-1)[:, None, :, None], out, 0.0)
-    out = out.reshape(batch, heads_kv, groups, len_q, head_dim).transpose(0, 3, 1, 2, 4)
-    return out.reshape(batch, len_q, heads_q, head_dim).astype(q.dtype)
+    value_dim = v.shape[-1]  # may differ from the query/key width (multi-head latent attention)
+    out = out.reshape(batch, heads_kv, groups, len_q, value_dim).transpose(0, 3, 1, 2, 4)
+    return out.reshape(batch, len_q, heads_q, value_dim).astype(q.dtype)
 
 
 def entropy(q, k, mask, *, sm_scale=None):
@@ -88,13 +89,17 @@ def dot_product_attention(q, k, v, *, causal=True, sm_scale=None):
 IMPLS = ("xla", "pallas")
 
 
-def causal_attention(q, k, v, impl: str = "xla", *, dropout_rate: float = 0.0, dropout_rng=None):
+def causal_attention(q, k, v, impl: str = "xla", *, sm_scale=None, dropout_rate: float = 0.0, dropout_rng=None):
     """Causal self-attention with the named implementation (`model.attention_impl`); attention dropout
-    (training) runs in the XLA reference only."""
+    (training) runs in the XLA reference only. The flash kernels take one head width: a value width Dv
+    different from the query/key width D is zero-padded to the larger of the two and cut back after."""
     if impl == "xla" or dropout_rng is not None:
-        return attend(q, k, v, causal_mask(q.shape[1], k.shape[1]), dropout_rate=dropout_rate,
+        return attend(q, k, v, causal_mask(q.shape[1], k.shape[1]), sm_scale=sm_scale, dropout_rate=dropout_rate,
                       dropout_rng=dropout_rng)
     if impl == "pallas":
-        flash = functools.partial(kernels_pallas.flash_attention, causal=True)
-        return on_mesh.per_shard(flash, q, k, v, split_heads=True)
+        sm_scale = q.shape[-1]**-0.5 if sm_scale is None else sm_scale
+        width = max(q.shape[-1], v.shape[-1])
+        pad = lambda x: jnp.pad(x, [(0, 0)] * 3 + [(0, width - x.shape[-1])])  # noqa: E731 (zeros change no score)
+        flash = functools.partial(kernels_pallas.flash_attention, causal=True, sm_scale=sm_scale)
+        return on_mesh.per_shard(flash, pad(q), pad(k), pad(v), split_heads=True)[..., :v.shape[-1]]
     raise ValueError(f"attention impl {impl!r} is not one of {list(IMPLS)}")

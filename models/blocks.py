@@ -14,11 +14,12 @@ FFN, one entry in FFNS.
 import flax.linen as nn
 import jax.numpy as jnp
 
-from models import gqa, layers, moe, qk_norm
+from models import gqa, layers, mla, moe, qk_norm
 
 ATTENTIONS = {
     "gqa": gqa.GroupedQueryAttention,  # MHA / GQA / MQA by num_kv_heads
     "qk_norm": qk_norm.QKNormAttention,
+    "mla": mla.MultiHeadLatentAttention,  # DeepSeek's multi-head latent attention: a latent KV cache
 }
 
 FFNS = {
@@ -46,9 +47,9 @@ class Block(nn.Module):
     def __call__(self, x, cache, start, key_mask=None):
         cfg, dtype = self.cfg, self.cfg.compute_dtype
         attention = ATTENTIONS[cfg.attention](cfg, name="attention")
-        h, cache = attention(layers.Norm(cfg.norm, dtype, "attention_norm")(x), start, cache, key_mask)
+        h, cache = attention(layers.Norm(cfg.norm, dtype, "attention_norm", cfg.norm_eps)(x), start, cache, key_mask)
         x = x + layers.dropout(self, h, cfg.residual_dropout)
-        h = FFNS[self.ffn](cfg)(layers.Norm(cfg.norm, dtype, "mlp_norm")(x))
+        h = FFNS[self.ffn](cfg)(layers.Norm(cfg.norm, dtype, "mlp_norm", cfg.norm_eps)(x))
         x = x + layers.dropout(self, h, cfg.residual_dropout)
         if self.is_mutable_collection("monitors"):
             self.sow("monitors", "residual_rms", jnp.sqrt(jnp.mean(jnp.square(x.astype(jnp.float32)))))

@@ -65,7 +65,7 @@ class Cell(nn.Module):
         for i in range(self.cfg.num_layers):
             name = f"block_{i}"
             h, new_cache[name] = blocks.Block(self.cfg, name=name)(h, None if cache is None else cache[name], start)
-        h = layers.Norm(self.cfg.norm, self.cfg.compute_dtype, "cell_norm")(h - z)
+        h = layers.Norm(self.cfg.norm, self.cfg.compute_dtype, "cell_norm", self.cfg.norm_eps)(h - z)
         return h, None if cache is None else new_cache
 
 
@@ -92,7 +92,7 @@ class DEQTransformer(lm.LM):
         if cfg.backward == "implicit" and (self.has_variable("probes", "backward_iterations")
                                            or self.is_mutable_collection("probes")):
             self.probes = [self.variable("probes", f"backward_{name}", jnp.zeros, ()) for name in ("iterations", "residual")]
-        self.injection_norm = layers.Norm(cfg.norm, cfg.compute_dtype, "injection_norm")
+        self.injection_norm = layers.Norm(cfg.norm, cfg.compute_dtype, "injection_norm", cfg.norm_eps)
 
     def _cell_params(self, x, cache, start):
         """The cell's parameters as a plain tree (created on first use), normalised as configured."""

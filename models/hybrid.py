@@ -64,7 +64,7 @@ class MambaLayer(nn.Module):
         fresh = state is None
         if fresh:
             state = mamba2.init_state(self.cfg, x.shape[0])
-        h, state = mamba2.Mamba2(self.cfg, name="mixer")(layers.Norm(self.cfg.norm, x.dtype, "norm")(x), state)
+        h, state = mamba2.Mamba2(self.cfg, name="mixer")(layers.Norm(self.cfg.norm, x.dtype, "norm", self.cfg.norm_eps)(x), state)
         x = nn.with_logical_constraint(x + layers.dropout(self, h, self.cfg.residual_dropout), blocks.ACTIVATION)
         return x, None if fresh else state
 
@@ -90,7 +90,7 @@ class ShortConvLayer(nn.Module):
         kernel = self.param("conv_kernel", nn.with_logical_partitioning(
             nn.initializers.normal(cfg.conv_width**-0.5), (None, "embed")), (cfg.conv_width, cfg.d_model))
         bias = self.param("conv_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), (cfg.d_model,))
-        h, conv_state = mamba2.causal_conv(layers.Norm(cfg.norm, dtype, "norm")(x), state["conv"],
+        h, conv_state = mamba2.causal_conv(layers.Norm(cfg.norm, dtype, "norm", cfg.norm_eps)(x), state["conv"],
                                            kernel.astype(dtype), bias.astype(dtype))
         w_out = self.param("out_proj", layers.dense_init(None, "embed"), (cfg.d_model, cfg.d_model))
         x = x + (h.reshape(-1, cfg.d_model) @ w_out.astype(dtype)).reshape(x.shape)

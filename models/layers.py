@@ -30,14 +30,14 @@ def dense_init(*logical_axes):
     return nn.with_logical_partitioning(nn.initializers.lecun_normal(), logical_axes)
 
 
-def Norm(kind: str, dtype, name=None):
-    """y = x / rms(x) * scale (rmsnorm), the usual LayerNorm, or the identity ("none")."""
-    scale_init = nn.with_logical_partitioning(nn.initializers.ones, ("embed",))
+def Norm(kind: str, dtype, name=None, eps: float = 1e-6, axis_name: str = "embed"):
+    """y = x / sqrt(mean(x^2) + eps) * scale (rmsnorm), the usual LayerNorm, or the identity ("none")."""
+    scale_init = nn.with_logical_partitioning(nn.initializers.ones, (axis_name,))
     if kind == "rmsnorm":
-        return nn.RMSNorm(dtype=dtype, scale_init=scale_init, name=name)
+        return nn.RMSNorm(epsilon=eps, dtype=dtype, scale_init=scale_init, name=name)
     if kind == "layernorm":
-        bias_init = nn.with_logical_partitioning(nn.initializers.zeros, ("embed",))
-        return nn.LayerNorm(dtype=dtype, scale_init=scale_init, bias_init=bias_init, name=name)
+        bias_init = nn.with_logical_partitioning(nn.initializers.zeros, (axis_name,))
+        return nn.LayerNorm(epsilon=eps, dtype=dtype, scale_init=scale_init, bias_init=bias_init, name=name)
     return lambda x: x
 
 

@@ -51,7 +51,7 @@ class LM(nn.Module):
                 unit, variable_axes={c: 0 for c in STACKED_COLLECTIONS}, split_rngs={"params": True, "dropout": True},
                 in_axes=(0, nn.broadcast, nn.broadcast), length=self.num_units, unroll=cfg.scan_unroll,
                 metadata_params={nn.PARTITION_NAME: "layers"})(cfg, **kwargs, name=self.stack_name)
-        self.final_norm = layers.Norm(cfg.norm, dtype, "final_norm")
+        self.final_norm = layers.Norm(cfg.norm, dtype, "final_norm", cfg.norm_eps)
         self.unembed = None if cfg.tie_embeddings else layers.unembedding(cfg.vocab_size, dtype)
 
     def embed_tokens(self, tokens, start=0):

@@ -24,6 +24,7 @@ class LMConfig:
     d_model: int = field(128, min=1)
     num_layers: int = field(2, min=1)
     norm: str = field("rmsnorm", choices=NORMS)
+    norm_eps: float = field(1e-6, above=0)  # epsilon of the blocks' and the final norm (Llama / GPT-2 checkpoints: 1e-5)
     positional: str = field("rope", choices=POSITIONALS)
     rope_theta: float = field(10000.0, above=0)
     tie_embeddings: bool = False
@@ -36,6 +37,13 @@ class LMConfig:
     num_kv_heads: int = field(0, min=0)  # 0: num_heads (plain multi-head attention)
     head_dim: int = field(0, min=0)  # 0: d_model // num_heads
     attention_impl: str = field("xla", choices=ATTENTION_IMPLS)  # xla | pallas (kernels_pallas flash attention)
+    # multi-head latent attention (attention = "mla", models/mla.py); 0 derives DeepSeek-V2's ratios from head_size
+    q_lora_rank: int = field(0, min=0)  # width of the compressed query latent; 0: queries projected directly
+    kv_lora_rank: int = field(0, min=0)  # width of the joint key/value latent c_kv; 0: 4 * head_size
+    qk_nope_head_dim: int = field(0, min=0)  # per-head query/key width without position; 0: head_size
+    qk_rope_head_dim: int = field(0, min=0)  # rotary width of each query head and of the shared key; 0: head_size // 2
+    v_head_dim: int = field(0, min=0)  # per-head value width; 0: head_size
+    mla_absorb: bool = True  # decode in the latent space (W_uk folded into the query, W_uv into the output)
     # MLPs
     d_mlp: int = field(512, min=1)
     activation: str = field("gelu", choices=ACTIVATIONS)
