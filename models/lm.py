@@ -10,8 +10,10 @@ layers (models/blocks.Period). Dropout (`embed_dropout` here, `attention_dropout
 the blocks) draws from the "dropout" rng, split per scanned unit. The stack stacks the unit's parameters and
 model state ("router_bias"), sown losses, metrics and monitors along a leading `layers` axis, under `nn.remat`
 when `remat` is set, with `scan_unroll` units per scan iteration. Decoding caches are the unit's cache stacked over units.
+A family may put `num_dense_blocks` plain blocks before the stack (their own scan, `dense_layers`; the cache is then
+the pair (dense blocks' cache, stack's cache)).
 
-Families override `unit()` (what is scanned), `stack_name` (the parameter path of the stack), and, for
+Families override `unit()` (what is scanned), `stack_name` (the parameter path of the stack), `num_dense_blocks`, and, for
 a family without a stack (the DEQ's fixed point), `hidden`.
 """
 
@@ -38,21 +40,31 @@ class LM(nn.Module):
     def num_units(self) -> int:
         return self.cfg.num_layers
 
+    @property
+    def num_dense_blocks(self) -> int:
+        """Plain blocks run before the stack, scanned as `dense_layers` (DeepSeek-V3's first_k_dense_replace)."""
+        return 0
+
     def setup(self):
         cfg, dtype = self.cfg, self.cfg.compute_dtype
         self.embed = layers.token_embedding(cfg.vocab_size, cfg.d_model, dtype)
         if cfg.positional == "learned":
             self.position_embedding = layers.learned_positions(self, cfg.max_len, cfg.d_model)
+        if self.num_dense_blocks:
+            self.dense_stack = self.scanned(blocks.Block, {}, self.num_dense_blocks, "dense_layers")
         if (stacked := self.unit()) is not None:
-            unit, kwargs = stacked
-            if cfg.remat != "none":
-                unit = nn.remat(unit, policy=layers.remat_policy(cfg.remat), prevent_cse=False)
-            self.stack = nn.scan(
-                unit, variable_axes={c: 0 for c in STACKED_COLLECTIONS}, split_rngs={"params": True, "dropout": True},
-                in_axes=(0, nn.broadcast, nn.broadcast), length=self.num_units, unroll=cfg.scan_unroll,
-                metadata_params={nn.PARTITION_NAME: "layers"})(cfg, **kwargs, name=self.stack_name)
+            self.stack = self.scanned(*stacked, self.num_units, self.stack_name)
         self.final_norm = layers.Norm(cfg.norm, dtype, "final_norm", cfg.norm_eps)
         self.unembed = None if cfg.tie_embeddings else layers.unembedding(cfg.vocab_size, dtype)
+
+    def scanned(self, unit, kwargs, length: int, name: str):
+        """`length` copies of unit(cfg, **kwargs) as one nn.scan (remat when configured)."""
+        if self.cfg.remat != "none":
+            unit = nn.remat(unit, policy=layers.remat_policy(self.cfg.remat), prevent_cse=False)
+        return nn.scan(
+            unit, variable_axes={c: 0 for c in STACKED_COLLECTIONS}, split_rngs={"params": True, "dropout": True},
+            in_axes=(0, nn.broadcast, nn.broadcast), length=length, unroll=self.cfg.scan_unroll,
+            metadata_params={nn.PARTITION_NAME: "layers"})(self.cfg, **kwargs, name=name)
 
     def embed_tokens(self, tokens, start=0):
         """int32[B, T] -> [B, T, D] input embeddings of tokens at positions start..start+T-1."""
@@ -65,8 +77,13 @@ class LM(nn.Module):
     def hidden(self, x, cache=None, start=0, key_mask=None):
         """Runs the stack over embeddings x [B, T, D]; returns (final-norm hidden [B, T, D], cache).
         key_mask: None, or bool[B, keys] (T keys, or the cache's length when decoding)."""
+        if not self.num_dense_blocks:
+            x, cache = self.stack(x, cache, start, key_mask)
+            return self.final_norm(x), cache
+        dense_cache, cache = (None, None) if cache is None else cache
+        x, dense_cache = self.dense_stack(x, dense_cache, start, key_mask)
         x, cache = self.stack(x, cache, start, key_mask)
-        return self.final_norm(x), cache
+        return self.final_norm(x), None if cache is None else (dense_cache, cache)
 
     def logits(self, h):
         """[B, T, D] -> float32 logits [B, T, V]."""
@@ -84,6 +101,10 @@ class LM(nn.Module):
 
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32):
         """An empty decoding cache: the unit's, stacked over the units."""
-        unit, kwargs = self.unit()
-        one = unit.init_cache(self.cfg, batch, max_len, dtype, **kwargs)
-        return jax.tree.map(lambda v: jnp.broadcast_to(v, (self.num_units, *v.shape)), one)
+        def stacked(unit, kwargs, copies):
+            one = unit.init_cache(self.cfg, batch, max_len, dtype, **kwargs)
+            return jax.tree.map(lambda v: jnp.broadcast_to(v, (copies, *v.shape)), one)
+        cache = stacked(*self.unit(), self.num_units)
+        if not self.num_dense_blocks:
+            return cache
+        return stacked(blocks.Block, {}, self.num_dense_blocks), cache

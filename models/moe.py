@@ -5,11 +5,14 @@ Routers, with affinities from logits u = x W_r [T, E]:
   (renormalised over the chosen when `normalise_gates`). Auxiliary loss (Switch Transformer):
       L_aux = alpha * E * sum_i f_i P_i,  f_i = (assignments to i) / (k T),  P_i = mean_t p_{t,i}.
 - "sigmoid" (DeepSeek-V3, auxiliary-loss-free balancing): s = sigmoid(u); the top-k of s + b are
-  chosen, b a per-expert bias that no gradient trains; gates g = s_chosen / sum s_chosen. After each
+  chosen, b a per-expert bias that no gradient trains; gates g = route_scale * s_chosen / sum s_chosen. After each
   training step b_i <- b_i - gamma sign(load_i - mean load) (the load of the step's whole batch);
   b lives in the "router_bias" collection (train state, checkpointed). Optional sequence-wise balance
   loss, per sequence of length L then averaged:
       L_bal = alpha * sum_i f_i P_i,  f_i = E / (k L) * (assignments to i),  P_i = mean_t s_{t,i} / sum_j s_{t,j}.
+
+  Group-limited (node-limited) routing: the E experts form `n_groups` groups; each group is scored by the sum
+  of its two best biased scores s + b, and only the experts of the `topk_groups` best groups may be chosen.
 
 Metrics sown per layer: `load` (assignments per expert in the batch), `max_violation`
 MaxVio = (max_i load_i - mean load) / mean load, `dropped_fraction` of assignments, and for the
@@ -43,6 +46,9 @@ class MoEOptions:
     bias_update_rate: float = field(1e-3, min=0)  # gamma of the bias update
     dispatch: str = field("capacity", choices=moe_dispatch.DISPATCHES)  # dense | capacity | ragged
     capacity_factor: float = field(0.0, min=0)  # slots per expert = factor * tokens * k / E per shard; 0: tokens
+    n_groups: int = field(1, min=1)  # sigmoid router: groups of experts (DeepSeek-V3: nodes), 1: no restriction
+    topk_groups: int = field(1, min=1)  # sigmoid router with n_groups > 1: groups whose experts are eligible
+    route_scale: float = field(1.0, above=0)  # sigmoid router: scale of the normalised gates (DeepSeek-V3: 2.5)
 
 
 def route_softmax(logits, top_k: int, normalise: bool):
@@ -54,12 +60,20 @@ def route_softmax(logits, top_k: int, normalise: bool):
     return experts, gates, probs
 
 
-def route_sigmoid(logits, bias, top_k: int):
-    """(experts [T, k], gates [T, k], affinities s [T, E]); the bias only chooses."""
+def route_sigmoid(logits, bias, top_k: int, n_groups: int = 1, topk_groups: int = 1, route_scale: float = 1.0):
+    """(experts [T, k], gates [T, k], affinities s [T, E]); the bias only chooses (which groups and experts),
+    the unbiased affinities weight."""
     scores = jax.nn.sigmoid(logits)
-    _, experts = jax.lax.top_k(scores + jax.lax.stop_gradient(bias), top_k)
+    biased = scores + jax.lax.stop_gradient(bias)
+    if n_groups > 1:
+        grouped = biased.reshape(*biased.shape[:-1], n_groups, -1)  # [T, G, E/G]
+        group_scores = jnp.sum(jax.lax.top_k(grouped, 2)[0], axis=-1)  # [T, G]
+        _, best_groups = jax.lax.top_k(group_scores, topk_groups)
+        eligible = jnp.any(jax.nn.one_hot(best_groups, n_groups, dtype=bool), axis=-2)  # [T, G]
+        biased = jnp.where(eligible[..., None], grouped, -jnp.inf).reshape(biased.shape)
+    _, experts = jax.lax.top_k(biased, top_k)
     chosen = jnp.take_along_axis(scores, experts, axis=-1)
-    return experts, chosen / jnp.sum(chosen, axis=-1, keepdims=True), scores
+    return experts, route_scale * chosen / jnp.sum(chosen, axis=-1, keepdims=True), scores
 
 
 def expert_load(experts, num_experts: int):
@@ -114,7 +128,8 @@ class MoEFfn(nn.Module):
             self.sow("losses", "aux_loss", switch_aux_loss(experts, probs, opt.aux_loss_weight))
         else:
             bias = self.variable("router_bias", "bias", jnp.zeros, (opt.num_experts,))
-            experts, gates, scores = route_sigmoid(logits, bias.value, opt.top_k)
+            experts, gates, scores = route_sigmoid(logits, bias.value, opt.top_k, opt.n_groups, opt.topk_groups,
+                                                   opt.route_scale)
             if opt.balance_loss_weight:
                 self.sow("losses", "balance_loss", sequence_balance_loss(
                     experts.reshape(batch, length, -1), scores.reshape(batch, length, -1), opt.balance_loss_weight))
@@ -145,6 +160,16 @@ class MoEFfn(nn.Module):
 
 def validate(m) -> list[str]:
     """Cross-field problems of the MoE keys of a config.model (each key's range is declared with it)."""
+    p = []
     if m.top_k > m.num_experts:
-        return [f"model.top_k={m.top_k} must be <= model.num_experts={m.num_experts}"]
-    return []
+        p.append(f"model.top_k={m.top_k} must be <= model.num_experts={m.num_experts}")
+    if m.router != "sigmoid" and (m.n_groups > 1 or m.route_scale != 1.0):
+        p.append(f"model.n_groups={m.n_groups} and model.route_scale={m.route_scale} need model.router='sigmoid'")
+    if m.n_groups > 1:
+        per_group = m.num_experts // m.n_groups
+        if m.num_experts % m.n_groups or per_group < 2:
+            p.append(f"model.n_groups={m.n_groups} must divide model.num_experts={m.num_experts} into groups of >= 2")
+        elif m.topk_groups > m.n_groups or m.top_k > m.topk_groups * per_group:
+            p.append(f"model.topk_groups={m.topk_groups} must be <= model.n_groups={m.n_groups} and leave at least "
+                     f"model.top_k={m.top_k} eligible experts ({per_group} per group)")
+    return p

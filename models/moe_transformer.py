@@ -2,7 +2,8 @@
 MLP is `models/moe.MoEFfn` (routed SwiGLU experts plus shared experts), through the FFN table of
 models/blocks.py, so the same FFN can sit in any family's block (the hybrid's "E" layers).
 
-    period = (moe_every - 1) dense blocks, then one MoE block      scanned num_layers / moe_every times
+    first_k_dense_replace dense blocks                               (DeepSeek-V3: the first 3 of 61)
+    period = (moe_every - 1) dense blocks, then one MoE block      scanned (num_layers - first_k) / moe_every times
     MoE block:  x += Attn(norm(x));  x += MoE(norm(x))
 
 Expert weights are [E, D, F] with logical axes (expert, embed, mlp): the `expert` mesh axis splits
@@ -24,6 +25,7 @@ class MoEConfig(moe.MoEOptions, transformer.TransformerConfig):
     name: str = "moe"
     activation: str = field("swiglu", choices=ACTIVATIONS)
     moe_every: int = field(1, min=1)  # the MoE FFN in every moe_every-th block; the others keep a dense MLP
+    first_k_dense_replace: int = field(0, min=0)  # the first k blocks keep a dense MLP (width d_mlp)
 
 
 class MoETransformer(lm.LM):
@@ -37,7 +39,11 @@ class MoETransformer(lm.LM):
 
     @property
     def num_units(self) -> int:
-        return self.cfg.num_layers // self.cfg.moe_every
+        return (self.cfg.num_layers - self.cfg.first_k_dense_replace) // self.cfg.moe_every
+
+    @property
+    def num_dense_blocks(self) -> int:
+        return self.cfg.first_k_dense_replace
 
 
 def validate(m) -> list[str]:
@@ -46,6 +52,8 @@ def validate(m) -> list[str]:
     if m.bitnet:
         p.append("model.bitnet=True is not supported by model.name='moe' (its experts are not BitLinear); use "
                  "model.name='transformer'")
-    if m.num_layers % m.moe_every:
-        p.append(f"model.moe_every={m.moe_every} must divide model.num_layers={m.num_layers}")
+    moe_layers = m.num_layers - m.first_k_dense_replace
+    if moe_layers < 1 or moe_layers % m.moe_every:
+        p.append(f"model.num_layers={m.num_layers} minus model.first_k_dense_replace={m.first_k_dense_replace} must be "
+                 f"a positive multiple of model.moe_every={m.moe_every}")
     return p

@@ -5,6 +5,7 @@ and expert-parallel training against one shard."""
 import functools
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -208,3 +209,75 @@ def test_ragged_dispatch_across_expert_shards_on_cpu_fails_before_compiling():
         validation.validate(config, num_devices=8)
     config.mesh.update(data=8, expert=1)
     validation.validate(config, num_devices=8)
+
+
+def numpy_group_limited_routing(logits, bias, top_k, n_groups, topk_groups, route_scale):
+    """DeepSeek-V3's routing, token by token in float64 loops."""
+    experts_out, gates_out = [], []
+    per_group = logits.shape[1] // n_groups
+    for row in logits.astype(np.float64):
+        s = 1.0 / (1.0 + np.exp(-row))
+        biased = s + bias
+        group_score = [sum(sorted(biased[g * per_group:(g + 1) * per_group])[-2:]) for g in range(n_groups)]
+        groups = sorted(range(n_groups), key=lambda g: -group_score[g])[:topk_groups]
+        eligible = [e for e in range(len(row)) if e // per_group in groups]
+        chosen = sorted(eligible, key=lambda e: -biased[e])[:top_k]
+        experts_out.append(chosen)
+        gates_out.append([route_scale * s[e] / sum(s[c] for c in chosen) for e in chosen])
+    return np.asarray(experts_out), np.asarray(gates_out)
+
+
+@pytest.mark.parametrize("n_groups,topk_groups,top_k", [(4, 2, 3), (2, 1, 2), (4, 4, 2), (1, 1, 2)])
+def test_group_limited_routing_against_a_numpy_loop(n_groups, topk_groups, top_k):
+    """Random logits and a non-zero bias over 8 experts: the same experts, and gates from the unbiased
+    affinities times route_scale."""
+    rng = np.random.default_rng(n_groups * 10 + topk_groups)
+    logits = rng.normal(size=(37, E)).astype(np.float32)
+    bias = rng.normal(scale=0.3, size=E).astype(np.float32)
+    experts, gates, _ = moe.route_sigmoid(jnp.asarray(logits), jnp.asarray(bias), top_k, n_groups, topk_groups, 2.5)
+    want_experts, want_gates = numpy_group_limited_routing(logits, bias.astype(np.float64), top_k, n_groups,
+                                                           topk_groups, 2.5)
+    order = np.argsort(np.asarray(experts), axis=1)
+    want_order = np.argsort(want_experts, axis=1)
+    np.testing.assert_array_equal(np.take_along_axis(np.asarray(experts), order, 1),
+                                  np.take_along_axis(want_experts, want_order, 1))
+    np.testing.assert_allclose(np.take_along_axis(np.asarray(gates), order, 1),
+                               np.take_along_axis(want_gates, want_order, 1), rtol=1e-5)
+    if topk_groups < n_groups:  # the restriction binds: some token's plain top-k leaves its eligible groups
+        plain = np.argsort(-(1 / (1 + np.exp(-logits)) + bias), axis=1)[:, :top_k]
+        assert not np.array_equal(np.sort(plain, 1), np.sort(want_experts, 1))
+
+
+def test_first_k_dense_blocks_run_before_the_moe_stack_and_decode():
+    """num_layers=3, first_k_dense_replace=1: a dense stack of 1 (width d_mlp), then 2 MoE blocks; cached
+    decoding equals the full pass."""
+    from models import moe_transformer
+    cfg = moe_transformer.MoEConfig(vocab_size=19, max_len=12, d_model=16, num_layers=3, num_heads=2, d_mlp=24,
+                                    d_expert=8, num_experts=4, top_k=2, n_groups=2, topk_groups=1, route_scale=2.5,
+                                    first_k_dense_replace=1, dispatch="dense")
+    model = moe_transformer.MoETransformer(cfg)
+    tokens = jax.random.randint(jax.random.key(0), (2, 9), 0, 19)
+    variables = nn.meta.unbox(model.init(jax.random.key(1), tokens))
+    params = variables["params"]
+    assert params["dense_layers"]["mlp"]["wi"]["kernel"].shape == (1, 16, 24)
+    assert params["layers"]["block_0"]["moe"]["w_in"].shape == (2, 4, 16, 8)
+    full = model.apply(variables, tokens)
+    decode = jax.jit(lambda t, c, s: model.apply(variables, t, c, s, method=model.decode), static_argnums=2)
+    logits, cache = decode(tokens[:, :5], model.init_cache(2, 12), 0)
+    pieces = [logits]
+    for t in range(5, 9):
+        logits, cache = decode(tokens[:, t:t + 1], cache, t)
+        pieces.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(pieces, 1), full, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("override,message", [
+    (dict(n_groups=3), "model.n_groups=3 must divide model.num_experts=8 into groups of >= 2"),
+    (dict(n_groups=4, topk_groups=1, top_k=3), "leave at least model.top_k=3 eligible experts"),
+    (dict(router="softmax", route_scale=2.5), "need model.router='sigmoid'"),
+    (dict(first_k_dense_replace=2), "minus model.first_k_dense_replace=2 must be a positive multiple"),
+])
+def test_routing_restrictions_refuse_bad_values(override, message):
+    from models import moe_transformer
+    cfg = moe_transformer.MoEConfig(num_experts=8, num_layers=2, **override)
+    assert any(message in p for p in moe_transformer.validate(cfg)), moe_transformer.validate(cfg)
