@@ -16,10 +16,9 @@ variants override (models/qk_norm.py).
 """
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
-from models import attention, bitnet, layers
+from models import attention, bitnet, kv_cache, layers
 from models.lm_config import LMConfig
 
 
@@ -60,13 +59,12 @@ class GroupedQueryAttention(nn.Module):
             self.sow("monitors", "entropy", attention.entropy(
                 q, k, mask if key_mask is None else mask[None] & key_mask[:, None, :]))
         if cache is not None:
-            k_all = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), start, 1)
-            v_all = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), start, 1)
-            cache = {"k": k_all, "v": v_all}
+            cache = {"k": kv_cache.write(cache["k"], k, start), "v": kv_cache.write(cache["v"], v, start)}
+            k_all, v_all = kv_cache.read(cache["k"], dtype), kv_cache.read(cache["v"], dtype)
             mask = attention.causal_mask(x.shape[1], k_all.shape[1], q_offset=start)
             if key_mask is not None:
                 mask = mask[None] & key_mask[:, None, :]
-            out = attention.attend(q, k_all.astype(dtype), v_all.astype(dtype), mask)
+            out = attention.attend(q, k_all, v_all, mask)
         out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_heads", None))
         w_out = self.param("out", nn.with_logical_partitioning(
             nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2), ("heads", "head_dim", "embed")),
@@ -77,9 +75,10 @@ class GroupedQueryAttention(nn.Module):
 
     @staticmethod
     def init_cache(cfg, batch: int, max_len: int, dtype=jnp.float32) -> dict:
-        """An empty KV cache: {"k", "v"}: [B, max_len, Hkv, Dh]."""
+        """An empty KV cache: {"k", "v"}: [B, max_len, Hkv, Dh] (int8 with per-token, per-head scales when
+        `kv_cache_dtype` is "int8": models/kv_cache.py)."""
         shape = (batch, max_len, cfg.kv_heads, cfg.head_size)
-        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+        return {name: kv_cache.empty(shape, dtype, cfg.kv_cache_dtype) for name in ("k", "v")}
 
     @staticmethod
     def validate(m) -> list[str]:

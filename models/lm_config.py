@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from data.config_fields import field
 from models.attention import IMPLS as ATTENTION_IMPLS
+from models.kv_cache import DTYPES as KV_CACHE_DTYPES
 from models.layers import ACTIVATIONS, NORMS, REMAT_POLICIES
 
 POSITIONALS = ("rope", "learned", "none")
@@ -43,6 +44,7 @@ class LMConfig:
     qk_nope_head_dim: int = field(0, min=0)  # per-head query/key width without position; 0: head_size
     qk_rope_head_dim: int = field(0, min=0)  # rotary width of each query head and of the shared key; 0: head_size // 2
     v_head_dim: int = field(0, min=0)  # per-head value width; 0: head_size
+    kv_cache_dtype: str = field("float", choices=KV_CACHE_DTYPES)  # decoding cache: float | int8 (absmax per token, head)
     mla_absorb: bool = True  # decode in the latent space (W_uk folded into the query, W_uv into the output)
     # MLPs
     d_mlp: int = field(512, min=1)

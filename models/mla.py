@@ -23,10 +23,9 @@ permutation of the projection columns: experiments/import_hf.py applies it).
 """
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
-from models import attention, layers
+from models import attention, kv_cache, layers
 from models.lm_config import LMConfig
 
 LATENT_NORM_EPS = 1e-6
@@ -103,11 +102,10 @@ class MultiHeadLatentAttention(nn.Module):
 
         mask = None if key_mask is None else attention.causal_mask(length, length)[None] & key_mask[:, None, :]
         if cache is not None:
-            latent = jax.lax.dynamic_update_slice_in_dim(cache["latent"], latent.astype(cache["latent"].dtype), start, 1)
-            rope_key = jax.lax.dynamic_update_slice_in_dim(
-                cache["rope_key"], rope_key.astype(cache["rope_key"].dtype), start, 1)
-            cache = {"latent": latent, "rope_key": rope_key}
-            latent, rope_key = latent.astype(cfg.compute_dtype), rope_key.astype(cfg.compute_dtype)
+            cache = {"latent": kv_cache.write(cache["latent"], latent, start),
+                     "rope_key": kv_cache.write(cache["rope_key"], rope_key, start)}
+            latent, rope_key = kv_cache.read(cache["latent"], cfg.compute_dtype), kv_cache.read(cache["rope_key"],
+                                                                                                cfg.compute_dtype)
             mask = attention.causal_mask(length, latent.shape[1], q_offset=start)
             mask = mask if key_mask is None else mask[None] & key_mask[:, None, :]
         if cache is not None and cfg.mla_absorb:
@@ -122,10 +120,11 @@ class MultiHeadLatentAttention(nn.Module):
 
     @staticmethod
     def init_cache(cfg, batch: int, max_len: int, dtype=jnp.float32) -> dict:
-        """An empty cache: {"latent": [B, max_len, r], "rope_key": [B, max_len, d_r]}."""
+        """An empty cache: {"latent": [B, max_len, r], "rope_key": [B, max_len, d_r]} (int8 with per-token scales
+        when `kv_cache_dtype` is "int8")."""
         w = widths(cfg)
-        return {"latent": jnp.zeros((batch, max_len, w["kv_lora_rank"]), dtype),
-                "rope_key": jnp.zeros((batch, max_len, w["qk_rope_head_dim"]), dtype)}
+        return {"latent": kv_cache.empty((batch, max_len, w["kv_lora_rank"]), dtype, cfg.kv_cache_dtype),
+                "rope_key": kv_cache.empty((batch, max_len, w["qk_rope_head_dim"]), dtype, cfg.kv_cache_dtype)}
 
     @staticmethod
     def validate(m) -> list[str]:

@@ -82,16 +82,21 @@ def _lm(**overrides):
     return cfg, model, params, tokens
 
 
-@pytest.mark.parametrize("absorb", [True, False])
-def test_cached_decoding_in_either_form_equals_the_full_pass(absorb):
-    """The latent cache holds exactly r + d_r = 11 numbers per token per layer; decoding (prompt of 4, then
-    one token at a time) gives the full pass's logits in the absorbed and the naive expanded form."""
-    cfg, model, params, tokens = _lm(q_lora_rank=9, mla_absorb=absorb)
-    cache = model.init_cache(2, cfg.max_len)
+def test_the_cache_holds_the_latent_and_the_rotary_key_only():
+    """Exactly r + d_r = 11 numbers per token per layer, whatever the head count and widths."""
+    cfg = transformer.TransformerConfig(d_model=16, num_layers=2, attention="mla", q_lora_rank=9, **WIDTHS)
+    cache = transformer.Transformer(cfg).init_cache(2, 16)
     assert {k: v.shape for k, v in cache.items()} == {"latent": (2, 2, 16, 7), "rope_key": (2, 2, 16, 4)}
     assert sum(v.size for v in jax.tree.leaves(cache)) == 2 * 2 * 16 * mla.cache_numbers_per_token(cfg) == 2 * 2 * 16 * 11
-    decode = jax.jit(lambda p, t, c, s: model.apply({"params": p}, t, c, s, method=model.decode), static_argnums=3)
-    logits, cache = decode(params, tokens[:, :4], cache, 0)
+
+
+@pytest.mark.parametrize("absorb", [slow(True), slow(False)])  # absorbed, by default: test_attention_kinds.py
+def test_cached_decoding_in_either_form_equals_the_full_pass(absorb):
+    """Decoding (prompt of 4, then one token at a time) gives the full pass's logits in the absorbed and the
+    naive expanded form, with low-rank queries."""
+    cfg, model, params, tokens = _lm(q_lora_rank=9, mla_absorb=absorb)
+    decode = jax.jit(lambda p, t, c, s: model.apply({"params": p}, t, c, s, method=model.decode))
+    logits, cache = decode(params, tokens[:, :4], model.init_cache(2, cfg.max_len), 0)
     pieces = [logits]
     for t in range(4, tokens.shape[1]):
         logits, cache = decode(params, tokens[:, t:t + 1], cache, t)

@@ -1,0 +1,252 @@
+"""Checkpoints from Hugging Face `transformers` into run folders (CONTRACTS §5).
+
+    python -m experiments.import_hf --hf_dir=DIR --workdir=OUT
+
+reads DIR's `config.json` and `*.safetensors` and writes OUT: `config.json` (the default LM experiment's
+config with the equivalent `config.model`) and an orbax checkpoint at step 0 (the weights, a fresh optimizer
+state), which `experiments.restore` and `experiments.sample` read. `convert(hf_dir)` is the library function:
+`(model_config, variables)` with `models.build(model_config).apply(variables, tokens)` equal to the
+`transformers` model's logits.
+
+Architectures (one converter each: a config mapping and a weight mapping):
+- `DeepseekV3ForCausalLM`: MLA (models/mla.py), the sigmoid router with groups and route_scale, dense first
+  blocks (models/moe.py, models/moe_transformer.py). `transformers` Linear weights are [out, in]; ours [in, out].
+  DeepSeek rotates interleaved pairs (x_0, x_1), (x_2, x_3), ... of the rotary columns; we rotate
+  (x_i, x_{i + d/2}): the rotary columns of the query and shared-key projections are permuted (evens, then
+  odds), which gives the same rotated vectors in our layout and the same scores. The MTP layers of a full
+  DeepSeek-V3 checkpoint (`model.layers.{num_hidden_layers}.*`) are not part of `DeepseekV3ForCausalLM`.
+
+An architecture or config field this cannot reproduce exactly is refused in one line naming it. Weights are
+read from safetensors only: pickle checkpoints (`*.bin`, `*.pt`) are refused (unpickling runs arbitrary code).
+Needs the `[hf]` extra only for its tests (`safetensors` reads the weights; `transformers` is the reference).
+"""
+
+import glob
+import json
+import os
+
+import ml_collections
+import numpy as np
+
+from data.config_fields import ConfigError
+
+PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+def read_hf_config(hf_dir: str) -> dict:
+    path = os.path.join(hf_dir, "config.json")
+    if not os.path.isfile(path):
+        raise ConfigError(f"--hf_dir={hf_dir!r} has no config.json; pass a transformers checkpoint folder")
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_weights(hf_dir: str) -> dict[str, np.ndarray]:
+    """Every tensor of the folder's safetensors files, as float32 NumPy arrays (bfloat16 included)."""
+    from safetensors.flax import load_file  # jax arrays: NumPy has no bfloat16
+
+    files = sorted(glob.glob(os.path.join(hf_dir, "*.safetensors")))
+    if not files:
+        pickles = [os.path.basename(p) for pattern in PICKLE_PATTERNS for p in glob.glob(os.path.join(hf_dir, pattern))]
+        if pickles:
+            raise ConfigError(f"--hf_dir={hf_dir!r} holds only pickle weights ({', '.join(pickles)}); unpickling runs "
+                              "arbitrary code, so only *.safetensors is read (convert with transformers' save_pretrained)")
+        raise ConfigError(f"--hf_dir={hf_dir!r} has no *.safetensors weights")
+    weights = {}
+    for path in files:
+        weights.update({k: np.asarray(v, np.float32) for k, v in load_file(path).items()})
+    return weights
+
+
+def _refuse(field: str, value, valid: str):
+    raise ConfigError(f"the checkpoint's {field}={value!r} is not supported (supported: {valid})")
+
+
+def _rope_theta(hf: dict) -> float:
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind != "default":
+        _refuse("rope type", kind, "'default' (RoPE scaling comes with the positional-encoding work)")
+    return float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+# DeepSeek-V3 -----------------------------------------------------------------------------------------------
+
+def deepseek_v3_config(hf: dict) -> ml_collections.ConfigDict:
+    """The equivalent `config.model` (name "moe" with MLA, or "transformer" when no block has experts)."""
+    checks = {"hidden_act": ("silu", hf.get("hidden_act", "silu")), "attention_bias": (False, hf.get("attention_bias")),
+              "norm_topk_prob": (True, hf.get("norm_topk_prob", True)), "moe_layer_freq": (1, hf.get("moe_layer_freq", 1)),
+              "num_key_value_heads": (hf["num_attention_heads"], hf.get("num_key_value_heads") or hf["num_attention_heads"])}
+    for field, (valid, value) in checks.items():
+        if value != valid and not (field == "attention_bias" and value is None):
+            _refuse(field, value, repr(valid))
+    first_dense = hf.get("first_k_dense_replace") or 0
+    has_experts = bool(hf.get("n_routed_experts")) and first_dense < hf["num_hidden_layers"]
+    model = dict(
+        name="moe" if has_experts else "transformer", vocab_size=hf["vocab_size"], max_len=hf["max_position_embeddings"],
+        d_model=hf["hidden_size"], num_layers=hf["num_hidden_layers"], norm="rmsnorm", norm_eps=hf["rms_norm_eps"],
+        positional="rope", rope_theta=_rope_theta(hf), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        attention="mla", num_heads=hf["num_attention_heads"], num_kv_heads=0, q_lora_rank=hf.get("q_lora_rank") or 0,
+        kv_lora_rank=hf["kv_lora_rank"], qk_nope_head_dim=hf["qk_nope_head_dim"], qk_rope_head_dim=hf["qk_rope_head_dim"],
+        v_head_dim=hf["v_head_dim"], d_mlp=hf["intermediate_size"], activation="swiglu", mlp_bias=False)
+    if has_experts:
+        model.update(num_experts=hf["n_routed_experts"], top_k=hf["num_experts_per_tok"],
+                     d_expert=hf["moe_intermediate_size"], num_shared_experts=hf.get("n_shared_experts") or 0,
+                     router="sigmoid", n_groups=hf.get("n_group") or 1, topk_groups=hf.get("topk_group") or 1,
+                     route_scale=float(hf.get("routed_scaling_factor", 1.0)), first_k_dense_replace=first_dense,
+                     moe_every=1, dispatch="dense")
+    else:
+        model["num_layers"] = hf["num_hidden_layers"]
+    return ml_collections.ConfigDict(model)
+
+
+def _deinterleave(width: int) -> np.ndarray:
+    """Column order that turns DeepSeek's interleaved rotary pairs into our halves: evens, then odds."""
+    return np.concatenate([np.arange(0, width, 2), np.arange(1, width, 2)])
+
+
+def _mla_params(w: dict, prefix: str, hf: dict) -> dict:
+    heads, d_nope, d_rope, d_v, rank = (hf["num_attention_heads"], hf["qk_nope_head_dim"], hf["qk_rope_head_dim"],
+                                        hf["v_head_dim"], hf["kv_lora_rank"])
+    order = _deinterleave(d_rope) if hf.get("rope_interleave", True) else np.arange(d_rope)
+    query_order = np.concatenate([np.arange(d_nope), d_nope + order])  # per head: no-position part, then rotary
+
+    def query(weight):  # [H * (d_n + d_r), in] -> [in, H, d_n + d_r]
+        return weight.T.reshape(-1, heads, d_nope + d_rope)[..., query_order]
+
+    p = {}
+    if hf.get("q_lora_rank"):
+        p["query_down"] = w[prefix + "q_a_proj.weight"].T
+        p["query_norm"] = {"scale": w[prefix + "q_a_layernorm.weight"]}
+        p["query_up"] = query(w[prefix + "q_b_proj.weight"])
+    else:
+        p["query"] = query(w[prefix + "q_proj.weight"])
+    kv_a = w[prefix + "kv_a_proj_with_mqa.weight"]  # [r + d_r, D]
+    p["kv_down"], p["key_rope"] = kv_a[:rank].T, kv_a[rank:].T[:, order]
+    p["kv_norm"] = {"scale": w[prefix + "kv_a_layernorm.weight"]}
+    kv_b = w[prefix + "kv_b_proj.weight"].reshape(heads, d_nope + d_v, rank)
+    p["key_up"], p["value_up"] = kv_b[:, :d_nope].transpose(2, 0, 1), kv_b[:, d_nope:].transpose(2, 0, 1)
+    p["out"] = w[prefix + "o_proj.weight"].T.reshape(heads, d_v, -1)
+    return p
+
+
+def _swiglu(w: dict, prefix: str) -> dict:
+    return {"wg": {"kernel": w[prefix + "gate_proj.weight"].T}, "wi": {"kernel": w[prefix + "up_proj.weight"].T},
+            "wo": {"kernel": w[prefix + "down_proj.weight"].T}}
+
+
+def _experts(w: dict, prefix: str, num_experts: int) -> dict:
+    """Routed experts as [E, D, F] / [E, F, D], from per-expert tensors or transformers' fused in-memory layout."""
+    if prefix + "gate_up_proj" in w:  # [E, 2F, D] and [E, D, F]
+        gate, up = np.split(w[prefix + "gate_up_proj"], 2, axis=1)
+        return {"w_gate": gate.transpose(0, 2, 1), "w_in": up.transpose(0, 2, 1),
+                "w_out": w[prefix + "down_proj"].transpose(0, 2, 1)}
+    stack = lambda name: np.stack([w[f"{prefix}{e}.{name}.weight"].T for e in range(num_experts)])  # noqa: E731
+    return {"w_gate": stack("gate_proj"), "w_in": stack("up_proj"), "w_out": stack("down_proj")}
+
+
+def _stacked(layers: list[dict]) -> dict:
+    """Per-layer trees -> one tree with a leading layer axis (what nn.scan holds)."""
+    import jax
+    return jax.tree.map(lambda *xs: np.stack(xs), *layers)
+
+
+def deepseek_v3_variables(hf: dict, w: dict, model_config) -> dict:
+    first_dense = model_config.get("first_k_dense_replace", model_config.num_layers if model_config.name != "moe" else 0)
+
+    def block(i: int) -> tuple[dict, dict]:
+        prefix = f"model.layers.{i}."
+        params = {"attention_norm": {"scale": w[prefix + "input_layernorm.weight"]},
+                  "mlp_norm": {"scale": w[prefix + "post_attention_layernorm.weight"]},
+                  "attention": _mla_params(w, prefix + "self_attn.", hf)}
+        if i < first_dense:
+            return {**params, "mlp": _swiglu(w, prefix + "mlp.")}, {}
+        moe = {"router": w[prefix + "mlp.gate.weight"].T, **_experts(w, prefix + "mlp.experts.", hf["n_routed_experts"])}
+        if hf.get("n_shared_experts"):
+            moe["shared"] = _swiglu(w, prefix + "mlp.shared_experts.")
+        bias = w.get(prefix + "mlp.gate.e_score_correction_bias", np.zeros(hf["n_routed_experts"], np.float32))
+        return {**params, "moe": moe}, {"moe": {"bias": bias}}
+
+    blocks = [block(i) for i in range(hf["num_hidden_layers"])]
+    params = {"embed": {"embedding": w["model.embed_tokens.weight"]}, "final_norm": {"scale": w["model.norm.weight"]}}
+    if not model_config.tie_embeddings:
+        params["unembed"] = {"kernel": w["lm_head.weight"].T}
+    if model_config.name != "moe":
+        params["layers"] = _stacked([p for p, _ in blocks])
+        return {"params": params}
+    if first_dense:
+        params["dense_layers"] = _stacked([p for p, _ in blocks[:first_dense]])
+    params["layers"] = {"block_0": _stacked([p for p, _ in blocks[first_dense:]])}
+    return {"params": params, "router_bias": {"layers": {"block_0": _stacked([s for _, s in blocks[first_dense:]])}}}
+
+
+ARCHITECTURES = {"DeepseekV3ForCausalLM": (deepseek_v3_config, deepseek_v3_variables)}
+
+
+def convert(hf_dir: str):
+    """(config.model as a ConfigDict, Flax variables) of the transformers checkpoint in `hf_dir`."""
+    hf = read_hf_config(hf_dir)
+    architecture = (hf.get("architectures") or [None])[0]
+    if architecture not in ARCHITECTURES:
+        _refuse("architecture", architecture, ", ".join(ARCHITECTURES))
+    to_config, to_variables = ARCHITECTURES[architecture]
+    model_config = to_config(hf)
+    return model_config, to_variables(hf, read_weights(hf_dir), model_config)
+
+
+def write_run_folder(hf_dir: str, workdir: str):
+    """Converts the checkpoint into `workdir`: config.json (the default LM experiment's config with the converted
+    model, every other model key at its default) and a sealed orbax checkpoint of the train state at step 0."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    import models
+    from experiments import checkpointing, run_record, trainer, validation
+    from experiments.configs import base, lm_shakespeare
+
+    model_config, variables = convert(hf_dir)
+    config = lm_shakespeare.get_config()
+    with config.unlocked():
+        config.model = base.get_config(model_config.name, config.data.name).model
+    config.model.update(model_config.to_dict())
+    config.mesh.update(data=1, fsdp=1, tensor=1, expert=1)
+    validation.validate(config, num_devices=1)
+    model = models.build(config.model)
+    inputs = jax.ShapeDtypeStruct((1, config.model.max_len), np.int32)
+    tx = trainer.make_optimizer(config, model, inputs)
+    params = jax.tree.map(np.asarray, variables["params"])
+    state = trainer.TrainState.create(
+        apply_fn=model.apply, params=params, tx=tx, rng=jax.random.split(jax.random.PRNGKey(config.seed))[1],
+        model_state={k: v for k, v in variables.items() if k != "params"}, stage=np.zeros((), np.int32),
+        data_skipped=np.zeros((), np.int32), ema_params={})
+    os.makedirs(workdir, exist_ok=True)
+    mngr = checkpointing.manager(workdir, keep=1, async_save=False, writer=True)
+    mngr.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=True)
+    mngr.wait_until_finished()
+    mngr.close()
+    checkpointing.seal(os.path.join(workdir, "checkpoints", "0"))
+    run_record.write_json(os.path.join(workdir, "config.json"), json.loads(json.dumps(config.to_dict())))
+    return config
+
+
+def main(argv):
+    from absl import flags
+
+    from experiments import cli
+
+    del argv
+    hf_dir, workdir = flags.FLAGS.hf_dir, flags.FLAGS.workdir
+    try:
+        config = write_run_folder(hf_dir, workdir)
+    except ConfigError as e:
+        cli.fail(str(e))
+    print(f"imported {hf_dir} as model.name={config.model.name!r} "
+          f"({config.model.num_layers} layers, d_model {config.model.d_model}) into {workdir}")
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+
+    flags.DEFINE_string("hf_dir", None, "A transformers checkpoint folder: config.json and *.safetensors.", required=True)
+    flags.DEFINE_string("workdir", None, "The run folder to write.", required=True)
+    app.run(main)

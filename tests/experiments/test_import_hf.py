@@ -1,0 +1,120 @@
+"""Checkpoints from Hugging Face (experiments/import_hf.py, CONTRACTS §5): tiny random `transformers` models
+saved as safetensors, imported, and compared with `transformers`' own logits; the run folder restores and
+decodes; what cannot be reproduced is refused in one line. Needs the `[hf]` extra."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="needs the [hf] extra (pip install -e '.[hf]')")
+transformers = pytest.importorskip("transformers", reason="needs the [hf] extra (pip install -e '.[hf]')")
+
+import models  # noqa: E402
+from data.config_fields import ConfigError  # noqa: E402
+from experiments import import_hf, restore  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+VOCAB = 61
+
+
+def deepseek_v3(folder, *, q_lora_rank, first_k_dense_replace, n_group=4, topk_group=2, layers=3, **extra):
+    """A tiny random DeepseekV3ForCausalLM (3 heads, d_n=10, d_r=8, d_v=12, r=16, 8 experts, 2 per token), with
+    weights and the routers' score-correction biases drawn away from their initial values, saved to `folder`."""
+    config = transformers.DeepseekV3Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=layers,
+        num_attention_heads=3, num_key_value_heads=3, n_shared_experts=1, n_routed_experts=8, num_experts_per_tok=2,
+        routed_scaling_factor=2.5, kv_lora_rank=16, q_lora_rank=q_lora_rank, qk_rope_head_dim=8, v_head_dim=12,
+        qk_nope_head_dim=10, n_group=n_group, topk_group=topk_group, first_k_dense_replace=first_k_dense_replace,
+        max_position_embeddings=32, rms_norm_eps=1e-5, **extra)
+    torch.manual_seed(0)
+    model = transformers.DeepseekV3ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.uniform_(0.5, 1.5) if "norm" in name else p.normal_(0.0, 0.2)
+        for name, b in model.named_buffers():
+            if "e_score_correction_bias" in name:
+                b.normal_(0.0, 0.05)
+    model.save_pretrained(folder)
+    return model
+
+
+def _hf_logits(model, tokens):
+    with torch.no_grad():
+        return model(torch.tensor(np.asarray(tokens))).logits.numpy()
+
+
+TOKENS = np.random.default_rng(0).integers(0, VOCAB, (2, 9))
+
+
+@pytest.mark.parametrize("q_lora_rank,first_k,n_group,topk_group", [
+    (None, 1, 4, 2),  # queries projected directly; one dense block, then MoE with 2 of 4 groups eligible
+    (24, 0, 2, 1),  # low-rank queries; every block MoE, one of 2 groups
+    (24, 3, 1, 1),  # every block dense: imported as a transformer with MLA
+])
+def test_deepseek_v3_logits_equal_transformers(tmp_path, q_lora_rank, first_k, n_group, topk_group):
+    hf = deepseek_v3(tmp_path, q_lora_rank=q_lora_rank, first_k_dense_replace=first_k, n_group=n_group,
+                     topk_group=topk_group)
+    model_config, variables = import_hf.convert(str(tmp_path))
+    assert model_config.name == ("transformer" if first_k == 3 else "moe")
+    assert model_config.attention == "mla" and model_config.norm_eps == 1e-5
+    got = models.build(model_config).apply(variables, jnp.asarray(TOKENS, jnp.int32))
+    want = _hf_logits(hf, TOKENS)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+@pytest.mark.slow
+def test_the_imported_run_folder_restores_and_decodes_like_transformers(tmp_path):
+    """The CLI writes a run folder; its checkpoint restores to the same logits, and cached (absorbed MLA)
+    decoding after a prompt of 4 gives them too."""
+    hf = deepseek_v3(tmp_path / "hf", q_lora_rank=24, first_k_dense_replace=1)
+    result = subprocess.run([sys.executable, "-m", "experiments.import_hf", f"--hf_dir={tmp_path / 'hf'}",
+                             f"--workdir={tmp_path / 'run'}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    config = restore.load_config(str(tmp_path / "run"))
+    assert config.model.first_k_dense_replace == 1 and config.model.route_scale == 2.5
+    model, variables = restore.load_variables(config, str(tmp_path / "run"))
+    want = _hf_logits(hf, TOKENS)
+    tol = dict(rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    np.testing.assert_allclose(model.apply(variables, jnp.asarray(TOKENS, jnp.int32)), want, **tol)
+    decode = jax.jit(lambda t, c, s: model.apply(variables, t, c, s, method=model.decode), static_argnums=2)
+    logits, cache = decode(jnp.asarray(TOKENS[:, :4], jnp.int32), model.init_cache(2, 16), 0)
+    pieces = [logits]
+    for t in range(4, TOKENS.shape[1]):
+        logits, cache = decode(jnp.asarray(TOKENS[:, t:t + 1], jnp.int32), cache, t)
+        pieces.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(pieces, 1), want, **tol)
+
+
+def _folder(tmp_path, config: dict, files=("model.safetensors",)):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    for name in files:
+        (tmp_path / name).write_bytes(b"")
+    return str(tmp_path)
+
+
+def test_what_cannot_be_reproduced_is_refused_in_one_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"architecture='BertForMaskedLM' is not supported \(supported: "):
+        import_hf.convert(_folder(tmp_path / "a", {"architectures": ["BertForMaskedLM"]}))
+    with pytest.raises(ConfigError, match=r"holds only pickle weights \(pytorch_model.bin\)"):
+        import_hf.read_weights(_folder(tmp_path / "b", {}, files=("pytorch_model.bin",)))
+    with pytest.raises(ConfigError, match="has no config.json"):
+        import_hf.convert(str(tmp_path / "missing"))
+    yarn = {"rope_parameters": {"rope_type": "yarn", "factor": 40.0, "rope_theta": 10000.0}}
+    with pytest.raises(ConfigError, match="rope type='yarn' is not supported"):
+        import_hf.deepseek_v3_config({**_tiny_hf_config(), **yarn})
+    with pytest.raises(ConfigError, match="norm_topk_prob=False is not supported"):
+        import_hf.deepseek_v3_config({**_tiny_hf_config(), "norm_topk_prob": False})
+
+
+def _tiny_hf_config():
+    return dict(architectures=["DeepseekV3ForCausalLM"], vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
+                moe_intermediate_size=16, num_hidden_layers=2, num_attention_heads=3, n_routed_experts=8,
+                num_experts_per_tok=2, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, v_head_dim=12,
+                qk_nope_head_dim=10, max_position_embeddings=32, rms_norm_eps=1e-6, first_k_dense_replace=1)
