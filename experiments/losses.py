@@ -9,6 +9,10 @@ The training objective may add, per token (`Objective`, from `config.train`):
     distillation      (1 - a) CE + a T^2 KL(softmax(teacher / T) || softmax(logits / T))  (Hinton et al. 2015)
 
 `loss` in the metrics stays the plain cross-entropy, so runs with and without them compare.
+
+Multi-token prediction (models/mtp.py) adds lambda / D * sum_k CE_k, depth k's logits at position i scored
+against target i + k; lambda steps from `train.mtp_weight` to `train.mtp_weight_late` at `train.mtp_switch_fraction`
+of the run (DeepSeek-V3: 0.3, then 0.1 for the last third).
 """
 
 import dataclasses
@@ -64,3 +68,20 @@ def distillation_kl(logits, teacher_logits, temperature: float):
     teacher = jax.nn.log_softmax(jax.lax.stop_gradient(teacher_logits) / temperature, axis=-1)
     student = jax.nn.log_softmax(logits / temperature, axis=-1)
     return jnp.sum(jnp.exp(teacher) * (teacher - student), axis=-1)
+
+
+def mtp_sums(depth_logits, targets, loss_mask) -> dict:
+    """{"mtp_loss_k": masked CE sum} of each depth k's logits [B, L - k, V] against targets[:, k:]."""
+    return {f"mtp_loss_{k}": masked_sums(logits, targets[:, k:], loss_mask[:, k:])["loss"]
+            for k, logits in enumerate(depth_logits, 1)}
+
+
+def mtp_counts(loss_mask, depth: int) -> dict:
+    """{"mtp_loss_k": the number of masked positions depth k scores}."""
+    return {f"mtp_loss_{k}": jnp.maximum(jnp.sum(loss_mask[:, k:]), 1.0) for k in range(1, depth + 1)}
+
+
+def mtp_weight_schedule(weight: float, weight_late: float, switch_fraction: float, total_steps: int):
+    """step -> lambda: `weight` before switch_fraction * total_steps, `weight_late` from there."""
+    switch = switch_fraction * total_steps
+    return lambda step: jnp.where(step < switch, weight, weight_late)

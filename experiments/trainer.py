@@ -86,7 +86,7 @@ def make_optimizer(config, model, example_inputs):
 def init_state(model, tx, example_inputs, rng, ema: bool = False):
     """The initial train state; with `ema` its moving average of the weights starts at the weights."""
     params_rng, state_rng = jax.random.split(rng)
-    variables = dict(model.init(params_rng, example_inputs))
+    variables = dict(model.init(params_rng, jnp.zeros(example_inputs.shape, example_inputs.dtype)))  # traced: free
     params = variables.pop("params")
     model_state = {k: v for k, v in variables.items() if k not in models.NOT_STATE}
     return TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=state_rng, model_state=model_state,
@@ -123,7 +123,8 @@ def abstract_state_and_shardings(init_fn, rng, mesh):
 
 
 def train_step(state: TrainState, batch, teacher=None, *, schedule, accumulate: int = 1, ema_decay: float = 0.0,
-               objective: losses.Objective = losses.Objective(), teacher_apply=None, with_monitors: bool = False):
+               objective: losses.Objective = losses.Objective(), teacher_apply=None, with_monitors: bool = False,
+               mtp_weight=None):
     """One optimizer step on loss = the objective (masked cross-entropy, with `objective`'s label smoothing,
     z-loss and distillation from `teacher`'s variables through `teacher_apply`) + the sown auxiliary losses;
     the model's other collections take the values the forward pass wrote; sown metrics and probe cotangents
@@ -136,7 +137,8 @@ def train_step(state: TrainState, batch, teacher=None, *, schedule, accumulate: 
     its dropout from fold_in(rng, step) (and its index), so a resumed run repeats the same masks.
 
     With `ema_decay` = d > 0 the moving average of the weights follows: ema <- d ema + (1 - d) params (new).
-    With `with_monitors`, the step also logs experiments/monitors.py's statistics (and the model's sown ones)."""
+    With `with_monitors`, the step also logs experiments/monitors.py's statistics (and the model's sown ones).
+    A model with MTP modules adds mtp_weight(step) / D * sum_k CE_k (experiments/losses.py) and logs each CE_k."""
     probes = state.model_state.get(models.PROBES, {})
     model_state = {k: v for k, v in state.model_state.items() if k != models.PROBES}
     count = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
@@ -155,6 +157,11 @@ def train_step(state: TrainState, batch, teacher=None, *, schedule, accumulate: 
         aux_loss = (sum(jnp.sum(x) for x in jax.tree.leaves(written["losses"])) / accumulate
                     if "losses" in written else None)  # None: the model sows no auxiliary loss
         total = sums["loss" if plain else "objective"] / count
+        if models.MTP in written:  # counts over the whole batch: accumulated micro-batches add up exactly
+            depth_sums = losses.mtp_sums(written[models.MTP]["logits"], micro["targets"], micro["loss_mask"])
+            counts = losses.mtp_counts(batch["loss_mask"], len(depth_sums))
+            total += mtp_weight(state.step) * sum(depth_sums[k] / counts[k] for k in counts) / len(counts)
+            sums = {**sums, **depth_sums}
         return total + (0.0 if aux_loss is None else aux_loss), (sums, aux_loss, written)
 
     grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
@@ -182,6 +189,8 @@ def train_step(state: TrainState, batch, teacher=None, *, schedule, accumulate: 
         aux_loss = None if stacked[1] is None else jnp.sum(stacked[1])
         sown = jax.tree.map(lambda x: jnp.mean(x, axis=0), stacked[2])
     extra_terms = {k: sums[k] / count for k in ("distill_kl", "log_z_squared") if k in sums}
+    depth_counts = losses.mtp_counts(batch["loss_mask"], sum(k.startswith("mtp_loss_") for k in sums))
+    extra_terms.update({k.replace("mtp_loss_", "mtp_loss/"): sums[k] / depth_counts[k] for k in depth_counts})
     metrics = {"loss": sums["loss"] / count, "accuracy": sums["correct"] / count, **extra_terms,
                **({} if aux_loss is None else {"aux_loss": aux_loss}),
                "grad_norm": optax.global_norm(grads), "lr": schedule(state.step),
@@ -298,6 +307,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
     example_inputs = jax.ShapeDtypeStruct((batch_shards, splits.seq_len), np.int32)
     tx = make_optimizer(config, model, example_inputs)
     ema_decay = config.train.ema_decay
+    mtp_weight = losses.mtp_weight_schedule(config.train.mtp_weight, config.train.mtp_weight_late,
+                                            config.train.mtp_switch_fraction, config.train.steps)
     objective = losses.Objective(label_smoothing=config.train.label_smoothing, z_loss=config.train.z_loss,
                                  distill_weight=config.train.distill.weight if teacher_config else 0.0,
                                  temperature=config.train.distill.temperature)
@@ -351,7 +362,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
         batch_spec = sharding.batch_sharding(mesh)
         compiled_train_step = jax.jit(functools.partial(train_step, schedule=schedule, accumulate=micro_batches,
                                                         ema_decay=ema_decay, objective=objective,
-                                                        teacher_apply=teacher_apply, with_monitors=config.train.monitors),
+                                                        teacher_apply=teacher_apply, with_monitors=config.train.monitors,
+                                                        mtp_weight=mtp_weight),
                                       donate_argnums=0,
                                       in_shardings=(state_shardings, batch_spec, teacher_shardings),
                                       out_shardings=(state_shardings, sharding.replicated(mesh)))

@@ -11,6 +11,8 @@ Flax collections the trainer understands, besides "params" (trained by gradients
   their sum to the training loss and logs it as `aux_loss`.
 - "metrics": per-step statistics a module sows; logged under their path ("layers/block_0/moe/max_violation/0",
   one entry per element of a sown array).
+- "mtp": the multi-token-prediction modules' logits per depth (models/mtp.py); the trainer adds their
+  weighted cross-entropy to the loss.
 - "monitors": training-dynamics statistics (attention entropy, residual RMS, activation density) a module
   sows only when the collection is mutable (`train.monitors`): nothing is computed otherwise.
 - "probes": zero-valued variables whose cotangents carry statistics of a custom backward pass (the
@@ -25,7 +27,8 @@ import jax.numpy as jnp
 
 from models import coconut, deq_transformer, hybrid, moe_transformer, transformer
 
-SOWN = ("losses", "metrics")  # written by every training forward pass, not kept
+MTP = "mtp"  # multi-token-prediction logits (models/mtp.py)
+SOWN = ("losses", "metrics", MTP)  # written by every training forward pass, not kept
 MONITORS = "monitors"  # sown only when the trainer asks (train.monitors), not kept
 NOT_STATE = (*SOWN, MONITORS)
 PROBES = "probes"

@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models import blocks, layers
+from models import blocks, layers, mtp
 from models.lm_config import LMConfig
 
 STACKED_COLLECTIONS = ("params", "router_bias", "metrics", "losses", "monitors")
@@ -56,6 +56,7 @@ class LM(nn.Module):
             self.stack = self.scanned(*stacked, self.num_units, self.stack_name)
         self.final_norm = layers.Norm(cfg.norm, dtype, "final_norm", cfg.norm_eps)
         self.unembed = None if cfg.tie_embeddings else layers.unembedding(cfg.vocab_size, dtype)
+        self.mtp = [mtp.MTPModule(cfg, name=f"mtp_{k}") for k in range(1, cfg.mtp_depth + 1)]
 
     def scanned(self, unit, kwargs, length: int, name: str):
         """`length` copies of unit(cfg, **kwargs) as one nn.scan (remat when configured)."""
@@ -90,9 +91,29 @@ class LM(nn.Module):
         return layers.vocab_logits(h, self.embed, self.unembed)
 
     def __call__(self, tokens):
-        """int32[B, L] -> float32 logits [B, L, V] of the next token at every position."""
+        """int32[B, L] -> float32 logits [B, L, V] of the next token at every position. With MTP modules and a
+        mutable "mtp" collection (training), also sows depth k's logits [B, L - k, V] of token i + k + 1."""
         h, _ = self.hidden(self.embed_tokens(tokens))
+        if self.mtp and self.is_mutable_collection(mtp.COLLECTION):
+            depth_h = h
+            for k, module in enumerate(self.mtp, 1):  # h^k at positions 0..L-k-1 reads Emb(t_{i+k})
+                depth_h, head_input, _ = module(depth_h[:, :-1], self.embed(tokens[:, k:]))
+                self.sow(mtp.COLLECTION, "logits", self.logits(head_input))
         return self.logits(h)
+
+    def decode_hidden(self, tokens, cache, start):
+        """`decode`, also returning the final-norm hidden states [B, T, D] (what MTP drafting reads)."""
+        h, cache = self.hidden(self.embed_tokens(tokens, start), cache, start)
+        return h, self.logits(h), cache
+
+    def mtp_step(self, h, next_tokens, cache, start):
+        """MTP module 1 with its cache at positions start..: h [B, T, D] of the main model and the tokens after
+        them [B, T] -> (logits [B, T, V] of the tokens two ahead, cache)."""
+        _, head_input, cache = self.mtp[0](h, self.embed(next_tokens), cache, start)
+        return self.logits(head_input), cache
+
+    def init_mtp_cache(self, batch: int, max_len: int, dtype=jnp.float32):
+        return blocks.Block.init_cache(self.cfg, batch, max_len, dtype)
 
     def decode(self, tokens, cache, start):
         """Runs tokens int32[B, T] at positions start.. after `cache`; returns (logits, new cache)."""

@@ -51,6 +51,7 @@ class LMConfig:
     activation: str = field("gelu", choices=ACTIVATIONS)
     mlp_bias: bool = False
     bitnet: bool = False  # BitNet b1.58: ternary weights, 8-bit activations in the blocks' matmuls (models/bitnet.py)
+    mtp_depth: int = field(0, min=0)  # D multi-token-prediction modules trained beside the model (models/mtp.py)
     # dropout (training only: active when the forward pass is given a "dropout" rng, as the trainer's step is)
     embed_dropout: float = field(0.0, min=0, below=1)  # on the input embeddings
     attention_dropout: float = field(0.0, min=0, below=1)  # on the attention probabilities (attention_impl xla)

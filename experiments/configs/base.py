@@ -40,6 +40,9 @@ class TrainConfig:
     label_smoothing: float = field(0.0, min=0, below=1)  # eps: targets (1 - eps) onehot + eps / V
     z_loss: float = field(0.0, min=0)  # c: + c log^2 Z per token (PaLM: 1e-4)
     distill: DistillConfig = field(DistillConfig())
+    mtp_weight: float = field(0.3, min=0)  # lambda of the multi-token-prediction loss (model.mtp_depth > 0)
+    mtp_weight_late: float = field(0.1, min=0)  # lambda from train.mtp_switch_fraction of the run on
+    mtp_switch_fraction: float = field(1.0, min=0, max=1)  # 1: lambda stays train.mtp_weight (DeepSeek-V3: ~0.68)
     monitors: bool = False  # log weight / update / gradient norms per group, attention entropy, residual RMS,
     # activation density (experiments/monitors.py) with the train metrics, and plot them in monitors.png
 

@@ -1,0 +1,118 @@
+"""Speculative decoding (models/speculative.py) and multi-token prediction (models/mtp.py): greedy speculative
+output equals plain greedy decoding token for token (a draft model, and MTP self-speculation); the sampled
+acceptance rule's output distribution equals the target's, by counting; the MTP loss through the trainer."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import losses, metrics_writer, trainer
+from models import sampling, speculative, transformer
+from tests.conftest import make_tiny_lm_config, slow
+
+
+def _lm(seed, layers=2, **extra):
+    cfg = transformer.TransformerConfig(vocab_size=13, max_len=64, d_model=16, num_layers=layers, d_mlp=32, num_heads=2,
+                                        **extra)
+    model = transformer.Transformer(cfg)
+    variables = nn.meta.unbox(model.init(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32)))
+    variables.pop("mtp", None)
+    return model, variables
+
+
+PROMPT = jnp.asarray([[3, 1, 4, 1, 5]], jnp.int32)
+
+
+def _greedy(model, variables, num_tokens):
+    return sampling.generate(model, variables, PROMPT, model.init_cache(1, PROMPT.shape[1] + num_tokens),
+                             jax.random.key(0), num_tokens=num_tokens, temperature=0.0)
+
+
+def test_accept_greedy_takes_the_longest_matching_prefix_then_the_targets_token():
+    logits = jax.nn.one_hot(jnp.asarray([2, 7, 1, 4]), 9)  # the target's argmax at 4 positions
+    assert [int(x) for x in speculative.accept_greedy(logits, jnp.asarray([2, 7, 5]))] == [2, 1]  # correction
+    assert [int(x) for x in speculative.accept_greedy(logits, jnp.asarray([2, 7, 1]))] == [3, 4]  # bonus
+    assert [int(x) for x in speculative.accept_greedy(logits, jnp.asarray([0, 7, 1]))] == [0, 2]
+
+
+def test_the_sampled_rule_emits_the_targets_distribution_by_counting():
+    """Vocabulary 4, gamma 2, fixed target p_j and draft q_j (drafts drawn from q): over 200,000 draws the first
+    emitted token is distributed as p_0, and the second (when the first draft was accepted) as p_1."""
+    rng = np.random.default_rng(0)
+    p = jnp.asarray(rng.dirichlet(np.ones(4), size=3), jnp.float32)  # [gamma + 1, V]
+    q = jnp.asarray(rng.dirichlet(np.ones(4), size=2), jnp.float32)  # [gamma, V]
+
+    def one(key):
+        draft_key, accept_key = jax.random.split(key)
+        drafts = jax.random.categorical(draft_key, jnp.log(q)).astype(jnp.int32)  # [gamma]
+        accepted, token = speculative.accept_sampled(accept_key, p, q, drafts)
+        first = jnp.where(accepted >= 1, drafts[0], token)
+        second = jnp.where(accepted >= 2, drafts[1], token)
+        return first, second, accepted
+
+    first, second, accepted = jax.jit(jax.vmap(one))(jax.random.split(jax.random.key(1), 200_000))
+    np.testing.assert_allclose(np.bincount(np.asarray(first), minlength=4) / first.size, p[0], atol=5e-3)
+    after_accept = np.asarray(second)[np.asarray(accepted) >= 1]
+    np.testing.assert_allclose(np.bincount(after_accept, minlength=4) / after_accept.size, p[1], atol=6e-3)
+    # the acceptance rate is sum_v min(p, q) (Leviathan et al. §3.3)
+    np.testing.assert_allclose(np.mean(np.asarray(accepted) >= 1), float(jnp.sum(jnp.minimum(p[0], q[0]))), atol=5e-3)
+
+
+@pytest.mark.parametrize("draft_seed,lookahead", [(0, 3), slow(7, 4)])  # the target drafting for itself; another LM
+def test_greedy_speculative_decoding_with_a_draft_model_equals_plain_greedy(draft_seed, lookahead):
+    target, target_vars = _lm(0, layers=2)
+    draft, draft_vars = _lm(draft_seed, layers=2 if draft_seed == 0 else 1)
+    tokens, stats = speculative.generate_with_draft_model(target, target_vars, draft, draft_vars, PROMPT, 20,
+                                                          lookahead=lookahead)
+    np.testing.assert_array_equal(tokens, _greedy(target, target_vars, 20))
+    if draft_seed == 0:
+        assert stats.acceptance == 1.0 and stats.target_passes == -(-20 // (lookahead + 1))
+    assert stats.target_passes <= 20 and stats.drafted == lookahead * stats.target_passes
+
+
+def test_greedy_self_speculation_with_the_mtp_module_equals_plain_greedy():
+    model, variables = _lm(3, mtp_depth=1)
+    tokens, stats = speculative.generate_with_mtp(model, variables, PROMPT, 17)
+    np.testing.assert_array_equal(tokens, _greedy(model, variables, 17))
+    assert stats.drafted == stats.target_passes - 1 and 0 <= stats.accepted <= stats.drafted
+
+
+@pytest.mark.slow
+def test_sampled_speculative_decoding_accepts_every_draft_of_the_target_itself():
+    """q = p: every draft is accepted (u q < p always), and the tokens are the vocabulary's."""
+    target, variables = _lm(0)
+    tokens, stats = speculative.generate_with_draft_model(target, variables, target, variables, PROMPT, 12,
+                                                          lookahead=3, temperature=0.8, rng=jax.random.key(5))
+    assert stats.acceptance == 1.0 and tokens.shape == (1, 12) and int(tokens.max()) < 13
+
+
+def test_mtp_depth_logits_score_the_tokens_k_ahead():
+    """Depth k's logits [B, L - k, V] are scored against targets[:, k:]; counts over the shifted mask."""
+    model, variables = _lm(1, mtp_depth=2)
+    tokens = jax.random.randint(jax.random.key(2), (2, 9), 0, 13)
+    _, written = jax.jit(lambda t: model.apply(variables, t, mutable=["mtp"]))(tokens)
+    depth_logits = written["mtp"]["logits"]
+    assert [x.shape for x in depth_logits] == [(2, 8, 13), (2, 7, 13)]
+    mask = jnp.ones((2, 9)).at[:, 8].set(0.0)
+    sums = losses.mtp_sums(depth_logits, tokens, mask)
+    counts = losses.mtp_counts(mask, 2)
+    assert float(counts["mtp_loss_1"]) == 14 and float(counts["mtp_loss_2"]) == 12
+    log_p = jax.nn.log_softmax(depth_logits[1], -1)
+    want = -jnp.sum(jnp.take_along_axis(log_p, tokens[:, 2:, None], -1)[..., 0] * mask[:, 2:])
+    np.testing.assert_allclose(sums["mtp_loss_2"], want, rtol=1e-5)
+    assert "mtp" not in jax.eval_shape(lambda t: model.apply(variables, t, mutable=["losses"]), tokens)[1]  # dropped
+
+
+@pytest.mark.parametrize("accumulate", [1, slow(2)])
+def test_the_trainer_adds_the_weighted_mtp_loss_and_logs_each_depth(accumulate, tmp_path):
+    config = make_tiny_lm_config(steps=3)
+    config.model.update(mtp_depth=2, positional="rope")
+    config.train.update(mtp_weight=0.5, grad_accum_steps=accumulate)
+    trainer.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1], verbose=False)
+    events = metrics_writer.read(str(tmp_path), "train")
+    assert all(e["mtp_loss/1"] > 0 and e["mtp_loss/2"] > 0 for e in events)
+    assert events[-1]["mtp_loss/1"] < events[0]["mtp_loss/1"]  # the module learns
+    weights = losses.mtp_weight_schedule(0.3, 0.1, 0.5, 10)
+    assert [float(weights(s)) for s in (0, 4, 5, 9)] == pytest.approx([0.3, 0.3, 0.1, 0.1])
