@@ -5,6 +5,12 @@
 
 Reads the run's `config.json` (model and tokenizer), restores the parameters from the latest
 checkpoint and generates with the KV cache (`models/sampling.py`); samples go to stdout.
+
+Speculative decoding (`models/speculative.py`; one sequence at a time, temperature only, no top-k / top-p):
+`--draft_workdir=runs/draft` drafts `--lookahead` tokens per target pass with another run's LM (same
+tokenizer), `--self_speculative` drafts with the run's own MTP module (`model.mtp_depth >= 1`). Greedy
+speculative output is plain greedy output; sampled output has the model's own distribution. The acceptance
+rate and target passes go to stderr.
 """
 
 import sys
@@ -15,7 +21,7 @@ import numpy as np
 
 from data import text
 from experiments import restore
-from models import sampling
+from models import sampling, speculative
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A language-model run folder (holds config.json and checkpoints/).",
                                required=True)
@@ -26,6 +32,9 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "Softmax temperature; 0 pi
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens; 0: all.")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Sample among the most likely tokens holding this probability mass.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_DRAFT = flags.DEFINE_string("draft_workdir", None, "Speculative decoding: a run folder whose LM drafts tokens.")
+_SELF = flags.DEFINE_bool("self_speculative", False, "Speculative decoding with the run's own MTP module 1.")
+_LOOKAHEAD = flags.DEFINE_integer("lookahead", 4, "Drafts per target pass (--draft_workdir).")
 
 
 def _fail(message):
@@ -43,6 +52,10 @@ def main(argv):
     if config.data.name != "text":
         _fail(f"the run in {_WORKDIR.value!r} trained on data.name={config.data.name!r}; sampling needs a text run")
     tokenizer = text.tokenizer(config.data.tokenizer, config.data.spm_model)
+    if config.model.vocab_size != tokenizer.vocab_size:
+        _fail(f"the model's vocabulary ({config.model.vocab_size} tokens) is not data.tokenizer="
+              f"{config.data.tokenizer!r}'s ({tokenizer.vocab_size}); sampling text needs the tokenizer the model was "
+              "trained with")
     prompt = tokenizer.encode(_PROMPT.value)
     total = len(prompt) + _NUM_TOKENS.value
     if len(prompt) == 0:
@@ -54,12 +67,42 @@ def main(argv):
         model, variables = restore.load_variables(config, _WORKDIR.value)
     except FileNotFoundError as e:
         _fail(str(e))
+    if _DRAFT.value or _SELF.value:
+        return speculate(config, model, variables, prompt)
     prompts = np.tile(prompt[None], (_NUM_SAMPLES.value, 1))
     cache = model.init_cache(_NUM_SAMPLES.value, total)
     tokens = sampling.generate(model, variables, prompts, cache, jax.random.key(_SEED.value), num_tokens=_NUM_TOKENS.value,
                                temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value)
     for i, row in enumerate(np.asarray(tokens)):
         print(f"--- sample {i} ---\n{_PROMPT.value}{tokenizer.decode(row)}")
+
+def speculate(config, model, variables, prompt):
+    if _TOP_K.value or _TOP_P.value < 1.0:
+        _fail("speculative decoding samples at --temperature only; leave --top_k and --top_p unset")
+    if _SELF.value and not config.model.get("mtp_depth"):
+        _fail(f"--self_speculative needs a run trained with model.mtp_depth >= 1; {_WORKDIR.value!r} has none")
+    if _DRAFT.value:
+        try:
+            draft_config = restore.load_config(_DRAFT.value)
+            draft = restore.load_variables(draft_config, _DRAFT.value)
+        except FileNotFoundError as e:
+            _fail(str(e))
+        if draft_config.model.vocab_size != config.model.vocab_size:
+            _fail(f"--draft_workdir={_DRAFT.value!r}'s vocabulary ({draft_config.model.vocab_size}) is not the "
+                  f"model's ({config.model.vocab_size})")
+    tokenizer = text.tokenizer(config.data.tokenizer, config.data.spm_model)
+    for i in range(_NUM_SAMPLES.value):
+        rng = jax.random.fold_in(jax.random.key(_SEED.value), i)
+        kwargs = dict(temperature=_TEMPERATURE.value, rng=rng)
+        if _SELF.value:
+            tokens, stats = speculative.generate_with_mtp(model, variables, prompt[None], _NUM_TOKENS.value, **kwargs)
+        else:
+            tokens, stats = speculative.generate_with_draft_model(model, variables, *draft, prompt[None],
+                                                                  _NUM_TOKENS.value, lookahead=_LOOKAHEAD.value, **kwargs)
+        print(f"--- sample {i} ---\n{_PROMPT.value}{tokenizer.decode(np.asarray(tokens)[0])}")
+        print(f"sample {i}: acceptance {stats.acceptance:.3f} ({stats.accepted} of {stats.drafted} drafts), "
+              f"{stats.target_passes} target passes for {_NUM_TOKENS.value} tokens", file=sys.stderr)
+
 
 if __name__ == "__main__":
     app.run(main)

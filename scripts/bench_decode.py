@@ -1,6 +1,7 @@
 """Decoding caches and speed: MHA, GQA (4:1), MQA and MLA at equal d_model, float and int8 caches.
 
-    PYTHONPATH=. python scripts/bench_decode.py [--contexts=1024,4096] [--batch=8] [--repeats=5]
+    PYTHONPATH=. python scripts/bench_decode.py [--contexts=1024,4096] [--batch=8] [--repeats=5] \
+        [--study=runs/attention_study]
 
 1. KV-cache bytes per token per layer: the formula beside the bytes of the arrays `init_cache` builds
    (float32 and int8). Model: d_model 1024, 16 heads of 64; GQA 4 kv heads, MQA 1; MLA with DeepSeek-V2's
@@ -10,9 +11,15 @@
    for MHA, GQA and MLA in the naive (expanded) and the absorbed form, on a 4-layer model of width 512
    (8 heads of 64), every variant compiled first, then timed interleaved (median of `--repeats`).
 3. The int8 cache's logit error against the float cache, per kind (random weights, 48 decoded tokens).
+4. Speculative decoding with the trained runs of scripts/attention_study.py (when `--study` holds them): the
+   4-layer MHA LM drafted by the 2-layer `draft_seed0` (4 drafts per pass), and the MHA+MTP LM drafting with its
+   own MTP module (self-speculation), greedy, on 8 validation prompts of 16 bytes continued by 48: acceptance
+   rate, target passes per token, and tokens/s against plain greedy decoding run the same way (one jitted
+   decode call per pass; batch 1). DeepSeek-V3's anchor: 85-90% acceptance of the second token, 1.8x tokens/s.
 """
 
 import dataclasses
+import os
 import time
 
 from absl import app, flags
@@ -21,11 +28,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models import mla, transformer
+import data as datasets
+from experiments import restore
+from models import mla, speculative, transformer
 
 _CONTEXTS = flags.DEFINE_list("contexts", ["1024", "4096"], "Cache lengths at which decoding is timed.")
 _BATCH = flags.DEFINE_integer("batch", 8, "Sequences decoded together.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Interleaved timing rounds.")
+_STUDY = flags.DEFINE_string("study", "runs/attention_study", "scripts/attention_study.py's workdir (trained runs).")
 
 KINDS = {"MHA": dict(attention="gqa", num_kv_heads=0), "GQA 4:1": dict(attention="gqa", num_kv_heads=-4),
          "MQA": dict(attention="gqa", num_kv_heads=1), "MLA": dict(attention="mla")}
@@ -129,12 +139,57 @@ def int8_error_table() -> list[str]:
     return rows
 
 
+def plain_greedy(model, variables, prompt, num_tokens: int):
+    """Greedy decoding with one jitted decode call per token (the speculative loops' own dispatch)."""
+    decode = jax.jit(lambda t, c, s: model.apply(variables, t, c, s, method=model.decode))
+    cache = model.init_cache(1, prompt.shape[1] + num_tokens)
+    logits, cache = decode(prompt, cache, 0)
+    tokens = [int(jnp.argmax(logits[0, -1]))]
+    for i in range(num_tokens - 1):
+        logits, cache = decode(jnp.asarray([[tokens[-1]]], jnp.int32), cache, prompt.shape[1] + i)
+        tokens.append(int(jnp.argmax(logits[0, -1])))
+    return jnp.asarray([tokens], jnp.int32), None
+
+
+def speculative_table(study: str) -> list[str]:
+    runs = {name: os.path.join(study, name) for name in ("MHA_seed0", "MHA+MTP_seed0", "draft_seed0")}
+    missing = [p for p in runs.values() if not os.path.isfile(os.path.join(p, "config.json"))]
+    if missing:
+        return [f"(speculative decoding skipped: no trained runs {missing}; run scripts/attention_study.py first)"]
+    loaded = {name: restore.load_variables(restore.load_config(path), path) for name, path in runs.items()}
+    config = restore.load_config(runs["MHA_seed0"])
+    prompts = np.asarray(datasets.load(config.data, seed=0).evals["eval"]["inputs"])[:8, :16]
+    target, draft, mtp_model = loaded["MHA_seed0"], loaded["draft_seed0"], loaded["MHA+MTP_seed0"]
+    methods = {
+        "plain greedy (MHA)": lambda p: plain_greedy(*target, p, 48),
+        "draft model, 4 drafts/pass": lambda p: speculative.generate_with_draft_model(*target, *draft, p, 48, lookahead=4),
+        "plain greedy (MHA+MTP)": lambda p: plain_greedy(*mtp_model, p, 48),
+        "MTP self-speculation": lambda p: speculative.generate_with_mtp(*mtp_model, p, 48),
+    }
+    rows = ["| decoding | acceptance | target passes / token | tokens/s | vs its plain greedy |", "|---|---|---|---|---|"]
+    rates = {}
+    for name, run in methods.items():
+        run(jnp.asarray(prompts[:1]))  # compile
+        start, drafted, accepted, passes = time.perf_counter(), 0, 0, 0
+        for prompt in prompts:
+            _, stats = run(jnp.asarray(prompt[None]))
+            if stats is not None:
+                drafted, accepted, passes = drafted + stats.drafted, accepted + stats.accepted, passes + stats.target_passes
+        rates[name] = 48 * len(prompts) / (time.perf_counter() - start)
+        baseline = rates["plain greedy (MHA)" if "MTP" not in name else "plain greedy (MHA+MTP)"]
+        accept = f"{accepted / drafted:.3f}" if drafted else "-"
+        per_token = f"{passes / (48 * len(prompts)):.3f}" if drafted else "1.000"
+        rows.append(f"| {name} | {accept} | {per_token} | {rates[name]:.0f} | {rates[name] / baseline:.2f}x |")
+    return rows
+
+
 def main(argv):
     del argv
     print(f"devices: {jax.devices()}")
     print("\n".join(cache_table()), end="\n\n", flush=True)
     print("\n".join(int8_error_table()), end="\n\n", flush=True)
-    print("\n".join(speed_table([int(c) for c in _CONTEXTS.value], _BATCH.value, _REPEATS.value)), flush=True)
+    print("\n".join(speed_table([int(c) for c in _CONTEXTS.value], _BATCH.value, _REPEATS.value)), end="\n\n", flush=True)
+    print("\n".join(speculative_table(_STUDY.value)), flush=True)
 
 
 if __name__ == "__main__":

@@ -110,6 +110,24 @@ def test_sample_cli_continues_a_prompt_from_the_checkpoint(one_device_run):
     assert too_long.stderr.strip().splitlines()[-1].startswith("error: prompt (6 tokens) + --num_tokens=100 exceeds")
 
 
+@pytest.mark.slow
+def test_sample_cli_speculates_with_a_draft_run_and_refuses_what_it_cannot_do(one_device_run):
+    """The run drafting for itself: greedy speculative output is accepted whole (stderr reports it); top-k and
+    self-speculation without MTP modules are refused in one line."""
+    workdir = one_device_run[0]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    args = [sys.executable, "-m", "experiments.sample", f"--workdir={workdir}", "--prompt=ROMEO:", "--num_tokens=8",
+            "--temperature=0"]
+    out = subprocess.run(args + [f"--draft_workdir={workdir}", "--lookahead=3"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("--- sample 0 ---\nROMEO:") and "acceptance 1.000 (6 of 6 drafts)" in out.stderr
+    for extra, message in (([f"--draft_workdir={workdir}", "--top_k=5"], "speculative decoding samples at"),
+                           (["--self_speculative"], "--self_speculative needs a run trained with model.mtp_depth")):
+        refused = subprocess.run(args + extra, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert refused.returncode == 2 and message in refused.stderr.strip().splitlines()[-1], refused.stderr
+
+
 def test_bfloat16_compute_tracks_float32(one_device_run, tmp_path):
     config = make_tiny_lm_config()
     config.model.dtype = "bfloat16"
