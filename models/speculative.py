@@ -15,6 +15,7 @@ One sequence at a time (batch 1), as in the papers' latency measurements.
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -66,8 +67,14 @@ def _pick(rng, logits, temperature: float):
     return int(jax.random.categorical(rng, jnp.log(probs))), probs
 
 
-def _decoder(model, variables, method):
-    return jax.jit(lambda tokens, cache, start: model.apply(variables, tokens, cache, start, method=method))
+@functools.partial(jax.jit, static_argnames=("model", "method"))
+def _call(model, method: str, variables, *args):
+    """model.<method>(*args), compiled once per model, method and argument shapes (not per generation)."""
+    return model.apply(variables, *args, method=getattr(model, method))
+
+
+def compiled_method(model, variables, method: str):
+    return functools.partial(_call, model, method, variables)
 
 
 def _accept(rng, target_logits, drafts, draft_probs, temperature):
@@ -80,8 +87,8 @@ def generate_with_draft_model(target, target_variables, draft, draft_variables, 
                               lookahead: int = 4, temperature: float = 0.0, rng=None):
     """Continues int32[1, P] `prompt` by `num_tokens` tokens -> (int32[1, num_tokens], Stats)."""
     rng = jax.random.key(0) if rng is None else rng
-    target_decode, draft_decode = _decoder(target, target_variables, target.decode), _decoder(draft, draft_variables,
-                                                                                            draft.decode)
+    target_decode = compiled_method(target, target_variables, "decode")
+    draft_decode = compiled_method(draft, draft_variables, "decode")
     capacity = prompt.shape[1] + num_tokens + lookahead + 1
     target_cache, draft_cache = target.init_cache(1, capacity), draft.init_cache(1, capacity)
     seq = [int(t) for t in np.asarray(prompt)[0]]
@@ -115,9 +122,8 @@ def generate_with_mtp(model, variables, prompt, num_tokens: int, *, temperature:
     """Self-speculative decoding with the model's MTP module 1 drafting one token per target pass ->
     (int32[1, num_tokens], Stats). Needs `model.cfg.mtp_depth >= 1`."""
     rng = jax.random.key(0) if rng is None else rng
-    target_decode = _decoder(model, variables, model.decode_hidden)
-    mtp_step = jax.jit(lambda h, next_tokens, cache, start: model.apply(
-        variables, h, next_tokens, cache, start, method=model.mtp_step))
+    target_decode = compiled_method(model, variables, "decode_hidden")
+    mtp_step = compiled_method(model, variables, "mtp_step")
     length = prompt.shape[1]
     capacity = length + num_tokens + 2
     cache, mtp_cache = model.init_cache(1, capacity), model.init_mtp_cache(1, capacity)

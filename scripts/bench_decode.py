@@ -141,7 +141,7 @@ def int8_error_table() -> list[str]:
 
 def plain_greedy(model, variables, prompt, num_tokens: int):
     """Greedy decoding with one jitted decode call per token (the speculative loops' own dispatch)."""
-    decode = jax.jit(lambda t, c, s: model.apply(variables, t, c, s, method=model.decode))
+    decode = speculative.compiled_method(model, variables, "decode")  # compiled once, like the loops beside it
     cache = model.init_cache(1, prompt.shape[1] + num_tokens)
     logits, cache = decode(prompt, cache, 0)
     tokens = [int(jnp.argmax(logits[0, -1]))]
