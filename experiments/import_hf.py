@@ -25,6 +25,7 @@ import glob
 import json
 import os
 
+import jax
 import ml_collections
 import numpy as np
 
@@ -95,8 +96,6 @@ def deepseek_v3_config(hf: dict) -> ml_collections.ConfigDict:
                      router="sigmoid", n_groups=hf.get("n_group") or 1, topk_groups=hf.get("topk_group") or 1,
                      route_scale=float(hf.get("routed_scaling_factor", 1.0)), first_k_dense_replace=first_dense,
                      moe_every=1, dispatch="dense")
-    else:
-        model["num_layers"] = hf["num_hidden_layers"]
     return ml_collections.ConfigDict(model)
 
 
@@ -147,7 +146,6 @@ def _experts(w: dict, prefix: str, num_experts: int) -> dict:
 
 def _stacked(layers: list[dict]) -> dict:
     """Per-layer trees -> one tree with a leading layer axis (what nn.scan holds)."""
-    import jax
     return jax.tree.map(lambda *xs: np.stack(xs), *layers)
 
 
@@ -189,6 +187,9 @@ def convert(hf_dir: str):
     architecture = (hf.get("architectures") or [None])[0]
     if architecture not in ARCHITECTURES:
         _refuse("architecture", architecture, ", ".join(ARCHITECTURES))
+    if hf.get("quantization_config"):  # e.g. DeepSeek-V3's released FP8 weights with their block scales
+        _refuse("quantization_config", hf["quantization_config"].get("quant_method", "?"),
+                "unquantised float32 / bfloat16 weights; dequantise first")
     to_config, to_variables = ARCHITECTURES[architecture]
     model_config = to_config(hf)
     return model_config, to_variables(hf, read_weights(hf_dir), model_config)
@@ -197,7 +198,6 @@ def convert(hf_dir: str):
 def write_run_folder(hf_dir: str, workdir: str):
     """Converts the checkpoint into `workdir`: config.json (the default LM experiment's config with the converted
     model, every other model key at its default) and a sealed orbax checkpoint of the train state at step 0."""
-    import jax
     import orbax.checkpoint as ocp
 
     import models

@@ -104,6 +104,9 @@ def test_what_cannot_be_reproduced_is_refused_in_one_line(tmp_path):
         import_hf.convert(_folder(tmp_path / "a", {"architectures": ["BertForMaskedLM"]}))
     with pytest.raises(ConfigError, match=r"holds only pickle weights \(pytorch_model.bin\)"):
         import_hf.read_weights(_folder(tmp_path / "b", {}, files=("pytorch_model.bin",)))
+    fp8 = {**_tiny_hf_config(), "quantization_config": {"quant_method": "fp8"}}
+    with pytest.raises(ConfigError, match="quantization_config='fp8' is not supported"):
+        import_hf.convert(_folder(tmp_path / "c", fp8))
     with pytest.raises(ConfigError, match="has no config.json"):
         import_hf.convert(str(tmp_path / "missing"))
     yarn = {"rope_parameters": {"rope_type": "yarn", "factor": 40.0, "rope_theta": 10000.0}}
