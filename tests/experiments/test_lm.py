@@ -95,6 +95,7 @@ def test_fsdp_divides_parameter_and_optimizer_memory_per_device():
     assert replicated / sharded > 7.5, (replicated, sharded)
 
 
+@pytest.mark.slow  # by default sampling is tested in-process
 def test_sample_cli_continues_a_prompt_from_the_checkpoint(one_device_run):
     workdir = one_device_run[0]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}

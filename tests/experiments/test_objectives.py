@@ -72,6 +72,7 @@ def test_the_train_step_descends_the_objective_it_names():
         logits, batch["targets"]).mean(), rtol=1e-5)  # the logged loss stays the plain cross-entropy
 
 
+@pytest.mark.slow  # by default the step test descends the distillation objective
 def test_distillation_from_a_finished_run_on_the_mesh(tmp_path, finished_tiny_run):
     teacher_dir = str(finished_tiny_run)
     config = make_tiny_config(steps=4)

@@ -56,8 +56,8 @@ def _model(attention, **overrides):
     return cfg, model, params, tokens
 
 
-@pytest.mark.parametrize("attention", [a if a != "gqa" else slow(a) for a in sorted(blocks.ATTENTIONS)])  # gqa: also
-# tests/models/test_transformer.py's decoding tests, by default
+# By default mla; gqa's decoding is tests/models/test_transformer.py's, and qk_norm keeps gqa's cache.
+@pytest.mark.parametrize("attention", [a if a == "mla" else slow(a) for a in sorted(blocks.ATTENTIONS)])
 def test_every_attention_kind_decodes_like_its_full_pass(attention):
     """A prompt of 5 in one call, then one token at a time, through the kind's own cache (odd head counts)."""
     cfg, model, params, tokens = _model(attention)

@@ -163,6 +163,7 @@ def test_hybrid_remat_changes_nothing(policy):
                                 rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # by default the CSA pattern decodes
 def test_jamba_pattern_with_moe_layers_decodes_like_its_full_pass():
     """Pattern "SE": Mamba-2, then attention with the MoE FFN (models/blocks.FFNS["moe"]), routers' state stacked."""
     cfg, model, params, tokens = make("SE", 4, num_experts=4, top_k=2, d_expert=16, router="softmax")

@@ -51,7 +51,7 @@ def numpy_mla(p, x, theta, q_lora):
     return out.reshape(b, t, -1) @ p["out"].reshape(-1, x.shape[-1])
 
 
-@pytest.mark.parametrize("q_lora_rank", [0, 9])
+@pytest.mark.parametrize("q_lora_rank", [slow(0), 9])
 def test_mla_against_a_float64_numpy_reference(q_lora_rank):
     cfg, module = _module(q_lora_rank=q_lora_rank, rope_theta=500.0)
     x = np.random.default_rng(0).standard_normal((2, 7, 16)).astype(np.float32)
@@ -104,6 +104,7 @@ def test_cached_decoding_in_either_form_equals_the_full_pass(absorb):
     np.testing.assert_allclose(jnp.concatenate(pieces, 1), model.apply({"params": params}, tokens), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow  # with the mesh runs below
 def test_the_pallas_flash_kernels_give_the_xla_logits():
     """The value width 5 differs from the query/key width 10: padded for the kernel, cut back after."""
     cfg, model, params, tokens = _lm()

@@ -60,7 +60,8 @@ def test_the_sampled_rule_emits_the_targets_distribution_by_counting():
     np.testing.assert_allclose(np.mean(np.asarray(accepted) >= 1), float(jnp.sum(jnp.minimum(p[0], q[0]))), atol=5e-3)
 
 
-@pytest.mark.parametrize("draft_seed,lookahead", [(0, 3), slow(7, 4)])  # the target drafting for itself; another LM
+# the target drafting for itself, and another LM; by default the MTP self-speculation test below
+@pytest.mark.parametrize("draft_seed,lookahead", [slow(0, 3), slow(7, 4)])
 def test_greedy_speculative_decoding_with_a_draft_model_equals_plain_greedy(draft_seed, lookahead):
     target, target_vars = _lm(0, layers=2)
     draft, draft_vars = _lm(draft_seed, layers=2 if draft_seed == 0 else 1)
@@ -105,7 +106,8 @@ def test_mtp_depth_logits_score_the_tokens_k_ahead():
     assert "mtp" not in jax.eval_shape(lambda t: model.apply(variables, t, mutable=["losses"]), tokens)[1]  # dropped
 
 
-@pytest.mark.parametrize("accumulate", [1, slow(2)])
+@pytest.mark.parametrize("accumulate", [1, 2])
+@pytest.mark.slow  # by default the depth-loss test
 def test_the_trainer_adds_the_weighted_mtp_loss_and_logs_each_depth(accumulate, tmp_path):
     config = make_tiny_lm_config(steps=3)
     config.model.update(mtp_depth=2, positional="rope")
