@@ -60,6 +60,7 @@ def test_curriculum_resets_the_optimizer_and_resumes_mid_curriculum(tmp_path):
     assert 1.0 <= result["tokens"] <= 8.0
 
 
+@pytest.mark.slow  # by default the evaluation test; the curriculum runs are slow
 def test_chain_of_thought_has_no_curriculum_and_no_thoughts(tmp_path):
     trainer.train_and_evaluate(tiny_config(3, "cot"), str(tmp_path), verbose=False)
     assert [by_step(tmp_path)[s]["stage"] for s in (1, 2, 3)] == [0, 0, 0]

@@ -4,6 +4,7 @@ attention entropy against a float64 softmax, and a trainer run that logs and plo
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from experiments import metrics_writer, monitors, trainer
 from models import attention
@@ -45,6 +46,7 @@ def test_attention_entropy_against_numpy():
     np.testing.assert_allclose(got, expected, rtol=1e-5)
 
 
+@pytest.mark.slow  # by default the monitors against NumPy
 def test_the_trainer_logs_and_plots_the_monitors_on_the_mesh(tmp_path):
     config = make_tiny_config(steps=2)
     config.train.update(monitors=True, log_every=1, eval_every=2, checkpoint_every=2)

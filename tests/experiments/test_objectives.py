@@ -39,6 +39,7 @@ def test_each_term_against_numpy():
     np.testing.assert_allclose(got["log_z_squared"], (log_z**2 * mask).sum(), rtol=1e-5)
 
 
+@pytest.mark.slow  # by default each term against NumPy
 def test_the_train_step_descends_the_objective_it_names():
     """SGD at lr 1 without momentum: the step's update is minus the gradient of the objective written out."""
     from tests.experiments.test_optimizers import _tiny_lm_and_batch

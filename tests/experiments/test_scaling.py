@@ -30,6 +30,7 @@ def test_fit_command_reproduces_besiroglu_et_al_on_the_chinchilla_data():
     assert fit["A"] == pytest.approx(482.01, rel=0.10) and fit["B"] == pytest.approx(2085.43, rel=0.10)
 
 
+@pytest.mark.slow  # a subprocess; by default the in-process fits
 def test_fit_command_names_a_missing_file():
     out = subprocess.run([sys.executable, "-m", "experiments.scaling", "--fit=no/such.csv"], cwd=REPO,
                          capture_output=True, text=True, timeout=120)

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from experiments import sharding, trainer, validation
-from tests.conftest import make_tiny_config, set_any_value
+from tests.conftest import make_tiny_config, set_any_value, slow
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -78,9 +78,9 @@ def _cli(*args):
 
 @pytest.mark.parametrize("args, expected", [
     (["--config.model.dropout=0.1"], "dropout"),  # unknown key, caught by the flag parser
-    (["--config.model.d_model=wide"], "wide"),  # wrong type, caught by the flag parser
+    slow(["--config.model.d_model=wide"], "wide"),  # wrong type, caught by the flag parser
     (["--config.mesh.data=3"], "mesh (mesh.data=3"),  # caught by validation
-    (["--config.data.op=a%b"], "data.op='a%b'"),
+    slow(["--config.data.op=a%b"], "data.op='a%b'"),
 ])
 def test_cli_prints_one_line_and_exits_nonzero(tmp_path, args, expected):
     result = _cli(f"--workdir={tmp_path / 'run'}", *args)

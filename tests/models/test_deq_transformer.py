@@ -72,6 +72,7 @@ def test_output_is_the_fixed_point_of_plain_iteration(weight_normalisation):
                                atol=1e-4)
 
 
+@pytest.mark.slow  # 16 s here; by default the DEQ forward, solvers and gradients
 def test_cached_decoding_equals_the_full_pass():
     cfg, model, variables, tokens = _model(tol=1e-7, max_iter=100)
     full = model.apply(variables, tokens)

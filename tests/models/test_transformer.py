@@ -96,7 +96,7 @@ def test_kv_cache_decode_equals_full_pass(variant, prefill):
     np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), full, atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize("variant", ["gqa_rope_rmsnorm_swiglu", slow("mha_learned_layernorm_gelu_tied"),
+@pytest.mark.parametrize("variant", [slow("gqa_rope_rmsnorm_swiglu"), slow("mha_learned_layernorm_gelu_tied"),
                                      slow("mqa_nopos_nonorm_relu_bias")])
 def test_pallas_attention_gives_the_xla_logits_gradients_and_decoding(variant):
     """attention_impl="pallas" (flash kernels, interpret mode here): the same logits and parameter
