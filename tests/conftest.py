@@ -14,6 +14,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from experiments.configs import grokking, lm_shakespeare  # noqa: E402
@@ -77,3 +78,22 @@ def finished_tiny_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("finished_tiny_run") / "run"
     trainer.train_and_evaluate(make_tiny_config(steps=6), str(workdir), verbose=False)
     return workdir
+
+
+def assert_mesh_run_matches_one_device(config_fn, tmp_path, **mesh_model_overrides):
+    """Trains config_fn() on one device and on a data=2, fsdp=2, tensor=2 mesh (with `mesh_model_overrides` set in
+    config.model there, e.g. a Pallas implementation) and asserts equal train / eval losses (rtol 2e-5) that fall."""
+    from experiments import metrics_writer, trainer
+
+    trainer.train_and_evaluate(config_fn(), str(tmp_path / "one"), devices=jax.devices()[:1], verbose=False)
+    mesh_config = config_fn()
+    mesh_config.mesh.update(data=2, fsdp=2, tensor=2)
+    mesh_config.model.update(**mesh_model_overrides)
+    trainer.train_and_evaluate(mesh_config, str(tmp_path / "mesh"), verbose=False)
+    losses = lambda d: {(e["split"], e["step"]): e["loss"] for e in metrics_writer.read(str(d))}  # noqa: E731
+    expected, got = losses(tmp_path / "one"), losses(tmp_path / "mesh")
+    steps = mesh_config.train.steps
+    assert expected.keys() == got.keys() and ("train", steps) in got
+    for key in expected:
+        np.testing.assert_allclose(got[key], expected[key], rtol=2e-5, err_msg=str(key))
+    assert got[("train", steps)] < got[("train", 1)]

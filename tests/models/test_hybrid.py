@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import metrics_writer, trainer, validation
+from experiments import validation
 from models import hybrid, mamba2
-from tests.conftest import make_tiny_lm_config, slow
+from tests.conftest import assert_mesh_run_matches_one_device, make_tiny_lm_config, slow
 
 
 def make(pattern, num_layers, **overrides):
@@ -101,18 +101,8 @@ def test_trains_with_the_same_losses_on_one_device_and_a_2x2x2_mesh(name, kernel
                        ssm_state=8, chunk_size=8 if kernels == "xla" else 16, num_heads=4, num_kv_heads=2, d_mlp=64)
         return c
 
-    trainer.train_and_evaluate(config(), str(tmp_path / "one"), devices=jax.devices()[:1], verbose=False)
-    mesh_config = config()
-    mesh_config.mesh.update(data=2, fsdp=2, tensor=2)
-    if kernels == "pallas":
-        mesh_config.model.update(ssd_impl="pallas", attention_impl="pallas")
-    trainer.train_and_evaluate(mesh_config, str(tmp_path / "mesh"), verbose=False)
-    losses = lambda d: {(e["split"], e["step"]): e["loss"] for e in metrics_writer.read(str(d))}  # noqa: E731
-    expected, got = losses(tmp_path / "one"), losses(tmp_path / "mesh")
-    assert expected.keys() == got.keys() and len(got) == 5
-    for key in expected:
-        np.testing.assert_allclose(got[key], expected[key], rtol=2e-5, err_msg=str(key))
-    assert got[("train", 4)] < got[("train", 1)]
+    overrides = dict(ssd_impl="pallas", attention_impl="pallas") if kernels == "pallas" else {}
+    assert_mesh_run_matches_one_device(config, tmp_path, **overrides)
 
 
 @pytest.mark.parametrize("override,message", [

@@ -9,9 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import metrics_writer, trainer
 from models import mla, transformer
-from tests.conftest import make_tiny_lm_config, slow
+from tests.conftest import assert_mesh_run_matches_one_device, make_tiny_lm_config, slow
 from tests.models.test_attention_kinds import numpy_rope
 
 # Awkward widths: 3 heads, d_n=6, d_r=4, d_v=5, r=7 (r + d_r = 11 cached numbers), q_lora_rank 9.
@@ -128,14 +127,4 @@ def test_mla_trains_with_the_one_device_losses_on_a_2x2x2_mesh(impl, tmp_path):
         c.model.update(attention="mla", positional="rope", num_heads=4, num_kv_heads=0, q_lora_rank=12, kv_lora_rank=16,
                        qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6)
         return c
-    trainer.train_and_evaluate(config(), str(tmp_path / "one"), devices=jax.devices()[:1], verbose=False)
-    mesh_config = config()
-    mesh_config.mesh.update(data=2, fsdp=2, tensor=2)
-    mesh_config.model.attention_impl = impl
-    trainer.train_and_evaluate(mesh_config, str(tmp_path / "mesh"), verbose=False)
-    losses = lambda d: {(e["split"], e["step"]): e["loss"] for e in metrics_writer.read(str(d))}  # noqa: E731
-    expected, got = losses(tmp_path / "one"), losses(tmp_path / "mesh")
-    assert expected.keys() == got.keys() and len(got) == 5
-    for key in expected:
-        np.testing.assert_allclose(got[key], expected[key], rtol=2e-5, err_msg=str(key))
-    assert got[("train", 4)] < got[("train", 1)]
+    assert_mesh_run_matches_one_device(config, tmp_path, attention_impl=impl)
