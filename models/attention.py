@@ -2,7 +2,7 @@
 
 For one query head h (kv head g = h // (heads_q // heads_kv)):
 
-    S = sm_scale * Q_h K_g^T                 [Lq, Lk]
+    S = sm_scale * Q_h K_g^T + bias_h        [Lq, Lk]   (bias: ALiBi / T5 relative positions, or none)
     P = softmax(S + log(mask)) over keys     (mask: which keys a query may see)
     O_h = P V_g                              [Lq, D]
 
@@ -31,9 +31,16 @@ def causal_mask(len_q: int, len_k: int, *, q_offset=None) -> jax.Array:
     return jnp.arange(len_k)[None, :] <= jnp.arange(len_q)[:, None] + q_offset
 
 
-def attend(q, k, v, mask, *, sm_scale=None, dropout_rate: float = 0.0, dropout_rng=None):
+def _grouped_bias(bias, heads_kv: int):
+    """float [Hq, Lq, Lk] -> [1, Hkv, G*Lq, Lk], the layout of `attend`'s scores (query head h = g_kv * G + g)."""
+    heads_q, len_q, len_k = bias.shape
+    return bias.reshape(1, heads_kv, heads_q // heads_kv * len_q, len_k)
+
+
+def attend(q, k, v, mask, *, bias=None, sm_scale=None, dropout_rate: float = 0.0, dropout_rng=None):
     """Softmax attention of q [B, Lq, Hq, D] over k [B, Lk, Hkv, D], v [B, Lk, Hkv, Dv] with a bool mask [Lq, Lk] (the same
-    for every row), [B, Lq, Lk] (e.g. causal and a key-padding mask), or None. With `dropout_rng`, each
+    for every row), [B, Lq, Lk] (e.g. causal and a key-padding mask), or None, and an optional float score bias
+    [Hq, Lq, Lk] added before the softmax. With `dropout_rng`, each
     probability is kept with chance 1 - dropout_rate and scaled by 1 / (1 - dropout_rate) (after the softmax:
     the kept weights no longer sum to 1)."""
     batch, len_q, heads_q, head_dim = q.shape
@@ -47,6 +54,8 @@ def attend(q, k, v, mask, *, sm_scale=None, dropout_rate: float = 0.0, dropout_r
     q = q.reshape(batch, heads_kv, groups * len_q, head_dim)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Hkv, Lk, D]
     scores = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * sm_scale
+    if bias is not None:
+        scores = scores + _grouped_bias(bias.astype(jnp.float32), heads_kv)
     if mask is not None:
         mask = jnp.tile(mask.reshape(-1, len_q, mask.shape[-1]), (1, groups, 1))  # [1 or B, G*Lq, Lk]
         scores = jnp.where(mask[:, None], scores, _MASKED)
@@ -67,13 +76,15 @@ def attend(q, k, v, mask, *, sm_scale=None, dropout_rate: float = 0.0, dropout_r
     return out.reshape(batch, len_q, heads_q, value_dim).astype(q.dtype)
 
 
-def entropy(q, k, mask, *, sm_scale=None):
+def entropy(q, k, mask, *, bias=None, sm_scale=None):
     """Attention entropy per query head, -sum_j P_ij log P_ij averaged over batch and queries: [Hq] (nats).
-    mask: bool [Lq, Lk] or [B, Lq, Lk] or None, as in `attend`."""
+    mask: bool [Lq, Lk] or [B, Lq, Lk] or None, bias: float [Hq, Lq, Lk] or None, as in `attend`."""
     heads_q, heads_kv = q.shape[2], k.shape[2]
     k = jnp.repeat(k, heads_q // heads_kv, axis=2)
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * (
         q.shape[-1]**-0.5 if sm_scale is None else sm_scale)
+    if bias is not None:
+        scores = scores + bias[None]
     if mask is not None:
         scores = jnp.where(mask.reshape(-1, 1, *mask.shape[-2:]), scores, _MASKED)
     log_p = jax.nn.log_softmax(scores, axis=-1)
@@ -89,14 +100,17 @@ def dot_product_attention(q, k, v, *, causal=True, sm_scale=None):
 IMPLS = ("xla", "pallas")
 
 
-def causal_attention(q, k, v, impl: str = "xla", *, sm_scale=None, dropout_rate: float = 0.0, dropout_rng=None):
+def causal_attention(q, k, v, impl: str = "xla", *, bias=None, sm_scale=None, dropout_rate: float = 0.0,
+                     dropout_rng=None):
     """Causal self-attention with the named implementation (`model.attention_impl`); attention dropout
-    (training) runs in the XLA reference only. The flash kernels take one head width: a value width Dv
+    (training) and score biases run in the XLA reference only. The flash kernels take one head width: a value width Dv
     different from the query/key width D is zero-padded to the larger of the two and cut back after."""
     if impl == "xla" or dropout_rng is not None:
-        return attend(q, k, v, causal_mask(q.shape[1], k.shape[1]), sm_scale=sm_scale, dropout_rate=dropout_rate,
-                      dropout_rng=dropout_rng)
+        return attend(q, k, v, causal_mask(q.shape[1], k.shape[1]), bias=bias, sm_scale=sm_scale,
+                      dropout_rate=dropout_rate, dropout_rng=dropout_rng)
     if impl == "pallas":
+        if bias is not None:
+            raise ValueError("the flash kernels take no score bias (ALiBi, T5): use attention impl 'xla'")
         sm_scale = q.shape[-1]**-0.5 if sm_scale is None else sm_scale
         width = max(q.shape[-1], v.shape[-1])
         pad = lambda x: jnp.pad(x, [(0, 0)] * 3 + [(0, width - x.shape[-1])])  # noqa: E731 (zeros change no score)

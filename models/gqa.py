@@ -2,7 +2,9 @@
 
     q = x W_q [B, T, H, Dh],  k = x W_k, v = x W_v [B, T, Hkv, Dh]      (Hkv = H: MHA; Hkv = 1: MQA)
     q, k = RoPE(q), RoPE(k)                                               (positional = "rope")
-    out = Attn(q, k, v) W_o                                               (models/attention.py)
+    out = Attn(q, k, v; bias) W_o                                         (models/attention.py; bias: ALiBi / T5)
+
+Positions (RoPE and its scalings, ALiBi, T5 buckets) are models/positions.py's.
 
 Query head h reads kv head h // (H / Hkv). Decoding keeps a cache {"k", "v"}: [B, max_len, Hkv, Dh],
 filled `start` positions deep; new tokens write their keys and values at start.. and attend to the
@@ -18,19 +20,30 @@ variants override (models/qk_norm.py).
 import flax.linen as nn
 import jax.numpy as jnp
 
-from models import attention, bitnet, kv_cache, layers
+from models import attention, bitnet, kv_cache, positions
 from models.lm_config import LMConfig
 
 
 class GroupedQueryAttention(nn.Module):
     cfg: LMConfig
 
-    def queries_and_keys(self, q, k, positions):
+    def queries_and_keys(self, q, k, q_positions):
         """q [B, T, H, Dh], k [B, T, Hkv, Dh] at integer positions [T] -> as attention sees them (RoPE)."""
         cfg = self.cfg
-        if cfg.positional == "rope":
-            return layers.apply_rope(q, positions, cfg.rope_theta), layers.apply_rope(k, positions, cfg.rope_theta)
+        if cfg.positional == "rope":  # the sequence so far ends at the last position (dynamic NTK reads it)
+            seq_len = q_positions[-1] + 1
+            return positions.apply_rope(cfg, q, q_positions, seq_len), positions.apply_rope(cfg, k, q_positions, seq_len)
         return q, k
+
+    def score_bias(self, q_positions, k_positions):
+        """float32[H, Tq, Tk] added to the attention scores (ALiBi, T5 buckets), or None."""
+        cfg = self.cfg
+        if cfg.positional == "alibi":
+            return positions.alibi_bias(cfg.num_heads, q_positions, k_positions)
+        if cfg.positional == "t5":
+            return positions.T5Bias(cfg.t5_buckets, cfg.t5_max_distance, cfg.num_heads, name="t5_bias")(
+                q_positions, k_positions)
+        return None
 
     @nn.compact
     def __call__(self, x, start, cache=None, key_mask=None):  # x [B, T, D]; start: positions already cached
@@ -46,25 +59,28 @@ class GroupedQueryAttention(nn.Module):
         q = project("query", cfg.num_heads, ("embed", "heads", "head_dim"))  # [B, T, H, Dh]
         k = project("key", cfg.kv_heads, ("embed", "kv_heads", "head_dim"))  # [B, T, Hkv, Dh]
         v = project("value", cfg.kv_heads, ("embed", "kv_heads", "head_dim"))
-        q, k = self.queries_and_keys(q, k, start + jnp.arange(x.shape[1]))
+        q_positions = start + jnp.arange(x.shape[1])
+        q, k = self.queries_and_keys(q, k, q_positions)
         dropout = {"dropout_rate": cfg.attention_dropout, "dropout_rng": (
             self.make_rng("dropout") if cfg.attention_dropout and self.has_rng("dropout") else None)}
+        if cache is None:
+            bias = self.score_bias(q_positions, q_positions)
         if cache is None and key_mask is None:
-            out = attention.causal_attention(q, k, v, cfg.attention_impl, **dropout)
+            out = attention.causal_attention(q, k, v, cfg.attention_impl, bias=bias, **dropout)
         elif cache is None:
             mask = attention.causal_mask(x.shape[1], x.shape[1])[None] & key_mask[:, None, :]
-            out = attention.attend(q, k, v, mask, **dropout)
+            out = attention.attend(q, k, v, mask, bias=bias, **dropout)
         if cache is None and self.is_mutable_collection("monitors"):
             mask = attention.causal_mask(x.shape[1], x.shape[1])
             self.sow("monitors", "entropy", attention.entropy(
-                q, k, mask if key_mask is None else mask[None] & key_mask[:, None, :]))
+                q, k, mask if key_mask is None else mask[None] & key_mask[:, None, :], bias=bias))
         if cache is not None:
             cache = {"k": kv_cache.write(cache["k"], k, start), "v": kv_cache.write(cache["v"], v, start)}
             k_all, v_all = kv_cache.read(cache["k"], dtype), kv_cache.read(cache["v"], dtype)
             mask = attention.causal_mask(x.shape[1], k_all.shape[1], q_offset=start)
             if key_mask is not None:
                 mask = mask[None] & key_mask[:, None, :]
-            out = attention.attend(q, k_all, v_all, mask)
+            out = attention.attend(q, k_all, v_all, mask, bias=self.score_bias(q_positions, jnp.arange(k_all.shape[1])))
         out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_heads", None))
         w_out = self.param("out", nn.with_logical_partitioning(
             nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2), ("heads", "head_dim", "embed")),
@@ -88,9 +104,7 @@ class GroupedQueryAttention(nn.Module):
             p.append(f"model.num_kv_heads={m.num_kv_heads} must divide model.num_heads={m.num_heads}")
         if m.num_heads >= 1 and not m.head_dim and m.d_model % m.num_heads:
             p.append(f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}; set model.head_dim")
-        head_size = m.head_dim or m.d_model // max(m.num_heads, 1)
-        if m.positional == "rope" and head_size % 2:
-            p.append(f"rotary embeddings need an even head size, got {head_size}")
+        p += positions.validate(m)
         if m.attention_dropout and m.attention_impl != "xla":
             p.append(f"model.attention_dropout={m.attention_dropout} needs model.attention_impl='xla' (the Pallas "
                      "kernels have no dropout)")

@@ -101,17 +101,6 @@ def vocab_logits(h, embed, unembed):
     return out.reshape(*h.shape[:-1], -1).astype(jnp.float32)
 
 
-def apply_rope(x, positions, theta: float = 10000.0):
-    """Rotary embedding of x [B, L, H, D] at integer positions [L]: pairs (x_i, x_{i+D/2}) rotate by
-    angle pos * theta^(-2i/D)."""
-    half = x.shape[-1] // 2
-    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angles = positions.astype(jnp.float32)[:, None] * inv_freq  # [L, D/2]
-    sin, cos = jnp.sin(angles)[None, :, None, :], jnp.cos(angles)[None, :, None, :]
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
-
-
 def remat_policy(name: str):
     """Rematerialisation policies by config name; None means no remat."""
     return {

@@ -1,6 +1,6 @@
 """The language-model skeleton every family shares; a family supplies only its unit (or its fixed point).
 
-    x_0 = E[tokens] (+ P[positions] for learned positions)
+    x_0 = E[tokens] (+ P[positions] for learned or sinusoidal positions: models/positions.py)
     x_L = Stack(x_0)            `num_units` copies of the family's unit, scanned with nn.scan
     logits = norm(x_L) U        (U = E^T when embeddings are tied)
 
@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models import blocks, layers, mtp
+from models import blocks, layers, mtp, positions
 from models.lm_config import LMConfig
 
 STACKED_COLLECTIONS = ("params", "router_bias", "metrics", "losses", "monitors")
@@ -71,7 +71,13 @@ class LM(nn.Module):
         """int32[B, T] -> [B, T, D] input embeddings of tokens at positions start..start+T-1."""
         x = self.embed(tokens)
         if self.cfg.positional == "learned":
+            if tokens.shape[1] > self.cfg.max_len:  # (decoding past the table: refused by experiments/sample.py)
+                raise ValueError(f"{tokens.shape[1]} tokens exceed the learned position table (model.max_len="
+                                 f"{self.cfg.max_len}); positional 'rope', 'alibi', 't5', 'sinusoidal' or 'none' have no table")
             x = layers.add_positions(x, self.position_embedding, start)
+        elif self.cfg.positional == "sinusoidal":
+            table = positions.sinusoidal(start + jnp.arange(tokens.shape[1]), self.cfg.d_model)
+            x = x + (table * self.cfg.d_model**-0.5).astype(x.dtype)
         x = layers.dropout(self, x, self.cfg.embed_dropout)
         return nn.with_logical_constraint(x, blocks.ACTIVATION)
 

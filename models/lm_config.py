@@ -13,8 +13,7 @@ from data.config_fields import field
 from models.attention import IMPLS as ATTENTION_IMPLS
 from models.kv_cache import DTYPES as KV_CACHE_DTYPES
 from models.layers import ACTIVATIONS, NORMS, REMAT_POLICIES
-
-POSITIONALS = ("rope", "learned", "none")
+from models.positions import POSITIONALS, ROPE_SCALINGS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,8 +25,17 @@ class LMConfig:
     num_layers: int = field(2, min=1)
     norm: str = field("rmsnorm", choices=NORMS)
     norm_eps: float = field(1e-6, above=0)  # epsilon of the blocks' and the final norm (Llama / GPT-2 checkpoints: 1e-5)
-    positional: str = field("rope", choices=POSITIONALS)
+    positional: str = field("rope", choices=POSITIONALS)  # models/positions.py
     rope_theta: float = field(10000.0, above=0)
+    rope_fraction: float = field(1.0, above=0, max=1)  # partial rotary: the leading fraction of each head rotated
+    rope_scaling: str = field("none", choices=ROPE_SCALINGS)  # context extension: linear | ntk | dynamic | yarn
+    rope_factor: float = field(1.0, min=1)  # s: the context grows s-fold
+    rope_original_max_len: int = field(0, min=0)  # L, the trained context the scaling extends; 0: max_len
+    rope_beta_fast: float = field(32.0, above=0)  # YaRN: dimensions turning more than this often in L extrapolate
+    rope_beta_slow: float = field(1.0, above=0)  # YaRN: ... fewer than this interpolate (a linear ramp between)
+    rope_attention_factor: float = field(0.0, min=0)  # YaRN's cos/sin factor; 0: 0.1 ln s + 1
+    t5_buckets: int = field(32, min=2)  # positional = "t5": relative-position buckets per head
+    t5_max_distance: int = field(128, min=1)  # ... the distance where the last (logarithmic) bucket starts
     tie_embeddings: bool = False
     dtype: str = field("float32", choices=("float32", "bfloat16"))  # compute dtype; parameters stay float32
     remat: str = field("none", choices=REMAT_POLICIES)

@@ -25,7 +25,7 @@ permutation of the projection columns: experiments/import_hf.py applies it).
 import flax.linen as nn
 import jax.numpy as jnp
 
-from models import attention, kv_cache, layers
+from models import attention, kv_cache, layers, positions
 from models.lm_config import LMConfig
 
 LATENT_NORM_EPS = 1e-6
@@ -94,9 +94,9 @@ class MultiHeadLatentAttention(nn.Module):
         latent = latent_norm("kv_norm", "kv_lora")(tokens @ self.weight("kv_down", (d_model, rank), ("embed", "kv_lora")))
         rope_key = tokens @ self.weight("key_rope", (d_model, d_rope), ("embed", "head_dim"))
         latent, rope_key = latent.reshape(batch, length, rank), rope_key.reshape(batch, length, 1, d_rope)
-        positions = start + jnp.arange(length)
-        q_rope = layers.apply_rope(q_rope, positions, cfg.rope_theta)
-        rope_key = layers.apply_rope(rope_key, positions, cfg.rope_theta)[:, :, 0]  # [B, T, d_r]
+        token_positions, inv_freq = start + jnp.arange(length), positions.inverse_frequencies(d_rope, cfg.rope_theta)
+        q_rope = positions.rotate(q_rope, token_positions, inv_freq)
+        rope_key = positions.rotate(rope_key, token_positions, inv_freq)[:, :, 0]  # [B, T, d_r]
         w_uk = self.weight("key_up", (rank, heads, d_nope), ("kv_lora", "heads", "head_dim"), out_axis=(1, 2))
         w_uv = self.weight("value_up", (rank, heads, d_v), ("kv_lora", "heads", "head_dim"), out_axis=(1, 2))
 
@@ -139,6 +139,9 @@ class MultiHeadLatentAttention(nn.Module):
             p.append(f"model.qk_rope_head_dim={rope} must be even and >= 2 (it is rotated in pairs)")
         if m.positional != "rope":
             p.append(f"model.attention='mla' has its own decoupled RoPE; model.positional={m.positional!r} must be 'rope'")
+        if m.rope_scaling != "none" or m.rope_fraction != 1:
+            p.append(f"model.attention='mla' rotates its whole decoupled key unscaled; model.rope_scaling="
+                     f"{m.rope_scaling!r} / model.rope_fraction={m.rope_fraction} must be 'none' / 1")
         if m.bitnet:
             p.append("model.bitnet=True is not supported by model.attention='mla'; use 'gqa'")
         if m.attention_dropout and m.attention_impl != "xla":

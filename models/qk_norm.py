@@ -14,8 +14,8 @@ from models import gqa
 
 
 class QKNormAttention(gqa.GroupedQueryAttention):
-    def queries_and_keys(self, q, k, positions):
+    def queries_and_keys(self, q, k, q_positions):
         scale_init = nn.with_logical_partitioning(nn.initializers.ones, ("head_dim",))
         q = nn.RMSNorm(dtype=q.dtype, scale_init=scale_init, name="query_norm")(q)
         k = nn.RMSNorm(dtype=k.dtype, scale_init=scale_init, name="key_norm")(k)
-        return super().queries_and_keys(q, k, positions)
+        return super().queries_and_keys(q, k, q_positions)

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models import blocks, layers, qk_norm, transformer
+from models import blocks, qk_norm, transformer
+from models import positions as rope_positions
 from tests.conftest import slow
 
 
@@ -26,8 +27,8 @@ class RopeTest(chex.TestCase):
     def test_rope_against_a_numpy_rotation(self):
         q = np.random.default_rng(0).standard_normal((1, 7, 3, 10)).astype(np.float32)  # [B, L, H, D]
         positions = np.array([0, 1, 2, 5, 9, 17, 40])
-        rope = self.variant(layers.apply_rope, static_argnames="theta")
-        rotated = rope(jnp.asarray(q), jnp.asarray(positions), theta=500.0)
+        rope = self.variant(lambda x, pos: rope_positions.rotate(x, pos, rope_positions.inverse_frequencies(10, 500.0)))
+        rotated = rope(jnp.asarray(q), jnp.asarray(positions))
         chex.assert_trees_all_close(rotated, numpy_rope(q.astype(np.float64), positions, 500.0), rtol=1e-5, atol=1e-5)
 
 
@@ -35,13 +36,15 @@ def test_rope_is_a_rotation_that_makes_scores_depend_on_relative_position():
     rng = np.random.default_rng(0)
     q, k = rng.standard_normal((2, 1, 7, 3, 10)).astype(np.float32)  # [B=1, L=7, H=3, D=10]
     positions = np.array([0, 1, 2, 5, 9, 17, 40])
-    rotated = np.asarray(layers.apply_rope(jnp.asarray(q), jnp.asarray(positions), 500.0))
+    rotated = np.asarray(rope_positions.rotate(jnp.asarray(q), jnp.asarray(positions),
+                                               rope_positions.inverse_frequencies(10, 500.0)))
     np.testing.assert_allclose(rotated, numpy_rope(q.astype(np.float64), positions, 500.0), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(rotated, axis=-1), np.linalg.norm(q, axis=-1), rtol=1e-5)
     # <R_m q, R_n k> depends only on n - m: shifting both positions by 11 leaves every score unchanged.
     def scores(shift):
-        rq = layers.apply_rope(jnp.asarray(q), jnp.asarray(positions + shift))
-        rk = layers.apply_rope(jnp.asarray(k), jnp.asarray(positions + shift))
+        inv_freq = rope_positions.inverse_frequencies(10, 10000.0)
+        rq = rope_positions.rotate(jnp.asarray(q), jnp.asarray(positions + shift), inv_freq)
+        rk = rope_positions.rotate(jnp.asarray(k), jnp.asarray(positions + shift), inv_freq)
         return np.asarray(jnp.einsum("blhd,bmhd->bhlm", rq, rk))
     np.testing.assert_allclose(scores(11), scores(0), rtol=1e-4, atol=1e-4)
     assert not np.allclose(scores(0), np.einsum("blhd,bmhd->bhlm", q, k), atol=1e-2)  # it does rotate
