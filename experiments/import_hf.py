@@ -9,6 +9,8 @@ state), which `experiments.restore` and `experiments.sample` read. `convert(hf_d
 `transformers` model's logits.
 
 Architectures (one converter each: a config mapping and a weight mapping):
+- `LlamaForCausalLM`: our transformer (GQA, SwiGLU, RMSNorm), with RoPE scaled as the checkpoint's
+  `rope_parameters` say (linear, dynamic NTK, YaRN; models/positions.py).
 - `DeepseekV3ForCausalLM`: MLA (models/mla.py), the sigmoid router with groups and route_scale, dense first
   blocks (models/moe.py, models/moe_transformer.py). `transformers` Linear weights are [out, in]; ours [in, out].
   DeepSeek rotates interleaved pairs (x_0, x_1), (x_2, x_3), ... of the rotary columns; we rotate
@@ -23,6 +25,7 @@ Needs the `[hf]` extra only for its tests (`safetensors` reads the weights; `tra
 
 import glob
 import json
+import math
 import os
 
 import jax
@@ -63,12 +66,40 @@ def _refuse(field: str, value, valid: str):
     raise ConfigError(f"the checkpoint's {field}={value!r} is not supported (supported: {valid})")
 
 
-def _rope_theta(hf: dict) -> float:
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+def _rope_keys(hf: dict, scalings=("default", "linear", "dynamic", "yarn")) -> dict:
+    """Our RoPE keys (models/positions.py) for the checkpoint's `rope_parameters` (or legacy `rope_scaling`)."""
+    rope = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
     kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind != "default":
-        _refuse("rope type", kind, "'default' (RoPE scaling comes with the positional-encoding work)")
-    return float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    if kind not in scalings:
+        _refuse("rope type", kind, ", ".join(map(repr, scalings)))
+    keys = dict(positional="rope", rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+                rope_fraction=float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))))
+    if kind == "default":
+        return keys
+    factor = rope.get("factor") or hf["max_position_embeddings"] / rope["original_max_position_embeddings"]
+    keys.update(rope_scaling=kind, rope_factor=float(factor))
+    if kind == "dynamic":  # transformers scales beyond max_position_embeddings; the cache may grow s-fold
+        keys.update(rope_original_max_len=hf["max_position_embeddings"],
+                    max_len=int(hf["max_position_embeddings"] * factor))
+    if kind == "yarn":
+        if rope.get("truncate") is False:
+            _refuse("yarn truncate", False, "True (the floor / ceil correction range)")
+        keys.update(rope_original_max_len=rope["original_max_position_embeddings"],
+                    rope_beta_fast=float(rope.get("beta_fast") or 32), rope_beta_slow=float(rope.get("beta_slow") or 1))
+        attention_factor = rope.get("attention_factor")
+        if attention_factor is None and rope.get("mscale") and rope.get("mscale_all_dim"):
+            mscale = lambda m: 0.1 * m * math.log(factor) + 1.0 if factor > 1 else 1.0  # noqa: E731
+            attention_factor = mscale(rope["mscale"]) / mscale(rope["mscale_all_dim"])
+        keys["rope_attention_factor"] = float(attention_factor or 0.0)
+    return keys
+
+
+def _check(hf: dict, expected: dict):
+    """Refuses the first field whose value differs from the one this converter reproduces (None: absent, allowed)."""
+    for field, valid in expected.items():
+        value = hf.get(field)
+        if value is not None and value != valid:
+            _refuse(field, value, repr(valid))
 
 
 # DeepSeek-V3 -----------------------------------------------------------------------------------------------
@@ -86,7 +117,7 @@ def deepseek_v3_config(hf: dict) -> ml_collections.ConfigDict:
     model = dict(
         name="moe" if has_experts else "transformer", vocab_size=hf["vocab_size"], max_len=hf["max_position_embeddings"],
         d_model=hf["hidden_size"], num_layers=hf["num_hidden_layers"], norm="rmsnorm", norm_eps=hf["rms_norm_eps"],
-        positional="rope", rope_theta=_rope_theta(hf), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        **_rope_keys(hf, scalings=("default",)), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         attention="mla", num_heads=hf["num_attention_heads"], num_kv_heads=0, q_lora_rank=hf.get("q_lora_rank") or 0,
         kv_lora_rank=hf["kv_lora_rank"], qk_nope_head_dim=hf["qk_nope_head_dim"], qk_rope_head_dim=hf["qk_rope_head_dim"],
         v_head_dim=hf["v_head_dim"], d_mlp=hf["intermediate_size"], activation="swiglu", mlp_bias=False)
@@ -178,7 +209,44 @@ def deepseek_v3_variables(hf: dict, w: dict, model_config) -> dict:
     return {"params": params, "router_bias": {"layers": {"block_0": _stacked([s for _, s in blocks[first_dense:]])}}}
 
 
-ARCHITECTURES = {"DeepseekV3ForCausalLM": (deepseek_v3_config, deepseek_v3_variables)}
+# Llama -------------------------------------------------------------------------------------------------------
+
+def llama_config(hf: dict) -> ml_collections.ConfigDict:
+    """The equivalent `config.model`: our transformer with GQA, SwiGLU, RMSNorm and Llama's RoPE (scalings
+    included). transformers' Llama rotates halves (x_i, x_{i + d/2}) as we do: no column permutation."""
+    _check(hf, {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "pretraining_tp": 1})
+    heads = hf["num_attention_heads"]
+    model = dict(name="transformer", vocab_size=hf["vocab_size"], max_len=hf["max_position_embeddings"],
+                 d_model=hf["hidden_size"], num_layers=hf["num_hidden_layers"], norm="rmsnorm", norm_eps=hf["rms_norm_eps"],
+                 tie_embeddings=bool(hf.get("tie_word_embeddings", False)), attention="gqa", num_heads=heads,
+                 num_kv_heads=hf.get("num_key_value_heads") or heads, head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+                 d_mlp=hf["intermediate_size"], activation="swiglu", mlp_bias=False)
+    model.update(_rope_keys(hf))  # may raise max_len (dynamic NTK decodes past the original context)
+    return ml_collections.ConfigDict(model)
+
+
+def llama_variables(hf: dict, w: dict, model_config) -> dict:
+    heads, kv_heads, head_dim = model_config.num_heads, model_config.num_kv_heads, model_config.head_dim
+
+    def block(i: int) -> dict:
+        prefix = f"model.layers.{i}."
+        projection = lambda name, n: w[f"{prefix}self_attn.{name}.weight"].T.reshape(-1, n, head_dim)  # noqa: E731
+        return {"attention_norm": {"scale": w[prefix + "input_layernorm.weight"]},
+                "mlp_norm": {"scale": w[prefix + "post_attention_layernorm.weight"]},
+                "attention": {"query": projection("q_proj", heads), "key": projection("k_proj", kv_heads),
+                              "value": projection("v_proj", kv_heads),
+                              "out": w[prefix + "self_attn.o_proj.weight"].T.reshape(heads, head_dim, -1)},
+                "mlp": _swiglu(w, prefix + "mlp.")}
+
+    params = {"embed": {"embedding": w["model.embed_tokens.weight"]}, "final_norm": {"scale": w["model.norm.weight"]},
+              "layers": _stacked([block(i) for i in range(hf["num_hidden_layers"])])}
+    if not model_config.tie_embeddings:
+        params["unembed"] = {"kernel": w["lm_head.weight"].T}
+    return {"params": params}
+
+
+ARCHITECTURES = {"DeepseekV3ForCausalLM": (deepseek_v3_config, deepseek_v3_variables),
+                 "LlamaForCausalLM": (llama_config, llama_variables)}
 
 
 def convert(hf_dir: str):

@@ -18,6 +18,7 @@ transformers = pytest.importorskip("transformers", reason="needs the [hf] extra 
 import models  # noqa: E402
 from data.config_fields import ConfigError  # noqa: E402
 from experiments import import_hf, restore  # noqa: E402
+from tests.conftest import slow  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VOCAB = 61
@@ -91,6 +92,39 @@ def test_the_imported_run_folder_restores_and_decodes_like_transformers(tmp_path
     np.testing.assert_allclose(jnp.concatenate(pieces, 1), want, **tol)
 
 
+def llama(folder, rope_parameters: dict, max_position_embeddings: int = 16):
+    """A tiny random LlamaForCausalLM (4 heads over 2 kv heads of width 8, 2 layers) saved to `folder`."""
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=max_position_embeddings, rms_norm_eps=1e-5,
+        rope_parameters={"rope_theta": 100.0, **rope_parameters})
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.uniform_(0.5, 1.5) if "norm" in name else p.normal_(0.0, 0.3)
+    model.save_pretrained(folder)
+    return model
+
+
+LONG_TOKENS = np.random.default_rng(1).integers(0, VOCAB, (2, 40))  # 2.5x the original context of 16
+
+
+@pytest.mark.parametrize("rope,max_positions", [
+    ({"rope_type": "default"}, 64),
+    ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}, 64),
+    slow({"rope_type": "linear", "factor": 4.0}, 64),
+    slow({"rope_type": "dynamic", "factor": 4.0}, 16),  # transformers rescales past max_position_embeddings
+])
+def test_llama_logits_equal_transformers_beyond_the_original_context(tmp_path, rope, max_positions):
+    hf = llama(tmp_path, rope, max_positions)
+    model_config, variables = import_hf.convert(str(tmp_path))
+    assert model_config.get("rope_scaling", "none") == ("none" if rope["rope_type"] == "default" else rope["rope_type"])
+    got = models.build(model_config).apply(variables, jnp.asarray(LONG_TOKENS, jnp.int32))
+    want = _hf_logits(hf, LONG_TOKENS)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
 def _folder(tmp_path, config: dict, files=("model.safetensors",)):
     tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / "config.json").write_text(json.dumps(config))
@@ -112,6 +146,10 @@ def test_what_cannot_be_reproduced_is_refused_in_one_line(tmp_path):
     yarn = {"rope_parameters": {"rope_type": "yarn", "factor": 40.0, "rope_theta": 10000.0}}
     with pytest.raises(ConfigError, match="rope type='yarn' is not supported"):
         import_hf.deepseek_v3_config({**_tiny_hf_config(), **yarn})
+    with pytest.raises(ConfigError, match="rope type='longrope' is not supported"):
+        import_hf.llama_config({**_tiny_hf_config(), "rope_parameters": {"rope_type": "longrope", "factor": 4.0}})
+    with pytest.raises(ConfigError, match="attention_bias=True is not supported"):
+        import_hf.llama_config({**_tiny_hf_config(), "attention_bias": True})
     with pytest.raises(ConfigError, match="norm_topk_prob=False is not supported"):
         import_hf.deepseek_v3_config({**_tiny_hf_config(), "norm_topk_prob": False})
 
