@@ -26,7 +26,7 @@ setuptools.setup(
         "sentencepiece>=0.2,<0.3",
     ],
     extras_require={
-        "test": ["pytest>=8,<10", "ruff>=0.14,<1", "hypothesis>=6.100,<7"],
+        "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "ruff>=0.14,<1", "hypothesis>=6.100,<7"],
         "seqio": ["seqio>=0.0.19,<0.1"],  # pulls in TensorFlow
         # Checkpoint import and parity tests against transformers (experiments/import_hf.py); torch 2.13.0 is
         # the CPU build the CI machines hold on disk.
