@@ -2,7 +2,8 @@
 
 Same arguments and result as `models.attention.dot_product_attention` (CONTRACTS §3): q [B, Lq, Hq, D],
 k, v [B, Lk, Hkv, D], query head h reads kv head h // (Hq / Hkv); causal masking is bottom-right
-aligned (query i sees keys j <= i + Lk - Lq) and a query that sees no key outputs zeros.
+aligned (query i sees keys j <= i + Lk - Lq; with a sliding window W also i + Lk - Lq - j < W) and a query
+that sees no key outputs zeros.
 
 Forward, one program per (query block, batch, head), looping over key blocks j (base-2 exponent,
 s = log2(e) * sm_scale * q k^T):
@@ -20,7 +21,8 @@ query block (looping over key blocks, accumulating dQ), so no kernel writes anot
 Grouped-query heads: dK, dV are computed per query head in float32 and summed over each group.
 
 Blocks that need no mask (fully visible, no padding) run a loop without one; only the blocks on
-the causal diagonal and the last, partial key block are masked. Lengths are padded to whole blocks
+the causal diagonal, on the window's far edge and the last, partial key block are masked, and blocks
+wholly outside the window are never visited (a window of W keys costs O(L W), not O(L^2)). Lengths are padded to whole blocks
 outside the kernels (the padded keys are masked, the padded queries sliced off), matmuls accumulate
 in float32 whatever the input dtype.
 
@@ -49,6 +51,7 @@ class Plan:
     """Everything static about one call: lengths (real and padded), blocks, and the lowering."""
 
     causal: bool
+    window: int  # > 0: query i sees only keys with i + offset - j < window (sliding-window attention)
     sm_scale: float
     len_q: int
     len_k: int
@@ -130,28 +133,52 @@ def _validate(q, k, v, block_q, block_k):
 
 
 def _key_block_range(q_block, plan: Plan):
-    """(end of the unmasked key blocks, end of all visited key blocks) for one query block."""
+    """(first visited, first unmasked, end of unmasked, end of visited) key blocks of one query block: the
+    blocks between the first two (the window's far edge) and the last two (the diagonal, padding) are masked."""
     full_blocks = plan.len_k // plan.block_k  # key blocks with no padding
     if not plan.causal:
-        return full_blocks, plan.k_blocks
+        return 0, 0, full_blocks, plan.k_blocks
     first_row = q_block * plan.block_q
     last_row = jnp.minimum(first_row + plan.block_q, plan.len_q) - 1
     unmasked_end = jnp.clip(lax.div(first_row + plan.offset + 1, plan.block_k), 0, full_blocks)
-    visible_end = jnp.clip(lax.div(last_row + plan.offset + plan.block_k, plan.block_k), 0, plan.k_blocks)
-    return unmasked_end, jnp.maximum(visible_end, unmasked_end)
+    visible_end = jnp.maximum(jnp.clip(lax.div(last_row + plan.offset + plan.block_k, plan.block_k), 0, plan.k_blocks),
+                              unmasked_end)
+    if not plan.window:
+        return 0, 0, unmasked_end, visible_end
+    # Keys j >= row + offset - window + 1: the first row's earliest key, and the key every row of the block sees.
+    first = jnp.clip(lax.div(first_row + plan.offset - plan.window + 1, plan.block_k), 0, visible_end)
+    unmasked_first = jnp.clip(lax.div(last_row + plan.offset - plan.window + plan.block_k, plan.block_k), first,
+                              visible_end)
+    return first, unmasked_first, jnp.maximum(unmasked_end, unmasked_first), visible_end
 
 
 def _query_block_range(k_block, plan: Plan):
-    """(first visited query block, first unmasked query block) for one key block; all run to the end.
+    """(first visited, first unmasked, end of unmasked, end of visited) query blocks of one key block.
 
     Padded keys need no mask here: a key's dK, dV rows depend on no other key, and the padded rows
     are sliced off."""
     if not plan.causal:
-        return 0, 0
+        return 0, 0, plan.q_blocks, plan.q_blocks
     first_seeing = jnp.maximum(k_block * plan.block_k - plan.offset, 0)  # first row that sees the block
     start = jnp.minimum(lax.div(first_seeing, plan.block_q), plan.q_blocks)
     all_seeing = jnp.maximum((k_block + 1) * plan.block_k - 1 - plan.offset, 0)  # first row that sees all of it
-    return start, jnp.clip(lax.div(all_seeing + plan.block_q - 1, plan.block_q), start, plan.q_blocks)
+    unmasked_start = jnp.clip(lax.div(all_seeing + plan.block_q - 1, plan.block_q), start, plan.q_blocks)
+    if not plan.window:
+        return start, unmasked_start, plan.q_blocks, plan.q_blocks
+    # Row i sees key j iff i + offset - j < window: the last row seeing the block's first / last key.
+    sees_first_end = jnp.maximum(k_block * plan.block_k + plan.window - plan.offset, 0)  # rows < this see all of it
+    sees_any_end = jnp.maximum((k_block + 1) * plan.block_k - 1 + plan.window - plan.offset, 0)
+    end = jnp.clip(lax.div(sees_any_end + plan.block_q - 1, plan.block_q), unmasked_start, plan.q_blocks)
+    unmasked_end = jnp.clip(lax.div(sees_first_end, plan.block_q), unmasked_start, end)
+    return start, unmasked_start, unmasked_end, end
+
+
+def _in_three_loops(bounds, step, carry):
+    """Blocks [b0, b1) masked, [b1, b2) unmasked, [b2, b3) masked."""
+    b0, b1, b2, b3 = bounds
+    carry = lax.fori_loop(b0, b1, step(True), carry)
+    carry = lax.fori_loop(b1, b2, step(False), carry)
+    return lax.fori_loop(b2, b3, step(True), carry)
 
 
 def _visible(q_start, k_start, plan: Plan):
@@ -162,6 +189,8 @@ def _visible(q_start, k_start, plan: Plan):
     if plan.causal:
         rows = q_start + lax.broadcasted_iota(jnp.int32, shape, 0)
         visible = visible & (cols <= rows + plan.offset)
+        if plan.window:
+            visible = visible & (rows + plan.offset - cols < plan.window)
     return visible
 
 
@@ -212,9 +241,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, plan: Plan):
     carry = (jnp.zeros((plan.block_q, head_dim), jnp.float32),
              jnp.full((plan.block_q,), -jnp.inf, jnp.float32),
              jnp.zeros((plan.block_q,), jnp.float32))
-    unmasked_end, visible_end = _key_block_range(q_block, plan)
-    carry = lax.fori_loop(0, unmasked_end, step(False), carry)
-    acc, row_max, row_sum = lax.fori_loop(unmasked_end, visible_end, step(True), carry)
+    acc, row_max, row_sum = _in_three_loops(_key_block_range(q_block, plan), step, carry)
 
     seen = row_sum > 0
     safe_sum = jnp.where(seen, row_sum, 1.0)
@@ -249,9 +276,7 @@ def _key_value_grad_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_r
         return body
 
     zeros = jnp.zeros(k.shape, jnp.float32)
-    start, unmasked_start = _query_block_range(k_block, plan)
-    carry = lax.fori_loop(start, unmasked_start, step(True), (zeros, zeros))
-    dk, dv = lax.fori_loop(unmasked_start, plan.q_blocks, step(False), carry)
+    dk, dv = _in_three_loops(_query_block_range(k_block, plan), step, (zeros, zeros))
     dk_ref[...] = (dk * plan.sm_scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
@@ -276,9 +301,7 @@ def _query_grad_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, 
 
         return body
 
-    unmasked_end, visible_end = _key_block_range(q_block, plan)
-    dq = lax.fori_loop(0, unmasked_end, step(False), jnp.zeros(q.shape, jnp.float32))
-    dq = lax.fori_loop(unmasked_end, visible_end, step(True), dq)
+    dq = _in_three_loops(_key_block_range(q_block, plan), step, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = (dq * plan.sm_scale).astype(dq_ref.dtype)
 
 
@@ -410,9 +433,11 @@ def _flash_bwd(plan: Plan, residuals, d_out):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def flash_attention(q, k, v, *, causal=True, sm_scale=None, block_q=None, block_k=None, interpret=None,
+def flash_attention(q, k, v, *, causal=True, window=0, sm_scale=None, block_q=None, block_k=None, interpret=None,
                     num_warps=None, num_stages=None, backward_launch=None):
     """Flash attention, [B, Lq, Hq, D] (CONTRACTS §3); differentiable through its own Pallas backward.
+
+    window: > 0 (with causal): each query sees only its `window` most recent keys, itself included.
 
     block_q / block_k: tile sizes (powers of two >= 16; default by backend, head dim and dtype;
       shrunk for short inputs); on GPU they set the forward's tiles only, the backward keeping the
@@ -421,7 +446,7 @@ def flash_attention(q, k, v, *, causal=True, sm_scale=None, block_q=None, block_
     num_warps / num_stages: Triton launch parameters of the forward on GPU.
     backward_launch: (block_q, block_k, num_warps, num_stages) of the backward kernels.
     """
-    plan = make_plan(q, k, v, causal=causal, sm_scale=sm_scale, block_q=block_q, block_k=block_k,
+    plan = make_plan(q, k, v, causal=causal, window=window, sm_scale=sm_scale, block_q=block_q, block_k=block_k,
                      interpret=interpret, num_warps=num_warps, num_stages=num_stages, backward_launch=backward_launch)
     out = _flash(*pad_inputs(plan, q, k, v), plan)
     if plan.heads_major:
@@ -429,9 +454,11 @@ def flash_attention(q, k, v, *, causal=True, sm_scale=None, block_q=None, block_
     return out[:, :plan.len_q, :, :q.shape[-1]]
 
 
-def make_plan(q, k, v, *, causal, sm_scale, block_q, block_k, interpret, num_warps, num_stages, backward_launch):
+def make_plan(q, k, v, *, causal, window=0, sm_scale, block_q, block_k, interpret, num_warps, num_stages, backward_launch):
     """The static plan of one call: validated shapes, tiles, padded lengths, lowering."""
     _validate(q, k, v, block_q, block_k)
+    if window < 0 or (window and not causal):
+        raise ValueError(f"window={window} must be >= 0, and > 0 only with causal=True")
     if backward_launch is not None:
         _validate(q, k, v, *backward_launch[:2])
     backend = jax.default_backend()
@@ -452,7 +479,7 @@ def make_plan(q, k, v, *, causal, sm_scale, block_q, block_k, interpret, num_war
     backward = (_fit_block(backward[0], len_q), _fit_block(backward[1], len_k), *backward[2:])
     tile_q, tile_k = max(forward[0], backward[0]), max(forward[1], backward[1])
     return Plan(
-        causal=bool(causal), sm_scale=float(head_dim**-0.5 if sm_scale is None else sm_scale), len_q=len_q,
+        causal=bool(causal), window=int(window), sm_scale=float(head_dim**-0.5 if sm_scale is None else sm_scale), len_q=len_q,
         len_k=len_k, block_q=forward[0], block_k=forward[1], padded_q=pl.cdiv(len_q, tile_q) * tile_q,
         padded_k=pl.cdiv(len_k, tile_k) * tile_k, padded_dim=padded_dim, groups=heads_q // heads_kv,
         interpret=bool(interpret), heads_major=backend == "tpu" and not interpret, num_warps=forward[2],

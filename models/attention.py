@@ -24,11 +24,13 @@ from kernels_pallas import on_mesh
 _MASKED = -1e30  # a finite "minus infinity": exp(_MASKED - row max) underflows to 0, never NaN
 
 
-def causal_mask(len_q: int, len_k: int, *, q_offset=None) -> jax.Array:
-    """bool[len_q, len_k]: query i sees key j iff j <= i + q_offset (default len_k - len_q)."""
+def causal_mask(len_q: int, len_k: int, *, q_offset=None, window: int = 0) -> jax.Array:
+    """bool[len_q, len_k]: query i sees key j iff j <= i + q_offset (default len_k - len_q), and, with a sliding
+    window W > 0, i + q_offset - j < W."""
     if q_offset is None:
         q_offset = len_k - len_q
-    return jnp.arange(len_k)[None, :] <= jnp.arange(len_q)[:, None] + q_offset
+    distance = jnp.arange(len_q)[:, None] + q_offset - jnp.arange(len_k)[None, :]
+    return (distance >= 0) & (distance < window) if window else distance >= 0
 
 
 def _grouped_bias(bias, heads_kv: int):
@@ -100,13 +102,14 @@ def dot_product_attention(q, k, v, *, causal=True, sm_scale=None):
 IMPLS = ("xla", "pallas")
 
 
-def causal_attention(q, k, v, impl: str = "xla", *, bias=None, sm_scale=None, dropout_rate: float = 0.0,
+def causal_attention(q, k, v, impl: str = "xla", *, bias=None, window: int = 0, sm_scale=None, dropout_rate: float = 0.0,
                      dropout_rng=None):
-    """Causal self-attention with the named implementation (`model.attention_impl`); attention dropout
-    (training) and score biases run in the XLA reference only. The flash kernels take one head width: a value width Dv
-    different from the query/key width D is zero-padded to the larger of the two and cut back after."""
+    """Causal self-attention (within a sliding window of `window` keys when > 0) with the named implementation
+    (`model.attention_impl`); attention dropout (training) and score biases run in the XLA reference only. The flash
+    kernels take one head width: a value width Dv different from the query/key width D is zero-padded to the larger
+    of the two and cut back after."""
     if impl == "xla" or dropout_rng is not None:
-        return attend(q, k, v, causal_mask(q.shape[1], k.shape[1]), bias=bias, sm_scale=sm_scale,
+        return attend(q, k, v, causal_mask(q.shape[1], k.shape[1], window=window), bias=bias, sm_scale=sm_scale,
                       dropout_rate=dropout_rate, dropout_rng=dropout_rng)
     if impl == "pallas":
         if bias is not None:
@@ -114,6 +117,6 @@ def causal_attention(q, k, v, impl: str = "xla", *, bias=None, sm_scale=None, dr
         sm_scale = q.shape[-1]**-0.5 if sm_scale is None else sm_scale
         width = max(q.shape[-1], v.shape[-1])
         pad = lambda x: jnp.pad(x, [(0, 0)] * 3 + [(0, width - x.shape[-1])])  # noqa: E731 (zeros change no score)
-        flash = functools.partial(kernels_pallas.flash_attention, causal=True, sm_scale=sm_scale)
+        flash = functools.partial(kernels_pallas.flash_attention, causal=True, window=window, sm_scale=sm_scale)
         return on_mesh.per_shard(flash, pad(q), pad(k), pad(v), split_heads=True)[..., :v.shape[-1]]
     raise ValueError(f"attention impl {impl!r} is not one of {list(IMPLS)}")

@@ -72,6 +72,34 @@ def test_causal_offsets_across_block_boundaries(len_q, len_k):
         assert relative_error(g, w) < 1e-5, (name, relative_error(g, w))
 
 
+@pytest.mark.parametrize("len_q,len_k,window,block_q,block_k", [
+    (70, 70, 20, 16, 16), (37, 90, 33, 16, 32), slow(90, 37, 5, 16, 16), slow(64, 64, 1, 16, 16),
+    slow(50, 50, 64, 16, 16), slow(100, 100, 16, 32, 16)])
+def test_sliding_window_matches_the_masked_reference(len_q, len_k, window, block_q, block_k):
+    """Windows narrower than a block, of one key, not a multiple of the blocks, wider than the sequence; GQA."""
+    q, k, v, d_out = inputs(1, len_q, len_k, 4, 2, 16, seed=window)
+    flash = functools.partial(kernels_pallas.flash_attention, causal=True, window=window, block_q=block_q,
+                              block_k=block_k)
+    reference = functools.partial(attention.causal_attention, window=window)
+    got = jax.jit(functools.partial(value_and_grads, flash))(q, k, v, d_out)
+    want = jax.jit(functools.partial(value_and_grads, reference))(q, k, v, d_out)
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):  # (window 1: dq is 0 up to rounding)
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * max(1.0, float(np.max(np.abs(w)))), err_msg=name)
+
+
+def test_a_sliding_window_visits_only_the_blocks_it_sees():
+    """At 512 x 512 with a 32-key window and blocks of 16, each query block visits at most 3 key blocks (and each
+    key block at most 3 query blocks in the backward), against 16 on average without a window."""
+    q = jnp.zeros((1, 512, 1, 16))
+    plan = fa.make_plan(q, q, q, causal=True, window=32, sm_scale=None, block_q=16, block_k=16, interpret=True,
+                        num_warps=None, num_stages=None, backward_launch=None)
+    for block in range(plan.q_blocks):
+        first, _, _, end = map(int, fa._key_block_range(block, plan))
+        assert 0 < end - first <= 3, (block, first, end)
+        first, _, _, end = map(int, fa._query_block_range(block, plan))
+        assert 0 < end - first <= 3, (block, first, end)
+
+
 @pytest.mark.parametrize("batch,len_q,len_k,heads_q,heads_kv,head_dim,causal,block_q,block_k",
                          [SHAPES[0], *(slow(*p.values) for p in (SHAPES[2], SHAPES[3]))])
 def test_matches_the_reference_in_bfloat16(batch, len_q, len_k, heads_q, heads_kv, head_dim, causal, block_q, block_k):
