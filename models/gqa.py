@@ -20,7 +20,7 @@ variants override (models/qk_norm.py).
 import flax.linen as nn
 import jax.numpy as jnp
 
-from models import attention, bitnet, kv_cache, positions
+from models import attention, attention_patterns, bitnet, kv_cache, positions
 from models.lm_config import LMConfig
 
 
@@ -45,6 +45,39 @@ class GroupedQueryAttention(nn.Module):
                 q_positions, k_positions)
         return None
 
+    def full_pass(self, q, k, v, q_positions, key_mask, dropout):
+        """Attention of a whole sequence to itself, masked by the pattern (and key_mask)."""
+        cfg = self.cfg
+        bias = self.score_bias(q_positions, q_positions)
+        mask = attention_patterns.visible(cfg, q_positions, q_positions)
+        if key_mask is not None:
+            mask = mask[None] & key_mask[:, None, :]
+        if self.is_mutable_collection("monitors"):
+            self.sow("monitors", "entropy", attention.entropy(q, k, mask, bias=bias))
+        if key_mask is None and cfg.attention_pattern in ("causal", "sliding"):  # the kernels' patterns
+            return attention.causal_attention(q, k, v, cfg.attention_impl, bias=bias, window=cfg.attention_window,
+                                              **dropout)
+        return attention.attend(q, k, v, mask, bias=bias, **dropout)
+
+    def cached_pass(self, q, k, v, q_positions, cache, start, key_mask):
+        """New tokens written to the cache, attending to it: every position's slot, or the sliding window's ring
+        (attending to the ring as it was and to themselves, then overwriting the oldest slots)."""
+        cfg, dtype = self.cfg, self.cfg.compute_dtype
+        if attention_patterns.uses_ring(cfg):
+            k_positions = jnp.concatenate([attention_patterns.ring_positions(start, kv_cache.length(cache["k"])),
+                                           q_positions])
+            k_all = jnp.concatenate([kv_cache.read(cache["k"], dtype), k.astype(dtype)], axis=1)
+            v_all = jnp.concatenate([kv_cache.read(cache["v"], dtype), v.astype(dtype)], axis=1)
+            cache = {"k": kv_cache.write_ring(cache["k"], k, start), "v": kv_cache.write_ring(cache["v"], v, start)}
+        else:
+            cache = {"k": kv_cache.write(cache["k"], k, start), "v": kv_cache.write(cache["v"], v, start)}
+            k_all, v_all = kv_cache.read(cache["k"], dtype), kv_cache.read(cache["v"], dtype)
+            k_positions = jnp.arange(k_all.shape[1])
+        mask = attention_patterns.visible(cfg, q_positions, k_positions)
+        if key_mask is not None:  # indexed by absolute position
+            mask = mask[None] & key_mask[:, jnp.maximum(k_positions, 0)][:, None, :]
+        return attention.attend(q, k_all, v_all, mask, bias=self.score_bias(q_positions, k_positions)), cache
+
     @nn.compact
     def __call__(self, x, start, cache=None, key_mask=None):  # x [B, T, D]; start: positions already cached
         cfg, dtype = self.cfg, self.cfg.compute_dtype
@@ -64,23 +97,9 @@ class GroupedQueryAttention(nn.Module):
         dropout = {"dropout_rate": cfg.attention_dropout, "dropout_rng": (
             self.make_rng("dropout") if cfg.attention_dropout and self.has_rng("dropout") else None)}
         if cache is None:
-            bias = self.score_bias(q_positions, q_positions)
-        if cache is None and key_mask is None:
-            out = attention.causal_attention(q, k, v, cfg.attention_impl, bias=bias, **dropout)
-        elif cache is None:
-            mask = attention.causal_mask(x.shape[1], x.shape[1])[None] & key_mask[:, None, :]
-            out = attention.attend(q, k, v, mask, bias=bias, **dropout)
-        if cache is None and self.is_mutable_collection("monitors"):
-            mask = attention.causal_mask(x.shape[1], x.shape[1])
-            self.sow("monitors", "entropy", attention.entropy(
-                q, k, mask if key_mask is None else mask[None] & key_mask[:, None, :], bias=bias))
-        if cache is not None:
-            cache = {"k": kv_cache.write(cache["k"], k, start), "v": kv_cache.write(cache["v"], v, start)}
-            k_all, v_all = kv_cache.read(cache["k"], dtype), kv_cache.read(cache["v"], dtype)
-            mask = attention.causal_mask(x.shape[1], k_all.shape[1], q_offset=start)
-            if key_mask is not None:
-                mask = mask[None] & key_mask[:, None, :]
-            out = attention.attend(q, k_all, v_all, mask, bias=self.score_bias(q_positions, jnp.arange(k_all.shape[1])))
+            out = self.full_pass(q, k, v, q_positions, key_mask, dropout)
+        else:
+            out, cache = self.cached_pass(q, k, v, q_positions, cache, start, key_mask)
         out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_heads", None))
         w_out = self.param("out", nn.with_logical_partitioning(
             nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2), ("heads", "head_dim", "embed")),
@@ -91,9 +110,9 @@ class GroupedQueryAttention(nn.Module):
 
     @staticmethod
     def init_cache(cfg, batch: int, max_len: int, dtype=jnp.float32) -> dict:
-        """An empty KV cache: {"k", "v"}: [B, max_len, Hkv, Dh] (int8 with per-token, per-head scales when
-        `kv_cache_dtype` is "int8": models/kv_cache.py)."""
-        shape = (batch, max_len, cfg.kv_heads, cfg.head_size)
+        """An empty KV cache: {"k", "v"}: [B, max_len, Hkv, Dh], or a ring of [B, window, Hkv, Dh] for a sliding window
+        (int8 with per-token, per-head scales when `kv_cache_dtype` is "int8": models/kv_cache.py)."""
+        shape = (batch, attention_patterns.cache_length(cfg, max_len), cfg.kv_heads, cfg.head_size)
         return {name: kv_cache.empty(shape, dtype, cfg.kv_cache_dtype) for name in ("k", "v")}
 
     @staticmethod
@@ -105,6 +124,7 @@ class GroupedQueryAttention(nn.Module):
         if m.num_heads >= 1 and not m.head_dim and m.d_model % m.num_heads:
             p.append(f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}; set model.head_dim")
         p += positions.validate(m)
+        p += attention_patterns.validate(m)
         if m.attention_dropout and m.attention_impl != "xla":
             p.append(f"model.attention_dropout={m.attention_dropout} needs model.attention_impl='xla' (the Pallas "
                      "kernels have no dropout)")

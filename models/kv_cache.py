@@ -43,6 +43,24 @@ def write(entry, new, start):
     return jax.lax.dynamic_update_slice_in_dim(entry, new.astype(entry.dtype), start, 1)
 
 
+def write_ring(entry, new, start):
+    """`entry`, a ring of R slots (position p in slot p mod R), with the last min(T, R) of new [B, T, ...] (positions
+    start..start+T-1) written to their slots (models/attention_patterns.py)."""
+    slots = length(entry)
+    kept = min(new.shape[1], slots)
+    index = (start + new.shape[1] - kept + jnp.arange(kept)) % slots
+    new = new[:, -kept:]
+    if isinstance(entry, dict):
+        q, scale = quantise(new)
+        return {"int8": entry["int8"].at[:, index].set(q), "scale": entry["scale"].at[:, index].set(scale)}
+    return entry.at[:, index].set(new.astype(entry.dtype))
+
+
+def length(entry) -> int:
+    """Slots along axis 1."""
+    return (entry["int8"] if isinstance(entry, dict) else entry).shape[1]
+
+
 def read(entry, dtype):
     """The whole cached array in `dtype`."""
     if isinstance(entry, dict):

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from data.config_fields import field
 from models.attention import IMPLS as ATTENTION_IMPLS
+from models.attention_patterns import PATTERNS
 from models.kv_cache import DTYPES as KV_CACHE_DTYPES
 from models.layers import ACTIVATIONS, NORMS, REMAT_POLICIES
 from models.positions import POSITIONALS, ROPE_SCALINGS
@@ -46,6 +47,13 @@ class LMConfig:
     num_kv_heads: int = field(0, min=0)  # 0: num_heads (plain multi-head attention)
     head_dim: int = field(0, min=0)  # 0: d_model // num_heads
     attention_impl: str = field("xla", choices=ATTENTION_IMPLS)  # xla | pallas (kernels_pallas flash attention)
+    attention_pattern: str = field("causal", choices=PATTERNS)  # which keys a query sees (models/attention_patterns.py)
+    attention_window: int = field(0, min=0)  # sliding: W, the keys each query sees (itself included); the ring cache's size
+    sparse_stride: int = field(0, min=0)  # strided / fixed: Child et al.'s l (stride, or block length)
+    sparse_summary: int = field(1, min=1)  # fixed: c, the last positions of each block that every later query sees
+    # linear attention (attention = "linear", models/linear_attention.py)
+    linear_gate: bool = False  # a data-dependent decay per head and token (gated linear attention); False: plain
+    linear_chunk: int = field(64, min=1)  # positions per chunk of the training scan
     # multi-head latent attention (attention = "mla", models/mla.py); 0 derives DeepSeek-V2's ratios from head_size
     q_lora_rank: int = field(0, min=0)  # width of the compressed query latent; 0: queries projected directly
     kv_lora_rank: int = field(0, min=0)  # width of the joint key/value latent c_kv; 0: 4 * head_size

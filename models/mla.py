@@ -144,6 +144,9 @@ class MultiHeadLatentAttention(nn.Module):
                      f"{m.rope_scaling!r} / model.rope_fraction={m.rope_fraction} must be 'none' / 1")
         if m.bitnet:
             p.append("model.bitnet=True is not supported by model.attention='mla'; use 'gqa'")
+        if m.attention_pattern != "causal":
+            p.append(f"model.attention_pattern={m.attention_pattern!r} is not supported by model.attention='mla' "
+                     "(its latent cache holds every position); use 'gqa'")
         if m.attention_dropout and m.attention_impl != "xla":
             p.append(f"model.attention_dropout={m.attention_dropout} needs model.attention_impl='xla'")
         return p
