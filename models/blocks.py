@@ -14,12 +14,13 @@ FFN, one entry in FFNS.
 import flax.linen as nn
 import jax.numpy as jnp
 
-from models import gqa, layers, mla, moe, qk_norm
+from models import gqa, layers, linear_attention, mla, moe, qk_norm
 
 ATTENTIONS = {
     "gqa": gqa.GroupedQueryAttention,  # MHA / GQA / MQA by num_kv_heads
     "qk_norm": qk_norm.QKNormAttention,
     "mla": mla.MultiHeadLatentAttention,  # DeepSeek's multi-head latent attention: a latent KV cache
+    "linear": linear_attention.LinearAttention,  # Katharopoulos et al.'s, plain or gated: a constant-size state
 }
 
 FFNS = {
@@ -30,11 +31,12 @@ FFNS = {
 ACTIVATION = ("activation_batch", "activation_length", "activation_embed")
 
 
-def validate_attention(m) -> list[str]:
-    """Problems with config.model's attention kind and its keys."""
-    if m.attention not in ATTENTIONS:
-        return [f"model.attention={m.attention!r} is not one of {list(ATTENTIONS)}"]
-    return ATTENTIONS[m.attention].validate(m)
+def validate_attention(m, kind: str = "") -> list[str]:
+    """Problems with config.model's attention kind (or `kind`) and its keys."""
+    kind = kind or m.attention
+    if kind not in ATTENTIONS:
+        return [f"model.attention={kind!r} is not one of {list(ATTENTIONS)}"]
+    return ATTENTIONS[kind].validate(m)
 
 
 class Block(nn.Module):
@@ -42,11 +44,12 @@ class Block(nn.Module):
 
     cfg: object  # an LMConfig (with the MoE keys when ffn == "moe")
     ffn: str = "mlp"
+    attention: str = ""  # the attention kind; "": cfg.attention (a hybrid's L layers set "linear")
 
     @nn.compact
     def __call__(self, x, cache, start, key_mask=None):
         cfg, dtype = self.cfg, self.cfg.compute_dtype
-        attention = ATTENTIONS[cfg.attention](cfg, name="attention")
+        attention = ATTENTIONS[self.attention or cfg.attention](cfg, name="attention")
         h, cache = attention(layers.Norm(cfg.norm, dtype, "attention_norm", cfg.norm_eps)(x), start, cache, key_mask)
         x = x + layers.dropout(self, h, cfg.residual_dropout)
         h = FFNS[self.ffn](cfg)(layers.Norm(cfg.norm, dtype, "mlp_norm", cfg.norm_eps)(x))
@@ -56,9 +59,9 @@ class Block(nn.Module):
         return nn.with_logical_constraint(x, ACTIVATION), cache
 
     @staticmethod
-    def init_cache(cfg, batch: int, max_len: int, dtype, ffn: str = "mlp"):
+    def init_cache(cfg, batch: int, max_len: int, dtype, ffn: str = "mlp", attention: str = ""):
         del ffn
-        return ATTENTIONS[cfg.attention].init_cache(cfg, batch, max_len, dtype)
+        return ATTENTIONS[attention or cfg.attention].init_cache(cfg, batch, max_len, dtype)
 
 
 class Period(nn.Module):

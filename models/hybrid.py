@@ -5,13 +5,14 @@ over the LM skeleton (models/lm.py): a period of layers, repeated num_layers / l
     A layer:  x += Attn(norm(x)); x += Mlp(norm(x))              (models/blocks.Block)
     E layer:  x += Attn(norm(x)); x += MoE(norm(x))              (the Block with the MoE FFN, models/moe.py)
     C layer:  x += conv_W(norm(x)) W_o                           (short depthwise causal conv, width conv_width)
+    L layer:  x += LinAttn(norm(x)); x += Mlp(norm(x))           (linear attention, models/linear_attention.py)
 
 The C layer is the short convolution Zoology (Arora et al. 2023) puts in front of every mixer on MQAR:
 it hands each position its few predecessors, the "previous token" half of an induction circuit that a
 pure attention stack must otherwise discover by itself (pattern "CA" = attention with it).
 
 Attention layers take every attention / MLP key of the LM config (models/lm_config.py), MoE layers the
-MoE keys (models/moe.MoEOptions). Decoding keeps, per layer, a constant-size state for S and C layers
+MoE keys (models/moe.MoEOptions). Decoding keeps, per layer, a constant-size state for S, C and L layers
 (conv inputs and the SSM state) and the attention kind's cache for A and E layers; `decode` equals the
 full pass at the same positions.
 """
@@ -26,7 +27,7 @@ from data.config_fields import field
 from models.layers import ACTIVATIONS
 from models.lm_config import LMConfig
 
-LAYER_KINDS = "SAEC"
+LAYER_KINDS = "SAECL"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +36,7 @@ class HybridConfig(moe.MoEOptions, mamba2.Mamba2Options, LMConfig):
 
     name: str = "hybrid"
     num_layers: int = field(4, min=1)
-    layer_pattern: str = "SSSA"  # S: Mamba-2, A: attention + MLP, E: attention + MoE, C: short conv; one period
+    layer_pattern: str = "SSSA"  # S: Mamba-2, A: attention + MLP, E: attention + MoE, C: short conv, L: linear attention
     activation: str = field("swiglu", choices=ACTIVATIONS)
 
 
@@ -108,6 +109,7 @@ LAYERS = {  # pattern letter -> (name suffix, unit, keyword arguments)
     "A": ("attention", blocks.Block, ()),
     "E": ("moe", blocks.Block, (("ffn", "moe"),)),
     "C": ("conv", ShortConvLayer, ()),
+    "L": ("linear_attention", blocks.Block, (("attention", "linear"),)),
 }
 
 
@@ -132,7 +134,7 @@ def validate(m) -> list[str]:
     pattern = m.layer_pattern
     if not pattern or set(pattern) - set(LAYER_KINDS):
         p.append(f"model.layer_pattern={pattern!r} must be a non-empty string of S (Mamba-2), A (attention), "
-                 "E (attention + MoE) and C (short conv)")
+                 "E (attention + MoE), C (short conv) and L (linear attention)")
     elif m.num_layers % len(pattern):
         p.append(f"model.num_layers={m.num_layers} must be a multiple of len(model.layer_pattern={pattern!r})")
     if m.bitnet and set(pattern) - {"A"}:
@@ -147,6 +149,8 @@ def validate(m) -> list[str]:
         p.append(f"model.chunk_size={m.chunk_size} must be a power of two >= 16 for model.ssd_impl='pallas'")
     if set(pattern) & set("AE"):
         p += blocks.validate_attention(m)
+    if "L" in pattern:
+        p += blocks.validate_attention(m, "linear")
     if "E" in pattern:
         p += moe.validate(m)
     return p
