@@ -11,6 +11,7 @@ state), which `experiments.restore` and `experiments.sample` read. `convert(hf_d
 Architectures (one converter each: a config mapping and a weight mapping):
 - `LlamaForCausalLM`: our transformer (GQA, SwiGLU, RMSNorm), with RoPE scaled as the checkpoint's
   `rope_parameters` say (linear, dynamic NTK, YaRN; models/positions.py).
+- `MambaForCausalLM`: our `mamba` family (Mamba-1 layers: the selective scan, models/mamba1.py).
 - `DeepseekV3ForCausalLM`: MLA (models/mla.py), the sigmoid router with groups and route_scale, dense first
   blocks (models/moe.py, models/moe_transformer.py). `transformers` Linear weights are [out, in]; ours [in, out].
   DeepSeek rotates interleaved pairs (x_0, x_1), (x_2, x_3), ... of the rotary columns; we rotate
@@ -245,8 +246,46 @@ def llama_variables(hf: dict, w: dict, model_config) -> dict:
     return {"params": params}
 
 
+# Mamba -----------------------------------------------------------------------------------------------------
+
+def mamba_config(hf: dict) -> ml_collections.ConfigDict:
+    """The equivalent `config.model`: our `mamba` family (Mamba-1 layers, models/mamba1.py), RMSNorm before each mixer
+    and at the end. transformers' MambaMixer computes what ours does: no layout change but [out, in] -> [in, out]."""
+    _check(hf, {"hidden_act": "silu"})
+    width, inner = hf["hidden_size"], hf.get("intermediate_size") or int(hf.get("expand", 2) * hf["hidden_size"])
+    if inner % width:
+        _refuse("intermediate_size", inner, f"a multiple of hidden_size={width} (our d_inner = expand * d_model)")
+    rank = hf.get("time_step_rank", "auto")
+    return ml_collections.ConfigDict(dict(
+        name="mamba", layer_pattern="M", vocab_size=hf["vocab_size"], max_len=2048, positional="none",
+        d_model=width, num_layers=hf["num_hidden_layers"], norm="rmsnorm", norm_eps=hf["layer_norm_epsilon"],
+        tie_embeddings=bool(hf.get("tie_word_embeddings", True)), expand=inner // width, ssm_state=hf["state_size"],
+        conv_width=hf["conv_kernel"], dt_rank=math.ceil(width / 16) if rank == "auto" else int(rank),
+        mamba1_bias=bool(hf.get("use_bias", False))))
+
+
+def mamba_variables(hf: dict, w: dict, model_config) -> dict:
+    def layer(i: int) -> dict:
+        prefix = f"backbone.layers.{i}.mixer."
+        mixer = {"in_proj": w[prefix + "in_proj.weight"].T, "x_proj": w[prefix + "x_proj.weight"].T,
+                 "dt_proj": w[prefix + "dt_proj.weight"].T, "dt_bias": w[prefix + "dt_proj.bias"],
+                 "conv_kernel": w[prefix + "conv1d.weight"][:, 0, :].T, "A_log": w[prefix + "A_log"], "D": w[prefix + "D"],
+                 "conv_bias": w.get(prefix + "conv1d.bias", np.zeros(w[prefix + "D"].shape, np.float32)),
+                 "out_proj": w[prefix + "out_proj.weight"].T}
+        if model_config.mamba1_bias:
+            mixer.update(in_proj_bias=w[prefix + "in_proj.bias"], out_proj_bias=w[prefix + "out_proj.bias"])
+        return {"layer_0_mamba1": {"norm": {"scale": w[f"backbone.layers.{i}.norm.weight"]}, "mixer": mixer}}
+
+    params = {"embed": {"embedding": w["backbone.embeddings.weight"]}, "final_norm": {"scale": w["backbone.norm_f.weight"]},
+              "periods": _stacked([layer(i) for i in range(hf["num_hidden_layers"])])}
+    if not model_config.tie_embeddings:
+        params["unembed"] = {"kernel": w["lm_head.weight"].T}
+    return {"params": params}
+
+
 ARCHITECTURES = {"DeepseekV3ForCausalLM": (deepseek_v3_config, deepseek_v3_variables),
-                 "LlamaForCausalLM": (llama_config, llama_variables)}
+                 "LlamaForCausalLM": (llama_config, llama_variables),
+                 "MambaForCausalLM": (mamba_config, mamba_variables)}
 
 
 def convert(hf_dir: str):

@@ -36,6 +36,7 @@ PROBES = "probes"
 MODELS = {
     "transformer": (transformer.Transformer, transformer.TransformerConfig, transformer.validate),
     "ssd": (hybrid.HybridLM, hybrid.SSDConfig, hybrid.validate),
+    "mamba": (hybrid.HybridLM, hybrid.MambaConfig, hybrid.validate),
     "hybrid": (hybrid.HybridLM, hybrid.HybridConfig, hybrid.validate),
     "moe": (moe_transformer.MoETransformer, moe_transformer.MoEConfig, moe_transformer.validate),
     "deq": (deq_transformer.DEQTransformer, deq_transformer.DEQConfig, deq_transformer.validate),

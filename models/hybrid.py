@@ -2,6 +2,7 @@
 over the LM skeleton (models/lm.py): a period of layers, repeated num_layers / len(pattern) times.
 
     S layer:  x += Mamba2(norm(x))                               (models/mamba2.py)
+    M layer:  x += Mamba1(norm(x))                               (models/mamba1.py: the selective scan S6)
     A layer:  x += Attn(norm(x)); x += Mlp(norm(x))              (models/blocks.Block)
     E layer:  x += Attn(norm(x)); x += MoE(norm(x))              (the Block with the MoE FFN, models/moe.py)
     C layer:  x += conv_W(norm(x)) W_o                           (short depthwise causal conv, width conv_width)
@@ -22,21 +23,21 @@ import dataclasses
 import flax.linen as nn
 import jax.numpy as jnp
 
-from models import blocks, layers, lm, mamba2, moe
+from models import blocks, layers, lm, mamba1, mamba2, moe
 from data.config_fields import field
 from models.layers import ACTIVATIONS
 from models.lm_config import LMConfig
 
-LAYER_KINDS = "SAECL"
+LAYER_KINDS = "SMAECL"
 
 
 @dataclasses.dataclass(frozen=True)
-class HybridConfig(moe.MoEOptions, mamba2.Mamba2Options, LMConfig):
-    """The LM keys, Mamba-2's, the MoE FFN's (for E layers) and the layer pattern."""
+class HybridConfig(moe.MoEOptions, mamba1.Mamba1Options, mamba2.Mamba2Options, LMConfig):
+    """The LM keys, Mamba-2's and Mamba-1's, the MoE FFN's (for E layers) and the layer pattern."""
 
     name: str = "hybrid"
     num_layers: int = field(4, min=1)
-    layer_pattern: str = "SSSA"  # S: Mamba-2, A: attention + MLP, E: attention + MoE, C: short conv, L: linear attention
+    layer_pattern: str = "SSSA"  # S: Mamba-2, M: Mamba-1, A: attention + MLP, E: attention + MoE, C: short conv, L: linear attention
     activation: str = field("swiglu", choices=ACTIVATIONS)
 
 
@@ -48,15 +49,26 @@ class SSDConfig(HybridConfig):
     layer_pattern: str = "S"
 
 
+@dataclasses.dataclass(frozen=True)
+class MambaConfig(HybridConfig):
+    """`mamba`: a pure Mamba-1 stack (the hybrid with every layer M; the paper's expand 2, state 16)."""
+
+    name: str = "mamba"
+    layer_pattern: str = "M"
+    ssm_state: int = field(16, min=1)
+
+
 def _no_key_mask(key_mask):
     if key_mask is not None:
         raise ValueError("key masks (left padding) need attention layers; Mamba-2 and conv layers have none")
 
 
 class MambaLayer(nn.Module):
-    """x += Mamba2(norm(x)), with the (conv, ssm) state in and out; None in means a fresh start."""
+    """x += Mamba(norm(x)) (version 2: Mamba-2, 1: Mamba-1), with the (conv, ssm) state in and out; None in means a
+    fresh start."""
 
     cfg: HybridConfig
+    version: int = 2
 
     @nn.compact
     def __call__(self, x, state, start, key_mask=None):
@@ -64,15 +76,16 @@ class MambaLayer(nn.Module):
         _no_key_mask(key_mask)
         fresh = state is None
         if fresh:
-            state = mamba2.init_state(self.cfg, x.shape[0])
-        h, state = mamba2.Mamba2(self.cfg, name="mixer")(layers.Norm(self.cfg.norm, x.dtype, "norm", self.cfg.norm_eps)(x), state)
+            state = self.init_cache(self.cfg, x.shape[0], 0, version=self.version)
+        mixer = mamba2.Mamba2 if self.version == 2 else mamba1.Mamba1
+        h, state = mixer(self.cfg, name="mixer")(layers.Norm(self.cfg.norm, x.dtype, "norm", self.cfg.norm_eps)(x), state)
         x = nn.with_logical_constraint(x + layers.dropout(self, h, self.cfg.residual_dropout), blocks.ACTIVATION)
         return x, None if fresh else state
 
     @staticmethod
-    def init_cache(cfg, batch: int, max_len: int, dtype=jnp.float32) -> dict:
+    def init_cache(cfg, batch: int, max_len: int, dtype=jnp.float32, version: int = 2) -> dict:
         del max_len
-        return mamba2.init_state(cfg, batch, dtype)
+        return (mamba2 if version == 2 else mamba1).init_state(cfg, batch, dtype)
 
 
 class ShortConvLayer(nn.Module):
@@ -106,6 +119,7 @@ class ShortConvLayer(nn.Module):
 
 LAYERS = {  # pattern letter -> (name suffix, unit, keyword arguments)
     "S": ("ssm", MambaLayer, ()),
+    "M": ("mamba1", MambaLayer, (("version", 1),)),
     "A": ("attention", blocks.Block, ()),
     "E": ("moe", blocks.Block, (("ffn", "moe"),)),
     "C": ("conv", ShortConvLayer, ()),
@@ -133,14 +147,16 @@ def validate(m) -> list[str]:
     p = []
     pattern = m.layer_pattern
     if not pattern or set(pattern) - set(LAYER_KINDS):
-        p.append(f"model.layer_pattern={pattern!r} must be a non-empty string of S (Mamba-2), A (attention), "
+        p.append(f"model.layer_pattern={pattern!r} must be a non-empty string of S (Mamba-2), M (Mamba-1), A (attention), "
                  "E (attention + MoE), C (short conv) and L (linear attention)")
     elif m.num_layers % len(pattern):
         p.append(f"model.num_layers={m.num_layers} must be a multiple of len(model.layer_pattern={pattern!r})")
     if m.bitnet and set(pattern) - {"A"}:
         p.append(f"model.bitnet=True quantises attention blocks only; model.layer_pattern={pattern!r} has other "
                  "layers (use 'A' layers, or model.name='transformer')")
-    if (m.expand * m.d_model) % m.ssm_head_dim:
+    if "S" not in pattern:  # the Mamba-2 keys below are read by S layers only
+        pass
+    elif (m.expand * m.d_model) % m.ssm_head_dim:
         p.append(f"model.expand * model.d_model = {m.expand * m.d_model} is not divisible by "
                  f"model.ssm_head_dim={m.ssm_head_dim}")
     elif (m.expand * m.d_model // m.ssm_head_dim) % m.ssm_groups:

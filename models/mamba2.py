@@ -93,7 +93,8 @@ def init_state(cfg: Mamba2Options, batch: int, dtype=jnp.float32) -> dict:
             "ssm": jnp.zeros((batch, cfg.ssm_heads, cfg.ssm_head_dim, cfg.ssm_state), jnp.float32)}
 
 
-def _dt_bias_init(cfg: Mamba2Options):
+def dt_bias_init(cfg: Mamba2Options):
+    """softplus^{-1}(dt), dt log-uniform in [dt_min, dt_max] and at least dt_floor (Mamba-1's dt_proj bias too)."""
     def init(key, shape, dtype=jnp.float32):
         log_dt = jax.random.uniform(key, shape, dtype, math.log(cfg.dt_min), math.log(cfg.dt_max))
         dt = jnp.maximum(jnp.exp(log_dt), cfg.dt_floor)
@@ -145,7 +146,7 @@ class Mamba2(nn.Module):
         xbc, conv_state = causal_conv(xbc, state["conv"], conv_kernel.astype(dtype), conv_bias.astype(dtype))
         x, b, c = jnp.split(nn.silu(xbc), [cfg.d_inner, cfg.d_inner + groups_state], axis=-1)
 
-        dt_bias = self.param("dt_bias", nn.with_logical_partitioning(_dt_bias_init(cfg), (None,)), (cfg.ssm_heads,))
+        dt_bias = self.param("dt_bias", nn.with_logical_partitioning(dt_bias_init(cfg), (None,)), (cfg.ssm_heads,))
         a_log = self.param("A_log", nn.with_logical_partitioning(_a_log_init(cfg), (None,)), (cfg.ssm_heads,))
         skip = self.param("D", nn.with_logical_partitioning(nn.initializers.ones, (None,)), (cfg.ssm_heads,))
         dt = jnp.clip(jax.nn.softplus(dt.astype(jnp.float32) + dt_bias), cfg.dt_limit_min, cfg.dt_limit_max)

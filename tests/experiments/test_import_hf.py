@@ -125,6 +125,36 @@ def test_llama_logits_equal_transformers_beyond_the_original_context(tmp_path, r
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("use_bias", [False, slow(True)])
+def test_mamba_logits_and_decoding_equal_transformers(tmp_path, use_bias):
+    """A tiny random MambaForCausalLM (Mamba-1: width 32, state 8, 2 layers, dt rank 2): logits at 40 tokens, and the
+    imported model's constant-state decoding gives them too."""
+    config = transformers.MambaConfig(vocab_size=VOCAB, hidden_size=32, state_size=8, num_hidden_layers=2, expand=2,
+                                      conv_kernel=4, use_bias=use_bias, layer_norm_epsilon=1e-5)
+    torch.manual_seed(0)
+    hf = transformers.MambaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            elif not name.endswith(("A_log", "dt_proj.bias")):  # keep the S4D-real A and the dt range
+                p.normal_(0.0, 0.3)
+    hf.save_pretrained(tmp_path)
+    model_config, variables = import_hf.convert(str(tmp_path))
+    assert (model_config.name, model_config.dt_rank, model_config.expand) == ("mamba", 2, 2)
+    model = models.build(model_config)
+    want = _hf_logits(hf, LONG_TOKENS)
+    got = model.apply(variables, jnp.asarray(LONG_TOKENS, jnp.int32))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    decode = jax.jit(lambda t, c, s: model.apply(variables, t, c, s, method=model.decode), static_argnums=2)
+    logits, cache = decode(jnp.asarray(LONG_TOKENS[:, :7], jnp.int32), model.init_cache(2, 40), 0)
+    pieces = [logits]
+    for t in range(7, 12):
+        logits, cache = decode(jnp.asarray(LONG_TOKENS[:, t:t + 1], jnp.int32), cache, t)
+        pieces.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(pieces, 1), want[:, :12], rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
 def _folder(tmp_path, config: dict, files=("model.safetensors",)):
     tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / "config.json").write_text(json.dumps(config))

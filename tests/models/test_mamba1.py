@@ -1,0 +1,94 @@
+"""Mamba-1 (models/mamba1.py): the selective scan and its decoding step against a float64 NumPy loop; the S4D-real
+initialisation; Mamba-1, Mamba-2, softmax and linear attention and conv layers in one hybrid pattern decoding like its
+full pass; the `mamba` family on the 2x2x2 mesh. (Its logits against transformers' MambaForCausalLM:
+tests/experiments/test_import_hf.py.)"""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from models import hybrid, mamba1
+from tests.conftest import assert_mesh_run_matches_one_device, make_tiny_lm_config, slow
+
+
+def _numpy_scan(x, dt, a, b, c, h):
+    """h_t = exp(dt_t a) h + dt_t x_t b_t, y_t = h_t c_t, one position and channel at a time in float64."""
+    x, dt, a, b, c, h = (np.asarray(t, np.float64).copy() for t in (x, dt, a, b, c, h))
+    batch, length, channels = x.shape
+    y = np.zeros_like(x)
+    for i in range(batch):
+        for t in range(length):
+            for d in range(channels):
+                h[i, d] = np.exp(dt[i, t, d] * a[d]) * h[i, d] + dt[i, t, d] * x[i, t, d] * b[i, t]
+                y[i, t, d] = h[i, d] @ c[i, t]
+    return y, h
+
+
+def test_the_selective_scan_and_its_step_equal_a_numpy_loop():
+    rng = np.random.default_rng(0)
+    batch, length, channels, n = 2, 13, 6, 5
+    x, b, c = rng.normal(size=(batch, length, channels)), rng.normal(size=(batch, length, n)), rng.normal(size=(batch, length, n))
+    dt = np.log1p(np.exp(rng.normal(size=(batch, length, channels))))  # softplus: positive steps
+    a = -np.exp(rng.normal(size=(channels, n)))
+    h0 = rng.normal(size=(batch, channels, n))
+    want_y, want_h = _numpy_scan(x, dt, a, b, c, h0)
+    as32 = [jnp.asarray(t, jnp.float32) for t in (x, dt, a, b, c, h0)]
+    y, h = mamba1.selective_scan(*as32)
+    np.testing.assert_allclose(y, want_y, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(h, want_h, rtol=1e-4, atol=1e-4)
+    y0, h1 = mamba1.selective_step(as32[0][:, 0], as32[1][:, 0], as32[2], as32[3][:, 0], as32[4][:, 0], as32[5])
+    np.testing.assert_allclose(y0, want_y[:, 0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(h1, _numpy_scan(x[:, :1], dt[:, :1], a, b[:, :1], c[:, :1], h0)[1], rtol=1e-5, atol=1e-5)
+
+
+def _hybrid(pattern, **overrides):
+    return hybrid.HybridConfig(vocab_size=19, max_len=40, d_model=32, num_layers=len(pattern), layer_pattern=pattern,
+                               ssm_head_dim=16, ssm_state=8, chunk_size=4, num_heads=4, num_kv_heads=2, d_mlp=48,
+                               linear_chunk=4, **overrides)
+
+
+def test_a_is_initialised_s4d_real_and_dt_in_its_range():
+    cfg = hybrid.MambaConfig(vocab_size=19, max_len=16, d_model=32, num_layers=1)
+    params = hybrid.HybridLM(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    mixer = nn.meta.unbox(params)["periods"]["layer_0_mamba1"]["mixer"]
+    np.testing.assert_allclose(-np.exp(mixer["A_log"][0]), -np.arange(1, 17) * np.ones((64, 1)), rtol=1e-6)
+    dt = jax.nn.softplus(mixer["dt_bias"])
+    assert mixer["A_log"].shape == (1, 64, 16) and float(dt.min()) >= cfg.dt_min * 0.999 and float(dt.max()) <= cfg.dt_max
+    assert mixer["dt_proj"].shape == (1, 2, 64)  # dt rank ceil(32 / 16)
+
+
+@pytest.mark.parametrize("pattern", ["MSALC", slow("M")])
+def test_every_mixer_in_one_pattern_decodes_like_its_full_pass(pattern):
+    cfg = _hybrid(pattern)
+    assert not hybrid.validate(cfg)
+    model = hybrid.HybridLM(cfg)
+    tokens = jax.random.randint(jax.random.key(0), (2, 13), 0, cfg.vocab_size)
+    params = nn.meta.unbox(model.init(jax.random.key(1), tokens)["params"])
+    decode = jax.jit(lambda t, c, s: model.apply({"params": params}, t, c, s, method=model.decode), static_argnums=2)
+    cache, start, pieces = model.init_cache(2, cfg.max_len), 0, []
+    for size in (6, 1, 1, 5):
+        logits, cache = decode(tokens[:, start:start + size], cache, start)
+        pieces.append(logits)
+        start += size
+    np.testing.assert_allclose(jnp.concatenate(pieces, 1), model.apply({"params": params}, tokens), rtol=1e-4, atol=1e-4)
+
+
+def test_a_pure_mamba1_stack_does_not_read_the_mamba2_keys():
+    assert not hybrid.validate(hybrid.MambaConfig(d_model=24, ssm_head_dim=64))
+    assert hybrid.validate(hybrid.HybridConfig(d_model=24, ssm_head_dim=64, layer_pattern="SA"))
+
+
+@pytest.mark.parametrize("pattern", [slow("M"), slow("MLA")])
+def test_trains_with_the_one_device_losses_on_a_2x2x2_mesh(pattern, tmp_path):
+    def config():
+        c = make_tiny_lm_config()
+        with c.unlocked():
+            c.model = dataclasses.asdict(hybrid.MambaConfig() if pattern == "M" else hybrid.HybridConfig())
+        c.model.update(d_model=32, num_layers=len(pattern) if pattern != "M" else 2, layer_pattern=pattern, ssm_state=8,
+                       num_heads=4, num_kv_heads=2, d_mlp=64, linear_chunk=4)
+        return c
+    assert_mesh_run_matches_one_device(config, tmp_path)
