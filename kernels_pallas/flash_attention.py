@@ -3,7 +3,9 @@
 Same arguments and result as `models.attention.dot_product_attention` (CONTRACTS §3): q [B, Lq, Hq, D],
 k, v [B, Lk, Hkv, D], query head h reads kv head h // (Hq / Hkv); causal masking is bottom-right
 aligned (query i sees keys j <= i + Lk - Lq; with a sliding window W also i + Lk - Lq - j < W) and a query
-that sees no key outputs zeros.
+that sees no key outputs zeros. With ALiBi slopes m [Hq] (causal only), head h's scores gain
+-m_h (i + Lk - Lq - j), computed in the kernels from the block's positions (no [L, L] bias in memory; the
+backward needs no change but recomputing the same scores).
 
 Forward, one program per (query block, batch, head), looping over key blocks j (base-2 exponent,
 s = log2(e) * sm_scale * q k^T):
@@ -52,6 +54,7 @@ class Plan:
 
     causal: bool
     window: int  # > 0: query i sees only keys with i + offset - j < window (sliding-window attention)
+    alibi: bool  # scores gain -slope_h (i + offset - j); the slopes are the kernels' last input
     sm_scale: float
     len_q: int
     len_k: int
@@ -199,9 +202,19 @@ def _column(rows):
     return rows[:, None] if rows.ndim == 1 else rows
 
 
-def _scores(q, k, plan: Plan):
-    """log2(e) * sm_scale * q k^T in float32, [block_q, block_k]."""
-    return jnp.dot(q, k.T, preferred_element_type=jnp.float32) * (plan.sm_scale * _LOG2E)
+def _scores(q, k, plan: Plan, q_start, k_start, slope):
+    """log2(e) * (sm_scale * q k^T - slope (row + offset - col)) in float32, [block_q, block_k]."""
+    s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * (plan.sm_scale * _LOG2E)
+    if not plan.alibi:
+        return s
+    rows = q_start + lax.broadcasted_iota(jnp.int32, s.shape, 0)
+    cols = k_start + lax.broadcasted_iota(jnp.int32, s.shape, 1)
+    return s - (slope * _LOG2E) * (rows + plan.offset - cols).astype(jnp.float32)
+
+
+def _split_slope(refs, plan: Plan):
+    """(this head's ALiBi slope or None, the remaining refs): the slopes ref follows the inputs when plan.alibi."""
+    return (refs[0][0], refs[1:]) if plan.alibi else (None, refs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -214,7 +227,8 @@ def _q_block(plan: Plan):
     return plan.query_block(pl.program_id(0))
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, plan: Plan):
+def _forward_kernel(q_ref, k_ref, v_ref, *refs, plan: Plan):
+    slope, (o_ref, lse_ref) = _split_slope(refs, plan)
     q_block = _q_block(plan)
     q_start = q_block * plan.block_q
     q = q_ref[...]
@@ -226,7 +240,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, plan: Plan):
             k_start = pl.multiple_of(k_block * plan.block_k, plan.block_k)
             k = k_ref[pl.ds(k_start, plan.block_k), :]
             v = v_ref[pl.ds(k_start, plan.block_k), :]
-            s = _scores(q, k, plan)
+            s = _scores(q, k, plan, q_start, k_start, slope)
             if masked:
                 s = jnp.where(_visible(q_start, k_start, plan), s, _MASKED)
             new_max = jnp.maximum(row_max, jnp.max(s, axis=1))
@@ -253,7 +267,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, plan: Plan):
     lse_ref[...] = jnp.where(seen, row_max + jnp.log2(safe_sum), 0.0).reshape(lse_ref.shape)
 
 
-def _key_value_grad_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, plan: Plan):
+def _key_value_grad_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, plan: Plan):
+    slope, (dk_ref, dv_ref) = _split_slope(refs, plan)
     k_block = pl.program_id(0)
     k_start = k_block * plan.block_k
     k, v = k_ref[...], v_ref[...]
@@ -264,7 +279,7 @@ def _key_value_grad_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_r
             q_start = pl.multiple_of(q_block * plan.block_q, plan.block_q)
             rows = pl.ds(q_start, plan.block_q)
             q, do = q_ref[rows, :], do_ref[rows, :]
-            p = jnp.exp2(_scores(q, k, plan) - _column(lse_ref[rows]))
+            p = jnp.exp2(_scores(q, k, plan, q_start, k_start, slope) - _column(lse_ref[rows]))
             if masked:
                 p = jnp.where(_visible(q_start, k_start, plan), p, 0.0)
             dv = dv + jnp.dot(p.astype(do.dtype).T, do, preferred_element_type=jnp.float32)
@@ -281,7 +296,8 @@ def _key_value_grad_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_r
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _query_grad_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, plan: Plan):
+def _query_grad_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, plan: Plan):
+    slope, (dq_ref,) = _split_slope(refs, plan)
     q_block = _q_block(plan)
     q_start = q_block * plan.block_q
     q, do = q_ref[...], do_ref[...]
@@ -292,7 +308,7 @@ def _query_grad_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, 
             k_start = pl.multiple_of(k_block * plan.block_k, plan.block_k)
             k = k_ref[pl.ds(k_start, plan.block_k), :]
             v = v_ref[pl.ds(k_start, plan.block_k), :]
-            p = jnp.exp2(_scores(q, k, plan) - lse)
+            p = jnp.exp2(_scores(q, k, plan, q_start, k_start, slope) - lse)
             if masked:
                 p = jnp.where(_visible(q_start, k_start, plan), p, 0.0)
             dp = jnp.dot(do, v.T, preferred_element_type=jnp.float32)
@@ -373,18 +389,25 @@ def _call(kernel, plan: Plan, grid_blocks, in_specs, out_specs, out_shape, name)
     )
 
 
-def forward(q, k, v, plan: Plan):
+def _with_slopes(plan: Plan, specs, inputs, slopes):
+    """Appends the [Hq] slopes (one per program's head) to a kernel's inputs when plan.alibi."""
+    if not plan.alibi:
+        return specs, inputs
+    return [*specs, pl.BlockSpec((1,), lambda i, b, h: (h,))], (*inputs, slopes)
+
+
+def forward(q, k, v, slopes, plan: Plan):
     """The forward kernel on padded inputs: (out, lse [B, H, padded Lq] in base 2)."""
     head_dim = q.shape[-1]
     batch, heads = q.shape[0], q.shape[1 if plan.heads_major else 2]
     out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct(_row_shape(plan, batch, heads), jnp.float32)]
-    in_specs = _specs(plan, head_dim, "q_tile", "kv_all", "kv_all")
+    in_specs, inputs = _with_slopes(plan, _specs(plan, head_dim, "q_tile", "kv_all", "kv_all"), (q, k, v), slopes)
     out_specs = _specs(plan, head_dim, "q_tile", "row_tile")
-    return _call(_forward_kernel, plan, plan.q_blocks, in_specs, out_specs, out_shape, "flash_forward")(q, k, v)
+    return _call(_forward_kernel, plan, plan.q_blocks, in_specs, out_specs, out_shape, "flash_forward")(*inputs)
 
 
-def backward(q, k, v, out, lse, d_out, plan: Plan):
+def backward(q, k, v, slopes, out, lse, d_out, plan: Plan):
     """The backward kernels on padded inputs: (dq, dk, dv)."""
     plan = plan.for_backward()
     head_dim = q.shape[-1]
@@ -396,18 +419,16 @@ def backward(q, k, v, out, lse, d_out, plan: Plan):
     per_head_shape = list(k.shape)
     per_head_shape[head_axis] = q.shape[head_axis]
     kv_grad_shape = jax.ShapeDtypeStruct(tuple(per_head_shape), kv_grad_dtype)
-    dk, dv = _call(
-        _key_value_grad_kernel, plan, plan.k_blocks,
-        _specs(plan, head_dim, "q_all", "kv_tile", "kv_tile", "q_all", "row_all", "row_all"),
-        _specs(plan, head_dim, "kgrad_tile", "kgrad_tile"),
-        [kv_grad_shape, kv_grad_shape], "flash_backward_kv",
-    )(q, k, v, d_out, lse, delta)
-    dq = _call(
-        _query_grad_kernel, plan, plan.q_blocks,
-        _specs(plan, head_dim, "q_tile", "kv_all", "kv_all", "q_tile", "row_tile", "row_tile"),
-        _specs(plan, head_dim, "q_tile"),
-        [jax.ShapeDtypeStruct(q.shape, q.dtype)], "flash_backward_q",
-    )(q, k, v, d_out, lse, delta)[0]
+    in_specs, inputs = _with_slopes(
+        plan, _specs(plan, head_dim, "q_all", "kv_tile", "kv_tile", "q_all", "row_all", "row_all"),
+        (q, k, v, d_out, lse, delta), slopes)
+    dk, dv = _call(_key_value_grad_kernel, plan, plan.k_blocks, in_specs, _specs(plan, head_dim, "kgrad_tile", "kgrad_tile"),
+                   [kv_grad_shape, kv_grad_shape], "flash_backward_kv")(*inputs)
+    in_specs, inputs = _with_slopes(
+        plan, _specs(plan, head_dim, "q_tile", "kv_all", "kv_all", "q_tile", "row_tile", "row_tile"),
+        (q, k, v, d_out, lse, delta), slopes)
+    dq = _call(_query_grad_kernel, plan, plan.q_blocks, in_specs, _specs(plan, head_dim, "q_tile"),
+               [jax.ShapeDtypeStruct(q.shape, q.dtype)], "flash_backward_q")(*inputs)[0]
     if plan.groups > 1:
         grouped = list(k.shape)
         grouped.insert(head_axis + 1, plan.groups)
@@ -416,28 +437,30 @@ def backward(q, k, v, out, lse, d_out, plan: Plan):
     return dq, dk.astype(k.dtype), dv.astype(v.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _flash(q, k, v, plan: Plan):
-    return forward(q, k, v, plan)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _flash(q, k, v, slopes, plan: Plan):
+    return forward(q, k, v, slopes, plan)[0]
 
 
-def _flash_fwd(q, k, v, plan: Plan):
-    out, lse = forward(q, k, v, plan)
-    return out, (q, k, v, out, lse)
+def _flash_fwd(q, k, v, slopes, plan: Plan):
+    out, lse = forward(q, k, v, slopes, plan)
+    return out, (q, k, v, slopes, out, lse)
 
 
 def _flash_bwd(plan: Plan, residuals, d_out):
-    return backward(*residuals, d_out, plan)
+    slopes = residuals[3]
+    return (*backward(*residuals, d_out, plan), jnp.zeros_like(slopes))  # the slopes are constants
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def flash_attention(q, k, v, *, causal=True, window=0, sm_scale=None, block_q=None, block_k=None, interpret=None,
+def flash_attention(q, k, v, *, causal=True, window=0, alibi_slopes=None, sm_scale=None, block_q=None, block_k=None, interpret=None,
                     num_warps=None, num_stages=None, backward_launch=None):
     """Flash attention, [B, Lq, Hq, D] (CONTRACTS §3); differentiable through its own Pallas backward.
 
     window: > 0 (with causal): each query sees only its `window` most recent keys, itself included.
+    alibi_slopes: float [Hq] (with causal): ALiBi, scores - m_h (i - j) (Press et al.; models/positions.py's slopes).
 
     block_q / block_k: tile sizes (powers of two >= 16; default by backend, head dim and dtype;
       shrunk for short inputs); on GPU they set the forward's tiles only, the backward keeping the
@@ -446,24 +469,33 @@ def flash_attention(q, k, v, *, causal=True, window=0, sm_scale=None, block_q=No
     num_warps / num_stages: Triton launch parameters of the forward on GPU.
     backward_launch: (block_q, block_k, num_warps, num_stages) of the backward kernels.
     """
-    plan = make_plan(q, k, v, causal=causal, window=window, sm_scale=sm_scale, block_q=block_q, block_k=block_k,
-                     interpret=interpret, num_warps=num_warps, num_stages=num_stages, backward_launch=backward_launch)
-    out = _flash(*pad_inputs(plan, q, k, v), plan)
+    plan = make_plan(q, k, v, causal=causal, window=window, alibi=alibi_slopes is not None, sm_scale=sm_scale,
+                     block_q=block_q, block_k=block_k, interpret=interpret, num_warps=num_warps, num_stages=num_stages,
+                     backward_launch=backward_launch)
+    slopes = jnp.zeros((q.shape[2],), jnp.float32) if alibi_slopes is None else jnp.asarray(alibi_slopes, jnp.float32)
+    if slopes.shape != (q.shape[2],):
+        raise ValueError(f"alibi_slopes has shape {slopes.shape}; it needs one slope per query head, ({q.shape[2]},)")
+    out = _flash(*pad_inputs(plan, q, k, v), slopes, plan)
     if plan.heads_major:
         out = out.transpose(0, 2, 1, 3)
     return out[:, :plan.len_q, :, :q.shape[-1]]
 
 
-def make_plan(q, k, v, *, causal, window=0, sm_scale, block_q, block_k, interpret, num_warps, num_stages, backward_launch):
+def make_plan(q, k, v, *, causal, window=0, alibi=False, sm_scale, block_q, block_k, interpret, num_warps, num_stages,
+              backward_launch):
     """The static plan of one call: validated shapes, tiles, padded lengths, lowering."""
     _validate(q, k, v, block_q, block_k)
     if window < 0 or (window and not causal):
         raise ValueError(f"window={window} must be >= 0, and > 0 only with causal=True")
+    if alibi and not causal:
+        raise ValueError("alibi_slopes need causal=True (the kernels' ALiBi is the causal, one-sided bias)")
     if backward_launch is not None:
         _validate(q, k, v, *backward_launch[:2])
     backend = jax.default_backend()
     if interpret is None:
         interpret = backend == "cpu"
+    if alibi and backend == "tpu" and not interpret:
+        raise ValueError("alibi_slopes run in interpret mode and on GPU; the TPU lowering has no per-head scalar input yet")
     len_q, heads_q, head_dim = q.shape[1:]
     len_k, heads_kv = k.shape[1], k.shape[2]
     compiled_gpu = backend == "gpu" and not interpret
@@ -479,7 +511,8 @@ def make_plan(q, k, v, *, causal, window=0, sm_scale, block_q, block_k, interpre
     backward = (_fit_block(backward[0], len_q), _fit_block(backward[1], len_k), *backward[2:])
     tile_q, tile_k = max(forward[0], backward[0]), max(forward[1], backward[1])
     return Plan(
-        causal=bool(causal), window=int(window), sm_scale=float(head_dim**-0.5 if sm_scale is None else sm_scale), len_q=len_q,
+        causal=bool(causal), window=int(window), alibi=bool(alibi),
+        sm_scale=float(head_dim**-0.5 if sm_scale is None else sm_scale), len_q=len_q,
         len_k=len_k, block_q=forward[0], block_k=forward[1], padded_q=pl.cdiv(len_q, tile_q) * tile_q,
         padded_k=pl.cdiv(len_k, tile_k) * tile_k, padded_dim=padded_dim, groups=heads_q // heads_kv,
         interpret=bool(interpret), heads_major=backend == "tpu" and not interpret, num_warps=forward[2],

@@ -55,6 +55,9 @@ class GroupedQueryAttention(nn.Module):
         if self.is_mutable_collection("monitors"):
             self.sow("monitors", "entropy", attention.entropy(q, k, mask, bias=bias))
         if key_mask is None and cfg.attention_pattern in ("causal", "sliding"):  # the kernels' patterns
+            if cfg.positional == "alibi":  # the kernels compute ALiBi's bias from the slopes
+                return attention.causal_attention(q, k, v, cfg.attention_impl, window=cfg.attention_window,
+                                                  alibi_slopes=positions.alibi_slopes(cfg.num_heads), **dropout)
             return attention.causal_attention(q, k, v, cfg.attention_impl, bias=bias, window=cfg.attention_window,
                                               **dropout)
         return attention.attend(q, k, v, mask, bias=bias, **dropout)

@@ -181,7 +181,7 @@ def validate(m) -> list[str]:
         p.append(f"model.rope_scaling={m.rope_scaling!r} scales RoPE; model.positional={m.positional!r} must be 'rope'")
     if m.positional == "sinusoidal" and m.d_model % 2:
         p.append(f"model.positional='sinusoidal' needs an even model.d_model, got {m.d_model}")
-    if m.positional in SCORE_BIASES and m.attention_impl != "xla":
+    if m.positional == "t5" and m.attention_impl != "xla":
         p.append(f"model.positional={m.positional!r} needs model.attention_impl='xla' (the flash kernels take no "
-                 "score bias)")
+                 "learned score bias; ALiBi's they compute)")
     return p

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import kernels_pallas
-from models import attention
+from models import attention, positions
 from tests.conftest import slow
 
 fa = importlib.import_module("kernels_pallas.flash_attention")  # the module (the package exports the function)
@@ -87,6 +87,23 @@ def test_sliding_window_matches_the_masked_reference(len_q, len_k, window, block
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * max(1.0, float(np.max(np.abs(w)))), err_msg=name)
 
 
+@pytest.mark.parametrize("len_q,len_k,heads_q,heads_kv,window", [(70, 70, 4, 2, 0), slow(37, 90, 3, 1, 0),
+                                                                 (50, 50, 6, 2, 16)])
+def test_alibi_matches_the_biased_reference(len_q, len_k, heads_q, heads_kv, window):
+    """Press et al.'s slopes (3 and 6 heads: not powers of two) inside the kernels against the XLA path with the
+    [H, Lq, Lk] bias, with and without a sliding window; values and gradients."""
+    q, k, v, d_out = inputs(1, len_q, len_k, heads_q, heads_kv, 16, seed=heads_q)
+    slopes = positions.alibi_slopes(heads_q)
+    flash = functools.partial(kernels_pallas.flash_attention, causal=True, window=window, alibi_slopes=slopes,
+                              block_q=16, block_k=16)
+    bias = positions.alibi_bias(heads_q, jnp.arange(len_q) + len_k - len_q, jnp.arange(len_k))
+    reference = functools.partial(attention.causal_attention, bias=bias, window=window)
+    got = jax.jit(functools.partial(value_and_grads, flash))(q, k, v, d_out)
+    want = jax.jit(functools.partial(value_and_grads, reference))(q, k, v, d_out)
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5 * max(1.0, float(np.max(np.abs(w)))), err_msg=name)
+
+
 def test_a_sliding_window_visits_only_the_blocks_it_sees():
     """At 512 x 512 with a 32-key window and blocks of 16, each query block visits at most 3 key blocks (and each
     key block at most 3 query blocks in the backward), against 16 on average without a window."""
@@ -126,14 +143,15 @@ def test_sm_scale_and_the_float64_loop():
 @pytest.mark.parametrize("causal", [True, slow(False)])
 def test_every_output_element_is_written(causal):
     """Interpret mode fills each kernel output with NaN before the grid runs (pallas' poisoning of
-    uninitialised memory); finite outputs, padded rows included, mean every element was written."""
+    uninitialised memory); finite outputs, padded rows included, mean every element was written (causal: with ALiBi's
+    extra input)."""
     q, k, v, d_out = inputs(1, 75, 50, 4, 2, 64)
-    plan = fa.make_plan(q, k, v, causal=causal, sm_scale=None, block_q=16, block_k=16, interpret=True,
+    plan = fa.make_plan(q, k, v, causal=causal, alibi=causal, sm_scale=None, block_q=16, block_k=16, interpret=True,
                         num_warps=None, num_stages=None, backward_launch=(32, 32, None, None))
-    padded = fa.pad_inputs(plan, q, k, v)
-    out, lse = fa.forward(*padded, plan)
+    padded, slopes = fa.pad_inputs(plan, q, k, v), jnp.asarray(positions.alibi_slopes(4))
+    out, lse = fa.forward(*padded, slopes, plan)
     d_out = jnp.pad(d_out, ((0, 0), (0, plan.padded_q - 75), (0, 0), (0, 0)))
-    grads = fa.backward(*padded, out, lse, d_out, plan)
+    grads = fa.backward(*padded, slopes, out, lse, d_out, plan)
     assert out.shape[1] == plan.padded_q > 75 and grads[1].shape[1] == plan.padded_k > 50
     for name, t in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads)):
         assert np.isfinite(np.asarray(t)).all(), name

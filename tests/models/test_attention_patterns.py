@@ -106,8 +106,10 @@ def test_the_sliding_window_cache_does_not_grow_with_the_length():
     assert jax.tree.leaves(transformer.Transformer(short).init_cache(1, 32))[0].shape[2] == 32
 
 
-def test_the_flash_kernels_give_the_xla_sliding_window_inside_the_model():
-    cfg = _cfg(**PATTERNS["sliding"])
+@pytest.mark.parametrize("positional", ["alibi", slow("rope")])
+def test_the_flash_kernels_give_the_xla_sliding_window_inside_the_model(positional):
+    """Values and parameter gradients; with ALiBi computed inside the kernels from its slopes."""
+    cfg = _cfg(**PATTERNS["sliding"], positional=positional)
     tokens = jax.random.randint(jax.random.key(0), (2, 21), 0, cfg.vocab_size)
     model, params = _model_and_params(cfg, tokens)
     flash = transformer.Transformer(dataclasses.replace(cfg, attention_impl="pallas"))

@@ -199,13 +199,15 @@ def test_bad_position_keys_are_refused(message, overrides):
     assert any(message in p for p in GroupedQueryAttention.validate(_cfg(**overrides))), message
 
 
-@pytest.mark.parametrize("option", [slow("alibi"), slow("t5"), slow("yarn"), slow("sinusoidal")])
-def test_trains_with_the_one_device_losses_on_a_2x2x2_mesh(option, tmp_path):
+@pytest.mark.parametrize("option,impl", [slow("alibi", "pallas"), slow("t5", "xla"), slow("yarn", "xla"),
+                                         slow("sinusoidal", "xla")])
+def test_trains_with_the_one_device_losses_on_a_2x2x2_mesh(option, impl, tmp_path):
+    """ALiBi: the flash kernels per shard (slopes split over heads with them) against XLA on one device."""
     def config():
         c = make_tiny_lm_config()
         c.model.update(**OPTIONS[option])
         return c
-    assert_mesh_run_matches_one_device(config, tmp_path)
+    assert_mesh_run_matches_one_device(config, tmp_path, **({"attention_impl": impl} if impl != "xla" else {}))
 
 
 def test_learned_positions_refuse_sequences_longer_than_their_table():
