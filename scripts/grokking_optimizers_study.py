@@ -66,11 +66,19 @@ def grokked_at(workdir: str):
     return next((e["step"] for e in evals if e["accuracy"] >= TARGET), None)
 
 
+def evaluated_until(workdir: str) -> int:
+    if not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+        return 0
+    return max((e["step"] for e in metrics_writer.read(workdir, "eval")), default=0)
+
+
 def run_until_grokked(name: str, seed: int, workdir: str):
     """Trains `_CHUNK` steps at a time (resuming) until test accuracy reaches TARGET or `--steps` run out."""
     for steps in range(_CHUNK.value, _STEPS.value + _CHUNK.value, _CHUNK.value):
         if grokked_at(workdir):
             break
+        if evaluated_until(workdir) >= min(steps, _STEPS.value):  # this chunk ran before
+            continue
         studies.run_or_reuse(config_for(name, seed, steps=min(steps, _STEPS.value)), workdir)
     return grokked_at(workdir)
 
