@@ -45,6 +45,12 @@ def manager(workdir: str, keep: int, async_save: bool = True, writer: bool = Fal
     return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
 
 
+def has_checkpoints(workdir: str) -> bool:
+    """Whether `workdir` holds any checkpoint step folder (intact or not), without opening a manager."""
+    folder = os.path.join(workdir, "checkpoints")
+    return os.path.isdir(folder) and any(name.isdigit() for name in os.listdir(folder))
+
+
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")

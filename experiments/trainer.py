@@ -39,7 +39,7 @@ import data as datasets
 import models
 from data import pipeline
 from experiments import (checkpointing, distill, losses, metrics_writer, monitors, optimizers, plots, run_record,
-                         sharding, validation)
+                         sharding, validation, warm_start)
 
 
 class TrainState(train_state.TrainState):
@@ -320,6 +320,11 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
     abstract_rng = jax.eval_shape(jax.random.PRNGKey, config.seed)
     abstract_state, state_shardings = abstract_state_and_shardings(init_fn, abstract_rng, mesh)
     abstract_state = checkpointing.abstract_like(abstract_state, state_shardings)
+    warm_variables = None
+    if config.train.init_from:
+        warm_start.check(config, abstract_state.params)
+        if not checkpointing.has_checkpoints(workdir):  # a first start: read the weights it starts from
+            warm_variables = warm_start.read(config)
 
     # A distillation teacher: restored once, sharded like the student.
     teacher_apply, teacher, teacher_shardings = (
@@ -355,6 +360,11 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
         resumed = state is not None
         if not resumed:
             state = compiled_init(rng)
+            if warm_variables is not None:  # another run's weights, this run's fresh optimizer
+                params, model_state = warm_start.place(warm_variables, state_shardings, mesh)
+                state = state.replace(params=params, model_state={**state.model_state, **model_state})
+                if ema_decay > 0:
+                    state = state.replace(ema_params=state.params)
         ckpt = checkpointing.Checkpoints(workdir, config.train.keep_checkpoints,
                                          latest_good=int(state.step) if resumed else None)
 

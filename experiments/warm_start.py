@@ -1,0 +1,59 @@
+"""Starting a run from another run's weights (`train.init_from = RUN_FOLDER`): fine-tuning, context extension, router
+tuning. The folder's newest intact checkpoint gives the parameters and the model state (e.g. router biases); the
+optimizer, the step count and the data start fresh, and the model config may differ in anything that leaves the
+parameter shapes unchanged (max_len under RoPE, RoPE scaling, dropout, kernels). Checked before anything compiles:
+a folder without a run or a checkpoint, or whose parameters differ in a path or a shape, is a one-line ConfigError.
+Only the first start reads the folder: a run that has its own checkpoints resumes from them.
+"""
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+
+import models
+from data.config_fields import ConfigError
+
+
+def check(config, abstract_params) -> None:
+    """ConfigError (one line) unless `config.train.init_from` holds a run whose parameters have abstract_params' paths
+    and shapes (the init run's shapes come from its config, without reading or compiling anything)."""
+    from experiments import restore  # restore reads the trainer's state layout: imported when used
+
+    folder = config.train.init_from
+    try:
+        source = restore.load_config(folder)
+    except FileNotFoundError:
+        raise ConfigError(f"train.init_from={folder!r} has no config.json; pass the workdir of a training run") from None
+    if not restore.checkpoint_steps(folder):
+        raise ConfigError(f"train.init_from={folder!r} has no checkpoint yet")
+    inputs = jax.ShapeDtypeStruct((1, min(source.model.max_len, config.model.max_len)), np.int32)
+    theirs = jax.eval_shape(models.build(source.model).init, jax.random.key(0), inputs)["params"]
+    want, have = _shapes(abstract_params), _shapes(jax.tree.map(lambda x: getattr(x, "value", x), theirs,
+                                                                 is_leaf=lambda x: hasattr(x, "value")))
+    for path in sorted(set(want) | set(have)):
+        if want.get(path) != have.get(path):
+            raise ConfigError(f"train.init_from={folder!r}: parameter {path} is {have.get(path, 'absent')} there and "
+                              f"{want.get(path, 'absent')} here; the models must have the same parameter shapes")
+
+
+def read(config) -> dict:
+    """The init run's newest variables {"params", **model state}, on one device (read outside any mesh context)."""
+    from experiments import restore
+
+    folder = config.train.init_from
+    return restore.load_variables(restore.load_config(folder), folder)[1]
+
+
+def place(variables, state_shardings, mesh) -> tuple[dict, dict]:
+    """(params, model state) placed on `mesh` with the partitioning of the train state's (`state_shardings`);
+    model-state collections this run does not keep are dropped."""
+    def put(tree, shardings):
+        return jax.device_put(tree, jax.tree.map(lambda s: NamedSharding(mesh, s.spec), shardings))
+
+    model_state = {k: put(v, state_shardings.model_state[k]) for k, v in variables.items()
+                   if k in state_shardings.model_state}
+    return put(variables["params"], state_shardings.params), model_state
+
+
+def _shapes(tree) -> dict:
+    return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
