@@ -32,12 +32,6 @@ from experiments import cli, restore
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A language-model run folder (holds config.json and checkpoints/).",
-                               required=True)
-_FACTORS = flags.DEFINE_list("factors", ["1", "2", "4", "8"], "Evaluation lengths, in multiples of the training context.")
-_MAX_WINDOWS = flags.DEFINE_integer("max_windows", 64, "At most this many windows per length (the first ones).")
-
-
 def validation_stream(config) -> np.ndarray:
     """The run's validation tokens in order: the trainer's windows of L + 1 tokens (one token of overlap) joined."""
     windows = datasets.load(config.data, seed=config.seed).evals["eval"]
@@ -74,9 +68,12 @@ def token_losses(config, variables, stream, length: int, max_windows: int) -> np
     return np.concatenate([np.asarray(r) for r in rows])[:count]
 
 
-def length_report(workdir: str, factors, max_windows: int = 64) -> dict:
-    """{"seq_len", "factors": {f: {"loss", "windows", "by_bucket": [loss of positions bL..(b+1)L-1]}}, "curves"}."""
+def length_report(workdir: str, factors, max_windows: int = 64, model_overrides=None) -> dict:
+    """{"seq_len", "factors": {f: {"loss", "windows", "by_bucket": [loss of positions bL..(b+1)L-1]}}, "curves"};
+    model_overrides: config.model keys changed for the evaluation (e.g. a RoPE scaling applied without training)."""
     config = restore.load_config(workdir)
+    if model_overrides:
+        config.model.update(**model_overrides)
     if config.data.name != "text":
         raise ValueError(f"the run in {workdir!r} trained on data.name={config.data.name!r}; length evaluation needs "
                          "a text run")
@@ -128,5 +125,10 @@ def main(argv):
               f"  by context-length bucket: {buckets}", file=sys.stdout)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # the flags exist only for the command (studies import the functions above)
+    _WORKDIR = flags.DEFINE_string("workdir", None, "A language-model run folder (holds config.json and checkpoints/).",
+                                   required=True)
+    _FACTORS = flags.DEFINE_list("factors", ["1", "2", "4", "8"], "Evaluation lengths, in multiples of the training "
+                                 "context.")
+    _MAX_WINDOWS = flags.DEFINE_integer("max_windows", 64, "At most this many windows per length (the first ones).")
     app.run(main)
