@@ -43,6 +43,8 @@ _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds per optimizer.")
 _STEPS = flags.DEFINE_integer("steps", 10_000, "Training steps per run.")
 _CHUNK = flags.DEFINE_integer("chunk", 500, "The table's runs train this many steps at a time until they grok.")
 _WEIGHT_NORM = flags.DEFINE_bool("weight_norm", True, "Also run AdamW's weight-norm variants and plot them.")
+_TRAIN = flags.DEFINE_bool("train", True, "False: only read the runs in the workdir (a study stopped early reports how "
+                            "far each run got).")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/grokking_optimizers", "Where the runs, the table and the plot go.")
 
 
@@ -75,7 +77,7 @@ def evaluated_until(workdir: str) -> int:
 def run_until_grokked(name: str, seed: int, workdir: str):
     """Trains `_CHUNK` steps at a time (resuming) until test accuracy reaches TARGET or `--steps` run out."""
     for steps in range(_CHUNK.value, _STEPS.value + _CHUNK.value, _CHUNK.value):
-        if grokked_at(workdir):
+        if grokked_at(workdir) or not _TRAIN.value:
             break
         if evaluated_until(workdir) >= min(steps, _STEPS.value):  # this chunk ran before
             continue
@@ -94,7 +96,9 @@ def main(argv):
             workdir = os.path.join(_WORKDIR.value, f"{name}_seed{seed}")
             steps.append(run_until_grokked(name, seed, workdir))
             print(f"{name} seed {seed}: test accuracy >= {TARGET} at step {steps[-1]}", flush=True)
-        cells = [f"{s:,}" if s else f"not by {_STEPS.value:,}" for s in steps]
+        folders = [os.path.join(_WORKDIR.value, f"{name}_seed{seed}") for seed in _SEEDS.value]
+        cells = [f"{s:,}" if s else f"not by {evaluated_until(f):,}" if evaluated_until(f) else "not run"
+                 for s, f in zip(steps, folders)]
         median = np.median([s or np.inf for s in steps])
         lines.append(f"| {name} ({SETTINGS[name][0]:g}) | {' | '.join(cells)} | "
                      f"{f'{median:,.0f}' if np.isfinite(median) else 'never'} |")
@@ -105,13 +109,16 @@ def main(argv):
 
 def plot_weight_norms():
     """AdamW's total weight norm and test accuracy through the transition: decay 1.0, none, and dropout 0.1."""
-    variants = {"AdamW, weight decay 1.0": config_for("adamw", 0),
-                "AdamW, no weight decay": config_for("adamw", 0, weight_decay=0.0),
-                "AdamW, weight decay 1.0, dropout 0.1": config_for("adamw", 0, dropout=0.1)}
+    variants = {"AdamW, no weight decay": (config_for("adamw", 0, weight_decay=0.0), "adamw_no_decay"),
+                "AdamW, weight decay 1.0, dropout 0.1": (config_for("adamw", 0, dropout=0.1), "adamw_dropout"),
+                "AdamW, weight decay 1.0": (config_for("adamw", 0), "adamw_seed0")}
     fig, (ax_norm, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
-    for (label, config), folder in zip(variants.items(), ("adamw_seed0", "adamw_no_decay", "adamw_dropout")):
+    for label, (config, folder) in variants.items():
         workdir = os.path.join(_WORKDIR.value, folder)
-        studies.run_or_reuse(config, workdir)
+        if _TRAIN.value:
+            studies.run_or_reuse(config, workdir)
+        elif not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+            continue
         train, evals = metrics_writer.read(workdir, "train"), metrics_writer.read(workdir, "eval")
         ax_norm.plot([e["step"] for e in train], [e["monitor/weight_norm"] for e in train], label=label)
         ax_acc.plot([e["step"] for e in evals], [e["accuracy"] for e in evals], label=label)
