@@ -24,6 +24,16 @@ from models import attention, attention_patterns, bitnet, kv_cache, positions
 from models.lm_config import LMConfig
 
 
+def head_problems(m) -> list[str]:
+    """Head counts and sizes that do not divide (every attention kind with query and key/value heads)."""
+    p = []
+    if m.num_heads >= 1 and m.num_kv_heads and m.num_heads % m.num_kv_heads:
+        p.append(f"model.num_kv_heads={m.num_kv_heads} must divide model.num_heads={m.num_heads}")
+    if m.num_heads >= 1 and not m.head_dim and m.d_model % m.num_heads:
+        p.append(f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}; set model.head_dim")
+    return p
+
+
 class GroupedQueryAttention(nn.Module):
     cfg: LMConfig
 
@@ -121,11 +131,7 @@ class GroupedQueryAttention(nn.Module):
     @staticmethod
     def validate(m) -> list[str]:
         """Cross-field problems of the attention keys (head counts and sizes)."""
-        p = []
-        if m.num_heads >= 1 and m.num_kv_heads and m.num_heads % m.num_kv_heads:
-            p.append(f"model.num_kv_heads={m.num_kv_heads} must divide model.num_heads={m.num_heads}")
-        if m.num_heads >= 1 and not m.head_dim and m.d_model % m.num_heads:
-            p.append(f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}; set model.head_dim")
+        p = head_problems(m)
         p += positions.validate(m)
         p += attention_patterns.validate(m)
         if m.attention_dropout and m.attention_impl != "xla":

@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models import bitnet, layers, positions, ssd
+from models import bitnet, gqa, layers, positions, ssd
 
 GATE_TEMPERATURE = 16.0  # Yang et al.'s GLA: g = sigmoid(.)^(1/16) keeps the decays near 1 at initialisation
 EPSILON = 1e-6  # added to the normaliser (it is positive: phi > 0)
@@ -88,11 +88,7 @@ class LinearAttention(nn.Module):
 
     @staticmethod
     def validate(m) -> list[str]:
-        p = []
-        if m.num_heads >= 1 and m.num_kv_heads and m.num_heads % m.num_kv_heads:
-            p.append(f"model.num_kv_heads={m.num_kv_heads} must divide model.num_heads={m.num_heads}")
-        if m.num_heads >= 1 and not m.head_dim and m.d_model % m.num_heads:
-            p.append(f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}; set model.head_dim")
+        p = gqa.head_problems(m)
         if m.positional in positions.SCORE_BIASES:
             p.append(f"model.attention='linear' has no score matrix to bias; model.positional={m.positional!r} must be "
                      "'rope', 'learned', 'sinusoidal' or 'none'")

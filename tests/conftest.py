@@ -14,6 +14,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
@@ -97,3 +98,15 @@ def assert_mesh_run_matches_one_device(config_fn, tmp_path, **mesh_model_overrid
     for key in expected:
         np.testing.assert_allclose(got[key], expected[key], rtol=2e-5, err_msg=str(key))
     assert got[("train", steps)] < got[("train", 1)]
+
+
+def decode_in_pieces(model, params, tokens, cache, pieces):
+    """model.decode over consecutive chunks of `tokens` of the sizes in `pieces`, from `cache`: (logits of every
+    position [B, sum(pieces), V], the cache after them)."""
+    decode = jax.jit(lambda t, c, s: model.apply({"params": params}, t, c, s, method=model.decode), static_argnums=2)
+    start, outputs = 0, []
+    for size in pieces:
+        logits, cache = decode(tokens[:, start:start + size], cache, start)
+        outputs.append(logits)
+        start += size
+    return jnp.concatenate(outputs, 1), cache

@@ -13,7 +13,7 @@ import pytest
 
 from models import attention_patterns, transformer
 from models.gqa import GroupedQueryAttention
-from tests.conftest import assert_mesh_run_matches_one_device, make_tiny_lm_config, slow
+from tests.conftest import assert_mesh_run_matches_one_device, decode_in_pieces, make_tiny_lm_config, slow
 
 PATTERNS = {
     "sliding": dict(attention_pattern="sliding", attention_window=4),
@@ -73,16 +73,6 @@ def test_a_sliding_window_layer_sees_exactly_its_window(positional):
         np.testing.assert_allclose(windowed[:, i], alone, rtol=1e-5, atol=1e-5)
 
 
-def _decode_in_pieces(model, params, tokens, cache, pieces):
-    decode = jax.jit(lambda t, c, s: model.apply({"params": params}, t, c, s, method=model.decode), static_argnums=2)
-    start, outputs = 0, []
-    for size in pieces:
-        logits, cache = decode(tokens[:, start:start + size], cache, start)
-        outputs.append(logits)
-        start += size
-    return jnp.concatenate(outputs, 1), cache
-
-
 @pytest.mark.parametrize("pattern,kv_cache_dtype", [("sliding", "float"), ("strided", "float"), slow("fixed", "float"),
                                                     slow("sliding", "int8")])
 def test_cached_decoding_equals_the_full_pass(pattern, kv_cache_dtype):
@@ -91,7 +81,7 @@ def test_cached_decoding_equals_the_full_pass(pattern, kv_cache_dtype):
     tokens = jax.random.randint(jax.random.key(0), (2, 14), 0, cfg.vocab_size)
     model, params = _model_and_params(cfg, tokens)
     cache = model.init_cache(2, cfg.max_len)
-    decoded, _ = _decode_in_pieces(model, params, tokens, cache, [7, 1, 1, 1, 1, 3])
+    decoded, _ = decode_in_pieces(model, params, tokens, cache, [7, 1, 1, 1, 1, 3])
     tolerance = 1e-5 if kv_cache_dtype == "float" else 5e-2
     np.testing.assert_allclose(decoded, model.apply({"params": params}, tokens), rtol=tolerance, atol=tolerance)
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from models import hybrid, linear_attention, ssd, transformer
-from tests.conftest import assert_mesh_run_matches_one_device, make_tiny_lm_config, slow
+from tests.conftest import assert_mesh_run_matches_one_device, decode_in_pieces, make_tiny_lm_config, slow
 
 
 def _cfg(**overrides):
@@ -70,23 +70,13 @@ def test_ssd_at_zero_decay_is_linear_attention_in_its_quadratic_form():
     np.testing.assert_allclose(y, np.einsum("bhts,bshe->bthe", scores, v), rtol=1e-5, atol=1e-5)
 
 
-def _decode_in_pieces(model, params, tokens, cache, pieces):
-    decode = jax.jit(lambda t, c, s: model.apply({"params": params}, t, c, s, method=model.decode), static_argnums=2)
-    start, outputs = 0, []
-    for size in pieces:
-        logits, cache = decode(tokens[:, start:start + size], cache, start)
-        outputs.append(logits)
-        start += size
-    return jnp.concatenate(outputs, 1)
-
-
 @pytest.mark.parametrize("overrides", [dict(linear_gate=True, positional="rope"), slow(dict())])
 def test_cached_decoding_equals_the_full_pass(overrides):
     cfg = _cfg(**overrides)
     model = transformer.Transformer(cfg)
     tokens = jax.random.randint(jax.random.key(0), (2, 14), 0, cfg.vocab_size)
     params = nn.meta.unbox(model.init(jax.random.key(1), tokens)["params"])
-    decoded = _decode_in_pieces(model, params, tokens, model.init_cache(2, cfg.max_len), [7, 1, 1, 1, 1, 3])
+    decoded, _ = decode_in_pieces(model, params, tokens, model.init_cache(2, cfg.max_len), [7, 1, 1, 1, 1, 3])
     np.testing.assert_allclose(decoded, model.apply({"params": params}, tokens), rtol=1e-5, atol=1e-5)
     for max_len in (32, 4096):  # the state's size does not depend on the length
         assert {leaf.shape for leaf in jax.tree.leaves(jax.eval_shape(lambda n=max_len: model.init_cache(2, n)))} == {
@@ -103,7 +93,7 @@ def test_hybrid_with_linear_attention_layers_decodes_like_its_full_pass(pattern)
     tokens = jax.random.randint(jax.random.key(0), (2, 13), 0, cfg.vocab_size)
     params = nn.meta.unbox(model.init(jax.random.key(1), tokens)["params"])
     assert f"layer_{pattern.index('L')}_linear_attention" in params["periods"]
-    decoded = _decode_in_pieces(model, params, tokens, model.init_cache(2, cfg.max_len), [5, 1, 1, 6])
+    decoded, _ = decode_in_pieces(model, params, tokens, model.init_cache(2, cfg.max_len), [5, 1, 1, 6])
     np.testing.assert_allclose(decoded, model.apply({"params": params}, tokens), rtol=1e-4, atol=1e-4)
 
 
