@@ -363,8 +363,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
             if warm_variables is not None:  # another run's weights, this run's fresh optimizer
                 params, model_state = warm_start.place(warm_variables, state_shardings, mesh)
                 state = state.replace(params=params, model_state={**state.model_state, **model_state})
-                if ema_decay > 0:
-                    state = state.replace(ema_params=state.params)
+                if ema_decay > 0:  # its own buffers: the step donates both trees
+                    state = state.replace(ema_params=jax.tree.map(jnp.copy, state.params))
         ckpt = checkpointing.Checkpoints(workdir, config.train.keep_checkpoints,
                                          latest_good=int(state.step) if resumed else None)
 
