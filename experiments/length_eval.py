@@ -32,6 +32,7 @@ from experiments import cli, restore
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+
 def validation_stream(config) -> np.ndarray:
     """The run's validation tokens in order: the trainer's windows of L + 1 tokens (one token of overlap) joined."""
     windows = datasets.load(config.data, seed=config.seed).evals["eval"]
