@@ -97,6 +97,9 @@ class LinearAttention(nn.Module):
                      f"{m.attention_pattern!r} must be 'causal'")
         if m.attention_dropout:
             p.append(f"model.attention_dropout={m.attention_dropout} has no probabilities to drop in linear attention")
+        if m.kv_cache_dtype != "float":
+            p.append(f"model.kv_cache_dtype={m.kv_cache_dtype!r}: linear attention decodes from a running sum S, z, not a "
+                     "cache of keys and values; it must be 'float'")
         if m.positional == "rope":
             p += positions.validate(m)
         return p

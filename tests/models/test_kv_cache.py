@@ -36,7 +36,10 @@ def test_write_then_read_round_trips_within_half_a_step():
     np.testing.assert_allclose(back[:, 3:5], new, atol=float(jnp.max(jnp.abs(new))) / 254 + 1e-7)
 
 
-@pytest.mark.parametrize("attention", [a if a == "gqa" else slow(a) for a in sorted(blocks.ATTENTIONS)])
+CACHED_KINDS = sorted(set(blocks.ATTENTIONS) - {"linear"})  # linear attention keeps a running sum (refused: int8)
+
+
+@pytest.mark.parametrize("attention", [a if a == "gqa" else slow(a) for a in CACHED_KINDS])
 def test_every_attention_kind_decodes_through_an_int8_cache_close_to_the_float_cache(attention):
     cfg = transformer.TransformerConfig(vocab_size=23, max_len=16, d_model=24, num_layers=2, d_mlp=40, num_heads=3,
                                         num_kv_heads=1, head_dim=8, attention=attention)

@@ -112,6 +112,7 @@ def test_a_left_padding_mask_hides_the_padded_keys():
 @pytest.mark.parametrize("message,overrides", [
     ("model.attention='linear' has no score matrix to bias; model.positional='alibi'", dict(positional="alibi")),
     ("model.attention_pattern='sliding' must be 'causal'", dict(attention_pattern="sliding", attention_window=4)),
+    ("model.kv_cache_dtype='int8': linear attention decodes from a running sum", dict(kv_cache_dtype="int8")),
 ])
 def test_bad_linear_attention_keys_are_refused(message, overrides):
     assert any(message in p for p in linear_attention.LinearAttention.validate(_cfg(**overrides))), message
