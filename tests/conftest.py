@@ -12,6 +12,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="beyond-jax-cache-"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# Tiny shapes, where compiling dominates: XLA's optimisations off (~35% faster), in the subprocesses tests start
+# too; a test marked `optimised` (thousands of steps, or compiled-memory figures) turns them back on.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -23,8 +26,19 @@ from experiments.configs import grokking, lm_shakespeare  # noqa: E402
 
 def pytest_configure(config):
     assert jax.device_count() == 8, f"tests need 8 fake CPU devices, got {jax.devices()}"
-    if config.option.markexpr == "not slow":  # the default suite: tiny shapes, where compiling dominates
-        jax.config.update("jax_disable_most_optimizations", True)  # ~35% faster; slow tests stay optimised
+
+
+@pytest.fixture(autouse=True)
+def _optimised_when_marked(request):
+    """XLA's optimisations back on for a test marked `optimised` (they are off everywhere else: see above)."""
+    if request.node.get_closest_marker("optimised") is None:
+        yield
+        return
+    jax.config.update("jax_disable_most_optimizations", False)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_disable_most_optimizations", True)
 
 
 def slow(*values):
@@ -103,7 +117,7 @@ def assert_mesh_run_matches_one_device(config_fn, tmp_path, **mesh_model_overrid
 def decode_in_pieces(model, params, tokens, cache, pieces):
     """model.decode over consecutive chunks of `tokens` of the sizes in `pieces`, from `cache`: (logits of every
     position [B, sum(pieces), V], the cache after them)."""
-    decode = jax.jit(lambda t, c, s: model.apply({"params": params}, t, c, s, method=model.decode), static_argnums=2)
+    decode = jax.jit(lambda t, c, s: model.apply({"params": params}, t, c, s, method=model.decode))
     start, outputs = 0, []
     for size in pieces:
         logits, cache = decode(tokens[:, start:start + size], cache, start)

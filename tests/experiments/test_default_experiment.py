@@ -8,6 +8,7 @@ from experiments.configs import default
 
 
 @pytest.mark.slow
+@pytest.mark.optimised  # 5,000 steps: running, not compiling, dominates
 def test_default_experiment_memorises_then_generalises(tmp_path):
     config = default.get_config()
     config.train.update(checkpoint_every=5_000)

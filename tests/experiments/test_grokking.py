@@ -1,19 +1,22 @@
 """The headline behaviour, cheaply, on every run: a small a+b mod 31 task memorises first and generalises
-a thousand steps later (grokking), through the one trainer, in about 20 s on one CPU device. Measured with
-and without `jax_disable_most_optimizations`: train accuracy 0.99 at step 100 (test 0.18), test 0.99 at
-step 1,200 / 1,300, seeds 1 and 3 alike (1,000 and 1,150)."""
+a thousand steps later (grokking), through the one trainer, in about 15 s on one CPU device (compiled with
+XLA's optimisations: 2,000 steps, where running dominates). Measured: train accuracy 0.99 at step 100, test
+accuracy 0.95 at step 1,350 and 1.0 at step 2,000 (earlier, without the optimisations: 1,200 / 1,300, seeds 1
+and 3 alike at 1,000 and 1,150)."""
 
 import jax
+import pytest
 
 from experiments import metrics_writer, trainer
 from experiments.configs import grokking
 
 
+@pytest.mark.optimised
 def test_memorises_first_then_generalises(tmp_path):
     config = grokking.get_config()
     config.model.update(d_model=64, num_heads=4, d_mlp=256)
     config.data.update(p=31, train_fraction=0.5)
-    config.train.update(steps=2500, log_every=50, eval_every=50, checkpoint_every=2500)
+    config.train.update(steps=2000, log_every=50, eval_every=50, checkpoint_every=2000)
     config.optimizer.update(lr=5e-3)
     config.optimizer.adamw.update(weight_decay=2.0)
     trainer.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1], verbose=False)
@@ -23,4 +26,4 @@ def test_memorises_first_then_generalises(tmp_path):
     generalised = min(s for s, a in test.items() if a >= 0.95)
     assert memorised <= 300 and test[memorised] < 0.5, (memorised, test[memorised])  # memorisation, not learning
     assert generalised >= 5 * memorised, (memorised, generalised)  # a long plateau, then the jump
-    assert test[2500] >= 0.99
+    assert test[2000] >= 0.99

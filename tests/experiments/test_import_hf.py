@@ -83,7 +83,7 @@ def test_the_imported_run_folder_restores_and_decodes_like_transformers(tmp_path
     want = _hf_logits(hf, TOKENS)
     tol = dict(rtol=1e-4, atol=1e-4 * np.abs(want).max())
     np.testing.assert_allclose(model.apply(variables, jnp.asarray(TOKENS, jnp.int32)), want, **tol)
-    decode = jax.jit(lambda t, c, s: model.apply(variables, t, c, s, method=model.decode), static_argnums=2)
+    decode = jax.jit(lambda t, c, s: model.apply(variables, t, c, s, method=model.decode))
     logits, cache = decode(jnp.asarray(TOKENS[:, :4], jnp.int32), model.init_cache(2, 16), 0)
     pieces = [logits]
     for t in range(4, TOKENS.shape[1]):
@@ -146,7 +146,7 @@ def test_mamba_logits_and_decoding_equal_transformers(tmp_path, use_bias):
     want = _hf_logits(hf, LONG_TOKENS)
     got = model.apply(variables, jnp.asarray(LONG_TOKENS, jnp.int32))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
-    decode = jax.jit(lambda t, c, s: model.apply(variables, t, c, s, method=model.decode), static_argnums=2)
+    decode = jax.jit(lambda t, c, s: model.apply(variables, t, c, s, method=model.decode))
     logits, cache = decode(jnp.asarray(LONG_TOKENS[:, :7], jnp.int32), model.init_cache(2, 40), 0)
     pieces = [logits]
     for t in range(7, 12):

@@ -18,10 +18,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 CHINCHILLA = os.path.join(REPO, "..", "shared", "data", "chinchilla_svg_extracted_data.csv")
 
 
-@pytest.mark.slow  # ~2 min: 4,500 L-BFGS starts
+@pytest.mark.slow  # ~2 min: 4,500 L-BFGS starts, where running, not compiling, dominates: XLA's optimisations on
 def test_fit_command_reproduces_besiroglu_et_al_on_the_chinchilla_data():
     out = subprocess.run([sys.executable, "-m", "experiments.scaling", f"--fit={CHINCHILLA}"], cwd=REPO,
-                         capture_output=True, text=True, timeout=900, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                         capture_output=True, text=True, timeout=900,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu", "JAX_DISABLE_MOST_OPTIMIZATIONS": "0"})
     assert out.returncode == 0, out.stderr[-2000:]
     fit = json.loads(out.stdout.strip().splitlines()[-1])
     assert fit["points"] == 240

@@ -133,7 +133,8 @@ def test_deq_trains_in_the_trainer_and_logs_solver_statistics(tmp_path):
     assert train[-1]["loss"] < train[0]["loss"]
 
 
-@pytest.mark.slow  # compiled-memory figures: measured with the optimisations the default suite turns off
+@pytest.mark.slow
+@pytest.mark.optimised  # compiled-memory figures: measured with the optimisations the other tests turn off
 def test_implicit_backward_memory_is_flat_in_max_iter_and_unrolling_grows():
     def temp_bytes(backward, max_iter):
         _, model, variables, tokens = _model(backward=backward, max_iter=max_iter, backward_max_iter=max_iter)

@@ -158,7 +158,7 @@ def test_cached_decoding_equals_the_full_pass(option):
         table = params["layers"]["attention"]["t5_bias"]["table"]
         params["layers"]["attention"]["t5_bias"]["table"] = jax.random.normal(jax.random.key(2), table.shape)
     full = model.apply({"params": params}, tokens)
-    decode = jax.jit(lambda t, c, s: model.apply({"params": params}, t, c, s, method=model.decode), static_argnums=2)
+    decode = jax.jit(lambda t, c, s: model.apply({"params": params}, t, c, s, method=model.decode))
     logits, cache = decode(tokens[:, :5], model.init_cache(2, cfg.max_len), 0)
     pieces = [logits]
     for t in range(5, tokens.shape[1]):
