@@ -71,7 +71,8 @@ class LionConfig:
 class AdafactorConfig:
     """Adafactor (Shazeer & Stern 2018) as optax.adafactor: row / column second-moment factors for matrices
     whose dimensions reach `min_dim_size_to_factor`, updates clipped to RMS `clipping_threshold`, steps scaled
-    by the parameter's RMS (`multiply_by_parameter_scale`); `weight_decay` is decoupled (times lr)."""
+    by the parameter's RMS (`multiply_by_parameter_scale`); `weight_decay` is decoupled and, as for every
+    optimizer here, times the lr (optax.adafactor's own `weight_decay_rate` is per step, not times the lr)."""
 
     decay_rate: float = field(0.8, above=0, below=1)  # second-moment decay 1 - t^-decay_rate
     clipping_threshold: float = field(1.0, above=0)
@@ -142,10 +143,12 @@ def _lion(lr, c, mask):
 
 
 def _adafactor(lr, c, mask):
-    return optax.adafactor(lr, min_dim_size_to_factor=c.min_dim_size_to_factor, decay_rate=c.decay_rate,
-                           multiply_by_parameter_scale=c.multiply_by_parameter_scale,
-                           clipping_threshold=c.clipping_threshold, momentum=c.momentum or None,
-                           weight_decay_rate=c.weight_decay or None, weight_decay_mask=mask)
+    """optax.adafactor's descent direction d without a learning rate, then  p -= lr * (d + wd * p)."""
+    direction = optax.adafactor(None, min_dim_size_to_factor=c.min_dim_size_to_factor, decay_rate=c.decay_rate,
+                                multiply_by_parameter_scale=c.multiply_by_parameter_scale,
+                                clipping_threshold=c.clipping_threshold, momentum=c.momentum or None)
+    return optax.chain(direction, optax.scale(-1.0), optax.add_decayed_weights(c.weight_decay, mask),
+                       optax.scale_by_learning_rate(lr))
 
 
 def _schedule_free_adamw(lr, c, mask):

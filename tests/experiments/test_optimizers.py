@@ -135,14 +135,15 @@ def test_each_optimizer_follows_its_equations(name, keys):
 
 
 @pytest.mark.slow
-def test_adafactor_keys_reach_optax():
+def test_adafactor_keys_reach_optax_and_its_decay_is_times_the_lr():
+    """At a constant lr, weight_decay wd equals optax.adafactor's per-step weight_decay_rate lr * wd."""
     rng = np.random.default_rng(2)
     params0, grads = _random_problem(rng, 4, 6, 4)
     opt = base.get_config().optimizer
     opt.update(name="adafactor", lr=0.01, warmup_steps=0)
-    opt.adafactor.update(decay_rate=0.7, clipping_threshold=0.5, min_dim_size_to_factor=2, weight_decay=0.1)
+    opt.adafactor.update(decay_rate=0.7, clipping_threshold=0.5, min_dim_size_to_factor=2, momentum=0.5, weight_decay=3.0)
     expected = _trajectory(optax.adafactor(0.01, min_dim_size_to_factor=2, decay_rate=0.7, clipping_threshold=0.5,
-                                           weight_decay_rate=0.1), grads, params0)
+                                           momentum=0.5, weight_decay_rate=0.01 * 3.0), grads, params0)
     for a, b in zip(_trajectory(opt, grads, params0), expected):
         chex.assert_trees_all_close(a, b, rtol=1e-6)
 
