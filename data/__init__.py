@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from data import algorithmic, prontoqa, prosqa, reasoning, recall, text
+from data import algorithmic, prontoqa, prosqa, prosqa_dag, reasoning, recall, text
 from data.config_fields import field
 
 
@@ -63,7 +63,7 @@ class RecallConfig:
 class ReasoningConfig:
     """Every `config.data` key of the ProsQA- and ProntoQA-style tasks (`data/reasoning.py`)."""
 
-    name: str = "prosqa"  # prosqa | prontoqa
+    name: str = "prosqa"  # prosqa | prontoqa | prosqa_official
     method: str = field("coconut", choices=reasoning.METHODS)  # the model's `thoughts` decides latent or pause
     curriculum: bool = True  # False: train on the last stage (every step a thought) from the start
     last_stage: int = field(4, min=0)  # S: stage S replaces every step by S * thoughts_per_step thoughts
@@ -77,6 +77,21 @@ class ReasoningConfig:
     test_examples: int = field(500, min=1)
     batch_size: int = 64
     eval_batch_size: int = -1  # -1: each evaluation set in one batch
+
+
+@dataclasses.dataclass(frozen=True)
+class ProsQAOfficialConfig(ReasoningConfig):
+    """ProsQA as the paper: training problems of the official distribution (data/prosqa_dag.py), evaluation on
+    the official validation and test splits; the paper's 6 stages of c = 1 thought."""
+
+    name: str = "prosqa_official"
+    last_stage: int = 6
+    min_hops: int = 3
+    max_hops: int = 6
+    branches: int = 0
+    train_examples: int = 17_886
+    eval_examples: int = 300
+    test_examples: int = 500
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,12 +140,14 @@ def _load_recall(config, seed: int) -> Splits:
                   vocab_size=config.vocab_size, seq_len=config.seq_len)
 
 
-GENERATORS = {"prosqa": prosqa, "prontoqa": prontoqa}
+GENERATORS = {"prosqa": prosqa, "prontoqa": prontoqa, "prosqa_official": prosqa_dag}
 
 
 def reasoning_problems(config, seed: int) -> dict[str, list[reasoning.Problem]]:
     """The train / eval / test problems of a reasoning config: disjoint, deterministic in the seed."""
     module = GENERATORS[config.name]
+    if hasattr(module, "splits"):  # its own splits (the official evaluation sets)
+        return module.splits(config, seed)
     generate = functools.partial(module.problem, min_hops=config.min_hops, max_hops=config.max_hops,
                                  branches=config.branches)
     sizes = {"train": config.train_examples, "eval": config.eval_examples, "test": config.test_examples}
@@ -163,6 +180,7 @@ DATASETS = {
     "recall": (_load_recall, RecallConfig, recall.validate),
     "prosqa": (_load_reasoning, ReasoningConfig, prosqa.validate),
     "prontoqa": (_load_reasoning, ProntoQAConfig, prontoqa.validate),
+    "prosqa_official": (_load_reasoning, ProsQAOfficialConfig, prosqa_dag.validate),
 }
 
 

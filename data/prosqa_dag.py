@@ -22,14 +22,18 @@ The probabilities are tuned so that the statistics of data/prosqa_official.py ma
 Facts: every edge once, in random order ("Every X is a Y." / "NAME is a Y."); the question "Is NAME a A or B?"
 with the options in random order; the steps: the person's fact, then one fact per edge of one shortest path
 drawn uniformly among them; the answer "NAME is a TARGET.". Node indices are a random topological order.
+As `data.name = prosqa_official` it trains Coconut on its problems and evaluates on the official splits (`splits`).
 `scripts/prosqa_statistics.py` prints its statistics beside the official files'.
 """
 
 import collections
 import json
+import os
 
 from absl import app, flags
 import numpy as np
+
+from data import prosqa_official, reasoning
 
 HOPS = {3: 0.41, 4: 0.44, 5: 0.13, 6: 0.02}
 PERSONS = {2: 0.58, 3: 0.32, 4: 0.08, 5: 0.015, 6: 0.005}
@@ -43,6 +47,7 @@ ROOT_SIDE_EXTRA_PARENT = 0.1  # each of two more parents, beside the first, with
 OTHER_SIDE_EXTRA_PARENT = 0.4
 PERSON_EXTRA_CHILD = 0.4  # an other person's children: 1 + Binomial(2, this)
 SAME_LAYER_EDGES = 0.2  # per ordered pair of one layer's concepts
+VOCABULARY = reasoning.Vocabulary(("Every", "is", "a", ".", "Is", "or", "?") + NAMES + CONCEPTS)
 OTHER_SIDE_INTO_ROOT_SIDE = 0.25  # per O concept: an edge to a random R concept
 
 
@@ -69,9 +74,10 @@ def _layer_sizes(rng, root_side: int, layers: int, hops: int) -> list[int]:
     return sizes
 
 
-def draw_graph(rng) -> dict:
-    """{"edges": [(u, v)], "root", "target", "neg_target", "persons": [ids]}: ids 0..n-1, persons first."""
-    hops = _draw(rng, HOPS)
+def draw_graph(rng, min_hops: int = 3, max_hops: int = 6) -> dict:
+    """{"edges": [(u, v)], "root", "target", "neg_target", "persons": [ids]}: ids 0..n-1, persons first; hops
+    drawn from HOPS within [min_hops, max_hops]."""
+    hops = _draw(rng, {h: p for h, p in HOPS.items() if min_hops <= h <= max_hops})
     persons = _draw(rng, PERSONS)
     nodes = int(np.clip(round(rng.normal(22.8, 2.0)), max(14, persons + hops + 3), 28))
     concepts = nodes - persons
@@ -142,9 +148,9 @@ def _fact(symbols, persons, u, v) -> str:
     return f"{symbols[u]} is a {symbols[v]}." if u in persons else f"Every {symbols[u]} is a {symbols[v]}."
 
 
-def record(rng) -> dict:
+def record(rng, min_hops: int = 3, max_hops: int = 6) -> dict:
     """One problem in the official schema."""
-    g = draw_graph(rng)
+    g = draw_graph(rng, min_hops, max_hops)
     num_nodes = 1 + max(max(e) for e in g["edges"])
     persons = set(g["persons"])
     names = iter(rng.permutation(NAMES).tolist())
@@ -168,6 +174,34 @@ def record(rng) -> dict:
 def records(num: int, seed: int) -> list[dict]:
     rng = np.random.default_rng(seed)
     return [record(rng) for _ in range(num)]
+
+
+def splits(config, seed: int) -> dict[str, list[reasoning.Problem]]:
+    """`data.name = prosqa_official`: `train_examples` generated problems (deterministic in the seed, none with an
+    official question), the official validation split as "eval" and the official test split as "test" (their first
+    `eval_examples` / `test_examples`), as the paper trains and evaluates."""
+    official = {"eval": prosqa_official.load("valid")[:config.eval_examples],
+                "test": prosqa_official.load("test")[:config.test_examples]}
+    seen = {p.question for ps in official.values() for p in ps}
+    generate = lambda rng, i: prosqa_official.problem(record(rng, config.min_hops, config.max_hops))  # noqa: E731
+    train = [p for p in reasoning.unique_splits(generate, {"train": config.train_examples + 10}, seed)["train"]
+             if p.question not in seen][:config.train_examples]
+    return {"train": train, **official}
+
+
+def validate(config) -> list[str]:
+    p = []
+    if not min(HOPS) <= config.min_hops <= config.max_hops <= max(HOPS):
+        p.append(f"data.min_hops={config.min_hops}, data.max_hops={config.max_hops}: the official distribution has "
+                 f"{min(HOPS)}-{max(HOPS)} hops; need {min(HOPS)} <= min_hops <= max_hops <= {max(HOPS)}")
+    if config.branches:
+        p.append(f"data.branches={config.branches}: the official distribution has no dead-end count; leave it 0")
+    for split, size, key in (("valid", 300, "eval_examples"), ("test", 500, "test_examples")):
+        if not os.path.exists(prosqa_official.path(split)):
+            p.append(f"the official ProsQA {split} split {prosqa_official.path(split)} does not exist")
+        if getattr(config, key) > size:
+            p.append(f"data.{key}={getattr(config, key)}: the official {split} split has {size} problems")
+    return p
 
 
 def main(argv):

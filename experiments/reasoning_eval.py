@@ -1,4 +1,4 @@
-"""Answer accuracy of a finished reasoning run (`data.name = prosqa | prontoqa`) by batched generation.
+"""Answer accuracy of a finished reasoning run (`data.name = prosqa | prontoqa | prosqa_official`) by batched generation.
 
 The model reads each left-padded question (and `<bot>`, its thoughts and `<eot>` for Coconut), then
 generates greedily; an answer counts when the words between `###` and `<eos>` equal the problem's answer.

@@ -106,3 +106,35 @@ def test_the_path_in_the_steps_is_uniform_over_the_shortest_paths():
     assert set(counts) == {("s", "a", "c", "t"), ("s", "b", "c", "t"), ("s", "a", "d", "t")}
     for path, count in counts.items():
         assert count / 3000 == pytest.approx(1 / 3, abs=0.04), (path, count)
+
+
+def _official_data_config(**overrides):
+    from experiments.configs import coconut_prosqa_official
+    config = coconut_prosqa_official.get_config("cot").data
+    config.update(train_examples=40, **overrides)
+    return config
+
+
+def test_the_official_config_trains_on_generated_problems_and_evaluates_on_the_official_splits():
+    import data as datasets
+
+    config = _official_data_config()
+    assert not prosqa_dag.validate(config)
+    problems = datasets.reasoning_problems(config, 0)
+    assert problems["eval"] == prosqa_official.load("valid") and problems["test"] == prosqa_official.load("test")
+    official_questions = {p.question for p in problems["eval"] + problems["test"]}
+    assert len(problems["train"]) == 40 and not official_questions & {p.question for p in problems["train"]}
+    assert datasets.reasoning_problems(config, 0)["train"] == problems["train"]
+    assert datasets.reasoning_problems(config, 1)["train"] != problems["train"]
+    splits = datasets.load(config, 0)  # every official word is in the generator's vocabulary
+    assert splits.vocab_size == len(prosqa_dag.VOCABULARY) and set(splits.evals) == {"eval"}
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(min_hops=2), "data.min_hops=2, data.max_hops=6: the official distribution has 3-6 hops"),
+    (dict(branches=1), "data.branches=1: the official distribution has no dead-end count"),
+    (dict(test_examples=501), "data.test_examples=501: the official test split has 500 problems"),
+])
+def test_bad_official_keys_are_refused_in_one_line(overrides, message):
+    problems = prosqa_dag.validate(_official_data_config(**overrides))
+    assert len(problems) == 1 and problems[0].startswith(message), problems

@@ -97,3 +97,26 @@ def test_evaluate_scores_hand_made_generations_batch_by_batch(tmp_path, monkeypa
     assert len(served) == len(problems) == 8
     assert result["accuracy"] == 3 / 8  # problems 0, 3 and 6
     assert result["tokens"] == 3.0 and result["thoughts"] == 0.0
+
+
+@pytest.mark.slow
+def test_a_run_on_the_official_distribution_is_scored_on_the_official_test_split(tmp_path, monkeypatch):
+    import data as datasets
+    from data import prosqa_official
+    from experiments.configs import coconut_prosqa_official
+
+    config = coconut_prosqa_official.get_config("coconut")
+    config.model.update(d_model=32, num_layers=1, num_heads=2, d_mlp=64)
+    config.data.update(train_examples=16, test_examples=6, eval_examples=8, last_stage=2, batch_size=8,
+                       eval_batch_size=8)
+    config.train.update(steps=2, log_every=1, eval_every=0, checkpoint_every=2)
+    config.mesh.update(data=-1)
+    trainer.train_and_evaluate(config, str(tmp_path), verbose=False)
+    served = []
+    generate = reasoning_eval.coconut.generate
+    monkeypatch.setattr(reasoning_eval.coconut, "generate", lambda *a, **k: served.append(a[2]) or generate(*a, **k))
+    result = reasoning_eval.evaluate(restore.load_config(str(tmp_path)), str(tmp_path), batch_size=4)
+    assert result["thoughts"] == 2.0 and 0.0 <= result["accuracy"] <= 1.0
+    vocab = datasets.GENERATORS["prosqa_official"].VOCABULARY
+    prompts = [" ".join(w for w in vocab.decode(row) if w not in ("<pad>", "<bot>")) for b in served for row in b]
+    assert prompts == [" ".join(p.question) for p in prosqa_official.load("test")[:6]]  # the official test split
