@@ -1,7 +1,8 @@
-"""The recall study: attention vs Mamba-2 (two state sizes) vs hybrid on MQAR over sequence lengths.
+"""The recall study: attention vs Mamba-2 (two state sizes) vs hybrid vs the subquadratic mixers (linear attention,
+sliding-window attention, Mamba-1) on MQAR over sequence lengths.
 
     python scripts/recall_study.py [--out=runs/recall_study] [--lengths=32,64,128] [--steps=1500]
-        [--variants=attention,ssd_state16,...]   (all five by default)
+        [--variants=attention,ssd_state16,...]   (all eight by default)
 
 Each run is the shared trainer on `experiments/configs/recall.py` with num_pairs = seq_len / 8 and
 fresh examples, in its own workdir under --out (a finished run is read back, not run again). Writes
@@ -33,6 +34,10 @@ VARIANTS = {  # key: (label, recall config arg, model overrides)
     "ssd_state64": ("Mamba-2, state 64", "ssd", dict(ssm_state=64)),
     "hybrid": ("hybrid (SA), state 16", "hybrid", dict(ssm_state=16)),
     "transformer": ("transformer, no conv", "transformer", {}),
+    "linear": ("linear attention: short conv + linear attention, twice (CL x 2)", "attention", dict(layer_pattern="CL")),
+    "sliding": ("sliding-window attention (16 keys), CA x 2", "attention",
+                dict(attention_pattern="sliding", attention_window=16)),
+    "mamba1": ("Mamba-1, 3 layers, state 16", "ssd", dict(layer_pattern="M")),
 }
 _VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), f"Models to run, of {list(VARIANTS)}.")
 
