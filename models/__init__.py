@@ -15,6 +15,8 @@ Flax collections the trainer understands, besides "params" (trained by gradients
   weighted cross-entropy to the loss.
 - "monitors": training-dynamics statistics (attention entropy, residual RMS, activation density) a module
   sows only when the collection is mutable (`train.monitors`): nothing is computed otherwise.
+- "intermediates": activations at named sites (`models.sites`: each layer's residual stream and its mixer's and
+  FFN's outputs) a module sows only when the collection is mutable (experiments/activations.py captures them).
 - "probes": zero-valued variables whose cotangents carry statistics of a custom backward pass (the
   DEQ's adjoint solve); the trainer differentiates with respect to them and logs the cotangents.
 - any other collection (e.g. MoE router biases): model state that the training forward pass updates
@@ -30,7 +32,8 @@ from models import coconut, deq_transformer, hybrid, moe_transformer, transforme
 MTP = "mtp"  # multi-token-prediction logits (models/mtp.py)
 SOWN = ("losses", "metrics", MTP)  # written by every training forward pass, not kept
 MONITORS = "monitors"  # sown only when the trainer asks (train.monitors), not kept
-NOT_STATE = (*SOWN, MONITORS)
+INTERMEDIATES = "intermediates"  # activations sown only for analyses (experiments/activations.py), not kept
+NOT_STATE = (*SOWN, MONITORS, INTERMEDIATES)
 PROBES = "probes"
 
 MODELS = {

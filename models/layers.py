@@ -25,6 +25,12 @@ def dropout(module: nn.Module, x, rate: float):
     return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
 
 
+def sow_site(module: nn.Module, name: str, x):
+    """Sows x under `name` in "intermediates" when that collection is mutable (an analysis asked for it)."""
+    if module.is_mutable_collection("intermediates"):
+        module.sow("intermediates", name, x)
+
+
 def dense_init(*logical_axes):
     """LeCun-normal (std 1/sqrt(fan_in)) kernels with logical axis names."""
     return nn.with_logical_partitioning(nn.initializers.lecun_normal(), logical_axes)

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from models import blocks, layers, mtp, positions
 from models.lm_config import LMConfig
 
-STACKED_COLLECTIONS = ("params", "router_bias", "metrics", "losses", "monitors")
+STACKED_COLLECTIONS = ("params", "router_bias", "metrics", "losses", "monitors", "intermediates")
 
 
 class LM(nn.Module):
@@ -95,6 +95,10 @@ class LM(nn.Module):
     def logits(self, h):
         """[B, T, D] -> float32 logits [B, T, V]."""
         return layers.vocab_logits(h, self.embed, self.unembed)
+
+    def lens_logits(self, x):
+        """The logit lens: a residual stream [B, T, D] read through the final norm and the unembedding."""
+        return self.logits(self.final_norm(x))
 
     def __call__(self, tokens):
         """int32[B, L] -> float32 logits [B, L, V] of the next token at every position. With MTP modules and a

@@ -1,0 +1,90 @@
+"""Activation capture and the logit lens (experiments/activations.py, experiments/logit_lens.py): the sites add up
+to the residual stream, the captured layers are those of a model truncated to them, the last layer's lens is the
+model's output, and the command's last layer gives the trainer's evaluation loss."""
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from experiments import activations, logit_lens, metrics_writer
+from models import hybrid, transformer
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _model_and_params(model_cls, cfg, tokens):
+    model = model_cls(cfg)
+    return model, {"params": nn.meta.unbox(model.init(jax.random.key(1), tokens)["params"])}
+
+
+def _truncated(variables, stack: str, units: int):
+    params = dict(variables["params"])
+    params[stack] = jax.tree.map(lambda p: p[:units], params[stack])
+    return {"params": params}
+
+
+@pytest.mark.parametrize("family", ["transformer", "hybrid"])
+def test_captured_layers_add_up_and_equal_a_model_truncated_to_them(family):
+    tokens = jax.random.randint(jax.random.key(0), (2, 7), 0, 19)
+    if family == "transformer":
+        cfg = transformer.TransformerConfig(vocab_size=19, max_len=8, d_model=16, num_layers=3, num_heads=2, d_mlp=32)
+        model_cls, stack, per_unit = transformer.Transformer, "layers", 1
+    else:  # two periods of a Mamba-2 layer and an attention block: layers interleave across the periods
+        cfg = hybrid.HybridConfig(vocab_size=19, max_len=8, d_model=16, num_layers=4, layer_pattern="SA", num_heads=2,
+                                  ssm_head_dim=8, ssm_state=4, chunk_size=4, d_mlp=32)
+        model_cls, stack, per_unit = hybrid.HybridLM, "periods", 2
+    model, variables = _model_and_params(model_cls, cfg, tokens)
+    logits, embed, layers = activations.capture(model, variables, tokens)
+    assert len(layers) == cfg.num_layers
+    np.testing.assert_allclose(logits, model.apply(variables, tokens), rtol=1e-6, atol=1e-6)
+    previous = embed
+    for layer in layers:  # x_l = x_{l-1} + mixer_out (+ ffn_out)
+        np.testing.assert_allclose(layer["residual"], previous + layer["mixer_out"] + layer.get("ffn_out", 0.0),
+                                   rtol=1e-5, atol=1e-5)
+        previous = layer["residual"]
+    lens = lambda x: model.apply(variables, x, method=model.lens_logits)  # noqa: E731
+    np.testing.assert_allclose(lens(layers[-1]["residual"]), logits, rtol=1e-5, atol=1e-5)
+    units = cfg.num_layers // per_unit - 1  # a model of the first units only ends where they end
+    short = model_cls(dataclasses.replace(cfg, num_layers=units * per_unit))
+    np.testing.assert_allclose(lens(layers[units * per_unit - 1]["residual"]),
+                               short.apply(_truncated(variables, stack, units), tokens), rtol=1e-5, atol=1e-5)
+
+
+def test_the_last_layer_of_the_lens_is_the_trainers_evaluation(finished_tiny_run):
+    report = logit_lens.lens_report(str(finished_tiny_run), max_examples=100_000)
+    assert report["layers"] == [0, 1, 2]
+    trained = metrics_writer.read(str(finished_tiny_run), "eval")[-1]
+    np.testing.assert_allclose(report["loss"][-1], trained["loss"], rtol=1e-5)
+    np.testing.assert_allclose(report["accuracy"][-1], trained["accuracy"], rtol=1e-5)
+
+
+@pytest.mark.slow  # a subprocess; by default the function above
+def test_the_lens_command_writes_its_json_and_plot(finished_tiny_run, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(finished_tiny_run, workdir)
+    out = subprocess.run([sys.executable, "-m", "experiments.logit_lens", f"--workdir={workdir}", "--max_examples=8"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    with open(workdir / "logit_lens.json") as f:
+        assert json.load(f)["examples"] == 8
+    assert (workdir / "logit_lens.png").is_file() and out.stdout.count("layer ") == 3
+
+
+def test_a_family_that_sows_nothing_is_refused_in_one_line():
+    class Bare(nn.Module):
+        @nn.compact
+        def __call__(self, tokens):
+            return nn.Embed(5, 4)(tokens)
+
+    model = Bare()
+    tokens = np.zeros((1, 3), np.int32)
+    with pytest.raises(ValueError, match="sows no activations"):
+        activations.capture(model, model.init(jax.random.key(0), tokens), tokens)
