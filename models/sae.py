@@ -1,0 +1,180 @@
+"""Sparse autoencoders on activations x [N, D] (issue 22): ReLU with an L1 penalty, TopK (Gao et al. 2024, with the
+AuxK loss), BatchTopK (Bussmann et al. 2024) and JumpReLU (Rajamanoharan et al. 2024).
+
+    z     = W_enc (x - b_dec) + b_enc                        pre-activations [N, M]
+    f     = sigma(z)                                          latents, by `kind`:
+              relu       max(z, 0)
+              topk       max(z, 0) at each row's k largest, 0 elsewhere
+              batchtopk  max(z, 0) at the batch's k N largest (k per row on average), 0 elsewhere
+              jumprelu   z H(z - theta),  theta = exp(log_theta) > 0 per latent
+    x_hat = W_dec f + b_dec,   W_dec's columns unit-norm by construction: W_dec = V / ||V||_columns
+    loss  = mean_n ||x - x_hat||^2 + penalty
+              relu       l1_coefficient * mean_n sum_i f_i ||W_dec,i||    (the decoder-norm-weighted L1; the
+                         norms are 1 here, so it is plain L1, but a decoder cannot shrink to cheat it)
+              topk, batchtopk   aux_coefficient * AuxK: the residual e = x - x_hat reconstructed by the k_aux
+                         largest pre-activations of the latents marked dead (`dead` [M]), mean_n ||e - W_dec f_aux||^2
+              jumprelu   l0_coefficient * mean_n sum_i H(z_i - theta_i)
+
+JumpReLU's step H has no useful gradient; its straight-through estimator uses a rectangle kernel of width epsilon,
+K(u) = 1 if |u| < 1/2: with respect to theta,
+
+    d/d theta [z H(z - theta)] = -(theta / epsilon) K((z - theta) / epsilon),   d/d theta H(z - theta) = -(1 / epsilon) K(...)
+
+and nothing flows to z through H (z H(z - theta) passes dL/df H to z, as for a ReLU).
+Metrics (`metrics`): L0 (active latents per row), normalised MSE  sum ||x - x_hat||^2 / sum ||x - mean x||^2,
+explained variance 1 - normalised MSE, and the fraction of latents that never fire in the batch.
+"""
+
+import dataclasses
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from data.config_fields import field
+
+KINDS = ("relu", "topk", "batchtopk", "jumprelu")
+
+
+@dataclasses.dataclass(frozen=True)
+class SAEConfig:
+    d_in: int = field(64, min=1)  # D, the activation width
+    num_latents: int = field(512, min=1)  # M
+    kind: str = field("topk", choices=KINDS)
+    k: int = field(32, min=1)  # topk / batchtopk: active latents per row
+    l1_coefficient: float = field(1e-3, min=0)  # relu
+    aux_k: int = field(256, min=1)  # topk / batchtopk: dead latents the AuxK loss uses
+    aux_coefficient: float = field(1 / 32, min=0)  # Gao et al.'s alpha
+    l0_coefficient: float = field(1e-3, min=0)  # jumprelu
+    epsilon: float = field(1e-3, above=0)  # jumprelu: the rectangle kernel's width
+    initial_threshold: float = field(1e-3, above=0)  # jumprelu: theta at initialisation
+
+
+def _rectangle(u):
+    return (jnp.abs(u) < 0.5).astype(u.dtype)
+
+
+def _theta_cotangent(d_theta, theta):
+    return jnp.sum(d_theta, axis=tuple(range(d_theta.ndim - theta.ndim)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def jump_relu(z, theta, epsilon: float):
+    return z * (z > theta)
+
+
+def _jump_relu_forward(z, theta, epsilon):
+    return jump_relu(z, theta, epsilon), (z, theta)
+
+
+def _jump_relu_backward(epsilon, saved, g):
+    z, theta = saved
+    d_theta = -(theta / epsilon) * _rectangle((z - theta) / epsilon) * g
+    return g * (z > theta), _theta_cotangent(d_theta, theta)
+
+
+jump_relu.defvjp(_jump_relu_forward, _jump_relu_backward)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def step(z, theta, epsilon: float):
+    return (z > theta).astype(z.dtype)
+
+
+def _step_forward(z, theta, epsilon):
+    return step(z, theta, epsilon), (z, theta)
+
+
+def _step_backward(epsilon, saved, g):
+    z, theta = saved
+    d_theta = -(1.0 / epsilon) * _rectangle((z - theta) / epsilon) * g
+    return jnp.zeros_like(z), _theta_cotangent(d_theta, theta)
+
+
+step.defvjp(_step_forward, _step_backward)
+
+
+def top_k_mask(values, k: int):
+    """1 at each row's k largest values (ties broken by position), 0 elsewhere."""
+    _, index = jax.lax.top_k(values, k)
+    return jnp.sum(jax.nn.one_hot(index, values.shape[-1], dtype=values.dtype), axis=-2)
+
+
+def batch_top_k_mask(values, k: int):
+    """1 at the k * rows largest values of the whole batch, 0 elsewhere."""
+    flat = values.reshape(-1)
+    return top_k_mask(flat[None], k * values.shape[0])[0].reshape(values.shape)
+
+
+class SparseAutoencoder(nn.Module):
+    cfg: SAEConfig
+
+    def setup(self):
+        cfg = self.cfg
+        self.w_enc = self.param("w_enc", nn.initializers.lecun_normal(), (cfg.d_in, cfg.num_latents))
+        self.b_enc = self.param("b_enc", nn.initializers.zeros, (cfg.num_latents,))
+        self.v_dec = self.param("v_dec", nn.initializers.lecun_normal(), (cfg.num_latents, cfg.d_in))
+        self.b_dec = self.param("b_dec", nn.initializers.zeros, (cfg.d_in,))
+        if cfg.kind == "jumprelu":
+            self.log_theta = self.param("log_theta", nn.initializers.constant(jnp.log(cfg.initial_threshold)),
+                                        (cfg.num_latents,))
+
+    def decoder(self):
+        """W_dec [M, D] with unit-norm rows (the latents' directions)."""
+        return self.v_dec / jnp.linalg.norm(self.v_dec, axis=-1, keepdims=True)
+
+    def pre_activations(self, x):
+        return (x - self.b_dec) @ self.w_enc + self.b_enc
+
+    def encode(self, x):
+        """x [N, D] -> latents f [N, M]."""
+        cfg, z = self.cfg, self.pre_activations(x)
+        if cfg.kind == "jumprelu":
+            return jump_relu(z, jnp.exp(self.log_theta), cfg.epsilon)
+        f = jax.nn.relu(z)
+        if cfg.kind == "topk":
+            return f * jax.lax.stop_gradient(top_k_mask(f, cfg.k))
+        if cfg.kind == "batchtopk":
+            return f * jax.lax.stop_gradient(batch_top_k_mask(f, cfg.k))
+        return f
+
+    def decode(self, f):
+        return f @ self.decoder() + self.b_dec
+
+    def __call__(self, x):
+        return self.decode(self.encode(x))
+
+    def loss(self, x, dead=None):
+        """(loss, {"mse", "penalty", "l0", "normalised_mse", "explained_variance", "dead_fraction"}); `dead`: bool
+        [M], the latents the AuxK loss may use (topk / batchtopk; None: none)."""
+        cfg = self.cfg
+        f = self.encode(x)
+        x_hat = self.decode(f)
+        mse = jnp.mean(jnp.sum(jnp.square(x - x_hat), axis=-1))
+        if cfg.kind == "relu":
+            penalty = cfg.l1_coefficient * jnp.mean(jnp.sum(f * jnp.linalg.norm(self.decoder(), axis=-1), axis=-1))
+        elif cfg.kind == "jumprelu":
+            z = self.pre_activations(x)
+            penalty = cfg.l0_coefficient * jnp.mean(jnp.sum(step(z, jnp.exp(self.log_theta), cfg.epsilon), axis=-1))
+        else:
+            penalty = cfg.aux_coefficient * self.aux_k_loss(x, x_hat, dead)
+        return mse + penalty, dict(mse=mse, penalty=penalty, **metrics(x, x_hat, f))
+
+    def aux_k_loss(self, x, x_hat, dead):
+        """mean_n ||e - W_dec f_aux||^2, e = x - x_hat (no gradient into x_hat), f_aux = ReLU of the k_aux largest
+        pre-activations among the dead latents; 0 when none is dead."""
+        if dead is None:
+            return jnp.zeros(())
+        z = jnp.where(dead, jax.nn.relu(self.pre_activations(x)), 0.0)
+        k = min(self.cfg.aux_k, self.cfg.num_latents)
+        f_aux = z * jax.lax.stop_gradient(top_k_mask(z, k))
+        error = x - jax.lax.stop_gradient(x_hat)
+        return jnp.where(jnp.any(dead), jnp.mean(jnp.sum(jnp.square(error - f_aux @ self.decoder()), axis=-1)), 0.0)
+
+
+def metrics(x, x_hat, f) -> dict:
+    residual = jnp.sum(jnp.square(x - x_hat))
+    normalised = residual / jnp.sum(jnp.square(x - jnp.mean(x, axis=0)))
+    return dict(l0=jnp.mean(jnp.sum(f != 0, axis=-1)), normalised_mse=normalised, explained_variance=1.0 - normalised,
+                dead_fraction=jnp.mean(jnp.all(f == 0, axis=0)))

@@ -1,0 +1,145 @@
+"""Sparse autoencoders (models/sae.py) against a float64 NumPy reference: the forward pass and loss of every kind,
+TopK's and BatchTopK's exact L0, JumpReLU's straight-through threshold gradient by its formula, the other gradients
+by central differences of the reference, and the AuxK loss."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from data import config_fields
+from models import sae
+
+D, M, N = 6, 9, 5
+
+
+def _setup(kind, **overrides):
+    cfg = sae.SAEConfig(d_in=D, num_latents=M, kind=kind, k=3, aux_k=2, l1_coefficient=0.1, aux_coefficient=0.5,
+                        l0_coefficient=0.2, epsilon=0.5, initial_threshold=0.3, **overrides)
+    model = sae.SparseAutoencoder(cfg)
+    x = jax.random.normal(jax.random.key(0), (N, D))
+    params = model.init(jax.random.key(1), x)["params"]
+    params = {**params, "b_enc": 0.3 * jax.random.normal(jax.random.key(2), (M,)),
+              "b_dec": 0.1 * jax.random.normal(jax.random.key(3), (D,))}
+    return cfg, model, {k: np.asarray(v, np.float64) for k, v in params.items()}, np.asarray(x, np.float64)
+
+
+def _reference(cfg, p, x, dead=None):
+    """(loss, latents, x_hat) in float64."""
+    z = (x - p["b_dec"]) @ p["w_enc"] + p["b_enc"]
+    w_dec = p["v_dec"] / np.linalg.norm(p["v_dec"], axis=1, keepdims=True)
+    relu = np.maximum(z, 0)
+    if cfg.kind == "relu":
+        f = relu
+    elif cfg.kind == "topk":
+        f = np.zeros_like(z)
+        for n in range(len(z)):
+            keep = np.argsort(-relu[n], kind="stable")[:cfg.k]
+            f[n, keep] = relu[n, keep]
+    elif cfg.kind == "batchtopk":
+        keep = np.argsort(-relu.reshape(-1), kind="stable")[:cfg.k * len(z)]
+        f = np.zeros(z.size)
+        f[keep] = relu.reshape(-1)[keep]
+        f = f.reshape(z.shape)
+    else:
+        f = z * (z > np.exp(p["log_theta"]))
+    x_hat = f @ w_dec + p["b_dec"]
+    loss = np.mean(np.sum((x - x_hat) ** 2, axis=1))
+    if cfg.kind == "relu":
+        loss += cfg.l1_coefficient * np.mean(np.sum(f * np.linalg.norm(w_dec, axis=1), axis=1))
+    elif cfg.kind == "jumprelu":
+        loss += cfg.l0_coefficient * np.mean(np.sum(z > np.exp(p["log_theta"]), axis=1))
+    elif dead is not None and dead.any():
+        aux = np.where(dead, relu, 0.0)
+        f_aux = np.zeros_like(aux)
+        for n in range(len(aux)):
+            keep = np.argsort(-aux[n], kind="stable")[:cfg.aux_k]
+            f_aux[n, keep] = aux[n, keep]
+        loss += cfg.aux_coefficient * np.mean(np.sum((x - x_hat - f_aux @ w_dec) ** 2, axis=1))
+    return loss, f, x_hat
+
+
+def _loss(model, params, x, dead=None):
+    return model.apply({"params": params}, jnp.asarray(x, jnp.float32), dead, method=model.loss)
+
+
+@pytest.mark.parametrize("kind", sae.KINDS)
+def test_forward_and_loss_equal_the_numpy_reference(kind):
+    cfg, model, params, x = _setup(kind)
+    dead = np.arange(M) % 3 == 0
+    loss, stats = _loss(model, params, x, dead)
+    want, f, x_hat = _reference(cfg, params, x, dead)
+    np.testing.assert_allclose(loss, want, rtol=1e-5)
+    np.testing.assert_allclose(model.apply({"params": params}, jnp.asarray(x, jnp.float32)), x_hat, rtol=1e-5,
+                               atol=1e-5)
+    np.testing.assert_allclose(stats["l0"], np.mean(np.sum(f != 0, axis=1)), rtol=1e-6)
+    fvu = np.sum((x - x_hat) ** 2) / np.sum((x - x.mean(0)) ** 2)
+    np.testing.assert_allclose(stats["normalised_mse"], fvu, rtol=1e-5)
+    np.testing.assert_allclose(stats["explained_variance"], 1 - fvu, rtol=1e-5, atol=1e-6)
+
+
+def test_topk_fires_exactly_k_per_row_and_batchtopk_k_per_row_on_average():
+    for kind, check in (("topk", lambda f: (np.sum(f != 0, axis=1) == 3).all()), ("batchtopk",
+                        lambda f: np.sum(f != 0) == 3 * N and len(set(np.sum(f != 0, axis=1))) > 1)):
+        _, model, params, x = _setup(kind)
+        params = {**params, "b_enc": np.full(M, 10.0)}  # every pre-activation positive: the mask alone decides
+        f = np.asarray(model.apply({"params": params}, jnp.asarray(x, jnp.float32), method=model.encode))
+        assert check(f), (kind, f != 0)
+
+
+def test_decoder_directions_are_unit_norm():
+    _, model, params, _ = _setup("relu")
+    w_dec = model.apply({"params": params}, method=model.decoder)
+    np.testing.assert_allclose(np.linalg.norm(w_dec, axis=1), 1.0, rtol=1e-6)
+
+
+def test_jumprelu_threshold_gradient_is_the_rectangle_kernel_estimator():
+    cfg, model, params, x = _setup("jumprelu")
+    grads = jax.grad(lambda p: _loss(model, p, x)[0])(params)
+    z = (x - params["b_dec"]) @ params["w_enc"] + params["b_enc"]
+    theta, w_dec = np.exp(params["log_theta"]), params["v_dec"] / np.linalg.norm(params["v_dec"], axis=1, keepdims=True)
+    _, _, x_hat = _reference(cfg, params, x)
+    kernel = (np.abs((z - theta) / cfg.epsilon) < 0.5).astype(np.float64)
+    assert kernel.any() and not kernel.all(), "the test needs pre-activations in and out of the window"
+    d_f = 2.0 / N * (x_hat - x) @ w_dec.T  # d mse / d f
+    d_theta = np.sum(d_f * -(theta / cfg.epsilon) * kernel, axis=0) + cfg.l0_coefficient / N * np.sum(
+        -(1.0 / cfg.epsilon) * kernel, axis=0)
+    np.testing.assert_allclose(grads["log_theta"], d_theta * theta, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", sae.KINDS)
+def test_weight_gradients_equal_central_differences_of_the_reference(kind):
+    cfg, model, params, x = _setup(kind)
+    dead = None  # AuxK's residual is a constant to its gradient (next test)
+    grads = jax.grad(lambda p: _loss(model, p, x, dead)[0])(params)
+    rng = np.random.default_rng(0)
+    for name in ("w_enc", "v_dec", "b_dec", "b_enc"):
+        for index in [tuple(rng.integers(s) for s in params[name].shape) for _ in range(4)]:
+            h = 1e-6
+
+            def shifted(delta, name=name, index=index):
+                p = {k: v.copy() for k, v in params.items()}
+                p[name][index] += delta
+                return _reference(cfg, p, x, dead)[0]
+
+            numeric = (shifted(h) - shifted(-h)) / (2 * h)
+            np.testing.assert_allclose(grads[name][index], numeric, rtol=2e-3, atol=2e-5, err_msg=f"{name}{index}")
+
+
+@pytest.mark.parametrize("kind", ["topk", "batchtopk"])
+def test_the_aux_loss_trains_only_the_dead_latents_encoders(kind):
+    """The residual it reconstructs is held constant: the live latents' encoder columns get the gradient they get
+    without it; the dead ones' get more."""
+    _, model, params, x = _setup(kind)
+    dead = np.arange(M) % 3 == 0
+    with_aux, without = (jax.grad(lambda p, d=d: _loss(model, p, x, d)[0])(params)["w_enc"] for d in (dead, None))
+    np.testing.assert_allclose(with_aux[:, ~dead], without[:, ~dead], rtol=1e-6, atol=1e-7)
+    assert np.abs(np.asarray(with_aux - without)[:, dead]).max() > 1e-4
+
+
+def test_no_dead_latent_means_no_aux_loss_and_the_config_refuses_unknown_kinds():
+    cfg, model, params, x = _setup("topk")
+    loss, stats = _loss(model, params, x, np.zeros(M, bool))
+    assert float(stats["penalty"]) == 0.0 and float(loss) == pytest.approx(float(stats["mse"]))
+    assert config_fields.problems(sae.SAEConfig, {"kind": "l2", "k": 0}, "sae.") == [
+        "sae.kind='l2' is not one of ['relu', 'topk', 'batchtopk', 'jumprelu']", "sae.k=0 must be >= 1"]
