@@ -23,24 +23,42 @@ def _member_order(name: str) -> int:
     return int(name.split("_")[1])  # a hybrid period's members are named layer_{i}_{kind}
 
 
-def _per_layer(stack: dict) -> list[dict]:
-    """[{site: [B, T, D]}] per layer of one scanned stack: {site: (stacked,)} of blocks, or {member: {...}} of
-    periods."""
-    if all(isinstance(v, tuple) for v in stack.values()):
-        members = [stack]
-    else:
-        members = [stack[name] for name in sorted(stack, key=_member_order)]
-    units = next(iter(members[0].values()))[0].shape[0]
-    return [{site: values[0][u] for site, values in member.items()} for u in range(units) for member in members]
+def layer_paths(sown: dict) -> list[tuple]:
+    """Where each layer's sites live in a sown tree, in the order the model runs its layers: (stack, member or
+    None, unit index) with `sown[stack]` = {site: (stacked,)} for blocks, {member: {site: (stacked,)}} for periods."""
+    paths = []
+    for stack in (name for name in STACK_ORDER if name in sown):
+        tree = sown[stack]
+        if all(isinstance(v, tuple) for v in tree.values()):
+            members = [None]
+        else:
+            members = sorted(tree, key=_member_order)
+        first = tree if members[0] is None else tree[members[0]]
+        units = next(iter(first.values()))[0].shape[0]
+        paths += [(stack, member, u) for u in range(units) for member in members]
+    return paths
+
+
+def sites_at(sown: dict, path: tuple) -> dict:
+    """{site: stacked [units, ...]} of the stack (member) on `path`."""
+    stack, member, _ = path
+    tree = sown[stack] if member is None else sown[stack][member]
+    return {site: values[0] for site, values in tree.items()}
+
+
+def capture_tree(model, variables, tokens) -> tuple[jax.Array, dict]:
+    """(logits, the sown "intermediates" tree) of `tokens`; ValueError if the model sows nothing."""
+    logits, written = model.apply(variables, tokens, mutable=[models.INTERMEDIATES])
+    sown = {k: v for k, v in written.get(models.INTERMEDIATES, {}).items() if k in STACK_ORDER}
+    if not sown:
+        raise ValueError(f"model {type(model).__name__} sows no activations (its layers do not call "
+                         "models.layers.sow_site)")
+    return logits, sown
 
 
 def capture(model, variables, tokens) -> tuple[jax.Array, jax.Array, list[dict]]:
     """(logits [B, T, V], embed [B, T, D], [{site: [B, T, D]} per layer]) of `tokens` int32[B, T]."""
-    logits, written = model.apply(variables, tokens, mutable=[models.INTERMEDIATES])
-    sown = written.get(models.INTERMEDIATES, {})
-    stacks = [sown[name] for name in STACK_ORDER if name in sown]
-    if not stacks:
-        raise ValueError(f"model {type(model).__name__} sows no activations (its layers do not call "
-                         "models.layers.sow_site)")
+    logits, sown = capture_tree(model, variables, tokens)
     embed = model.apply(variables, tokens, method=model.embed_tokens)
-    return logits, embed, [layer for stack in stacks for layer in _per_layer(stack)]
+    layers = [{site: stacked[path[2]] for site, stacked in sites_at(sown, path).items()} for path in layer_paths(sown)]
+    return logits, embed, layers

@@ -51,12 +51,12 @@ class Block(nn.Module):
         cfg, dtype = self.cfg, self.cfg.compute_dtype
         attention = ATTENTIONS[self.attention or cfg.attention](cfg, name="attention")
         h, cache = attention(layers.Norm(cfg.norm, dtype, "attention_norm", cfg.norm_eps)(x), start, cache, key_mask)
-        layers.sow_site(self, "mixer_out", h)
+        h = layers.sow_site(self, "mixer_out", h)
         x = x + layers.dropout(self, h, cfg.residual_dropout)
         h = FFNS[self.ffn](cfg)(layers.Norm(cfg.norm, dtype, "mlp_norm", cfg.norm_eps)(x))
-        layers.sow_site(self, "ffn_out", h)
+        h = layers.sow_site(self, "ffn_out", h)
         x = x + layers.dropout(self, h, cfg.residual_dropout)
-        layers.sow_site(self, "residual", x)
+        x = layers.sow_site(self, "residual", x)
         if self.is_mutable_collection("monitors"):
             self.sow("monitors", "residual_rms", jnp.sqrt(jnp.mean(jnp.square(x.astype(jnp.float32)))))
         return nn.with_logical_constraint(x, ACTIVATION), cache

@@ -79,9 +79,9 @@ class MambaLayer(nn.Module):
             state = self.init_cache(self.cfg, x.shape[0], 0, version=self.version)
         mixer = mamba2.Mamba2 if self.version == 2 else mamba1.Mamba1
         h, state = mixer(self.cfg, name="mixer")(layers.Norm(self.cfg.norm, x.dtype, "norm", self.cfg.norm_eps)(x), state)
-        layers.sow_site(self, "mixer_out", h)
+        h = layers.sow_site(self, "mixer_out", h)
         x = nn.with_logical_constraint(x + layers.dropout(self, h, self.cfg.residual_dropout), blocks.ACTIVATION)
-        layers.sow_site(self, "residual", x)
+        x = layers.sow_site(self, "residual", x)
         return x, None if fresh else state
 
     @staticmethod
@@ -110,9 +110,9 @@ class ShortConvLayer(nn.Module):
                                            kernel.astype(dtype), bias.astype(dtype))
         w_out = self.param("out_proj", layers.dense_init(None, "embed"), (cfg.d_model, cfg.d_model))
         h = (h.reshape(-1, cfg.d_model) @ w_out.astype(dtype)).reshape(x.shape)
-        layers.sow_site(self, "mixer_out", h)
+        h = layers.sow_site(self, "mixer_out", h)
         x = nn.with_logical_constraint(x + h, blocks.ACTIVATION)
-        layers.sow_site(self, "residual", x)
+        x = layers.sow_site(self, "residual", x)
         return x, None if fresh else {"conv": conv_state.astype(state["conv"].dtype)}
 
     @staticmethod

@@ -26,9 +26,15 @@ def dropout(module: nn.Module, x, rate: float):
 
 
 def sow_site(module: nn.Module, name: str, x):
-    """Sows x under `name` in "intermediates" when that collection is mutable (an analysis asked for it)."""
+    """The activation x at site `name`: patched to where(mask, value, x) when a "patches" collection holds
+    {"value", "mask"} under `name` (activation patching, ablation), then sown into "intermediates" when that
+    collection is mutable (capture). Without either, x unchanged and nothing computed."""
+    if module.has_variable("patches", name):
+        patch = module.get_variable("patches", name)
+        x = jnp.where(patch["mask"], patch["value"].astype(x.dtype), x)
     if module.is_mutable_collection("intermediates"):
         module.sow("intermediates", name, x)
+    return x
 
 
 def dense_init(*logical_axes):

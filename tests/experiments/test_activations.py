@@ -16,6 +16,7 @@ import pytest
 
 from experiments import activations, logit_lens, metrics_writer
 from models import hybrid, transformer
+from tests.conftest import slow
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -31,7 +32,7 @@ def _truncated(variables, stack: str, units: int):
     return {"params": params}
 
 
-@pytest.mark.parametrize("family", ["transformer", "hybrid"])
+@pytest.mark.parametrize("family", ["transformer", slow("hybrid")])
 def test_captured_layers_add_up_and_equal_a_model_truncated_to_them(family):
     tokens = jax.random.randint(jax.random.key(0), (2, 7), 0, 19)
     if family == "transformer":
