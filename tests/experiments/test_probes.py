@@ -1,0 +1,36 @@
+"""Linear probes (experiments/probes.py) find planted linear structure, not structure that is absent, and read a
+token's identity from the embeddings layer of a model."""
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from experiments import probes
+from models import transformer
+
+
+def test_a_probe_reads_planted_linear_classes_and_not_random_labels():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(600, 16)) * rng.uniform(0.1, 10.0, size=16) + 3.0  # badly scaled features
+    planted = np.argmax(x @ rng.normal(size=(16, 3)) - (3.0 * np.ones(16)) @ rng.normal(size=(16, 3)), axis=1)
+    found = probes.fit(x, planted, 3)
+    assert found["test_accuracy"] > 0.95 and found["train_accuracy"] > 0.95
+    chance = probes.fit(x, rng.integers(0, 3, 600), 3)
+    assert chance["test_accuracy"] < 0.5  # 1/3 by chance; memorising the training split does not carry over
+
+
+def test_the_split_is_seeded_and_disjoint():
+    train, test = probes.split(100, 0.25, seed=3)
+    assert len(test) == 25 and not set(train) & set(test) and len(train) + len(test) == 100
+    assert (probes.split(100, 0.25, seed=3)[1] == test).all() and not (probes.split(100, 0.25, seed=4)[1] == test).all()
+
+
+def test_probe_layers_reads_the_current_token_from_the_embeddings():
+    cfg = transformer.TransformerConfig(vocab_size=4, max_len=16, d_model=16, num_layers=2, num_heads=2, d_mlp=32,
+                                        positional="rope")
+    model = transformer.Transformer(cfg)
+    tokens = jax.random.randint(jax.random.key(0), (32, 16), 0, 4)
+    variables = {"params": nn.meta.unbox(model.init(jax.random.key(1), tokens)["params"])}
+    results = probes.probe_layers(model, variables, tokens, tokens, np.ones(tokens.shape, bool), 4, steps=200)
+    assert [r["layer"] for r in results] == [0, 1, 2]
+    assert results[0]["test_accuracy"] == 1.0  # layer 0 is the token's own embedding
