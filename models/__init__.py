@@ -17,7 +17,8 @@ Flax collections the trainer understands, besides "params" (trained by gradients
   sows only when the collection is mutable (`train.monitors`): nothing is computed otherwise.
 - "intermediates": activations at named sites (`models.sites`: each layer's residual stream and its mixer's and
   FFN's outputs) a module sows only when the collection is mutable (experiments/activations.py captures them);
-  a "patches" collection of {"value", "mask"} per site replaces them (activation patching and ablation).
+  a "patches" collection of {"value", "mask"} per site replaces them (activation patching and ablation), a
+  "steering" collection of vectors per site shifts them (steering).
 - "probes": zero-valued variables whose cotangents carry statistics of a custom backward pass (the
   DEQ's adjoint solve); the trainer differentiates with respect to them and logs the cotangents.
 - any other collection (e.g. MoE router biases): model state that the training forward pass updates

@@ -27,11 +27,14 @@ def dropout(module: nn.Module, x, rate: float):
 
 def sow_site(module: nn.Module, name: str, x):
     """The activation x at site `name`: patched to where(mask, value, x) when a "patches" collection holds
-    {"value", "mask"} under `name` (activation patching, ablation), then sown into "intermediates" when that
-    collection is mutable (capture). Without either, x unchanged and nothing computed."""
+    {"value", "mask"} under `name` (activation patching, ablation), shifted by a vector [D] when a "steering"
+    collection holds one under `name` (steering, at every position, decoding included), then sown into
+    "intermediates" when that collection is mutable (capture). Without any, x unchanged and nothing computed."""
     if module.has_variable("patches", name):
         patch = module.get_variable("patches", name)
         x = jnp.where(patch["mask"], patch["value"].astype(x.dtype), x)
+    if module.has_variable("steering", name):
+        x = x + module.get_variable("steering", name).astype(x.dtype)
     if module.is_mutable_collection("intermediates"):
         module.sow("intermediates", name, x)
     return x
