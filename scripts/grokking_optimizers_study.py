@@ -130,7 +130,9 @@ def run_folder(name: str, seed: int, lr: float) -> str:
 def main(argv):
     del argv
     os.makedirs(_WORKDIR.value, exist_ok=True)
-    sweep_lines = ["| optimizer | lr: steps to test accuracy 0.99 (final test / train accuracy), seed 0 |", "|---|---|"]
+    width = max((len(SWEEPS[name]) for name in _SWEEP.value), default=1)
+    sweep_lines = ["| optimizer (seed 0) |" + " lr: steps to 0.99 (final test / train accuracy) |" * width,
+                   "|---|" + "---|" * width]
     lrs = {name: sweep_lr(name, sweep_lines) if name in _SWEEP.value else SETTINGS[name][0] for name in _OPTIMIZERS.value}
     lines = [f"| optimizer (lr) | {' | '.join(f'seed {s}' for s in _SEEDS.value)} | median |",
              "|---|" + "---|" * (len(_SEEDS.value) + 1)]
