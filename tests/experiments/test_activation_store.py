@@ -10,6 +10,7 @@ import data as datasets
 from experiments import activation_store, activations, restore
 
 
+@pytest.mark.slow  # a model restored and captured per shard
 def test_the_store_holds_the_captured_activations_and_resumes(finished_tiny_run, tmp_path):
     out = str(tmp_path / "store")
     description = activation_store.write(str(finished_tiny_run), out, "mixer_out", 0, "eval", batches=3, batch_size=8)

@@ -4,6 +4,7 @@ token's identity from the embeddings layer of a model."""
 import flax.linen as nn
 import jax
 import numpy as np
+import pytest
 
 from experiments import probes
 from models import transformer
@@ -25,6 +26,7 @@ def test_the_split_is_seeded_and_disjoint():
     assert (probes.split(100, 0.25, seed=3)[1] == test).all() and not (probes.split(100, 0.25, seed=4)[1] == test).all()
 
 
+@pytest.mark.slow  # three probes compiled; by default the planted structure
 def test_probe_layers_reads_the_current_token_from_the_embeddings():
     cfg = transformer.TransformerConfig(vocab_size=4, max_len=16, d_model=16, num_layers=2, num_heads=2, d_mlp=32,
                                         positional="rope")

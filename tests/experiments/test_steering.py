@@ -46,6 +46,7 @@ def test_steering_the_last_layer_is_the_lens_of_the_shifted_residual(setup):
                                **TOL)
 
 
+@pytest.mark.slow  # by default the steered full pass (above)
 def test_cached_decoding_and_the_sampler_steer_like_the_full_pass(setup):
     model, variables, tokens = setup
     vector = jax.random.normal(jax.random.key(3), (16,))
