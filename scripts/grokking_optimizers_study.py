@@ -146,8 +146,8 @@ def main(argv):
         for seed, workdir in zip(map(int, _SEEDS.value), folders):
             steps.append(run_until_grokked(name, seed, workdir, lrs[name]))
             print(f"{name} seed {seed}: test accuracy >= {TARGET} at step {steps[-1]}", flush=True)
-        cells = [f"{s:,}" if s else f"not by {evaluated_until(f):,} ({final_accuracies(f)[0]:.2f})"
-                 if evaluated_until(f) else "not run" for s, f in zip(steps, folders)]
+        cells = [f"{s:,}" if s else "diverged" if diverged(f) else f"not by {evaluated_until(f):,} "
+                 f"({final_accuracies(f)[0]:.2f})" if evaluated_until(f) else "not run" for s, f in zip(steps, folders)]
         median = np.median([s or np.inf for s in steps])
         lines.append(f"| {name} ({lrs[name]:g}) | {' | '.join(cells)} | "
                      f"{f'{median:,.0f}' if np.isfinite(median) else 'never'} |")
