@@ -124,18 +124,10 @@ def topological_order(num_nodes: int, edges, rng) -> list[int]:
 def shortest_path(edges, source: int, target: int, rng) -> list[int]:
     """One shortest source -> target path, uniform among them: backwards from the target, each parent one step
     nearer the source with probability proportional to its number of shortest paths."""
-    children, parents = collections.defaultdict(list), collections.defaultdict(list)
+    parents = collections.defaultdict(list)
     for u, v in edges:
-        children[u].append(v)
         parents[v].append(u)
-    depth, count, frontier = {source: 0}, collections.Counter({source: 1}), [source]
-    for node in frontier:
-        for child in children[node]:
-            if child not in depth:
-                depth[child] = depth[node] + 1
-                frontier.append(child)
-            if depth[child] == depth[node] + 1:
-                count[child] += count[node]
+    depth, count = prosqa_official.breadth_first(edges, source)
     path = [target]
     while path[-1] != source:
         nearer = [u for u in parents[path[-1]] if depth.get(u) == depth[path[-1]] - 1]

@@ -95,8 +95,8 @@ def graph(p: reasoning.Problem) -> dict:
     return dict(edges=edges, persons=persons, root=root, options=options, target=target, neg_target=neg_target)
 
 
-def shortest_paths(edges, source, target) -> tuple[int | None, int]:
-    """(length, count) of the shortest directed paths from source to target; (None, 0) if there is none."""
+def breadth_first(edges, source) -> tuple[dict, collections.Counter]:
+    """(depth, number of shortest paths) of every node reachable from source along the directed edges."""
     children = collections.defaultdict(list)
     for x, y in edges:
         children[x].append(y)
@@ -108,6 +108,12 @@ def shortest_paths(edges, source, target) -> tuple[int | None, int]:
                 frontier.append(child)
             if depth[child] == depth[node] + 1:
                 count[child] += count[node]
+    return depth, count
+
+
+def shortest_paths(edges, source, target) -> tuple[int | None, int]:
+    """(length, count) of the shortest directed paths from source to target; (None, 0) if there is none."""
+    depth, count = breadth_first(edges, source)
     return depth.get(target), count[target]
 
 
