@@ -11,6 +11,7 @@ from experiments import activations, steering
 from models import sampling, transformer
 
 TOL = dict(rtol=1e-5, atol=1e-5)
+pytestmark = pytest.mark.slow  # the default suite's budget; the sites' mechanism is covered there by patching
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,6 @@ def test_steering_the_last_layer_is_the_lens_of_the_shifted_residual(setup):
                                **TOL)
 
 
-@pytest.mark.slow  # by default the steered full pass (above)
 def test_cached_decoding_and_the_sampler_steer_like_the_full_pass(setup):
     model, variables, tokens = setup
     vector = jax.random.normal(jax.random.key(3), (16,))
