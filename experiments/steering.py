@@ -8,6 +8,7 @@ or any other direction (an SAE decoder row). It goes through the "steering" coll
 (models/layers.sow_site), so the full pass, the KV-cached decode and the sampler all steer alike.
 """
 
+import jax
 import jax.numpy as jnp
 
 from experiments import activations
@@ -24,7 +25,7 @@ def mean_difference(model, variables, layer: int, tokens_a, tokens_b, mask_a=Non
 
 def steering_tree(model, variables, tokens, layer: int, vector, alpha: float, site="residual") -> dict:
     """The "steering" collection: alpha * vector at `site` after `layer` (run order), zero at every other layer."""
-    _, sown = activations.capture_tree(model, variables, tokens[:, :1])
+    _, sown = jax.eval_shape(lambda t: activations.capture_tree(model, variables, t), tokens[:, :1])  # shapes only
     tree = {}
     for i, path in enumerate(activations.layer_paths(sown)):
         stack, member, unit = path
