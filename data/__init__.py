@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from data import algorithmic, prontoqa, prosqa, prosqa_dag, reasoning, recall, text
+from data import activations, algorithmic, prontoqa, prosqa, prosqa_dag, reasoning, recall, text
 from data.config_fields import field
 
 
@@ -103,6 +103,16 @@ class ProntoQAConfig(ReasoningConfig):
 
 
 @dataclasses.dataclass(frozen=True)
+class ActivationsConfig:
+    """Every `config.data` key of training on an activation store's rows (`data/activations.py`)."""
+
+    name: str = "activations"
+    store: str = ""  # the store's folder (python -m experiments.activation_store --out=DIR)
+    batch_size: int = 1024
+    eval_batch_size: int = -1  # unused: an SAE is evaluated in its model by experiments/sae_eval.py
+
+
+@dataclasses.dataclass(frozen=True)
 class Splits:
     train: dict[str, np.ndarray]  # with a curriculum: the first stage's examples
     evals: dict[str, dict[str, np.ndarray]]  # evaluation-set name -> examples
@@ -138,6 +148,12 @@ def _load_recall(config, seed: int) -> Splits:
     make = lambda n, s: recall.examples(n, config.seq_len, config.num_pairs, config.vocab_size, s)  # noqa: E731
     return Splits(train=make(config.train_examples, seed), evals={"eval": make(config.test_examples, seed + 10_000)},
                   vocab_size=config.vocab_size, seq_len=config.seq_len)
+
+
+def _load_activations(config, seed: int) -> Splits:
+    del seed  # the pipeline shuffles
+    x = activations.read(config.store)
+    return Splits(train=activations.rows(x), evals={}, vocab_size=1, seq_len=x.shape[1], model_keys={"d_in": x.shape[1]})
 
 
 GENERATORS = {"prosqa": prosqa, "prontoqa": prontoqa, "prosqa_official": prosqa_dag}
@@ -181,6 +197,7 @@ DATASETS = {
     "prosqa": (_load_reasoning, ReasoningConfig, prosqa.validate),
     "prontoqa": (_load_reasoning, ProntoQAConfig, prontoqa.validate),
     "prosqa_official": (_load_reasoning, ProsQAOfficialConfig, prosqa_dag.validate),
+    "activations": (_load_activations, ActivationsConfig, activations.validate),
 }
 
 

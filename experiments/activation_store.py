@@ -2,15 +2,16 @@
 (experiments/activations.py), for SAEs and probes to read without rerunning the model.
 
     python -m experiments.activation_store --workdir=RUN --out=DIR [--site=residual] [--layer=-1] [--split=train]
-        [--batches=64] [--batch_size=32]
+        [--position=all] [--batches=64] [--batch_size=32]
 
-DIR holds `shard_00000.npy`, ... (float32 [tokens of the batch, D], one per batch, each written to a temporary
+DIR holds `shard_00000.npy`, ... (float32 [rows of the batch, D], one per batch, each written to a temporary
 name and renamed, so a shard is whole or absent) and `store.json` (the run, site, layer, split, width). A rerun
-writes only the shards that are missing: an interrupted capture resumes where it stopped. `read(DIR)` returns the
-shards in order as one array.
+writes only the shards that are missing: an interrupted capture resumes where it stopped. Rows are every token of
+the batch, or one position of each example (`--position`, e.g. -1: a grokking model's answer position); the
+splits are the run's ("train", "eval", ...: several, comma-separated, are concatenated in order).
+`data.activations.read(DIR)` returns the shards in order as one array; `data.name = "activations"` trains on them.
 """
 
-import glob
 import json
 import os
 
@@ -19,7 +20,10 @@ import jax
 import numpy as np
 
 import data as datasets
+from data import activations as store_format
 from experiments import activations, cli, restore
+
+read = store_format.read
 
 
 def shard_path(out: str, index: int) -> str:
@@ -32,17 +36,33 @@ def _save_atomically(path: str, array: np.ndarray) -> None:
     os.replace(temporary, path)
 
 
+def examples_of(splits: datasets.Splits, split: str) -> dict:
+    """The examples of `split`: "train", an evaluation set's name, or several comma-separated, concatenated."""
+    parts = []
+    for name in split.split(","):
+        examples = splits.train if name == "train" else splits.evals.get(name)
+        if examples is None:
+            raise ValueError(f"--split={name!r} is not 'train' or one of {sorted(splits.evals)}")
+        parts.append(examples)
+    return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+
+
 def write(workdir: str, out: str, site: str = "residual", layer: int = -1, split: str = "train", batches: int = 64,
-          batch_size: int = 32) -> dict:
-    """Captures `site` after `layer` (run order; -1: the last) for the first `batches` batches of the run's
-    `split` ("train" or an evaluation set's name) and writes the missing shards; returns the store's description."""
+          batch_size: int = 32, position: int | None = None) -> dict:
+    """Captures `site` after `layer` (run order; -1: the last) at every position (or one `position`) for the first
+    `batches` batches of the run's `split` and writes the missing shards; returns the store's description."""
     config = restore.load_config(workdir)
-    splits = datasets.load(config.data, seed=config.seed)
-    examples = splits.train if split == "train" else splits.evals.get(split)
-    if examples is None:
-        raise ValueError(f"--split={split!r} is not 'train' or one of {sorted(splits.evals)}")
+    examples = examples_of(datasets.load(config.data, seed=config.seed), split)
     model, variables = restore.load_variables(config, workdir)
-    capture = jax.jit(lambda tokens: activations.capture(model, variables, tokens)[2][layer][site])
+    picked = (lambda a: a) if position is None else (lambda a: a[:, position])
+
+    @jax.jit
+    def capture(tokens):
+        layers = activations.capture(model, variables, tokens)[2]
+        if site not in layers[layer]:
+            raise ValueError(f"--site={site!r} is not one of {sorted(layers[layer])} at layer {layer}")
+        return picked(layers[layer][site])
+
     os.makedirs(out, exist_ok=True)
     count = min(batches, -(-len(examples["inputs"]) // batch_size))
     for index in range(count):
@@ -52,18 +72,11 @@ def write(workdir: str, out: str, site: str = "residual", layer: int = -1, split
         acts = np.asarray(capture(tokens), np.float32)
         _save_atomically(shard_path(out, index), acts.reshape(-1, acts.shape[-1]))
     description = {"workdir": os.path.abspath(workdir), "site": site, "layer": layer, "split": split,
-                   "batch_size": batch_size, "shards": count, "width": int(np.load(shard_path(out, 0)).shape[-1])}
-    with open(os.path.join(out, "store.json"), "w") as f:
+                   "position": position, "batch_size": batch_size, "shards": count,
+                   "width": int(np.load(shard_path(out, 0)).shape[-1])}
+    with open(os.path.join(out, store_format.DESCRIPTION), "w") as f:
         json.dump(description, f)
     return description
-
-
-def read(out: str) -> np.ndarray:
-    """float32 [N, D]: every shard of the store in order."""
-    paths = sorted(glob.glob(os.path.join(out, "shard_*.npy")))
-    if not paths:
-        raise FileNotFoundError(f"{out} holds no activation shards (write them with experiments.activation_store)")
-    return np.concatenate([np.load(p) for p in paths])
 
 
 def main(argv):
@@ -71,7 +84,9 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     args = flags.FLAGS
     try:
-        description = write(args.workdir, args.out, args.site, args.layer, args.split, args.batches, args.batch_size)
+        position = None if args.position == "all" else int(args.position)
+        description = write(args.workdir, args.out, args.site, args.layer, args.split, args.batches, args.batch_size,
+                            position)
     except (FileNotFoundError, ValueError, KeyError, IndexError) as e:
         cli.fail(str(e))
     print(json.dumps(description))
@@ -80,9 +95,10 @@ def main(argv):
 if __name__ == "__main__":  # the flags exist only for the command
     flags.DEFINE_string("workdir", None, "A run folder (config.json and checkpoints/).", required=True)
     flags.DEFINE_string("out", None, "The store's folder.", required=True)
-    flags.DEFINE_string("site", "residual", "residual, mixer_out or ffn_out.")
+    flags.DEFINE_string("site", "residual", "residual, mixer_out, ffn_out or mlp_hidden.")
+    flags.DEFINE_string("position", "all", "all, or one position of every example (e.g. -1: the last).")
     flags.DEFINE_integer("layer", -1, "The layer, in run order (-1: the last).")
-    flags.DEFINE_string("split", "train", "train, or an evaluation set's name (eval).")
+    flags.DEFINE_string("split", "train", "train, an evaluation set's name (eval), or several comma-separated.")
     flags.DEFINE_integer("batches", 64, "Batches captured (the first ones).")
     flags.DEFINE_integer("batch_size", 32, "Examples per batch.")
     app.run(main)

@@ -5,6 +5,7 @@ The layers sow them into the "intermediates" collection only when it is mutable 
     residual    the residual stream after the layer                          [B, T, D]
     mixer_out   the layer's token mixer output (attention, Mamba, short conv) before it joins the residual
     ffn_out     a block's MLP / MoE output before it joins the residual
+    mlp_hidden  a block's MLP hidden activation act(x W_in + b_in)                 [B, T, d_mlp]
 
 `capture` runs the model once with the collection mutable and returns them per layer in the order the model
 runs its layers (DeepSeek's dense blocks first; a hybrid's period members in pattern order), with `embed`, the

@@ -16,12 +16,14 @@ def plot_curves(workdir: str, keys=("loss", "accuracy"), log_x: bool = False, fi
     events = metrics_writer.read(workdir)
     fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4))
     for ax, key in zip(axes, keys):
+        positive = True
         for split in sorted({e["split"] for e in events if key in e}):
             # A resumed run may have logged a step twice; the later event wins.
             points = dict(sorted({e["step"]: e[key] for e in events if e["split"] == split and key in e}.items()))
             ax.plot(list(points), list(points.values()), label=split)
+            positive = positive and min(points.values()) > 0
         ax.set(xlabel="step", ylabel=key, xscale="log" if log_x else "linear",
-               yscale="log" if key == "loss" else "linear")
+               yscale="log" if key.endswith("loss") and positive else "linear")
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(os.path.basename(os.path.abspath(workdir)))

@@ -7,7 +7,6 @@ import os
 import flax.linen as nn
 import jax
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 
 import models
@@ -38,7 +37,7 @@ def load_variables(config, workdir: str, step: int | None = None):
     if step is None or step not in mngr.all_steps():
         raise FileNotFoundError(f"--workdir={workdir!r} has no checkpoint {'yet' if step is None else step}")
     model = models.build(config.model)
-    inputs = jax.ShapeDtypeStruct((1, config.model.max_len), np.int32)
+    inputs = models.example_inputs(config.model)
     tx = trainer.make_optimizer(config, model, inputs)
     ema = config.train.get("ema_decay", 0.0) > 0
     abstract = nn.meta.unbox(jax.eval_shape(lambda r: trainer.init_state(model, tx, inputs, r, ema=ema),

@@ -62,10 +62,9 @@ def resolve(config, splits: datasets.Splits):
     """Fills the values left to derive (0 in `config.model`) from the data; returns a new config."""
     config = config.copy_and_resolve_references()
     with config.unlocked():
-        if not config.model.vocab_size:
-            config.model.vocab_size = splits.vocab_size
-        if not config.model.max_len:
-            config.model.max_len = splits.seq_len
+        for key, value in (("vocab_size", splits.vocab_size), ("max_len", splits.seq_len)):
+            if key in config.model and not config.model[key]:  # an SAE has neither
+                config.model[key] = value
         for key, value in splits.model_keys.items():  # layout keys the data decides (-1: "from the data")
             if config.model.get(key) == -1:
                 config.model[key] = value
@@ -253,10 +252,11 @@ def evaluate(state, eval_step, batches, mesh, chars_per_token=None) -> dict:
 
 def _check_finite(window, last_good_step, rollbacks: int):
     for step, metrics in window:
-        if not np.isfinite(metrics["loss"]):
+        loss = metrics["loss"] + metrics.get("aux_loss", 0.0)  # the objective's terms (an SAE's: all aux_loss)
+        if not np.isfinite(loss):
             after = f" after {rollbacks} rollbacks" if rollbacks else ""
             raise NonFiniteLossError(
-                f"loss is {metrics['loss']} at step {step}{after}; stopping. The last good checkpoint is step "
+                f"loss is {loss} at step {step}{after}; stopping. The last good checkpoint is step "
                 f"{last_good_step} (lower optimizer.lr, set optimizer.grad_clip or train.nan_rollbacks, then rerun "
                 "to resume)", step)
 
@@ -304,7 +304,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
     # 3. Model, optimizer, and the shardings of the train state (abstract: nothing runs yet).
     model = models.build(config.model)
     schedule = optimizers.learning_rate_schedule(config.optimizer, config.train.steps)
-    example_inputs = jax.ShapeDtypeStruct((batch_shards, splits.seq_len), np.int32)
+    example_inputs = jax.ShapeDtypeStruct((batch_shards, splits.seq_len), splits.train["inputs"].dtype)
     tx = make_optimizer(config, model, example_inputs)
     ema_decay = config.train.ema_decay
     mtp_weight = losses.mtp_weight_schedule(config.train.mtp_weight, config.train.mtp_weight_late,
@@ -469,7 +469,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
             ckpt.close()
             writer.close()
     if is_lead and step > first_step:
-        plots.plot_curves(workdir, log_x=config.train.plot_log_x)
+        plots.plot_curves(workdir, getattr(model, "plot_keys", ("loss", "accuracy")), log_x=config.train.plot_log_x)
         if config.train.monitors:
             plots.plot_monitors(workdir, log_x=config.train.plot_log_x)
     return {"step": step, **last}

@@ -29,7 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models import coconut, deq_transformer, hybrid, moe_transformer, transformer
+from models import coconut, deq_transformer, hybrid, moe_transformer, sae, transformer
 
 MTP = "mtp"  # multi-token-prediction logits (models/mtp.py)
 SOWN = ("losses", "metrics", MTP)  # written by every training forward pass, not kept
@@ -46,6 +46,7 @@ MODELS = {
     "moe": (moe_transformer.MoETransformer, moe_transformer.MoEConfig, moe_transformer.validate),
     "deq": (deq_transformer.DEQTransformer, deq_transformer.DEQConfig, deq_transformer.validate),
     "coconut": (coconut.Coconut, coconut.CoconutConfig, coconut.validate),
+    "sae": (sae.SparseAutoencoder, sae.SAEConfig, sae.validate),  # not an LM: trains on activations (models/sae.py)
 }
 
 
@@ -53,6 +54,13 @@ def build(model_config):
     """ConfigDict `config.model` -> a Flax module (`init` / `apply`)."""
     module, config_cls, _ = MODELS[model_config.name]
     return module(config_cls(**model_config.to_dict()))
+
+
+def example_inputs(model_config, batch: int = 1) -> jax.ShapeDtypeStruct:
+    """What the family's __call__ takes: int32 tokens [batch, max_len], or an SAE's float32 rows [batch, d_in]."""
+    if model_config.name == "sae":
+        return jax.ShapeDtypeStruct((batch, model_config.d_in), jnp.float32)
+    return jax.ShapeDtypeStruct((batch, model_config.max_len), jnp.int32)
 
 
 def parameter_count(model_config, seq_len: int, *, exclude: tuple[str, ...] = (), active: bool = False) -> int:

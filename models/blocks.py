@@ -11,6 +11,8 @@ names of its layers. Adding an attention kind is a module file and one entry in 
 FFN, one entry in FFNS.
 """
 
+import functools
+
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -23,9 +25,10 @@ ATTENTIONS = {
     "linear": linear_attention.LinearAttention,  # Katharopoulos et al.'s, plain or gated: a constant-size state
 }
 
-FFNS = {
-    "mlp": lambda cfg: layers.Mlp(cfg.d_mlp, cfg.activation, cfg.mlp_bias, cfg.compute_dtype, cfg.bitnet, name="mlp"),
-    "moe": lambda cfg: moe.MoEFfn(cfg.d_model, cfg.d_expert or cfg.d_mlp, cfg, cfg.compute_dtype, name="moe"),
+FFNS = {  # cfg, the block -> the FFN module
+    "mlp": lambda cfg, block: layers.Mlp(cfg.d_mlp, cfg.activation, cfg.mlp_bias, cfg.compute_dtype, cfg.bitnet,
+                                         functools.partial(layers.sow_site, block, "mlp_hidden"), name="mlp"),
+    "moe": lambda cfg, block: moe.MoEFfn(cfg.d_model, cfg.d_expert or cfg.d_mlp, cfg, cfg.compute_dtype, name="moe"),
 }
 
 ACTIVATION = ("activation_batch", "activation_length", "activation_embed")
@@ -53,7 +56,7 @@ class Block(nn.Module):
         h, cache = attention(layers.Norm(cfg.norm, dtype, "attention_norm", cfg.norm_eps)(x), start, cache, key_mask)
         h = layers.sow_site(self, "mixer_out", h)
         x = x + layers.dropout(self, h, cfg.residual_dropout)
-        h = FFNS[self.ffn](cfg)(layers.Norm(cfg.norm, dtype, "mlp_norm", cfg.norm_eps)(x))
+        h = FFNS[self.ffn](cfg, self)(layers.Norm(cfg.norm, dtype, "mlp_norm", cfg.norm_eps)(x))
         h = layers.sow_site(self, "ffn_out", h)
         x = x + layers.dropout(self, h, cfg.residual_dropout)
         x = layers.sow_site(self, "residual", x)

@@ -6,6 +6,8 @@ in `experiments/sharding.py` maps them to mesh axes.
 
 import functools
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -64,6 +66,7 @@ class Mlp(nn.Module):
     use_bias: bool = False
     dtype: jnp.dtype = jnp.float32
     bitnet: bool = False  # ternary weights and 8-bit activations (models/bitnet.py)
+    hidden_site: Any = None  # h -> h: the block's sow_site for "mlp_hidden" (act(x W_in + b_in) [B, L, d_mlp])
 
     @nn.compact
     def __call__(self, x):  # [B, L, D]
@@ -81,6 +84,8 @@ class Mlp(nn.Module):
             self.sow("monitors", "activation_density", jnp.mean((h > 0).astype(jnp.float32)))
         h = nn.with_logical_constraint(h.reshape(*x.shape[:-1], self.d_mlp),
                                        ("activation_batch", "activation_length", "activation_mlp"))
+        if self.hidden_site is not None:
+            h = self.hidden_site(h)
         out = dense(
             x.shape[-1], name="wo",
             kernel_init=dense_init("mlp", "embed"),

@@ -23,6 +23,13 @@ K(u) = 1 if |u| < 1/2: with respect to theta,
 and nothing flows to z through H (z H(z - theta) passes dL/df H to z, as for a ReLU).
 Metrics (`metrics`): L0 (active latents per row), normalised MSE  sum ||x - x_hat||^2 / sum ||x - mean x||^2,
 explained variance 1 - normalised MSE, and the fraction of latents that never fire in the batch.
+
+Trained by the one trainer (`model.name = "sae"`, `data.name = "activations"`: rows of an activation store,
+data/activations.py): `__call__(x [B, D])` sows the loss into "losses" and the metrics into "metrics", so the
+trainer's whole objective is the SAE's (the rows have no next-token targets: the returned logits [B, 1, 1] and
+the data's loss mask are zero, so the logged cross-entropy `loss` is 0 and `aux_loss` is the SAE's loss). The
+model state "sae_state" counts the rows since each latent last fired; a latent is dead, for AuxK, after
+`dead_after` rows without firing (Gao et al.: 10M tokens).
 """
 
 import dataclasses
@@ -35,11 +42,13 @@ import jax.numpy as jnp
 from data.config_fields import field
 
 KINDS = ("relu", "topk", "batchtopk", "jumprelu")
+STATE = "sae_state"
 
 
 @dataclasses.dataclass(frozen=True)
 class SAEConfig:
-    d_in: int = field(64, min=1)  # D, the activation width
+    name: str = "sae"
+    d_in: int = field(-1, min=-1)  # D, the activation width (-1: from the data)
     num_latents: int = field(512, min=1)  # M
     kind: str = field("topk", choices=KINDS)
     k: int = field(32, min=1)  # topk / batchtopk: active latents per row
@@ -49,6 +58,15 @@ class SAEConfig:
     l0_coefficient: float = field(1e-3, min=0)  # jumprelu
     epsilon: float = field(1e-3, above=0)  # jumprelu: the rectangle kernel's width
     initial_threshold: float = field(1e-3, above=0)  # jumprelu: theta at initialisation
+    dead_after: int = field(100_000, min=1)  # rows without firing before a latent counts as dead (AuxK)
+
+
+def validate(m) -> list[str]:
+    """Problems with a `config.model` of name "sae" beyond each key's range."""
+    found = []
+    if m.kind in ("topk", "batchtopk") and m.k > m.num_latents:
+        found.append(f"model.k={m.k} exceeds model.num_latents={m.num_latents}; choose k <= num_latents")
+    return found
 
 
 def _rectangle(u):
@@ -109,6 +127,7 @@ def batch_top_k_mask(values, k: int):
 
 class SparseAutoencoder(nn.Module):
     cfg: SAEConfig
+    plot_keys = ("aux_loss", "normalised_mse", "l0")  # the trainer's curves.png (an SAE's loss is all aux_loss)
 
     def setup(self):
         cfg = self.cfg
@@ -116,6 +135,9 @@ class SparseAutoencoder(nn.Module):
         self.b_enc = self.param("b_enc", nn.initializers.zeros, (cfg.num_latents,))
         self.v_dec = self.param("v_dec", nn.initializers.lecun_normal(), (cfg.num_latents, cfg.d_in))
         self.b_dec = self.param("b_dec", nn.initializers.zeros, (cfg.d_in,))
+        if self.has_variable(STATE, "rows_since_fired") or self.is_mutable_collection(STATE):  # the trainer's
+            self.rows_since_fired = self.variable(STATE, "rows_since_fired", jnp.zeros, (cfg.num_latents,),
+                                                  jnp.float32)
         if cfg.kind == "jumprelu":
             self.log_theta = self.param("log_theta", nn.initializers.constant(jnp.log(cfg.initial_threshold)),
                                         (cfg.num_latents,))
@@ -142,12 +164,29 @@ class SparseAutoencoder(nn.Module):
     def decode(self, f):
         return f @ self.decoder() + self.b_dec
 
-    def __call__(self, x):
+    def reconstruct(self, x):
+        """x [N, D] -> x_hat [N, D]."""
         return self.decode(self.encode(x))
+
+    def __call__(self, x):
+        """The trainer's step: sows the loss (AuxK over the latents dead by the state) and the metrics, and, when
+        the state is mutable (training), counts rows since each latent fired; returns zero logits [B, 1, 1]."""
+        rows_since = getattr(self, "rows_since_fired", None)
+        dead = None if rows_since is None else rows_since.value >= self.cfg.dead_after
+        loss, stats, f = self._loss_and_latents(x, dead)
+        self.sow("losses", "sae", loss)
+        for name, value in stats.items():
+            self.sow("metrics", name, value)
+        if rows_since is not None and self.is_mutable_collection(STATE) and not self.is_initializing():
+            rows_since.value = jnp.where(jnp.any(f != 0, axis=0), 0.0, rows_since.value + x.shape[0])
+        return jnp.zeros((x.shape[0], 1, 1), jnp.float32)
 
     def loss(self, x, dead=None):
         """(loss, {"mse", "penalty", "l0", "normalised_mse", "explained_variance", "dead_fraction"}); `dead`: bool
         [M], the latents the AuxK loss may use (topk / batchtopk; None: none)."""
+        return self._loss_and_latents(x, dead)[:2]
+
+    def _loss_and_latents(self, x, dead):
         cfg = self.cfg
         f = self.encode(x)
         x_hat = self.decode(f)
@@ -159,7 +198,7 @@ class SparseAutoencoder(nn.Module):
             penalty = cfg.l0_coefficient * jnp.mean(jnp.sum(step(z, jnp.exp(self.log_theta), cfg.epsilon), axis=-1))
         else:
             penalty = cfg.aux_coefficient * self.aux_k_loss(x, x_hat, dead)
-        return mse + penalty, dict(mse=mse, penalty=penalty, **metrics(x, x_hat, f))
+        return mse + penalty, dict(mse=mse, penalty=penalty, **metrics(x, x_hat, f)), f
 
     def aux_k_loss(self, x, x_hat, dead):
         """mean_n ||e - W_dec f_aux||^2, e = x - x_hat (no gradient into x_hat), f_aux = ReLU of the k_aux largest
