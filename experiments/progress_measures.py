@@ -39,6 +39,22 @@ def key_frequencies(embedding: np.ndarray, count: int = 5) -> list[int]:
     return sorted(int(k) for k in frequencies(embedding.shape[0])[np.argsort(-embedding_spectrum(embedding))[:count]])
 
 
+def frequency_shares(maps: np.ndarray) -> np.ndarray:
+    """[n, K]: the share of each map's variance over (a, b) that frequency k = 1 .. K = (p - 1) / 2 explains, for
+    maps [p, p, n] (e.g. an SAE latent's activation at every pair): the power of the 2-D Fourier components
+    (u, v) with u, v in {0, k, -k}, not both 0 (cos / sin of w_k a, w_k b, w_k (a + b), w_k (a - b)), over all
+    the power of the centred map. The shares sum to at most 1 (the rest: components mixing two frequencies); 0
+    for a constant map."""
+    p = maps.shape[0]
+    power = np.abs(np.fft.fft2(maps - maps.mean(axis=(0, 1)), axes=(0, 1))) ** 2
+    total = power.sum(axis=(0, 1))
+    shares = []
+    for k in frequencies(p):
+        index = np.array([0, k, p - k])
+        shares.append(power[np.ix_(index, index)].sum(axis=(0, 1)))  # (0, 0) is 0 once centred
+    return (np.stack(shares, axis=-1) / np.where(total > 0, total, 1.0)[:, None]).astype(np.float64)
+
+
 def key_frequency_part(logits: np.ndarray, keys) -> np.ndarray:
     """The component of logits [p, p, p] (a, b, c) in span{cos, sin(w_k (a + b - c)) : k in keys}."""
     p = logits.shape[0]

@@ -70,6 +70,7 @@ def batch_sums(model, variables, examples, layer: int, site: str, reconstruct, p
 def summarise(totals: dict) -> dict:
     """The metrics of summed `batch_sums`."""
     mean_loss = {k: float(totals[k]["loss"] / max(float(totals[k]["count"]), 1.0)) for k in ("clean", "sae", "zero")}
+    accuracy = {k: float(totals[k]["correct"] / max(float(totals[k]["count"]), 1.0)) for k in ("clean", "sae", "zero")}
     rows = float(totals["rows"])
     variance = float(totals["row_square_sum"]) - float(np.sum(np.square(totals["row_sum"]))) / rows
     normalised = float(totals["squared_error"]) / variance
@@ -78,7 +79,8 @@ def summarise(totals: dict) -> dict:
     return {"l0": float(totals["active"]) / rows, "normalised_mse": normalised, "explained_variance": 1.0 - normalised,
             "dead_fraction": float(np.mean(frequency == 0)), "dense_fraction": float(np.mean(frequency > DENSE)),
             "loss_clean": mean_loss["clean"], "loss_spliced": mean_loss["sae"], "loss_zero_ablated": mean_loss["zero"],
-            "loss_recovered": (mean_loss["zero"] - mean_loss["sae"]) / gap if gap else float("nan"), "rows": int(rows)}
+            "loss_recovered": (mean_loss["zero"] - mean_loss["sae"]) / gap if gap else float("nan"), "rows": int(rows),
+            "accuracy_clean": accuracy["clean"], "accuracy_spliced": accuracy["sae"], "accuracy_zero_ablated": accuracy["zero"]}
 
 
 def evaluate(model, variables, examples: dict, layer: int, site: str, reconstruct, position=None, batch_size=64,

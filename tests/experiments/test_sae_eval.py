@@ -7,7 +7,8 @@ import pytest
 
 import data as datasets
 from data.config_fields import ConfigError
-from experiments import activation_store, activations, metrics_writer, restore, sae_eval, trainer, validation
+from experiments import (activation_store, activations, metrics_writer, restore, sae_dashboard, sae_eval, trainer,
+                         validation)
 from experiments.configs import sae as sae_config
 
 
@@ -36,13 +37,13 @@ def test_summarised_metrics_equal_a_numpy_recount():
     rng = np.random.default_rng(0)
     x, x_hat = rng.normal(size=(40, 6)), rng.normal(size=(40, 6))
     f = rng.normal(size=(40, 10)) * (rng.random((40, 10)) < np.linspace(0, 0.3, 10))
-    sums = lambda loss: {"loss": loss, "count": 4.0}  # noqa: E731
+    sums = lambda loss: {"loss": loss, "correct": loss / 4, "count": 4.0}  # noqa: E731
     totals = {"clean": sums(4.0), "sae": sums(6.0), "zero": sums(12.0), "squared_error": np.sum((x - x_hat) ** 2),
               "row_sum": x.sum(0), "row_square_sum": np.sum(x**2), "rows": 40, "active": np.sum(f != 0),
               "fired": np.sum(f != 0, axis=0)}
     got = sae_eval.summarise(totals)
     frequency = np.mean(f != 0, axis=0)
-    assert got["loss_recovered"] == pytest.approx((3.0 - 1.5) / (3.0 - 1.0))
+    assert got["loss_recovered"] == pytest.approx((3.0 - 1.5) / (3.0 - 1.0)) and got["accuracy_spliced"] == 6 / 16
     assert got["normalised_mse"] == pytest.approx(np.sum((x - x_hat) ** 2) / np.sum((x - x.mean(0)) ** 2))
     assert got["l0"] == pytest.approx(np.mean(np.sum(f != 0, axis=1)))
     assert got["dead_fraction"] == np.mean(frequency == 0) and got["dense_fraction"] == np.mean(frequency > 0.1)
@@ -83,3 +84,7 @@ def test_an_sae_trains_through_the_trainer_on_a_store(finished_tiny_run, tmp_pat
     tokens = datasets.load(lm_config.data, seed=lm_config.seed).train["inputs"][:8]
     hidden = activations.capture(lm, lm_variables, tokens)[2][0]["mlp_hidden"]
     assert hidden.shape == (8, 3, 64)  # d_mlp wide, sown from inside the MLP
+    summaries = sae_dashboard.write_dashboards(workdir, str(tmp_path / "dash"), latents=2, batches=1, batch_size=16)
+    assert len(summaries) == 2 and all(0 < s["frequency"] <= 1 for s in summaries)
+    for name in ["index.html", *(f"latent_{s['latent']}.{ext}" for s in summaries for ext in ("html", "png"))]:
+        assert (tmp_path / "dash" / name).stat().st_size > 0
