@@ -153,7 +153,9 @@ def _load_recall(config, seed: int) -> Splits:
 def _load_activations(config, seed: int) -> Splits:
     del seed  # the pipeline shuffles
     x = activations.read(config.store)
-    return Splits(train=activations.rows(x), evals={}, vocab_size=1, seq_len=x.shape[1], model_keys={"d_in": x.shape[1]})
+    scale = float(np.sqrt(x.shape[1] / np.mean(np.sum(np.square(x, dtype=np.float64), axis=1))))
+    return Splits(train=activations.rows(x), evals={}, vocab_size=1, seq_len=x.shape[1],
+                  model_keys={"d_in": x.shape[1], "input_scale": scale})
 
 
 GENERATORS = {"prosqa": prosqa, "prontoqa": prontoqa, "prosqa_official": prosqa_dag}

@@ -1,17 +1,18 @@
 """Sparse autoencoders on activations x [N, D] (issue 22): ReLU with an L1 penalty, TopK (Gao et al. 2024, with the
 AuxK loss), BatchTopK (Bussmann et al. 2024) and JumpReLU (Rajamanoharan et al. 2024).
 
-    z     = W_enc (x - b_dec) + b_enc                        pre-activations [N, M]
+    z     = W_enc (s x - b_dec) + b_enc                      pre-activations [N, M]; s = `input_scale` (the data's
+                                                              sqrt(D / E||x||^2) by default: E||s x||^2 = D)
     f     = sigma(z)                                          latents, by `kind`:
               relu       max(z, 0)
               topk       max(z, 0) at each row's k largest, 0 elsewhere
               batchtopk  max(z, 0) at the batch's k N largest (k per row on average), 0 elsewhere
               jumprelu   z H(z - theta),  theta = exp(log_theta) > 0 per latent
-    x_hat = W_dec f + b_dec,   W_dec's columns unit-norm by construction: W_dec = V / ||V||_columns
-    loss  = mean_n ||x - x_hat||^2 + penalty
+    x_hat = (W_dec f + b_dec) / s,   W_dec's columns unit-norm by construction: W_dec = V / ||V||_columns
+    loss  = mean_n ||s (x - x_hat)||^2 + penalty             (so the coefficients mean the same at every site)
               relu       l1_coefficient * mean_n sum_i f_i ||W_dec,i||    (the decoder-norm-weighted L1; the
                          norms are 1 here, so it is plain L1, but a decoder cannot shrink to cheat it)
-              topk, batchtopk   aux_coefficient * AuxK: the residual e = x - x_hat reconstructed by the k_aux
+              topk, batchtopk   aux_coefficient * AuxK: the residual e = s (x - x_hat) reconstructed by the k_aux
                          largest pre-activations of the latents marked dead (`dead` [M]), mean_n ||e - W_dec f_aux||^2
               jumprelu   l0_coefficient * mean_n sum_i H(z_i - theta_i)
 
@@ -59,11 +60,14 @@ class SAEConfig:
     epsilon: float = field(1e-3, above=0)  # jumprelu: the rectangle kernel's width
     initial_threshold: float = field(1e-3, above=0)  # jumprelu: theta at initialisation
     dead_after: int = field(100_000, min=1)  # rows without firing before a latent counts as dead (AuxK)
+    input_scale: float = field(1.0, min=-1)  # s; -1: from the data, sqrt(D / E||x||^2)
 
 
 def validate(m) -> list[str]:
     """Problems with a `config.model` of name "sae" beyond each key's range."""
     found = []
+    if m.input_scale != -1 and m.input_scale <= 0:
+        found.append(f"model.input_scale={m.input_scale} must be positive, or -1 (from the data)")
     if m.kind in ("topk", "batchtopk") and m.k > m.num_latents:
         found.append(f"model.k={m.k} exceeds model.num_latents={m.num_latents}; choose k <= num_latents")
     return found
@@ -147,7 +151,7 @@ class SparseAutoencoder(nn.Module):
         return self.v_dec / jnp.linalg.norm(self.v_dec, axis=-1, keepdims=True)
 
     def pre_activations(self, x):
-        return (x - self.b_dec) @ self.w_enc + self.b_enc
+        return (self.cfg.input_scale * x - self.b_dec) @ self.w_enc + self.b_enc
 
     def encode(self, x):
         """x [N, D] -> latents f [N, M]."""
@@ -162,7 +166,7 @@ class SparseAutoencoder(nn.Module):
         return f
 
     def decode(self, f):
-        return f @ self.decoder() + self.b_dec
+        return (f @ self.decoder() + self.b_dec) / self.cfg.input_scale
 
     def reconstruct(self, x):
         """x [N, D] -> x_hat [N, D]."""
@@ -190,7 +194,7 @@ class SparseAutoencoder(nn.Module):
         cfg = self.cfg
         f = self.encode(x)
         x_hat = self.decode(f)
-        mse = jnp.mean(jnp.sum(jnp.square(x - x_hat), axis=-1))
+        mse = jnp.mean(jnp.sum(jnp.square(cfg.input_scale * (x - x_hat)), axis=-1))
         if cfg.kind == "relu":
             penalty = cfg.l1_coefficient * jnp.mean(jnp.sum(f * jnp.linalg.norm(self.decoder(), axis=-1), axis=-1))
         elif cfg.kind == "jumprelu":
@@ -208,7 +212,7 @@ class SparseAutoencoder(nn.Module):
         z = jnp.where(dead, jax.nn.relu(self.pre_activations(x)), 0.0)
         k = min(self.cfg.aux_k, self.cfg.num_latents)
         f_aux = z * jax.lax.stop_gradient(top_k_mask(z, k))
-        error = x - jax.lax.stop_gradient(x_hat)
+        error = self.cfg.input_scale * (x - jax.lax.stop_gradient(x_hat))
         return jnp.where(jnp.any(dead), jnp.mean(jnp.sum(jnp.square(error - f_aux @ self.decoder()), axis=-1)), 0.0)
 
 

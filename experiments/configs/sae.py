@@ -6,8 +6,9 @@
         --config.data.store=runs/grokking_store
     python -m experiments.sae_eval --workdir=runs/grokking_sae
 
-Adam at lr 1e-3 with no weight decay (an SAE's sparsity comes from its penalty or its k; Gao et al. use Adam
-and no decay), batches of 1,024 rows, 4,096 latents by default.
+The rows are scaled by the data's sqrt(D / E||x||^2) inside the SAE (model.input_scale = -1), so the penalties'
+coefficients mean the same at every site. Adam at lr 1e-3 with no weight decay (an SAE's sparsity comes from its
+penalty or its k; Gao et al. use Adam and no decay), batches of 1,024 rows, 4,096 latents by default.
 """
 
 from experiments.configs import base
@@ -20,7 +21,7 @@ def get_config(arg=None):
     if kind not in sae.KINDS:
         raise ValueError(f"sae config argument {arg!r} is not one of {list(sae.KINDS)}")
     config = base.get_config("sae", "activations")
-    config.model.update(kind=kind, num_latents=4096, k=32)
+    config.model.update(kind=kind, num_latents=4096, k=32, input_scale=-1)
     config.data.update(batch_size=1024)
     config.train.update(steps=2_000, log_every=100, eval_every=0, checkpoint_every=1_000)
     config.optimizer.update(name="adam", lr=1e-3, schedule="constant", warmup_steps=50)
