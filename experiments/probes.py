@@ -5,14 +5,35 @@
 trained by optax (Adam, full batch) on a seeded train / test split, with each feature standardised by the training
 split's mean and standard deviation. `probe_layers` fits one probe per layer of a site captured at every token
 (experiments/activations.py): what each layer's residual stream makes linearly readable.
+
+Properties of byte-level text to probe for (`text_properties`), per character, with the positions a probe is
+fitted on chosen balanced (as many positives as negatives, seeded), so chance is 0.5:
+
+    line_start     the character follows a newline                    (every position but a window's first, which
+                                                                       cannot see its predecessor)
+    speaker_name   a letter of a speaker's name: a line ending in ':' after a blank line ("MENENIUS:", "All:")
+                                                                      (letters only: the rest is trivially not)
+
+    python -m experiments.probes --workdir=RUN --property=speaker_name [--max_examples=256]
+
+writes WORKDIR/probes_PROPERTY.json and .png: the train / test accuracy of a probe at each layer (0: embeddings).
 """
 
+import json
+import os
+import re
+
+from absl import app, flags, logging
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments import activations
+import data as datasets
+from data import text
+from experiments import activations, cli, restore
+
+PROPERTIES = ("line_start", "speaker_name")
 
 
 def split(count: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -65,3 +86,91 @@ def probe_layers(model, variables, tokens, labels, mask, num_classes: int, site:
         results.append({"layer": layer, "train_accuracy": probe["train_accuracy"],
                         "test_accuracy": probe["test_accuracy"]})
     return results
+
+
+def text_properties(corpus: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{property: (labels int32 [len], eligible bool [len])} per character of `corpus` (see the module doc)."""
+    chars = np.frombuffer(corpus.encode("latin-1", "replace"), np.uint8)
+    line_start = np.zeros(len(chars), np.int32)
+    line_start[1:] = chars[:-1] == ord("\n")
+    speaker = np.zeros(len(chars), np.int32)
+    for match in re.finditer(r"(?:^|\n\n)([^\n]+:)\n", corpus):
+        speaker[match.start(1):match.end(1)] = 1
+    letters = np.array([chr(c).isalpha() for c in chars])
+    return {"line_start": (line_start, np.ones(len(chars), bool)), "speaker_name": (speaker, letters)}
+
+
+def balanced_mask(labels, eligible, seed: int = 0) -> np.ndarray:
+    """bool like `labels`: every eligible position of the rarer class and as many of the other, drawn at random."""
+    labels, eligible = np.asarray(labels).reshape(-1), np.asarray(eligible, bool).reshape(-1)
+    positive, negative = np.flatnonzero(eligible & (labels == 1)), np.flatnonzero(eligible & (labels == 0))
+    count = min(len(positive), len(negative))
+    rng = np.random.default_rng(seed)
+    mask = np.zeros(len(labels), bool)
+    mask[rng.choice(positive, count, replace=False)] = True
+    mask[rng.choice(negative, count, replace=False)] = True
+    return mask
+
+
+def probe_text_property(workdir: str, prop: str, max_examples: int = 256, seed: int = 0) -> dict:
+    """{"property", "layers": [{"layer", "train_accuracy", "test_accuracy"}], "positions"} of a byte-level text run's
+    validation windows."""
+    config = restore.load_config(workdir)
+    if config.data.name != "text" or config.data.tokenizer != "byte":
+        raise ValueError(f"--workdir={workdir!r} is not a byte-level text run (data.name='text', tokenizer='byte'): "
+                         "its tokens are not characters")
+    if prop not in PROPERTIES:
+        raise ValueError(f"--property={prop!r} is not one of {list(PROPERTIES)}")
+    _, eval_text = text.split_text(text.read_corpus(config.data.path), config.data.train_fraction)
+    labels, eligible = text_properties(eval_text)[prop]
+    windows = text.pack(np.arange(len(eval_text)), config.data.seq_len)["inputs"][:max_examples]  # char indices
+    eligible = eligible[windows]
+    if prop == "line_start":
+        eligible[:, 0] = False
+    mask = balanced_mask(labels[windows], eligible, seed).reshape(windows.shape)
+    tokens = datasets.load(config.data, seed=config.seed).evals["eval"]["inputs"][:max_examples]
+    model, variables = restore.load_variables(config, workdir)
+    results = probe_layers(model, variables, jnp.asarray(tokens), labels[windows], mask, 2, seed=seed)
+    return {"property": prop, "layers": results, "positions": int(mask.sum())}
+
+
+def plot(report: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = [r["layer"] for r in report["layers"]]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for key in ("train_accuracy", "test_accuracy"):
+        ax.plot(layers, [r[key] for r in report["layers"]], marker="o", label=key.replace("_", " "))
+    ax.axhline(0.5, color="gray", linestyle=":", label="chance")
+    ax.set(xlabel="layer (0: embeddings)", ylabel="probe accuracy", title=f"linear probe: {report['property']}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    args = flags.FLAGS
+    try:
+        report = probe_text_property(args.workdir, args.property, args.max_examples)
+    except (FileNotFoundError, ValueError) as e:
+        cli.fail(str(e))
+    stem = os.path.join(args.workdir, f"probes_{args.property}")
+    with open(stem + ".json", "w") as f:
+        json.dump(report, f)
+    plot(report, stem + ".png")
+    for r in report["layers"]:
+        print(f"layer {r['layer']}: train {r['train_accuracy']:.3f}, test {r['test_accuracy']:.3f}")
+
+
+if __name__ == "__main__":  # the flags exist only for the command
+    flags.DEFINE_string("workdir", None, "A byte-level text LM run folder.", required=True)
+    flags.DEFINE_string("property", "speaker_name", f"One of {list(PROPERTIES)}.")
+    flags.DEFINE_integer("max_examples", 256, "Validation windows read (the first ones).")
+    app.run(main)

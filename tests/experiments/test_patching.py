@@ -72,3 +72,13 @@ def test_mean_ablation_values_and_the_metrics(model_and_runs):
     np.testing.assert_allclose(patching.next_token_loss(clean_logits, clean), -picked.mean(), rtol=1e-5)
     with pytest.raises(ValueError, match=r"site\(s\) \['attention'\] are not in layers \[0\]"):
         patching.patches(clean_sown, "attention", [0])
+
+
+def test_the_sweep_is_one_at_the_last_layers_last_position_and_zero_before_the_corruption(model_and_runs):
+    model, variables, layers, clean, corrupted, clean_logits, _, corrupted_logits, _ = model_and_runs
+    right, wrong = int(np.argmax(clean_logits[0, -1])), int(np.argmin(clean_logits[0, -1]))
+    table, high, low = patching.sweep(model, variables, clean[:1], corrupted[:1], "residual", right, wrong)
+    assert table.shape == (layers, 7) and high != pytest.approx(low)
+    assert high == pytest.approx(float(clean_logits[0, -1, right] - clean_logits[0, -1, wrong]), rel=1e-5)
+    np.testing.assert_allclose(table[-1, -1], 1.0, rtol=1e-4)  # the whole residual at the read-out position
+    np.testing.assert_allclose(table[:, :2], 0.0, atol=1e-4)  # positions before the corrupted token are the same

@@ -36,3 +36,17 @@ def test_probe_layers_reads_the_current_token_from_the_embeddings():
     results = probes.probe_layers(model, variables, tokens, tokens, np.ones(tokens.shape, bool), 4, steps=200)
     assert [r["layer"] for r in results] == [0, 1, 2]
     assert results[0]["test_accuracy"] == 1.0  # layer 0 is the token's own embedding
+
+
+def test_text_properties_mark_line_starts_and_speaker_names_and_the_mask_balances():
+    corpus = "First Citizen:\nBefore we proceed.\n\nAll:\nSpeak, speak.\n\nFirst Citizen:\nYou: are all resolved?\n"
+    props = probes.text_properties(corpus)
+    labels, eligible = props["speaker_name"]
+    named = "".join(c if label else "." for c, label in zip(corpus, labels))
+    assert named.replace(".", " ").split() == ["First", "Citizen:", "All:", "First", "Citizen:"]  # not "You:"
+    assert eligible.sum() == sum(c.isalpha() for c in corpus)
+    starts = props["line_start"][0]
+    assert [corpus[i] for i in np.flatnonzero(starts)] == ["B", "\n", "A", "S", "\n", "F", "Y"]
+    mask = probes.balanced_mask(labels, eligible, seed=1)
+    assert mask.sum() == 2 * min(np.sum(labels[eligible] == 1), np.sum(labels[eligible] == 0))
+    assert np.sum(labels[mask] == 1) == np.sum(labels[mask] == 0) and not np.any(mask & ~eligible)
