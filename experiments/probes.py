@@ -6,13 +6,13 @@ trained by optax (Adam, full batch) on a seeded train / test split, with each fe
 split's mean and standard deviation. `probe_layers` fits one probe per layer of a site captured at every token
 (experiments/activations.py): what each layer's residual stream makes linearly readable.
 
-Properties of byte-level text to probe for (`text_properties`), per character, with the positions a probe is
-fitted on chosen balanced (as many positives as negatives, seeded), so chance is 0.5:
+Properties of byte-level text to probe for (`text_properties`), per character, fitted on upper-case letters only
+(so the current character alone does not give the answer: it must come from the context), with the positions
+chosen balanced (as many positives as negatives, seeded), so chance is 0.5:
 
-    line_start     the character follows a newline                    (every position but a window's first, which
-                                                                       cannot see its predecessor)
-    speaker_name   a letter of a speaker's name: a line ending in ':' after a blank line ("MENENIUS:", "All:")
-                                                                      (letters only: the rest is trivially not)
+    line_start     the character follows a newline (a verse line's first capital, against capitals inside lines)
+    speaker_name   a letter of a speaker's name: a line ending in ':' after a blank line ("MENENIUS:", "All:"),
+                   against capitals in the speech
 
     python -m experiments.probes --workdir=RUN --property=speaker_name [--max_examples=256]
 
@@ -96,8 +96,8 @@ def text_properties(corpus: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     speaker = np.zeros(len(chars), np.int32)
     for match in re.finditer(r"(?:^|\n\n)([^\n]+:)\n", corpus):
         speaker[match.start(1):match.end(1)] = 1
-    letters = np.array([chr(c).isalpha() for c in chars])
-    return {"line_start": (line_start, np.ones(len(chars), bool)), "speaker_name": (speaker, letters)}
+    capitals = (chars >= ord("A")) & (chars <= ord("Z"))
+    return {"line_start": (line_start, capitals), "speaker_name": (speaker, capitals)}
 
 
 def balanced_mask(labels, eligible, seed: int = 0) -> np.ndarray:
@@ -125,8 +125,7 @@ def probe_text_property(workdir: str, prop: str, max_examples: int = 256, seed: 
     labels, eligible = text_properties(eval_text)[prop]
     windows = text.pack(np.arange(len(eval_text)), config.data.seq_len)["inputs"][:max_examples]  # char indices
     eligible = eligible[windows]
-    if prop == "line_start":
-        eligible[:, 0] = False
+    eligible[:, 0] = False  # a window's first character sees no context
     mask = balanced_mask(labels[windows], eligible, seed).reshape(windows.shape)
     tokens = datasets.load(config.data, seed=config.seed).evals["eval"]["inputs"][:max_examples]
     model, variables = restore.load_variables(config, workdir)

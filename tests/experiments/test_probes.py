@@ -44,9 +44,10 @@ def test_text_properties_mark_line_starts_and_speaker_names_and_the_mask_balance
     labels, eligible = props["speaker_name"]
     named = "".join(c if label else "." for c, label in zip(corpus, labels))
     assert named.replace(".", " ").split() == ["First", "Citizen:", "All:", "First", "Citizen:"]  # not "You:"
-    assert eligible.sum() == sum(c.isalpha() for c in corpus)
-    starts = props["line_start"][0]
+    assert eligible.sum() == sum(c.isupper() for c in corpus)
+    starts, capitals = props["line_start"]
     assert [corpus[i] for i in np.flatnonzero(starts)] == ["B", "\n", "A", "S", "\n", "F", "Y"]
+    assert [corpus[i] for i in np.flatnonzero(starts & capitals)] == ["B", "A", "S", "F", "Y"]
     mask = probes.balanced_mask(labels, eligible, seed=1)
     assert mask.sum() == 2 * min(np.sum(labels[eligible] == 1), np.sum(labels[eligible] == 0))
     assert np.sum(labels[mask] == 1) == np.sum(labels[mask] == 0) and not np.any(mask & ~eligible)
