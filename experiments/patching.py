@@ -111,7 +111,8 @@ def sweep(model, variables, clean, corrupted, site: str, right: int, wrong: int)
     return (table - low) / (high - low), float(high), float(low)
 
 
-def _tokens(config, prompt: str):
+def prompt_tokens(config, prompt: str) -> list[int]:
+    """A prompt as tokens: text for a byte-level text run, comma-separated token ids otherwise."""
     if config.data.name == "text" and config.data.tokenizer == "byte":
         return list(prompt.encode())
     return [int(t) for t in prompt.split(",")]
@@ -123,8 +124,8 @@ def main(argv):
     args = flags.FLAGS
     try:
         config = restore.load_config(args.workdir)
-        clean, corrupted = _tokens(config, args.clean), _tokens(config, args.corrupted)
-        right, wrong = _tokens(config, args.right), _tokens(config, args.wrong)
+        clean, corrupted = prompt_tokens(config, args.clean), prompt_tokens(config, args.corrupted)
+        right, wrong = prompt_tokens(config, args.right), prompt_tokens(config, args.wrong)
         if len(clean) != len(corrupted) or len(right) != 1 or len(wrong) != 1:
             raise ValueError(f"--clean and --corrupted must be as long ({len(clean)} != {len(corrupted)} tokens) and "
                              "--right / --wrong one token each")

@@ -79,8 +79,8 @@ def attend(q, k, v, mask, *, bias=None, sm_scale=None, dropout_rate: float = 0.0
     return out.reshape(batch, len_q, heads_q, value_dim).astype(q.dtype)
 
 
-def entropy(q, k, mask, *, bias=None, sm_scale=None):
-    """Attention entropy per query head, -sum_j P_ij log P_ij averaged over batch and queries: [Hq] (nats).
+def log_probabilities(q, k, mask, *, bias=None, sm_scale=None):
+    """log P [B, Hq, Lq, Lk], the attention pattern: log softmax over keys of the scaled scores (+ bias, masked).
     mask: bool [Lq, Lk] or [B, Lq, Lk] or None, bias: float [Hq, Lq, Lk] or None, as in `attend`."""
     heads_q, heads_kv = q.shape[2], k.shape[2]
     k = jnp.repeat(k, heads_q // heads_kv, axis=2)
@@ -90,7 +90,12 @@ def entropy(q, k, mask, *, bias=None, sm_scale=None):
         scores = scores + bias[None]
     if mask is not None:
         scores = jnp.where(mask.reshape(-1, 1, *mask.shape[-2:]), scores, _MASKED)
-    log_p = jax.nn.log_softmax(scores, axis=-1)
+    return jax.nn.log_softmax(scores, axis=-1)
+
+
+def entropy(q, k, mask, *, bias=None, sm_scale=None):
+    """Attention entropy per query head, -sum_j P_ij log P_ij averaged over batch and queries: [Hq] (nats)."""
+    log_p = log_probabilities(q, k, mask, bias=bias, sm_scale=sm_scale)
     return jnp.mean(-jnp.sum(jnp.exp(log_p) * log_p, axis=-1), axis=(0, 2))
 
 

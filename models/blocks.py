@@ -52,7 +52,10 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x, cache, start, key_mask=None):
         cfg, dtype = self.cfg, self.cfg.compute_dtype
-        attention = ATTENTIONS[self.attention or cfg.attention](cfg, name="attention")
+        kind = ATTENTIONS[self.attention or cfg.attention]
+        pattern = {"pattern_site": functools.partial(layers.sow_site, self, "attention_pattern")} if issubclass(
+            kind, gqa.GroupedQueryAttention) else {}
+        attention = kind(cfg, name="attention", **pattern)
         h, cache = attention(layers.Norm(cfg.norm, dtype, "attention_norm", cfg.norm_eps)(x), start, cache, key_mask)
         h = layers.sow_site(self, "mixer_out", h)
         x = x + layers.dropout(self, h, cfg.residual_dropout)

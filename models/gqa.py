@@ -17,6 +17,8 @@ An attention kind is a module `(cfg)` with `__call__(x, start, cache, key_mask) 
 variants override (models/qk_norm.py).
 """
 
+from typing import Any
+
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -36,6 +38,7 @@ def head_problems(m) -> list[str]:
 
 class GroupedQueryAttention(nn.Module):
     cfg: LMConfig
+    pattern_site: Any = None  # P -> P: the block's sow_site for "attention_pattern" [B, H, T, T] (full passes only)
 
     def queries_and_keys(self, q, k, q_positions):
         """q [B, T, H, Dh], k [B, T, Hkv, Dh] at integer positions [T] -> as attention sees them (RoPE)."""
@@ -64,6 +67,8 @@ class GroupedQueryAttention(nn.Module):
             mask = mask[None] & key_mask[:, None, :]
         if self.is_mutable_collection("monitors"):
             self.sow("monitors", "entropy", attention.entropy(q, k, mask, bias=bias))
+        if self.pattern_site is not None and self.is_mutable_collection("intermediates"):  # capture only
+            self.pattern_site(jnp.exp(attention.log_probabilities(q, k, mask, bias=bias)))
         if key_mask is None and cfg.attention_pattern in ("causal", "sliding"):  # the kernels' patterns
             if cfg.positional == "alibi":  # the kernels compute ALiBi's bias from the slopes
                 return attention.causal_attention(q, k, v, cfg.attention_impl, window=cfg.attention_window,

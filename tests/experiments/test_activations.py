@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import activations, logit_lens, metrics_writer
+from experiments import activations, attention_plot, logit_lens, metrics_writer
 from models import hybrid, transformer
 from tests.conftest import slow
 
@@ -89,3 +89,29 @@ def test_a_family_that_sows_nothing_is_refused_in_one_line():
     tokens = np.zeros((1, 3), np.int32)
     with pytest.raises(ValueError, match="sows no activations"):
         activations.capture(model, model.init(jax.random.key(0), tokens), tokens)
+
+
+def test_the_attention_pattern_and_the_values_give_the_mixer_output_and_mlp_hidden_the_ffn_output(tmp_path):
+    """Norm-free, so layer 0 reads the embeddings: mixer_out = sum_h P_h (x W_v,h) W_out,h, and ffn_out =
+    mlp_hidden W_out + b_out of the MLP, recomputed from the parameters; P is causal and its rows sum to 1."""
+    tokens = jax.random.randint(jax.random.key(0), (2, 6), 0, 11)
+    cfg = transformer.TransformerConfig(vocab_size=11, max_len=8, d_model=16, num_layers=2, num_heads=4,
+                                        num_kv_heads=2, d_mlp=24, norm="none", mlp_bias=True, activation="relu")
+    model, variables = _model_and_params(transformer.Transformer, cfg, tokens)
+    _, embed, layers = activations.capture(model, variables, tokens)
+    pattern = np.asarray(layers[0]["attention_pattern"], np.float64)  # [B, H, T, T]
+    np.testing.assert_allclose(pattern.sum(-1), 1.0, rtol=1e-6)
+    assert np.all(np.triu(pattern, k=1) == 0)
+    params = jax.tree.map(lambda p: np.asarray(p[0], np.float64), variables["params"]["layers"])
+    values = np.repeat(np.einsum("btd,dhe->bthe", np.asarray(embed, np.float64), params["attention"]["value"]), 2, 2)
+    mixed = np.einsum("bhqk,bkhe,hed->bqd", pattern, values, params["attention"]["out"])
+    np.testing.assert_allclose(layers[0]["mixer_out"], mixed, rtol=1e-4, atol=1e-5)
+    hidden = np.asarray(layers[0]["mlp_hidden"], np.float64)
+    assert np.all(hidden >= 0)  # after the ReLU
+    mlp = params["mlp"]
+    np.testing.assert_allclose(layers[0]["ffn_out"], hidden @ mlp["wo"]["kernel"] + mlp["wo"]["bias"], rtol=1e-4,
+                               atol=1e-5)
+    found = attention_plot.patterns(model, variables, tokens)
+    np.testing.assert_array_equal(found[1], layers[1]["attention_pattern"][0])
+    attention_plot.plot(found, [str(t) for t in tokens[0]], str(tmp_path / "attention.png"))
+    assert (tmp_path / "attention.png").stat().st_size > 0
