@@ -7,6 +7,7 @@ The layers sow them into the "intermediates" collection only when it is mutable 
     ffn_out     a block's MLP / MoE output before it joins the residual
     mlp_hidden  a block's MLP hidden activation act(x W_in + b_in)                 [B, T, d_mlp]
     attention_pattern   softmax attention's weights P (GQA, MHA, MQA, QK-norm)     [B, H, T, T] (capture only)
+    ssm_state   a Mamba-1 / Mamba-2 layer's recurrent state after the sequence    [B, heads, P, N] (capture only)
 
 `capture` runs the model once with the collection mutable and returns them per layer in the order the model
 runs its layers (DeepSeek's dense blocks first; a hybrid's period members in pattern order), with `embed`, the

@@ -79,6 +79,8 @@ class MambaLayer(nn.Module):
             state = self.init_cache(self.cfg, x.shape[0], 0, version=self.version)
         mixer = mamba2.Mamba2 if self.version == 2 else mamba1.Mamba1
         h, state = mixer(self.cfg, name="mixer")(layers.Norm(self.cfg.norm, x.dtype, "norm", self.cfg.norm_eps)(x), state)
+        if self.is_mutable_collection("intermediates"):  # capture only: the state after the sequence
+            layers.sow_site(self, "ssm_state", state["ssm"])
         h = layers.sow_site(self, "mixer_out", h)
         x = nn.with_logical_constraint(x + layers.dropout(self, h, self.cfg.residual_dropout), blocks.ACTIVATION)
         x = layers.sow_site(self, "residual", x)

@@ -115,3 +115,20 @@ def test_the_attention_pattern_and_the_values_give_the_mixer_output_and_mlp_hidd
     np.testing.assert_array_equal(found[1], layers[1]["attention_pattern"][0])
     attention_plot.plot(found, [str(t) for t in tokens[0]], str(tmp_path / "attention.png"))
     assert (tmp_path / "attention.png").stat().st_size > 0
+
+
+@pytest.mark.slow  # a hybrid initialised and decoded token by token
+def test_the_captured_ssm_state_is_the_recurrent_state_after_decoding_the_sequence():
+    cfg = hybrid.HybridConfig(vocab_size=19, max_len=8, d_model=16, num_layers=4, layer_pattern="SA", num_heads=2,
+                              ssm_head_dim=8, ssm_state=4, chunk_size=4, d_mlp=32)
+    tokens = jax.random.randint(jax.random.key(0), (2, 7), 0, 19)
+    model, variables = _model_and_params(hybrid.HybridLM, cfg, tokens)
+    layers = activations.capture(model, variables, tokens)[2]  # the chunked SSD over the whole sequence
+    decode = jax.jit(lambda t, c, s: model.apply(variables, t, c, s, method=model.decode))
+    cache = model.init_cache(2, 8)
+    for position in range(7):  # one token at a time: the sequential recurrence
+        _, cache = decode(tokens[:, position:position + 1], cache, position)
+    for period, layer in enumerate((0, 2)):
+        np.testing.assert_allclose(layers[layer]["ssm_state"], cache["layer_0_ssm"]["ssm"][period], rtol=1e-4,
+                                   atol=1e-5)
+    assert "ssm_state" not in layers[1] and "attention_pattern" in layers[1]
