@@ -11,6 +11,11 @@ Speculative decoding (`models/speculative.py`; one sequence at a time, temperatu
 tokenizer), `--self_speculative` drafts with the run's own MTP module (`model.mtp_depth >= 1`). Greedy
 speculative output is plain greedy output; sampled output has the model's own distribution. The acceptance
 rate and target passes go to stderr.
+
+Steering (experiments/steering.py): `--steer_layer=L --steer_alpha=A` adds A v at the residual stream after layer L
+at every position while generating, v the mean-difference of the residual over `--steer_toward`'s tokens and over
+`--steer_away`'s (contrastive activation addition); or `--steer_sae=SAE_RUN --steer_latent=I` takes v = latent I's
+decoder direction at the SAE's own site and layer, in the units of the latent's activation.
 """
 
 import sys
@@ -19,8 +24,9 @@ from absl import app, flags, logging
 import jax
 import numpy as np
 
+from data import activations as store_format
 from data import text
-from experiments import restore
+from experiments import restore, steering
 from models import sampling, speculative
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A language-model run folder (holds config.json and checkpoints/).",
@@ -35,6 +41,12 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _DRAFT = flags.DEFINE_string("draft_workdir", None, "Speculative decoding: a run folder whose LM drafts tokens.")
 _SELF = flags.DEFINE_bool("self_speculative", False, "Speculative decoding with the run's own MTP module 1.")
 _LOOKAHEAD = flags.DEFINE_integer("lookahead", 4, "Drafts per target pass (--draft_workdir).")
+_STEER_LAYER = flags.DEFINE_integer("steer_layer", None, "Steering: the residual stream after this layer (run order).")
+_STEER_ALPHA = flags.DEFINE_float("steer_alpha", 1.0, "Steering: the direction's scale.")
+_STEER_TOWARD = flags.DEFINE_string("steer_toward", None, "Steering: text whose mean residual v points to.")
+_STEER_AWAY = flags.DEFINE_string("steer_away", None, "Steering: text whose mean residual v points from.")
+_STEER_SAE = flags.DEFINE_string("steer_sae", None, "Steering: an SAE run whose decoder direction is v.")
+_STEER_LATENT = flags.DEFINE_integer("steer_latent", 0, "Steering: the SAE latent (--steer_sae).")
 
 
 def _fail(message):
@@ -67,14 +79,43 @@ def main(argv):
         model, variables = restore.load_variables(config, _WORKDIR.value)
     except FileNotFoundError as e:
         _fail(str(e))
+    prompts = np.tile(prompt[None], (_NUM_SAMPLES.value, 1))
+    if _STEER_SAE.value or _STEER_LAYER.value is not None:
+        variables = steered_variables(model, variables, tokenizer, prompts)
     if _DRAFT.value or _SELF.value:
         return speculate(config, model, variables, prompt)
-    prompts = np.tile(prompt[None], (_NUM_SAMPLES.value, 1))
     cache = model.init_cache(_NUM_SAMPLES.value, total)
     tokens = sampling.generate(model, variables, prompts, cache, jax.random.key(_SEED.value), num_tokens=_NUM_TOKENS.value,
                                temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value)
     for i, row in enumerate(np.asarray(tokens)):
         print(f"--- sample {i} ---\n{_PROMPT.value}{tokenizer.decode(row)}")
+
+def steered_variables(model, variables, tokenizer, prompts):
+    """The variables with the steering collection of the --steer_* flags."""
+    if _STEER_SAE.value:
+        try:
+            sae_config = restore.load_config(_STEER_SAE.value)
+            store = store_format.description(sae_config.data.store)
+            sae_model, sae_variables = restore.load_variables(sae_config, _STEER_SAE.value)
+        except FileNotFoundError as e:
+            _fail(str(e))
+        if not 0 <= _STEER_LATENT.value < sae_config.model.num_latents:
+            _fail(f"--steer_latent={_STEER_LATENT.value} is not in [0, {sae_config.model.num_latents})")
+        direction = sae_model.apply(sae_variables, method=sae_model.decoder)[_STEER_LATENT.value]
+        vector, layer, site = direction / sae_config.model.input_scale, store["layer"], store["site"]
+    else:
+        if not _STEER_TOWARD.value or not _STEER_AWAY.value:
+            _fail("--steer_layer needs --steer_toward and --steer_away (texts), or use --steer_sae")
+        layer, site = _STEER_LAYER.value, "residual"
+        toward, away = (np.asarray([tokenizer.encode(t)]) for t in (_STEER_TOWARD.value, _STEER_AWAY.value))
+        longest = max(toward.shape[1], away.shape[1])
+        if getattr(model.cfg, "positional", None) == "learned" and longest > model.cfg.max_len:
+            _fail(f"--steer_toward / --steer_away hold {longest} tokens, more than the model's max_len="
+                  f"{model.cfg.max_len} (learned positions)")
+        vector = steering.mean_difference(model, variables, layer, toward, away)
+    tree = steering.steering_tree(model, variables, prompts, layer, vector, _STEER_ALPHA.value, site=site)
+    return steering.steered(variables, tree)
+
 
 def speculate(config, model, variables, prompt):
     if _TOP_K.value or _TOP_P.value < 1.0:

@@ -32,8 +32,8 @@ _LR = flags.DEFINE_float("lr", 1e-3, "SAE learning rate.")
 _EVAL_BATCHES = flags.DEFINE_integer("eval_batches", 8, "Validation batches of 64 windows for sae_eval.")
 _SETTINGS = {
     "relu": flags.DEFINE_list("relu", ["0.5", "1", "2", "4", "8"], "L1 coefficients."),
-    "topk": flags.DEFINE_list("topk", ["4", "8", "16", "32", "64"], "k values."),
-    "batchtopk": flags.DEFINE_list("batchtopk", ["4", "8", "16", "32", "64"], "k values."),
+    "topk": flags.DEFINE_list("topk", ["4", "8", "16", "32"], "k values."),
+    "batchtopk": flags.DEFINE_list("batchtopk", ["4", "8", "16", "32"], "k values."),
     "jumprelu": flags.DEFINE_list("jumprelu", ["0.01", "0.03", "0.1", "0.3", "1"], "L0 coefficients."),
 }
 KNOB = {"relu": "l1_coefficient", "topk": "k", "batchtopk": "k", "jumprelu": "l0_coefficient"}

@@ -66,3 +66,26 @@ def test_cached_decoding_and_the_sampler_steer_like_the_full_pass(setup):
     for _ in range(3):  # greedy: the argmax of the steered full pass, token by token
         row = jnp.concatenate([row, jnp.argmax(model.apply(steer, row)[:, -1], axis=-1)[:, None]], axis=1)
     np.testing.assert_array_equal(np.asarray(generated)[:, -3:], np.asarray(row)[:, -3:])
+
+
+def test_the_sampler_command_steers_by_two_texts(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from experiments import trainer
+    from tests.conftest import make_tiny_lm_config
+
+    trainer.train_and_evaluate(make_tiny_lm_config(steps=2), str(tmp_path), devices=jax.devices()[:1], verbose=False)
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+    def sample(*steer):
+        out = subprocess.run([sys.executable, "-m", "experiments.sample", f"--workdir={tmp_path}", "--prompt=RO",
+                              "--num_tokens=8", "--temperature=0", *steer], cwd=repo, capture_output=True, text=True,
+                             env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    texts = ["--steer_layer=1", "--steer_toward=KING:", "--steer_away=the th"]
+    assert sample(*texts, "--steer_alpha=0") == sample()
+    assert sample(*texts, "--steer_alpha=30") != sample()
