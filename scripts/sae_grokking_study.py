@@ -15,7 +15,8 @@ progress measures find, and does ablating them break the circuit?
    live latent that is not a key-frequency latent; test accuracy and loss after each.
 4. Dashboards of the key-frequency latents (experiments/sae_dashboard.py) and a figure.
 
-Writes OUT/study.json, docs/sae_grokking.png and docs/sae_grokking_dashboards/.
+`--site=mixer_out` reads the attention output at `=` instead (what the MLP reads). Writes
+OUT/study_SITE_LATENTS_kK.json, docs/sae_grokking_SITE.png and docs/sae_grokking_dashboards_SITE/.
 """
 
 import json
@@ -37,6 +38,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 _LM = flags.DEFINE_string("lm", "runs/grokking", "A grokked run of experiments/configs/grokking.py.")
 _OUT = flags.DEFINE_string("out", "runs/grokking_sae", "The study's folder (store, SAE run, study.json).")
+_SITE = flags.DEFINE_string("site", "mlp_hidden", "The site at the `=` position: mlp_hidden, mixer_out, ffn_out, residual.")
 _LATENTS = flags.DEFINE_integer("latents", 512, "SAE latents.")
 _K = flags.DEFINE_integer("k", 8, "TopK's k.")
 _STEPS = flags.DEFINE_integer("steps", 3000, "SAE training steps.")
@@ -59,7 +61,7 @@ def latent_maps(model, variables, sae_model, sae_variables, p: int) -> np.ndarra
     """[p, p, M]: every latent's activation at the `=` position of every pair (a, b)."""
     a, b = (x.ravel() for x in np.meshgrid(np.arange(p), np.arange(p), indexing="ij"))
     tokens = jnp.asarray(np.stack([a, b, np.full(p * p, p)], 1), jnp.int32)
-    hidden = jax.jit(lambda t: activations.capture(model, variables, t)[2][0]["mlp_hidden"][:, -1])(tokens)
+    hidden = jax.jit(lambda t: activations.capture(model, variables, t)[2][0][_SITE.value][:, -1])(tokens)
     f = sae_model.apply(sae_variables, hidden, method=sae_model.encode)
     return np.asarray(f, np.float64).reshape(p, p, -1)
 
@@ -72,7 +74,7 @@ def ablation(model, variables, sae_model, sae_variables, examples, chosen) -> di
         f = sae_model.apply(sae_variables, x, method=sae_model.encode)
         return x - (f * chosen) @ decoder, f
 
-    result = sae_eval.evaluate(model, variables, examples, 0, "mlp_hidden", reconstruct, -1, batch_size=len(
+    result = sae_eval.evaluate(model, variables, examples, 0, _SITE.value, reconstruct, -1, batch_size=len(
         examples["inputs"]), batches=1)
     return {"loss": result["loss_spliced"], "accuracy": result["accuracy_spliced"], "latents": int(np.sum(chosen))}
 
@@ -101,9 +103,9 @@ def main(argv):
     out, lm = _OUT.value, _LM.value
     lm_config = restore.load_config(lm)
     p = lm_config.data.p
-    store = os.path.join(out, "store")
-    activation_store.write(lm, store, "mlp_hidden", 0, "train,eval", batches=1_000, batch_size=1024, position=-1)
-    sae_workdir = os.path.join(out, "sae")
+    store = os.path.join(out, f"store_{_SITE.value}")
+    activation_store.write(lm, store, _SITE.value, 0, "train,eval", batches=1_000, batch_size=1024, position=-1)
+    sae_workdir = os.path.join(out, f"sae_{_SITE.value}_{_LATENTS.value}_k{_K.value}")
     sae_model, sae_variables = train_sae(store, sae_workdir)
     evaluation = sae_eval.evaluate_run(sae_workdir, split="eval", batches=1, batch_size=p * p)
     model, variables = restore.load_variables(lm_config, lm)
@@ -128,17 +130,18 @@ def main(argv):
         "mean_top_share_of_key_latents": float(shares[key_latents].max(axis=1).mean()) if key_latents.any() else 0.0,
         "ablate_none": ablate(np.zeros(len(live), bool)),
         "ablate_key_frequency_latents": ablate(key_latents),
+        "ablate_each_key_frequency": {int(k): ablate(live & (dominant == k)) for k in keys},
         "ablate_random_others": random_draws,
         "ablate_all_others": ablate(live & ~key_latents),
     }
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "study.json"), "w") as f:
+    with open(os.path.join(out, f"study_{_SITE.value}_{_LATENTS.value}_k{_K.value}.json"), "w") as f:
         json.dump(result, f, indent=1)
     by_frequency = np.argsort(-np.mean(maps != 0, axis=(0, 1)))
     examples_of_key = [int(i) for k in keys for i in by_frequency if key_latents[i] and dominant[i] == k][:len(keys)]
     examples_of_key += [int(i) for i in by_frequency if key_latents[i] and i not in examples_of_key]
-    figure(shares, dominant, live, keys, maps, examples_of_key, os.path.join(_DOCS.value, "sae_grokking.png"))
-    sae_dashboard.write_dashboards(sae_workdir, os.path.join(_DOCS.value, "sae_grokking_dashboards"),
+    figure(shares, dominant, live, keys, maps, examples_of_key, os.path.join(_DOCS.value, f"sae_grokking_{_SITE.value}.png"))
+    sae_dashboard.write_dashboards(sae_workdir, os.path.join(_DOCS.value, f"sae_grokking_dashboards_{_SITE.value}"),
                                    latent_ids=examples_of_key[:16], split="eval", batches=1, batch_size=p * p,
                                    contexts=8)
     print(json.dumps(result, indent=1))
