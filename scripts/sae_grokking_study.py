@@ -68,11 +68,11 @@ def latent_maps(model, variables, sae_model, sae_variables, p: int) -> np.ndarra
 
 def ablation(model, variables, sae_model, sae_variables, examples, chosen) -> dict:
     """Test loss and accuracy with the latents `chosen` (bool [M]) removed from x, the error term kept."""
-    decoder = sae_model.apply(sae_variables, method=sae_model.decoder)
+    decode = lambda f: sae_model.apply(sae_variables, f, method=sae_model.decode)  # noqa: E731
 
-    def reconstruct(x):
+    def reconstruct(x):  # the chosen latents' part of x_hat, in x's units (the SAE's input scale undone)
         f = sae_model.apply(sae_variables, x, method=sae_model.encode)
-        return x - (f * chosen) @ decoder, f
+        return x - (decode(f * chosen) - decode(jnp.zeros_like(f))), f
 
     result = sae_eval.evaluate(model, variables, examples, 0, _SITE.value, reconstruct, -1, batch_size=len(
         examples["inputs"]), batches=1)
@@ -133,12 +133,14 @@ def main(argv):
         "ablate_each_key_frequency": {int(k): ablate(live & (dominant == k)) for k in keys},
         "ablate_random_others": random_draws,
         "ablate_all_others": ablate(live & ~key_latents),
+        "ablate_all_latents": ablate(live),
     }
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, f"study_{_SITE.value}_{_LATENTS.value}_k{_K.value}.json"), "w") as f:
         json.dump(result, f, indent=1)
     by_frequency = np.argsort(-np.mean(maps != 0, axis=(0, 1)))
-    examples_of_key = [int(i) for k in keys for i in by_frequency if key_latents[i] and dominant[i] == k][:len(keys)]
+    first_of_each = [next((int(i) for i in by_frequency if key_latents[i] and dominant[i] == k), None) for k in keys]
+    examples_of_key = [i for i in first_of_each if i is not None]  # one per key frequency first, then the rest
     examples_of_key += [int(i) for i in by_frequency if key_latents[i] and i not in examples_of_key]
     figure(shares, dominant, live, keys, maps, examples_of_key, os.path.join(_DOCS.value, f"sae_grokking_{_SITE.value}.png"))
     sae_dashboard.write_dashboards(sae_workdir, os.path.join(_DOCS.value, f"sae_grokking_dashboards_{_SITE.value}"),

@@ -91,6 +91,7 @@ def test_a_family_that_sows_nothing_is_refused_in_one_line():
         activations.capture(model, model.init(jax.random.key(0), tokens), tokens)
 
 
+@pytest.mark.slow  # the default suite's budget
 def test_the_attention_pattern_and_the_values_give_the_mixer_output_and_mlp_hidden_the_ffn_output(tmp_path):
     """Norm-free, so layer 0 reads the embeddings: mixer_out = sum_h P_h (x W_v,h) W_out,h, and ffn_out =
     mlp_hidden W_out + b_out of the MLP, recomputed from the parameters; P is causal and its rows sum to 1."""

@@ -74,6 +74,7 @@ def test_mean_ablation_values_and_the_metrics(model_and_runs):
         patching.patches(clean_sown, "attention", [0])
 
 
+@pytest.mark.slow  # the default suite's budget
 def test_the_sweep_is_one_at_the_last_layers_last_position_and_zero_before_the_corruption(model_and_runs):
     model, variables, layers, clean, corrupted, clean_logits, _, corrupted_logits, _ = model_and_runs
     right, wrong = int(np.argmax(clean_logits[0, -1])), int(np.argmin(clean_logits[0, -1]))

@@ -27,6 +27,7 @@ def test_top_contexts_are_the_largest_activations_with_their_shading():
     assert all(t == 2 and len(c) == 3 and c[0][1] == 0 and c[1][1] == 0 for _, t, c in one_position)
 
 
+@pytest.mark.slow  # the default suite's budget
 def test_the_logit_effect_of_an_mlp_hidden_direction_is_steering_the_last_mlp():
     cfg = transformer.TransformerConfig(vocab_size=11, max_len=8, d_model=16, num_layers=2, num_heads=2, d_mlp=24,
                                         norm="none", activation="relu", mlp_bias=True)

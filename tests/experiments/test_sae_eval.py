@@ -10,6 +10,7 @@ from data.config_fields import ConfigError
 from experiments import (activation_store, activations, metrics_writer, restore, sae_dashboard, sae_eval, trainer,
                          validation)
 from experiments.configs import sae as sae_config
+from tests.conftest import slow
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +20,7 @@ def tiny_lm(finished_tiny_run):
     return model, variables, datasets.load(config.data, seed=config.seed).evals["eval"]
 
 
-@pytest.mark.parametrize("position", [None, -1])
+@pytest.mark.parametrize("position", [None, slow(-1)])
 def test_loss_recovered_is_one_for_the_identity_and_zero_for_zeros(tiny_lm, position):
     model, variables, examples = tiny_lm
     evaluate = lambda reconstruct: sae_eval.evaluate(model, variables, examples, 0, "ffn_out", reconstruct,  # noqa: E731
