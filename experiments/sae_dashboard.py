@@ -28,10 +28,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-import data as datasets  # noqa: E402
-from data import activations as store_format  # noqa: E402
 from data import text  # noqa: E402
-from experiments import activation_store, activations, cli, restore  # noqa: E402
+from experiments import activations, cli, sae_eval  # noqa: E402
 
 WINDOW = 24  # tokens of context shown before the firing token
 
@@ -141,12 +139,8 @@ def write_index(out: str, summaries: list[dict], title: str) -> None:
 def write_dashboards(sae_workdir: str, out: str, latents: int = 16, latent_ids=None, split: str = "eval",
                      batches: int = 16, batch_size: int = 64, contexts: int = 12) -> list[dict]:
     """Writes the pages of the chosen latents and the index into `out`; returns their summaries."""
-    sae_config = restore.load_config(sae_workdir)
-    store = store_format.description(sae_config.data.store)
-    lm_config = restore.load_config(store["workdir"])
-    examples = activation_store.examples_of(datasets.load(lm_config.data, seed=lm_config.seed), split)
-    model, variables = restore.load_variables(lm_config, store["workdir"])
-    sae_model, sae_variables = restore.load_variables(sae_config, sae_workdir)
+    sae_config, sae_model, sae_variables, store, lm_config, model, variables, examples = sae_eval.load_run(
+        sae_workdir, split)
     encode = jax.jit(lambda x: sae_model.apply(sae_variables, x, method=sae_model.encode))
     layer, site, position = store["layer"], store["site"], store.get("position")
     acts = latent_activations(model, variables, encode, examples, layer, site, position, batch_size, batches)

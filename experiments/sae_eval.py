@@ -16,6 +16,8 @@ Writes `sae_eval.json` in the SAE's folder and prints it.
 import json
 import os
 
+from typing import Any, NamedTuple
+
 from absl import app, flags, logging
 import jax
 import jax.numpy as jnp
@@ -102,17 +104,36 @@ def sae_reconstruct(sae_model, sae_variables):
     return reconstruct
 
 
-def evaluate_run(sae_workdir: str, split: str = "eval", batches: int = 16, batch_size: int = 64) -> dict:
-    """Evaluates the SAE run in `sae_workdir` on its language model's `split`; writes sae_eval.json there."""
+class SAERun(NamedTuple):
+    """A trained SAE with the model it reads: its store's description (run, site, layer, position) and the
+    language model's config, examples of a split and variables."""
+
+    config: Any
+    model: Any
+    variables: dict
+    store: dict
+    lm_config: Any
+    lm: Any
+    lm_variables: dict
+    examples: dict
+
+
+def load_run(sae_workdir: str, split: str = "eval") -> SAERun:
     sae_config = restore.load_config(sae_workdir)
     store = store_format.description(sae_config.data.store)
     lm_config = restore.load_config(store["workdir"])
     examples = activation_store.examples_of(datasets.load(lm_config.data, seed=lm_config.seed), split)
-    model, variables = restore.load_variables(lm_config, store["workdir"])
-    sae_model, sae_variables = restore.load_variables(sae_config, sae_workdir)
-    result = evaluate(model, variables, examples, store["layer"], store["site"], sae_reconstruct(sae_model, sae_variables),
-                      store.get("position"), batch_size, batches)
-    result.update(split=split, site=store["site"], layer=store["layer"], kind=sae_config.model.kind)
+    return SAERun(sae_config, *restore.load_variables(sae_config, sae_workdir), store, lm_config,
+                  *restore.load_variables(lm_config, store["workdir"]), examples)
+
+
+def evaluate_run(sae_workdir: str, split: str = "eval", batches: int = 16, batch_size: int = 64) -> dict:
+    """Evaluates the SAE run in `sae_workdir` on its language model's `split`; writes sae_eval.json there."""
+    run = load_run(sae_workdir, split)
+    store = run.store
+    result = evaluate(run.lm, run.lm_variables, run.examples, store["layer"], store["site"],
+                      sae_reconstruct(run.model, run.variables), store.get("position"), batch_size, batches)
+    result.update(split=split, site=store["site"], layer=store["layer"], kind=run.config.model.kind)
     with open(os.path.join(sae_workdir, "sae_eval.json"), "w") as f:
         json.dump(result, f, indent=1)
     return result
