@@ -57,15 +57,16 @@ def latent_activations(model, variables, reconstruct_latents, examples, layer, s
     return np.concatenate(out)
 
 
-def logit_effects(model, variables, layer: int, site: str, direction):
-    """[V]: the direct effect of adding `direction` at `site` after `layer` on the logits, through the logit lens."""
+def logit_effects(model, variables, layer: int, site: str, directions):
+    """[n, V]: the direct effect on the logits of adding each of `directions` [n, D] at `site` after `layer`, through
+    the logit lens (one pass for all of them)."""
     if site == "mlp_hidden":
-        _, sown = activations.capture_tree(model, variables, jnp.zeros((1, 1), jnp.int32))
+        _, sown = jax.eval_shape(lambda t: activations.capture_tree(model, variables, t), jnp.zeros((1, 1), jnp.int32))
         stack, member, unit = activations.layer_paths(sown)[layer]
         params = variables["params"][stack] if member is None else variables["params"][stack][member]
-        direction = direction @ params["mlp"]["wo"]["kernel"][unit]
-    lens = lambda d: model.apply(variables, d[None, None], method=model.lens_logits)[0, 0]  # noqa: E731
-    return np.asarray(lens(direction) - lens(jnp.zeros_like(direction)))
+        directions = directions @ params["mlp"]["wo"]["kernel"][unit]
+    lens = lambda d: model.apply(variables, d[:, None], method=model.lens_logits)[:, 0]  # noqa: E731
+    return np.asarray(lens(directions) - lens(jnp.zeros_like(directions[:1])))
 
 
 def top_contexts(acts, tokens, latent: int, count: int, position):
@@ -150,9 +151,9 @@ def write_dashboards(sae_workdir: str, out: str, latents: int = 16, latent_ids=N
     texts, tokens = token_texts(lm_config), examples["inputs"][:len(acts)]
     title = f"SAE {os.path.basename(os.path.abspath(sae_workdir))} ({sae_config.model.kind}, {site} of layer {layer})"
     os.makedirs(out, exist_ok=True)
-    summaries = [write_latent_page(out, i, acts, top_contexts(acts, tokens, i, contexts, position),
-                                   logit_effects(model, variables, layer, site, decoder[i]), texts, title)
-                 for i in latent_ids]
+    effects = logit_effects(model, variables, layer, site, decoder[np.asarray(latent_ids)])
+    summaries = [write_latent_page(out, i, acts, top_contexts(acts, tokens, i, contexts, position), effect, texts,
+                                   title) for i, effect in zip(latent_ids, effects)]
     write_index(out, summaries, title)
     return summaries
 
