@@ -77,6 +77,8 @@ class ReasoningConfig:
     test_examples: int = field(500, min=1)
     batch_size: int = 64
     eval_batch_size: int = -1  # -1: each evaluation set in one batch
+    rejected: str = field("", choices=("", "derailed"))  # preference pairs: each example also carries a rejected
+    # response, "rejected_inputs" / "rejected_targets" / "rejected_loss_mask" (ProntoQA only: data/prontoqa.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,17 +179,32 @@ def reasoning_geometry(config, problems) -> reasoning.Geometry:
                               config.thoughts_per_step)
 
 
+def rejected_problems(config, problems, seed: int) -> dict[str, list[reasoning.Problem]]:
+    """Each split's rejected responses (`data.rejected`), one per problem, deterministic in the seed."""
+    rng = np.random.default_rng((seed, 1))
+    return {split: [prontoqa.derailed(p, rng) for p in ps] for split, ps in problems.items()}
+
+
 def _load_reasoning(config, seed: int) -> Splits:
     problems = reasoning_problems(config, seed)
-    vocab, geo = GENERATORS[config.name].VOCABULARY, reasoning_geometry(config, problems)
-    layout = functools.partial(reasoning.examples, vocab=vocab, geo=geo, method=config.method,
-                               last_stage=config.last_stage, thoughts_per_step=config.thoughts_per_step)
+    rejected = rejected_problems(config, problems, seed) if config.rejected else {}
+    vocab, geo = GENERATORS[config.name].VOCABULARY, reasoning_geometry(config, {**problems, **{
+        f"rejected_{k}": v for k, v in rejected.items()}})
+    layout_one = functools.partial(reasoning.examples, vocab=vocab, geo=geo, method=config.method,
+                                   last_stage=config.last_stage, thoughts_per_step=config.thoughts_per_step)
+
+    def layout(split, stage):
+        examples = layout_one(problems[split], stage=stage)
+        if rejected:
+            examples.update({f"rejected_{k}": v for k, v in layout_one(rejected[split], stage=stage).items()})
+        return examples
+
     last = config.last_stage if config.method == "coconut" else 0
     first = 0 if config.curriculum else last
-    stages = tuple(layout(problems["train"], stage=s) for s in range(first, last + 1))
+    stages = tuple(layout("train", stage=s) for s in range(first, last + 1))
     model_keys = dict(bot_position=geo.bot_position, max_thoughts=last * config.thoughts_per_step,
                       thought_token=reasoning.THOUGHT, pad_token=reasoning.PAD, eot_token=reasoning.EOT)
-    return Splits(train=stages[0], evals={"eval": layout(problems["eval"], stage=last)}, vocab_size=len(vocab),
+    return Splits(train=stages[0], evals={"eval": layout("eval", stage=last)}, vocab_size=len(vocab),
                   seq_len=geo.row_len - 1, stages=stages if len(stages) > 1 else (),
                   epochs_per_stage=config.epochs_per_stage, model_keys=model_keys)
 

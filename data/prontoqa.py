@@ -9,6 +9,11 @@ One problem with h hops over invented concepts c_0 .. c_h and a property P:
 The facts are shuffled; the question "true or false : max is [not] P ?" has the answer "true" or "false",
 alternating with the problem's index (balanced). The chain of thought: "max is a c_1 ." ... "max is a c_h .",
 then "max is [not] P .".
+
+Preference pairs (`data.rejected = "derailed"`): each problem's correct chain of thought is chosen over a derailed
+one that a programmatic checker knows to be wrong: the first j hops of the chain (j uniform in [0, h - 1]), then an
+unsupported jump onto the distractor chain at a random concept, its hops to the end, the end's (opposite) property
+and the wrong answer; without distractors, the correct chain with its conclusion and answer flipped.
 """
 
 import itertools
@@ -43,4 +48,44 @@ def problem(rng, index: int, *, min_hops: int, max_hops: int, branches: int) -> 
     return reasoning.Problem(question=question, steps=steps, answer=("true" if answer_true else "false",))
 
 
-validate = prosqa.validate
+def _facts(question) -> tuple[dict, dict]:
+    """(concept -> the concept it is a, concept -> (negated, property)) of a question's "every ..." sentences."""
+    edges, properties, sentence = {}, {}, []
+    for word in question:
+        sentence.append(word)
+        if word in (".", "?"):
+            if sentence[0] == "every" and sentence[3] == "a":
+                edges[sentence[1]] = sentence[4]
+            elif sentence[0] == "every":
+                properties[sentence[1]] = (sentence[3] == "not", sentence[-2])
+            sentence = []
+    return edges, properties
+
+
+def derailed(p: reasoning.Problem, rng) -> reasoning.Problem:
+    """The problem with a wrong chain of thought and the wrong answer (the module docstring's derailment)."""
+    name, chain = p.steps[0][0], [step[3] for step in p.steps[:-1]]  # c_1 .. c_h
+    edges, properties = _facts(p.question)
+    concepts = (set(edges) | set(properties)) - set(chain) - {p.question[3]}  # the distractor chain's
+    starts = [c for c in concepts if c not in edges.values()]
+    wrong = ("false",) if p.answer == ("true",) else ("true",)
+    if not starts:  # no distractor chain: the right hops, the flipped conclusion
+        negated, prop = properties[chain[-1]]
+        conclusion = (name, "is", *(() if negated else ("not",)), prop, ".")
+        return reasoning.Problem(p.question, (*p.steps[:-1], conclusion), wrong)
+    distractors = [starts[0]]
+    while distractors[-1] in edges:
+        distractors.append(edges[distractors[-1]])
+    kept = int(rng.integers(len(chain)))
+    hops = distractors[int(rng.integers(len(distractors))):]
+    negated, prop = properties[distractors[-1]]
+    steps = tuple((name, "is", "a", c, ".") for c in chain[:kept] + hops)
+    return reasoning.Problem(p.question, (*steps, (name, "is", *(("not",) if negated else ()), prop, ".")), wrong)
+
+
+def validate(config) -> list[str]:
+    p = prosqa.validate(config)
+    if config.rejected and config.method == "coconut":
+        p.append(f"data.rejected={config.rejected!r} pairs language chains of thought: set data.method to 'cot' or "
+                 "'nocot'")
+    return p

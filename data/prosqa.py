@@ -41,8 +41,16 @@ def problem(rng, index: int, *, min_hops: int, max_hops: int, branches: int) -> 
     return reasoning.Problem(question=question, steps=steps, answer=(a,))
 
 
+def rejected_problems(config) -> list[str]:
+    """Preference pairs (`data.rejected`) exist for ProntoQA only."""
+    if config.rejected and config.name != "prontoqa":
+        return [f"data.rejected={config.rejected!r} needs data.name='prontoqa' (its answers have a programmatic "
+                f"opposite), not {config.name!r}"]
+    return []
+
+
 def validate(config) -> list[str]:
-    p = []
+    p = rejected_problems(config)
     if not 1 <= config.min_hops <= config.max_hops:
         p.append(f"data.min_hops={config.min_hops}, data.max_hops={config.max_hops}: need 1 <= min_hops <= max_hops")
     if config.branches < 0 or 2 * (config.max_hops + 1) + config.branches > len(CONCEPTS):

@@ -33,7 +33,7 @@ import os
 from absl import app, flags
 import numpy as np
 
-from data import prosqa_official, reasoning
+from data import prosqa, prosqa_official, reasoning
 
 HOPS = {3: 0.41, 4: 0.44, 5: 0.13, 6: 0.02}
 PERSONS = {2: 0.58, 3: 0.32, 4: 0.08, 5: 0.015, 6: 0.005}
@@ -182,7 +182,7 @@ def splits(config, seed: int) -> dict[str, list[reasoning.Problem]]:
 
 
 def validate(config) -> list[str]:
-    p = []
+    p = prosqa.rejected_problems(config)
     if not min(HOPS) <= config.min_hops <= config.max_hops <= max(HOPS):
         p.append(f"data.min_hops={config.min_hops}, data.max_hops={config.max_hops}: the official distribution has "
                  f"{min(HOPS)}-{max(HOPS)} hops; need {min(HOPS)} <= min_hops <= max_hops <= {max(HOPS)}")

@@ -15,25 +15,25 @@ from data.config_fields import ConfigError
 from experiments import sharding
 
 
-def teacher_config(config):
-    """The teacher run's resolved config, checked against the student's (resolved) config: ConfigError, one
-    line, when the folder has no run or the vocabularies or lengths do not fit."""
+def teacher_config(config, workdir: str, key: str = "train.distill.teacher"):
+    """The frozen run's (a teacher's, or a preference loss's reference at train.init_from) resolved config, checked
+    against the student's (resolved) config: ConfigError, one line naming `key`, when the folder has no run or the
+    vocabularies or lengths do not fit."""
     from experiments import restore  # restore reads the trainer's state layout: imported when used
 
-    workdir = config.train.distill.teacher
     if jax.process_count() > 1:
-        raise ConfigError(f"train.distill.teacher={workdir!r} in a {jax.process_count()}-process job: the teacher is "
+        raise ConfigError(f"{key}={workdir!r} in a {jax.process_count()}-process job: the teacher is "
                           "restored on one device and then sharded, which needs a single process (for now)")
     try:
         teacher = restore.load_config(workdir)
     except FileNotFoundError:
-        raise ConfigError(f"train.distill.teacher={workdir!r} has no config.json; pass the workdir of a finished "
+        raise ConfigError(f"{key}={workdir!r} has no config.json; pass the workdir of a finished "
                           "training run") from None
     if teacher.model.vocab_size != config.model.vocab_size:
-        raise ConfigError(f"train.distill.teacher={workdir!r} has model.vocab_size={teacher.model.vocab_size}, the "
+        raise ConfigError(f"{key}={workdir!r} has model.vocab_size={teacher.model.vocab_size}, the "
                           f"student {config.model.vocab_size}: distillation needs the same vocabulary")
     if teacher.model.max_len < config.model.max_len:
-        raise ConfigError(f"train.distill.teacher={workdir!r} has model.max_len={teacher.model.max_len}, shorter "
+        raise ConfigError(f"{key}={workdir!r} has model.max_len={teacher.model.max_len}, shorter "
                           f"than the student's {config.model.max_len}")
     return teacher
 

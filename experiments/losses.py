@@ -13,6 +13,21 @@ The training objective may add, per token (`Objective`, from `config.train`):
 Multi-token prediction (models/mtp.py) adds lambda / D * sum_k CE_k, depth k's logits at position i scored
 against target i + k; lambda steps from `train.mtp_weight` to `train.mtp_weight_late` at `train.mtp_switch_fraction`
 of the run (DeepSeek-V3: 0.3, then 0.1 for the last third).
+
+Preference optimisation (`preference_loss`, CONTRACTS §6) scores a chosen response y_w against a rejected one y_l
+of the same prompt from summed sequence log-probabilities; with a frozen reference model's, the implicit rewards
+are r = log pi(y) - log pi_ref(y) and h = r_w - r_l:
+
+    dpo     -(1 - eps) log sig(beta h) - eps log sig(-beta h)           (Rafailov et al. 2023; eps > 0: conservative DPO)
+    ipo     (h - 1 / (2 beta))^2                                         (Azar et al. 2023, tau = beta)
+    kto     (w_D (1 - sig(beta (r_w - z))) + w_U (1 - sig(beta (z - r_l)))) / 2          (Ethayarajh et al. 2024)
+            z = max(0, mean over the batch of (r_w + r_l) / 2), no gradient: the reference point
+    simpo   -log sig(beta (log pi(y_w) / |y_w| - log pi(y_l) / |y_l|) - gamma)     (Meng et al. 2024; no reference)
+    orpo    -beta log sig(log odds(y_w) - log odds(y_l)),  log odds(y) = p - log(1 - e^p),  p = log pi(y) / |y|
+            (Hong et al. 2024, the odds-ratio term; the trainer adds the SFT term on y_w, train.preference.sft_weight)
+
+KTO's paper estimates z from mismatched prompt / response pairs of the micro-batch; here the batch's own pairs
+give it (the same reference point in expectation when responses are independent of the other prompts).
 """
 
 import dataclasses
@@ -68,6 +83,57 @@ def distillation_kl(logits, teacher_logits, temperature: float):
     teacher = jax.nn.log_softmax(jax.lax.stop_gradient(teacher_logits) / temperature, axis=-1)
     student = jax.nn.log_softmax(logits / temperature, axis=-1)
     return jnp.sum(jnp.exp(teacher) * (teacher - student), axis=-1)
+
+
+PREFERENCE_KINDS = ("dpo", "ipo", "kto", "simpo", "orpo")
+NEEDS_REFERENCE = ("dpo", "ipo", "kto")
+
+
+def sequence_logps(logits, targets, loss_mask):
+    """(sum over masked positions of log softmax(logits)[target], the number of masked positions): float[B] each."""
+    logps = -optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    return jnp.sum(logps * loss_mask, axis=-1), jnp.sum(loss_mask, axis=-1)
+
+
+def preference_loss(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None, *, kind: str,
+                    beta: float, label_smoothing: float = 0.0, gamma: float = 0.0, chosen_lengths=None,
+                    rejected_lengths=None, desirable_weight: float = 1.0, undesirable_weight: float = 1.0):
+    """(mean loss over the batch, metrics) of the paired preference loss `kind` (the module docstring's formulas).
+
+    metrics: reward_margin, the mean of what the sigmoid compares before any offset (beta h; simpo: beta times
+    the difference of mean log-probabilities; orpo: the log odds ratio), accuracy (the fraction where it is > 0),
+    chosen_reward / rejected_reward (beta r) with a reference, and kto's reference point z."""
+    if kind not in PREFERENCE_KINDS:
+        raise ValueError(f"preference kind {kind!r} is not one of {list(PREFERENCE_KINDS)}")
+    if kind in NEEDS_REFERENCE and (ref_chosen_logps is None or ref_rejected_logps is None):
+        raise ValueError(f"preference kind {kind!r} needs the reference model's log-probabilities")
+    if kind in ("simpo", "orpo") and (chosen_lengths is None or rejected_lengths is None):
+        raise ValueError(f"preference kind {kind!r} needs chosen_lengths and rejected_lengths")
+    metrics = {}
+    if kind in NEEDS_REFERENCE:
+        chosen_reward, rejected_reward = chosen_logps - ref_chosen_logps, rejected_logps - ref_rejected_logps
+        score = beta * (chosen_reward - rejected_reward)  # beta h
+        metrics = {"chosen_reward": jnp.mean(beta * chosen_reward), "rejected_reward": jnp.mean(beta * rejected_reward)}
+    else:
+        chosen_mean, rejected_mean = chosen_logps / chosen_lengths, rejected_logps / rejected_lengths
+    if kind == "dpo":
+        losses = -(1 - label_smoothing) * jax.nn.log_sigmoid(score) - label_smoothing * jax.nn.log_sigmoid(-score)
+    elif kind == "ipo":
+        losses = (score / beta - 1 / (2 * beta)) ** 2
+    elif kind == "kto":
+        z = jax.lax.stop_gradient(jnp.maximum(jnp.mean(chosen_reward + rejected_reward) / 2, 0.0))
+        losses = (desirable_weight * (1 - jax.nn.sigmoid(beta * (chosen_reward - z)))
+                  + undesirable_weight * (1 - jax.nn.sigmoid(beta * (z - rejected_reward)))) / 2
+        metrics["reference_point"] = z
+    elif kind == "simpo":
+        score = beta * (chosen_mean - rejected_mean)
+        losses = -jax.nn.log_sigmoid(score - gamma)
+    else:
+        log_odds = lambda p: p - jnp.log(-jnp.expm1(p))  # noqa: E731  log(P / (1 - P)), P = e^p < 1
+        score = log_odds(chosen_mean) - log_odds(rejected_mean)
+        losses = -beta * jax.nn.log_sigmoid(score)
+    metrics.update(reward_margin=jnp.mean(score), accuracy=jnp.mean((score > 0).astype(jnp.float32)))
+    return jnp.mean(losses), metrics
 
 
 def mtp_sums(depth_logits, targets, loss_mask) -> dict:

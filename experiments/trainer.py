@@ -38,8 +38,8 @@ from flax.training import train_state
 import data as datasets
 import models
 from data import pipeline
-from experiments import (checkpointing, distill, losses, metrics_writer, monitors, optimizers, plots, run_record,
-                         sharding, validation, warm_start)
+from experiments import (checkpointing, distill, losses, metrics_writer, monitors, optimizers, plots, preference,
+                         run_record, sharding, validation, warm_start)
 
 
 class TrainState(train_state.TrainState):
@@ -123,7 +123,7 @@ def abstract_state_and_shardings(init_fn, rng, mesh):
 
 def train_step(state: TrainState, batch, teacher=None, *, schedule, accumulate: int = 1, ema_decay: float = 0.0,
                objective: losses.Objective = losses.Objective(), teacher_apply=None, with_monitors: bool = False,
-               mtp_weight=None):
+               mtp_weight=None, preference_config: preference.PreferenceConfig = preference.PreferenceConfig()):
     """One optimizer step on loss = the objective (masked cross-entropy, with `objective`'s label smoothing,
     z-loss and distillation from `teacher`'s variables through `teacher_apply`) + the sown auxiliary losses;
     the model's other collections take the values the forward pass wrote; sown metrics and probe cotangents
@@ -137,18 +137,26 @@ def train_step(state: TrainState, batch, teacher=None, *, schedule, accumulate: 
 
     With `ema_decay` = d > 0 the moving average of the weights follows: ema <- d ema + (1 - d) params (new).
     With `with_monitors`, the step also logs experiments/monitors.py's statistics (and the model's sown ones).
-    A model with MTP modules adds mtp_weight(step) / D * sum_k CE_k (experiments/losses.py) and logs each CE_k."""
+    A model with MTP modules adds mtp_weight(step) / D * sum_k CE_k (experiments/losses.py) and logs each CE_k.
+    With `preference_config.kind` the batch holds chosen and rejected rows and the objective is
+    experiments/preference.py's, the reference model's variables passed as `teacher`."""
     probes = state.model_state.get(models.PROBES, {})
     model_state = {k: v for k, v in state.model_state.items() if k != models.PROBES}
     count = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
     rng = jax.random.fold_in(state.rng, state.step)
     plain = objective == losses.Objective()
+    paired = bool(preference_config.kind)
 
     def loss_fn(params, probes, model_state, micro, micro_rng):
+        inputs = preference.both(micro, "inputs") if paired else micro["inputs"]
         logits, written = state.apply_fn(
-            {"params": params, **model_state, models.PROBES: probes}, micro["inputs"],
+            {"params": params, **model_state, models.PROBES: probes}, inputs,
             rngs={"dropout": micro_rng},
             mutable=[*model_state, *models.SOWN, *([models.MONITORS] if with_monitors else [])])
+        if paired:
+            ref_logits = None if teacher is None else jax.lax.stop_gradient(teacher_apply(teacher, inputs))
+            pair_loss, pair_metrics = preference.objective(preference_config, logits, ref_logits, micro)
+            logits = logits[:len(micro["inputs"])]  # the chosen rows: their CE is logged as `loss`
         sums = losses.masked_sums(logits, micro["targets"], micro["loss_mask"])
         if not plain:
             teacher_logits = None if teacher is None else teacher_apply(teacher, micro["inputs"])
@@ -156,6 +164,9 @@ def train_step(state: TrainState, batch, teacher=None, *, schedule, accumulate: 
         aux_loss = (sum(jnp.sum(x) for x in jax.tree.leaves(written["losses"])) / accumulate
                     if "losses" in written else None)  # None: the model sows no auxiliary loss
         total = sums["loss" if plain else "objective"] / count
+        if paired:  # each micro-batch's mean, so the accumulated gradient is the batch's mean
+            total = pair_loss / accumulate + preference_config.sft_weight * total
+            sums = {**sums, **{f"preference/{k}": v / accumulate for k, v in pair_metrics.items()}}
         if models.MTP in written:  # counts over the whole batch: accumulated micro-batches add up exactly
             depth_sums = losses.mtp_sums(written[models.MTP]["logits"], micro["targets"], micro["loss_mask"])
             counts = losses.mtp_counts(batch["loss_mask"], len(depth_sums))
@@ -188,6 +199,7 @@ def train_step(state: TrainState, batch, teacher=None, *, schedule, accumulate: 
         aux_loss = None if stacked[1] is None else jnp.sum(stacked[1])
         sown = jax.tree.map(lambda x: jnp.mean(x, axis=0), stacked[2])
     extra_terms = {k: sums[k] / count for k in ("distill_kl", "log_z_squared") if k in sums}
+    extra_terms.update({k: v for k, v in sums.items() if k.startswith("preference/")})
     depth_counts = losses.mtp_counts(batch["loss_mask"], sum(k.startswith("mtp_loss_") for k in sums))
     extra_terms.update({k.replace("mtp_loss_", "mtp_loss/"): sums[k] / depth_counts[k] for k in depth_counts})
     metrics = {"loss": sums["loss"] / count, "accuracy": sums["correct"] / count, **extra_terms,
@@ -252,7 +264,8 @@ def evaluate(state, eval_step, batches, mesh, chars_per_token=None) -> dict:
 
 def _check_finite(window, last_good_step, rollbacks: int):
     for step, metrics in window:
-        loss = metrics["loss"] + metrics.get("aux_loss", 0.0)  # the objective's terms (an SAE's: all aux_loss)
+        loss = metrics["loss"] + metrics.get("aux_loss", 0.0) + metrics.get("preference/loss", 0.0)  # the objective's
+        # terms (an SAE's: all aux_loss)
         if not np.isfinite(loss):
             after = f" after {rollbacks} rollbacks" if rollbacks else ""
             raise NonFiniteLossError(
@@ -293,7 +306,10 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
     splits = datasets.load(config.data, seed=config.seed)
     config = resolve(config, splits)
     validation.validate_resolved(config)
-    teacher_config = distill.teacher_config(config) if config.train.distill.teacher else None
+    preference.check_paired(config.train, splits.train, config.data.name)
+    frozen_key = "train.distill.teacher" if config.train.distill.teacher else "train.init_from"  # teacher or reference
+    frozen_folder = config.train.distill.teacher or preference.reference_folder(config.train)
+    teacher_config = distill.teacher_config(config, frozen_folder, frozen_key) if frozen_folder else None
     resolved, data_identity = json.loads(json.dumps(config.to_dict())), datasets.identity(config.data, splits)
     run_record.check_resumable(workdir, resolved, data_identity, validation.defaults(config))
 
@@ -309,8 +325,9 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
     ema_decay = config.train.ema_decay
     mtp_weight = losses.mtp_weight_schedule(config.train.mtp_weight, config.train.mtp_weight_late,
                                             config.train.mtp_switch_fraction, config.train.steps)
+    preference_config = preference.PreferenceConfig(**config.train.preference.to_dict())
     objective = losses.Objective(label_smoothing=config.train.label_smoothing, z_loss=config.train.z_loss,
-                                 distill_weight=config.train.distill.weight if teacher_config else 0.0,
+                                 distill_weight=config.train.distill.weight if config.train.distill.teacher else 0.0,
                                  temperature=config.train.distill.temperature)
 
     def init_fn(rng):  # boxed with logical names; optimizer statistics that cannot take them replicate
@@ -328,7 +345,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
 
     # A distillation teacher: restored once, sharded like the student.
     teacher_apply, teacher, teacher_shardings = (
-        distill.load_teacher(teacher_config, config.train.distill.teacher, mesh, splits.seq_len)
+        distill.load_teacher(teacher_config, frozen_folder, mesh, splits.seq_len)
         if teacher_config else (None, None, None))
 
     os.makedirs(workdir, exist_ok=True)
@@ -373,7 +390,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
         compiled_train_step = jax.jit(functools.partial(train_step, schedule=schedule, accumulate=micro_batches,
                                                         ema_decay=ema_decay, objective=objective,
                                                         teacher_apply=teacher_apply, with_monitors=config.train.monitors,
-                                                        mtp_weight=mtp_weight),
+                                                        mtp_weight=mtp_weight,
+                                                        preference_config=preference_config),
                                       donate_argnums=0,
                                       in_shardings=(state_shardings, batch_spec, teacher_shardings),
                                       out_shardings=(state_shardings, sharding.replicated(mesh)))

@@ -97,4 +97,4 @@ def test_bad_teachers_are_one_line_errors(tmp_path, finished_tiny_run, teacher, 
     if vocab_size:
         config.model.vocab_size = vocab_size
     with pytest.raises(ConfigError, match=message):
-        distill.teacher_config(config)
+        distill.teacher_config(config, config.train.distill.teacher)

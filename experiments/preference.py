@@ -1,0 +1,92 @@
+"""Preference optimisation through the one trainer (`train.preference.kind`): DPO, IPO, KTO, SimPO, ORPO.
+
+The data gives each example a chosen response and a rejected one to the same prompt (the batch's "inputs",
+"targets", "loss_mask" and "rejected_inputs", "rejected_targets", "rejected_loss_mask", e.g. `data.rejected`),
+the loss masks marking the response tokens. One forward pass of the policy reads both halves; the frozen
+reference model (the run `train.init_from` starts from, restored once and sharded like the policy) reads them
+too, inside the step, for the kinds that have one (DPO, IPO, KTO). Per step:
+
+    log pi(y) = sum over response tokens of log p(token)        (experiments/losses.sequence_logps)
+    objective = preference_loss(log pi(y_w), log pi(y_l), log pi_ref(y_w), log pi_ref(y_l))     (losses.py)
+                + sft_weight * CE(chosen response tokens)                                         (ORPO: 1)
+
+Logged besides the chosen responses' `loss` / `accuracy` (so an SFT run and its preference run compare):
+preference/loss, reward_margin, accuracy (of the implicit reward's ranking), chosen / rejected rewards and
+log-probabilities, and with a reference kl_ref = the mean over chosen responses of
+sum_t KL(pi(. | y_<t) || pi_ref(. | y_<t)), the policy's drift from the reference along them.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from data.config_fields import ConfigError, field
+from experiments import losses
+
+
+@dataclasses.dataclass(frozen=True)
+class PreferenceConfig:
+    """`config.train.preference`: the loss (losses.preference_loss) and its coefficients; kind "" trains as usual."""
+
+    kind: str = field("", choices=("", *losses.PREFERENCE_KINDS))
+    beta: float = field(0.1, above=0)  # DPO's beta (IPO: tau; ORPO: lambda; SimPO: its beta, ~2)
+    label_smoothing: float = field(0.0, min=0, below=0.5)  # conservative DPO's eps
+    gamma: float = field(0.0, min=0)  # SimPO's target margin
+    sft_weight: float = field(0.0, min=0)  # + w * CE on the chosen responses (ORPO's NLL term: 1)
+    desirable_weight: float = field(1.0, min=0)  # KTO's lambda_D
+    undesirable_weight: float = field(1.0, min=0)  # KTO's lambda_U
+
+
+def problems(train) -> list[str]:
+    """The config rules of `config.train` that involve the preference loss (checked before anything runs)."""
+    kind, p = train.preference.kind, []
+    if kind in losses.NEEDS_REFERENCE and not train.init_from:
+        p.append(f"train.preference.kind={kind!r} needs a reference model: set train.init_from to the run it starts "
+                 "from (e.g. the SFT run)")
+    if kind and train.distill.teacher:
+        p.append(f"train.preference.kind={kind!r} and train.distill.teacher={train.distill.teacher!r}: the frozen "
+                 "model slot holds the reference or the teacher, not both")
+    return p
+
+
+def check_paired(train, examples: dict, dataset: str) -> None:
+    if train.preference.kind and "rejected_inputs" not in examples:
+        raise ConfigError(f"train.preference.kind={train.preference.kind!r} needs paired data (rejected responses); "
+                          f"data.name={dataset!r} gives none here: set data.rejected (ProntoQA)")
+
+
+def reference_folder(train) -> str:
+    """The run whose weights are the frozen reference: train.init_from for the kinds that have one."""
+    return train.init_from if train.preference.kind in losses.NEEDS_REFERENCE else ""
+
+
+def both(batch: dict, key: str):
+    """The chosen and rejected rows of `key` stacked along the batch: [2B, ...]."""
+    return jnp.concatenate([batch[key], batch[f"rejected_{key}"]], axis=0)
+
+
+def objective(config: PreferenceConfig, logits, ref_logits, batch: dict):
+    """(the mean preference loss, metrics) from the policy's (and the reference's, or None) logits [2B, L, V]
+    over both(batch, "inputs")."""
+    targets, mask = both(batch, "targets"), both(batch, "loss_mask")
+    logps, lengths = losses.sequence_logps(logits, targets, mask)
+    half = logps.shape[0] // 2
+    ref = [None, None]
+    metrics = {"chosen_logps": jnp.mean(logps[:half]), "rejected_logps": jnp.mean(logps[half:])}
+    if ref_logits is not None:
+        ref_logps, _ = losses.sequence_logps(ref_logits, targets, mask)
+        ref = [ref_logps[:half], ref_logps[half:]]
+        metrics["kl_ref"] = jnp.mean(jnp.sum(token_kl(logits[:half], ref_logits[:half]) * mask[:half], axis=-1))
+    loss, pair_metrics = losses.preference_loss(
+        logps[:half], logps[half:], *ref, kind=config.kind, beta=config.beta, label_smoothing=config.label_smoothing,
+        gamma=config.gamma, chosen_lengths=jnp.maximum(lengths[:half], 1.0),
+        rejected_lengths=jnp.maximum(lengths[half:], 1.0), desirable_weight=config.desirable_weight,
+        undesirable_weight=config.undesirable_weight)
+    return loss, {"loss": loss, **metrics, **pair_metrics}
+
+
+def token_kl(logits, ref_logits):
+    """KL(softmax(logits) || softmax(ref_logits)) per position [B, L]."""
+    log_p, log_q = jax.nn.log_softmax(logits, axis=-1), jax.nn.log_softmax(ref_logits, axis=-1)
+    return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
