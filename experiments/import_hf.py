@@ -305,10 +305,7 @@ def convert(hf_dir: str):
 def write_run_folder(hf_dir: str, workdir: str):
     """Converts the checkpoint into `workdir`: config.json (the default LM experiment's config with the converted
     model, every other model key at its default) and a sealed orbax checkpoint of the train state at step 0."""
-    import orbax.checkpoint as ocp
-
-    import models
-    from experiments import checkpointing, run_record, trainer, validation
+    from experiments import restore, validation
     from experiments.configs import base, lm_shakespeare
 
     model_config, variables = convert(hf_dir)
@@ -318,21 +315,7 @@ def write_run_folder(hf_dir: str, workdir: str):
     config.model.update(model_config.to_dict())
     config.mesh.update(data=1, fsdp=1, tensor=1, expert=1)
     validation.validate(config, num_devices=1)
-    model = models.build(config.model)
-    inputs = jax.ShapeDtypeStruct((1, config.model.max_len), np.int32)
-    tx = trainer.make_optimizer(config, model, inputs)
-    params = jax.tree.map(np.asarray, variables["params"])
-    state = trainer.TrainState.create(
-        apply_fn=model.apply, params=params, tx=tx, rng=jax.random.split(jax.random.PRNGKey(config.seed))[1],
-        model_state={k: v for k, v in variables.items() if k != "params"}, stage=np.zeros((), np.int32),
-        data_skipped=np.zeros((), np.int32), ema_params={})
-    os.makedirs(workdir, exist_ok=True)
-    mngr = checkpointing.manager(workdir, keep=1, async_save=False, writer=True)
-    mngr.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=True)
-    mngr.wait_until_finished()
-    mngr.close()
-    checkpointing.seal(os.path.join(workdir, "checkpoints", "0"))
-    run_record.write_json(os.path.join(workdir, "config.json"), json.loads(json.dumps(config.to_dict())))
+    restore.save_variables(config, variables, workdir)
     return config
 
 

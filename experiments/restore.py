@@ -1,5 +1,6 @@
 """The model and its variables from the latest checkpoint of a run folder, on one device (for sampling
-and for analyses of finished runs)."""
+and for analyses of finished runs); and the other way, variables made elsewhere (an imported or merged model)
+written as a run folder at step 0 that every tool here reads and `train.init_from` starts from."""
 
 import json
 import os
@@ -7,10 +8,11 @@ import os
 import flax.linen as nn
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 import models
-from experiments import checkpointing, optimizers, trainer
+from experiments import checkpointing, optimizers, run_record, trainer
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -47,3 +49,23 @@ def load_variables(config, workdir: str, step: int | None = None):
     restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
     params = optimizers.evaluation_params(restored.state.opt_state, restored.state.params)  # schedule-free: x
     return model, {"params": params, **restored.state.model_state}
+
+
+def save_variables(config, variables: dict, workdir: str) -> None:
+    """Writes `workdir`: config.json (`config`, resolved) and a sealed orbax checkpoint at step 0 of the train
+    state with these variables ({"params", **model state}) and a fresh optimizer state."""
+    model = models.build(config.model)
+    inputs = models.example_inputs(config.model)
+    tx = trainer.make_optimizer(config, model, inputs)
+    params = jax.tree.map(np.asarray, variables["params"])
+    state = trainer.TrainState.create(
+        apply_fn=model.apply, params=params, tx=tx, rng=jax.random.split(jax.random.PRNGKey(config.seed))[1],
+        model_state={k: v for k, v in variables.items() if k != "params"}, stage=np.zeros((), np.int32),
+        data_skipped=np.zeros((), np.int32), ema_params={})
+    os.makedirs(workdir, exist_ok=True)
+    mngr = checkpointing.manager(workdir, keep=1, async_save=False, writer=True)
+    mngr.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=True)
+    mngr.wait_until_finished()
+    mngr.close()
+    checkpointing.seal(os.path.join(workdir, "checkpoints", "0"))
+    run_record.write_json(os.path.join(workdir, "config.json"), json.loads(json.dumps(config.to_dict())))
