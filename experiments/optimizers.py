@@ -2,10 +2,11 @@
 the learning-rate schedule (linear warmup, then constant, cosine, linear, inverse square root or
 warmup-stable-decay), which parameters weight decay touches (`optimizer.decay`), global-norm gradient
 clipping and Grokfast gradient filtering (experiments/grokfast.py) in front, per-group learning-rate
-multipliers by parameter path (`optimizer.lr_multipliers`) after.
+multipliers by parameter path (`optimizer.lr_multipliers`) after; and around it all, freezing by path
+(`optimizer.freeze`, `optimizer.train_only`: frozen parameters get no update and no optimizer state).
 
     config.optimizer = {name, lr, schedule, warmup_steps, min_lr_ratio, decay_fraction, decay, grad_clip,
-                        lr_multipliers,
+                        lr_multipliers, freeze, train_only,
                         grokfast: {alpha, lamb}, adamw: {...}, adam: {...}, sgd: {...}, lion: {...}, adafactor: {...},
                         schedule_free_adamw: {...}, muon: {...}, shampoo: {...}}
 
@@ -277,6 +278,23 @@ def lr_multipliers(spec: str):
         lambda path, u: u * multiplier(path) if multiplier(path) != 1.0 else u, updates))
 
 
+def _globs(spec: str) -> list[str]:
+    return [g.strip() for g in spec.split(",") if g.strip()]
+
+
+def trained_mask(freeze: str, train_only: str):
+    """params -> a tree of labels, "trained" or "frozen": a parameter (its '/'-joined path) is trained when it
+    matches a `train_only` glob (or none is given) and no `freeze` glob."""
+    frozen, only = _globs(freeze), _globs(train_only)
+
+    def label(path, leaf) -> str:
+        name = "/".join(_path_names(path))
+        matches = lambda globs: any(fnmatch.fnmatchcase(name, g) for g in globs)  # noqa: E731
+        return "trained" if (not only or matches(only)) and not matches(frozen) else "frozen"
+
+    return lambda params: jax.tree_util.tree_map_with_path(label, params)
+
+
 @dataclasses.dataclass(frozen=True)
 class GrokfastConfig:
     alpha: float = field(0.98, min=0, below=1)  # Grokfast's EMA decay
@@ -296,6 +314,8 @@ class OptimizerConfig:
     decay: str = field("all", choices=DECAY_GROUPS)  # which parameters weight decay touches
     grad_clip: float = field(0.0, min=0)  # global-norm clipping; 0: none
     lr_multipliers: str = ""  # "PATTERN=M,...": per-group lr multipliers by parameter path (`lr_multipliers`)
+    freeze: str = ""  # "PATTERN,...": parameters left as they are, with no optimizer state (`trained_mask`)
+    train_only: str = ""  # "PATTERN,...": when set, every other parameter is frozen (LoRA sets "lora/*")
     grokfast: GrokfastConfig = field(GrokfastConfig())
     adamw: AdamWConfig = field(AdamWConfig())
     adam: AdamConfig = field(AdamConfig())
@@ -313,6 +333,9 @@ def validate(opt) -> list[str]:
         parse_lr_multipliers(opt.lr_multipliers)
     except ValueError as error:
         return [str(error)]
+    if (opt.freeze or opt.train_only) and (opt.name in NEEDS_AXIS_NAMES or opt.name == "schedule_free_adamw"):
+        return [f"optimizer.name={opt.name!r} with frozen parameters (optimizer.freeze / train_only, or train.lora): "
+                "only the element-wise optimizers (adamw, adam, sgd, lion, adafactor) take a frozen group"]
     if opt.name == "schedule_free_adamw" and opt.schedule != "constant":
         return [f"optimizer.schedule={opt.schedule!r} with optimizer.name='schedule_free_adamw': schedule-free "
                 "training replaces the decay schedule; use optimizer.schedule='constant' (warmup still applies)"]
@@ -366,4 +389,8 @@ def build(opt, total_steps: int, axis_names=None) -> optax.GradientTransformatio
     if opt.grad_clip > 0:
         chain.append(optax.clip_by_global_norm(opt.grad_clip))
     after = [lr_multipliers(opt.lr_multipliers)] if opt.lr_multipliers else []
-    return optax.chain(*chain, optimizer, *after) if chain or after else optimizer
+    optimizer = optax.chain(*chain, optimizer, *after) if chain or after else optimizer
+    if opt.freeze or opt.train_only:  # the frozen group gets zero updates and keeps no state
+        return optax.multi_transform({"trained": optimizer, "frozen": optax.set_to_zero()},
+                                     trained_mask(opt.freeze, opt.train_only))
+    return optimizer

@@ -1,6 +1,7 @@
-"""The model and its variables from the latest checkpoint of a run folder, on one device (for sampling
-and for analyses of finished runs); and the other way, variables made elsewhere (an imported or merged model)
-written as a run folder at step 0 that every tool here reads and `train.init_from` starts from."""
+"""The model and its variables from the latest checkpoint of a run folder, on one device (for sampling and for
+analyses of finished runs; a LoRA run's adapters merged into its weights); and the other way, variables made
+elsewhere (an imported or merged model) written as a run folder at step 0 that every tool here reads and
+`train.init_from` starts from."""
 
 import json
 import os
@@ -12,7 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 import models
-from experiments import checkpointing, optimizers, run_record, trainer
+from experiments import checkpointing, lora, optimizers, run_record, trainer
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -42,13 +43,15 @@ def load_variables(config, workdir: str, step: int | None = None):
     inputs = models.example_inputs(config.model)
     tx = trainer.make_optimizer(config, model, inputs)
     ema = config.train.get("ema_decay", 0.0) > 0
-    abstract = nn.meta.unbox(jax.eval_shape(lambda r: trainer.init_state(model, tx, inputs, r, ema=ema),
+    lora_config = lora.LoRAConfig(**config.train.get("lora", {}))
+    abstract = nn.meta.unbox(jax.eval_shape(lambda r: trainer.init_state(model, tx, inputs, r, ema=ema,
+                                                                         lora_config=lora_config),
                                             jax.random.PRNGKey(0)))
     on_one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_one_device), abstract)
     restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
     params = optimizers.evaluation_params(restored.state.opt_state, restored.state.params)  # schedule-free: x
-    return model, {"params": params, **restored.state.model_state}
+    return model, {"params": lora.merged(params, lora_config.alpha), **restored.state.model_state}
 
 
 def save_variables(config, variables: dict, workdir: str) -> None:

@@ -38,8 +38,8 @@ from flax.training import train_state
 import data as datasets
 import models
 from data import pipeline
-from experiments import (checkpointing, distill, losses, metrics_writer, monitors, optimizers, plots, preference,
-                         run_record, sharding, validation, warm_start)
+from experiments import (checkpointing, distill, lora, losses, metrics_writer, monitors, optimizers, plots,
+                         preference, run_record, sharding, validation, warm_start)
 
 
 class TrainState(train_state.TrainState):
@@ -79,16 +79,21 @@ def batch_size(requested: int, num_examples: int, batch_shards: int) -> int:
 def make_optimizer(config, model, example_inputs):
     """`config.optimizer` as an optax transformation; Muon and Shampoo also get the parameters' logical axis names."""
     names = models.axis_names(model, example_inputs) if config.optimizer.name in optimizers.NEEDS_AXIS_NAMES else None
-    return optimizers.build(config.optimizer, config.train.steps, axis_names=names)
+    return optimizers.build(lora.optimizer_config(config), config.train.steps, axis_names=names)
 
 
-def init_state(model, tx, example_inputs, rng, ema: bool = False):
-    """The initial train state; with `ema` its moving average of the weights starts at the weights."""
+def init_state(model, tx, example_inputs, rng, ema: bool = False, lora_config: lora.LoRAConfig = lora.LoRAConfig()):
+    """The initial train state; with `ema` its moving average of the weights starts at the weights; with
+    `lora_config.rank` the parameters gain adapters and the state's apply function merges them in."""
     params_rng, state_rng = jax.random.split(rng)
     variables = dict(model.init(params_rng, jnp.zeros(example_inputs.shape, example_inputs.dtype)))  # traced: free
     params = variables.pop("params")
+    apply_fn = model.apply
+    if lora_config.rank:
+        params = lora.add_adapters(params, lora_config, jax.random.fold_in(params_rng, 1))
+        apply_fn = lora.MergedApply(model.apply, lora_config.alpha)
     model_state = {k: v for k, v in variables.items() if k not in models.NOT_STATE}
-    return TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=state_rng, model_state=model_state,
+    return TrainState.create(apply_fn=apply_fn, params=params, tx=tx, rng=state_rng, model_state=model_state,
                              stage=jnp.zeros((), jnp.int32), data_skipped=jnp.zeros((), jnp.int32),
                              ema_params=params if ema else {})
 
@@ -330,8 +335,10 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
                                  distill_weight=config.train.distill.weight if config.train.distill.teacher else 0.0,
                                  temperature=config.train.distill.temperature)
 
+    lora_config = lora.LoRAConfig(**config.train.lora.to_dict())
+
     def init_fn(rng):  # boxed with logical names; optimizer statistics that cannot take them replicate
-        state = init_state(model, tx, example_inputs, rng, ema=ema_decay > 0)
+        state = init_state(model, tx, example_inputs, rng, ema=ema_decay > 0, lora_config=lora_config)
         return state.replace(opt_state=sharding.replicate_misfits(state.opt_state, mesh))
 
     abstract_rng = jax.eval_shape(jax.random.PRNGKey, config.seed)
@@ -378,7 +385,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
         if not resumed:
             state = compiled_init(rng)
             if warm_variables is not None:  # another run's weights, this run's fresh optimizer
-                params, model_state = warm_start.place(warm_variables, state_shardings, mesh)
+                params, model_state = warm_start.place(warm_variables, state_shardings, mesh, state.params)
                 state = state.replace(params=params, model_state={**state.model_state, **model_state})
                 if ema_decay > 0:  # its own buffers: the step donates both trees
                     state = state.replace(ema_params=jax.tree.map(jnp.copy, state.params))

@@ -3,7 +3,8 @@ tuning. The folder's newest intact checkpoint gives the parameters and the model
 optimizer, the step count and the data start fresh, and the model config may differ in anything that leaves the
 parameter shapes unchanged (max_len under RoPE, RoPE scaling, dropout, kernels). Checked before anything compiles:
 a folder without a run or a checkpoint, or whose parameters differ in a path or a shape, is a one-line ConfigError.
-Only the first start reads the folder: a run that has its own checkpoints resumes from them.
+Only the first start reads the folder: a run that has its own checkpoints resumes from them. LoRA adapters
+(`train.lora`, params["lora"]) are this run's own: they start fresh on top of the folder's (merged) weights.
 """
 
 import jax
@@ -12,6 +13,7 @@ from jax.sharding import NamedSharding
 
 import models
 from data.config_fields import ConfigError
+from experiments import lora
 
 
 def check(config, abstract_params) -> None:
@@ -28,8 +30,8 @@ def check(config, abstract_params) -> None:
         raise ConfigError(f"train.init_from={folder!r} has no checkpoint yet")
     inputs = jax.ShapeDtypeStruct((1, min(source.model.max_len, config.model.max_len)), np.int32)
     theirs = jax.eval_shape(models.build(source.model).init, jax.random.key(0), inputs)["params"]
-    want, have = _shapes(abstract_params), _shapes(jax.tree.map(lambda x: getattr(x, "value", x), theirs,
-                                                                 is_leaf=lambda x: hasattr(x, "value")))
+    want = _shapes({k: v for k, v in abstract_params.items() if k != lora.KEY})
+    have = _shapes(jax.tree.map(lambda x: getattr(x, "value", x), theirs, is_leaf=lambda x: hasattr(x, "value")))
     for path in sorted(set(want) | set(have)):
         if want.get(path) != have.get(path):
             raise ConfigError(f"train.init_from={folder!r}: parameter {path} is {have.get(path, 'absent')} there and "
@@ -44,15 +46,18 @@ def read(config) -> dict:
     return restore.load_variables(restore.load_config(folder), folder)[1]
 
 
-def place(variables, state_shardings, mesh) -> tuple[dict, dict]:
+def place(variables, state_shardings, mesh, fresh_params) -> tuple[dict, dict]:
     """(params, model state) placed on `mesh` with the partitioning of the train state's (`state_shardings`);
-    model-state collections this run does not keep are dropped."""
+    model-state collections this run does not keep are dropped; this run's LoRA adapters come from
+    `fresh_params` (its initial parameters)."""
     def put(tree, shardings):
         return jax.device_put(tree, jax.tree.map(lambda s: NamedSharding(mesh, s.spec), shardings))
 
     model_state = {k: put(v, state_shardings.model_state[k]) for k, v in variables.items()
                    if k in state_shardings.model_state}
-    return put(variables["params"], state_shardings.params), model_state
+    weights = {k: v for k, v in state_shardings.params.items() if k != lora.KEY}
+    params = put(variables["params"], weights)
+    return ({**params, lora.KEY: fresh_params[lora.KEY]} if lora.KEY in fresh_params else params), model_state
 
 
 def _shapes(tree) -> dict:

@@ -13,6 +13,7 @@ import ml_collections
 import data
 import models
 from experiments import optimizers, sharding
+from experiments.lora import LoRAConfig
 from experiments.preference import PreferenceConfig
 from data.config_fields import field
 
@@ -46,6 +47,7 @@ class TrainConfig:
     mtp_switch_fraction: float = field(1.0, min=0, max=1)  # 1: lambda stays train.mtp_weight (DeepSeek-V3: ~0.68)
     preference: PreferenceConfig = field(PreferenceConfig())  # DPO, IPO, KTO, SimPO, ORPO on
     # paired data, the reference model train.init_from's (experiments/preference.py)
+    lora: LoRAConfig = field(LoRAConfig())  # rank > 0: train low-rank adapters of the frozen weights (experiments/lora.py)
     init_from: str = ""  # a run folder whose newest weights start this run, with a fresh optimizer (experiments/warm_start.py)
     monitors: bool = False  # log weight / update / gradient norms per group, attention entropy, residual RMS,
     # activation density (experiments/monitors.py) with the train metrics, and plot them in monitors.png
