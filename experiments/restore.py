@@ -13,16 +13,30 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 import models
-from experiments import checkpointing, lora, optimizers, run_record, trainer
+from experiments import checkpointing, lora, optimizers, run_record, trainer, validation
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-    """The resolved config a run saved in `workdir`; FileNotFoundError if it has none."""
+    """The resolved config a run saved in `workdir`, with keys newer than the run at the schema's defaults (which
+    leave behaviour as it was); FileNotFoundError if it has none."""
     config_path = os.path.join(workdir, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"--workdir={workdir!r} has no config.json; pass the folder of a training run")
     with open(config_path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+        saved = json.load(f)
+    try:
+        defaults = validation.defaults(ml_collections.ConfigDict(saved))
+    except KeyError:  # a family or dataset this version does not know: the saved keys as they are
+        defaults = {}
+    return ml_collections.ConfigDict(_with_defaults(saved, defaults))
+
+
+def _with_defaults(saved: dict, defaults: dict) -> dict:
+    merged = {k: v for k, v in defaults.items() if k not in saved}
+    for key, value in saved.items():
+        merged[key] = _with_defaults(value, defaults[key]) if isinstance(value, dict) and isinstance(
+            defaults.get(key), dict) else value
+    return merged
 
 
 def checkpoint_steps(workdir: str) -> list[int]:

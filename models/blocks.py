@@ -3,6 +3,8 @@
     Block:   x += Drop(Attn(norm(x)));  x += Drop(FFN(norm(x)))   Attn from ATTENTIONS[cfg.attention],
                                                                  FFN from FFNS[ffn] ("mlp" or "moe"),
                                                                  Drop: residual dropout (training)
+             with model.short_conv = w: Attn(ShortConv(norm(x)))  (models/short_conv.py; the block's cache is
+                                                                 then {"mixer": Attn's, "conv": the conv's})
     Period:  its layers in order, e.g. (block_0, block_1) or (Mamba-2, Mamba-2, Mamba-2, attention block)
 
 A unit's signature fits nn.scan: `(x, cache, start, key_mask) -> (x, cache)`; `cache` is None for a
@@ -16,7 +18,7 @@ import functools
 import flax.linen as nn
 import jax.numpy as jnp
 
-from models import gqa, layers, linear_attention, mla, moe, qk_norm
+from models import gqa, layers, linear_attention, mla, moe, qk_norm, short_conv
 
 ATTENTIONS = {
     "gqa": gqa.GroupedQueryAttention,  # MHA / GQA / MQA by num_kv_heads
@@ -56,7 +58,13 @@ class Block(nn.Module):
         pattern = {"pattern_site": functools.partial(layers.sow_site, self, "attention_pattern")} if issubclass(
             kind, gqa.GroupedQueryAttention) else {}
         attention = kind(cfg, name="attention", **pattern)
-        h, cache = attention(layers.Norm(cfg.norm, dtype, "attention_norm", cfg.norm_eps)(x), start, cache, key_mask)
+        h = layers.Norm(cfg.norm, dtype, "attention_norm", cfg.norm_eps)(x)
+        if cfg.short_conv:
+            h, conv_state = short_conv.ShortConv(cfg.short_conv, name="short_conv")(h, None if cache is None else cache["conv"])
+            h, mixer_cache = attention(h, start, None if cache is None else cache["mixer"], key_mask)
+            cache = None if cache is None else {"mixer": mixer_cache, "conv": conv_state}
+        else:
+            h, cache = attention(h, start, cache, key_mask)
         h = layers.sow_site(self, "mixer_out", h)
         x = x + layers.dropout(self, h, cfg.residual_dropout)
         h = FFNS[self.ffn](cfg, self)(layers.Norm(cfg.norm, dtype, "mlp_norm", cfg.norm_eps)(x))
@@ -70,7 +78,10 @@ class Block(nn.Module):
     @staticmethod
     def init_cache(cfg, batch: int, max_len: int, dtype, ffn: str = "mlp", attention: str = ""):
         del ffn
-        return ATTENTIONS[attention or cfg.attention].init_cache(cfg, batch, max_len, dtype)
+        mixer = ATTENTIONS[attention or cfg.attention].init_cache(cfg, batch, max_len, dtype)
+        if cfg.short_conv:
+            return {"mixer": mixer, "conv": short_conv.ShortConv.init_cache(batch, cfg.short_conv, cfg.d_model, dtype)}
+        return mixer
 
 
 class Period(nn.Module):

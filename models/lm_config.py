@@ -43,6 +43,7 @@ class LMConfig:
     scan_unroll: int = field(1, min=1)  # units per scan iteration; the unit count unrolls it (faster on CPU)
     # attention blocks
     attention: str = "gqa"  # the attention kind (models/blocks.ATTENTIONS; checked there)
+    short_conv: int = field(0, min=0)  # w > 0: a causal depthwise conv of width w before each attention (models/short_conv.py)
     num_heads: int = field(4, min=1)
     num_kv_heads: int = field(0, min=0)  # 0: num_heads (plain multi-head attention)
     head_dim: int = field(0, min=0)  # 0: d_model // num_heads
