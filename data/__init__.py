@@ -27,6 +27,8 @@ class AlgorithmicConfig:
     train_fraction: float = field(0.3, above=0, below=1)
     batch_size: int = -1  # global batch; -1: the whole train split every step (full batch)
     eval_batch_size: int = -1  # -1: each evaluation set in one batch
+    rejected: str = field("", choices=("", "random"))  # preference pairs: each example also carries a wrong answer,
+    # c + r mod p with r uniform in 1..p-1 ("rejected_inputs" / "rejected_targets" / "rejected_loss_mask")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +130,8 @@ class Splits:
 
 def _load_algorithmic(config, seed: int) -> Splits:
     train, test = algorithmic.train_test_split(config.p, config.op, config.train_fraction, seed)
+    if config.rejected:
+        train, test = (algorithmic.with_wrong_answers(examples, config.p, (seed, i)) for i, examples in enumerate((train, test)))
     return Splits(train=train, evals={"eval": test}, vocab_size=config.p + 1, seq_len=3)
 
 

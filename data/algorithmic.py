@@ -53,6 +53,16 @@ def train_test_split(p: int, op: str, train_fraction: float, seed: int):
             {k: v[order[n_train:]] for k, v in examples.items()})
 
 
+def with_wrong_answers(examples: dict, p: int, seed) -> dict:
+    """The examples with preference pairs: the same inputs answered c + r mod p, r uniform in 1..p-1 (always
+    wrong), as "rejected_inputs", "rejected_targets", "rejected_loss_mask"."""
+    shift = np.random.default_rng(seed).integers(1, p, len(examples["inputs"]))
+    wrong = examples["targets"].copy()
+    wrong[:, 2] = (wrong[:, 2] + shift) % p
+    return {**examples, "rejected_inputs": examples["inputs"], "rejected_targets": wrong,
+            "rejected_loss_mask": examples["loss_mask"]}
+
+
 def validate(config) -> list[str]:
     """Problems with `config.data` for this task, as one-line messages (empty when fine)."""
     problems = []

@@ -16,7 +16,7 @@ state's apply function merges them into the kernels before every call (`merged`)
 decoding and every analysis see W', and `experiments.restore` hands out merged weights: a LoRA run's folder
 samples and fine-tunes like any other. The optimizer trains `lora/*` only (experiments/optimizers.py's
 `train_only`): no optimizer state for the frozen weights. Adapter dropout (the paper's, on the adapter's input)
-has no place in a merged kernel; `model.dropout` regularises the fine-tune instead.
+has no place in a merged kernel; `model.residual_dropout` and its kin regularise the fine-tune instead.
 """
 
 import dataclasses

@@ -164,7 +164,7 @@ def train_step(state: TrainState, batch, teacher=None, *, schedule, accumulate: 
             logits = logits[:len(micro["inputs"])]  # the chosen rows: their CE is logged as `loss`
         sums = losses.masked_sums(logits, micro["targets"], micro["loss_mask"])
         if not plain:
-            teacher_logits = None if teacher is None else teacher_apply(teacher, micro["inputs"])
+            teacher_logits = teacher_apply(teacher, micro["inputs"]) if objective.distill_weight else None
             sums = {**sums, **objective.sums(logits, micro["targets"], micro["loss_mask"], teacher_logits)}
         aux_loss = (sum(jnp.sum(x) for x in jax.tree.leaves(written["losses"])) / accumulate
                     if "losses" in written else None)  # None: the model sows no auxiliary loss

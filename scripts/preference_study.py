@@ -1,11 +1,14 @@
-"""The preference study: DPO, conservative DPO, IPO, KTO, SimPO and ORPO from one SFT start on ProntoQA, where a
-program knows which chain of thought is right (experiments/configs/prontoqa_preference.py).
+"""The preference study: DPO, conservative DPO, DPO with an SFT term, IPO, KTO, SimPO and ORPO from one SFT start,
+on a task where a program knows the right answer (experiments/configs/preference.py), beside continued SFT.
 
-    PYTHONPATH=. python scripts/preference_study.py --out=runs/preference_study
+    PYTHONPATH=. python scripts/preference_study.py --task=arithmetic --out=runs/preference_study
 
 Trains the SFT run (once), then every (kind, beta) of --grid from it through the one trainer, and measures each
-against the SFT model, which is also the reference:
-    accuracy     greedy chain-of-thought answers on the 500 held-out test problems (experiments/reasoning_eval.py)
+against the SFT model, which is also the reference. Kinds: those of experiments/preference.py, `cdpo` (DPO with
+label smoothing 0.1), `dpo_sft` (DPO plus the chosen responses' cross-entropy, weight 1) and `sft` (more SFT
+steps, the baseline; its beta is ignored).
+    accuracy     held-out answers: arithmetic, the argmax at `=` over the test pairs; prontoqa, greedy chains of
+                 thought on the 500 test problems (experiments/reasoning_eval.py)
     pair_acc     the fraction of held-out (eval split) pairs with log pi(y_w) > log pi(y_l)
     kl_ref       mean over held-out chosen responses of sum_t KL(pi(. | y_<t) || pi_ref(. | y_<t))
     chosen_logp  mean log pi(y_w) over the held-out chosen responses (DPO is known to lower it too)
@@ -20,10 +23,12 @@ import sys
 from absl import app, flags
 
 flags.DEFINE_string("out", "runs/preference_study", "the study's folder: one run folder per point, and the results")
-flags.DEFINE_string("grid", "dpo:0.03,0.1,0.3;cdpo:0.1;ipo:0.03,0.1,0.3;kto:0.03,0.1,0.3;simpo:1,2,4;orpo:0.03,0.1,0.3",
-                    "kind:beta,beta;... (cdpo: DPO with label smoothing 0.1)")
-flags.DEFINE_integer("sft_steps", 2500, "training steps of the SFT start")
-flags.DEFINE_integer("steps", 300, "training steps of each preference run")
+flags.DEFINE_string("task", "arithmetic", "arithmetic | prontoqa (experiments/configs/preference.py)")
+flags.DEFINE_string("grid", "sft:0;dpo:0.03,0.1,0.3;cdpo:0.1;dpo_sft:0.1;ipo:0.03,0.1,0.3;kto:0.03,0.1,0.3;simpo:1,2,4;"
+                    "orpo:0.03,0.1,0.3", "kind:beta,beta;... (the module docstring's kinds)")
+flags.DEFINE_integer("sft_steps", 0, "training steps of the SFT start; 0: the config's")
+flags.DEFINE_integer("steps", 500, "training steps of each run from the SFT start")
+flags.DEFINE_float("lr", 1e-4, "their peak learning rate")
 FLAGS = flags.FLAGS
 
 
@@ -36,9 +41,9 @@ def train(variant: str, workdir: str, overrides: dict):
     """Trains the config `variant` with `overrides` ("section.key" -> value) in workdir, unless it finished there
     (an interrupted run resumes)."""
     from experiments import trainer
-    from experiments.configs import prontoqa_preference
+    from experiments.configs import preference
 
-    config = prontoqa_preference.get_config(variant)
+    config = preference.get_config(f"{FLAGS.task},{variant}")
     for key, value in overrides.items():
         *sections, name = key.split(".")
         target = config
@@ -75,8 +80,12 @@ def measure(workdir: str, reference) -> dict:
     chosen, _ = losses.sequence_logps(logits, pairs["targets"], pairs["loss_mask"])
     rejected, _ = losses.sequence_logps(rejected_logits, pairs["rejected_targets"], pairs["rejected_loss_mask"])
     kl = jnp.sum(preference.token_kl(logits, ref_logits) * pairs["loss_mask"], axis=-1)
-    test = reasoning_eval.evaluate(config, workdir, split="test")
-    return {"accuracy": test["accuracy"], "pair_acc": float(np.mean(chosen > rejected)), "kl_ref": float(jnp.mean(kl)),
+    if config.data.name == "algorithmic":  # one answer token: its argmax is the answer
+        mask = pairs["loss_mask"] > 0
+        accuracy = float(np.mean((np.asarray(jnp.argmax(logits, -1)) == pairs["targets"])[mask]))
+    else:
+        accuracy = reasoning_eval.evaluate(config, workdir, split="test")["accuracy"]
+    return {"accuracy": accuracy, "pair_acc": float(np.mean(chosen > rejected)), "kl_ref": float(jnp.mean(kl)),
             "chosen_logp": float(jnp.mean(chosen)), "rejected_logp": float(jnp.mean(rejected))}
 
 
@@ -98,15 +107,15 @@ def plot(results: list[dict], path: str):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    sft = next(r for r in results if r["kind"] == "sft")
-    ax.axhline(sft["accuracy"], color="gray", linestyle=":", label="SFT start")
-    for kind in dict.fromkeys(r["kind"] for r in results if r["kind"] != "sft"):
+    start = next(r for r in results if r["kind"] == "start")
+    ax.axhline(start["accuracy"], color="gray", linestyle=":", label="SFT start")
+    for kind in dict.fromkeys(r["kind"] for r in results if r["kind"] != "start"):
         points = sorted((r["kl_ref"], r["accuracy"], r["beta"]) for r in results if r["kind"] == kind)
         ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=kind)
         for x, y, beta in points:
             ax.annotate(f"{beta:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set(xlabel="KL(policy || SFT reference), nats per held-out response", ylabel="held-out test accuracy",
-           title="ProntoQA preference optimisation (beta annotated)")
+           title=f"{FLAGS.task}: preference optimisation from SFT (beta annotated)")
     ax.set_xscale("symlog", linthresh=0.1)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -119,22 +128,26 @@ def main(argv):
 
     os.makedirs(FLAGS.out, exist_ok=True)
     sft_dir = os.path.join(FLAGS.out, "sft")
-    train("sft", sft_dir, {"train.steps": FLAGS.sft_steps, "train.eval_every": 500, "train.checkpoint_every": 500})
+    train("sft", sft_dir, {"train.steps": FLAGS.sft_steps} if FLAGS.sft_steps else {})
     reference = restore.load_variables(restore.load_config(sft_dir), sft_dir)
     results_path = os.path.join(FLAGS.out, "results.json")
     results = json.load(open(results_path)) if os.path.exists(results_path) else []
     done = {(r["kind"], r["beta"]) for r in results}
-    if ("sft", 0.0) not in done:
-        results.append({"kind": "sft", "beta": 0.0, **measure(sft_dir, reference)})
+    if ("start", 0.0) not in done:
+        results.append({"kind": "start", "beta": 0.0, **measure(sft_dir, reference)})
     for kind, beta in grid(FLAGS.grid):
         if (kind, beta) in done:
             continue
         workdir = os.path.join(FLAGS.out, f"{kind}_{beta:g}")
-        overrides = {"train.init_from": sft_dir, "train.preference.beta": beta, "train.steps": FLAGS.steps,
-                     "train.checkpoint_every": FLAGS.steps}
+        overrides = {"train.init_from": sft_dir, "train.steps": FLAGS.steps, "train.checkpoint_every": FLAGS.steps,
+                     "train.eval_every": FLAGS.steps, "optimizer.lr": FLAGS.lr}
+        if kind != "sft":
+            overrides["train.preference.beta"] = beta
         if kind == "cdpo":
             overrides["train.preference.label_smoothing"] = 0.1
-        train("dpo" if kind == "cdpo" else kind, workdir, overrides)
+        if kind == "dpo_sft":
+            overrides["train.preference.sft_weight"] = 1.0
+        train({"cdpo": "dpo", "dpo_sft": "dpo"}.get(kind, kind), workdir, overrides)
         results.append({"kind": kind, "beta": beta, **measure(workdir, reference)})
         print(json.dumps(results[-1]), file=sys.stderr, flush=True)
         with open(results_path, "w") as f:

@@ -11,6 +11,7 @@ from experiments import metrics_writer, trainer
 from experiments.configs import grokking
 
 
+@pytest.mark.slow
 @pytest.mark.optimised
 def test_memorises_first_then_generalises(tmp_path):
     config = grokking.get_config()

@@ -192,6 +192,7 @@ def test_schedules_against_hand_computed_values(schedule, expected):
         np.testing.assert_allclose(float(lr(step)), value, rtol=1e-5, atol=1e-6, err_msg=f"{schedule} at {step}")
 
 
+@pytest.mark.slow
 def test_schedule_free_adamw_is_optax_and_the_trainer_evaluates_the_average():
     import flax.linen as nn
     import jax

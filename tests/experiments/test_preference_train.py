@@ -9,11 +9,11 @@ import data
 from data import prontoqa
 from data.config_fields import ConfigError
 from experiments import trainer
-from experiments.configs import prontoqa_preference
+from experiments.configs import preference as preference_configs
 
 
 def tiny(variant: str):
-    config = prontoqa_preference.get_config(variant)
+    config = preference_configs.get_config(f"prontoqa,{variant}")
     config.model.update(d_model=32, num_layers=1, num_heads=2, d_mlp=64)
     config.data.update(min_hops=2, max_hops=3, branches=2, train_examples=64, eval_examples=16, test_examples=16,
                        batch_size=16)

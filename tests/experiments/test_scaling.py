@@ -42,6 +42,7 @@ def _law(n, d, e=1.7, a=400.0, b=2000.0, alpha=0.34, beta=0.37):
     return e + a / n**alpha + b / d**beta
 
 
+@pytest.mark.slow
 def test_approach3_recovers_a_noise_free_law_with_bootstrap_intervals():
     rng = np.random.default_rng(0)
     n = 10 ** rng.uniform(7, 10, 60)

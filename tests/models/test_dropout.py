@@ -29,6 +29,7 @@ def test_attention_dropout_keeps_probabilities_scaled_or_zero():
     assert abs(1 - kept[visible].mean() - rate) < 0.05  # ~1,100 visible probabilities
 
 
+@pytest.mark.slow
 def test_the_model_drops_only_with_a_dropout_rng_and_each_layer_draws_its_own_mask():
     cfg = dict(vocab_size=11, max_len=12, d_model=16, num_heads=2, d_mlp=32, num_layers=2)
     tokens = jnp.asarray(np.random.default_rng(2).integers(0, 11, size=(2, 12)), jnp.int32)

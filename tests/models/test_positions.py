@@ -169,6 +169,7 @@ def test_cached_decoding_equals_the_full_pass(option):
     assert option == "none" or not np.allclose(full, plain, atol=1e-3)  # the option changes the logits
 
 
+@pytest.mark.slow
 def test_dynamic_ntk_decodes_like_the_full_pass_within_the_original_context():
     """Beyond it each key keeps the frequencies of the step that wrote it (as transformers' generation does),
     so only the first `rope_original_max_len` positions must agree; past them the frequencies grow with n."""

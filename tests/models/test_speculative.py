@@ -73,6 +73,7 @@ def test_greedy_speculative_decoding_with_a_draft_model_equals_plain_greedy(draf
     assert stats.target_passes <= 20 and stats.drafted == lookahead * stats.target_passes
 
 
+@pytest.mark.slow
 def test_greedy_self_speculation_with_the_mtp_module_equals_plain_greedy():
     model, variables = _lm(3, mtp_depth=1)
     tokens, stats = speculative.generate_with_mtp(model, variables, PROMPT, 17)
