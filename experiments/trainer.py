@@ -38,7 +38,7 @@ from flax.training import train_state
 import data as datasets
 import models
 from data import pipeline
-from experiments import (checkpointing, distill, lora, losses, metrics_writer, monitors, optimizers, plots,
+from experiments import (checkpointing, distill, grpo, lora, losses, metrics_writer, monitors, optimizers, plots,
                          preference, run_record, sharding, validation, warm_start)
 
 
@@ -128,7 +128,8 @@ def abstract_state_and_shardings(init_fn, rng, mesh):
 
 def train_step(state: TrainState, batch, teacher=None, *, schedule, accumulate: int = 1, ema_decay: float = 0.0,
                objective: losses.Objective = losses.Objective(), teacher_apply=None, with_monitors: bool = False,
-               mtp_weight=None, preference_config: preference.PreferenceConfig = preference.PreferenceConfig()):
+               mtp_weight=None, preference_config: preference.PreferenceConfig = preference.PreferenceConfig(),
+               grpo_config: grpo.GRPOConfig = grpo.GRPOConfig()):
     """One optimizer step on loss = the objective (masked cross-entropy, with `objective`'s label smoothing,
     z-loss and distillation from `teacher`'s variables through `teacher_apply`) + the sown auxiliary losses;
     the model's other collections take the values the forward pass wrote; sown metrics and probe cotangents
@@ -144,13 +145,15 @@ def train_step(state: TrainState, batch, teacher=None, *, schedule, accumulate: 
     With `with_monitors`, the step also logs experiments/monitors.py's statistics (and the model's sown ones).
     A model with MTP modules adds mtp_weight(step) / D * sum_k CE_k (experiments/losses.py) and logs each CE_k.
     With `preference_config.kind` the batch holds chosen and rejected rows and the objective is
-    experiments/preference.py's, the reference model's variables passed as `teacher`."""
+    experiments/preference.py's, the reference model's variables passed as `teacher`. With
+    `grpo_config.group_size` the batch is a rollout (experiments/grpo.py) and the objective GRPO's."""
     probes = state.model_state.get(models.PROBES, {})
     model_state = {k: v for k, v in state.model_state.items() if k != models.PROBES}
     count = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
     rng = jax.random.fold_in(state.rng, state.step)
     plain = objective == losses.Objective()
     paired = bool(preference_config.kind)
+    rl = bool(grpo_config.group_size)
 
     def loss_fn(params, probes, model_state, micro, micro_rng):
         inputs = preference.both(micro, "inputs") if paired else micro["inputs"]
@@ -162,6 +165,9 @@ def train_step(state: TrainState, batch, teacher=None, *, schedule, accumulate: 
             ref_logits = None if teacher is None else jax.lax.stop_gradient(teacher_apply(teacher, inputs))
             pair_loss, pair_metrics = preference.objective(preference_config, logits, ref_logits, micro)
             logits = logits[:len(micro["inputs"])]  # the chosen rows: their CE is logged as `loss`
+        if rl:
+            ref_logits = None if teacher is None else jax.lax.stop_gradient(teacher_apply(teacher, inputs))
+            rl_loss, rl_metrics = grpo.objective(grpo_config, logits, ref_logits, micro)
         sums = losses.masked_sums(logits, micro["targets"], micro["loss_mask"])
         if not plain:
             teacher_logits = teacher_apply(teacher, micro["inputs"]) if objective.distill_weight else None
@@ -172,6 +178,9 @@ def train_step(state: TrainState, batch, teacher=None, *, schedule, accumulate: 
         if paired:  # each micro-batch's mean, so the accumulated gradient is the batch's mean
             total = pair_loss / accumulate + preference_config.sft_weight * total
             sums = {**sums, **{f"preference/{k}": v / accumulate for k, v in pair_metrics.items()}}
+        if rl:  # the sampled completions' CE is logged as `loss`; the objective is GRPO's alone
+            total = rl_loss
+            sums = {**sums, **{f"grpo/{k}": v for k, v in rl_metrics.items()}}
         if models.MTP in written:  # counts over the whole batch: accumulated micro-batches add up exactly
             depth_sums = losses.mtp_sums(written[models.MTP]["logits"], micro["targets"], micro["loss_mask"])
             counts = losses.mtp_counts(batch["loss_mask"], len(depth_sums))
@@ -204,7 +213,7 @@ def train_step(state: TrainState, batch, teacher=None, *, schedule, accumulate: 
         aux_loss = None if stacked[1] is None else jnp.sum(stacked[1])
         sown = jax.tree.map(lambda x: jnp.mean(x, axis=0), stacked[2])
     extra_terms = {k: sums[k] / count for k in ("distill_kl", "log_z_squared") if k in sums}
-    extra_terms.update({k: v for k, v in sums.items() if k.startswith("preference/")})
+    extra_terms.update({k: v for k, v in sums.items() if k.startswith(("preference/", "grpo/"))})
     depth_counts = losses.mtp_counts(batch["loss_mask"], sum(k.startswith("mtp_loss_") for k in sums))
     extra_terms.update({k.replace("mtp_loss_", "mtp_loss/"): sums[k] / depth_counts[k] for k in depth_counts})
     metrics = {"loss": sums["loss"] / count, "accuracy": sums["correct"] / count, **extra_terms,
@@ -269,7 +278,8 @@ def evaluate(state, eval_step, batches, mesh, chars_per_token=None) -> dict:
 
 def _check_finite(window, last_good_step, rollbacks: int):
     for step, metrics in window:
-        loss = metrics["loss"] + metrics.get("aux_loss", 0.0) + metrics.get("preference/loss", 0.0)  # the objective's
+        loss = (metrics["loss"] + metrics.get("aux_loss", 0.0) + metrics.get("preference/loss", 0.0)
+                + metrics.get("grpo/loss", 0.0))  # the objective's
         # terms (an SAE's: all aux_loss)
         if not np.isfinite(loss):
             after = f" after {rollbacks} rollbacks" if rollbacks else ""
@@ -312,8 +322,10 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
     config = resolve(config, splits)
     validation.validate_resolved(config)
     preference.check_paired(config.train, splits.train, config.data.name)
+    prompt_len = grpo.prompt_length(splits.train) if config.train.grpo.group_size else 0  # RL's prompts
     frozen_key = "train.distill.teacher" if config.train.distill.teacher else "train.init_from"  # teacher or reference
-    frozen_folder = config.train.distill.teacher or preference.reference_folder(config.train)
+    frozen_folder = (config.train.distill.teacher or preference.reference_folder(config.train)
+                     or grpo.reference_folder(config.train))
     teacher_config = distill.teacher_config(config, frozen_folder, frozen_key) if frozen_folder else None
     resolved, data_identity = json.loads(json.dumps(config.to_dict())), datasets.identity(config.data, splits)
     run_record.check_resumable(workdir, resolved, data_identity, validation.defaults(config))
@@ -331,6 +343,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
     mtp_weight = losses.mtp_weight_schedule(config.train.mtp_weight, config.train.mtp_weight_late,
                                             config.train.mtp_switch_fraction, config.train.steps)
     preference_config = preference.PreferenceConfig(**config.train.preference.to_dict())
+    grpo_config = grpo.GRPOConfig(**config.train.grpo.to_dict())
     objective = losses.Objective(label_smoothing=config.train.label_smoothing, z_loss=config.train.z_loss,
                                  distill_weight=config.train.distill.weight if config.train.distill.teacher else 0.0,
                                  temperature=config.train.distill.temperature)
@@ -398,7 +411,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
                                                         ema_decay=ema_decay, objective=objective,
                                                         teacher_apply=teacher_apply, with_monitors=config.train.monitors,
                                                         mtp_weight=mtp_weight,
-                                                        preference_config=preference_config),
+                                                        preference_config=preference_config,
+                                                        grpo_config=grpo_config),
                                       donate_argnums=0,
                                       in_shardings=(state_shardings, batch_spec, teacher_shardings),
                                       out_shardings=(state_shardings, sharding.replicated(mesh)))
@@ -406,6 +420,17 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
                                      out_shardings=sharding.replicated(mesh))
         compiled_eval_ema = jax.jit(functools.partial(_eval_step, ema=True), in_shardings=(state_shardings, batch_spec),
                                     out_shardings=sharding.replicated(mesh))
+        compiled_rollout = None
+        if grpo_config.group_size:  # RL: each batch's prompts continued by the current policy, then scored
+            rollout = functools.partial(grpo.rollout, model, config=grpo_config, prompt_len=prompt_len)
+
+            def rollout_step(state, batch):
+                params = lora.merged(state.params, lora_config.alpha) if lora_config.rank else state.params
+                model_state = {k: v for k, v in state.model_state.items() if k != models.PROBES}
+                rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 1)
+                return rollout({"params": params, **model_state}, batch, rng)
+
+            compiled_rollout = jax.jit(rollout_step, in_shardings=(state_shardings, batch_spec), out_shardings=batch_spec)
         compiled_begin_stage = jax.jit(functools.partial(begin_stage, tx=tx), static_argnums=1, donate_argnums=0,
                                        out_shardings=state_shardings)
 
@@ -416,7 +441,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
         if resumed:
             progress.message(f"resumed from step {first_step} in {workdir}")
         stage, data_skipped, rollbacks = int(state.stage), int(state.data_skipped), 0
-        pending, window, last = [], [], {}
+        pending, window, last, rollout_batch = [], [], {}, None
         tokens_per_step = train_batch * splits.seq_len
         window_start = loop_start = time.perf_counter()
 
@@ -437,6 +462,10 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
                         state = compiled_begin_stage(state, stage)
                         progress.message(f"curriculum stage {stage} from step {step}: optimizer state reset")
                     batch = sharding.global_batch(next(train_iter), mesh)
+                    if compiled_rollout is not None:  # a rollout every grpo.epochs steps (their batches unused)
+                        if rollout_batch is None or step % grpo_config.epochs == 0:
+                            rollout_batch = compiled_rollout(state, batch)
+                        batch = rollout_batch
                     with jax.transfer_guard("disallow"):
                         state, metrics = compiled_train_step(state, batch, teacher)
                     pending.append(metrics)
@@ -456,6 +485,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
                                                        lambda: compiled_init(rng), state_shardings.data_skipped)
                             step, stage, data_skipped = int(state.step), int(state.stage), int(state.data_skipped)
                             window.clear()
+                            rollout_batch = None
                             writer.write(step, "rollback", {"bad_step": error.step, "skipped_batches": skipped,
                                                             "rollback": rollbacks})
                             warn(f"warning: {error.args[0].split(';')[0]}: rolled back to step {step} and skipped "

@@ -10,7 +10,7 @@ import ml_collections
 
 import data
 import models
-from experiments import lora, optimizers, preference, sharding
+from experiments import grpo, lora, optimizers, preference, sharding
 from models import moe_dispatch
 from data.config_fields import ConfigError, problems as field_problems
 
@@ -58,7 +58,8 @@ def validate(config, num_devices: int, process_count: int = 1) -> tuple[int, ...
     _raise([p for name, cls in base.sections(config.model.name, config.data.name).items()
             for p in field_problems(cls, config[name], f"{name}.")])
     _raise(models.MODELS[config.model.name][2](config.model) + data.DATASETS[config.data.name][2](config.data)
-           + optimizers.validate(lora.optimizer_config(config)) + preference.problems(config.train))
+           + optimizers.validate(lora.optimizer_config(config)) + preference.problems(config.train)
+           + grpo.problems(config))
     shape = sharding.mesh_shape(config.mesh, num_devices)
     batch_shards = sharding.logical_axis_size(shape, "activation_batch")
     for key, micro_batches in (("batch_size", config.train.grad_accum_steps), ("eval_batch_size", 1)):

@@ -13,6 +13,7 @@ import ml_collections
 import data
 import models
 from experiments import optimizers, sharding
+from experiments.grpo import GRPOConfig
 from experiments.lora import LoRAConfig
 from experiments.preference import PreferenceConfig
 from data.config_fields import field
@@ -47,6 +48,8 @@ class TrainConfig:
     mtp_switch_fraction: float = field(1.0, min=0, max=1)  # 1: lambda stays train.mtp_weight (DeepSeek-V3: ~0.68)
     preference: PreferenceConfig = field(PreferenceConfig())  # DPO, IPO, KTO, SimPO, ORPO on
     # paired data, the reference model train.init_from's (experiments/preference.py)
+    grpo: GRPOConfig = field(GRPOConfig())  # group_size > 0: RL from a verifiable reward, rolling out G completions per
+    # prompt (experiments/grpo.py); the KL's reference model train.init_from's
     lora: LoRAConfig = field(LoRAConfig())  # rank > 0: train low-rank adapters of the frozen weights (experiments/lora.py)
     init_from: str = ""  # a run folder whose newest weights start this run, with a fresh optimizer (experiments/warm_start.py)
     monitors: bool = False  # log weight / update / gradient norms per group, attention entropy, residual RMS,
