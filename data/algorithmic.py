@@ -3,6 +3,11 @@
 Every pair (a, b) in the operation's domain is one example, written as the three tokens
 `a b =` (`=` is token p); the model predicts c = a ∘ b (mod p) at the `=` position, and only there
 (`loss_mask`). A seeded permutation splits the pairs into train (the first `train_fraction`) and test.
+
+With `terms` = k > 2 the operation chains left to right over k operands and the row spells out the chain of
+thought: `x_1 ... x_k = s_1 ... s_{k-1}` with s_1 = x_1 o x_2 and s_j = s_{j-1} o x_{j+1}; the loss is on
+every s_j (the response), and s_{k-1} is the answer. Each step is one use of the same table, which a program
+checks (the process reward of experiments/grpo.py).
 """
 
 import numpy as np
@@ -43,9 +48,24 @@ def all_examples(p: int, op: str) -> dict[str, np.ndarray]:
     return {"inputs": inputs, "targets": targets, "loss_mask": loss_mask}
 
 
-def train_test_split(p: int, op: str, train_fraction: float, seed: int):
+def chain_examples(p: int, op: str, terms: int) -> dict[str, np.ndarray]:
+    """Every chain x_1 o ... o x_k mod p (k = terms) as rows `x_1 ... x_k = s_1 ... s_{k-1}`: [N, 2k - 1] arrays."""
+    operands = np.stack(np.meshgrid(*[np.arange(p)] * terms, indexing="ij"), axis=-1).reshape(-1, terms).astype(np.int64)
+    if op == "a/b":
+        operands = operands[np.all(operands[:, 1:] != 0, axis=1)]
+    partials = [operands[:, 0]]
+    for j in range(1, terms):
+        partials.append(OPERATIONS[op](partials[-1], operands[:, j], p) % p)
+    n = len(operands)
+    rows = np.concatenate([operands, np.full((n, 1), p), np.stack(partials[1:], axis=1)], axis=1).astype(np.int32)
+    loss_mask = np.zeros((n, 2 * terms - 1), np.float32)
+    loss_mask[:, terms:] = 1.0  # the targets s_1 .. s_{k-1}, read at `=` and at each s_j but the last
+    return {"inputs": rows[:, :-1], "targets": rows[:, 1:], "loss_mask": loss_mask}
+
+
+def train_test_split(p: int, op: str, train_fraction: float, seed: int, terms: int = 2):
     """(train, test) example dicts: a seeded permutation, the first `train_fraction` of it for training."""
-    examples = all_examples(p, op)
+    examples = all_examples(p, op) if terms == 2 else chain_examples(p, op, terms)
     n = len(examples["inputs"])
     order = np.random.default_rng(seed).permutation(n)
     n_train = int(train_fraction * n)
@@ -63,9 +83,17 @@ def with_wrong_answers(examples: dict, p: int, seed) -> dict:
             "rejected_loss_mask": examples["loss_mask"]}
 
 
+MAX_CHAINS = 2_000_000
+
+
 def validate(config) -> list[str]:
     """Problems with `config.data` for this task, as one-line messages (empty when fine)."""
     problems = []
     if not _is_prime(config.p):
         problems.append(f"data.p={config.p} is not a prime (grokking tasks need a prime modulus, e.g. 97 or 113)")
+    if config.p ** config.terms > MAX_CHAINS:
+        problems.append(f"data.p={config.p} with data.terms={config.terms} gives {config.p ** config.terms} chains; at "
+                        f"most {MAX_CHAINS:,} (a smaller p or fewer terms)")
+    if config.terms > 2 and config.rejected:
+        problems.append(f"data.rejected={config.rejected!r} needs data.terms=2 (one answer token to make wrong)")
     return problems

@@ -10,7 +10,10 @@ state), which `experiments.restore` and `experiments.sample` read. `convert(hf_d
 
 Architectures (one converter each: a config mapping and a weight mapping):
 - `LlamaForCausalLM`: our transformer (GQA, SwiGLU, RMSNorm), with RoPE scaled as the checkpoint's
-  `rope_parameters` say (linear, dynamic NTK, YaRN; models/positions.py).
+  `rope_parameters` say (linear, dynamic NTK, YaRN; models/positions.py); Llama's `attention_bias`.
+  `MistralForCausalLM` (without a sliding window shorter than the context) and `Qwen2ForCausalLM` (query / key /
+  value biases) share its layout.
+- `GPT2LMHeadModel`: our transformer with LayerNorm, learned positions, GELU and biases everywhere.
 - `MambaForCausalLM`: our `mamba` family (Mamba-1 layers: the selective scan, models/mamba1.py).
 - `DeepseekV3ForCausalLM`: MLA (models/mla.py), the sigmoid router with groups and route_scale, dense first
   blocks (models/moe.py, models/moe_transformer.py). `transformers` Linear weights are [out, in]; ours [in, out].
@@ -215,13 +218,17 @@ def deepseek_v3_variables(hf: dict, w: dict, model_config) -> dict:
 def llama_config(hf: dict) -> ml_collections.ConfigDict:
     """The equivalent `config.model`: our transformer with GQA, SwiGLU, RMSNorm and Llama's RoPE (scalings
     included). transformers' Llama rotates halves (x_i, x_{i + d/2}) as we do: no column permutation."""
-    _check(hf, {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "pretraining_tp": 1})
+    _check(hf, {"hidden_act": "silu", "mlp_bias": False, "pretraining_tp": 1, "use_sliding_window": False})
+    if hf.get("sliding_window") and hf["sliding_window"] < hf["max_position_embeddings"] and (
+            hf.get("model_type") != "qwen2" or hf.get("use_sliding_window")):
+        _refuse("sliding_window", hf["sliding_window"], f"None or >= max_position_embeddings={hf['max_position_embeddings']}")
     heads = hf["num_attention_heads"]
+    bias = "qkv" if hf.get("model_type") == "qwen2" else "all" if hf.get("attention_bias") else "none"
     model = dict(name="transformer", vocab_size=hf["vocab_size"], max_len=hf["max_position_embeddings"],
                  d_model=hf["hidden_size"], num_layers=hf["num_hidden_layers"], norm="rmsnorm", norm_eps=hf["rms_norm_eps"],
                  tie_embeddings=bool(hf.get("tie_word_embeddings", False)), attention="gqa", num_heads=heads,
                  num_kv_heads=hf.get("num_key_value_heads") or heads, head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-                 d_mlp=hf["intermediate_size"], activation="swiglu", mlp_bias=False)
+                 d_mlp=hf["intermediate_size"], activation="swiglu", mlp_bias=False, attention_bias=bias)
     model.update(_rope_keys(hf))  # may raise max_len (dynamic NTK decodes past the original context)
     return ml_collections.ConfigDict(model)
 
@@ -232,15 +239,64 @@ def llama_variables(hf: dict, w: dict, model_config) -> dict:
     def block(i: int) -> dict:
         prefix = f"model.layers.{i}."
         projection = lambda name, n: w[f"{prefix}self_attn.{name}.weight"].T.reshape(-1, n, head_dim)  # noqa: E731
-        return {"attention_norm": {"scale": w[prefix + "input_layernorm.weight"]},
+        params = {"attention_norm": {"scale": w[prefix + "input_layernorm.weight"]},
                 "mlp_norm": {"scale": w[prefix + "post_attention_layernorm.weight"]},
                 "attention": {"query": projection("q_proj", heads), "key": projection("k_proj", kv_heads),
                               "value": projection("v_proj", kv_heads),
                               "out": w[prefix + "self_attn.o_proj.weight"].T.reshape(heads, head_dim, -1)},
                 "mlp": _swiglu(w, prefix + "mlp.")}
+        if model_config.attention_bias != "none":
+            for name, proj, n in (("query", "q_proj", heads), ("key", "k_proj", kv_heads), ("value", "v_proj", kv_heads)):
+                params["attention"][f"{name}_bias"] = w[f"{prefix}self_attn.{proj}.bias"].reshape(n, head_dim)
+        if model_config.attention_bias == "all":
+            params["attention"]["out_bias"] = w[prefix + "self_attn.o_proj.bias"]
+        return params
 
     params = {"embed": {"embedding": w["model.embed_tokens.weight"]}, "final_norm": {"scale": w["model.norm.weight"]},
               "layers": _stacked([block(i) for i in range(hf["num_hidden_layers"])])}
+    if not model_config.tie_embeddings:
+        params["unembed"] = {"kernel": w["lm_head.weight"].T}
+    return {"params": params}
+
+
+# GPT-2 -----------------------------------------------------------------------------------------------------
+
+def gpt2_config(hf: dict) -> ml_collections.ConfigDict:
+    """The equivalent `config.model`: our transformer with LayerNorm, learned positions, GELU (tanh approximation:
+    GPT-2's gelu_new is Flax's default gelu) and biases on every projection. GPT-2's Conv1D weights are already
+    [in, out]; the fused c_attn [D, 3D] splits into query, key and value."""
+    _check(hf, {"activation_function": "gelu_new", "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+                "add_cross_attention": False})
+    width, heads = hf["n_embd"], hf["n_head"]
+    return ml_collections.ConfigDict(dict(
+        name="transformer", vocab_size=hf["vocab_size"], max_len=hf["n_positions"], d_model=width,
+        num_layers=hf["n_layer"], norm="layernorm", norm_eps=hf["layer_norm_epsilon"], positional="learned",
+        tie_embeddings=bool(hf.get("tie_word_embeddings", True)), attention="gqa", num_heads=heads, num_kv_heads=heads,
+        head_dim=width // heads, attention_bias="all", d_mlp=hf.get("n_inner") or 4 * width, activation="gelu",
+        mlp_bias=True))
+
+
+def gpt2_variables(hf: dict, w: dict, model_config) -> dict:
+    w = {k.removeprefix("transformer."): v for k, v in w.items()}
+    heads, head_dim, width = model_config.num_heads, model_config.head_dim, model_config.d_model
+    norm = lambda name: {"scale": w[name + ".weight"], "bias": w[name + ".bias"]}  # noqa: E731
+    dense = lambda name: {"kernel": w[name + ".weight"], "bias": w[name + ".bias"]}  # noqa: E731
+
+    def block(i: int) -> dict:
+        prefix = f"h.{i}."
+        qkv = np.split(w[prefix + "attn.c_attn.weight"], 3, axis=1)  # [D, D] each
+        qkv_bias = np.split(w[prefix + "attn.c_attn.bias"], 3)
+        attention = {}
+        for name, kernel, bias in zip(("query", "key", "value"), qkv, qkv_bias):
+            attention[name] = kernel.reshape(width, heads, head_dim)
+            attention[f"{name}_bias"] = bias.reshape(heads, head_dim)
+        attention["out"] = w[prefix + "attn.c_proj.weight"].reshape(heads, head_dim, width)
+        attention["out_bias"] = w[prefix + "attn.c_proj.bias"]
+        return {"attention_norm": norm(prefix + "ln_1"), "mlp_norm": norm(prefix + "ln_2"), "attention": attention,
+                "mlp": {"wi": dense(prefix + "mlp.c_fc"), "wo": dense(prefix + "mlp.c_proj")}}
+
+    params = {"embed": {"embedding": w["wte.weight"]}, "position_embedding": w["wpe.weight"],
+              "final_norm": norm("ln_f"), "layers": _stacked([block(i) for i in range(model_config.num_layers)])}
     if not model_config.tie_embeddings:
         params["unembed"] = {"kernel": w["lm_head.weight"].T}
     return {"params": params}
@@ -284,7 +340,10 @@ def mamba_variables(hf: dict, w: dict, model_config) -> dict:
 
 
 ARCHITECTURES = {"DeepseekV3ForCausalLM": (deepseek_v3_config, deepseek_v3_variables),
+                 "GPT2LMHeadModel": (gpt2_config, gpt2_variables),
                  "LlamaForCausalLM": (llama_config, llama_variables),
+                 "MistralForCausalLM": (llama_config, llama_variables),
+                 "Qwen2ForCausalLM": (llama_config, llama_variables),
                  "MambaForCausalLM": (mamba_config, mamba_variables)}
 
 

@@ -1,8 +1,9 @@
 """Grouped-query attention (`model.attention = "gqa"`), the attention kind of every family by default.
 
-    q = x W_q [B, T, H, Dh],  k = x W_k, v = x W_v [B, T, Hkv, Dh]      (Hkv = H: MHA; Hkv = 1: MQA)
+    q = x W_q [B, T, H, Dh],  k = x W_k, v = x W_v [B, T, Hkv, Dh]      (Hkv = H: MHA; Hkv = 1: MQA;
+                                                                          + b_q, b_k, b_v with attention_bias)
     q, k = RoPE(q), RoPE(k)                                               (positional = "rope")
-    out = Attn(q, k, v; bias) W_o                                         (models/attention.py; bias: ALiBi / T5)
+    out = Attn(q, k, v; bias) W_o (+ b_o)                                 (models/attention.py; bias: ALiBi / T5)
 
 Positions (RoPE and its scalings, ALiBi, T5 buckets) are models/positions.py's.
 
@@ -105,7 +106,12 @@ class GroupedQueryAttention(nn.Module):
             w = self.param(name, nn.with_logical_partitioning(
                 nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2)), axes), (x.shape[-1], heads, cfg.head_size))
             projected = bitnet.matmul(tokens, w.reshape(x.shape[-1], -1).astype(dtype), cfg.bitnet)
-            return projected.reshape(*x.shape[:2], heads, cfg.head_size)
+            projected = projected.reshape(*x.shape[:2], heads, cfg.head_size)
+            if cfg.attention_bias == "none":
+                return projected
+            b = self.param(f"{name}_bias", nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]),
+                           (heads, cfg.head_size))
+            return projected + b.astype(dtype)
 
         q = project("query", cfg.num_heads, ("embed", "heads", "head_dim"))  # [B, T, H, Dh]
         k = project("key", cfg.kv_heads, ("embed", "kv_heads", "head_dim"))  # [B, T, Hkv, Dh]
@@ -124,6 +130,9 @@ class GroupedQueryAttention(nn.Module):
             (cfg.num_heads, cfg.head_size, x.shape[-1]))
         out = bitnet.matmul(out.reshape(-1, cfg.num_heads * cfg.head_size),
                             w_out.reshape(-1, x.shape[-1]).astype(dtype), cfg.bitnet)
+        if cfg.attention_bias == "all":
+            out = out + self.param("out_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+                                   (x.shape[-1],)).astype(dtype)
         return out.reshape(x.shape), cache
 
     @staticmethod

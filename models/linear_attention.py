@@ -89,6 +89,9 @@ class LinearAttention(nn.Module):
     @staticmethod
     def validate(m) -> list[str]:
         p = gqa.head_problems(m)
+        if m.attention_bias != "none":
+            p.append(f"model.attention_bias={m.attention_bias!r} is for attention 'gqa' / 'qk_norm'; "
+                     "model.attention='linear' has none: set 'none'")
         if m.positional in positions.SCORE_BIASES:
             p.append(f"model.attention='linear' has no score matrix to bias; model.positional={m.positional!r} must be "
                      "'rope', 'learned', 'sinusoidal' or 'none'")

@@ -47,6 +47,8 @@ class LMConfig:
     num_heads: int = field(4, min=1)
     num_kv_heads: int = field(0, min=0)  # 0: num_heads (plain multi-head attention)
     head_dim: int = field(0, min=0)  # 0: d_model // num_heads
+    attention_bias: str = field("none", choices=("none", "qkv", "all"))  # biases of the query / key / value
+    # projections (Qwen2: "qkv"), and of the output projection too ("all": GPT-2, Llama's attention_bias)
     attention_impl: str = field("xla", choices=ATTENTION_IMPLS)  # xla | pallas (kernels_pallas flash attention)
     attention_pattern: str = field("causal", choices=PATTERNS)  # which keys a query sees (models/attention_patterns.py)
     attention_window: int = field(0, min=0)  # sliding: W, the keys each query sees (itself included); the ring cache's size

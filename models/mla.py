@@ -130,6 +130,9 @@ class MultiHeadLatentAttention(nn.Module):
     def validate(m) -> list[str]:
         """Cross-field problems of the MLA keys."""
         p = []
+        if m.attention_bias != "none":
+            p.append(f"model.attention_bias={m.attention_bias!r} is for attention 'gqa' / 'qk_norm'; "
+                     "model.attention='mla' has none: set 'none'")
         if not m.head_dim and m.d_model % m.num_heads and not (m.qk_nope_head_dim and m.qk_rope_head_dim and m.v_head_dim
                                                                and m.kv_lora_rank):
             p.append(f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}; set model.head_dim "

@@ -34,6 +34,23 @@ def test_examples_match_python_loop(op):
         assert list(mask) == [0, 0, 1]  # the loss sees only the answer
 
 
+@pytest.mark.parametrize("op,terms", [("a-b", 3), ("a/b", 4)])
+def test_chains_spell_out_their_partial_results(op, terms):
+    import itertools
+
+    p = 5
+    ex = algorithmic.chain_examples(p, op, terms)
+    chains = [xs for xs in itertools.product(range(p), repeat=terms) if not (op == "a/b" and 0 in xs[1:])]
+    assert len(ex["inputs"]) == len(chains)
+    for xs, inputs, targets, mask in zip(chains, ex["inputs"], ex["targets"], ex["loss_mask"]):
+        partials = [xs[0]]
+        for x in xs[1:]:
+            partials.append(PYTHON_OPS[op](partials[-1], x, p))
+        row = [*xs, p, *partials[1:]]  # "x_1 ... x_k = s_1 ... s_{k-1}"
+        assert list(inputs) == row[:-1] and list(targets) == row[1:]
+        assert list(mask) == [0] * terms + [1] * (terms - 1)  # the loss on every partial result
+
+
 def test_split_is_seeded_disjoint_and_complete():
     train, test = algorithmic.train_test_split(13, "a+b", 0.3, seed=5)
     assert len(train["inputs"]) == int(0.3 * 169)

@@ -125,6 +125,62 @@ def test_llama_logits_equal_transformers_beyond_the_original_context(tmp_path, r
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
+def _randomised(model, folder):
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.uniform_(0.5, 1.5) if ("norm" in name or name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight"))) \
+                else p.normal_(0.0, 0.3)
+    model.save_pretrained(folder)
+    return model
+
+
+def _decoded(model, variables, tokens, prompt: int):
+    decode = jax.jit(lambda t, c, s: model.apply(variables, t, c, s, method=model.decode))
+    logits, cache = decode(jnp.asarray(tokens[:, :prompt], jnp.int32), model.init_cache(len(tokens), tokens.shape[1]), 0)
+    pieces = [logits]
+    for t in range(prompt, tokens.shape[1]):
+        logits, cache = decode(jnp.asarray(tokens[:, t:t + 1], jnp.int32), cache, t)
+        pieces.append(logits)
+    return jnp.concatenate(pieces, 1)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_gpt2_logits_and_decoding_equal_transformers(tmp_path, tied):
+    """A tiny random GPT2LMHeadModel (3 heads of width 8: an odd head count; 2 layers; 16 learned positions),
+    biases and LayerNorm shifts random too, tied and untied."""
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=24, n_layer=2, n_head=3,
+                                     tie_word_embeddings=tied, bos_token_id=0, eos_token_id=0)
+    hf = _randomised(transformers.GPT2LMHeadModel(config).eval(), tmp_path)
+    model_config, variables = import_hf.convert(str(tmp_path))
+    assert (model_config.norm, model_config.positional, model_config.norm_eps) == ("layernorm", "learned", 1e-5)
+    model = models.build(model_config)
+    tokens = TOKENS[:, :9]
+    want = _hf_logits(hf, tokens)
+    tol = dict(rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    np.testing.assert_allclose(model.apply(variables, jnp.asarray(tokens, jnp.int32)), want, **tol)
+    np.testing.assert_allclose(_decoded(model, variables, tokens, 4), want, **tol)
+
+
+@pytest.mark.parametrize("architecture", ["qwen2", "llama_bias", slow("mistral")])
+def test_llama_layouts_with_biases_equal_transformers(tmp_path, architecture):
+    """Qwen2 (query / key / value biases), Llama with attention_bias (the output's too) and Mistral, with GQA
+    (4 query heads over 2) and untied embeddings."""
+    shared = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=32, rms_norm_eps=1e-5, tie_word_embeddings=False)
+    config, cls = {"qwen2": (transformers.Qwen2Config(**shared), transformers.Qwen2ForCausalLM),
+                   "llama_bias": (transformers.LlamaConfig(**shared, head_dim=8, attention_bias=True),
+                                  transformers.LlamaForCausalLM),
+                   "mistral": (transformers.MistralConfig(**shared, sliding_window=None), transformers.MistralForCausalLM),
+                   }[architecture]
+    hf = _randomised(cls(config).eval(), tmp_path)
+    model_config, variables = import_hf.convert(str(tmp_path))
+    assert model_config.attention_bias == {"qwen2": "qkv", "llama_bias": "all", "mistral": "none"}[architecture]
+    want = _hf_logits(hf, TOKENS)
+    got = models.build(model_config).apply(variables, jnp.asarray(TOKENS, jnp.int32))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
 @pytest.mark.parametrize("use_bias", [False, slow(True)])
 def test_mamba_logits_and_decoding_equal_transformers(tmp_path, use_bias):
     """A tiny random MambaForCausalLM (Mamba-1: width 32, state 8, 2 layers, dt rank 2): logits at 40 tokens, and the
@@ -178,8 +234,10 @@ def test_what_cannot_be_reproduced_is_refused_in_one_line(tmp_path):
         import_hf.deepseek_v3_config({**_tiny_hf_config(), **yarn})
     with pytest.raises(ConfigError, match="rope type='longrope' is not supported"):
         import_hf.llama_config({**_tiny_hf_config(), "rope_parameters": {"rope_type": "longrope", "factor": 4.0}})
-    with pytest.raises(ConfigError, match="attention_bias=True is not supported"):
-        import_hf.llama_config({**_tiny_hf_config(), "attention_bias": True})
+    with pytest.raises(ConfigError, match="sliding_window=8 is not supported"):
+        import_hf.llama_config({**_tiny_hf_config(), "model_type": "mistral", "sliding_window": 8})
+    with pytest.raises(ConfigError, match="activation_function='relu' is not supported"):
+        import_hf.gpt2_config({"activation_function": "relu"})
     with pytest.raises(ConfigError, match="norm_topk_prob=False is not supported"):
         import_hf.deepseek_v3_config({**_tiny_hf_config(), "norm_topk_prob": False})
 

@@ -1,0 +1,145 @@
+"""The GRPO study: an SFT start on chained modular addition (experiments/configs/grpo.py), then equal-step runs
+from it: continued SFT, GRPO with the outcome reward, GRPO with the process reward (and the outcome reward
+without its KL penalty), each measured on the held-out chains by greedy decoding.
+
+    PYTHONPATH=. python scripts/grpo_study.py --out=runs/grpo_study
+
+    chain_acc   held-out chains whose every step is right (the outcome reward, greedy)
+    answer_acc  held-out chains whose last step (the answer) is right
+    step_acc    the fraction of held-out steps that are right (teacher-forced on the model's own chain: a step
+                right after a wrong one counts, as the task's table was used right)
+    kl_ref      the mean over held-out reference chains of sum_t KL(pi || pi_sft)
+Every run sees 256 rows a step (GRPO: 32 prompts x 8 completions; SFT: 256 reference chains). Writes
+results.json, table.md and reward_curves.png (the rollouts' mean outcome reward per logged step).
+"""
+
+import json
+import os
+
+from absl import app, flags
+
+flags.DEFINE_string("out", "runs/grpo_study", "the study's folder: one run folder per variant, and the results")
+flags.DEFINE_integer("sft_steps", 100, "training steps of the SFT start (partly right: the study needs room)")
+flags.DEFINE_integer("steps", 300, "training steps of each run from the SFT start")
+flags.DEFINE_float("lr", 3e-4, "their peak learning rate")
+flags.DEFINE_string("runs", "sft,outcome,process,outcome_nokl", "the runs from the start")
+FLAGS = flags.FLAGS
+
+
+def train(variant: str, workdir: str, overrides: dict):
+    from experiments import trainer
+    from experiments.configs import grpo
+
+    config = grpo.get_config(variant)
+    for key, value in overrides.items():
+        *sections, name = key.split(".")
+        target = config
+        for section in sections:
+            target = target[section]
+        target[name] = value
+    finished = os.path.join(workdir, "finished")
+    if not os.path.exists(finished):
+        trainer.train_and_evaluate(config, workdir, verbose=False)
+        open(finished, "w").close()
+
+
+def measure(workdir: str, reference) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import data
+    from experiments import grpo, preference, restore
+    from models import sampling
+
+    config = restore.load_config(workdir)
+    model, variables = restore.load_variables(config, workdir)
+    test = data.load(config.data, config.seed).evals["eval"]
+    prompt_len = grpo.prompt_length(test)
+    steps = test["inputs"].shape[1] - prompt_len + 1
+    chains = []
+    for start in range(0, len(test["inputs"]), 2048):
+        prompts = jnp.asarray(test["inputs"][start:start + 2048, :prompt_len])
+        cache = model.init_cache(len(prompts), prompt_len + steps)
+        chains.append(np.asarray(sampling.generate(model, variables, prompts, cache, jax.random.key(0),
+                                                   num_tokens=steps, temperature=0.0)))
+    chain = np.concatenate(chains)
+    reference_chain = test["targets"][:, prompt_len - 1:]
+    operands = test["inputs"][:, :prompt_len - 1]
+    p = config.data.p
+    # A step is right when it is its predecessor (in the model's own chain) plus the next operand.
+    previous = np.concatenate([operands[:, :1], chain[:, :-1]], axis=1)
+    step_right = chain == (previous + operands[:, 1:]) % p
+    logits = jax.jit(model.apply)(variables, jnp.asarray(test["inputs"][:4096]))
+    ref_logits = jax.jit(reference[0].apply)(reference[1], jnp.asarray(test["inputs"][:4096]))
+    kl = jnp.sum(preference.token_kl(logits, ref_logits) * test["loss_mask"][:4096], axis=-1)
+    return {"chain_acc": float(np.mean(np.all(chain == reference_chain, axis=1))),
+            "answer_acc": float(np.mean(chain[:, -1] == reference_chain[:, -1])),
+            "step_acc": float(np.mean(step_right)), "kl_ref": float(jnp.mean(kl))}
+
+
+def reward_curve(workdir: str) -> list[tuple[int, float]]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return [(r["step"], r["grpo/reward"]) for r in rows if r["split"] == "train" and "grpo/reward" in r]
+
+
+def write_table(results: list[dict], path: str):
+    lines = ["| run | held-out chain accuracy | answer accuracy | step accuracy | KL to the SFT start (nats / chain) | "
+             "last rollout reward |", "|---|---|---|---|---|---|"]
+    for r in results:
+        reward = f"{r['reward'][-1][1]:.3f}" if r.get("reward") else "-"
+        lines.append(f"| {r['run']} | {r['chain_acc']:.3f} | {r['answer_acc']:.3f} | {r['step_acc']:.3f} | "
+                     f"{r['kl_ref']:.3f} | {reward} |")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def plot(results: list[dict], path: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in results:
+        if r.get("reward"):
+            ax.plot([s for s, _ in r["reward"]], [v for _, v in r["reward"]], label=r["run"])
+    start = next(r for r in results if r["run"] == "SFT start")
+    ax.axhline(start["chain_acc"], color="gray", linestyle=":", label="SFT start, held-out greedy")
+    ax.set(xlabel="step from the SFT start", ylabel="mean outcome reward of the rollouts (T = 1)",
+           title="GRPO on x1+x2+x3 mod 23 with its chain", ylim=(0, 1.02))
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv):
+    del argv
+    from experiments import restore
+
+    os.makedirs(FLAGS.out, exist_ok=True)
+    sft_dir = os.path.join(FLAGS.out, "sft_start")
+    train("sft", sft_dir, {"train.steps": FLAGS.sft_steps, "train.checkpoint_every": FLAGS.sft_steps})
+    reference = restore.load_variables(restore.load_config(sft_dir), sft_dir)
+    results = [{"run": "SFT start", **measure(sft_dir, reference)}]
+    for run in FLAGS.runs.split(","):
+        workdir = os.path.join(FLAGS.out, run)
+        overrides = {"train.init_from": sft_dir, "train.steps": FLAGS.steps, "train.checkpoint_every": FLAGS.steps,
+                     "train.eval_every": FLAGS.steps, "optimizer.lr": FLAGS.lr}
+        if run == "outcome_nokl":
+            overrides["train.grpo.kl_beta"] = 0.0
+        train(run.removesuffix("_nokl"), workdir, overrides)
+        name = {"sft": "continued SFT", "outcome": "GRPO, outcome reward", "process": "GRPO, process reward",
+                "outcome_nokl": "GRPO, outcome reward, no KL"}.get(run, run)
+        results.append({"run": name, **measure(workdir, reference), "reward": reward_curve(workdir)})
+        print(json.dumps({k: v for k, v in results[-1].items() if k != "reward"}), flush=True)
+    with open(os.path.join(FLAGS.out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    write_table(results, os.path.join(FLAGS.out, "table.md"))
+    plot(results, os.path.join(FLAGS.out, "reward_curves.png"))
+
+
+if __name__ == "__main__":
+    app.run(main)
