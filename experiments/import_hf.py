@@ -15,6 +15,7 @@ Architectures (one converter each: a config mapping and a weight mapping):
   value biases) share its layout.
 - `GPT2LMHeadModel`: our transformer with LayerNorm, learned positions, GELU and biases everywhere.
 - `MambaForCausalLM`: our `mamba` family (Mamba-1 layers: the selective scan, models/mamba1.py).
+- `Mamba2ForCausalLM`: our `ssd` family (Mamba-2 layers: SSD, models/mamba2.py), groups of B / C included.
 - `DeepseekV3ForCausalLM`: MLA (models/mla.py), the sigmoid router with groups and route_scale, dense first
   blocks (models/moe.py, models/moe_transformer.py). `transformers` Linear weights are [out, in]; ours [in, out].
   DeepSeek rotates interleaved pairs (x_0, x_1), (x_2, x_3), ... of the rotary columns; we rotate
@@ -339,11 +340,54 @@ def mamba_variables(hf: dict, w: dict, model_config) -> dict:
     return {"params": params}
 
 
+# Mamba-2 ---------------------------------------------------------------------------------------------------
+
+def _json_float(value) -> float:
+    """A config.json number; transformers 5 writes infinities as {"__float__": "Infinity"}."""
+    return float(value["__float__"]) if isinstance(value, dict) else float(value)
+
+
+def mamba2_config(hf: dict) -> ml_collections.ConfigDict:
+    """The equivalent `config.model`: our `ssd` family (Mamba-2 layers, models/mamba2.py), RMSNorm before each mixer
+    and at the end. transformers' Mamba2Mixer splits in_proj as [z, xBC, dt] and gates its RMSNorm per group after
+    the gate, as ours (mamba_ssm's layout); one epsilon serves the block norms and the gated norm."""
+    _check(hf, {"hidden_act": "silu", "use_bias": False, "rms_norm": True})
+    width, heads, head_dim = hf["hidden_size"], hf["num_heads"], hf["head_dim"]
+    inner = int(hf.get("expand", 2) * width)
+    if inner % width or heads * head_dim != inner:
+        _refuse("num_heads * head_dim", heads * head_dim, f"expand * hidden_size = {inner}, a multiple of hidden_size")
+    limit = [_json_float(x) for x in hf.get("time_step_limit") or (0.0, float("inf"))]
+    return ml_collections.ConfigDict(dict(
+        name="ssd", layer_pattern="S", vocab_size=hf["vocab_size"], max_len=2048, positional="none", d_model=width,
+        num_layers=hf["num_hidden_layers"], norm="rmsnorm", norm_eps=hf["layer_norm_epsilon"],
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), expand=inner // width, ssm_head_dim=head_dim,
+        ssm_state=hf["state_size"], ssm_groups=hf.get("n_groups", 1), conv_width=hf["conv_kernel"],
+        dt_limit_min=float(limit[0]), dt_limit_max=float(limit[1]), ssm_norm_eps=hf["layer_norm_epsilon"]))
+
+
+def mamba2_variables(hf: dict, w: dict, model_config) -> dict:
+    def layer(i: int) -> dict:
+        prefix = f"backbone.layers.{i}.mixer."
+        conv = w[prefix + "conv1d.weight"][:, 0, :].T  # [C, 1, W] -> [W, C]
+        mixer = {"in_proj": w[prefix + "in_proj.weight"].T, "conv_kernel": conv,
+                 "conv_bias": w.get(prefix + "conv1d.bias", np.zeros(conv.shape[1], np.float32)),
+                 "dt_bias": w[prefix + "dt_bias"], "A_log": w[prefix + "A_log"], "D": w[prefix + "D"],
+                 "norm": w[prefix + "norm.weight"], "out_proj": w[prefix + "out_proj.weight"].T}
+        return {"layer_0_ssm": {"norm": {"scale": w[f"backbone.layers.{i}.norm.weight"]}, "mixer": mixer}}
+
+    params = {"embed": {"embedding": w["backbone.embeddings.weight"]}, "final_norm": {"scale": w["backbone.norm_f.weight"]},
+              "periods": _stacked([layer(i) for i in range(hf["num_hidden_layers"])])}
+    if not model_config.tie_embeddings:
+        params["unembed"] = {"kernel": w["lm_head.weight"].T}
+    return {"params": params}
+
+
 ARCHITECTURES = {"DeepseekV3ForCausalLM": (deepseek_v3_config, deepseek_v3_variables),
                  "GPT2LMHeadModel": (gpt2_config, gpt2_variables),
                  "LlamaForCausalLM": (llama_config, llama_variables),
                  "MistralForCausalLM": (llama_config, llama_variables),
                  "Qwen2ForCausalLM": (llama_config, llama_variables),
+                 "Mamba2ForCausalLM": (mamba2_config, mamba2_variables),
                  "MambaForCausalLM": (mamba_config, mamba_variables)}
 
 

@@ -211,6 +211,35 @@ def test_mamba_logits_and_decoding_equal_transformers(tmp_path, use_bias):
     np.testing.assert_allclose(jnp.concatenate(pieces, 1), want[:, :12], rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("groups,tied", [(2, False), slow(1, True)])
+def test_mamba2_logits_and_decoding_equal_transformers(tmp_path, groups, tied):
+    """A tiny random Mamba2ForCausalLM (width 32, 4 heads of 16, state 8, B / C in `groups` groups, 2 layers): logits
+    at 40 tokens (not a multiple of its chunk of 16), and the imported model's constant-state decoding."""
+    config = transformers.Mamba2Config(vocab_size=VOCAB, hidden_size=32, num_heads=4, head_dim=16, state_size=8,
+                                       n_groups=groups, expand=2, conv_kernel=4, num_hidden_layers=2, chunk_size=16,
+                                       layer_norm_epsilon=1e-5, tie_word_embeddings=tied)
+    torch.manual_seed(0)
+    hf = transformers.Mamba2ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("norm_f.weight"):
+                p.uniform_(0.5, 1.5)
+            elif name.endswith("dt_bias"):
+                p.uniform_(-4.0, -1.0)  # dt = softplus(.) in ~[0.02, 0.3]
+            elif name.endswith("A_log"):
+                p.uniform_(0.0, 2.0)
+            else:
+                p.normal_(0.0, 0.3)
+    hf.save_pretrained(tmp_path)
+    model_config, variables = import_hf.convert(str(tmp_path))
+    assert (model_config.name, model_config.ssm_groups, model_config.ssm_head_dim) == ("ssd", groups, 16)
+    model = models.build(model_config)
+    want = _hf_logits(hf, LONG_TOKENS)
+    tol = dict(rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    np.testing.assert_allclose(model.apply(variables, jnp.asarray(LONG_TOKENS, jnp.int32)), want, **tol)
+    np.testing.assert_allclose(_decoded(model, variables, LONG_TOKENS[:, :12], 7), want[:, :12], **tol)
+
+
 def _folder(tmp_path, config: dict, files=("model.safetensors",)):
     tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / "config.json").write_text(json.dumps(config))
