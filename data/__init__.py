@@ -38,8 +38,9 @@ class TextConfig:
 
     name: str = "text"
     path: str = "../shared/data/tinyshakespeare.txt"  # relative paths: from the repository root
-    tokenizer: str = field("byte", choices=("byte", "sentencepiece"))
+    tokenizer: str = field("byte", choices=("byte", "sentencepiece", "hf"))
     spm_model: str = ""  # the SentencePiece model file, for tokenizer="sentencepiece"
+    tokenizer_file: str = ""  # a Hugging Face tokenizer.json (or the folder holding it), for tokenizer="hf"
     source: str = field("grain", choices=("grain", "seqio"))  # seqio: the same tokens through a registered Task
     seq_len: int = field(64, min=1)
     stride: int = field(0, min=0)  # tokens between window starts; 0: seq_len (packed, no overlap)
@@ -144,7 +145,7 @@ def _load_text(config, seed: int) -> Splits:
 
         train_ids, eval_ids, vocab_size = seqio_tasks.token_streams(config)
     else:
-        tokenizer = text.tokenizer(config.tokenizer, config.spm_model)
+        tokenizer = text.tokenizer_for(config)
         train_ids, eval_ids, vocab_size = tokenizer.encode(train_text), tokenizer.encode(eval_text), tokenizer.vocab_size
     return Splits(train=text.pack(train_ids, config.seq_len, config.stride),
                   evals={"eval": text.pack(eval_ids, config.seq_len)},
@@ -246,8 +247,8 @@ def identity(data_config, splits: Splits) -> dict:
     if data_config.name == "text":
         path = text.resolve_path(data_config.path)
         found.update(file=path, file_bytes=os.path.getsize(path), file_sha256=_sha256_of_file(path))
-        if data_config.tokenizer == "sentencepiece":
-            found["tokenizer_sha256"] = _sha256_of_file(text.resolve_path(data_config.spm_model))
+        if data_config.tokenizer != "byte":
+            found["tokenizer_sha256"] = _sha256_of_file(text.tokenizer_file(data_config))
     return found
 
 

@@ -5,8 +5,10 @@
     example j = window ids[j*L : j*L + L + 1]:  inputs = window[:-1], targets = window[1:]
 
 Windows start every `stride` tokens (default L: packed, no overlap) and every position is scored.
-Two tokenizers: bytes (UTF-8, vocabulary 256, no file) and SentencePiece (a model file trained by
-`scripts/train_sentencepiece.py`).
+Three tokenizers: bytes (UTF-8, vocabulary 256, no file), SentencePiece (a model file trained by
+`scripts/train_sentencepiece.py`) and a Hugging Face `tokenizer.json` read by the `tokenizers` package (the
+byte-level BPE of GPT-2, Llama-3 and Qwen2, or a converted SentencePiece model: what an imported checkpoint
+ships; experiments/import_hf.py points its run folder at it).
 """
 
 import io
@@ -70,8 +72,43 @@ def train_sentencepiece(corpus: str, vocab_size: int, train_fraction: float, mod
     return output
 
 
-def tokenizer(kind: str, spm_model: str = ""):
-    return ByteTokenizer() if kind == "byte" else SentencePieceTokenizer(resolve_path(spm_model))
+class HFTokenizer:
+    """A Hugging Face `tokenizer.json` (a file, or a checkpoint folder holding one), through `tokenizers`."""
+
+    def __init__(self, path: str):
+        from tokenizers import Tokenizer  # imported here: only this tokenizer needs it (the [hf] extra)
+
+        self.path = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+        self._tokenizer = Tokenizer.from_file(self.path)
+        self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self._tokenizer.encode(text, add_special_tokens=False).ids, np.int32)
+
+    def decode(self, ids) -> str:
+        return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+def tokenizer(kind: str, model_file: str = ""):
+    """The tokenizer `kind` ("byte", "sentencepiece", "hf") with its file (data.spm_model / data.tokenizer_file)."""
+    if kind == "byte":
+        return ByteTokenizer()
+    return (SentencePieceTokenizer if kind == "sentencepiece" else HFTokenizer)(resolve_path(model_file))
+
+
+def tokenizer_for(data_config):
+    """The tokenizer a text `config.data` names."""
+    kind = data_config.tokenizer
+    return tokenizer(kind, data_config.tokenizer_file if kind == "hf" else data_config.spm_model)
+
+
+def tokenizer_file(data_config) -> str:
+    """The file the tokenizer reads ("" for bytes)."""
+    path = {"sentencepiece": data_config.spm_model, "hf": data_config.get("tokenizer_file", "")}.get(data_config.tokenizer)
+    if not path:
+        return ""
+    path = resolve_path(path)
+    return os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
 
 
 def read_corpus(path: str) -> str:
@@ -102,4 +139,10 @@ def validate(config) -> list[str]:
     if config.tokenizer == "sentencepiece" and not os.path.isfile(resolve_path(config.spm_model)):
         problems.append(f"data.spm_model={config.spm_model!r}: no such file; train one with "
                         f"`python scripts/train_sentencepiece.py --output={config.spm_model or 'PATH.model'}`")
+    if config.tokenizer == "hf" and config.source == "seqio":
+        problems.append("data.tokenizer='hf' with data.source='seqio': seqio has no Hugging Face vocabulary; use "
+                        "data.source='grain'")
+    if config.tokenizer == "hf" and not os.path.isfile(tokenizer_file(config)):
+        problems.append(f"data.tokenizer_file={config.tokenizer_file!r}: no tokenizer.json there; pass a Hugging Face "
+                        "checkpoint folder or its tokenizer.json")
     return problems

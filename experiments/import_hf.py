@@ -407,7 +407,8 @@ def convert(hf_dir: str):
 
 def write_run_folder(hf_dir: str, workdir: str):
     """Converts the checkpoint into `workdir`: config.json (the default LM experiment's config with the converted
-    model, every other model key at its default) and a sealed orbax checkpoint of the train state at step 0."""
+    model, every other model key at its default; the folder's tokenizer.json as data.tokenizer "hf" when it has
+    one) and a sealed orbax checkpoint of the train state at step 0."""
     from experiments import restore, validation
     from experiments.configs import base, lm_shakespeare
 
@@ -417,6 +418,8 @@ def write_run_folder(hf_dir: str, workdir: str):
         config.model = base.get_config(model_config.name, config.data.name).model
     config.model.update(model_config.to_dict())
     config.mesh.update(data=1, fsdp=1, tensor=1, expert=1)
+    if os.path.isfile(os.path.join(hf_dir, "tokenizer.json")):  # its tokenizer reads text for sampling and training
+        config.data.update(tokenizer="hf", tokenizer_file=os.path.abspath(hf_dir))
     validation.validate(config, num_devices=1)
     restore.save_variables(config, variables, workdir)
     return config

@@ -38,7 +38,7 @@ def token_texts(lm_config) -> list[str]:
     """How each token id prints: a byte-level model's characters, a modular-arithmetic model's numbers and `=`."""
     vocab = lm_config.model.vocab_size
     if lm_config.data.name == "text":
-        tok = text.tokenizer(lm_config.data.tokenizer, lm_config.data.spm_model)
+        tok = text.tokenizer_for(lm_config.data)
         return [tok.decode([i]) if lm_config.data.tokenizer != "byte" else chr(i) if 32 <= i < 127 else f"\\x{i:02x}"
                 for i in range(vocab)]
     if lm_config.data.name == "algorithmic":

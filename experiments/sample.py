@@ -63,9 +63,9 @@ def main(argv):
         _fail(str(e))
     if config.data.name != "text":
         _fail(f"the run in {_WORKDIR.value!r} trained on data.name={config.data.name!r}; sampling needs a text run")
-    tokenizer = text.tokenizer(config.data.tokenizer, config.data.spm_model)
-    if config.model.vocab_size != tokenizer.vocab_size:
-        _fail(f"the model's vocabulary ({config.model.vocab_size} tokens) is not data.tokenizer="
+    tokenizer = text.tokenizer_for(config.data)
+    if config.model.vocab_size < tokenizer.vocab_size:  # checkpoints often pad their vocabulary upward
+        _fail(f"the model's vocabulary ({config.model.vocab_size} tokens) is smaller than data.tokenizer="
               f"{config.data.tokenizer!r}'s ({tokenizer.vocab_size}); sampling text needs the tokenizer the model was "
               "trained with")
     prompt = tokenizer.encode(_PROMPT.value)
@@ -131,7 +131,7 @@ def speculate(config, model, variables, prompt):
         if draft_config.model.vocab_size != config.model.vocab_size:
             _fail(f"--draft_workdir={_DRAFT.value!r}'s vocabulary ({draft_config.model.vocab_size}) is not the "
                   f"model's ({config.model.vocab_size})")
-    tokenizer = text.tokenizer(config.data.tokenizer, config.data.spm_model)
+    tokenizer = text.tokenizer_for(config.data)
     for i in range(_NUM_SAMPLES.value):
         rng = jax.random.fold_in(jax.random.key(_SEED.value), i)
         kwargs = dict(temperature=_TEMPERATURE.value, rng=rng)

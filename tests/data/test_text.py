@@ -60,6 +60,40 @@ def test_sentencepiece_round_trips(tmp_path):
     assert tok.vocab_size == 400 and len(ids) < len(sample) and tok.decode(ids) == sample
 
 
+def hf_tokenizer_json(folder, kind: str, vocab_size: int = 320) -> str:
+    """A Hugging Face tokenizer.json trained by `tokenizers` on the corpus's first 30k characters: GPT-2's
+    byte-level BPE, or the SentencePiece-style BPE (metaspace pre-tokenization)."""
+    tokenizers = pytest.importorskip("tokenizers", reason="needs the [hf] extra")
+    cls = {"byte_bpe": tokenizers.ByteLevelBPETokenizer, "sentencepiece_bpe": tokenizers.SentencePieceBPETokenizer}[kind]
+    tokenizer = cls()
+    tokenizer.train_from_iterator([text.read_corpus(CORPUS)[:30_000]], vocab_size=vocab_size, show_progress=False,
+                                  **({"min_frequency": 1} if kind == "byte_bpe" else {}))
+    os.makedirs(folder, exist_ok=True)
+    tokenizer.save(os.path.join(folder, "tokenizer.json"))
+    return str(folder)
+
+
+@pytest.mark.parametrize("kind", ["byte_bpe", "sentencepiece_bpe"])
+def test_hugging_face_tokenizers_feed_the_text_pipeline(tmp_path, kind):
+    from tokenizers import Tokenizer
+
+    folder = hf_tokenizer_json(tmp_path, kind)
+    config = make_tiny_lm_config()
+    config.data.update(tokenizer="hf", tokenizer_file=folder)
+    validation.validate(config, 8)
+    splits = data.load(config.data, seed=0)
+    reference = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
+    train_text, _ = text.split_text(text.read_corpus(CORPUS), config.data.train_fraction)
+    ids = reference.encode(train_text).ids
+    assert splits.vocab_size == reference.get_vocab_size() and splits.chars_per_token > 1.2
+    np.testing.assert_array_equal(splits.train["inputs"][0], ids[:config.data.seq_len])
+    np.testing.assert_array_equal(splits.train["inputs"][1], ids[config.data.seq_len:2 * config.data.seq_len])
+    tok = text.tokenizer_for(config.data)
+    sample = "ROMEO:\nBut, soft! what light?"
+    assert tok.decode(tok.encode(sample)).strip() == sample or kind == "sentencepiece_bpe"  # metaspace drops "\n"
+    assert len(data.identity(config.data, splits)["tokenizer_sha256"]) == 64
+
+
 def test_loader_reports_chars_per_token_and_vocab():
     config = make_tiny_lm_config()
     splits = data.load(config.data, seed=0)
@@ -72,6 +106,7 @@ def test_loader_reports_chars_per_token_and_vocab():
     (dict(path="no/such/corpus.txt"), "data.path='no/such/corpus.txt': no such file"),
     (dict(tokenizer="sentencepiece", spm_model="missing.model"), "data.spm_model='missing.model': no such file"),
     (dict(tokenizer="words"), "data.tokenizer='words' is not one of"),
+    (dict(tokenizer="hf", tokenizer_file="no/such/dir"), "data.tokenizer_file='no/such/dir': no tokenizer.json there"),
     (dict(source="tfds"), "data.source='tfds' is not one of"),
     (dict(train_fraction=1.0), "data.train_fraction=1.0 must lie in (0, 1)"),
 ])

@@ -162,6 +162,33 @@ def test_gpt2_logits_and_decoding_equal_transformers(tmp_path, tied):
     np.testing.assert_allclose(_decoded(model, variables, tokens, 4), want, **tol)
 
 
+@pytest.mark.slow
+def test_an_imported_checkpoint_samples_through_its_own_tokenizer_like_transformers(tmp_path):
+    """A GPT-2 folder with its tokenizer.json (a byte-level BPE): import_hf's run folder reads text with it, and
+    experiments.sample's greedy continuation is transformers' greedy generate, decoded by the same tokenizer."""
+    from tests.data.test_text import hf_tokenizer_json
+    from tokenizers import Tokenizer
+
+    folder = hf_tokenizer_json(tmp_path / "hf", "byte_bpe")
+    tokenizer = Tokenizer.from_file(str(tmp_path / "hf" / "tokenizer.json"))
+    config = transformers.GPT2Config(vocab_size=tokenizer.get_vocab_size(), n_positions=32, n_embd=24, n_layer=2,
+                                     n_head=3, bos_token_id=0, eos_token_id=0)
+    hf = _randomised(transformers.GPT2LMHeadModel(config).eval(), folder)
+    run = lambda *args: subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True,  # noqa: E731
+                                       timeout=300)
+    imported = run("experiments.import_hf", f"--hf_dir={folder}", f"--workdir={tmp_path / 'run'}")
+    assert imported.returncode == 0, imported.stderr
+    assert restore.load_config(str(tmp_path / "run")).data.tokenizer == "hf"
+    prompt = "ROMEO: But"
+    sampled = run("experiments.sample", f"--workdir={tmp_path / 'run'}", f"--prompt={prompt}", "--num_tokens=10",
+                  "--temperature=0")
+    assert sampled.returncode == 0, sampled.stderr
+    ids = torch.tensor([tokenizer.encode(prompt).ids])
+    with torch.no_grad():
+        greedy = hf.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0)[0, ids.shape[1]:]
+    assert sampled.stdout.split("--- sample 0 ---\n", 1)[1].rstrip("\n") == prompt + tokenizer.decode(greedy.tolist())
+
+
 @pytest.mark.parametrize("architecture", ["qwen2", "llama_bias", slow("mistral")])
 def test_llama_layouts_with_biases_equal_transformers(tmp_path, architecture):
     """Qwen2 (query / key / value biases), Llama with attention_bias (the output's too) and Mistral, with GQA
