@@ -47,6 +47,7 @@ class GRPOConfig:
     epochs: int = field(1, min=1)  # optimizer steps on each rollout (PPO-style; > 1 makes the clip matter)
     temperature: float = field(1.0, above=0)  # of the rollouts
     eps: float = field(1e-4, above=0)  # in the advantages' denominators
+    seed: int = 0  # folded into the rollouts' rng (the runs of a study differ in their samples, not their data)
 
 
 def problems(config) -> list[str]:

@@ -428,6 +428,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
                 params = lora.merged(state.params, lora_config.alpha) if lora_config.rank else state.params
                 model_state = {k: v for k, v in state.model_state.items() if k != models.PROBES}
                 rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 1)
+                if grpo_config.seed:
+                    rng = jax.random.fold_in(rng, grpo_config.seed)
                 return rollout({"params": params, **model_state}, batch, rng)
 
             compiled_rollout = jax.jit(rollout_step, in_shardings=(state_shardings, batch_spec), out_shardings=batch_spec)

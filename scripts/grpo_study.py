@@ -9,8 +9,9 @@ without its KL penalty), each measured on the held-out chains by greedy decoding
     step_acc    the fraction of held-out steps that are right (teacher-forced on the model's own chain: a step
                 right after a wrong one counts, as the task's table was used right)
     kl_ref      the mean over held-out reference chains of sum_t KL(pi || pi_sft)
-Every run sees 256 rows a step (GRPO: 32 prompts x 8 completions; SFT: 256 reference chains). Writes
-results.json, table.md and reward_curves.png (the rollouts' mean outcome reward per logged step).
+Every run sees 256 rows a step (GRPO: 32 prompts x 8 completions; SFT: 256 reference chains); each GRPO run
+repeats at every rollout seed of --seeds (train.grpo.seed; the table gives the mean [min, max]). Writes results.json, table.md and
+reward_curves.png (the rollouts' mean outcome reward per logged step, every seed).
 """
 
 import json
@@ -23,6 +24,7 @@ flags.DEFINE_integer("sft_steps", 100, "training steps of the SFT start (partly 
 flags.DEFINE_integer("steps", 300, "training steps of each run from the SFT start")
 flags.DEFINE_float("lr", 3e-4, "their peak learning rate")
 flags.DEFINE_string("runs", "sft,outcome,process,outcome_nokl", "the runs from the start")
+flags.DEFINE_string("seeds", "0,1,2", "each GRPO run's rollout seeds (train.grpo.seed; SFT is deterministic)")
 FLAGS = flags.FLAGS
 
 
@@ -87,10 +89,16 @@ def reward_curve(workdir: str) -> list[tuple[int, float]]:
 def write_table(results: list[dict], path: str):
     lines = ["| run | held-out chain accuracy | answer accuracy | step accuracy | KL to the SFT start (nats / chain) | "
              "last rollout reward |", "|---|---|---|---|---|---|"]
+
+    def cell(r, key):  # the mean over seeds [min, max]
+        low_high = r.get(f"{key}_range")
+        return f"{r[key]:.3f}" + (f" [{low_high[0]:.2f}, {low_high[1]:.2f}]" if low_high and len(r["seeds"]) > 1 else "")
+
     for r in results:
-        reward = f"{r['reward'][-1][1]:.3f}" if r.get("reward") else "-"
-        lines.append(f"| {r['run']} | {r['chain_acc']:.3f} | {r['answer_acc']:.3f} | {r['step_acc']:.3f} | "
-                     f"{r['kl_ref']:.3f} | {reward} |")
+        rewards = [seed["reward"][-1][1] for seed in r.get("seeds", []) if seed["reward"]]
+        reward = f"{sum(rewards) / len(rewards):.3f}" if rewards else "-"
+        lines.append(f"| {r['run']} | {cell(r, 'chain_acc')} | {cell(r, 'answer_acc')} | {cell(r, 'step_acc')} | "
+                     f"{cell(r, 'kl_ref')} | {reward} |")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -103,9 +111,10 @@ def plot(results: list[dict], path: str):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for r in results:
-        if r.get("reward"):
-            ax.plot([s for s, _ in r["reward"]], [v for _, v in r["reward"]], label=r["run"])
+    for color, r in zip(("C0", "C1", "C2", "C3", "C4"), [r for r in results if r.get("seeds")]):
+        for i, seed in enumerate(s for s in r["seeds"] if s["reward"]):
+            ax.plot([s for s, _ in seed["reward"]], [v for _, v in seed["reward"]], color=color, alpha=0.8,
+                    label=r["run"] if i == 0 else None)
     start = next(r for r in results if r["run"] == "SFT start")
     ax.axhline(start["chain_acc"], color="gray", linestyle=":", label="SFT start, held-out greedy")
     ax.set(xlabel="step from the SFT start", ylabel="mean outcome reward of the rollouts (T = 1)",
@@ -115,8 +124,13 @@ def plot(results: list[dict], path: str):
     fig.savefig(path, dpi=120)
 
 
+METRICS = ("chain_acc", "answer_acc", "step_acc", "kl_ref")
+
+
 def main(argv):
     del argv
+    import numpy as np
+
     from experiments import restore
 
     os.makedirs(FLAGS.out, exist_ok=True)
@@ -125,16 +139,23 @@ def main(argv):
     reference = restore.load_variables(restore.load_config(sft_dir), sft_dir)
     results = [{"run": "SFT start", **measure(sft_dir, reference)}]
     for run in FLAGS.runs.split(","):
-        workdir = os.path.join(FLAGS.out, run)
-        overrides = {"train.init_from": sft_dir, "train.steps": FLAGS.steps, "train.checkpoint_every": FLAGS.steps,
-                     "train.eval_every": FLAGS.steps, "optimizer.lr": FLAGS.lr}
-        if run == "outcome_nokl":
-            overrides["train.grpo.kl_beta"] = 0.0
-        train(run.removesuffix("_nokl"), workdir, overrides)
+        seeds = []
+        for seed in map(int, FLAGS.seeds.split(",") if run != "sft" else [0]):
+            workdir = os.path.join(FLAGS.out, run if seed == 0 else f"{run}_seed{seed}")
+            overrides = {"train.init_from": sft_dir, "train.steps": FLAGS.steps, "train.checkpoint_every": FLAGS.steps,
+                         "train.eval_every": FLAGS.steps, "optimizer.lr": FLAGS.lr}
+            if run != "sft":
+                overrides["train.grpo.seed"] = seed
+            if run == "outcome_nokl":
+                overrides["train.grpo.kl_beta"] = 0.0
+            train(run.removesuffix("_nokl"), workdir, overrides)
+            seeds.append({**measure(workdir, reference), "reward": reward_curve(workdir)})
         name = {"sft": "continued SFT", "outcome": "GRPO, outcome reward", "process": "GRPO, process reward",
                 "outcome_nokl": "GRPO, outcome reward, no KL"}.get(run, run)
-        results.append({"run": name, **measure(workdir, reference), "reward": reward_curve(workdir)})
-        print(json.dumps({k: v for k, v in results[-1].items() if k != "reward"}), flush=True)
+        results.append({"run": name, "seeds": seeds, **{k: float(np.mean([r[k] for r in seeds])) for k in METRICS},
+                        **{f"{k}_range": [min(r[k] for r in seeds), max(r[k] for r in seeds)] for k in METRICS},
+                        "reward": seeds[0]["reward"]})
+        print(json.dumps({k: v for k, v in results[-1].items() if k not in ("reward", "seeds")}), flush=True)
     with open(os.path.join(FLAGS.out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     write_table(results, os.path.join(FLAGS.out, "table.md"))
