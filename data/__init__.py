@@ -26,6 +26,7 @@ class AlgorithmicConfig:
     op: str = field("a+b", choices=tuple(algorithmic.OPERATIONS))
     train_fraction: float = field(0.3, above=0, below=1)
     terms: int = field(2, min=2)  # k > 2: chains x_1 o ... o x_k with their partial results as the response
+    op_token: bool = False  # `=` is the operation's own token (one vocabulary for every op: merging runs on two)
     batch_size: int = -1  # global batch; -1: the whole train split every step (full batch)
     eval_batch_size: int = -1  # -1: each evaluation set in one batch
     rejected: str = field("", choices=("", "random"))  # preference pairs: each example also carries a wrong answer,
@@ -131,10 +132,12 @@ class Splits:
 
 
 def _load_algorithmic(config, seed: int) -> Splits:
-    train, test = algorithmic.train_test_split(config.p, config.op, config.train_fraction, seed, config.terms)
+    train, test = algorithmic.train_test_split(config.p, config.op, config.train_fraction, seed, config.terms,
+                                               config.op_token)
     if config.rejected:
         train, test = (algorithmic.with_wrong_answers(examples, config.p, (seed, i)) for i, examples in enumerate((train, test)))
-    return Splits(train=train, evals={"eval": test}, vocab_size=config.p + 1, seq_len=2 * config.terms - 1)
+    return Splits(train=train, evals={"eval": test}, vocab_size=algorithmic.vocab_size(config.p, config.op_token),
+                  seq_len=2 * config.terms - 1)
 
 
 def _load_text(config, seed: int) -> Splits:

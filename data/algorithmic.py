@@ -33,14 +33,24 @@ def _is_prime(n: int) -> bool:
     return n >= 2 and all(n % d for d in range(2, int(n**0.5) + 1))
 
 
-def all_examples(p: int, op: str) -> dict[str, np.ndarray]:
+def equals_token(p: int, op: str, op_token: bool) -> int:
+    """The `=` token: p, or with `op_token` the operation's own, p + 1 + its index in OPERATIONS (so runs on
+    different operations share one vocabulary and their inputs say which operation: what merging them needs)."""
+    return p + 1 + list(OPERATIONS).index(op) if op_token else p
+
+
+def vocab_size(p: int, op_token: bool) -> int:
+    return p + 1 + (len(OPERATIONS) if op_token else 0)
+
+
+def all_examples(p: int, op: str, op_token: bool = False) -> dict[str, np.ndarray]:
     """Every example of `op` mod p as {"inputs", "targets", "loss_mask"}: [N, 3] arrays."""
     a, b = (x.ravel().astype(np.int64) for x in np.meshgrid(np.arange(p), np.arange(p), indexing="ij"))
     if op == "a/b":
         a, b = a[b != 0], b[b != 0]
     c = OPERATIONS[op](a, b, p) % p
     n = len(a)
-    inputs = np.stack([a, b, np.full(n, p)], axis=1).astype(np.int32)
+    inputs = np.stack([a, b, np.full(n, equals_token(p, op, op_token))], axis=1).astype(np.int32)
     targets = np.zeros((n, 3), np.int32)
     targets[:, 2] = c
     loss_mask = np.zeros((n, 3), np.float32)
@@ -48,7 +58,7 @@ def all_examples(p: int, op: str) -> dict[str, np.ndarray]:
     return {"inputs": inputs, "targets": targets, "loss_mask": loss_mask}
 
 
-def chain_examples(p: int, op: str, terms: int) -> dict[str, np.ndarray]:
+def chain_examples(p: int, op: str, terms: int, op_token: bool = False) -> dict[str, np.ndarray]:
     """Every chain x_1 o ... o x_k mod p (k = terms) as rows `x_1 ... x_k = s_1 ... s_{k-1}`: [N, 2k - 1] arrays."""
     operands = np.stack(np.meshgrid(*[np.arange(p)] * terms, indexing="ij"), axis=-1).reshape(-1, terms).astype(np.int64)
     if op == "a/b":
@@ -57,15 +67,16 @@ def chain_examples(p: int, op: str, terms: int) -> dict[str, np.ndarray]:
     for j in range(1, terms):
         partials.append(OPERATIONS[op](partials[-1], operands[:, j], p) % p)
     n = len(operands)
-    rows = np.concatenate([operands, np.full((n, 1), p), np.stack(partials[1:], axis=1)], axis=1).astype(np.int32)
+    rows = np.concatenate([operands, np.full((n, 1), equals_token(p, op, op_token)), np.stack(partials[1:], axis=1)],
+                          axis=1).astype(np.int32)
     loss_mask = np.zeros((n, 2 * terms - 1), np.float32)
     loss_mask[:, terms:] = 1.0  # the targets s_1 .. s_{k-1}, read at `=` and at each s_j but the last
     return {"inputs": rows[:, :-1], "targets": rows[:, 1:], "loss_mask": loss_mask}
 
 
-def train_test_split(p: int, op: str, train_fraction: float, seed: int, terms: int = 2):
+def train_test_split(p: int, op: str, train_fraction: float, seed: int, terms: int = 2, op_token: bool = False):
     """(train, test) example dicts: a seeded permutation, the first `train_fraction` of it for training."""
-    examples = all_examples(p, op) if terms == 2 else chain_examples(p, op, terms)
+    examples = all_examples(p, op, op_token) if terms == 2 else chain_examples(p, op, terms, op_token)
     n = len(examples["inputs"])
     order = np.random.default_rng(seed).permutation(n)
     n_train = int(train_fraction * n)

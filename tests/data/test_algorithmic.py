@@ -51,6 +51,14 @@ def test_chains_spell_out_their_partial_results(op, terms):
         assert list(mask) == [0] * terms + [1] * (terms - 1)  # the loss on every partial result
 
 
+def test_op_tokens_name_the_operation_in_one_shared_vocabulary():
+    plus, minus = (algorithmic.chain_examples(5, op, 3, op_token=True) for op in ("a+b", "a-b"))
+    np.testing.assert_array_equal(plus["inputs"][:, :3], minus["inputs"][:, :3])  # the same operands ...
+    assert set(plus["inputs"][:, 3]) == {6} and set(minus["inputs"][:, 3]) == {7}  # ... and each op's own `=`
+    np.testing.assert_array_equal(algorithmic.chain_examples(5, "a-b", 3)["targets"][:, 3:], minus["targets"][:, 3:])
+    assert algorithmic.vocab_size(5, True) == 6 + len(algorithmic.OPERATIONS)
+
+
 def test_split_is_seeded_disjoint_and_complete():
     train, test = algorithmic.train_test_split(13, "a+b", 0.3, seed=5)
     assert len(train["inputs"]) == int(0.3 * 169)

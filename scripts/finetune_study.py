@@ -1,0 +1,181 @@
+"""Fine-tuning studies from one base: LoRA against full fine-tuning, and merging two fine-tunes.
+
+    PYTHONPATH=. python scripts/finetune_study.py --out=runs/finetune_study
+
+The base learns chained addition x_1 + x_2 + x_3 mod 23 with its partial results (experiments/configs/grpo.py's
+task and model, `data.op_token`: each operation has its own `=` token, so one vocabulary serves every task and
+the input says which operation). From it:
+- LoRA: fine-tunes on subtraction chains (a-b), full and LoRA at ranks 1, 4, 16 on every kernel of the blocks,
+  each at two learning rates, equal steps: trainable parameters, optimizer-state bytes, held-out loss and chain
+  accuracy.
+- Merging: the full fine-tunes on subtraction (a-b) and multiplication (a*b) chains merged onto the base by each
+  method of experiments/merge.py; every model's held-out chain accuracy on all three operations.
+Held-out chains are decoded greedily (scripts/grpo_study.py's measure). Writes results.json, lora.md, merge.md.
+"""
+
+import json
+import os
+
+from absl import app, flags
+
+flags.DEFINE_string("out", "runs/finetune_study", "the study's folder")
+flags.DEFINE_integer("base_steps", 400, "steps of the base on addition")
+flags.DEFINE_integer("steps", 300, "steps of every fine-tune")
+FLAGS = flags.FLAGS
+
+OPS = ("a+b", "a-b", "a*b")
+LORA_TARGETS = "*attention/query,*attention/key,*attention/value,*attention/out,*mlp/wi/kernel,*mlp/wo/kernel"
+MERGES = {"task arithmetic, lambda 0.5": ("task_arithmetic", dict(scale=0.5)),
+          "task arithmetic, lambda 1": ("task_arithmetic", dict(scale=1.0)),
+          "TIES, density 0.2": ("ties", dict(scale=1.0, density=0.2)),
+          "DARE, density 0.3, lambda 0.5": ("dare", dict(scale=0.5, density=0.3)),
+          "SLERP, t 0.5": ("slerp", dict(t=0.5))}
+
+
+def config_for(op: str, overrides: dict):
+    from experiments.configs import grpo
+
+    config = grpo.get_config("sft")
+    config.data.update(op=op, op_token=True)
+    config.train.update(eval_every=0, log_every=50)
+    for key, value in overrides.items():
+        *sections, name = key.split(".")
+        target = config
+        for section in sections:
+            target = target[section]
+        target[name] = value
+    return config
+
+
+def train(op: str, workdir: str, overrides: dict):
+    from experiments import trainer
+
+    finished = os.path.join(workdir, "finished")
+    if not os.path.exists(finished):
+        trainer.train_and_evaluate(config_for(op, overrides), workdir, verbose=False)
+        open(finished, "w").close()
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def chain_accuracy(workdir: str, op: str) -> float:
+    """Greedy held-out chain accuracy of the run in `workdir` on `op`'s test chains."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import data
+    from experiments import grpo, restore
+    from models import sampling
+
+    config = restore.load_config(workdir)
+    model, variables = restore.load_variables(config, workdir)
+    data_config = config.data
+    data_config.op = op
+    test = data.load(data_config, config.seed).evals["eval"]
+    prompt_len = grpo.prompt_length(test)
+    steps = test["inputs"].shape[1] - prompt_len + 1
+    prompts = jnp.asarray(test["inputs"][:4096, :prompt_len])
+    chain = sampling.generate(model, variables, prompts, model.init_cache(len(prompts), prompt_len + steps),
+                              jax.random.key(0), num_tokens=steps, temperature=0.0)
+    return float(np.mean(np.all(np.asarray(chain) == test["targets"][:4096, prompt_len - 1:], axis=1)))
+
+
+def state_sizes(op: str, overrides: dict) -> dict:
+    """Trainable parameters and optimizer-state bytes of a run's train state (abstract: nothing is computed)."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import data
+    import models
+    from experiments import lora, trainer
+
+    config = config_for(op, overrides)
+    splits = data.load(config.data, config.seed)
+    config = trainer.resolve(config, splits)
+    model = models.build(config.model)
+    example = jax.ShapeDtypeStruct((1, splits.seq_len), jnp.int32)
+    tx = trainer.make_optimizer(config, model, example)
+    state = jax.eval_shape(lambda r: trainer.init_state(model, tx, example, r, lora_config=lora.LoRAConfig(
+        **config.train.lora.to_dict())), jax.random.key(0))
+    state = nn.meta.unbox(state)
+    moments = [x for x in jax.tree.leaves(state.opt_state) if x.ndim > 0]
+    return {"trainable": sum(int(np.prod(x.shape)) for x in moments) // 2,
+            "optimizer_bytes": sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in moments),
+            "parameters": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))}
+
+
+def lora_part(base: str) -> list[dict]:
+    runs = [("full", 0, 3e-4), ("full", 0, 1e-3), *[("lora", r, lr) for r in (1, 4, 16) for lr in (1e-3, 3e-3)]]
+    results = []
+    for kind, rank, lr in runs:
+        name = f"{kind}_r{rank}_lr{lr:g}" if rank else f"{kind}_lr{lr:g}"
+        overrides = {"train.init_from": base, "train.steps": FLAGS.steps, "train.checkpoint_every": FLAGS.steps,
+                     "optimizer.lr": lr}
+        if rank:
+            overrides.update({"train.lora.rank": rank, "train.lora.alpha": 2.0 * rank, "train.lora.targets": LORA_TARGETS})
+        rows = train("a-b", os.path.join(FLAGS.out, name), overrides)
+        final = [r for r in rows if r["split"] == "eval"][-1]
+        results.append({"run": name, "kind": kind, "rank": rank, "lr": lr, **state_sizes("a-b", overrides),
+                        "test_loss": final["loss"], "chain_acc": chain_accuracy(os.path.join(FLAGS.out, name), "a-b"),
+                        "train_loss": [r for r in rows if r["split"] == "train"][-1]["loss"]})
+        print(json.dumps(results[-1]), flush=True)
+    return results
+
+
+def merge_part(base: str) -> list[dict]:
+    from experiments import merge
+
+    tuned = {}
+    for op in ("a-b", "a*b"):
+        workdir = os.path.join(FLAGS.out, f"merge_ft_{op.replace('*', 'x')}")
+        train(op, workdir, {"train.init_from": base, "train.steps": FLAGS.steps, "train.checkpoint_every": FLAGS.steps,
+                            "optimizer.lr": 3e-4})
+        tuned[op] = workdir
+    models_ = {"base (a+b)": base, "fine-tune a-b": tuned["a-b"], "fine-tune a*b": tuned["a*b"]}
+    for name, (method, options) in MERGES.items():
+        workdir = os.path.join(FLAGS.out, "merged_" + name.replace(" ", "_").replace(",", ""))
+        if not os.path.exists(os.path.join(workdir, "config.json")):
+            merge.merge_runs(base, [tuned["a-b"], tuned["a*b"]], workdir, method, **options)
+        models_[name] = workdir
+    results = []
+    for name, workdir in models_.items():
+        results.append({"model": name, **{op: chain_accuracy(workdir, op) for op in OPS}})
+        print(json.dumps(results[-1]), flush=True)
+    return results
+
+
+def write_tables(lora_results, merge_results):
+    lines = ["| run | rank | lr | trainable parameters | optimizer state (bytes) | held-out loss | held-out chain accuracy |",
+             "|---|---|---|---|---|---|---|"]
+    for r in lora_results:
+        lines.append(f"| {r['kind']} | {r['rank'] or '-'} | {r['lr']:g} | {r['trainable']:,} of {r['parameters']:,} | "
+                     f"{r['optimizer_bytes']:,} | {r['test_loss']:.3f} | {r['chain_acc']:.3f} |")
+    with open(os.path.join(FLAGS.out, "lora.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    lines = ["| model | a+b | a-b | a*b |", "|---|---|---|---|"]
+    for r in merge_results:
+        lines.append(f"| {r['model']} | {r['a+b']:.3f} | {r['a-b']:.3f} | {r['a*b']:.3f} |")
+    with open(os.path.join(FLAGS.out, "merge.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main(argv):
+    del argv
+    os.makedirs(FLAGS.out, exist_ok=True)
+    base = os.path.join(FLAGS.out, "base")
+    train("a+b", base, {"train.steps": FLAGS.base_steps, "train.checkpoint_every": FLAGS.base_steps,
+                        "optimizer.lr": 1e-3})
+    merge_results = merge_part(base)
+    lora_results = lora_part(base)
+    with open(os.path.join(FLAGS.out, "results.json"), "w") as f:
+        json.dump({"lora": lora_results, "merge": merge_results}, f, indent=1)
+    write_tables(lora_results, merge_results)
+
+
+if __name__ == "__main__":
+    app.run(main)
