@@ -28,8 +28,8 @@ setuptools.setup(
     extras_require={
         "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "ruff>=0.14,<1", "hypothesis>=6.100,<7"],
         "seqio": ["seqio>=0.0.19,<0.1"],  # pulls in TensorFlow
-        # Checkpoint import and parity tests against transformers (experiments/import_hf.py); torch 2.13.0 is
-        # the CPU build the CI machines hold on disk.
-        "hf": ["torch>=2.9,<=2.13.0", "transformers>=5.20,<6", "safetensors>=0.4,<1"],
+        # Checkpoint import and parity tests against transformers (experiments/import_hf.py), and the checkpoints'
+        # tokenizer.json (data/text.py, data.tokenizer="hf"); torch 2.13.0 is the CPU build the CI machines hold.
+        "hf": ["torch>=2.9,<=2.13.0", "transformers>=5.20,<6", "safetensors>=0.4,<1", "tokenizers>=0.22,<1"],
     },
 )

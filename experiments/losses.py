@@ -24,6 +24,7 @@ are r = log pi(y) - log pi_ref(y) and h = r_w - r_l:
             z = max(0, mean over the batch of (r_w + r_l) / 2), no gradient: the reference point
     simpo   -log sig(beta (log pi(y_w) / |y_w| - log pi(y_l) / |y_l|) - gamma)     (Meng et al. 2024; no reference)
     orpo    -beta log sig(log odds(y_w) - log odds(y_l)),  log odds(y) = p - log(1 - e^p),  p = log pi(y) / |y|
+            (p clamped to <= -1e-6: a response learned to P = 1 has infinite odds)
             (Hong et al. 2024, the odds-ratio term; the trainer adds the SFT term on y_w, train.preference.sft_weight)
 
 KTO's paper estimates z from mismatched prompt / response pairs of the micro-batch; here the batch's own pairs
@@ -129,7 +130,10 @@ def preference_loss(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rej
         score = beta * (chosen_mean - rejected_mean)
         losses = -jax.nn.log_sigmoid(score - gamma)
     else:
-        log_odds = lambda p: p - jnp.log(-jnp.expm1(p))  # noqa: E731  log(P / (1 - P)), P = e^p < 1
+        def log_odds(p):  # log(P / (1 - P)), P = e^p, clamped below 1 - 1e-6: at P = 1 (float32 rounds a learned
+            p = jnp.minimum(p, -1e-6)  # answer's log P to 0) the odds are infinite and the gradient NaN
+            return p - jnp.log(-jnp.expm1(p))
+
         score = log_odds(chosen_mean) - log_odds(rejected_mean)
         losses = -beta * jax.nn.log_sigmoid(score)
     metrics.update(reward_margin=jnp.mean(score), accuracy=jnp.mean((score > 0).astype(jnp.float32)))

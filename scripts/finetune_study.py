@@ -8,8 +8,10 @@ the input says which operation). From it:
 - LoRA: fine-tunes on subtraction chains (a-b), full and LoRA at ranks 1, 4, 16 on every kernel of the blocks,
   each at two learning rates, equal steps: trainable parameters, optimizer-state bytes, held-out loss and chain
   accuracy.
-- Merging: the full fine-tunes on subtraction (a-b) and multiplication (a*b) chains merged onto the base by each
-  method of experiments/merge.py; every model's held-out chain accuracy on all three operations.
+- Merging: full fine-tunes on subtraction (a-b) and multiplication (a*b) chains merged onto the base by each
+  method of experiments/merge.py; every model's held-out chain accuracy on all three operations. Two fine-tuning
+  recipes: the base's (lr 3e-4, weight decay 1) and a gentle one (lr 1e-4, no weight decay), which stays nearer
+  the base.
 Held-out chains are decoded greedily (scripts/grpo_study.py's measure). Writes results.json, lora.md, merge.md.
 """
 
@@ -125,24 +127,31 @@ def lora_part(base: str) -> list[dict]:
     return results
 
 
+RECIPES = {"lr 3e-4, weight decay 1": ("merge_ft", {"optimizer.lr": 3e-4}),  # the base's recipe
+           "lr 1e-4, no weight decay": ("merge_gentle_ft", {"optimizer.lr": 1e-4, "optimizer.adamw.weight_decay": 0.0})}
+
+
 def merge_part(base: str) -> list[dict]:
+    """Both fine-tunes by each recipe of RECIPES, their merges, and every model on the three operations."""
     from experiments import merge
 
-    tuned = {}
-    for op in ("a-b", "a*b"):
-        workdir = os.path.join(FLAGS.out, f"merge_ft_{op.replace('*', 'x')}")
-        train(op, workdir, {"train.init_from": base, "train.steps": FLAGS.steps, "train.checkpoint_every": FLAGS.steps,
-                            "optimizer.lr": 3e-4})
-        tuned[op] = workdir
-    models_ = {"base (a+b)": base, "fine-tune a-b": tuned["a-b"], "fine-tune a*b": tuned["a*b"]}
-    for name, (method, options) in MERGES.items():
-        workdir = os.path.join(FLAGS.out, "merged_" + name.replace(" ", "_").replace(",", ""))
-        if not os.path.exists(os.path.join(workdir, "config.json")):
-            merge.merge_runs(base, [tuned["a-b"], tuned["a*b"]], workdir, method, **options)
-        models_[name] = workdir
+    models_ = {("-", "base (a+b)"): base}
+    for recipe, (prefix, recipe_overrides) in RECIPES.items():
+        tuned = {}
+        for op in ("a-b", "a*b"):
+            workdir = os.path.join(FLAGS.out, f"{prefix}_{op.replace('*', 'x')}")
+            train(op, workdir, {"train.init_from": base, "train.steps": FLAGS.steps,
+                                "train.checkpoint_every": FLAGS.steps, **recipe_overrides})
+            tuned[op] = workdir
+        models_[(recipe, "fine-tune a-b")], models_[(recipe, "fine-tune a*b")] = tuned["a-b"], tuned["a*b"]
+        for name, (method, options) in MERGES.items():
+            workdir = os.path.join(FLAGS.out, f"merged_{prefix}_" + name.replace(" ", "_").replace(",", ""))
+            if not os.path.exists(os.path.join(workdir, "config.json")):
+                merge.merge_runs(base, [tuned["a-b"], tuned["a*b"]], workdir, method, **options)
+            models_[(recipe, name)] = workdir
     results = []
-    for name, workdir in models_.items():
-        results.append({"model": name, **{op: chain_accuracy(workdir, op) for op in OPS}})
+    for (recipe, name), workdir in models_.items():
+        results.append({"recipe": recipe, "model": name, **{op: chain_accuracy(workdir, op) for op in OPS}})
         print(json.dumps(results[-1]), flush=True)
     return results
 
@@ -156,9 +165,9 @@ def write_tables(lora_results, merge_results):
     with open(os.path.join(FLAGS.out, "lora.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
-    lines = ["| model | a+b | a-b | a*b |", "|---|---|---|---|"]
+    lines = ["| fine-tunes | model | a+b | a-b | a*b |", "|---|---|---|---|---|"]
     for r in merge_results:
-        lines.append(f"| {r['model']} | {r['a+b']:.3f} | {r['a-b']:.3f} | {r['a*b']:.3f} |")
+        lines.append(f"| {r['recipe']} | {r['model']} | {r['a+b']:.3f} | {r['a-b']:.3f} | {r['a*b']:.3f} |")
     with open(os.path.join(FLAGS.out, "merge.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
