@@ -7,7 +7,7 @@ task and model, `data.op_token`: each operation has its own `=` token, so one vo
 the input says which operation). From it:
 - LoRA: fine-tunes on subtraction chains (a-b), full and LoRA at ranks 1, 4, 16 on every kernel of the blocks,
   each at two learning rates, equal steps: trainable parameters, optimizer-state bytes, held-out loss and chain
-  accuracy.
+  accuracy, and the chain accuracy left on the base's task (forgetting).
 - Merging: full fine-tunes on subtraction (a-b) and multiplication (a*b) chains merged onto the base by each
   method of experiments/merge.py; every model's held-out chain accuracy on all three operations. Two fine-tuning
   recipes: the base's (lr 3e-4, weight decay 1) and a gentle one (lr 1e-4, no weight decay), which stays nearer
@@ -122,6 +122,7 @@ def lora_part(base: str) -> list[dict]:
         final = [r for r in rows if r["split"] == "eval"][-1]
         results.append({"run": name, "kind": kind, "rank": rank, "lr": lr, **state_sizes("a-b", overrides),
                         "test_loss": final["loss"], "chain_acc": chain_accuracy(os.path.join(FLAGS.out, name), "a-b"),
+                        "base_task_acc": chain_accuracy(os.path.join(FLAGS.out, name), "a+b"),
                         "train_loss": [r for r in rows if r["split"] == "train"][-1]["loss"]})
         print(json.dumps(results[-1]), flush=True)
     return results
@@ -157,11 +158,11 @@ def merge_part(base: str) -> list[dict]:
 
 
 def write_tables(lora_results, merge_results):
-    lines = ["| run | rank | lr | trainable parameters | optimizer state (bytes) | held-out loss | held-out chain accuracy |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| run | rank | lr | trainable parameters | optimizer state (bytes) | held-out loss | held-out chain accuracy "
+             "| a+b (the base's task) after |", "|---|---|---|---|---|---|---|---|"]
     for r in lora_results:
         lines.append(f"| {r['kind']} | {r['rank'] or '-'} | {r['lr']:g} | {r['trainable']:,} of {r['parameters']:,} | "
-                     f"{r['optimizer_bytes']:,} | {r['test_loss']:.3f} | {r['chain_acc']:.3f} |")
+                     f"{r['optimizer_bytes']:,} | {r['test_loss']:.3f} | {r['chain_acc']:.3f} | {r['base_task_acc']:.3f} |")
     with open(os.path.join(FLAGS.out, "lora.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
