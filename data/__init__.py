@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from data import activations, algorithmic, prontoqa, prosqa, prosqa_dag, reasoning, recall, text
+from data import activations, algorithmic, pairs, prontoqa, prosqa, prosqa_dag, reasoning, recall, text
 from data.config_fields import field
 
 
@@ -48,6 +48,24 @@ class TextConfig:
     train_fraction: float = field(0.9, above=0, below=1)  # the first 90% of the characters train, the rest validate
     batch_size: int = 12
     eval_batch_size: int = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class PairsConfig:
+    """Every `config.data` key of prompt / response lines (`data/pairs.py`): SFT, and preference pairs."""
+
+    name: str = "pairs"
+    path: str = ""  # a JSON-lines file: {"prompt", "response"[, "rejected"]} per line
+    eval_path: str = ""  # the eval split's file; "": the last eval_fraction of path's lines
+    eval_fraction: float = field(0.1, above=0, below=1)
+    tokenizer: str = field("byte", choices=("byte", "sentencepiece", "hf"))
+    spm_model: str = ""  # the SentencePiece model file, for tokenizer="sentencepiece"
+    tokenizer_file: str = ""  # a Hugging Face tokenizer.json (or its folder), for tokenizer="hf"
+    seq_len: int = field(0, min=0)  # 0: the longest row
+    pad_id: int = field(0, min=0)  # the token padding fills (never scored)
+    left_pad_prompts: bool = False  # every response at one position (GRPO); else right padding only
+    batch_size: int = 16
+    eval_batch_size: int = -1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,6 +173,13 @@ def _load_text(config, seed: int) -> Splits:
                   vocab_size=vocab_size, seq_len=config.seq_len, chars_per_token=len(eval_text) / len(eval_ids))
 
 
+def _load_pairs(config, seed: int) -> Splits:
+    del seed  # the split is by position, the order of batches by the pipeline's seed
+    tokenizer = text.tokenizer_for(config)
+    train, evals, seq_len = pairs.load(config, tokenizer)
+    return Splits(train=train, evals={"eval": evals}, vocab_size=tokenizer.vocab_size, seq_len=seq_len)
+
+
 def _load_recall(config, seed: int) -> Splits:
     make = lambda n, s: recall.examples(n, config.seq_len, config.num_pairs, config.vocab_size, s)  # noqa: E731
     return Splits(train=make(config.train_examples, seed), evals={"eval": make(config.test_examples, seed + 10_000)},
@@ -221,6 +246,7 @@ def _load_reasoning(config, seed: int) -> Splits:
 DATASETS = {
     "algorithmic": (_load_algorithmic, AlgorithmicConfig, algorithmic.validate),
     "text": (_load_text, TextConfig, text.validate),
+    "pairs": (_load_pairs, PairsConfig, pairs.validate),
     "recall": (_load_recall, RecallConfig, recall.validate),
     "prosqa": (_load_reasoning, ReasoningConfig, prosqa.validate),
     "prontoqa": (_load_reasoning, ProntoQAConfig, prontoqa.validate),
@@ -247,6 +273,8 @@ def identity(data_config, splits: Splits) -> dict:
             digest.update(f"{name}/{key}{array.dtype}{array.shape}".encode())
             digest.update(array.tobytes())
     found = {"tokens_sha256": digest.hexdigest()}
+    if data_config.name == "pairs" and data_config.tokenizer != "byte":
+        found["tokenizer_sha256"] = _sha256_of_file(text.tokenizer_file(data_config))
     if data_config.name == "text":
         path = text.resolve_path(data_config.path)
         found.update(file=path, file_bytes=os.path.getsize(path), file_sha256=_sha256_of_file(path))

@@ -12,7 +12,7 @@ the input says which operation). From it:
   method of experiments/merge.py; every model's held-out chain accuracy on all three operations. Two fine-tuning
   recipes: the base's (lr 3e-4, weight decay 1) and a gentle one (lr 1e-4, no weight decay), which stays nearer
   the base.
-Held-out chains are decoded greedily (scripts/grpo_study.py's measure). Writes results.json, lora.md, merge.md.
+Held-out chains are decoded greedily (scripts/grpo_study.py's measure). Writes results.json, lora.md, merge.md and finetune_study.png.
 """
 
 import json
@@ -23,6 +23,7 @@ from absl import app, flags
 flags.DEFINE_string("out", "runs/finetune_study", "the study's folder")
 flags.DEFINE_integer("base_steps", 400, "steps of the base on addition")
 flags.DEFINE_integer("steps", 300, "steps of every fine-tune")
+flags.DEFINE_bool("replot", False, "only rewrite the tables and plots from --out's results.json")
 FLAGS = flags.FLAGS
 
 OPS = ("a+b", "a-b", "a*b")
@@ -174,9 +175,42 @@ def write_tables(lora_results, merge_results):
     print("\n".join(lines))
 
 
+def plot(lora_results, merge_results):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
+    for lr, marker in ((1e-3, "o"), (3e-3, "s"), (3e-4, "^")):
+        for kind, color in (("lora", "C0"), ("full", "C3")):
+            points = sorted((r["trainable"], r["test_loss"]) for r in lora_results if r["kind"] == kind and r["lr"] == lr)
+            if points:
+                left.plot(*zip(*points), marker=marker, color=color, linestyle="-" if kind == "lora" else "none",
+                          label=f"{'LoRA r = 1, 4, 16' if kind == 'lora' else 'full'}, lr {lr:g}")
+    left.set(xscale="log", yscale="log", xlabel="trainable parameters (= Adam state / 8 bytes)",
+             ylabel="held-out loss after 300 steps", title="fine-tuning a+b -> a-b chains: LoRA vs full")
+    left.legend(fontsize=8)
+    labels = [f"{r['model']}" + ("" if r["recipe"] == "-" else f"\n({r['recipe'].split(',')[0]})") for r in merge_results]
+    x = np.arange(len(merge_results))
+    for i, op in enumerate(OPS):
+        right.bar(x + (i - 1) * 0.27, [r[op] for r in merge_results], width=0.27, label=op)
+    right.set_xticks(x, labels, rotation=75, fontsize=6)
+    right.set(ylabel="held-out chain accuracy", title="merging the a-b and a*b fine-tunes")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(FLAGS.out, "finetune_study.png"), dpi=120)
+
+
 def main(argv):
     del argv
     os.makedirs(FLAGS.out, exist_ok=True)
+    if FLAGS.replot:
+        with open(os.path.join(FLAGS.out, "results.json")) as f:
+            results = json.load(f)
+        write_tables(results["lora"], results["merge"])
+        return plot(results["lora"], results["merge"])
     base = os.path.join(FLAGS.out, "base")
     train("a+b", base, {"train.steps": FLAGS.base_steps, "train.checkpoint_every": FLAGS.base_steps,
                         "optimizer.lr": 1e-3})
@@ -185,6 +219,7 @@ def main(argv):
     with open(os.path.join(FLAGS.out, "results.json"), "w") as f:
         json.dump({"lora": lora_results, "merge": merge_results}, f, indent=1)
     write_tables(lora_results, merge_results)
+    plot(lora_results, merge_results)
 
 
 if __name__ == "__main__":
