@@ -70,6 +70,7 @@ def test_chain_of_thought_has_no_curriculum_and_no_thoughts(tmp_path):
     assert result["thoughts"] == 0.0
 
 
+@pytest.mark.slow
 def test_evaluate_scores_hand_made_generations_batch_by_batch(tmp_path, monkeypatch):
     """reasoning_eval.evaluate with the model's generations replaced by known ones: every third problem
     answered right, the others with the wrong option; batches of 4 over the test split, in order."""

@@ -148,6 +148,7 @@ def test_nan_rollback_restores_the_last_checkpoint_and_skips_the_batches_that_di
     np.testing.assert_allclose(_by_step(tmp_path)[5]["loss"], float(expected), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_nan_rollbacks_give_up_after_k_with_the_clear_error(tmp_path, capsys):
     config = make_tiny_config(steps=20)
     config.train.update(checkpoint_every=2, nan_rollbacks=2)

@@ -144,6 +144,7 @@ def test_scoring_compares_completions_with_the_reference_chain(rows, reward):
     np.testing.assert_allclose(scored["advantages"] * mask, expected * mask, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_rollout_keeps_the_prompts_and_logs_the_samplers_log_probs(rows):
     batch, prompt_len = rows
     config = trainer.resolve(tiny(), data.load(tiny().data, seed=0))

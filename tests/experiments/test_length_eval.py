@@ -25,6 +25,7 @@ def rope_run(tmp_path_factory):
     return str(workdir)
 
 
+@pytest.mark.slow
 def test_one_x_is_the_trainers_evaluation_and_longer_lengths_run(rope_run):
     report = length_eval.length_report(rope_run, [1, 3], max_windows=10_000)
     trained = metrics_writer.read(rope_run, "eval")[-1]

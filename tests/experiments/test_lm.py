@@ -129,6 +129,7 @@ def test_sample_cli_speculates_with_a_draft_run_and_refuses_what_it_cannot_do(on
         assert refused.returncode == 2 and message in refused.stderr.strip().splitlines()[-1], refused.stderr
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_tracks_float32(one_device_run, tmp_path):
     config = make_tiny_lm_config()
     config.model.dtype = "bfloat16"

@@ -91,6 +91,7 @@ def runs(finished_tiny_run, tmp_path_factory):
     return str(finished_tiny_run), folders
 
 
+@pytest.mark.slow
 def test_the_cli_writes_a_run_folder_of_the_merged_weights(runs, tmp_path):
     base, (a, b) = runs
     subprocess.run([sys.executable, "-m", "experiments.merge", f"--base={base}", f"--runs={a},{b}", "--method=ties",

@@ -272,6 +272,7 @@ def test_muon_orthogonalises_each_stacked_matrix_and_adamw_steps_the_rest():
     np.testing.assert_allclose(updates["embedding"], -0.01 * np.sign(grads["embedding"]), rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_ema_of_the_weights_follows_its_recursion_and_is_evaluated_beside_them():
     import flax.linen as nn
     import jax

@@ -5,6 +5,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import optax
 
 from experiments import optimizers, shampoo
@@ -106,6 +107,7 @@ def test_blocks_round_trip_stacked_copies_stay_apart_and_roots_invert():
     np.testing.assert_allclose(np.linalg.matrix_power(root, 4) @ s, np.eye(5), atol=2e-3)
 
 
+@pytest.mark.slow
 def test_stacked_layers_get_their_own_preconditioners():
     """Layer 1 of a stacked [2, 4, 3] parameter steps exactly as the same matrix alone (batch_dims from `layers`)."""
     rng = np.random.default_rng(2)

@@ -58,6 +58,7 @@ def _model_and_params(cfg, tokens):
     return model, nn.meta.unbox(model.init(jax.random.key(1), tokens)["params"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("positional", ["rope", slow("alibi")])
 def test_a_sliding_window_layer_sees_exactly_its_window(positional):
     """One layer with relative positions: the logits at position i are those of the unwindowed model run on the
@@ -96,7 +97,7 @@ def test_the_sliding_window_cache_does_not_grow_with_the_length():
     assert jax.tree.leaves(transformer.Transformer(short).init_cache(1, 32))[0].shape[2] == 32
 
 
-@pytest.mark.parametrize("positional", ["alibi", slow("rope")])
+@pytest.mark.parametrize("positional", [slow("alibi"), slow("rope")])  # in-model flash: test_lm's pallas mesh
 def test_the_flash_kernels_give_the_xla_sliding_window_inside_the_model(positional):
     """Values and parameter gradients; with ALiBi computed inside the kernels from its slopes."""
     cfg = _cfg(**PATTERNS["sliding"], positional=positional)

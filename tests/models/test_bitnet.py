@@ -5,6 +5,7 @@ embeddings and the head stay in float."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from models import bitnet, transformer
 
@@ -29,6 +30,7 @@ def test_bitlinear_forward_and_straight_through_gradients_against_numpy():
     assert len(np.unique(np.asarray(bitnet.ternary(w32)))) == 3
 
 
+@pytest.mark.slow
 def test_every_block_matrix_is_ternary_at_its_mean_absolute_value(monkeypatch):
     seen = []
     original = bitnet.ternary

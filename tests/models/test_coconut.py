@@ -86,6 +86,7 @@ def test_cached_loop_equals_naive_loop_values_and_gradients(thoughts):
     chex.assert_trees_all_close(grads, naive_grads, atol=2e-5, rtol=2e-4)
 
 
+@pytest.mark.slow
 def test_latent_thoughts_change_the_answer_and_receive_gradients():
     """The thoughts change the logits after them, and the loss after the thoughts reaches every thought."""
     model, tokens, variables = make_model(), make_tokens(), init_variables()

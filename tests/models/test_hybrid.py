@@ -26,7 +26,7 @@ def make(pattern, num_layers, **overrides):
 
 
 @pytest.mark.parametrize("pattern,num_layers,impl", [
-    ("CSA", 3, "chunked"), ("S", 2, "associative_scan"),
+    slow("CSA", 3, "chunked"), ("S", 2, "associative_scan"),
     *[slow(p, n, impl) for p, n, impl in [
         ("SSSA", 4, "chunked"), ("S", 2, "chunked"), ("SA", 2, "chunked"), ("SA", 2, "associative_scan"),
         ("SSSA", 4, "associative_scan"), ("AS", 2, "chunked"), ("AS", 2, "associative_scan"), ("CA", 4, "chunked")]]])

@@ -112,6 +112,7 @@ def test_the_pallas_flash_kernels_give_the_xla_logits():
                                rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_parameters_split_heads_over_tensor():
     _, model, _, tokens = _lm(q_lora_rank=9)
     boxed = model.init(jax.random.key(1), tokens)["params"]["layers"]["attention"]

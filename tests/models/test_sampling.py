@@ -66,6 +66,7 @@ def test_greedy_generation_equals_rerunning_the_full_forward_pass(positional):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(sequence[:, 5:]))
 
 
+@pytest.mark.slow
 def test_sampling_is_seeded_and_top_k_1_is_greedy():
     cfg, model, params = _model("rope")
     prompt = jnp.asarray([[1, 2, 3]], jnp.int32)

@@ -5,6 +5,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from models import coconut, short_conv, transformer
 
@@ -35,6 +36,7 @@ def _random_conv_params(params, seed=1):
         params)
 
 
+@pytest.mark.slow
 def test_transformer_with_a_short_conv_decodes_like_its_full_pass():
     cfg = transformer.TransformerConfig(vocab_size=11, max_len=9, d_model=12, num_layers=2, num_heads=3, d_mlp=16,
                                         short_conv=4)
@@ -57,6 +59,7 @@ def test_transformer_with_a_short_conv_decodes_like_its_full_pass():
                                rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_coconut_thought_loop_with_a_short_conv_equals_the_naive_loop():
     """Coconut's segmented pass (prefix, thoughts one by one, rest) against a full causal pass of the same inputs."""
     cfg = coconut.CoconutConfig(vocab_size=10, max_len=8, d_model=12, num_layers=2, num_heads=3, d_mlp=16,

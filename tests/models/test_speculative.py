@@ -90,6 +90,7 @@ def test_sampled_speculative_decoding_accepts_every_draft_of_the_target_itself()
     assert stats.acceptance == 1.0 and tokens.shape == (1, 12) and int(tokens.max()) < 13
 
 
+@pytest.mark.slow
 def test_mtp_depth_logits_score_the_tokens_k_ahead():
     """Depth k's logits [B, L - k, V] are scored against targets[:, k:]; counts over the shifted mask."""
     model, variables = _lm(1, mtp_depth=2)
