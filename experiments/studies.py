@@ -20,6 +20,17 @@ def run_or_reuse(config, workdir: str, **train_kwargs) -> tuple[list[dict], list
     return metrics_writer.read(workdir, "train"), metrics_writer.read(workdir, "eval")
 
 
+def with_overrides(config, overrides: dict):
+    """`config` with each "section.key" (or top-level "key") of `overrides` set to its value; returns it."""
+    for key, value in overrides.items():
+        *sections, name = key.split(".")
+        target = config
+        for section in sections:
+            target = target[section]
+        target[name] = value
+    return config
+
+
 def write_table(workdir: str, lines: list[str]) -> str:
     """Prints a markdown table and writes it to WORKDIR/table.md; returns it."""
     table = "\n".join(lines)

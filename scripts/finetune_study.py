@@ -36,29 +36,20 @@ MERGES = {"task arithmetic, lambda 0.5": ("task_arithmetic", dict(scale=0.5)),
 
 
 def config_for(op: str, overrides: dict):
+    from experiments import studies
     from experiments.configs import grpo
 
     config = grpo.get_config("sft")
     config.data.update(op=op, op_token=True)
     config.train.update(eval_every=0, log_every=50)
-    for key, value in overrides.items():
-        *sections, name = key.split(".")
-        target = config
-        for section in sections:
-            target = target[section]
-        target[name] = value
-    return config
+    return studies.with_overrides(config, overrides)
 
 
-def train(op: str, workdir: str, overrides: dict):
-    from experiments import trainer
+def train(op: str, workdir: str, overrides: dict) -> tuple[list[dict], list[dict]]:
+    """(train events, eval events) of the run, trained unless it finished."""
+    from experiments import studies
 
-    finished = os.path.join(workdir, "finished")
-    if not os.path.exists(finished):
-        trainer.train_and_evaluate(config_for(op, overrides), workdir, verbose=False)
-        open(finished, "w").close()
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+    return studies.run_or_reuse(config_for(op, overrides), workdir)
 
 
 def chain_accuracy(workdir: str, op: str) -> float:
@@ -119,12 +110,12 @@ def lora_part(base: str) -> list[dict]:
                      "optimizer.lr": lr}
         if rank:
             overrides.update({"train.lora.rank": rank, "train.lora.alpha": 2.0 * rank, "train.lora.targets": LORA_TARGETS})
-        rows = train("a-b", os.path.join(FLAGS.out, name), overrides)
-        final = [r for r in rows if r["split"] == "eval"][-1]
+        train_events, eval_events = train("a-b", os.path.join(FLAGS.out, name), overrides)
+        final = eval_events[-1]
         results.append({"run": name, "kind": kind, "rank": rank, "lr": lr, **state_sizes("a-b", overrides),
                         "test_loss": final["loss"], "chain_acc": chain_accuracy(os.path.join(FLAGS.out, name), "a-b"),
                         "base_task_acc": chain_accuracy(os.path.join(FLAGS.out, name), "a+b"),
-                        "train_loss": [r for r in rows if r["split"] == "train"][-1]["loss"]})
+                        "train_loss": train_events[-1]["loss"]})
         print(json.dumps(results[-1]), flush=True)
     return results
 

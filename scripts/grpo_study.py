@@ -29,20 +29,11 @@ FLAGS = flags.FLAGS
 
 
 def train(variant: str, workdir: str, overrides: dict):
-    from experiments import trainer
+    from experiments import studies
     from experiments.configs import grpo
 
     config = grpo.get_config(variant)
-    for key, value in overrides.items():
-        *sections, name = key.split(".")
-        target = config
-        for section in sections:
-            target = target[section]
-        target[name] = value
-    finished = os.path.join(workdir, "finished")
-    if not os.path.exists(finished):
-        trainer.train_and_evaluate(config, workdir, verbose=False)
-        open(finished, "w").close()
+    studies.run_or_reuse(studies.with_overrides(config, overrides), workdir)
 
 
 def measure(workdir: str, reference) -> dict:

@@ -40,20 +40,11 @@ def grid(text: str) -> list[tuple[str, float]]:
 def train(variant: str, workdir: str, overrides: dict):
     """Trains the config `variant` with `overrides` ("section.key" -> value) in workdir, unless it finished there
     (an interrupted run resumes)."""
-    from experiments import trainer
+    from experiments import studies
     from experiments.configs import preference
 
     config = preference.get_config(f"{FLAGS.task},{variant}")
-    for key, value in overrides.items():
-        *sections, name = key.split(".")
-        target = config
-        for section in sections:
-            target = target[section]
-        target[name] = value
-    finished = os.path.join(workdir, "finished")
-    if not os.path.exists(finished):
-        trainer.train_and_evaluate(config, workdir, verbose=False)
-        open(finished, "w").close()
+    studies.run_or_reuse(studies.with_overrides(config, overrides), workdir)
 
 
 def held_out_pairs(config):
