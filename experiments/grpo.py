@@ -1,7 +1,7 @@
 """Group Relative Policy Optimization (Shao et al. 2024, DeepSeekMath; DeepSeek-R1) through the one trainer
 (`train.grpo.group_size` = G > 0): RL with a verifiable reward and no value model.
 
-Every `train.grpo.epochs` steps the trainer rolls out: each prompt of the batch (the rows' tokens before their
+Every `epochs * minibatches` steps the trainer rolls out: each prompt of the batch (the rows' tokens before their
 first loss-masked target) is continued G times by the KV-cached sampler (models/sampling.py) at
 `temperature`, and a program scores each completion o_i (`reward`):
     outcome   r_i = 1 if o_i's response tokens equal the reference response (the data's masked targets), else 0
@@ -15,7 +15,9 @@ Advantages (DeepSeekMath section 4.1.2 / 4.1.3), per group of G completions of o
               A_{i,t} = sum of r~_i^k over the steps k of o_i that end at or after token t
 (a one-token response, e.g. modular arithmetic's answer, makes the two the same).
 
-The objective maximised (loss = its negative), pi_old the policy that rolled out (ratio 1 at the first epoch):
+then trains `epochs` passes over the rollout, each pass `minibatches` optimizer steps on rows j, j + k, ... (PPO's
+minibatch epochs). The objective maximised (loss = its negative), pi_old the policy that rolled out (ratio 1 at
+the first step):
     J = 1/G sum_i 1/|o_i| sum_t [ min(rho A, clip(rho, 1 - eps_c, 1 + eps_c) A) - beta KL_t ]
     rho_{i,t} = pi(o_t | q, o_<t) / pi_old(o_t | q, o_<t)
     KL_t = pi_ref / pi - log(pi_ref / pi) - 1          (the unbiased k3 estimator of KL(pi || pi_ref), >= 0)
@@ -44,10 +46,17 @@ class GRPOConfig:
     reward: str = field("outcome", choices=REWARDS)
     clip: float = field(0.2, above=0, below=1)  # eps_c of the clipped ratio
     kl_beta: float = field(0.04, min=0)  # beta of the KL penalty to the reference (DeepSeekMath: 0.04)
-    epochs: int = field(1, min=1)  # optimizer steps on each rollout (PPO-style; > 1 makes the clip matter)
+    epochs: int = field(1, min=1)  # passes over each rollout (PPO-style; > 1 makes the clip matter)
+    minibatches: int = field(1, min=1)  # k: each pass is k optimizer steps on rows j, j + k, ... (G / k completions
+    # of every prompt); a rollout every epochs * k steps
     temperature: float = field(1.0, above=0)  # of the rollouts
     eps: float = field(1e-4, above=0)  # in the advantages' denominators
     seed: int = 0  # folded into the rollouts' rng (the runs of a study differ in their samples, not their data)
+
+
+def minibatch(rollout: dict, index: int, count: int) -> dict:
+    """Rows index, index + count, ... of every rollout array (count divides G: each prompt keeps G / count)."""
+    return {k: v.reshape(-1, count, *v.shape[1:])[:, index] for k, v in rollout.items()}
 
 
 def problems(config) -> list[str]:
@@ -65,6 +74,9 @@ def problems(config) -> list[str]:
         p.append(f"train.grpo.group_size={g.group_size} gives every completion zero advantage; use >= 2")
     if train.preference.kind or train.distill.teacher:
         p.append("train.grpo and train.preference / train.distill both use the frozen model slot; use one")
+    if g.group_size % g.minibatches:
+        p.append(f"train.grpo.minibatches={g.minibatches} must divide train.grpo.group_size={g.group_size} (each "
+                 "minibatch holds an equal share of every prompt's completions)")
     if train.grad_accum_steps > 1:
         p.append(f"train.grpo with train.grad_accum_steps={train.grad_accum_steps}: roll out a smaller batch instead")
     return p

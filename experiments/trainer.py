@@ -433,6 +433,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
                 return rollout({"params": params, **model_state}, batch, rng)
 
             compiled_rollout = jax.jit(rollout_step, in_shardings=(state_shardings, batch_spec), out_shardings=batch_spec)
+            compiled_minibatch = jax.jit(functools.partial(grpo.minibatch, count=grpo_config.minibatches),
+                                         static_argnums=1, in_shardings=(batch_spec,), out_shardings=batch_spec)
         compiled_begin_stage = jax.jit(functools.partial(begin_stage, tx=tx), static_argnums=1, donate_argnums=0,
                                        out_shardings=state_shardings)
 
@@ -464,10 +466,12 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
                         state = compiled_begin_stage(state, stage)
                         progress.message(f"curriculum stage {stage} from step {step}: optimizer state reset")
                     batch = sharding.global_batch(next(train_iter), mesh)
-                    if compiled_rollout is not None:  # a rollout every grpo.epochs steps (their batches unused)
-                        if rollout_batch is None or step % grpo_config.epochs == 0:
+                    if compiled_rollout is not None:  # a rollout every epochs * minibatches steps (batches unused)
+                        steps_per_rollout = grpo_config.epochs * grpo_config.minibatches
+                        if rollout_batch is None or step % steps_per_rollout == 0:
                             rollout_batch = compiled_rollout(state, batch)
-                        batch = rollout_batch
+                        batch = (rollout_batch if grpo_config.minibatches == 1 else
+                                 compiled_minibatch(rollout_batch, step % grpo_config.minibatches))
                     with jax.transfer_guard("disallow"):
                         state, metrics = compiled_train_step(state, batch, teacher)
                     pending.append(metrics)

@@ -41,6 +41,13 @@ def numpy_objective(logps, old_logps, ref_logps, advantages, mask, clip, beta):
     return -per_sequence.mean()
 
 
+def test_minibatches_split_every_group_evenly():
+    rows = {"x": jnp.arange(12 * 3).reshape(12, 3)}  # 3 prompts x G = 4 completions, row = prompt * 4 + g
+    halves = [jax.device_get(grpo.minibatch(rows, j, 2))["x"][:, 0] // 3 for j in range(2)]
+    np.testing.assert_array_equal(halves[0], [0, 2, 4, 6, 8, 10])  # completions 0 and 2 of every prompt
+    np.testing.assert_array_equal(np.sort(np.concatenate(halves)), np.arange(12))
+
+
 def test_outcome_and_process_advantages_match_numpy():
     rng = np.random.default_rng(0)
     rewards = rng.integers(0, 2, (3, 5)).astype(np.float64)
@@ -170,7 +177,7 @@ def test_grpo_runs_from_an_sft_start_on_a_sharded_mesh(tmp_path):
     trainer.train_and_evaluate(tiny(), sft, verbose=False)
     config = tiny()
     config.train.update(init_from=sft, steps=4)
-    config.train.grpo.update(group_size=4, epochs=2, reward="process")
+    config.train.grpo.update(group_size=4, epochs=2, minibatches=2, reward="process")  # 4 steps per rollout
     config.mesh.update(data=2, fsdp=2, tensor=2)
     trainer.train_and_evaluate(config, str(tmp_path / "grpo"), verbose=False)
     first, *_, last = metrics(tmp_path / "grpo")
@@ -183,6 +190,7 @@ def test_grpo_runs_from_an_sft_start_on_a_sharded_mesh(tmp_path):
     (dict(kl_beta=0.04), "needs a reference model: set train.init_from"),
     (dict(group_size=1, kl_beta=0.0), "group_size=1 gives every completion zero advantage"),
     (dict(kl_beta=0.0, model="coconut"), "model.name='coconut' decodes without the padding mask"),
+    (dict(kl_beta=0.0, minibatches=3), "minibatches=3 must divide train.grpo.group_size=4"),
 ])
 def test_bad_grpo_configs_are_one_line_errors(tmp_path, change, message):
     change = dict(change)
