@@ -90,9 +90,9 @@ def write_table(results: list[dict], path: str):
         reward = f"{sum(rewards) / len(rewards):.3f}" if rewards else "-"
         lines.append(f"| {r['run']} | {cell(r, 'chain_acc')} | {cell(r, 'answer_acc')} | {cell(r, 'step_acc')} | "
                      f"{cell(r, 'kl_ref')} | {reward} |")
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    from experiments import studies
+
+    studies.write_table(os.path.dirname(path), lines)  # prints it and writes path (table.md)
 
 
 def plot(results: list[dict], path: str):

@@ -86,9 +86,9 @@ def write_table(results: list[dict], path: str):
     for r in results:
         lines.append(f"| {r['kind']} | {r['beta']:g} | {r['accuracy']:.3f} | {r['pair_acc']:.3f} | {r['kl_ref']:.3f} | "
                      f"{r['chosen_logp']:.2f} | {r['rejected_logp']:.2f} |")
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    from experiments import studies
+
+    studies.write_table(os.path.dirname(path), lines)  # prints it and writes path (table.md)
 
 
 def plot(results: list[dict], path: str):
