@@ -15,6 +15,7 @@ A row longer than `seq_len` is an error naming its line. The eval split is `eval
 """
 
 import json
+import os
 
 import numpy as np
 
@@ -97,15 +98,9 @@ def load(config, tokenizer) -> tuple[dict, dict, int]:
 
 
 def validate(config) -> list[str]:
-    import os
-
     problems = [] if config.path else ["data.path='' : pass a JSON-lines file of {\"prompt\", \"response\"} lines"]
     for key in ("path", "eval_path"):
         path = config[key]
         if path and not os.path.isfile(text.resolve_path(path)):
             problems.append(f"data.{key}={path!r}: no such file ({text.resolve_path(path)})")
-    if config.tokenizer == "sentencepiece" and not os.path.isfile(text.resolve_path(config.spm_model)):
-        problems.append(f"data.spm_model={config.spm_model!r}: no such file")
-    if config.tokenizer == "hf" and not os.path.isfile(text.tokenizer_file(config)):
-        problems.append(f"data.tokenizer_file={config.tokenizer_file!r}: no tokenizer.json there")
-    return problems
+    return problems + text.tokenizer_problems(config)

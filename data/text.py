@@ -136,13 +136,18 @@ def validate(config) -> list[str]:
     problems = []
     if not os.path.isfile(resolve_path(config.path)):
         problems.append(f"data.path={config.path!r}: no such file ({resolve_path(config.path)})")
-    if config.tokenizer == "sentencepiece" and not os.path.isfile(resolve_path(config.spm_model)):
-        problems.append(f"data.spm_model={config.spm_model!r}: no such file; train one with "
-                        f"`python scripts/train_sentencepiece.py --output={config.spm_model or 'PATH.model'}`")
     if config.tokenizer == "hf" and config.source == "seqio":
         problems.append("data.tokenizer='hf' with data.source='seqio': seqio has no Hugging Face vocabulary; use "
                         "data.source='grain'")
+    return problems + tokenizer_problems(config)
+
+
+def tokenizer_problems(config) -> list[str]:
+    """A missing tokenizer file of a `config.data` that names one (text, pairs), as one-line messages."""
+    if config.tokenizer == "sentencepiece" and not os.path.isfile(resolve_path(config.spm_model)):
+        return [f"data.spm_model={config.spm_model!r}: no such file; train one with "
+                f"`python scripts/train_sentencepiece.py --output={config.spm_model or 'PATH.model'}`"]
     if config.tokenizer == "hf" and not os.path.isfile(tokenizer_file(config)):
-        problems.append(f"data.tokenizer_file={config.tokenizer_file!r}: no tokenizer.json there; pass a Hugging Face "
-                        "checkpoint folder or its tokenizer.json")
-    return problems
+        return [f"data.tokenizer_file={config.tokenizer_file!r}: no tokenizer.json there; pass a Hugging Face "
+                "checkpoint folder or its tokenizer.json"]
+    return []

@@ -30,9 +30,9 @@ import dataclasses
 
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from data.config_fields import ConfigError, field
+from experiments import losses
 from models import sampling
 
 REWARDS = ("outcome", "process")
@@ -105,15 +105,11 @@ def process_advantages(step_rewards, step_mask, eps: float):
     return jnp.flip(jnp.cumsum(jnp.flip(normalised, -1), axis=-1), -1)
 
 
-def token_logps(logits, targets):
-    return -optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-
-
 def objective(config: GRPOConfig, logits, ref_logits, batch: dict):
     """(loss = -J, metrics) from the policy's (and the reference's, or None) logits [R, L, V] over the rollout
     rows `batch` (inputs, targets, loss_mask, advantages [R, L], old_logps [R, L], rewards [R])."""
     mask = batch["loss_mask"]
-    logps = token_logps(logits, batch["targets"])
+    logps = losses.token_logps(logits, batch["targets"])
     ratio = jnp.exp(logps - batch["old_logps"])
     advantages = batch["advantages"]
     clipped = jnp.clip(ratio, 1 - config.clip, 1 + config.clip)
@@ -121,7 +117,7 @@ def objective(config: GRPOConfig, logits, ref_logits, batch: dict):
     per_token = surrogate
     kl = jnp.zeros_like(logps)
     if ref_logits is not None and config.kl_beta:
-        log_ref_over_pi = token_logps(ref_logits, batch["targets"]) - logps
+        log_ref_over_pi = losses.token_logps(ref_logits, batch["targets"]) - logps
         kl = jnp.exp(log_ref_over_pi) - log_ref_over_pi - 1.0
         per_token = surrogate - config.kl_beta * kl
     lengths = jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
@@ -154,7 +150,7 @@ def rollout(model, variables, batch: dict, rng, *, config: GRPOConfig, prompt_le
                                     temperature=config.temperature)
     rows = jnp.concatenate([repeated, completions], axis=1)
     scored = score(rows, batch, config=config, prompt_len=prompt_len)
-    scored["old_logps"] = token_logps(model.apply(variables, scored["inputs"]), scored["targets"])
+    scored["old_logps"] = losses.token_logps(model.apply(variables, scored["inputs"]), scored["targets"])
     return scored
 
 

@@ -90,10 +90,14 @@ PREFERENCE_KINDS = ("dpo", "ipo", "kto", "simpo", "orpo")
 NEEDS_REFERENCE = ("dpo", "ipo", "kto")
 
 
+def token_logps(logits, targets):
+    """log softmax(logits)[target] at every position: float[B, L]."""
+    return -optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+
+
 def sequence_logps(logits, targets, loss_mask):
     """(sum over masked positions of log softmax(logits)[target], the number of masked positions): float[B] each."""
-    logps = -optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-    return jnp.sum(logps * loss_mask, axis=-1), jnp.sum(loss_mask, axis=-1)
+    return jnp.sum(token_logps(logits, targets) * loss_mask, axis=-1), jnp.sum(loss_mask, axis=-1)
 
 
 def preference_loss(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None, *, kind: str,

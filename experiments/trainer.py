@@ -161,12 +161,14 @@ def train_step(state: TrainState, batch, teacher=None, *, schedule, accumulate: 
             {"params": params, **model_state, models.PROBES: probes}, inputs,
             rngs={"dropout": micro_rng},
             mutable=[*model_state, *models.SOWN, *([models.MONITORS] if with_monitors else [])])
+        if (paired or rl) and teacher is not None:  # the frozen reference
+            ref_logits = jax.lax.stop_gradient(teacher_apply(teacher, inputs))
+        else:
+            ref_logits = None
         if paired:
-            ref_logits = None if teacher is None else jax.lax.stop_gradient(teacher_apply(teacher, inputs))
             pair_loss, pair_metrics = preference.objective(preference_config, logits, ref_logits, micro)
             logits = logits[:len(micro["inputs"])]  # the chosen rows: their CE is logged as `loss`
         if rl:
-            ref_logits = None if teacher is None else jax.lax.stop_gradient(teacher_apply(teacher, inputs))
             rl_loss, rl_metrics = grpo.objective(grpo_config, logits, ref_logits, micro)
         sums = losses.masked_sums(logits, micro["targets"], micro["loss_mask"])
         if not plain:
