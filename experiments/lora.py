@@ -15,8 +15,17 @@ The adapters live beside the weights, in `params["lora"]` (the kernel's path, th
 state's apply function merges them into the kernels before every call (`merged`), so training, evaluation,
 decoding and every analysis see W', and `experiments.restore` hands out merged weights: a LoRA run's folder
 samples and fine-tunes like any other. The optimizer trains `lora/*` only (experiments/optimizers.py's
-`train_only`): no optimizer state for the frozen weights. Adapter dropout (the paper's, on the adapter's input)
-has no place in a merged kernel; `model.residual_dropout` and its kin regularise the fine-tune instead.
+`train_only`): no optimizer state for the frozen weights.
+
+Adapter dropout (`dropout` = p > 0, on the adapter's input as in the paper and peft) has no merged form, since each
+token draws its own mask:
+
+    y = x W + (alpha / r) (m * x / (1 - p)) A B,     m ~ Bernoulli(1 - p) per element, per kernel, per call
+
+so training forward passes (those given a "dropout" rng) run the adapters unmerged: they travel in the "lora"
+collection, {"a", "b" (alpha / r folded in), "rate"} per kernel, and the kernels that read it (DROPOUT_SITES:
+every attention projection of gqa / qk_norm attention, every MLP kernel: `models.layers.lora_delta`) add the
+branch; evaluation and decoding stay merged.
 """
 
 import dataclasses
@@ -41,6 +50,12 @@ class LoRAConfig:
     rank: int = field(0, min=0)
     alpha: float = field(16.0, above=0)  # the update is alpha / rank * A B
     targets: str = "*attention/query,*attention/value"  # fnmatch globs over parameter paths (the paper: W_q, W_v)
+    dropout: float = field(0.0, min=0, below=1)  # on the adapter's input, training only (the kernels of DROPOUT_SITES)
+
+
+DROPOUT_SITES = ("*attention/query", "*attention/key", "*attention/value", "*attention/out", "*/wi/kernel",
+                 "*/wg/kernel", "*/wo/kernel")  # the kernels that read the unmerged "lora" collection
+DROPOUT_ATTENTIONS = ("gqa", "qk_norm")  # the attention kinds whose projections do (models/gqa.py)
 
 
 def _path(path) -> str:
@@ -86,14 +101,32 @@ def add_adapters(boxed_params: dict, config: LoRAConfig, rng) -> dict:
                                                                                      one_name(outputs)))}
     if not adapters:
         raise ValueError(f"train.lora.targets={config.targets!r} matches no kernel")
+    if config.dropout and (unread := [n for n in sorted(targeted(boxed_params, config.targets))
+                                      if not any(fnmatch.fnmatchcase(n, p) for p in DROPOUT_SITES)]):
+        raise ValueError(f"train.lora.dropout={config.dropout} needs every target among {list(DROPOUT_SITES)}; "
+                         f"{unread[0]!r} is not (narrow train.lora.targets or set train.lora.dropout=0)")
     return {**boxed_params, KEY: adapters}
+
+
+def adapters_paths(adapters: dict) -> list[str]:
+    """The '/'-joined kernel paths of an adapter tree (params["lora"])."""
+    return sorted({_path(p[:-1]) for p, _ in jax.tree_util.tree_flatten_with_path(adapters)[0]})
+
+
+def problems(config) -> list[str]:
+    """Cross-field problems of `config.train.lora` (adapter dropout needs projections that read it unmerged)."""
+    lora_config = config.train.get("lora", {})
+    if lora_config.get("rank") and lora_config.get("dropout") and config.model.get("attention") not in DROPOUT_ATTENTIONS:
+        return [f"train.lora.dropout={lora_config['dropout']} needs model.attention in {list(DROPOUT_ATTENTIONS)}, "
+                f"not {config.model.get('attention')!r} (its projections read only merged adapters)"]
+    return []
 
 
 def merged(params: dict, alpha: float) -> dict:
     """The parameters without params["lora"], each targeted kernel W replaced by W + (alpha / r) A B."""
     if KEY not in params:
         return params
-    adapters = {_path(p[:-1]) for p, _ in jax.tree_util.tree_flatten_with_path(params[KEY])[0]}
+    adapters = set(adapters_paths(params[KEY]))
 
     def merge(path, kernel):
         name = _path(path)
@@ -108,16 +141,33 @@ def merged(params: dict, alpha: float) -> dict:
     return jax.tree_util.tree_map_with_path(merge, {k: v for k, v in params.items() if k != KEY})
 
 
+def unmerged(params: dict, alpha: float, rate: float) -> dict:
+    """The "lora" collection: per kernel {"a" [*L, in, r], "b" (alpha / r) B [*L, r, out], "rate" [*L]}."""
+
+    def entry(pair):
+        stacked = pair["a"].shape[:-2]
+        return {"a": pair["a"], "b": (alpha / pair["a"].shape[-1]) * pair["b"], "rate": jnp.full(stacked, rate)}
+
+    return jax.tree.map(entry, params[KEY], is_leaf=lambda node: isinstance(node, dict) and "a" in node)
+
+
 @dataclasses.dataclass(frozen=True)
 class MergedApply:
-    """model.apply with the adapters merged into the kernels first (a value, so that train states built twice
-    carry equal apply functions)."""
+    """model.apply with the adapters merged into the kernels first, or, for a call given a "dropout" rng when
+    `dropout` > 0 (training), unmerged in the "lora" collection (a value, so that train states built twice carry
+    equal apply functions)."""
 
     apply: Callable
     alpha: float
+    dropout: float = 0.0
 
     def __call__(self, variables, *args, **kwargs):
-        return self.apply({**variables, "params": merged(variables["params"], self.alpha)}, *args, **kwargs)
+        params = variables["params"]
+        if self.dropout and "dropout" in (kwargs.get("rngs") or {}):
+            base = {k: v for k, v in params.items() if k != KEY}
+            return self.apply({**variables, "params": base, KEY: unmerged(params, self.alpha, self.dropout)},
+                              *args, **kwargs)
+        return self.apply({**variables, "params": merged(params, self.alpha)}, *args, **kwargs)
 
 
 def optimizer_config(config):

@@ -91,7 +91,7 @@ def init_state(model, tx, example_inputs, rng, ema: bool = False, lora_config: l
     apply_fn = model.apply
     if lora_config.rank:
         params = lora.add_adapters(params, lora_config, jax.random.fold_in(params_rng, 1))
-        apply_fn = lora.MergedApply(model.apply, lora_config.alpha)
+        apply_fn = lora.MergedApply(model.apply, lora_config.alpha, lora_config.dropout)
     model_state = {k: v for k, v in variables.items() if k not in models.NOT_STATE}
     return TrainState.create(apply_fn=apply_fn, params=params, tx=tx, rng=state_rng, model_state=model_state,
                              stage=jnp.zeros((), jnp.int32), data_skipped=jnp.zeros((), jnp.int32),

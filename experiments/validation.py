@@ -58,7 +58,7 @@ def validate(config, num_devices: int, process_count: int = 1) -> tuple[int, ...
     _raise([p for name, cls in base.sections(config.model.name, config.data.name).items()
             for p in field_problems(cls, config[name], f"{name}.")])
     _raise(models.MODELS[config.model.name][2](config.model) + data.DATASETS[config.data.name][2](config.data)
-           + optimizers.validate(lora.optimizer_config(config)) + preference.problems(config.train)
+           + optimizers.validate(lora.optimizer_config(config)) + lora.problems(config) + preference.problems(config.train)
            + grpo.problems(config))
     shape = sharding.mesh_shape(config.mesh, num_devices)
     batch_shards = sharding.logical_axis_size(shape, "activation_batch")

@@ -20,6 +20,8 @@ Flax collections the trainer understands, besides "params" (trained by gradients
   FFN's outputs) a module sows only when the collection is mutable (experiments/activations.py captures them);
   a "patches" collection of {"value", "mask"} per site replaces them (activation patching and ablation), a
   "steering" collection of vectors per site shifts them (steering).
+- "lora": LoRA adapters {"a", "b", "rate"} per kernel in their unmerged training form (adapter dropout,
+  experiments/lora.py); the attention projections and MLP kernels add dropout(x) A B when it holds theirs.
 - "probes": zero-valued variables whose cotangents carry statistics of a custom backward pass (the
   DEQ's adjoint solve); the trainer differentiates with respect to them and logs the cotangents.
 - any other collection (e.g. MoE router biases): model state that the training forward pass updates

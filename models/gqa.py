@@ -23,7 +23,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from models import attention, attention_patterns, bitnet, kv_cache, positions
+from models import attention, attention_patterns, bitnet, kv_cache, layers, positions
 from models.lm_config import LMConfig
 
 
@@ -106,6 +106,7 @@ class GroupedQueryAttention(nn.Module):
             w = self.param(name, nn.with_logical_partitioning(
                 nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2)), axes), (x.shape[-1], heads, cfg.head_size))
             projected = bitnet.matmul(tokens, w.reshape(x.shape[-1], -1).astype(dtype), cfg.bitnet)
+            projected = projected + layers.lora_delta(self, (name,), tokens, projected.shape)
             projected = projected.reshape(*x.shape[:2], heads, cfg.head_size)
             if cfg.attention_bias == "none":
                 return projected
@@ -128,8 +129,9 @@ class GroupedQueryAttention(nn.Module):
         w_out = self.param("out", nn.with_logical_partitioning(
             nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2), ("heads", "head_dim", "embed")),
             (cfg.num_heads, cfg.head_size, x.shape[-1]))
-        out = bitnet.matmul(out.reshape(-1, cfg.num_heads * cfg.head_size),
-                            w_out.reshape(-1, x.shape[-1]).astype(dtype), cfg.bitnet)
+        heads_out = out.reshape(-1, cfg.num_heads * cfg.head_size)
+        out = bitnet.matmul(heads_out, w_out.reshape(-1, x.shape[-1]).astype(dtype), cfg.bitnet)
+        out = out + layers.lora_delta(self, ("out",), heads_out, out.shape)
         if cfg.attention_bias == "all":
             out = out + self.param("out_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
                                    (x.shape[-1],)).astype(dtype)

@@ -42,6 +42,22 @@ def sow_site(module: nn.Module, name: str, x):
     return x
 
 
+def lora_delta(module: nn.Module, path: tuple, x, out_shape):
+    """LoRA's unmerged branch for the kernel at `path` under `module` (experiments/lora.py): dropout(x) A B [*out_shape]
+    when a "lora" collection holds {"a" [in, r], "b" [r, out] (alpha / r folded in), "rate"} there, else 0. x [N, in]
+    is the kernel's flattened input; each call draws its own mask from the "dropout" rng (none: no dropout)."""
+    if not module.has_variable("lora", path[0]):
+        return 0.0
+    pair = module.get_variable("lora", path[0])
+    for part in path[1:]:
+        pair = pair[part]
+    if module.has_rng("dropout"):
+        keep_rate = 1.0 - pair["rate"]
+        keep = jax.random.bernoulli(module.make_rng("dropout"), keep_rate, x.shape)
+        x = jnp.where(keep, x / keep_rate.astype(x.dtype), 0.0).astype(x.dtype)
+    return ((x @ pair["a"].astype(x.dtype)) @ pair["b"].astype(x.dtype)).reshape(out_shape)
+
+
 def dense_init(*logical_axes):
     """LeCun-normal (std 1/sqrt(fan_in)) kernels with logical axis names."""
     return nn.with_logical_partitioning(nn.initializers.lecun_normal(), logical_axes)
@@ -75,8 +91,10 @@ class Mlp(nn.Module):
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)))
         tokens = x.reshape(-1, x.shape[-1])  # 2-D matmuls: XLA:CPU runs them (and their grads) ~2x faster
         h = dense(self.d_mlp, kernel_init=dense_init("embed", "mlp"), name="wi")(tokens)
+        h = h + lora_delta(self, ("wi", "kernel"), tokens, h.shape)
         if self.activation == "swiglu":
             gate = dense(self.d_mlp, kernel_init=dense_init("embed", "mlp"), name="wg")(tokens)
+            gate = gate + lora_delta(self, ("wg", "kernel"), tokens, gate.shape)
             h = nn.silu(gate) * h
         else:
             h = {"relu": nn.relu, "gelu": nn.gelu}[self.activation](h)
@@ -86,10 +104,12 @@ class Mlp(nn.Module):
                                        ("activation_batch", "activation_length", "activation_mlp"))
         if self.hidden_site is not None:
             h = self.hidden_site(h)
+        h = h.reshape(tokens.shape[0], -1)
         out = dense(
             x.shape[-1], name="wo",
             kernel_init=dense_init("mlp", "embed"),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(h.reshape(tokens.shape[0], -1))
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(h)
+        out = out + lora_delta(self, ("wo", "kernel"), h, out.shape)
         return out.reshape(x.shape[:-1] + out.shape[-1:])
 
 def token_embedding(vocab_size: int, d_model: int, dtype):

@@ -24,7 +24,8 @@ import jax.numpy as jnp
 from models import blocks, layers, mtp, positions
 from models.lm_config import LMConfig
 
-STACKED_COLLECTIONS = ("params", "router_bias", "metrics", "losses", "monitors", "intermediates", "patches", "steering")
+STACKED_COLLECTIONS = ("params", "router_bias", "metrics", "losses", "monitors", "intermediates", "patches", "steering",
+                       "lora")
 
 
 class LM(nn.Module):

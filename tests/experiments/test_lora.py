@@ -66,6 +66,63 @@ def test_fresh_adapters_leave_the_model_unchanged_and_only_they_keep_optimizer_s
         lora.add_adapters(boxed, lora.LoRAConfig(rank=2, targets="*nothing*"), jax.random.key(1))
 
 
+def test_unmerged_adapters_without_dropout_give_the_merged_logits():
+    """The "lora" collection read by every dropout site (q, k, v, out, SwiGLU's wi / wg / wo) at rate 0 equals the
+    merged kernels: the unmerged branch adds exactly (alpha / r) x A B at each site."""
+    config = make_tiny_config()
+    config.model.update(vocab_size=16, max_len=8, activation="swiglu")
+    model = models.build(config.model)
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, 16, (2, 8)), jnp.int32)
+    lora_config = lora.LoRAConfig(rank=2, alpha=3.0, targets=",".join(lora.DROPOUT_SITES))
+    params = nn.meta.unbox(lora.add_adapters(model.init(jax.random.key(0), tokens)["params"], lora_config,
+                                             jax.random.key(1)))
+    keys = iter(jax.random.split(jax.random.key(2), 32))
+    params[lora.KEY] = jax.tree.map(lambda x: jax.random.normal(next(keys), x.shape), params[lora.KEY])  # B != 0
+    assert len(lora.adapters_paths(params[lora.KEY])) == 7
+    base = {k: v for k, v in params.items() if k != lora.KEY}
+    unmerged = model.apply({"params": base, "lora": lora.unmerged(params, lora_config.alpha, 0.0)}, tokens,
+                           rngs={"dropout": jax.random.key(3)})
+    merged = lora.MergedApply(model.apply, lora_config.alpha)({"params": params}, tokens)
+    np.testing.assert_allclose(unmerged, merged, rtol=1e-4, atol=1e-4)
+    assert float(jnp.abs(merged - model.apply({"params": base}, tokens)).max()) > 1e-2  # the adapters matter
+
+
+def test_adapter_dropout_zeroes_or_rescales_each_input_element():
+    """With A = B = I on an MLP's output kernel, the unmerged branch returns its dropped-out input exactly: each
+    element 0 or h / (1 - p), a fraction ~p dropped, a fresh mask per rng, no dropout without a "dropout" rng."""
+    d, rate = 8, 0.25
+    mlp = models.layers.Mlp(d_mlp=d, activation="relu", use_bias=True)
+    x = jax.random.normal(jax.random.key(0), (4, 32, d))
+    params = nn.meta.unbox(mlp.init(jax.random.key(1), x)["params"])
+    h = np.maximum(np.einsum("bld,dm->blm", np.float64(x), np.float64(params["wi"]["kernel"]))
+                   + np.float64(params["wi"]["bias"]), 0).reshape(-1, d)
+    base = h @ np.float64(params["wo"]["kernel"]) + np.float64(params["wo"]["bias"])
+    adapters = {"wo": {"kernel": {"a": jnp.eye(d), "b": jnp.eye(d), "rate": jnp.asarray(rate)}}}
+
+    def branch(rngs):
+        return np.asarray(mlp.apply({"params": params, "lora": adapters}, x, rngs=rngs), np.float64).reshape(-1, d) - base
+
+    np.testing.assert_allclose(branch({}), h, rtol=1e-4, atol=1e-4)  # evaluation: the whole input
+    dropped = branch({"dropout": jax.random.key(2)})
+    kept = np.abs(dropped) > 1e-4
+    np.testing.assert_allclose(dropped[kept], h[kept] / (1 - rate), rtol=1e-4, atol=1e-4)
+    live = np.abs(h) > 1e-3  # ReLU zeros say nothing about the mask
+    assert abs(1 - kept[live].mean() - rate) < 0.08, kept[live].mean()
+    assert not np.array_equal(kept, np.abs(branch({"dropout": jax.random.key(3)})) > 1e-4)
+
+
+def test_adapter_dropout_refuses_kernels_that_read_only_merged_adapters(tiny_model):
+    _, boxed, _ = tiny_model
+    with pytest.raises(ValueError, match="train.lora.dropout=0.1 needs every target among .* 'embed/embedding'"):
+        lora.add_adapters(boxed, lora.LoRAConfig(rank=2, dropout=0.1, targets="*attention/query,embed/*"),
+                          jax.random.key(1))
+    config = make_tiny_config()
+    config.model.attention = "mla"
+    config.train.lora.update(rank=2, dropout=0.1)
+    assert lora.problems(config) == ["train.lora.dropout=0.1 needs model.attention in ['gqa', 'qk_norm'], not 'mla' "
+                                     "(its projections read only merged adapters)"]
+
+
 def test_frozen_parameters_get_no_update():
     params = {"embed": {"embedding": jnp.ones((4, 3))}, "layers": {"w": jnp.ones((3, 3)), "norm": {"scale": jnp.ones(3)}}}
     opt = make_tiny_config().optimizer
@@ -81,7 +138,7 @@ def test_frozen_parameters_get_no_update():
 def test_a_lora_fine_tune_changes_only_its_targets_by_rank_r_on_a_mesh(finished_tiny_run, tmp_path):
     config = make_tiny_config(steps=4)
     config.train.update(init_from=str(finished_tiny_run))
-    config.train.lora.update(rank=2, alpha=4.0, targets=TARGETS)
+    config.train.lora.update(rank=2, alpha=4.0, targets=TARGETS, dropout=0.1)  # trained unmerged, saved merged
     config.optimizer.lr = 1e-2
     config.mesh.update(data=2, fsdp=2, tensor=2)
     trainer.train_and_evaluate(config, str(tmp_path), verbose=False)
