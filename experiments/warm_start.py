@@ -5,6 +5,8 @@ parameter shapes unchanged (max_len under RoPE, RoPE scaling, dropout, kernels).
 a folder without a run or a checkpoint, or whose parameters differ in a path or a shape, is a one-line ConfigError.
 Only the first start reads the folder: a run that has its own checkpoints resumes from them. LoRA adapters
 (`train.lora`, params["lora"]) are this run's own: they start fresh on top of the folder's (merged) weights.
+A Mixture-of-Depths run (`model.name = "mod"`) may start from a transformer run with the same blocks (router
+tuning): its layers map onto the periods (models/mod.from_dense) and the routers and predictors start fresh.
 """
 
 import jax
@@ -12,6 +14,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 import models
+from models import mod
 from data.config_fields import ConfigError
 from experiments import lora
 
@@ -30,9 +33,12 @@ def check(config, abstract_params) -> None:
         raise ConfigError(f"train.init_from={folder!r} has no checkpoint yet")
     inputs = jax.ShapeDtypeStruct((1, min(source.model.max_len, config.model.max_len)), np.int32)
     theirs = jax.eval_shape(models.build(source.model).init, jax.random.key(0), inputs)["params"]
+    theirs = jax.tree.map(lambda x: getattr(x, "value", x), theirs, is_leaf=lambda x: hasattr(x, "value"))
     want = _shapes({k: v for k, v in abstract_params.items() if k != lora.KEY})
-    have = _shapes(jax.tree.map(lambda x: getattr(x, "value", x), theirs, is_leaf=lambda x: hasattr(x, "value")))
+    have = _shapes(jax.eval_shape(lambda p: _as_this_family(source.model, config.model, p), theirs))
     for path in sorted(set(want) | set(have)):
+        if path not in have and _fresh(source.model, config.model, path):
+            continue
         if want.get(path) != have.get(path):
             raise ConfigError(f"train.init_from={folder!r}: parameter {path} is {have.get(path, 'absent')} there and "
                               f"{want.get(path, 'absent')} here; the models must have the same parameter shapes")
@@ -43,7 +49,21 @@ def read(config) -> dict:
     from experiments import restore
 
     folder = config.train.init_from
-    return restore.load_variables(restore.load_config(folder), folder)[1]
+    source = restore.load_config(folder)
+    variables = restore.load_variables(source, folder)[1]
+    return {**variables, "params": _as_this_family(source.model, config.model, variables["params"])}
+
+
+def _as_this_family(source_model, model, params):
+    """The source run's parameters in this run's layout (a transformer's blocks as an MoD's periods)."""
+    if source_model.name == "transformer" and model.name == "mod":
+        return mod.from_dense(params, model.route_every)
+    return params
+
+
+def _fresh(source_model, model, path: str) -> bool:
+    """Whether this run's parameter at `path` (a keystr) may start fresh, absent from the source run."""
+    return source_model.name == "transformer" and model.name == "mod" and mod.is_routing_parameter(path)
 
 
 def place(variables, state_shardings, mesh, fresh_params) -> tuple[dict, dict]:
@@ -55,9 +75,16 @@ def place(variables, state_shardings, mesh, fresh_params) -> tuple[dict, dict]:
 
     model_state = {k: put(v, state_shardings.model_state[k]) for k, v in variables.items()
                    if k in state_shardings.model_state}
+    loaded = _overlay(fresh_params, variables["params"])  # what the source lacks (MoD routers) starts fresh
     weights = {k: v for k, v in state_shardings.params.items() if k != lora.KEY}
-    params = put(variables["params"], weights)
+    params = put({k: v for k, v in loaded.items() if k != lora.KEY}, weights)
     return ({**params, lora.KEY: fresh_params[lora.KEY]} if lora.KEY in fresh_params else params), model_state
+
+
+def _overlay(fresh: dict, loaded: dict) -> dict:
+    """`fresh` with every leaf that `loaded` has replaced by loaded's."""
+    return {k: (_overlay(v, loaded[k]) if isinstance(v, dict) else loaded[k]) if k in loaded else v
+            for k, v in fresh.items()}
 
 
 def _shapes(tree) -> dict:

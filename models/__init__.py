@@ -32,7 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models import coconut, deq_transformer, hybrid, moe_transformer, sae, transformer
+from models import coconut, deq_transformer, hybrid, mod, moe_transformer, sae, transformer
 
 MTP = "mtp"  # multi-token-prediction logits (models/mtp.py)
 SOWN = ("losses", "metrics", MTP)  # written by every training forward pass, not kept
@@ -47,6 +47,7 @@ MODELS = {
     "mamba": (hybrid.HybridLM, hybrid.MambaConfig, hybrid.validate),
     "hybrid": (hybrid.HybridLM, hybrid.HybridConfig, hybrid.validate),
     "moe": (moe_transformer.MoETransformer, moe_transformer.MoEConfig, moe_transformer.validate),
+    "mod": (mod.MoDTransformer, mod.MoDConfig, mod.validate),  # Mixture-of-Depths: routed blocks (models/mod.py)
     "deq": (deq_transformer.DEQTransformer, deq_transformer.DEQConfig, deq_transformer.validate),
     "coconut": (coconut.Coconut, coconut.CoconutConfig, coconut.validate),
     "sae": (sae.SparseAutoencoder, sae.SAEConfig, sae.validate),  # not an LM: trains on activations (models/sae.py)
@@ -69,14 +70,16 @@ def example_inputs(model_config, batch: int = 1) -> jax.ShapeDtypeStruct:
 def parameter_count(model_config, seq_len: int, *, exclude: tuple[str, ...] = (), active: bool = False) -> int:
     """Trained parameters ("params") of `config.model`, from shapes only (nothing is allocated). `exclude`
     leaves out the top-level groups it names (e.g. EMBEDDINGS); `active` counts what each token uses:
-    routed experts (w_gate / w_in / w_out) at top_k / num_experts of their size (C = 6 N D, N active)."""
+    routed experts (w_gate / w_in / w_out) at top_k / num_experts of their size, Mixture-of-Depths' routed blocks
+    at `capacity` of theirs (C = 6 N D, N active)."""
     shapes = jax.eval_shape(build(model_config).init, jax.random.key(0), jax.ShapeDtypeStruct((1, seq_len), jnp.int32))
     params = {k: v for k, v in nn.meta.unbox(shapes["params"]).items() if k not in exclude}
     routed_share = model_config.get("top_k", 1) / model_config.get("num_experts", 1) if active else 1.0
     total = 0.0
     for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
         routed = getattr(path[-1], "key", None) in ("w_gate", "w_in", "w_out")
-        total += x.size * (routed_share if routed else 1.0)
+        share = mod.routed_share(path, model_config.capacity) if active and model_config.name == "mod" else 1.0
+        total += x.size * (routed_share if routed else 1.0) * share
     return int(total)
 
 

@@ -42,10 +42,10 @@ class GroupedQueryAttention(nn.Module):
     pattern_site: Any = None  # P -> P: the block's sow_site for "attention_pattern" [B, H, T, T] (full passes only)
 
     def queries_and_keys(self, q, k, q_positions):
-        """q [B, T, H, Dh], k [B, T, Hkv, Dh] at integer positions [T] -> as attention sees them (RoPE)."""
+        """q [B, T, H, Dh], k [B, T, Hkv, Dh] at integer positions [T] or [B, T] -> as attention sees them (RoPE)."""
         cfg = self.cfg
         if cfg.positional == "rope":  # the sequence so far ends at the last position (dynamic NTK reads it)
-            seq_len = q_positions[-1] + 1
+            seq_len = jnp.max(q_positions) + 1
             return positions.apply_rope(cfg, q, q_positions, seq_len), positions.apply_rope(cfg, k, q_positions, seq_len)
         return q, k
 
@@ -98,7 +98,10 @@ class GroupedQueryAttention(nn.Module):
         return attention.attend(q, k_all, v_all, mask, bias=self.score_bias(q_positions, k_positions)), cache
 
     @nn.compact
-    def __call__(self, x, start, cache=None, key_mask=None):  # x [B, T, D]; start: positions already cached
+    def __call__(self, x, start, cache=None, key_mask=None, positions=None):
+        """x [B, T, D]; start: positions already cached. positions: None (x's rows are start..start+T-1), or
+        int[B, T], increasing along T (a gathered subsequence: models/mod.py; full passes with the causal pattern):
+        RoPE rotates by them, and causal masking by row order is then masking by position."""
         cfg, dtype = self.cfg, self.cfg.compute_dtype
         tokens = x.reshape(-1, x.shape[-1])  # [B*T, D]: 2-D matmuls are XLA:CPU's fastest
 
@@ -118,7 +121,7 @@ class GroupedQueryAttention(nn.Module):
         k = project("key", cfg.kv_heads, ("embed", "kv_heads", "head_dim"))  # [B, T, Hkv, Dh]
         v = project("value", cfg.kv_heads, ("embed", "kv_heads", "head_dim"))
         q_positions = start + jnp.arange(x.shape[1])
-        q, k = self.queries_and_keys(q, k, q_positions)
+        q, k = self.queries_and_keys(q, k, q_positions if positions is None else positions)
         dropout = {"dropout_rate": cfg.attention_dropout, "dropout_rng": (
             self.make_rng("dropout") if cfg.attention_dropout and self.has_rng("dropout") else None)}
         if cache is None:

@@ -107,11 +107,13 @@ def rope_frequencies(cfg, head_size: int, seq_len=None):
 
 
 def rotate(x, positions, inv_freq, factor: float = 1.0):
-    """x [B, T, H, Dh] at integer positions [T]: its first R = 2 len(inv_freq) columns rotated in pairs
-    (x_i, x_{i + R/2}) by angle pos * inv_freq_i (cos and sin times `factor`); the others unchanged."""
+    """x [B, T, H, Dh] at integer positions [T] (or [B, T]: each row its own, as Mixture-of-Depths' gathered
+    tokens): its first R = 2 len(inv_freq) columns rotated in pairs (x_i, x_{i + R/2}) by angle pos * inv_freq_i
+    (cos and sin times `factor`); the others unchanged."""
     width = 2 * inv_freq.shape[0]
-    angles = positions.astype(jnp.float32)[:, None] * inv_freq  # [T, R/2]
-    cos, sin = (factor * jnp.cos(angles))[None, :, None, :], (factor * jnp.sin(angles))[None, :, None, :]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [(B,) T, R/2]
+    angles = angles[:, :, None, :] if angles.ndim == 3 else angles[None, :, None, :]  # [B or 1, T, 1, R/2]
+    cos, sin = factor * jnp.cos(angles), factor * jnp.sin(angles)
     x1, x2 = jnp.split(x[..., :width].astype(jnp.float32), 2, axis=-1)
     rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
     return jnp.concatenate([rotated, x[..., width:]], axis=-1) if width < x.shape[-1] else rotated
