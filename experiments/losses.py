@@ -14,6 +14,10 @@ Multi-token prediction (models/mtp.py) adds lambda / D * sum_k CE_k, depth k's l
 against target i + k; lambda steps from `train.mtp_weight` to `train.mtp_weight_late` at `train.mtp_switch_fraction`
 of the run (DeepSeek-V3: 0.3, then 0.1 for the last third).
 
+Early exit (models/early_exit.py) trains N exits (the last: the model's output) with CALM's depth weights:
+
+    L = sum_j w_j CE_j,   w_j = j / sum_i i      (j = 1..N; CE_N the final logits')
+
 Preference optimisation (`preference_loss`, CONTRACTS §6) scores a chosen response y_w against a rejected one y_l
 of the same prompt from summed sequence log-probabilities; with a frozen reference model's, the implicit rewards
 are r = log pi(y) - log pi_ref(y) and h = r_w - r_l:
@@ -153,6 +157,18 @@ def mtp_sums(depth_logits, targets, loss_mask) -> dict:
 def mtp_counts(loss_mask, depth: int) -> dict:
     """{"mtp_loss_k": the number of masked positions depth k scores}."""
     return {f"mtp_loss_{k}": jnp.maximum(jnp.sum(loss_mask[:, k:]), 1.0) for k in range(1, depth + 1)}
+
+
+def exit_sums(exit_logits, targets, loss_mask) -> dict:
+    """{"exit_loss_j": masked CE sum} of each early exit j = 1..N-1's logits [B, L, V]."""
+    return {f"exit_loss_{j}": masked_sums(logits, targets, loss_mask)["loss"] for j, logits in enumerate(exit_logits, 1)}
+
+
+def exit_weighted(final_loss, exit_losses: list):
+    """sum_j w_j CE_j with w_j = j / sum_i i over the exits' mean CEs (j = 1..N-1) and the final one (j = N)."""
+    depth_losses = [*exit_losses, final_loss]
+    weights = [j / (len(depth_losses) * (len(depth_losses) + 1) / 2) for j in range(1, len(depth_losses) + 1)]
+    return sum(w * loss for w, loss in zip(weights, depth_losses))
 
 
 def mtp_weight_schedule(weight: float, weight_late: float, switch_fraction: float, total_steps: int):

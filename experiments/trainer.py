@@ -126,6 +126,11 @@ def abstract_state_and_shardings(init_fn, rng, mesh):
     return abstract_state, state_shardings
 
 
+def _depth(name: str) -> int:
+    """The trailing integer of a per-depth loss name ("exit_loss_12" -> 12)."""
+    return int(name.rsplit("_", 1)[1])
+
+
 def train_step(state: TrainState, batch, teacher=None, *, schedule, accumulate: int = 1, ema_decay: float = 0.0,
                objective: losses.Objective = losses.Objective(), teacher_apply=None, with_monitors: bool = False,
                mtp_weight=None, preference_config: preference.PreferenceConfig = preference.PreferenceConfig(),
@@ -143,7 +148,8 @@ def train_step(state: TrainState, batch, teacher=None, *, schedule, accumulate: 
 
     With `ema_decay` = d > 0 the moving average of the weights follows: ema <- d ema + (1 - d) params (new).
     With `with_monitors`, the step also logs experiments/monitors.py's statistics (and the model's sown ones).
-    A model with MTP modules adds mtp_weight(step) / D * sum_k CE_k (experiments/losses.py) and logs each CE_k.
+    A model with MTP modules adds mtp_weight(step) / D * sum_k CE_k (experiments/losses.py) and logs each CE_k; one
+    with early exits trains on the depth-weighted CE of its exits and output, and logs each exit's CE.
     With `preference_config.kind` the batch holds chosen and rejected rows and the objective is
     experiments/preference.py's, the reference model's variables passed as `teacher`. With
     `grpo_config.group_size` the batch is a rollout (experiments/grpo.py) and the objective GRPO's."""
@@ -188,6 +194,10 @@ def train_step(state: TrainState, batch, teacher=None, *, schedule, accumulate: 
             counts = losses.mtp_counts(batch["loss_mask"], len(depth_sums))
             total += mtp_weight(state.step) * sum(depth_sums[k] / counts[k] for k in counts) / len(counts)
             sums = {**sums, **depth_sums}
+        if models.EXITS in written:  # early exits: the depth-weighted CE of every exit and the final logits
+            exit_sums = losses.exit_sums(written[models.EXITS]["logits"], micro["targets"], micro["loss_mask"])
+            total = losses.exit_weighted(total, [exit_sums[k] / count for k in sorted(exit_sums, key=_depth)])
+            sums = {**sums, **exit_sums}
         return total + (0.0 if aux_loss is None else aux_loss), (sums, aux_loss, written)
 
     grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
@@ -218,6 +228,7 @@ def train_step(state: TrainState, batch, teacher=None, *, schedule, accumulate: 
     extra_terms.update({k: v for k, v in sums.items() if k.startswith(("preference/", "grpo/"))})
     depth_counts = losses.mtp_counts(batch["loss_mask"], sum(k.startswith("mtp_loss_") for k in sums))
     extra_terms.update({k.replace("mtp_loss_", "mtp_loss/"): sums[k] / depth_counts[k] for k in depth_counts})
+    extra_terms.update({k.replace("exit_loss_", "exit_loss/"): v / count for k, v in sums.items() if k.startswith("exit_loss_")})
     metrics = {"loss": sums["loss"] / count, "accuracy": sums["correct"] / count, **extra_terms,
                **({} if aux_loss is None else {"aux_loss": aux_loss}),
                "grad_norm": optax.global_norm(grads), "lr": schedule(state.step),

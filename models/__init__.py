@@ -14,6 +14,8 @@ Flax collections the trainer understands, besides "params" (trained by gradients
   one entry per element of a sown array).
 - "mtp": the multi-token-prediction modules' logits per depth (models/mtp.py); the trainer adds their
   weighted cross-entropy to the loss.
+- "exits": early exits' logits (models/early_exit.py); the trainer scores them with the final logits, each
+  weighted by its depth.
 - "monitors": training-dynamics statistics (attention entropy, residual RMS, activation density) a module
   sows only when the collection is mutable (`train.monitors`): nothing is computed otherwise.
 - "intermediates": activations at named sites (`models.sites`: each layer's residual stream and its mixer's and
@@ -32,10 +34,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models import coconut, deq_transformer, hybrid, mod, moe_transformer, sae, transformer
+from models import coconut, deq_transformer, early_exit, hybrid, mod, moe_transformer, sae, transformer
 
 MTP = "mtp"  # multi-token-prediction logits (models/mtp.py)
-SOWN = ("losses", "metrics", MTP)  # written by every training forward pass, not kept
+EXITS = early_exit.COLLECTION  # early-exit logits (models/early_exit.py)
+SOWN = ("losses", "metrics", MTP, EXITS)  # written by every training forward pass, not kept
 MONITORS = "monitors"  # sown only when the trainer asks (train.monitors), not kept
 INTERMEDIATES = "intermediates"  # activations sown only for analyses (experiments/activations.py), not kept
 NOT_STATE = (*SOWN, MONITORS, INTERMEDIATES)
