@@ -12,7 +12,8 @@ token per character); the first 90% trains, the last 10% validates.
 Options after the colon, comma-separated: `sentencepiece` tokenizes with a SentencePiece vocabulary
 (train it first: `python scripts/train_sentencepiece.py`); `ssd` trains a Mamba-2 stack and `hybrid`
 an SSSA hybrid of the same width and depth instead of the transformer, `deq` one transformer block
-iterated to its fixed point (models/deq_transformer.py), e.g.
+iterated to its fixed point (models/deq_transformer.py), `mod` the transformer with Mixture-of-Depths routing in
+every other block (models/mod.py: 12.5% capacity), e.g.
 `--config=experiments/configs/lm_shakespeare.py:hybrid,sentencepiece`.
 """
 
@@ -21,7 +22,7 @@ from experiments.configs import base
 SPM_MODEL = "runs/spm/tinyshakespeare_1024.model"
 
 
-OPTIONS = ("sentencepiece", "ssd", "hybrid", "deq")
+OPTIONS = ("sentencepiece", "ssd", "hybrid", "deq", "mod")
 
 
 def get_config(arg=None):
@@ -33,7 +34,7 @@ def get_config(arg=None):
         raise ValueError(f"lm_shakespeare config options {options} name more than one model family")
     model = families[0] if families else "transformer"
     config = base.get_config(model, "text")
-    if model == "transformer":
+    if model in ("transformer", "mod"):
         config.model.update(d_model=128, num_layers=4, num_heads=4, d_mlp=512, activation="gelu", norm="layernorm",
                             positional="learned", tie_embeddings=True, scan_unroll=4)
     elif model == "deq":  # the transformer's block, weight-tied and solved to equilibrium

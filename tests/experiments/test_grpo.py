@@ -172,6 +172,7 @@ def metrics(workdir):
         return [r for r in map(json.loads, f) if r["split"] == "train"]
 
 
+@pytest.mark.slow  # GRPO's pieces are checked above; this is the whole loop
 def test_grpo_runs_from_an_sft_start_on_a_sharded_mesh(tmp_path):
     sft = str(tmp_path / "sft")
     trainer.train_and_evaluate(tiny(), sft, verbose=False)

@@ -59,8 +59,9 @@ def _model(attention, **overrides):
     return cfg, model, params, tokens
 
 
-# By default mla; gqa's decoding is tests/models/test_transformer.py's, and qk_norm keeps gqa's cache.
-@pytest.mark.parametrize("attention", [a if a == "mla" else slow(a) for a in sorted(blocks.ATTENTIONS)])
+# All slow: gqa's decoding is tests/models/test_transformer.py's, mla's tests/models/test_mla.py's (both forms),
+# linear attention's tests/models/test_linear_attention.py's, and qk_norm keeps gqa's cache.
+@pytest.mark.parametrize("attention", [slow(a) for a in sorted(blocks.ATTENTIONS)])
 def test_every_attention_kind_decodes_like_its_full_pass(attention):
     """A prompt of 5 in one call, then one token at a time, through the kind's own cache (odd head counts)."""
     cfg, model, params, tokens = _model(attention)

@@ -14,7 +14,7 @@ import pytest
 import models
 from experiments import metrics_writer, restore, trainer
 from models import blocks, mod
-from tests.conftest import assert_mesh_run_matches_one_device, decode_in_pieces, make_tiny_config, make_tiny_lm_config, slow
+from tests.conftest import assert_mesh_run_matches_one_device, decode_in_pieces, make_tiny_config, make_tiny_lm_config
 
 
 def _cfg(**overrides):
@@ -90,6 +90,7 @@ def test_active_parameters_count_routed_blocks_at_capacity():
     assert models.parameter_count(model_config, 16, active=True) == int(total - 0.75 * block)
 
 
+@pytest.mark.slow
 def test_router_tuning_trains_only_the_routers_of_a_dense_run(finished_tiny_run, tmp_path):
     config = make_tiny_config(steps=3)
     config.model.name = "mod"
@@ -110,13 +111,13 @@ def test_router_tuning_trains_only_the_routers_of_a_dense_run(finished_tiny_run,
     assert bce[-1] < bce[0]  # the predictor learns top-k membership
 
 
-@pytest.mark.parametrize("overrides", [slow({})])
-def test_trains_with_the_one_device_losses_on_a_2x2x2_mesh(overrides, tmp_path):
+@pytest.mark.slow
+def test_trains_with_the_one_device_losses_on_a_2x2x2_mesh(tmp_path):
     def config():
         c = make_tiny_lm_config()
         with c.unlocked():
             c.model = dataclasses.asdict(mod.MoDConfig())
-        c.model.update(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, d_mlp=64, capacity=0.25, **overrides)
+        c.model.update(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, d_mlp=64, capacity=0.25)
         return c
     assert_mesh_run_matches_one_device(config, tmp_path)
 
