@@ -143,8 +143,9 @@ def from_dense(params: dict, route_every: int) -> dict:
 
 
 def is_routing_parameter(path: str) -> bool:
-    """Whether a parameter path (a keystr or '/'-joined) is a router's or predictor's."""
-    return any(f"'{name}'" in path or f"/{name}/" in path for name in ROUTING_PARAMETERS)
+    """Whether a parameter path (a jax.tree_util.keystr, as experiments/warm_start.py compares) is a router's or
+    predictor's."""
+    return any(f"['{name}']" in path for name in ROUTING_PARAMETERS)
 
 
 def validate(m) -> list[str]:
