@@ -52,8 +52,9 @@ class Block(nn.Module):
     attention: str = ""  # the attention kind; "": cfg.attention (a hybrid's L layers set "linear")
 
     @nn.compact
-    def __call__(self, x, cache, start, key_mask=None, positions=None):
-        """positions: None, or int[B, T] of a gathered subsequence (gqa / qk_norm attention: models/gqa.py)."""
+    def __call__(self, x, cache, start, key_mask=None, positions=None, reuse_cache=False):
+        """positions: None, or int[B, T] of a gathered subsequence; reuse_cache: attend to the cache's keys and
+        values without writing (gqa / qk_norm attention: models/gqa.py)."""
         cfg, dtype = self.cfg, self.cfg.compute_dtype
         kind = ATTENTIONS[self.attention or cfg.attention]
         pattern = {"pattern_site": functools.partial(layers.sow_site, self, "attention_pattern")} if issubclass(
@@ -65,7 +66,8 @@ class Block(nn.Module):
             h, mixer_cache = attention(h, start, None if cache is None else cache["mixer"], key_mask)
             cache = None if cache is None else {"mixer": mixer_cache, "conv": conv_state}
         else:
-            h, cache = attention(h, start, cache, key_mask, **({} if positions is None else {"positions": positions}))
+            options = {} if positions is None else {"positions": positions}
+            h, cache = attention(h, start, cache, key_mask, **options, **({"reuse_cache": True} if reuse_cache else {}))
         h = layers.sow_site(self, "mixer_out", h)
         x = x + layers.dropout(self, h, cfg.residual_dropout)
         h = FFNS[self.ffn](cfg, self)(layers.Norm(cfg.norm, dtype, "mlp_norm", cfg.norm_eps)(x))

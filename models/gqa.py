@@ -78,11 +78,16 @@ class GroupedQueryAttention(nn.Module):
                                               **dropout)
         return attention.attend(q, k, v, mask, bias=bias, **dropout)
 
-    def cached_pass(self, q, k, v, q_positions, cache, start, key_mask):
+    def cached_pass(self, q, k, v, q_positions, cache, start, key_mask, reuse_cache=False):
         """New tokens written to the cache, attending to it: every position's slot, or the sliding window's ring
-        (attending to the ring as it was and to themselves, then overwriting the oldest slots)."""
+        (attending to the ring as it was and to themselves, then overwriting the oldest slots). reuse_cache: the
+        cache already holds keys and values for these positions (another pass wrote them: Mixture-of-Recursions'
+        recursive KV sharing, models/mor.py); the queries attend to it as it is and nothing is written."""
         cfg, dtype = self.cfg, self.cfg.compute_dtype
-        if attention_patterns.uses_ring(cfg):
+        if reuse_cache:
+            k_all, v_all = kv_cache.read(cache["k"], dtype), kv_cache.read(cache["v"], dtype)
+            k_positions = jnp.arange(k_all.shape[1])
+        elif attention_patterns.uses_ring(cfg):
             k_positions = jnp.concatenate([attention_patterns.ring_positions(start, kv_cache.length(cache["k"])),
                                            q_positions])
             k_all = jnp.concatenate([kv_cache.read(cache["k"], dtype), k.astype(dtype)], axis=1)
@@ -98,10 +103,11 @@ class GroupedQueryAttention(nn.Module):
         return attention.attend(q, k_all, v_all, mask, bias=self.score_bias(q_positions, k_positions)), cache
 
     @nn.compact
-    def __call__(self, x, start, cache=None, key_mask=None, positions=None):
+    def __call__(self, x, start, cache=None, key_mask=None, positions=None, reuse_cache=False):
         """x [B, T, D]; start: positions already cached. positions: None (x's rows are start..start+T-1), or
         int[B, T], increasing along T (a gathered subsequence: models/mod.py; full passes with the causal pattern):
-        RoPE rotates by them, and causal masking by row order is then masking by position."""
+        RoPE rotates by them, and causal masking by row order is then masking by position. reuse_cache: attend to
+        the cache's keys and values as they are, without writing this pass's (`cached_pass`)."""
         cfg, dtype = self.cfg, self.cfg.compute_dtype
         tokens = x.reshape(-1, x.shape[-1])  # [B*T, D]: 2-D matmuls are XLA:CPU's fastest
 
@@ -127,7 +133,7 @@ class GroupedQueryAttention(nn.Module):
         if cache is None:
             out = self.full_pass(q, k, v, q_positions, key_mask, dropout)
         else:
-            out, cache = self.cached_pass(q, k, v, q_positions, cache, start, key_mask)
+            out, cache = self.cached_pass(q, k, v, q_positions, cache, start, key_mask, reuse_cache)
         out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_heads", None))
         w_out = self.param("out", nn.with_logical_partitioning(
             nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2), ("heads", "head_dim", "embed")),

@@ -53,6 +53,17 @@ def capacity_tokens(capacity: float, length: int) -> int:
     return max(1, min(length, int(round(capacity * length))))
 
 
+def gathered_update(x, weight, chosen_idx, key_mask, run):
+    """x_i + weight_i (f(x_S)_i - x_i) at the positions chosen_idx [B, k] (increasing), x_i elsewhere:
+    f = run(x_S, its key mask or None) on the gathered tokens; weight [B, T] float32."""
+    xs = jnp.take_along_axis(x, chosen_idx[..., None], axis=1)
+    keys = None if key_mask is None else jnp.take_along_axis(key_mask, chosen_idx, axis=1)
+    ys = run(xs, keys)
+    update = jnp.take_along_axis(weight, chosen_idx, axis=1)[..., None] * (ys - xs).astype(jnp.float32)
+    rows = jnp.arange(x.shape[0])[:, None]
+    return x + jnp.zeros(x.shape, jnp.float32).at[rows, chosen_idx].add(update).astype(x.dtype)
+
+
 class RoutedBlock(nn.Module):
     """One block behind a router (and the predictor that stands in for top-k when decoding)."""
 
@@ -76,12 +87,8 @@ class RoutedBlock(nn.Module):
 
     def gathered(self, x, r, chosen_idx, key_mask=None):
         """The top-k form: the block on the tokens at chosen_idx [B, k] (increasing), their updates scaled by r."""
-        xs = jnp.take_along_axis(x, chosen_idx[..., None], axis=1)
-        keys = None if key_mask is None else jnp.take_along_axis(key_mask, chosen_idx, axis=1)
-        ys, _ = self.block(xs, None, 0, keys, positions=chosen_idx)
-        update = jnp.take_along_axis(r, chosen_idx, axis=1)[..., None] * (ys - xs).astype(jnp.float32)
-        rows = jnp.arange(x.shape[0])[:, None]
-        return x + jnp.zeros(x.shape, jnp.float32).at[rows, chosen_idx].add(update).astype(x.dtype)
+        return gathered_update(x, r, chosen_idx, key_mask,
+                               lambda xs, keys: self.block(xs, None, 0, keys, positions=chosen_idx)[0])
 
     def masked(self, x, r, routed, cache=None, start=0, key_mask=None):
         """The causal form: the block on every token, only routed ones [B, T] as keys and updated. With a cache
@@ -153,16 +160,22 @@ def validate(m) -> list[str]:
     p = transformer.validate(m)
     if m.num_layers % m.route_every:
         p.append(f"model.num_layers={m.num_layers} must be a multiple of model.route_every={m.route_every}")
+    return p + gathering_problems(m, "MoD")
+
+
+def gathering_problems(m, family: str) -> list[str]:
+    """What blocks run on gathered tokens (a subsequence at its own positions: MoD, models/mor.py) cannot have."""
+    p = []
     if m.attention not in ("gqa", "qk_norm"):
-        p.append(f"model.attention={m.attention!r} cannot run on gathered tokens; MoD needs 'gqa' or 'qk_norm'")
+        p.append(f"model.attention={m.attention!r} cannot run on gathered tokens; {family} needs 'gqa' or 'qk_norm'")
     if m.positional in ("alibi", "t5"):
         p.append(f"model.positional={m.positional!r} biases scores by position, which the gathered block does not "
                  "pass on; use 'rope', 'learned', 'sinusoidal' or 'none'")
     if m.attention_pattern != "causal":
         p.append(f"model.attention_pattern={m.attention_pattern!r} would apply to the gathered order, not positions; "
-                 "MoD needs 'causal'")
+                 f"{family} needs 'causal'")
     if m.short_conv:
-        p.append(f"model.short_conv={m.short_conv} would convolve gathered tokens as neighbours; MoD needs 0")
+        p.append(f"model.short_conv={m.short_conv} would convolve gathered tokens as neighbours; {family} needs 0")
     return p
 
 
