@@ -153,6 +153,26 @@ class DEQTransformer(lm.LM):
         return {f"block_{i}": blocks.Block.init_cache(self.cfg, batch, max_len, dtype) for i in range(self.cfg.num_layers)}
 
 
+def cell_uses(m) -> float:
+    """The cell's compute per token in a training step, in uses of its parameters (one use: 6 FLOPs per parameter,
+    a forward and a backward pass), at the iteration limits (an upper bound when the solver stops at tol):
+
+        implicit: forward max_iter f's, the linearisation at z*, backward_max_iter adjoint VJPs (input side)
+                  and the parameters' VJP:  2 N (max_iter + 1 + backward_max_iter + 2) = 6 N (f + b + 3) / 3
+        unroll:   max_iter iterations, forward and backward:                          6 N max_iter
+        phantom:  the forward solve, then phantom_steps iterations differentiated:    6 N (f / 3 + k)"""
+    if m.backward == "implicit":
+        return (m.max_iter + m.backward_max_iter + 3) / 3
+    if m.backward == "unroll":
+        return float(m.max_iter)
+    return m.max_iter / 3 + m.phantom_steps
+
+
+def active_share(path: tuple, m) -> float:
+    """`cell_uses` for the cell's parameters, 1 for the rest (experiments/scaling.py's N active)."""
+    return cell_uses(m) if getattr(path[0], "key", path[0]) == "cell" else 1.0
+
+
 def validate(m) -> list[str]:
     """Cross-field problems of a DEQ config.model (each key's range is declared with it)."""
     random = [f"model.{k}={m[k]}" for k in ("attention_dropout", "residual_dropout") if m[k]]

@@ -1,12 +1,17 @@
 """The DEQ stabilisers against closed forms, and the DEQ transformer LM: its output is the fixed point,
 cached decoding equals the full pass, implicit gradients equal unrolled ones, and it trains."""
 
+import dataclasses
+
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
+import models
 from experiments import metrics_writer, trainer, validation
 from experiments.configs import lm_shakespeare
 from models import deq_stabilisers, deq_transformer
@@ -145,3 +150,16 @@ def test_implicit_backward_memory_is_flat_in_max_iter_and_unrolling_grows():
     unroll = [temp_bytes("unroll", n) for n in (4, 16)]
     assert implicit[0] == implicit[1]
     assert unroll[1] > 2.5 * unroll[0] and unroll[0] > implicit[0]
+
+
+@pytest.mark.parametrize("backward,uses", [("implicit", (7 + 5 + 3) / 3), ("unroll", 7.0), ("phantom", 7 / 3 + 4)])
+def test_active_parameters_count_the_cell_per_use_in_a_training_step(backward, uses):
+    """N active (experiments/scaling.py's C = 6 N D) = the cell's parameters times its uses per step + the rest."""
+    config = ml_collections.ConfigDict(dataclasses.asdict(deq_transformer.DEQConfig(
+        vocab_size=23, max_len=16, d_model=32, num_heads=2, d_mlp=64, max_iter=7, backward_max_iter=5,
+        phantom_steps=4, backward=backward)))
+    shapes = jax.eval_shape(models.build(config).init, jax.random.key(0), jnp.zeros((1, 16), jnp.int32))
+    params = nn.meta.unbox(shapes["params"])
+    cell = sum(x.size for x in jax.tree.leaves(params["cell"]))
+    total = sum(x.size for x in jax.tree.leaves(params))
+    assert models.parameter_count(config, 16, active=True) == int(total - cell + cell * uses)
