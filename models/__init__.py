@@ -34,7 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models import coconut, deq_transformer, early_exit, hybrid, mod, moe_transformer, sae, transformer
+from models import coconut, deq_transformer, early_exit, hybrid, mod, moe_transformer, mor, sae, transformer
 
 MTP = "mtp"  # multi-token-prediction logits (models/mtp.py)
 EXITS = early_exit.COLLECTION  # early-exit logits (models/early_exit.py)
@@ -51,6 +51,7 @@ MODELS = {
     "hybrid": (hybrid.HybridLM, hybrid.HybridConfig, hybrid.validate),
     "moe": (moe_transformer.MoETransformer, moe_transformer.MoEConfig, moe_transformer.validate),
     "mod": (mod.MoDTransformer, mod.MoDConfig, mod.validate),  # Mixture-of-Depths: routed blocks (models/mod.py)
+    "mor": (mor.MoRTransformer, mor.MoRConfig, mor.validate),  # Mixture-of-Recursions: a shared recursed stack (models/mor.py)
     "deq": (deq_transformer.DEQTransformer, deq_transformer.DEQConfig, deq_transformer.validate),
     "coconut": (coconut.Coconut, coconut.CoconutConfig, coconut.validate),
     "sae": (sae.SparseAutoencoder, sae.SAEConfig, sae.validate),  # not an LM: trains on activations (models/sae.py)
@@ -74,16 +75,28 @@ def parameter_count(model_config, seq_len: int, *, exclude: tuple[str, ...] = ()
     """Trained parameters ("params") of `config.model`, from shapes only (nothing is allocated). `exclude`
     leaves out the top-level groups it names (e.g. EMBEDDINGS); `active` counts what each token uses:
     routed experts (w_gate / w_in / w_out) at top_k / num_experts of their size, Mixture-of-Depths' routed blocks
-    at `capacity` of theirs (C = 6 N D, N active)."""
+    at `capacity` of theirs, Mixture-of-Recursions' shared stack at its mean recursions per token, a DEQ's cell
+    at its uses per training step (C = 6 N D, N active)."""
     shapes = jax.eval_shape(build(model_config).init, jax.random.key(0), jax.ShapeDtypeStruct((1, seq_len), jnp.int32))
     params = {k: v for k, v in nn.meta.unbox(shapes["params"]).items() if k not in exclude}
     routed_share = model_config.get("top_k", 1) / model_config.get("num_experts", 1) if active else 1.0
     total = 0.0
     for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
         routed = getattr(path[-1], "key", None) in ("w_gate", "w_in", "w_out")
-        share = mod.routed_share(path, model_config.capacity) if active and model_config.name == "mod" else 1.0
+        share = _reuse_share(model_config, path) if active else 1.0
         total += x.size * (routed_share if routed else 1.0) * share
     return int(total)
+
+
+def _reuse_share(model_config, path) -> float:
+    """How much of a token's compute the parameter at `path` takes, as a multiple of one use."""
+    if model_config.name == "mod":
+        return mod.routed_share(path, model_config.capacity)
+    if model_config.name == "mor":
+        return mor.active_share(path, model_config.recursions)
+    if model_config.name == "deq":
+        return deq_transformer.active_share(path, model_config)
+    return 1.0
 
 
 EMBEDDINGS = ("embed", "position_embedding", "unembed")  # the top-level groups of token / position tables

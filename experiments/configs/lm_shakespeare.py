@@ -13,7 +13,8 @@ Options after the colon, comma-separated: `sentencepiece` tokenizes with a Sente
 (train it first: `python scripts/train_sentencepiece.py`); `ssd` trains a Mamba-2 stack and `hybrid`
 an SSSA hybrid of the same width and depth instead of the transformer, `deq` one transformer block
 iterated to its fixed point (models/deq_transformer.py), `mod` the transformer with Mixture-of-Depths routing in
-every other block (models/mod.py: 12.5% capacity), e.g.
+every other block (models/mod.py: 12.5% capacity), `mor` Mixture-of-Recursions (models/mor.py: first and last blocks
+unshared, the middle ones recursed up to 3 times by expert-choice routing), e.g.
 `--config=experiments/configs/lm_shakespeare.py:hybrid,sentencepiece`.
 """
 
@@ -22,7 +23,7 @@ from experiments.configs import base
 SPM_MODEL = "runs/spm/tinyshakespeare_1024.model"
 
 
-OPTIONS = ("sentencepiece", "ssd", "hybrid", "deq", "mod")
+OPTIONS = ("sentencepiece", "ssd", "hybrid", "deq", "mod", "mor")
 
 
 def get_config(arg=None):
@@ -34,7 +35,7 @@ def get_config(arg=None):
         raise ValueError(f"lm_shakespeare config options {options} name more than one model family")
     model = families[0] if families else "transformer"
     config = base.get_config(model, "text")
-    if model in ("transformer", "mod"):
+    if model in ("transformer", "mod", "mor"):
         config.model.update(d_model=128, num_layers=4, num_heads=4, d_mlp=512, activation="gelu", norm="layernorm",
                             positional="learned", tie_embeddings=True, scan_unroll=4)
     elif model == "deq":  # the transformer's block, weight-tied and solved to equilibrium
