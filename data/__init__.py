@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from data import activations, algorithmic, pairs, prontoqa, prosqa, prosqa_dag, reasoning, recall, text
+from data import activations, algorithmic, pairs, prontoqa, prosqa, prosqa_dag, prosqa_lookup, reasoning, recall, text
 from data.config_fields import field
 
 
@@ -86,7 +86,7 @@ class RecallConfig:
 class ReasoningConfig:
     """Every `config.data` key of the ProsQA- and ProntoQA-style tasks (`data/reasoning.py`)."""
 
-    name: str = "prosqa"  # prosqa | prontoqa | prosqa_official
+    name: str = "prosqa"  # prosqa | prontoqa | prosqa_official | prosqa_lookup
     method: str = field("coconut", choices=reasoning.METHODS)  # the model's `thoughts` decides latent or pause
     curriculum: bool = True  # False: train on the last stage (every step a thought) from the start
     last_stage: int = field(4, min=0)  # S: stage S replaces every step by S * thoughts_per_step thoughts
@@ -116,6 +116,22 @@ class ProsQAOfficialConfig(ReasoningConfig):
     branches: int = 0
     train_examples: int = 17_886
     eval_examples: int = 300
+    test_examples: int = 500
+
+
+@dataclasses.dataclass(frozen=True)
+class ProsQALookupConfig(ReasoningConfig):
+    """One-hop lookups on official-distribution ProsQA graphs (data/prosqa_lookup.py): can a model find a fact in
+    its context? No steps, so no curriculum."""
+
+    name: str = "prosqa_lookup"
+    method: str = field("nocot", choices=reasoning.METHODS)
+    last_stage: int = 0
+    min_hops: int = 3
+    max_hops: int = 6
+    branches: int = 0
+    train_examples: int = 17_886
+    eval_examples: int = 500
     test_examples: int = 500
 
 
@@ -194,7 +210,7 @@ def _load_activations(config, seed: int) -> Splits:
                   model_keys={"d_in": x.shape[1], "input_scale": scale})
 
 
-GENERATORS = {"prosqa": prosqa, "prontoqa": prontoqa, "prosqa_official": prosqa_dag}
+GENERATORS = {"prosqa": prosqa, "prontoqa": prontoqa, "prosqa_official": prosqa_dag, "prosqa_lookup": prosqa_lookup}
 
 
 def reasoning_problems(config, seed: int) -> dict[str, list[reasoning.Problem]]:
@@ -251,6 +267,7 @@ DATASETS = {
     "prosqa": (_load_reasoning, ReasoningConfig, prosqa.validate),
     "prontoqa": (_load_reasoning, ProntoQAConfig, prontoqa.validate),
     "prosqa_official": (_load_reasoning, ProsQAOfficialConfig, prosqa_dag.validate),
+    "prosqa_lookup": (_load_reasoning, ProsQALookupConfig, prosqa_lookup.validate),
     "activations": (_load_activations, ActivationsConfig, activations.validate),
 }
 

@@ -1,16 +1,23 @@
-"""Answer accuracy of a finished reasoning run (`data.name = prosqa | prontoqa | prosqa_official`) by batched generation.
+"""Answer accuracy of a finished reasoning run (`data.name = prosqa | prontoqa | prosqa_official | prosqa_lookup`) by
+batched generation:
+
+    python -m experiments.reasoning_eval --workdir=RUN [--split=test]
 
 The model reads each left-padded question (and `<bot>`, its thoughts and `<eot>` for Coconut), then
 generates greedily; an answer counts when the words between `###` and `<eos>` equal the problem's answer.
 Unlike the trainer's teacher-forced evaluation, chain of thought here runs on the model's own steps.
 """
 
+import json
+import sys
+
+from absl import app, flags, logging
 import jax.numpy as jnp
 import numpy as np
 
 import data as datasets
 from data import reasoning
-from experiments import restore
+from experiments import cli, restore
 from models import coconut
 
 
@@ -29,3 +36,24 @@ def evaluate(config, workdir: str, split: str = "test", batch_size: int = 250) -
             num_tokens=geo.row_len - geo.question_len)))
     result = reasoning.score(np.concatenate(generated), problems[split], vocab)
     return {**result, "thoughts": float(num_thoughts)}
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    try:
+        config = restore.load_config(_WORKDIR.value)
+    except FileNotFoundError as e:
+        cli.fail(str(e))
+    if config.data.name not in datasets.GENERATORS:
+        cli.fail(f"--workdir={_WORKDIR.value} trained on data.name={config.data.name!r}, not a reasoning task (one of "
+                 f"{sorted(datasets.GENERATORS)})")
+    if _SPLIT.value not in ("eval", "test"):
+        cli.fail(f"--split={_SPLIT.value!r} is not one of ['eval', 'test']")
+    print(json.dumps(evaluate(config, _WORKDIR.value, _SPLIT.value)), file=sys.stdout)
+
+
+if __name__ == "__main__":  # the flags exist only for the command (studies import `evaluate`)
+    _WORKDIR = flags.DEFINE_string("workdir", None, "A finished reasoning run's folder.", required=True)
+    _SPLIT = flags.DEFINE_string("split", "test", "eval | test (for prosqa_official: the official valid / test split).")
+    app.run(main)

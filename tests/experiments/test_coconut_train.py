@@ -121,3 +121,35 @@ def test_a_run_on_the_official_distribution_is_scored_on_the_official_test_split
     vocab = datasets.GENERATORS["prosqa_official"].VOCABULARY
     prompts = [" ".join(w for w in vocab.decode(row) if w not in ("<pad>", "<bot>")) for b in served for row in b]
     assert prompts == [" ".join(p.question) for p in prosqa_official.load("test")[:6]]  # the official test split
+
+
+@pytest.mark.slow
+def test_the_lookup_diagnostic_trains_a_conv_backbone_on_a_mesh_and_scores_through_the_cli(tmp_path):
+    """The hybrid backbone (short conv + attention) through the trainer on the 2x2x2 mesh with the 1-device losses;
+    `python -m experiments.reasoning_eval` prints the accuracy, and refuses a run that is not a reasoning task."""
+    import json
+    import subprocess
+    import sys
+
+    from experiments.configs import prosqa_lookup
+    from tests.conftest import assert_mesh_run_matches_one_device
+
+    def config_fn():
+        config = prosqa_lookup.get_config("CA")
+        config.model.update(d_model=32, num_heads=2, d_mlp=64)
+        config.data.update(train_examples=32, eval_examples=8, test_examples=8, batch_size=8, eval_batch_size=8)
+        config.train.update(steps=4, log_every=1, eval_every=4, checkpoint_every=4)
+        config.optimizer.update(warmup_steps=0, lr=3e-3)
+        config.mesh.update(data=-1)
+        return config
+
+    assert_mesh_run_matches_one_device(config_fn, tmp_path)
+    run = subprocess.run([sys.executable, "-m", "experiments.reasoning_eval", f"--workdir={tmp_path / 'one'}"],
+                         capture_output=True, text=True, check=True)
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert 0.0 <= result["accuracy"] <= 1.0 and result["thoughts"] == 0.0 and result["tokens"] > 0
+    (tmp_path / "lm").mkdir()
+    (tmp_path / "lm" / "config.json").write_text(json.dumps({"data": {"name": "text"}, "model": {"name": "transformer"}}))
+    bad = subprocess.run([sys.executable, "-m", "experiments.reasoning_eval", f"--workdir={tmp_path / 'lm'}"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "data.name='text', not a reasoning task" in bad.stderr.strip().splitlines()[-1]

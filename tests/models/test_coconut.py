@@ -17,6 +17,9 @@ from tests.conftest import slow
 BOT_AT, K, LENGTH, VOCAB = 5, 4, 15, 24
 
 
+CONV = dict(layer_pattern="CA", num_layers=4)  # the hybrid backbone: a short conv before each attention block
+
+
 def make_model(thoughts="latent", **overrides):
     keys = dict(vocab_size=VOCAB, max_len=LENGTH, d_model=32, num_layers=2, num_heads=3, num_kv_heads=1,
                 head_dim=8, d_mlp=48, bot_position=BOT_AT, max_thoughts=K, thought_token=R.THOUGHT,
@@ -32,8 +35,9 @@ def forward(thoughts="latent", **overrides):
 
 
 @functools.lru_cache
-def init_variables(seed=0):
-    return jax.jit(make_model().init)(jax.random.PRNGKey(seed), make_tokens())
+def init_variables(seed=0, backbone=()):
+    """backbone: model overrides as a tuple of items (CONV's for the hybrid)."""
+    return jax.jit(make_model(**dict(backbone)).init)(jax.random.PRNGKey(seed), make_tokens())
 
 
 def make_tokens(seed=0):
@@ -69,13 +73,15 @@ def _naive_logits(model, variables, tokens, latent, offsets, columns):
     return model.apply(variables, full(x), method=coconut.Coconut.logits)
 
 
-@pytest.mark.parametrize("thoughts", ["latent", slow("pause")])
-def test_cached_loop_equals_naive_loop_values_and_gradients(thoughts):
-    model, tokens, variables = make_model(thoughts), make_tokens(), init_variables()
+@pytest.mark.parametrize("thoughts,backbone", [("latent", {}), slow("pause", {}), ("latent", CONV)])
+def test_cached_loop_equals_naive_loop_values_and_gradients(thoughts, backbone):
+    """The hybrid backbone's convs run from their cached state in the loop and from zeros over the whole row in the
+    naive passes."""
+    model, tokens, variables = make_model(thoughts, **backbone), make_tokens(), init_variables(0, tuple(backbone.items()))
     weights = jax.random.normal(jax.random.PRNGKey(1), (3, LENGTH, VOCAB))
     objective = lambda logits: jnp.sum(weights * jax.nn.log_softmax(logits))  # noqa: E731
 
-    cached = forward(thoughts)(variables, tokens)
+    cached = forward(thoughts, **backbone)(variables, tokens)
     naive = naive_logits(model, variables, tokens, thoughts == "latent")
     valid = np.asarray(tokens != R.PAD)[:, :, None]  # a padded query sees no key; its output is arbitrary
     np.testing.assert_allclose(np.where(valid, cached, 0), np.where(valid, naive, 0), atol=2e-5, rtol=2e-5)
@@ -111,28 +117,30 @@ def test_no_thoughts_is_a_plain_masked_transformer_pass():
     np.testing.assert_allclose(forward(max_thoughts=0)(variables, tokens), pause, atol=2e-5, rtol=2e-5)
 
 
-def test_left_padding_is_invisible():
-    """A row's logits do not depend on how much left padding precedes it (RoPE is relative; pads are masked)."""
-    tokens, variables = np.asarray(make_tokens()), init_variables()
+@pytest.mark.parametrize("backbone", [{}, CONV])
+def test_left_padding_is_invisible(backbone):
+    """A row's logits do not depend on how much left padding precedes it (RoPE is relative; pads are masked out
+    of attention and fed to the convs as zeros)."""
+    tokens, variables = np.asarray(make_tokens()), init_variables(0, tuple(backbone.items()))
     shifted = np.full_like(tokens, R.PAD)
     shifted[:, 1:] = tokens[:, :-1]  # one more pad on the left: <bot> moves, so rebuild the model's position
-    a = forward()(variables, jnp.asarray(tokens))[:, :-1]
-    b = forward(bot_position=BOT_AT + 1)(variables, jnp.asarray(shifted))[:, 1:]
+    a = forward(**backbone)(variables, jnp.asarray(tokens))[:, :-1]
+    b = forward(bot_position=BOT_AT + 1, **backbone)(variables, jnp.asarray(shifted))[:, 1:]
     valid = (tokens[:, :-1] != R.PAD)[:, :, None]
     np.testing.assert_allclose(np.where(valid, a, 0), np.where(valid, b, 0), atol=3e-5, rtol=3e-5)
 
 
-@pytest.mark.parametrize("thoughts", ["latent", "pause"])
-def test_batched_generation_equals_greedy_full_passes(thoughts):
+@pytest.mark.parametrize("thoughts,backbone", [("latent", {}), ("pause", {}), slow("latent", CONV)])
+def test_batched_generation_equals_greedy_full_passes(thoughts, backbone):
     """generate = at every step, argmax of the full (cached-loop) forward pass over the row so far."""
-    model, tokens, variables = make_model(thoughts), make_tokens(1), init_variables(2)
+    model, tokens, variables = make_model(thoughts, **backbone), make_tokens(1), init_variables(2, tuple(backbone.items()))
     prompt = tokens[:, :BOT_AT + 1]
     num_tokens = LENGTH - (BOT_AT + 1 + K + 1)
     generated = np.asarray(coconut.generate(model, variables, prompt, num_thoughts=K, num_tokens=num_tokens))
     row = np.concatenate([np.asarray(prompt), np.full((3, K), R.THOUGHT), np.full((3, 1), R.EOT)], axis=1)
     for i in range(num_tokens):
         padded = np.concatenate([row, np.full((3, LENGTH - row.shape[1]), R.PAD)], axis=1).astype(np.int32)
-        logits = forward(thoughts)(variables, jnp.asarray(padded))[:, row.shape[1] - 1]
+        logits = forward(thoughts, **backbone)(variables, jnp.asarray(padded))[:, row.shape[1] - 1]
         np.testing.assert_array_equal(generated[:, i], np.argmax(logits, axis=-1))
         row = np.concatenate([row, generated[:, i:i + 1]], axis=1)
 
@@ -151,3 +159,9 @@ def test_unfilled_layout_keys_and_bad_values_are_refused():
     with pytest.raises(validation.ConfigError) as info:
         validation.validate(config, 8)
     assert "model.thoughts='words' is not one of" in str(info.value) and "model.attention_impl='pallas'" in str(info.value)
+    config.model.update(thoughts="latent", attention_impl="xla", max_thoughts=2, layer_pattern="CAS")
+    with pytest.raises(validation.ConfigError, match="model.layer_pattern='CAS' must be a string of A"):
+        validation.validate(config, 8)
+    config.model.update(layer_pattern="CCA", num_layers=4)
+    with pytest.raises(validation.ConfigError, match=r"model.num_layers=4 must be a multiple of len\(model.layer_pattern='CCA'\)"):
+        validation.validate(config, 8)

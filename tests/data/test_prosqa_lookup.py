@@ -1,0 +1,66 @@
+"""The one-hop lookup diagnostic (data/prosqa_lookup.py): each question's answer is a fact of its context, the
+other option is not, the right option's place is balanced, the graphs are the official distribution's."""
+
+import numpy as np
+import pytest
+
+import data as datasets
+from data import prosqa_official
+from experiments import validation
+from experiments.configs import prosqa_lookup as lookup_config
+
+
+def facts_and_question(p):
+    """Edges (subject, object) parsed from the context's sentences, and (subject, first option, second option)."""
+    words = list(p.question)
+    ask = len(words) - 1 - words[::-1].index("Is")
+    edges, sentence = set(), []
+    for w in words[:ask]:
+        sentence.append(w)
+        if w == ".":
+            subject = sentence[1] if sentence[0] == "Every" else sentence[0]
+            edges.add((subject, sentence[-2]))
+            sentence = []
+    q = words[ask + 1:]  # X a A or B ?
+    return edges, (q[0], q[2], q[4])
+
+
+@pytest.fixture(scope="module")
+def problems():
+    config = lookup_config.get_config("CA").data
+    config.update(train_examples=300, eval_examples=100, test_examples=100)
+    return config, datasets.reasoning_problems(config, seed=5)
+
+
+def test_the_answer_is_a_fact_of_the_context_and_the_other_option_is_not(problems):
+    _, splits = problems
+    for p in splits["train"] + splits["test"]:
+        edges, (subject, first, second) = facts_and_question(p)
+        right = p.answer[-2]
+        wrong = second if right == first else first
+        assert (subject, right) in edges and (subject, wrong) not in edges and right != wrong
+        assert p.answer[:-2] in (("Every", subject, "is", "a"), (subject, "is", "a")) and p.steps == ()
+    firsts = [facts_and_question(p)[1][1] == p.answer[-2] for p in splits["train"]]
+    assert np.mean(firsts) == 0.5
+
+
+def test_the_graphs_are_the_official_distribution_and_the_splits_are_disjoint(problems):
+    _, splits = problems
+    sizes = [len({s for s, o in facts_and_question(p)[0]} | {o for s, o in facts_and_question(p)[0]})
+             for p in splits["train"]]
+    official = prosqa_official.statistics(prosqa_official.load("test"))
+    assert np.mean(sizes) == pytest.approx(official["nodes"][0], rel=0.1)
+    questions = {split: {p.question for p in ps} for split, ps in splits.items()}
+    assert not questions["train"] & questions["test"] and not questions["train"] & questions["eval"]
+    assert datasets.reasoning_problems(problems[0], seed=5)["test"][:3] == splits["test"][:3]
+
+
+def test_steps_and_dead_ends_are_refused_in_one_line():
+    config = lookup_config.get_config("CA")
+    config.data.update(method="cot", branches=2)
+    with pytest.raises(validation.ConfigError) as info:
+        validation.validate(config, 1)
+    assert "data.method='cot': a one-hop lookup has no steps" in str(info.value)
+    assert "data.branches=2" in str(info.value)
+    with pytest.raises(ValueError, match="'AC' is not one of"):
+        lookup_config.get_config("AC")
