@@ -16,6 +16,7 @@ FFN, one entry in FFNS.
 import functools
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from models import gqa, layers, linear_attention, mla, moe, qk_norm, short_conv
@@ -62,7 +63,9 @@ class Block(nn.Module):
         attention = kind(cfg, name="attention", **pattern)
         h = layers.Norm(cfg.norm, dtype, "attention_norm", cfg.norm_eps)(x)
         if cfg.short_conv:
-            h, conv_state = short_conv.ShortConv(cfg.short_conv, name="short_conv")(h, None if cache is None else cache["conv"])
+            valid = None if key_mask is None else jax.lax.dynamic_slice_in_dim(key_mask, start, h.shape[1], axis=1)
+            h, conv_state = short_conv.ShortConv(cfg.short_conv, name="short_conv")(
+                h, None if cache is None else cache["conv"], valid)
             h, mixer_cache = attention(h, start, None if cache is None else cache["mixer"], key_mask)
             cache = None if cache is None else {"mixer": mixer_cache, "conv": conv_state}
         else:

@@ -18,11 +18,6 @@ which gives the logits of the naive loop that reruns the whole prefix for every 
 with gradients through every thought. Rows with fewer than K thoughts run their `<eot>` and first steps in
 the middle segment as ordinary tokens. `generate` runs the same loop batched: the question, K thoughts,
 `<eot>`, then greedy tokens.
-
-The network is the transformer, or with `model.layer_pattern` a period of attention blocks (A) and short causal
-convolutions (C, models/hybrid.py): "CA" puts Zoology's short conv in front of every attention block, the
-"previous token" half of the in-context lookup a from-scratch attention stack otherwise struggles to find (the
-MQAR study). Left padding reaches the convs as zeros, so a padded row runs as the same row unpadded.
 """
 
 import dataclasses
@@ -32,7 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models import hybrid, transformer
+from models import transformer
 from data.config_fields import field
 
 
@@ -48,20 +43,13 @@ class CoconutConfig(transformer.TransformerConfig):
     thought_token: int = field(-1, min=-1)
     pad_token: int = field(-1, min=-1)
     eot_token: int = field(-1, min=-1)
-    layer_pattern: str = "A"  # the backbone's period: A attention block, C short conv (models/hybrid.py); "A": the transformer
-    conv_width: int = field(4, min=2)  # C layers' kernel width
-
-
-def backbone(cfg: CoconutConfig):
-    """The network class: the transformer, or the hybrid LM of attention blocks and short convs."""
-    return transformer.Transformer if cfg.layer_pattern == "A" else hybrid.HybridLM
 
 
 class Coconut(nn.Module):
     cfg: CoconutConfig
 
     def setup(self):
-        self.transformer = backbone(self.cfg)(self.cfg)  # named so for every backbone: checkpoints keep their paths
+        self.transformer = transformer.Transformer(self.cfg)
 
     def embed(self, tokens, start=0):
         return self.transformer.embed_tokens(tokens, start)
@@ -107,7 +95,7 @@ class Coconut(nn.Module):
         return self.transformer.decode(tokens, cache, start)
 
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32):
-        return backbone(self.cfg)(self.cfg, parent=None).init_cache(batch, max_len, dtype)
+        return transformer.Transformer(self.cfg, parent=None).init_cache(batch, max_len, dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "num_thoughts", "num_tokens"))
@@ -152,14 +140,6 @@ def validate(m) -> list[str]:
     """Cross-field problems of a Coconut config.model (each key's range is declared with it; layout keys left
     at -1 are refused once the data has had its say, by experiments/validation.py)."""
     p = transformer.validate(m)
-    if not m.layer_pattern or set(m.layer_pattern) - set("AC") or "A" not in m.layer_pattern:
-        p.append(f"model.layer_pattern={m.layer_pattern!r} must be a string of A (attention block) and C (short conv) "
-                 "with at least one A")
-    elif m.num_layers % len(m.layer_pattern):
-        p.append(f"model.num_layers={m.num_layers} must be a multiple of len(model.layer_pattern={m.layer_pattern!r})")
-    elif m.layer_pattern != "A" and m.exit_every:
-        p.append(f"model.exit_every={m.exit_every}: early exits are the transformer's; model.layer_pattern="
-                 f"{m.layer_pattern!r} builds the hybrid (use 'A', or exit_every=0)")
     if m.max_len and m.bot_position >= 0 and m.max_thoughts > 0 and m.bot_position + 1 + m.max_thoughts > m.max_len:
         p.append(f"model.bot_position={m.bot_position} + model.max_thoughts={m.max_thoughts} + 1 exceeds the row "
                  f"length model.max_len={m.max_len}")

@@ -21,7 +21,6 @@ full pass at the same positions.
 import dataclasses
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from models import blocks, layers, lm, mamba1, mamba2, moe
@@ -61,7 +60,7 @@ class MambaConfig(HybridConfig):
 
 def _no_key_mask(key_mask):
     if key_mask is not None:
-        raise ValueError("key masks (left padding) need attention or conv layers; Mamba-1 and Mamba-2 layers have none")
+        raise ValueError("key masks (left padding) need attention layers; Mamba-2 and conv layers have none")
 
 
 class MambaLayer(nn.Module):
@@ -94,15 +93,14 @@ class MambaLayer(nn.Module):
 
 
 class ShortConvLayer(nn.Module):
-    """x += conv_W(norm(x)) W_o, with the last W-1 normed inputs as its state; None in means a fresh start.
-
-    key_mask (bool [B, S] over every position of the row, False at left padding): padded positions feed the conv
-    zeros, so a left-padded row convolves as the same row unpadded from a fresh state."""
+    """x += conv_W(norm(x)) W_o, with the last W-1 normed inputs as its state; None in means a fresh start."""
 
     cfg: HybridConfig
 
     @nn.compact
     def __call__(self, x, state, start, key_mask=None):
+        del start
+        _no_key_mask(key_mask)
         cfg, dtype = self.cfg, x.dtype
         fresh = state is None
         if fresh:
@@ -110,10 +108,8 @@ class ShortConvLayer(nn.Module):
         kernel = self.param("conv_kernel", nn.with_logical_partitioning(
             nn.initializers.normal(cfg.conv_width**-0.5), (None, "embed")), (cfg.conv_width, cfg.d_model))
         bias = self.param("conv_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), (cfg.d_model,))
-        h = layers.Norm(cfg.norm, dtype, "norm", cfg.norm_eps)(x)
-        if key_mask is not None:
-            h = h * jax.lax.dynamic_slice_in_dim(key_mask, start, x.shape[1], axis=1)[:, :, None].astype(dtype)
-        h, conv_state = mamba2.causal_conv(h, state["conv"], kernel.astype(dtype), bias.astype(dtype))
+        h, conv_state = mamba2.causal_conv(layers.Norm(cfg.norm, dtype, "norm", cfg.norm_eps)(x), state["conv"],
+                                           kernel.astype(dtype), bias.astype(dtype))
         w_out = self.param("out_proj", layers.dense_init(None, "embed"), (cfg.d_model, cfg.d_model))
         h = (h.reshape(-1, cfg.d_model) @ w_out.astype(dtype)).reshape(x.shape)
         h = layers.sow_site(self, "mixer_out", h)

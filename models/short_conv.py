@@ -5,8 +5,9 @@ preceded it (an induction-style lookup, "every X is a Y": the key at Y knows X) 
 
     y_t = h_t + sum_{j=0}^{w-1} c_j * h_{t-j}        c [w, D] per channel, zero at initialisation (y = h)
 
-h_{t-j} for t - j < 0 is 0. Decoding keeps the last w - 1 inputs as the state, so a cached pass continues exactly
-where the previous one stopped (what the full pass computes with its zero padding).
+h_{t-j} for t - j < 0 is 0, and so is h_s at a left-padded position s (`valid` False: Coconut's padded questions),
+so a padded row convolves as the same row unpadded. Decoding keeps the last w - 1 inputs as the state, so a cached
+pass continues exactly where the previous one stopped (what the full pass computes with its zero padding).
 """
 
 import flax.linen as nn
@@ -17,12 +18,14 @@ class ShortConv(nn.Module):
     width: int
 
     @nn.compact
-    def __call__(self, h, state=None):
-        """h [B, T, D], state [B, w - 1, D] (None: a full pass from position 0) -> (y [B, T, D], the new state)."""
+    def __call__(self, h, state=None, valid=None):
+        """h [B, T, D], state [B, w - 1, D] (None: a full pass from position 0), valid: None or bool [B, T] (False:
+        padding, which enters the sums as 0) -> (y [B, T, D], the new state)."""
         kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.zeros, (None, "embed")),
                             (self.width, h.shape[-1]))
         history = jnp.zeros((h.shape[0], self.width - 1, h.shape[-1]), h.dtype) if state is None else state.astype(h.dtype)
-        padded = jnp.concatenate([history, h], axis=1)  # position t of h sits at t + w - 1
+        inputs = h if valid is None else h * valid[:, :, None].astype(h.dtype)
+        padded = jnp.concatenate([history, inputs], axis=1)  # position t of h sits at t + w - 1
         steps = h.shape[1]
         mixed = sum(kernel[j].astype(h.dtype) * padded[:, self.width - 1 - j:self.width - 1 - j + steps]
                     for j in range(self.width))

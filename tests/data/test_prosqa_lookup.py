@@ -27,7 +27,7 @@ def facts_and_question(p):
 
 @pytest.fixture(scope="module")
 def problems():
-    config = lookup_config.get_config("CA").data
+    config = lookup_config.get_config("conv").data
     config.update(train_examples=300, eval_examples=100, test_examples=100)
     return config, datasets.reasoning_problems(config, seed=5)
 
@@ -56,11 +56,11 @@ def test_the_graphs_are_the_official_distribution_and_the_splits_are_disjoint(pr
 
 
 def test_steps_and_dead_ends_are_refused_in_one_line():
-    config = lookup_config.get_config("CA")
+    config = lookup_config.get_config("conv")
     config.data.update(method="cot", branches=2)
     with pytest.raises(validation.ConfigError) as info:
         validation.validate(config, 1)
     assert "data.method='cot': a one-hop lookup has no steps" in str(info.value)
     assert "data.branches=2" in str(info.value)
-    with pytest.raises(ValueError, match="'AC' is not one of"):
-        lookup_config.get_config("AC")
+    with pytest.raises(ValueError, match="'CA' is not one of"):
+        lookup_config.get_config("CA")

@@ -124,8 +124,8 @@ def test_a_run_on_the_official_distribution_is_scored_on_the_official_test_split
 
 
 @pytest.mark.slow
-def test_the_lookup_diagnostic_trains_a_conv_backbone_on_a_mesh_and_scores_through_the_cli(tmp_path):
-    """The hybrid backbone (short conv + attention) through the trainer on the 2x2x2 mesh with the 1-device losses;
+def test_the_lookup_diagnostic_trains_a_short_conv_transformer_on_a_mesh_and_scores_through_the_cli(tmp_path):
+    """The short-conv transformer through the trainer on the 2x2x2 mesh with the 1-device losses;
     `python -m experiments.reasoning_eval` prints the accuracy, and refuses a run that is not a reasoning task."""
     import json
     import subprocess
@@ -135,7 +135,7 @@ def test_the_lookup_diagnostic_trains_a_conv_backbone_on_a_mesh_and_scores_throu
     from tests.conftest import assert_mesh_run_matches_one_device
 
     def config_fn():
-        config = prosqa_lookup.get_config("CA")
+        config = prosqa_lookup.get_config("conv")
         config.model.update(d_model=32, num_heads=2, d_mlp=64)
         config.data.update(train_examples=32, eval_examples=8, test_examples=8, batch_size=8, eval_batch_size=8)
         config.train.update(steps=4, log_every=1, eval_every=4, checkpoint_every=4)
