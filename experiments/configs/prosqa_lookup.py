@@ -22,5 +22,5 @@ def get_config(arg=None):
     config.data = base.get_config("coconut", "prosqa_lookup").data
     config.data.update(batch_size=32, eval_batch_size=100)
     config.model.update(short_conv=VARIANTS[variant])
-    config.train.update(steps=3_000, log_every=100, eval_every=500, checkpoint_every=500)
+    config.train.update(steps=1_000, log_every=100, eval_every=500, checkpoint_every=500)
     return config
