@@ -122,6 +122,16 @@ def test_a_run_on_the_official_distribution_is_scored_on_the_official_test_split
     prompts = [" ".join(w for w in vocab.decode(row) if w not in ("<pad>", "<bot>")) for b in served for row in b]
     assert prompts == [" ".join(p.question) for p in prosqa_official.load("test")[:6]]  # the official test split
 
+    import json
+    import subprocess
+    import sys
+    probe = subprocess.run([sys.executable, "-m", "experiments.latent_search", f"--workdir={tmp_path}"],
+                           capture_output=True, text=True, check=True)  # latent-search probing on the same split
+    result = json.loads(probe.stdout.strip().splitlines()[-1])
+    assert set(result["mass"]) == {"thought_1", "thought_2"} and (tmp_path / "latent_search.png").exists()
+    assert all(0.0 <= m["correct"] <= m["frontier"] <= m["reachable"] <= m["graph"] <= 1.0 + 1e-6
+               for m in result["mass"].values())
+
 
 @pytest.mark.slow
 def test_the_lookup_diagnostic_trains_a_short_conv_transformer_on_a_mesh_and_scores_through_the_cli(tmp_path):
