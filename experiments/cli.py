@@ -21,6 +21,16 @@ def fail(message: str, status: int = 2):
     sys.exit(status)
 
 
+def run_config(workdir: str):
+    """The resolved config of the run in `workdir` (for the tools that read finished runs), or one stderr line."""
+    from experiments import restore
+
+    try:
+        return restore.load_config(workdir)
+    except FileNotFoundError as e:
+        fail(str(e))
+
+
 def run(config, workdir: str) -> dict:
     """Trains `config` in `workdir` as the command line does: an expected failure becomes one stderr line and
     exit status 2 (bad input) or 1 (a failure mid-run)."""

@@ -141,10 +141,7 @@ def plot(result: dict, path: str) -> None:
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
-    try:
-        config = restore.load_config(_WORKDIR.value)
-    except FileNotFoundError as e:
-        cli.fail(str(e))
+    config = cli.run_config(_WORKDIR.value)
     if config.data.name not in ("prosqa", "prosqa_official") or config.data.method != "coconut":
         cli.fail(f"--workdir={_WORKDIR.value} trained data.name={config.data.name!r} with data.method="
                  f"{config.data.method!r}; latent search needs a Coconut run (data.method='coconut') on prosqa or "

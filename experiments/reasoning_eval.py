@@ -41,10 +41,7 @@ def evaluate(config, workdir: str, split: str = "test", batch_size: int = 250) -
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
-    try:
-        config = restore.load_config(_WORKDIR.value)
-    except FileNotFoundError as e:
-        cli.fail(str(e))
+    config = cli.run_config(_WORKDIR.value)
     if config.data.name not in datasets.GENERATORS:
         cli.fail(f"--workdir={_WORKDIR.value} trained on data.name={config.data.name!r}, not a reasoning task (one of "
                  f"{sorted(datasets.GENERATORS)})")
