@@ -77,7 +77,7 @@ def _naive_logits(model, variables, tokens, latent, offsets, columns):
     return model.apply(variables, full(x), method=coconut.Coconut.logits)
 
 
-@pytest.mark.parametrize("thoughts,backbone", [("latent", {}), slow("pause", {}), ("latent", CONV)])
+@pytest.mark.parametrize("thoughts,backbone", [("latent", {}), slow("pause", {}), slow("latent", CONV)])
 def test_cached_loop_equals_naive_loop_values_and_gradients(thoughts, backbone):
     """With short convs: their state cached through the loop against the whole row's convs in the naive passes."""
     model, tokens, variables = make_model(thoughts, **backbone), make_tokens(), init_variables(0, tuple(backbone.items()))
