@@ -120,19 +120,14 @@ class ProsQAOfficialConfig(ReasoningConfig):
 
 
 @dataclasses.dataclass(frozen=True)
-class ProsQALookupConfig(ReasoningConfig):
+class ProsQALookupConfig(ProsQAOfficialConfig):
     """One-hop lookups on official-distribution ProsQA graphs (data/prosqa_lookup.py): can a model find a fact in
-    its context? No steps, so no curriculum."""
+    its context? No steps, so no curriculum; every split generated."""
 
     name: str = "prosqa_lookup"
     method: str = field("nocot", choices=reasoning.METHODS)
     last_stage: int = 0
-    min_hops: int = 3
-    max_hops: int = 6
-    branches: int = 0
-    train_examples: int = 17_886
     eval_examples: int = 500
-    test_examples: int = 500
 
 
 @dataclasses.dataclass(frozen=True)

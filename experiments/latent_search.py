@@ -40,13 +40,21 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def node_sets(graph: dict, t: int) -> dict:
-    """{"frontier", "reachable", "correct": sets of nodes, "height": {node: height}} of a ProsQA graph at thought t."""
+def graph_view(graph: dict) -> tuple[dict, set, dict]:
+    """(depth from the root, the nodes that reach the target, heights) of a ProsQA graph: what every thought's sets
+    are cut from, computed once per problem."""
     depth, _ = prosqa_official.breadth_first(graph["edges"], graph["root"])
-    frontier = {n for n, d in depth.items() if d == t}
     reaches_target = {n for n in depth if graph["target"] in prosqa_official.breadth_first(graph["edges"], n)[0]}
+    return depth, reaches_target, heights(graph["edges"])
+
+
+def node_sets(graph: dict, t: int, view: tuple | None = None) -> dict:
+    """{"frontier", "reachable", "correct": sets of nodes, "height": {node: height}} of a ProsQA graph at thought t
+    (`view`: its graph_view, if already computed)."""
+    depth, reaches_target, height = view or graph_view(graph)
+    frontier = {n for n, d in depth.items() if d == t}
     return dict(frontier=frontier, reachable={n for n, d in depth.items() if 1 <= d <= t},
-                correct=frontier & reaches_target, height=heights(graph["edges"]))
+                correct=frontier & reaches_target, height=height)
 
 
 def heights(edges) -> dict:
@@ -65,6 +73,9 @@ def heights(edges) -> dict:
     return height
 
 
+_forward = jax.jit(lambda model, variables, rows: model.apply(variables, rows), static_argnums=0)  # compiled once
+
+
 def thought_distributions(model, variables, prompts, num_thoughts: int, bot_position: int) -> np.ndarray:
     """float32 [N, num_thoughts, V]: the head's distribution at each thought of left-padded rows ending in <bot>.
 
@@ -72,7 +83,7 @@ def thought_distributions(model, variables, prompts, num_thoughts: int, bot_posi
     thought t (the hidden state fed back as the next input)."""
     rows = np.concatenate([prompts, np.full((len(prompts), num_thoughts), reasoning.THOUGHT, np.int32),
                            np.full((len(prompts), 1), reasoning.EOT, np.int32)], axis=1)
-    logits = jax.jit(model.apply)(variables, jnp.asarray(rows))
+    logits = _forward(model, variables, jnp.asarray(rows))
     return np.asarray(jax.nn.softmax(logits[:, bot_position:bot_position + num_thoughts], axis=-1))
 
 
@@ -84,9 +95,9 @@ def analyse(problems, probabilities: np.ndarray, vocab: reasoning.Vocabulary) ->
     values = collections.defaultdict(list)  # (t, height, "correct" | "other") -> values
     for p, probs in zip(problems, probabilities):
         graph = prosqa_official.graph(p)
-        nodes = {n for e in graph["edges"] for n in e}
+        nodes, view = {n for e in graph["edges"] for n in e}, graph_view(graph)
         for t in range(1, num_thoughts + 1):
-            sets, pt = node_sets(graph, t), probs[t - 1]
+            sets, pt = node_sets(graph, t, view), probs[t - 1]
             p_of = lambda ns: float(sum(pt[vocab.ids[n]] for n in ns))  # noqa: E731
             for name in ("frontier", "reachable", "correct"):
                 mass[(t, name)].append(p_of(sets[name]))

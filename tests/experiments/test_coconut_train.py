@@ -1,6 +1,10 @@
 """Coconut through the shared trainer: the curriculum's stages, optimizer resets, resume mid-curriculum,
 and answer accuracy by batched generation."""
 
+import json
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -121,10 +125,6 @@ def test_a_run_on_the_official_distribution_is_scored_on_the_official_test_split
     vocab = datasets.GENERATORS["prosqa_official"].VOCABULARY
     prompts = [" ".join(w for w in vocab.decode(row) if w not in ("<pad>", "<bot>")) for b in served for row in b]
     assert prompts == [" ".join(p.question) for p in prosqa_official.load("test")[:6]]  # the official test split
-
-    import json
-    import subprocess
-    import sys
     probe = subprocess.run([sys.executable, "-m", "experiments.latent_search", f"--workdir={tmp_path}"],
                            capture_output=True, text=True, check=True)  # latent-search probing on the same split
     result = json.loads(probe.stdout.strip().splitlines()[-1])
@@ -137,9 +137,6 @@ def test_a_run_on_the_official_distribution_is_scored_on_the_official_test_split
 def test_the_lookup_diagnostic_trains_a_short_conv_transformer_on_a_mesh_and_scores_through_the_cli(tmp_path):
     """The short-conv transformer through the trainer on the 2x2x2 mesh with the 1-device losses;
     `python -m experiments.reasoning_eval` prints the accuracy, and refuses a run that is not a reasoning task."""
-    import json
-    import subprocess
-    import sys
 
     from experiments.configs import prosqa_lookup
     from tests.conftest import assert_mesh_run_matches_one_device
