@@ -37,7 +37,8 @@ VARIANTS = {  # key: (label, recall config arg, model overrides)
     "linear": ("linear attention: short conv + linear attention, twice (CL x 2)", "attention", dict(layer_pattern="CL")),
     "sliding": ("sliding-window attention (16 keys), CA x 2", "attention",
                 dict(attention_pattern="sliding", attention_window=16)),
-    "mamba1": ("Mamba-1, 3 layers, state 16", "ssd", dict(layer_pattern="M")),
+    "mamba1": ("Mamba-1, 3 layers, state 16", "ssd",  # trained through its recurrence, unrolled: ~2x faster on CPU
+               dict(layer_pattern="M", mamba1_scan="sequential", scan_unroll=3)),
 }
 _VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), f"Models to run, of {list(VARIANTS)}.")
 

@@ -28,7 +28,8 @@ def _numpy_scan(x, dt, a, b, c, h):
     return y, h
 
 
-def test_the_selective_scan_and_its_step_equal_a_numpy_loop():
+@pytest.mark.parametrize("scan", [mamba1.selective_scan, mamba1.selective_scan_sequential])
+def test_the_selective_scan_and_its_step_equal_a_numpy_loop(scan):
     rng = np.random.default_rng(0)
     batch, length, channels, n = 2, 13, 6, 5
     x, b, c = rng.normal(size=(batch, length, channels)), rng.normal(size=(batch, length, n)), rng.normal(size=(batch, length, n))
@@ -37,12 +38,26 @@ def test_the_selective_scan_and_its_step_equal_a_numpy_loop():
     h0 = rng.normal(size=(batch, channels, n))
     want_y, want_h = _numpy_scan(x, dt, a, b, c, h0)
     as32 = [jnp.asarray(t, jnp.float32) for t in (x, dt, a, b, c, h0)]
-    y, h = mamba1.selective_scan(*as32)
+    y, h = scan(*as32)
     np.testing.assert_allclose(y, want_y, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(h, want_h, rtol=1e-4, atol=1e-4)
     y0, h1 = mamba1.selective_step(as32[0][:, 0], as32[1][:, 0], as32[2], as32[3][:, 0], as32[4][:, 0], as32[5])
     np.testing.assert_allclose(y0, want_y[:, 0], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(h1, _numpy_scan(x[:, :1], dt[:, :1], a, b[:, :1], c[:, :1], h0)[1], rtol=1e-5, atol=1e-5)
+
+
+def test_the_sequential_training_form_has_the_parallel_prefix_gradients():
+    """mamba1_scan=sequential changes how the scan runs, not what it computes: the same values and gradients."""
+    keys = jax.random.split(jax.random.key(3), 6)
+    x, b, c = (jax.random.normal(k, s) for k, s in zip(keys, [(1, 11, 5), (1, 11, 3), (1, 11, 3)]))
+    dt, a = jax.nn.softplus(jax.random.normal(keys[3], (1, 11, 5))), -jnp.exp(jax.random.normal(keys[4], (5, 3)))
+    h0 = jax.random.normal(keys[5], (1, 5, 3))
+
+    def loss(scan):
+        return jax.grad(lambda *args: jnp.sum(jnp.sin(scan(*args)[0])) + jnp.sum(scan(*args)[1] ** 2),
+                        argnums=range(6))(x, dt, a, b, c, h0)
+    for want, got in zip(loss(mamba1.selective_scan), loss(mamba1.selective_scan_sequential)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
 def _hybrid(pattern, **overrides):
