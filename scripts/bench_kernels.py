@@ -14,6 +14,10 @@ length 4096, head dim 128 and uses the fastest.
 Memory (every backend, compile only): temporary bytes of flash vs reference attention at
 --memory_length (8192), forward and forward+backward: O(L) for flash, O(L^2) for the reference.
 
+Masks (GPU): causal flash attention with a sliding window of --window keys and with ALiBi, against plain causal
+flash (what skipping the blocks outside the window saves; what the bias costs) and against cuDNN / XLA given the
+same window (`local_window_size`) or the same ALiBi bias (a materialised [H, L, L] bias), at head dim 128.
+
 SSD (GPU): `kernels_pallas.ssd_chunked` against `models.ssd.ssd_chunked`, milliseconds.
 """
 
@@ -25,7 +29,7 @@ import jax.numpy as jnp
 
 import kernels_pallas
 from experiments import studies
-from models import attention, ssd
+from models import attention, positions, ssd
 
 _LENGTHS = flags.DEFINE_list("lengths", ["1024", "2048", "4096", "8192", "16384"], "Sequence lengths.")
 _HEAD_DIMS = flags.DEFINE_list("head_dims", ["64", "128"], "Head dims.")
@@ -35,6 +39,8 @@ _REPEATS = flags.DEFINE_integer("repeats", 10, "Timed calls after a warm-up; the
 _TUNE = flags.DEFINE_bool("tune", False, "Time a few block / warp choices at 4096 x 128 first.")
 _MEMORY_LENGTH = flags.DEFINE_integer("memory_length", 8192, "Length of the compiled-memory comparison.")
 _CAUSAL = flags.DEFINE_list("causal", ["true", "false"], "Masking variants timed.")
+_WINDOW = flags.DEFINE_integer("window", 1024, "Keys per query of the sliding-window rows of the mask table.")
+_MASKS = flags.DEFINE_bool("masks", True, "Time the sliding-window and ALiBi kernels too (accelerators only).")
 _SSD = flags.DEFINE_bool("ssd", True, "Time the SSD kernels too (accelerators only).")
 
 
@@ -132,6 +138,51 @@ def attention_table(flash_kwargs):
               f"| {causal} | {length} | {head_dim} | {fwd:.2f} | - |")
 
 
+def mask_impls(length, heads, window, flash_kwargs):
+    """{row name: attention fn(q, k, v)}: causal flash, flash with the window / ALiBi, and cuDNN / XLA given the same."""
+    slopes = jnp.asarray(positions.alibi_slopes(heads), jnp.float32)
+    distance = jnp.arange(length)[:, None] - jnp.arange(length)[None, :]
+    bias = lambda: (-slopes[:, None, None] * distance).astype(jnp.bfloat16)[None]  # noqa: E731  [1, H, L, L]
+    flash = functools.partial(kernels_pallas.flash_attention, causal=True, **flash_kwargs)
+    dense = lambda impl, **kw: functools.partial(jax.nn.dot_product_attention, is_causal=True,  # noqa: E731
+                                                 implementation=impl, **kw)
+    return {
+        "flash, causal": flash,
+        f"flash, window {window}": functools.partial(flash, window=window),
+        f"cuDNN, window {window}": dense("cudnn", local_window_size=(window - 1, 0)),
+        f"XLA, window {window}": dense("xla", local_window_size=(window - 1, 0)),
+        "flash, ALiBi": functools.partial(flash, alibi_slopes=slopes),
+        "cuDNN, ALiBi bias": lambda q, k, v: dense("cudnn")(q, k, v, bias=bias()),
+        "XLA, ALiBi bias": lambda q, k, v: dense("xla")(q, k, v, bias=bias()),
+    }
+
+
+def mask_table(flash_kwargs, head_dim=128):
+    """Milliseconds of each mask variant by length, and the ratios that say what the kernels' masks cost or save."""
+    window = _WINDOW.value
+    print(f"\nMasks: causal, head dim {head_dim}, bfloat16, window {window} keys:\n")
+    print("| length | impl | fwd ms | fwd+bwd ms |\n|---|---|---|---|")
+    summary = []
+    for length in map(int, _LENGTHS.value):
+        q, k, v, d_out = attention_inputs(length, head_dim)
+        ms = {}
+        for name, fn in mask_impls(length, q.shape[2], window, flash_kwargs).items():
+            ms[name] = (time_ms(fn, q, k, v), time_ms(with_backward(fn), q, k, v, d_out))
+            show = lambda t: f"{t:.2f}" if t else "-"  # noqa: E731
+            print(f"| {length} | {name} | {show(ms[name][0])} | {show(ms[name][1])} |", flush=True)
+        summary.append((length, ms))
+    ratio = lambda n, d: f"{n / d:.2f}" if n and d else "-"  # noqa: E731
+    print("\nfwd+bwd time ratios (fwd in brackets): window / causal flash, flash / cuDNN with the window, "
+          "ALiBi / causal flash, flash / cuDNN with the ALiBi bias")
+    print("| length | flash window / causal | window: flash / cuDNN | flash ALiBi / causal | ALiBi: flash / cuDNN |")
+    print("|---|---|---|---|---|")
+    for length, ms in summary:
+        pairs = [(f"flash, window {window}", "flash, causal"), (f"flash, window {window}", f"cuDNN, window {window}"),
+                 ("flash, ALiBi", "flash, causal"), ("flash, ALiBi", "cuDNN, ALiBi bias")]
+        cells = [f"{ratio(ms[a][1], ms[b][1])} ({ratio(ms[a][0], ms[b][0])})" for a, b in pairs]
+        print(f"| {length} | " + " | ".join(cells) + " |")
+
+
 def memory_table():
     """Compiled temporary memory of flash vs reference attention at half and full --memory_length
     (compile only): flash grows like L, the reference like L^2."""
@@ -188,6 +239,8 @@ def main(argv):
         return
     flash_kwargs = tune() if _TUNE.value else {}
     attention_table(flash_kwargs)
+    if _MASKS.value:
+        mask_table(flash_kwargs)
     if _SSD.value:
         ssd_table()
 
