@@ -16,7 +16,8 @@ Memory (every backend, compile only): temporary bytes of flash vs reference atte
 
 Masks (GPU): causal flash attention with a sliding window of --window keys and with ALiBi, against plain causal
 flash (what skipping the blocks outside the window saves; what the bias costs) and against cuDNN / XLA given the
-same window (`local_window_size`) or the same ALiBi bias (a materialised [H, L, L] bias), at head dim 128.
+same window (`local_window_size`) or the same ALiBi bias (a materialised [H, L, L] bias, built inside the timed
+call as a model without the kernel would), at head dim 128.
 
 SSD (GPU): `kernels_pallas.ssd_chunked` against `models.ssd.ssd_chunked`, milliseconds.
 """

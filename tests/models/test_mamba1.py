@@ -53,11 +53,29 @@ def test_the_sequential_training_form_has_the_parallel_prefix_gradients():
     dt, a = jax.nn.softplus(jax.random.normal(keys[3], (1, 11, 5))), -jnp.exp(jax.random.normal(keys[4], (5, 3)))
     h0 = jax.random.normal(keys[5], (1, 5, 3))
 
-    def loss(scan):
-        return jax.grad(lambda *args: jnp.sum(jnp.sin(scan(*args)[0])) + jnp.sum(scan(*args)[1] ** 2),
-                        argnums=range(6))(x, dt, a, b, c, h0)
-    for want, got in zip(loss(mamba1.selective_scan), loss(mamba1.selective_scan_sequential)):
+    def gradients(scan):
+        def loss(*args):
+            y, final = scan(*args)
+            return jnp.sum(jnp.sin(y)) + jnp.sum(final**2)
+        return jax.grad(loss, argnums=range(6))(x, dt, a, b, c, h0)
+    for want, got in zip(gradients(mamba1.selective_scan), gradients(mamba1.selective_scan_sequential)):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_mamba1_model_with_the_sequential_scan_gives_the_prefix_logits(monkeypatch):
+    """The config key reaches the mixer (the recurrence is traced only when it is set): one set of parameters, both
+    training forms, equal logits."""
+    calls = []
+    sequential = mamba1.selective_scan_sequential
+    monkeypatch.setattr(mamba1, "selective_scan_sequential", lambda *args: calls.append(1) or sequential(*args))
+    cfg = hybrid.MambaConfig(vocab_size=19, max_len=16, d_model=32, num_layers=2, ssm_state=8)
+    tokens = jax.random.randint(jax.random.key(4), (2, 9), 0, 19)
+    params = hybrid.HybridLM(cfg).init(jax.random.key(5), tokens)
+    prefix = hybrid.HybridLM(cfg).apply(params, tokens)
+    assert not calls
+    recurrence = hybrid.HybridLM(dataclasses.replace(cfg, mamba1_scan="sequential")).apply(params, tokens)
+    assert calls
+    np.testing.assert_allclose(recurrence, prefix, rtol=1e-4, atol=1e-5)
 
 
 def _hybrid(pattern, **overrides):
