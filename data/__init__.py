@@ -128,6 +128,7 @@ class ProsQALookupConfig(ProsQAOfficialConfig):
     method: str = field("nocot", choices=reasoning.METHODS)
     last_stage: int = 0
     eval_examples: int = 500
+    facts: int = field(0, min=0)  # 0: every fact of the graph; k: X's facts and others up to k in all
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,7 +11,14 @@ X is drawn uniformly among the graph's nodes with children, A uniformly among X'
 graph's concepts that are neither X nor a child of X; the right option comes first in even-indexed problems and
 second in odd ones. There are no steps (`data.method = nocot`): the answer needs the fact "X is a A" found
 among ~36 in context, nothing the question alone gives away (chance 50%). Held-out problems are new graphs.
+
+`data.facts = k` (0: all) keeps X's own facts, one fact whose object is B (both options stay objects of facts, as
+in a whole graph, so "the option seen in context" is no shortcut) and other facts of the graph drawn uniformly
+up to k in all, in the graph's order: shorter rows with fewer distractors, the first stages of a curriculum whose later stages
+start from the previous one's weights (`train.init_from`) and end on whole graphs.
 """
+
+import functools
 
 from data import prosqa, prosqa_dag, reasoning
 from data.prosqa_official import words
@@ -19,7 +26,7 @@ from data.prosqa_official import words
 VOCABULARY = prosqa_dag.VOCABULARY
 
 
-def problem(rng, index: int, *, min_hops: int, max_hops: int, branches: int) -> reasoning.Problem:
+def problem(rng, index: int, *, min_hops: int, max_hops: int, branches: int, facts: int = 0) -> reasoning.Problem:
     del branches  # the official distribution has none (validate refuses them)
     record = prosqa_dag.record(rng, min_hops, max_hops)
     symbols, edges = record["idx_to_symbol"], record["edges"]
@@ -32,9 +39,33 @@ def problem(rng, index: int, *, min_hops: int, max_hops: int, branches: int) -> 
     others = [n for n in range(len(symbols)) if n != x and n not in children[x] and symbols[n] not in prosqa_dag.NAMES]
     wrong = others[int(rng.integers(len(others)))]
     first, second = (right, wrong) if index % 2 == 0 else (wrong, right)
-    question = f"{record['question'].rsplit(' Is ', 1)[0]} Is {symbols[x]} a {symbols[first]} or {symbols[second]}?"
+    context = _kept_facts(rng, record["question"].rsplit(" Is ", 1)[0], symbols[x], symbols[wrong], facts)
+    question = f"{context} Is {symbols[x]} a {symbols[first]} or {symbols[second]}?"
     answer = f"{symbols[x]} is a {symbols[right]}." if is_person else f"Every {symbols[x]} is a {symbols[right]}."
     return reasoning.Problem(question=words(question), steps=(), answer=words(answer))
+
+
+def _kept_facts(rng, context: str, subject: str, wrong: str, facts: int) -> str:
+    """The facts of `context` about `subject`, one fact whose object is the wrong option (so that both options
+    appear as objects, as in a whole graph), and others drawn uniformly up to `facts` in all (0: every fact)."""
+    if not facts:
+        return context
+    sentences = [f"{s}." for s in context.removesuffix(".").split(". ")]
+    subjects_objects = [s.removeprefix("Every ").removesuffix(".").split(" is a ") for s in sentences]
+    own = [i for i, (x, _) in enumerate(subjects_objects) if x == subject]
+    into_wrong = [i for i, (_, y) in enumerate(subjects_objects) if y == wrong]
+    kept = own + [into_wrong[int(rng.integers(len(into_wrong)))]]
+    others = [i for i in range(len(sentences)) if i not in kept]
+    kept += rng.permutation(others)[:max(0, facts - len(kept))].tolist()
+    return " ".join(sentences[i] for i in sorted(kept))
+
+
+def splits(config, seed: int) -> dict[str, list[reasoning.Problem]]:
+    """Generated train / eval / test problems with `config.facts` facts each (data.reasoning_problems' splits)."""
+    generate = functools.partial(problem, min_hops=config.min_hops, max_hops=config.max_hops,
+                                 branches=config.branches, facts=config.facts)
+    sizes = {"train": config.train_examples, "eval": config.eval_examples, "test": config.test_examples}
+    return reasoning.unique_splits(generate, sizes, seed)
 
 
 def validate(config) -> list[str]:

@@ -64,3 +64,33 @@ def test_steps_and_dead_ends_are_refused_in_one_line():
     assert "data.branches=2" in str(info.value)
     with pytest.raises(ValueError, match="'CA' is not one of"):
         lookup_config.get_config("CA")
+
+
+def sentences(question):
+    words = list(question)
+    context = " ".join(words[:len(words) - 1 - words[::-1].index("Is")])
+    return [s.strip() + " ." for s in context.split(" .") if s.strip()]
+
+
+@pytest.mark.parametrize("facts", [1, 6])
+def test_fewer_facts_keep_the_subjects_facts_and_one_into_the_wrong_option_in_the_graphs_order(facts):
+    for seed in range(20):
+        draw = lambda k: datasets.prosqa_lookup.problem(  # noqa: E731
+            np.random.default_rng(seed), seed, min_hops=3, max_hops=6, branches=0, facts=k)
+        whole, cut = draw(0), draw(facts)
+        assert cut.answer == whole.answer and cut.question[-6:] == whole.question[-6:]
+        kept, every = sentences(cut.question), sentences(whole.question)
+        assert kept == [s for s in every if s in kept]  # a subsequence: the graph's order
+        edges, (subject, first, second) = facts_and_question(cut)
+        wrong = second if cut.answer[-2] == first else first
+        own = {e for e in facts_and_question(whole)[0] if e[0] == subject}
+        assert own <= edges and any(o == wrong for _, o in edges)
+        assert len(kept) == max(facts, len(own) + 1)
+
+
+def test_the_facts_option_reaches_the_generated_splits():
+    config = lookup_config.get_config("conv").data
+    config.update(train_examples=20, eval_examples=5, test_examples=5, facts=5)
+    splits = datasets.reasoning_problems(config, seed=1)
+    assert all(len(sentences(p.question)) >= 5 for ps in splits.values() for p in ps)
+    assert max(len(p.question) for p in splits["train"]) < 60  # whole graphs: ~250 tokens
