@@ -31,6 +31,22 @@ def run_config(workdir: str):
         fail(str(e))
 
 
+def override(config, items, allowed=("",)):
+    """`config` with each "section.key=value" of `items` set (the value cast to the key's current type), or one
+    stderr line for an item that is not KEY=VALUE, names no key of the config, or starts with none of `allowed`."""
+    for item in items:
+        key, equals, value = item.partition("=")
+        node, *parents = config, *key.split(".")[:-1]
+        for parent in parents:
+            node = node.get(parent) if hasattr(node, "get") else None
+        leaf = key.split(".")[-1]
+        if not equals or not key.startswith(tuple(allowed)) or not hasattr(node, "get") or leaf not in node:
+            fail(f"--set={item!r}: want KEY=VALUE with KEY an existing config key starting with one of {list(allowed)}")
+        current = node[leaf]
+        node[leaf] = value in ("True", "true", "1") if isinstance(current, bool) else type(current)(value)
+    return config
+
+
 def run(config, workdir: str) -> dict:
     """Trains `config` in `workdir` as the command line does: an expected failure becomes one stderr line and
     exit status 2 (bad input) or 1 (a failure mid-run)."""

@@ -1,11 +1,13 @@
 """Answer accuracy of a finished reasoning run (`data.name = prosqa | prontoqa | prosqa_official | prosqa_lookup`) by
 batched generation:
 
-    python -m experiments.reasoning_eval --workdir=RUN [--split=test]
+    python -m experiments.reasoning_eval --workdir=RUN [--split=test] [--set=data.facts=16,seed=7]
 
 The model reads each left-padded question (and `<bot>`, its thoughts and `<eot>` for Coconut), then
 generates greedily; an answer counts when the words between `###` and `<eos>` equal the problem's answer.
 Unlike the trainer's teacher-forced evaluation, chain of thought here runs on the model's own steps.
+`--set` scores the run's model on other problems than its own: data keys (e.g. the lookup's `data.facts`) and
+the seed (the seed draws the problems; a new seed's graphs are new to every run trained on another seed).
 """
 
 import json
@@ -41,7 +43,7 @@ def evaluate(config, workdir: str, split: str = "test", batch_size: int = 250) -
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
-    config = cli.run_config(_WORKDIR.value)
+    config = cli.override(cli.run_config(_WORKDIR.value), _SET.value, allowed=("data.", "seed"))
     if config.data.name not in datasets.GENERATORS:
         cli.fail(f"--workdir={_WORKDIR.value} trained on data.name={config.data.name!r}, not a reasoning task (one of "
                  f"{sorted(datasets.GENERATORS)})")
@@ -53,4 +55,5 @@ def main(argv):
 if __name__ == "__main__":  # the flags exist only for the command (studies import `evaluate`)
     _WORKDIR = flags.DEFINE_string("workdir", None, "A finished reasoning run's folder.", required=True)
     _SPLIT = flags.DEFINE_string("split", "test", "eval | test (for prosqa_official: the official valid / test split).")
+    _SET = flags.DEFINE_list("set", [], "KEY=VALUE overrides of the run's data keys or seed: which problems to score.")
     app.run(main)

@@ -19,7 +19,7 @@ from absl import app, flags
 import matplotlib
 import numpy as np
 
-from experiments import reasoning_eval, restore, trainer
+from experiments import cli, reasoning_eval, restore, trainer
 from experiments.configs import coconut_prosqa
 
 matplotlib.use("Agg")
@@ -40,14 +40,7 @@ def run_config(variant: str, seed: int):
     config = coconut_prosqa.get_config(variant)
     config.seed = seed
     config.mesh.data = 1
-    for item in _OVERRIDES.value:
-        key, value = item.split("=", 1)
-        node = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = type(node[leaf])(value) if not isinstance(node[leaf], bool) else value == "True"
-    return config
+    return cli.override(config, _OVERRIDES.value)
 
 
 def run(variant: str, seed: int) -> dict:
