@@ -94,3 +94,12 @@ def test_the_facts_option_reaches_the_generated_splits():
     splits = datasets.reasoning_problems(config, seed=1)
     assert all(len(sentences(p.question)) >= 5 for ps in splits.values() for p in ps)
     assert max(len(p.question) for p in splits["train"]) < 60  # whole graphs: ~250 tokens
+
+
+def test_every_model_and_curriculum_stage_config_validates_and_stages_grow_the_context():
+    stages = {name: lookup_config.get_config(name) for name in list(lookup_config.MODELS) + list(lookup_config.STAGES)}
+    for name, config in stages.items():
+        validation.validate(config, 1)
+        assert config.model.short_conv == (0 if name == "plain" else 4)
+    facts = [stages[name].data.facts or float("inf") for name in lookup_config.STAGES]
+    assert facts == sorted(facts) and facts[-1] == float("inf")  # the last stage: whole graphs
