@@ -214,10 +214,7 @@ def reasoning_problems(config, seed: int) -> dict[str, list[reasoning.Problem]]:
     module = GENERATORS[config.name]
     if hasattr(module, "splits"):  # its own splits (the official evaluation sets)
         return module.splits(config, seed)
-    generate = functools.partial(module.problem, min_hops=config.min_hops, max_hops=config.max_hops,
-                                 branches=config.branches)
-    sizes = {"train": config.train_examples, "eval": config.eval_examples, "test": config.test_examples}
-    return reasoning.unique_splits(generate, sizes, seed)
+    return reasoning.generated_splits(module.problem, config, seed)
 
 
 def reasoning_geometry(config, problems) -> reasoning.Geometry:

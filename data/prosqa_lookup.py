@@ -12,13 +12,11 @@ graph's concepts that are neither X nor a child of X; the right option comes fir
 second in odd ones. There are no steps (`data.method = nocot`): the answer needs the fact "X is a A" found
 among ~36 in context, nothing the question alone gives away (chance 50%). Held-out problems are new graphs.
 
-`data.facts = k` (0: all) keeps X's own facts, one fact whose object is B (both options stay objects of facts, as
-in a whole graph, so "the option seen in context" is no shortcut) and other facts of the graph drawn uniformly
-up to k in all, in the graph's order: shorter rows with fewer distractors, the first stages of a curriculum whose later stages
-start from the previous one's weights (`train.init_from`) and end on whole graphs.
+`data.facts = k` (0: all) keeps X's own facts, one fact whose object is B (both options stay objects of facts,
+as in a whole graph, so "the option seen in context" is no shortcut) and other facts of the graph drawn
+uniformly up to k in all, in the graph's order: shorter rows with fewer distractors, the first stages of a
+curriculum whose later stages start from the previous one's weights (`train.init_from`) and end on whole graphs.
 """
-
-import functools
 
 from data import prosqa, prosqa_dag, reasoning
 from data.prosqa_official import words
@@ -62,10 +60,7 @@ def _kept_facts(rng, context: str, subject: str, wrong: str, facts: int) -> str:
 
 def splits(config, seed: int) -> dict[str, list[reasoning.Problem]]:
     """Generated train / eval / test problems with `config.facts` facts each (data.reasoning_problems' splits)."""
-    generate = functools.partial(problem, min_hops=config.min_hops, max_hops=config.max_hops,
-                                 branches=config.branches, facts=config.facts)
-    sizes = {"train": config.train_examples, "eval": config.eval_examples, "test": config.test_examples}
-    return reasoning.unique_splits(generate, sizes, seed)
+    return reasoning.generated_splits(problem, config, seed, facts=config.facts)
 
 
 def validate(config) -> list[str]:

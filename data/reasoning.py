@@ -17,6 +17,7 @@ question, `<bot>`, thoughts or `<eot>`).
 """
 
 import dataclasses
+import functools
 
 import numpy as np
 
@@ -120,6 +121,15 @@ def score(generated: np.ndarray, problems, vocab: Vocabulary) -> dict[str, float
             start = len(words) - words[::-1].index(SPECIALS[ANSWER])
             correct += tuple(w for w in words[start:] if w != SPECIALS[EOS]) == p.answer
     return {"accuracy": correct / max(len(problems), 1), "tokens": float(np.mean(lengths)) if lengths else 0.0}
+
+
+def generated_splits(problem, config, seed: int, **options) -> dict[str, list[Problem]]:
+    """The train / eval / test splits of `config`'s sizes drawn by a generator's `problem(rng, i, min_hops=,
+    max_hops=, branches=, **options)` (unique_splits: disjoint, deterministic in the seed)."""
+    generate = functools.partial(problem, min_hops=config.min_hops, max_hops=config.max_hops,
+                                 branches=config.branches, **options)
+    sizes = {"train": config.train_examples, "eval": config.eval_examples, "test": config.test_examples}
+    return unique_splits(generate, sizes, seed)
 
 
 def unique_splits(generate_one, sizes: dict[str, int], seed: int) -> dict[str, list[Problem]]:

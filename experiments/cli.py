@@ -33,18 +33,26 @@ def run_config(workdir: str):
 
 def override(config, items, allowed=("",)):
     """`config` with each "section.key=value" of `items` set (the value cast to the key's current type), or one
-    stderr line for an item that is not KEY=VALUE, names no key of the config, or starts with none of `allowed`."""
+    stderr line for an item that is not KEY=VALUE, names no key of the config, starts with none of `allowed`, or
+    whose value the key's type cannot hold."""
     for item in items:
         key, equals, value = item.partition("=")
-        node, *parents = config, *key.split(".")[:-1]
+        *parents, leaf = key.split(".")
+        node = config
         for parent in parents:
             node = node.get(parent) if hasattr(node, "get") else None
-        leaf = key.split(".")[-1]
         if not equals or not key.startswith(tuple(allowed)) or not hasattr(node, "get") or leaf not in node:
             fail(f"--set={item!r}: want KEY=VALUE with KEY an existing config key starting with one of {list(allowed)}")
-        current = node[leaf]
-        node[leaf] = value in ("True", "true", "1") if isinstance(current, bool) else type(current)(value)
+        node[leaf] = _cast(item, value, node[leaf])
     return config
+
+
+def _cast(item: str, value: str, current):
+    booleans = {"True": True, "true": True, "1": True, "False": False, "false": False, "0": False}
+    try:
+        return booleans[value] if isinstance(current, bool) else type(current)(value)
+    except (KeyError, TypeError, ValueError):
+        fail(f"--set={item!r}: {value!r} is not a {type(current).__name__} (the key's current value is {current!r})")
 
 
 def run(config, workdir: str) -> dict:

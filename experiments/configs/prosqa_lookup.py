@@ -16,10 +16,11 @@ starting from the previous one's weights:
         --config.train.init_from=runs/lookup_facts4
     python -m experiments.train --config=experiments/configs/prosqa_lookup.py:whole --workdir=runs/lookup_whole \
         --config.train.init_from=runs/lookup_facts16
-    python -m experiments.reasoning_eval --workdir=runs/lookup_whole --set=seed=777   (graphs no stage drew)
+    python -m experiments.reasoning_eval --workdir=runs/lookup_whole --set=seed=777,data.train_examples=10
 
 Every stage draws its problems with seed 0, so later stages revisit earlier stages' graphs with more facts;
-score on another seed's graphs.
+score on another seed's graphs (seed 777: graphs no stage drew; 10 training problems drawn before the test split
+instead of 40,000, the README's figures; add data.facts=K to score the model with K facts in context).
 """
 
 from experiments.configs import base, coconut_prosqa

@@ -1,5 +1,6 @@
 """experiments/cli.override: the command line's KEY=VALUE overrides of a config (scripts/coconut_study.py --set,
-experiments/reasoning_eval.py --set): cast to the key's type, and one stderr line for what names no key."""
+experiments/reasoning_eval.py --set): cast to the key's type, and one stderr line for what names no key or
+does not fit its type."""
 
 import pytest
 
@@ -21,3 +22,13 @@ def test_an_unknown_key_a_missing_value_or_a_key_outside_the_allowed_sections_is
     assert info.value.code == 2
     assert capsys.readouterr().err.strip() == (
         f"error: --set={item!r}: want KEY=VALUE with KEY an existing config key starting with one of ['data.', 'seed']")
+
+
+@pytest.mark.parametrize("item, current", [("data.facts=many", "0"), ("data.curriculum=yes", "True")])
+def test_a_value_the_keys_type_cannot_hold_is_one_line(item, current, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.override(prosqa_lookup.get_config("conv"), [item])
+    assert info.value.code == 2
+    kind = "int" if "facts" in item else "bool"
+    assert capsys.readouterr().err.strip() == (
+        f"error: --set={item!r}: {item.split('=')[1]!r} is not a {kind} (the key's current value is {current})")
