@@ -1,12 +1,17 @@
-"""No-CoT vs CoT vs Coconut (with and without its curriculum) vs pause tokens on ProsQA-style problems
-(Hao et al. 2024, Table 1), a small transformer trained from scratch per method and seed.
+"""No-CoT vs CoT vs Coconut (with and without its curriculum) vs pause tokens on ProsQA (Hao et al. 2024,
+Table 1), one run per method and seed.
 
     python scripts/coconut_study.py [--variants=nocot,cot,coconut,coconut_flat,pause] [--seeds=0,1,2]
                                     [--workdir=runs/coconut_study] [--report_only]
+    python scripts/coconut_study.py --official --workdir=runs/pq_study \
+        --set=train.init_from=runs/lookup_whole,data.train_examples=6400,train.steps=1400
 
-Each run is `experiments/configs/coconut_prosqa.py:VARIANT` through the shared trainer (a finished run
-is not re-run), then greedy batched generation on the seed's test problems (`experiments/reasoning_eval.py`):
-answer accuracy, language tokens generated per answer, thoughts per answer, and the training wall time.
+Each run is `experiments/configs/coconut_prosqa.py:VARIANT` (ProsQA-style problems, a small transformer from
+scratch), or with --official `coconut_prosqa_official.py:VARIANT` (the official distribution, scored on the
+official test split, each run starting from the lookup model that `init_from` names), through the shared
+trainer (a finished run is not re-run: its wall time is read from its metrics), then greedy batched generation
+(`experiments/reasoning_eval.py`): answer accuracy on the test problems and on the training problems (--official:
+the official validation split), language tokens generated per answer, thoughts per answer, training wall time.
 Runs can be split over processes (e.g. one per core with disjoint --variants); --report_only then
 gathers every run's `result.json` into `table.md` and `accuracy.png` in the workdir.
 """
@@ -20,7 +25,7 @@ import matplotlib
 import numpy as np
 
 from experiments import cli, reasoning_eval, restore, trainer
-from experiments.configs import coconut_prosqa
+from experiments.configs import coconut_prosqa, coconut_prosqa_official
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -30,6 +35,8 @@ _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (model initialisatio
 _WORKDIR = flags.DEFINE_string("workdir", "runs/coconut_study", "Where the runs, the table and the plot go.")
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only gather the finished runs' results.")
 _OVERRIDES = flags.DEFINE_list("set", [], "KEY=VALUE config overrides for every run (e.g. train.steps=200).")
+_OFFICIAL = flags.DEFINE_bool("official", False, "The official ProsQA distribution and splits "
+                              "(coconut_prosqa_official.py); set train.init_from to the lookup model's run.")
 
 PAPER = {"nocot": 76.7, "cot": 77.5, "coconut": 97.0, "coconut_flat": 76.1, "pause": 75.9}  # Table 1, GPT-2
 LABELS = {"nocot": "No-CoT", "cot": "CoT", "coconut": "Coconut", "coconut_flat": "Coconut w/o curriculum",
@@ -37,10 +44,19 @@ LABELS = {"nocot": "No-CoT", "cot": "CoT", "coconut": "Coconut", "coconut_flat":
 
 
 def run_config(variant: str, seed: int):
-    config = coconut_prosqa.get_config(variant)
+    config = (coconut_prosqa_official if _OFFICIAL.value else coconut_prosqa).get_config(variant)
     config.seed = seed
     config.mesh.data = 1
     return cli.override(config, _OVERRIDES.value)
+
+
+def finished_wall_s(workdir: str, steps: int) -> float | None:
+    """The training wall time of a run already trained to `steps` (its last train record), else None."""
+    if not restore.checkpoint_steps(workdir) or max(restore.checkpoint_steps(workdir)) < steps:
+        return None
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    return [r for r in records if r.get("split") == "train"][-1]["wall_s"]
 
 
 def run(variant: str, seed: int) -> dict:
@@ -49,13 +65,17 @@ def run(variant: str, seed: int) -> dict:
     if os.path.exists(result_path):
         with open(result_path) as f:
             return json.load(f)
-    start = time.perf_counter()
-    final = trainer.train_and_evaluate(run_config(variant, seed), workdir, verbose=False)
-    train_s = time.perf_counter() - start
+    config = run_config(variant, seed)
+    train_s = finished_wall_s(workdir, config.train.steps) if os.path.isdir(workdir) else None
+    if train_s is None:
+        start = time.perf_counter()
+        trainer.train_and_evaluate(config, workdir, verbose=False)
+        train_s = time.perf_counter() - start
     config = restore.load_config(workdir)
-    result = {"variant": variant, "seed": seed, "train_s": train_s, "steps": final["step"],
+    split, key = ("eval", "valid_accuracy") if _OFFICIAL.value else ("train", "train_accuracy")
+    result = {"variant": variant, "seed": seed, "train_s": train_s, "steps": config.train.steps,
               **reasoning_eval.evaluate(config, workdir, "test"),
-              "train_accuracy": reasoning_eval.evaluate(config, workdir, "train")["accuracy"]}
+              key: reasoning_eval.evaluate(config, workdir, split)["accuracy"]}
     with open(result_path, "w") as f:
         json.dump(result, f, indent=1)
     print(json.dumps(result))
@@ -63,7 +83,8 @@ def run(variant: str, seed: int) -> dict:
 
 
 def report(results: list[dict]) -> str:
-    lines = ["| method | test accuracy (mean ± sd over seeds) | per seed | train accuracy | language tokens "
+    key = "valid_accuracy" if _OFFICIAL.value else "train_accuracy"
+    lines = [f"| method | test accuracy (mean ± sd over seeds) | per seed | {key.replace('_', ' ')} | language tokens "
              "per answer | thoughts | wall time per run | paper (GPT-2) |", "|---|---|---|---|---|---|---|---|"]
     for variant in coconut_prosqa.VARIANTS:
         rows = [r for r in results if r["variant"] == variant]
@@ -72,7 +93,7 @@ def report(results: list[dict]) -> str:
         acc = np.array([r["accuracy"] for r in rows]) * 100
         lines.append(
             f"| {LABELS[variant]} | {acc.mean():.1f} ± {acc.std():.1f} | "
-            f"{' / '.join(f'{a:.1f}' for a in acc)} | {100 * np.mean([r['train_accuracy'] for r in rows]):.1f} | "
+            f"{' / '.join(f'{a:.1f}' for a in acc)} | {100 * np.mean([r[key] for r in rows]):.1f} | "
             f"{np.mean([r['tokens'] for r in rows]):.1f} | {rows[0]['thoughts']:.0f} | "
             f"{np.mean([r['train_s'] for r in rows]) / 60:.1f} min | {PAPER[variant]} |")
     return "\n".join(lines)
@@ -88,7 +109,8 @@ def plot(results: list[dict], path: str) -> None:
         ax.scatter([i], [PAPER[v]], marker="_", s=400, color="C3", zorder=4, label="paper (GPT-2)" if i == 0 else None)
     ax.axhline(50, color="gray", ls=":", lw=1, label="chance")
     ax.set(xticks=range(len(variants)), xticklabels=[LABELS[v] for v in variants], ylabel="test accuracy (%)",
-           ylim=(0, 100), title="ProsQA-style, small transformer from scratch")
+           ylim=(0, 100), title="ProsQA official test split, from the lookup model" if _OFFICIAL.value
+           else "ProsQA-style, small transformer from scratch")
     ax.tick_params(axis="x", labelsize=8)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()

@@ -26,3 +26,24 @@ def test_coconut_study_runs_and_reports(tmp_path):
     assert cells[0] == "Coconut" and cells[1] == f"{100 * result['accuracy']:.1f} ± 0.0"
     assert cells[3] == f"{100 * result['train_accuracy']:.1f}" and cells[4] == f"{result['tokens']:.1f}"
     assert (tmp_path / "accuracy.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_official_study_scores_the_validation_split_and_reuses_a_finished_run(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, XLA_FLAGS="")
+    tiny = ["model.d_model=16", "model.num_layers=1", "model.num_heads=2", "model.d_mlp=32", "train.steps=2",
+            "data.train_examples=64", "data.batch_size=32", "data.last_stage=1"]
+    command = [sys.executable, "scripts/coconut_study.py", "--official", "--variants=nocot", "--seeds=0",
+               f"--workdir={tmp_path}", f"--set={','.join(tiny)}"]
+    subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=True)
+    run = tmp_path / "nocot_seed0"
+    first = json.loads((run / "result.json").read_text())
+    assert first["steps"] == 2 and first["thoughts"] == 0.0
+    assert (500 * first["accuracy"]).is_integer() and (300 * first["valid_accuracy"]).is_integer()  # official sizes
+    (run / "result.json").unlink()  # scored again, not trained again: the wall time is the run's own
+    subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=True)
+    second = json.loads((run / "result.json").read_text())
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert second["train_s"] == [r for r in records if r["split"] == "train"][-1]["wall_s"]
+    assert second["accuracy"] == first["accuracy"] and second["valid_accuracy"] == first["valid_accuracy"]
+    assert "valid accuracy" in (tmp_path / "table.md").read_text().splitlines()[0]
