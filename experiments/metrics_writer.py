@@ -58,6 +58,14 @@ def read(workdir: str, split: str | None = None) -> list[dict]:
     return events if split is None else [e for e in events if e["split"] == split]
 
 
+def training_wall_s(workdir: str) -> float:
+    """The training loop's wall time over every process that ran it: each process's train events carry `wall_s`
+    from its own start, so a restart shows as `wall_s` falling and the run's time is the sum of every process's
+    last event."""
+    walls = [e["wall_s"] for e in read(workdir, "train") if "wall_s" in e]
+    return sum(last for last, following in zip(walls, walls[1:] + [0.0]) if following < last)
+
+
 class Progress:
     """`step 1200/20000  loss 0.0123  85.1 steps/s  ETA 0:03:32`, redrawn in place on a terminal."""
 

@@ -9,22 +9,21 @@ Table 1), one run per method and seed.
 Each run is `experiments/configs/coconut_prosqa.py:VARIANT` (ProsQA-style problems, a small transformer from
 scratch), or with --official `coconut_prosqa_official.py:VARIANT` (the official distribution, scored on the
 official test split, each run starting from the lookup model that `init_from` names), through the shared
-trainer (a finished run is not re-run: its wall time is read from its metrics), then greedy batched generation
-(`experiments/reasoning_eval.py`): answer accuracy on the test problems and on the training problems (--official:
-the official validation split), language tokens generated per answer, thoughts per answer, training wall time.
+trainer (a finished run is not re-run), then greedy batched generation (`experiments/reasoning_eval.py`): answer
+accuracy on the test problems and on the training problems (--official: the official validation split), language
+tokens generated per answer, thoughts per answer, and the training loop's wall time (from the run's metrics).
 Runs can be split over processes (e.g. one per core with disjoint --variants); --report_only then
 gathers every run's `result.json` into `table.md` and `accuracy.png` in the workdir.
 """
 
 import json
 import os
-import time
 
 from absl import app, flags
 import matplotlib
 import numpy as np
 
-from experiments import cli, reasoning_eval, restore, trainer
+from experiments import cli, metrics_writer, reasoning_eval, restore, trainer
 from experiments.configs import coconut_prosqa, coconut_prosqa_official
 
 matplotlib.use("Agg")
@@ -50,13 +49,9 @@ def run_config(variant: str, seed: int):
     return cli.override(config, _OVERRIDES.value)
 
 
-def finished_wall_s(workdir: str, steps: int) -> float | None:
-    """The training wall time of a run already trained to `steps` (its last train record), else None."""
-    if not restore.checkpoint_steps(workdir) or max(restore.checkpoint_steps(workdir)) < steps:
-        return None
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        records = [json.loads(line) for line in f]
-    return [r for r in records if r.get("split") == "train"][-1]["wall_s"]
+def finished(workdir: str, steps: int) -> bool:
+    """Whether `workdir` holds a run already trained to `steps`."""
+    return os.path.isdir(workdir) and max(restore.checkpoint_steps(workdir), default=-1) >= steps
 
 
 def run(variant: str, seed: int) -> dict:
@@ -66,11 +61,9 @@ def run(variant: str, seed: int) -> dict:
         with open(result_path) as f:
             return json.load(f)
     config = run_config(variant, seed)
-    train_s = finished_wall_s(workdir, config.train.steps) if os.path.isdir(workdir) else None
-    if train_s is None:
-        start = time.perf_counter()
+    if not finished(workdir, config.train.steps):
         trainer.train_and_evaluate(config, workdir, verbose=False)
-        train_s = time.perf_counter() - start
+    train_s = metrics_writer.training_wall_s(workdir)
     config = restore.load_config(workdir)
     split, key = ("eval", "valid_accuracy") if _OFFICIAL.value else ("train", "train_accuracy")
     result = {"variant": variant, "seed": seed, "train_s": train_s, "steps": config.train.steps,
