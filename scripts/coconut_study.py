@@ -23,7 +23,7 @@ from absl import app, flags
 import matplotlib
 import numpy as np
 
-from experiments import cli, metrics_writer, reasoning_eval, restore, trainer
+from experiments import cli, metrics_writer, reasoning_eval, restore, studies
 from experiments.configs import coconut_prosqa, coconut_prosqa_official
 
 matplotlib.use("Agg")
@@ -49,20 +49,13 @@ def run_config(variant: str, seed: int):
     return cli.override(config, _OVERRIDES.value)
 
 
-def finished(workdir: str, steps: int) -> bool:
-    """Whether `workdir` holds a run already trained to `steps`."""
-    return os.path.isdir(workdir) and max(restore.checkpoint_steps(workdir), default=-1) >= steps
-
-
 def run(variant: str, seed: int) -> dict:
     workdir = os.path.join(_WORKDIR.value, f"{variant}_seed{seed}")
     result_path = os.path.join(workdir, "result.json")
     if os.path.exists(result_path):
         with open(result_path) as f:
             return json.load(f)
-    config = run_config(variant, seed)
-    if not finished(workdir, config.train.steps):
-        trainer.train_and_evaluate(config, workdir, verbose=False)
+    studies.run_or_reuse(run_config(variant, seed), workdir)
     train_s = metrics_writer.training_wall_s(workdir)
     config = restore.load_config(workdir)
     split, key = ("eval", "valid_accuracy") if _OFFICIAL.value else ("train", "train_accuracy")

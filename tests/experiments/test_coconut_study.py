@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from experiments import metrics_writer
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -44,8 +46,7 @@ def test_official_study_scores_the_validation_split_and_rescoring_does_not_retra
     (run / "result.json").unlink()
     subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=True)
     second = json.loads((run / "result.json").read_text())
-    train_events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
-                    if json.loads(line)["split"] == "train"]
+    train_events = metrics_writer.read(str(run), "train")
     assert len(train_events) == 1 and second["train_s"] == first["train_s"] == train_events[0]["wall_s"]
     assert second["accuracy"] == first["accuracy"] and second["valid_accuracy"] == first["valid_accuracy"]
     assert "valid accuracy" in (tmp_path / "table.md").read_text().splitlines()[0]
