@@ -18,7 +18,7 @@ def tiny_model():
     config.model.update(vocab_size=16, max_len=8)
     model = models.build(config.model)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 16, (2, 8)), jnp.int32)
-    boxed = model.init(jax.random.key(0), tokens)["params"]
+    boxed = jax.jit(model.init)(jax.random.key(0), tokens)["params"]
     return model, boxed, tokens
 
 
@@ -138,6 +138,7 @@ def test_frozen_parameters_get_no_update():
     assert float(jnp.abs(new["layers"]["w"] - params["layers"]["w"]).min()) > 0
 
 
+@pytest.mark.slow  # the default suite keeps the adapter algebra above and test_warm_start's init_from on another mesh
 def test_a_lora_fine_tune_changes_only_its_targets_by_rank_r_on_a_mesh(finished_tiny_run, tmp_path):
     config = make_tiny_config(steps=4)
     config.train.update(init_from=str(finished_tiny_run))

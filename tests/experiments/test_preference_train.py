@@ -33,6 +33,7 @@ def rows(workdir):
         return [r for r in map(json.loads, f) if r["split"] == "train"]
 
 
+@pytest.mark.slow  # an SFT run, then DPO from it; the default suite keeps the losses (test_preference_losses) and the errors
 def test_dpo_starts_from_its_reference_and_raises_the_margin(sft_run, tmp_path):
     config = tiny("dpo")
     config.train.update(init_from=sft_run, steps=6)

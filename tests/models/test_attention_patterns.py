@@ -74,7 +74,7 @@ def test_a_sliding_window_layer_sees_exactly_its_window(positional):
         np.testing.assert_allclose(windowed[:, i], last_logits(tokens[:, max(0, i - window + 1):i + 1]), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("pattern,kv_cache_dtype", [("sliding", "float"), ("strided", "float"), slow("fixed", "float"),
+@pytest.mark.parametrize("pattern,kv_cache_dtype", [("sliding", "float"), slow("strided", "float"), slow("fixed", "float"),
                                                     slow("sliding", "int8")])
 def test_cached_decoding_equals_the_full_pass(pattern, kv_cache_dtype):
     """A 7-token prefill (longer than the 4-slot ring), single tokens, then a 3-token chunk that wraps the ring."""

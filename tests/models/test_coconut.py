@@ -120,7 +120,7 @@ def test_no_thoughts_is_a_plain_masked_transformer_pass():
     np.testing.assert_allclose(forward(max_thoughts=0)(variables, tokens), pause, atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize("backbone", [{}, CONV])
+@pytest.mark.parametrize("backbone", [{}, slow(CONV)])
 def test_left_padding_is_invisible(backbone):
     """A row's logits do not depend on how much left padding precedes it (RoPE is relative; pads are masked out
     of attention and enter the short convs as zeros)."""

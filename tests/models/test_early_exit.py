@@ -21,7 +21,7 @@ def _model(**overrides):
     cfg = transformer.TransformerConfig(**{**keys, **overrides})
     model = transformer.Transformer(cfg)
     tokens = jax.random.randint(jax.random.key(0), (2, 11), 0, cfg.vocab_size)
-    return cfg, model, nn.meta.unbox(model.init(jax.random.key(1), tokens)["params"]), tokens
+    return cfg, model, nn.meta.unbox(jax.jit(model.init)(jax.random.key(1), tokens)["params"]), tokens
 
 
 def _plain(cfg, params, segments):
@@ -32,6 +32,7 @@ def _plain(cfg, params, segments):
     return transformer.Transformer(plain_cfg), plain
 
 
+@pytest.mark.slow  # the default suite keeps the threshold exits against the layer-by-layer loop, and decoding
 def test_each_exit_gives_the_logits_of_the_transformer_truncated_there():
     cfg, model, params, tokens = _model(exit_every=2)
     final, written = model.apply({"params": params}, tokens, mutable=[early_exit.COLLECTION])

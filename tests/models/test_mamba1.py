@@ -46,6 +46,7 @@ def test_the_selective_scan_and_its_step_equal_a_numpy_loop(scan):
     np.testing.assert_allclose(h1, _numpy_scan(x[:, :1], dt[:, :1], a, b[:, :1], c[:, :1], h0)[1], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # the default suite keeps the sequential scan against the NumPy loop and the model's prefix logits
 def test_the_sequential_training_form_has_the_parallel_prefix_gradients():
     """mamba1_scan=sequential changes how the scan runs, not what it computes: the same values and gradients."""
     keys = jax.random.split(jax.random.key(3), 6)

@@ -28,7 +28,7 @@ def routed_block():
     cfg = _cfg()
     module = mod.RoutedBlock(cfg)
     x = jax.random.normal(jax.random.key(0), (2, 11, cfg.d_model))
-    params = nn.meta.unbox(module.init(jax.random.key(1), x, None, 0)["params"])
+    params = nn.meta.unbox(jax.jit(module.init, static_argnums=3)(jax.random.key(1), x, None, 0)["params"])
     return cfg, module, params, x
 
 

@@ -29,7 +29,7 @@ def _cfg(**overrides):
 def initialised():
     """One set of parameters for every router and KV strategy (they share the parameter tree per router)."""
     tokens = jax.random.randint(jax.random.key(0), (2, T), 0, 23)
-    params = {router: nn.meta.unbox(mor.MoRTransformer(_cfg(router=router)).init(jax.random.key(1), tokens)["params"])
+    params = {router: nn.meta.unbox(jax.jit(mor.MoRTransformer(_cfg(router=router)).init)(jax.random.key(1), tokens)["params"])
               for router in mor.ROUTERS}
     return tokens, params
 
