@@ -43,7 +43,8 @@ def test_greedy_cli_samples_equal_full_pass_argmax(family, tmp_path):
     model, variables = restore.load_variables(restore.load_config(str(tmp_path)), str(tmp_path))
     tokenizer = text.tokenizer("byte", "")
     sequence = jnp.asarray([tokenizer.encode("ROMEO:")], jnp.int32)
+    forward = jax.jit(lambda tokens: model.apply(variables, tokens))  # one compile per length, not one per op
     for _ in range(6):
-        logits = model.apply(variables, sequence)
+        logits = forward(sequence)
         sequence = jnp.concatenate([sequence, jnp.argmax(logits[:, -1], -1)[:, None].astype(jnp.int32)], axis=1)
     assert sampled == tokenizer.decode(np.asarray(sequence[0, 6:])).rstrip("\n")
