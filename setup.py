@@ -7,9 +7,12 @@ setuptools.setup(
     version="0.1.0",
     description="Sequence models beyond the plain transformer, in JAX/Flax: "
     "one sharded trainer, resumable experiments, Pallas kernels.",
+    license="Apache-2.0",
+    license_files=["LICENSE", "NOTICE"],
     python_requires=">=3.11",
     packages=setuptools.find_packages(include=["models*", "experiments*", "kernels_pallas*", "data*"]),
     include_package_data=True,
+    package_data={"data": ["files/*", "files/*/*"]},  # the shipped data sets (data/files/README.md)
     # Ranges are the ones this repository is tested with (CPU, jax 0.10.x; GPU image jax 0.11).
     install_requires=[
         "jax>=0.10,<0.12",

@@ -38,7 +38,7 @@ class TextConfig:
     """Every `config.data` key of language modelling on a text file (`data/text.py`)."""
 
     name: str = "text"
-    path: str = "../shared/data/tinyshakespeare.txt"  # relative paths: from the repository root
+    path: str = "data/files/tinyshakespeare.txt"  # relative paths: from the repository root
     tokenizer: str = field("byte", choices=("byte", "sentencepiece", "hf"))
     spm_model: str = ""  # the SentencePiece model file, for tokenizer="sentencepiece"
     tokenizer_file: str = ""  # a Hugging Face tokenizer.json (or the folder holding it), for tokenizer="hf"

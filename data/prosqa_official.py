@@ -28,8 +28,7 @@ import numpy as np
 
 from data import reasoning
 
-SHARED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data",
-                          "coconut")
+OFFICIAL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "files", "prosqa")  # shipped: see its README
 SPLITS = ("test", "valid")
 PER_PROBLEM = ("nodes", "edges", "persons", "root_out_degree", "hops", "shortest_paths")
 
@@ -43,7 +42,7 @@ def problem(record: dict) -> reasoning.Problem:
                              answer=words(record["answer"]))
 
 
-def path(split: str, directory: str = SHARED_DIR) -> str:
+def path(split: str, directory: str = OFFICIAL_DIR) -> str:
     if split not in SPLITS:
         raise ValueError(f"ProsQA split {split!r} is not one of {list(SPLITS)}")
     return os.path.normpath(os.path.join(directory, f"prosqa_{split}.json"))
@@ -52,13 +51,13 @@ def path(split: str, directory: str = SHARED_DIR) -> str:
 def read(file: str) -> list[dict]:
     """The records of an official-schema JSON file (an official split, or data/prosqa_dag.py's output)."""
     if not os.path.exists(file):
-        raise FileNotFoundError(f"ProsQA file {file} does not exist (the official splits live in "
-                                f"../shared/data/coconut/; `python -m data.prosqa_dag --out=FILE` writes new ones)")
+        raise FileNotFoundError(f"ProsQA file {file} does not exist (the official splits ship in "
+                                f"data/files/prosqa/; `python -m data.prosqa_dag --out=FILE` writes new ones)")
     with open(file) as f:
         return json.load(f)
 
 
-def load(split: str, directory: str = SHARED_DIR) -> list[reasoning.Problem]:
+def load(split: str, directory: str = OFFICIAL_DIR) -> list[reasoning.Problem]:
     return [problem(r) for r in read(path(split, directory))]
 
 

@@ -2,7 +2,7 @@
 
 Importing this module registers `tinyshakespeare_bytes` (seqio's ByteVocabulary) and
 `tinyshakespeare_spm` (SentencePiece, `experiments/configs/lm_shakespeare.SPM_MODEL`) over
-`../shared/data/tinyshakespeare.txt`; `task_for` registers the same for any `config.data`.
+`data/files/tinyshakespeare.txt`; `task_for` registers the same for any `config.data`.
 Each split is one example, {"targets": every token of the split}: the first `train_fraction` of the
 characters is "train", the rest "validation", as in `data/text.py`. The trainer
 (`config.data.source = "seqio"`) reads the tokens from the Task, then packs and batches them with the
@@ -18,7 +18,7 @@ import tensorflow as tf
 
 from data import text
 
-DEFAULT_CORPUS = "../shared/data/tinyshakespeare.txt"
+DEFAULT_CORPUS = "data/files/tinyshakespeare.txt"
 DEFAULT_SPM_MODEL = "runs/spm/tinyshakespeare_1024.model"
 
 

@@ -1,4 +1,4 @@
-"""Checkpoints from Hugging Face `transformers` into run folders (CONTRACTS §5).
+"""Checkpoints from Hugging Face `transformers` into run folders (docs/interfaces.md).
 
     python -m experiments.import_hf --hf_dir=DIR --workdir=OUT
 

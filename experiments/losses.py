@@ -18,7 +18,7 @@ Early exit (models/early_exit.py) trains N exits (the last: the model's output) 
 
     L = sum_j w_j CE_j,   w_j = j / sum_i i      (j = 1..N; CE_N the final logits')
 
-Preference optimisation (`preference_loss`, CONTRACTS §6) scores a chosen response y_w against a rejected one y_l
+Preference optimisation (`preference_loss`, docs/interfaces.md) scores a chosen response y_w against a rejected one y_l
 of the same prompt from summed sequence log-probabilities; with a frozen reference model's, the implicit rewards
 are r = log pi(y) - log pi_ref(y) and h = r_w - r_l:
 

@@ -1,4 +1,4 @@
-"""Where metrics go: `metrics.jsonl` (CONTRACTS §1), TensorBoard event files, and a progress line.
+"""Where metrics go: `metrics.jsonl` (docs/interfaces.md), TensorBoard event files, and a progress line.
 
 Only process 0 writes. Each event is one JSON object per line, {"step": 500, "split": "train", "loss": 0.0123,
 ...} with plain floats, appended, so a resumed run continues the file; the one rewrite drops a last line torn

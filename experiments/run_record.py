@@ -1,6 +1,6 @@
 """What a workdir records about its run, and the check that a resume continues the same run.
 
-    config.json   the resolved config (CONTRACTS §1)
+    config.json   the resolved config (docs/interfaces.md)
     data.json     the data's identity (`data.identity`): a SHA-256 of every token array, and for text the
                   file's path, size and SHA-256 and the tokenizer model's SHA-256
 

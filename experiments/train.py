@@ -1,4 +1,4 @@
-"""The experiment entrypoint (CONTRACTS §1).
+"""The experiment entrypoint (docs/interfaces.md).
 
     python -m experiments.train --config=experiments/configs/NAME.py[:ARG] --workdir=DIR \
         [--config.KEY=VALUE ...] [--coordinator_address=HOST:PORT --num_processes=N --process_id=I]

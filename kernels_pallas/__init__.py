@@ -1,4 +1,4 @@
-"""Pallas kernels: flash attention and the chunked SSD (CONTRACTS §3), compiled on GPU / TPU and
+"""Pallas kernels: flash attention and the chunked SSD (docs/interfaces.md), compiled on GPU / TPU and
 run in interpret mode on CPU."""
 
 from kernels_pallas.flash_attention import flash_attention

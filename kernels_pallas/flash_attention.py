@@ -1,6 +1,6 @@
 """Flash attention in Pallas: tiled online-softmax forward and backward kernels (FlashAttention-2).
 
-Same arguments and result as `models.attention.dot_product_attention` (CONTRACTS §3): q [B, Lq, Hq, D],
+Same arguments and result as `models.attention.dot_product_attention` (docs/interfaces.md): q [B, Lq, Hq, D],
 k, v [B, Lk, Hkv, D], query head h reads kv head h // (Hq / Hkv); causal masking is bottom-right
 aligned (query i sees keys j <= i + Lk - Lq; with a sliding window W also i + Lk - Lq - j < W) and a query
 that sees no key outputs zeros. With ALiBi slopes m [Hq] (causal only), head h's scores gain
@@ -457,7 +457,7 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 def flash_attention(q, k, v, *, causal=True, window=0, alibi_slopes=None, sm_scale=None, block_q=None, block_k=None, interpret=None,
                     num_warps=None, num_stages=None, backward_launch=None):
-    """Flash attention, [B, Lq, Hq, D] (CONTRACTS §3); differentiable through its own Pallas backward.
+    """Flash attention, [B, Lq, Hq, D] (docs/interfaces.md); differentiable through its own Pallas backward.
 
     window: > 0 (with causal): each query sees only its `window` most recent keys, itself included.
     alibi_slopes: float [Hq] (with causal): ALiBi, scores - m_h (i - j) (Press et al.; models/positions.py's slopes).

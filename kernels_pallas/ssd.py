@@ -1,4 +1,4 @@
-"""Mamba-2's chunked SSD with Pallas kernels for the per-chunk steps (CONTRACTS §3).
+"""Mamba-2's chunked SSD with Pallas kernels for the per-chunk steps (docs/interfaces.md).
 
 Same arguments and result as `models.ssd.ssd_chunked`: x [B, L, H, P] (already times dt),
 a [B, L, H] (A * dt <= 0), b, c [B, L, G, N] (head h reads group h // (H / G)); returns
@@ -11,7 +11,7 @@ A_t = a_0 + ... + a_t the cumulative decay inside the chunk (t, s in the chunk):
 
 Each Pallas program handles one (chunk, batch, head): two [T, T]-sized matmuls and two with the
 state, all in one chunk's working set. Step 2 stays a `lax.scan` over chunks (L / T sequential
-steps of elementwise work), as CONTRACTS allows. The kernels are differentiable: each has a custom
+steps of elementwise work), as its interface allows. The kernels are differentiable: each has a custom
 VJP that recomputes its chunk-local step in plain JAX and differentiates that (memory per chunk,
 no [L, L] matrices).
 

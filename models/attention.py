@@ -7,7 +7,7 @@ For one query head h (kv head g = h // (heads_q // heads_kv)):
     O_h = P V_g                              [Lq, D]
 
 Causal masking with Lq != Lk is bottom-right aligned: query i sees keys j <= i + Lk - Lq.
-A query that sees no key at all outputs zeros. Tensors are BLHD (CONTRACTS §2).
+A query that sees no key at all outputs zeros. Tensors are BLHD (docs/interfaces.md).
 
 `causal_attention(q, k, v, impl)` is what the models call: impl "xla" is the reference below,
 "pallas" the flash-attention kernels of kernels_pallas, run per shard of the active mesh.
@@ -100,7 +100,7 @@ def entropy(q, k, mask, *, bias=None, sm_scale=None):
 
 
 def dot_product_attention(q, k, v, *, causal=True, sm_scale=None):
-    """Reference attention, [B, Lq, Hq, D] (CONTRACTS §3); the float32 softmax is kept whole."""
+    """Reference attention, [B, Lq, Hq, D] (docs/interfaces.md); the float32 softmax is kept whole."""
     mask = causal_mask(q.shape[1], k.shape[1]) if causal else None
     return attend(q, k, v, mask, sm_scale=sm_scale)
 

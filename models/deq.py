@@ -200,5 +200,5 @@ def fixed_point_with_stats(f, z0, *args, solver="anderson", tol=1e-5, max_iter=5
 
 
 def fixed_point(f, z0, *args, solver="anderson", tol=1e-5, max_iter=50, **kwargs):
-    """z* with f(z*, *args) == z*, differentiable in args (CONTRACTS §3); implicit gradients by default."""
+    """z* with f(z*, *args) == z*, differentiable in args (docs/interfaces.md); implicit gradients by default."""
     return fixed_point_with_stats(f, z0, *args, solver=solver, tol=tol, max_iter=max_iter, **kwargs)[0]

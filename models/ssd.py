@@ -1,6 +1,6 @@
 """Structured state space duality (Mamba-2, Dao & Gu 2024): one recurrence, three algorithms.
 
-Per head (CONTRACTS §2; x already multiplied by dt, a = A * dt <= 0, head h reads group h // (H/G)):
+Per head (docs/interfaces.md; x already multiplied by dt, a = A * dt <= 0, head h reads group h // (H/G)):
 
     H_t = exp(a_t) * H_{t-1} + outer(x_t, b_t)          H: [P, N], H_{-1} = initial_state
     y_t = H_t @ c_t

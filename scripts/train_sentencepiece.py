@@ -1,6 +1,6 @@
 """Trains a SentencePiece vocabulary on the training part of a corpus and saves it.
 
-    python scripts/train_sentencepiece.py [--corpus=../shared/data/tinyshakespeare.txt] \
+    python scripts/train_sentencepiece.py [--corpus=data/files/tinyshakespeare.txt] \
         [--vocab_size=1024] [--output=runs/spm/tinyshakespeare_1024.model]
 
 Only the first `--train_fraction` of the characters (the LM config's training split) is seen, so the
@@ -11,7 +11,7 @@ from absl import app, flags
 
 from data import text
 
-_CORPUS = flags.DEFINE_string("corpus", "../shared/data/tinyshakespeare.txt", "Text file (relative to the repo root).")
+_CORPUS = flags.DEFINE_string("corpus", "data/files/tinyshakespeare.txt", "Text file (relative to the repo root).")
 _VOCAB_SIZE = flags.DEFINE_integer("vocab_size", 1024, "Vocabulary size.")
 _TRAIN_FRACTION = flags.DEFINE_float("train_fraction", 0.9, "Leading fraction of the characters to train on.")
 _MODEL_TYPE = flags.DEFINE_enum("model_type", "bpe", ["bpe", "unigram"], "SentencePiece model type.")

@@ -1,4 +1,4 @@
-"""The keys every experiment has (CONTRACTS §1), with defaults; experiment configs start from here.
+"""The keys every experiment has (docs/interfaces.md), with defaults; experiment configs start from here.
 
 Every section is a dataclass whose fields declare their defaults and valid values (data/config_fields.py):
 `config.model` the family's (`models.MODELS`), `config.data` the dataset's (`data.DATASETS`),

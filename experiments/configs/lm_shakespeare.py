@@ -43,7 +43,7 @@ def get_config(arg=None):
                             positional="learned", tie_embeddings=True, max_iter=12, backward_max_iter=12, tol=1e-3)
     else:  # Mamba-2 layers at the paper's defaults (expand 2, head_dim 64, state 128); hybrid: SSSA
         config.model.update(d_model=128, num_layers=4, num_heads=4, d_mlp=512, tie_embeddings=True)
-    config.data.update(path="../shared/data/tinyshakespeare.txt", tokenizer="byte", seq_len=64, batch_size=12,
+    config.data.update(path="data/files/tinyshakespeare.txt", tokenizer="byte", seq_len=64, batch_size=12,
                        eval_batch_size=256)
     if "sentencepiece" in options:
         config.data.update(tokenizer="sentencepiece", spm_model=SPM_MODEL)

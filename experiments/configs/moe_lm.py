@@ -22,7 +22,7 @@ def get_config(arg=None):
     config.model.update(d_model=128, num_layers=4, num_heads=4, d_mlp=512, norm="layernorm", positional="learned",
                         tie_embeddings=True, num_experts=8, top_k=2, d_expert=128, num_shared_experts=1,
                         router="softmax" if arg == "aux" else "sigmoid", dispatch="capacity", capacity_factor=0.0)
-    config.data.update(path="../shared/data/tinyshakespeare.txt", tokenizer="byte", seq_len=64, batch_size=16,
+    config.data.update(path="data/files/tinyshakespeare.txt", tokenizer="byte", seq_len=64, batch_size=16,
                        eval_batch_size=256)
     config.train.update(steps=2000, log_every=100, eval_every=250, checkpoint_every=1000)
     config.optimizer.update(lr=1e-3, schedule="cosine", warmup_steps=100, min_lr_ratio=0.1, grad_clip=1.0)

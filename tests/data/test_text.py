@@ -15,8 +15,8 @@ from tests.conftest import make_tiny_lm_config
 CORPUS = text.resolve_path(data.TextConfig.path)
 
 
-def test_the_shared_corpus_is_there():
-    assert os.path.isfile(CORPUS), f"tests read the tiny-Shakespeare corpus from {CORPUS} (../shared/data/)"
+def test_the_shipped_corpus_is_there():
+    assert os.path.isfile(CORPUS), f"tests read the tiny-Shakespeare corpus from {CORPUS} (data/files/)"
     assert len(text.read_corpus(CORPUS)) == 1_115_394
 
 

@@ -1,4 +1,4 @@
-"""Checkpoints from Hugging Face (experiments/import_hf.py, CONTRACTS §5): tiny random `transformers` models
+"""Checkpoints from Hugging Face (experiments/import_hf.py, docs/interfaces.md): tiny random `transformers` models
 saved as safetensors, imported, and compared with `transformers`' own logits; the run folder restores and
 decodes; what cannot be reproduced is refused in one line. Needs the `[hf]` extra."""
 

@@ -1,4 +1,4 @@
-"""The preference losses (CONTRACTS §6) against their papers' formulas, written out again in float64 NumPy."""
+"""The preference losses (docs/interfaces.md) against their papers' formulas, written out again in float64 NumPy."""
 
 import jax
 import jax.numpy as jnp

@@ -15,7 +15,7 @@ from experiments import grokfast, metrics_writer, scaling, scaling_fits
 from tests.conftest import make_tiny_lm_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CHINCHILLA = os.path.join(REPO, "..", "shared", "data", "chinchilla_svg_extracted_data.csv")
+CHINCHILLA = os.path.join(REPO, "data", "files", "chinchilla_svg_extracted_data.csv")
 
 
 @pytest.mark.slow  # ~2 min: 4,500 L-BFGS starts, where running, not compiling, dominates: XLA's optimisations on

@@ -1,4 +1,4 @@
-"""The reference attention against a float64 NumPy loop (CONTRACTS §2 masking and GQA)."""
+"""The reference attention against a float64 NumPy loop (docs/interfaces.md)."""
 
 import chex
 import jax
