@@ -25,9 +25,11 @@ from experiments import cli
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py")
 
 # No default file here: config_flags would apply the --config.KEY overrides at import time, outside
-# the one-line error handling below. `_with_default_config` supplies the default instead.
+# the one-line error handling below. `_with_default_config` supplies the default instead. config_flags finds the
+# overrides in the argv it is given (sys.argv by default): `_parse_flags` fills `_ARGV` with the arguments it parses.
+_ARGV: list[str] = []
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config); "
-                                          f"default {DEFAULT_CONFIG}.", lock_config=True)
+                                          f"default {DEFAULT_CONFIG}.", lock_config=True, sys_argv=_ARGV)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder; default: a fresh folder under ./runs/. "
                                "An existing workdir is resumed from its latest checkpoint.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-process jobs).")
@@ -40,9 +42,15 @@ _INIT_TIMEOUT = flags.DEFINE_integer("init_timeout_s", 300, "Multi-process jobs:
 
 
 def _parse_flags(argv):
-    """absl flag parsing, with any error (unknown or mistyped config key, bad flag) as one stderr line."""
+    """absl flag parsing, with any error (unknown or mistyped config key, bad flag) as one stderr line. A family
+    named by --config.model.name gets its own model section before the other --config.model overrides apply."""
+    argv, model_items = cli.split_model_overrides(argv)
+    _ARGV[:] = argv
     try:
-        return flags.FLAGS(argv)
+        parsed = flags.FLAGS(argv)
+        if model_items:
+            cli.switch_model(_CONFIG.value, model_items)
+        return parsed
     except flags.Error as e:
         cli.fail(str(e).splitlines()[0] if str(e) else repr(e))
     except (AttributeError, KeyError) as e:  # ml_collections: an override names a key the config lacks

@@ -54,7 +54,14 @@ def validate(config, num_devices: int, process_count: int = 1) -> tuple[int, ...
         raise ConfigError(f"model.name={config.model.name!r} is not one of {sorted(models.MODELS)}")
     if config.data.name not in data.DATASETS:
         raise ConfigError(f"data.name={config.data.name!r} is not one of {sorted(data.DATASETS)}")
-    _raise(_schema_problems(config, base.get_config(config.model.name, config.data.name)))
+    schema = base.get_config(config.model.name, config.data.name)
+    missing = sorted(set(schema.model) - set(config.model))
+    if missing:
+        raise ConfigError(f"model.name={config.model.name!r}, but config.model lacks that family's keys "
+                          f"({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}): on the command line "
+                          f"--config.model.name switches the family with its defaults; in Python, "
+                          f"experiments.configs.base.switch_family(config, {config.model.name!r})")
+    _raise(_schema_problems(config, schema))
     _raise([p for name, cls in base.sections(config.model.name, config.data.name).items()
             for p in field_problems(cls, config[name], f"{name}.")])
     _raise(models.MODELS[config.model.name][2](config.model) + data.DATASETS[config.data.name][2](config.data)

@@ -16,7 +16,7 @@ from experiments import optimizers, sharding
 from experiments.grpo import GRPOConfig
 from experiments.lora import LoRAConfig
 from experiments.preference import PreferenceConfig
-from data.config_fields import field
+from data.config_fields import field, problems as field_problems
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +60,20 @@ def sections(model: str, dataset: str) -> dict:
     """Section name -> the dataclass that declares its keys."""
     return {"model": models.MODELS[model][1], "data": data.DATASETS[dataset][1], "train": TrainConfig,
             "optimizer": optimizers.OptimizerConfig, "mesh": sharding.MeshConfig}
+
+
+def switch_family(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+    """`config` with `config.model` rebuilt for the family `name`: its defaults, and the value `config.model` has
+    for every key the two families share (the experiment's width and depth, the user's settings) where the new
+    family admits it (a `router` of MoE's choices is not one of MoR's); the keys only the old family has are
+    dropped. What `--config.model.name=NAME` does on the command line."""
+    cls = models.MODELS[name][1]
+    family = dataclasses.asdict(cls())
+    shared = {k: v for k, v in config.model.items()
+              if k in family and k != "name" and not field_problems(cls, {k: v}, "")}
+    with config.unlocked():
+        config.model = ml_collections.ConfigDict({**family, **shared})
+    return config
 
 
 def get_config(model: str = "transformer", dataset: str = "algorithmic") -> ml_collections.ConfigDict:
