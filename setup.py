@@ -33,6 +33,8 @@ setuptools.setup(
         "seqio": ["seqio>=0.0.19,<0.1"],  # pulls in TensorFlow
         # Checkpoint import and parity tests against transformers (experiments/import_hf.py), and the checkpoints'
         # tokenizer.json (data/text.py, data.tokenizer="hf"); torch 2.13.0 is the CPU build the CI machines hold.
+        # The documentation site (mkdocs.yml): `mkdocs serve` locally, `mkdocs build --strict` in CI.
+        "docs": ["mkdocs>=1.6,<2", "mkdocs-material>=9.5,<10", "mkdocstrings[python]>=0.27,<2"],
         "hf": ["torch>=2.9,<=2.13.0", "transformers>=5.20,<6", "safetensors>=0.4,<1", "tokenizers>=0.22,<1"],
     },
 )

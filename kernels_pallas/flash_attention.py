@@ -30,7 +30,7 @@ in float32 whatever the input dtype.
 
 Lowerings: interpret mode on CPU (`interpret=None` picks it there), Triton on GPU (selected with
 `pallas.triton.CompilerParams`; head dim padded to a power of two; measured on an H100 in
-BENCHMARKS.md), and on TPU the same kernels on heads-major [B, H, L, D] blocks with lse / delta as
+docs/benchmarks.md), and on TPU the same kernels on heads-major [B, H, L, D] blocks with lse / delta as
 [B, H, L, 1] (Mosaic wants the last two block dims to be multiples of (8, 128) or whole); the TPU
 path passes Pallas' Mosaic lowering (tested) but has not run on TPU hardware.
 """
@@ -98,10 +98,10 @@ def _gpu_launch(head_dim, itemsize, backward):
 
     Shared memory (~227 KiB per block) bounds tiles x pipeline stages; the backward keeps two
     accumulators and loads four tiles per step, so its tiles are smaller. Tuned with
-    scripts/bench_kernels.py --tune (BENCHMARKS.md)."""
+    scripts/bench_kernels.py --tune (docs/benchmarks.md)."""
     if itemsize > 2:  # float32 tiles are twice the bytes
         return (32, 32, 4, 2) if backward else (64, 32, 4, 2)
-    del head_dim  # tuned at 4,096 x 128 and used at head dim 64 too (0.78-0.87x cuDNN there: BENCHMARKS.md)
+    del head_dim  # tuned at 4,096 x 128 and used at head dim 64 too (0.78-0.87x cuDNN there: docs/benchmarks.md)
     return (64, 64, 4, 2) if backward else (128, 64, 8, 3)
 
 

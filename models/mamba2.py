@@ -45,7 +45,7 @@ SSD_IMPLS = {
 }
 
 
-# Chunk sizes by backend, from scripts/bench_ssd.py (BENCHMARKS.md): 32 was fastest on CPU forward
+# Chunk sizes by backend, from scripts/bench_ssd.py (docs/benchmarks.md): 32 was fastest on CPU forward
 # and forward+backward at every length; GPU and TPU keep the paper's 64 until measured there.
 CHUNK_SIZES = {"cpu": 32}
 

@@ -4,7 +4,7 @@ attention whose queries and keys are RMS-normalised per head, with a learned sca
     q_h = g_q * q_h / rms(q_h),   k_g = g_k * k_g / rms(k_g)        (g_q, g_k: [Dh], shared by heads)
 
 It bounds the attention logits, which keeps large-lr training stable. The KV cache and decoding are
-GQA's (the cache holds the normalised, rotated keys). This file is the README's worked example of
+GQA's (the cache holds the normalised, rotated keys). This file is the extending guide's worked example of
 adding an attention kind: a module here and one entry in `models/blocks.ATTENTIONS`.
 """
 

@@ -38,7 +38,7 @@ CONFIGS = {  # name: (model overrides, batch, seq_len); "scanned": the default n
     "medium-remat-dots": (dict(MEDIUM, remat="dots"), 16, 256),
     "medium-remat-full": (dict(MEDIUM, remat="full"), 16, 256),
     # accelerator-sized: 1,024 wide, heads of 128, bfloat16; attention by XLA or Pallas (at context
-    # 4,096 the XLA step asks for 81.6 GiB on an 80 GiB H100: BENCHMARKS.md)
+    # 4,096 the XLA step asks for 81.6 GiB on an 80 GiB H100: docs/benchmarks.md)
     "long-xla": (dict(LONG, attention_impl="xla"), 8, 2048),
     "long-pallas": (dict(LONG, attention_impl="pallas"), 8, 2048),
     "long-pallas-4k": (dict(LONG, attention_impl="pallas"), 8, 4096),

@@ -8,7 +8,7 @@ Each run is the shared trainer on `experiments/configs/recall.py` with num_pairs
 fresh examples, in its own workdir under --out (a finished run is read back, not run again). Writes
 `results.csv`, `recall.png` (test accuracy against length, one line per model) and prints a
 Markdown table. `--replot` draws the plot and table from an existing `--out`/results.csv without training (the
-README's plot joins the rows of several invocations into one such file).
+recall study page's plot (docs/studies/recall.md) joins the rows of several invocations into one such file).
 """
 
 import csv

@@ -3,7 +3,7 @@
 The grokking config of Nanda et al. 2023 with a smaller prime and half the pairs for training, so a
 full-batch step is ~3x cheaper: train accuracy reaches 1.0 within a few hundred steps while test
 accuracy stays low (memorisation), and test accuracy passes 0.99 thousands of steps later
-(generalisation). Measured figures are in the README.
+(generalisation). Measured figures are in docs/guides/models.md.
 """
 
 from experiments.configs import grokking

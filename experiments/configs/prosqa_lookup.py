@@ -20,7 +20,7 @@ starting from the previous one's weights:
 
 Every stage draws its problems with seed 0, so later stages revisit earlier stages' graphs with more facts;
 score on another seed's graphs (seed 777: graphs no stage drew; 10 training problems drawn before the test split
-instead of 40,000, the README's figures; add data.facts=K to score the model with K facts in context).
+instead of 40,000, the Coconut study page's figures; add data.facts=K to score the model with K facts in context).
 """
 
 from experiments.configs import base, coconut_prosqa

@@ -157,7 +157,7 @@ def test_a_bad_value_for_any_key_is_one_line_and_status_2(case, tmp_path, capsys
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_every_bad_value_of_every_key(name, tmp_path, capsys, monkeypatch):
-    """The exhaustive form: every case of every config (the README's count)."""
+    """The exhaustive form: every case of every config."""
     failures = []
     for case in CASES[name]:
         try:
