@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from data.config_fields import field
+from models import blocks
 
 KEY = "lora"
 
@@ -55,7 +56,6 @@ class LoRAConfig:
 
 DROPOUT_SITES = ("*attention/query", "*attention/key", "*attention/value", "*attention/out", "*/wi/kernel",
                  "*/wg/kernel", "*/wo/kernel")  # the kernels that read the unmerged "lora" collection
-DROPOUT_ATTENTIONS = ("gqa", "qk_norm")  # the attention kinds whose projections do (models/gqa.py)
 
 
 def _path(path) -> str:
@@ -116,8 +116,10 @@ def adapters_paths(adapters: dict) -> list[str]:
 def problems(config) -> list[str]:
     """Cross-field problems of `config.train.lora` (adapter dropout needs projections that read it unmerged)."""
     lora_config = config.train.get("lora", {})
-    if lora_config.get("rank") and lora_config.get("dropout") and config.model.get("attention") not in DROPOUT_ATTENTIONS:
-        return [f"train.lora.dropout={lora_config['dropout']} needs model.attention in {list(DROPOUT_ATTENTIONS)}, "
+    kind = blocks.ATTENTIONS.get(config.model.get("attention"))
+    if lora_config.get("rank") and lora_config.get("dropout") and not (kind and kind.lora_dropout):
+        return [f"train.lora.dropout={lora_config['dropout']} needs model.attention in "
+                f"{[name for name, k in blocks.ATTENTIONS.items() if k.lora_dropout]}, "
                 f"not {config.model.get('attention')!r} (its projections read only merged adapters)"]
     return []
 

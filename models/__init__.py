@@ -66,9 +66,7 @@ def build(model_config):
 
 def example_inputs(model_config, batch: int = 1) -> jax.ShapeDtypeStruct:
     """What the family's __call__ takes: int32 tokens [batch, max_len], or an SAE's float32 rows [batch, d_in]."""
-    if model_config.name == "sae":
-        return jax.ShapeDtypeStruct((batch, model_config.d_in), jnp.float32)
-    return jax.ShapeDtypeStruct((batch, model_config.max_len), jnp.int32)
+    return MODELS[model_config.name][0].example_inputs(model_config, batch)
 
 
 def parameter_count(model_config, seq_len: int, *, exclude: tuple[str, ...] = (), active: bool = False) -> int:
@@ -80,23 +78,13 @@ def parameter_count(model_config, seq_len: int, *, exclude: tuple[str, ...] = ()
     shapes = jax.eval_shape(build(model_config).init, jax.random.key(0), jax.ShapeDtypeStruct((1, seq_len), jnp.int32))
     params = {k: v for k, v in nn.meta.unbox(shapes["params"]).items() if k not in exclude}
     routed_share = model_config.get("top_k", 1) / model_config.get("num_experts", 1) if active else 1.0
+    family = MODELS[model_config.name][0]
     total = 0.0
     for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
         routed = getattr(path[-1], "key", None) in ("w_gate", "w_in", "w_out")
-        share = _reuse_share(model_config, path) if active else 1.0
+        share = family.active_share(model_config, path) if active else 1.0
         total += x.size * (routed_share if routed else 1.0) * share
     return int(total)
-
-
-def _reuse_share(model_config, path) -> float:
-    """How much of a token's compute the parameter at `path` takes, as a multiple of one use."""
-    if model_config.name == "mod":
-        return mod.routed_share(path, model_config.capacity)
-    if model_config.name == "mor":
-        return mor.active_share(path, model_config.recursions)
-    if model_config.name == "deq":
-        return deq_transformer.active_share(path, model_config)
-    return 1.0
 
 
 EMBEDDINGS = ("embed", "position_embedding", "unembed")  # the top-level groups of token / position tables

@@ -1,7 +1,7 @@
 """Blocks and periods: what the LM skeleton (models/lm.py) scans, and the tables of token mixers and FFNs.
 
     Block:   x += Drop(Attn(norm(x)));  x += Drop(FFN(norm(x)))   Attn from ATTENTIONS[cfg.attention],
-                                                                 FFN from FFNS[ffn] ("mlp" or "moe"),
+                                                                 FFN from FFNS[ffn or cfg.ffn] ("mlp", "moe"),
                                                                  Drop: residual dropout (training)
              with model.short_conv = w: Attn(ShortConv(norm(x)))  (models/short_conv.py; the block's cache is
                                                                  then {"mixer": Attn's, "conv": the conv's})
@@ -28,13 +28,25 @@ ATTENTIONS = {
     "linear": linear_attention.LinearAttention,  # Katharopoulos et al.'s, plain or gated: a constant-size state
 }
 
-FFNS = {  # cfg, the block -> the FFN module
-    "mlp": lambda cfg, block: layers.Mlp(cfg.d_mlp, cfg.activation, cfg.mlp_bias, cfg.compute_dtype, cfg.bitnet,
-                                         functools.partial(layers.sow_site, block, "mlp_hidden"), name="mlp"),
-    "moe": lambda cfg, block: moe.MoEFfn(cfg.d_model, cfg.d_expert or cfg.d_mlp, cfg, cfg.compute_dtype, name="moe"),
+FFNS = {  # name -> (cfg, the block -> the FFN module; the config keys it needs beyond LMConfig's)
+    "mlp": (lambda cfg, block: layers.Mlp(cfg.d_mlp, cfg.activation, cfg.mlp_bias, cfg.compute_dtype, cfg.bitnet,
+                                          functools.partial(layers.sow_site, block, "mlp_hidden"), name="mlp"), ()),
+    "moe": (lambda cfg, block: moe.MoEFfn(cfg.d_model, cfg.d_expert or cfg.d_mlp, cfg, cfg.compute_dtype, name="moe"),
+            ("num_experts", "top_k")),  # the MoEOptions keys (models/moe.py): families that mix them in
 }
 
 ACTIVATION = ("activation_batch", "activation_length", "activation_embed")
+
+
+def validate_ffn(m) -> list[str]:
+    """Problems with config.model.ffn, the FFN of the blocks that do not name their own."""
+    if m.ffn not in FFNS:
+        return [f"model.ffn={m.ffn!r} is not one of {list(FFNS)}"]
+    missing = [k for k in FFNS[m.ffn][1] if k not in m]
+    if missing:
+        return [f"model.ffn={m.ffn!r} needs the keys {missing}, which model.name={m.name!r} does not have; use a family "
+                "that has them (model.name='moe')"]
+    return []
 
 
 def validate_attention(m, kind: str = "") -> list[str]:
@@ -48,8 +60,8 @@ def validate_attention(m, kind: str = "") -> list[str]:
 class Block(nn.Module):
     """x += Attn(norm(x)); x += FFN(norm(x))."""
 
-    cfg: object  # an LMConfig (with the MoE keys when ffn == "moe")
-    ffn: str = "mlp"
+    cfg: object  # an LMConfig (with the MoE keys when the FFN is "moe")
+    ffn: str = ""  # the FFN kind (FFNS); "": cfg.ffn
     attention: str = ""  # the attention kind; "": cfg.attention (a hybrid's L layers set "linear")
 
     @nn.compact
@@ -58,8 +70,8 @@ class Block(nn.Module):
         values without writing (gqa / qk_norm attention: models/gqa.py)."""
         cfg, dtype = self.cfg, self.cfg.compute_dtype
         kind = ATTENTIONS[self.attention or cfg.attention]
-        pattern = {"pattern_site": functools.partial(layers.sow_site, self, "attention_pattern")} if issubclass(
-            kind, gqa.GroupedQueryAttention) else {}
+        pattern = {"pattern_site": functools.partial(layers.sow_site, self, "attention_pattern")} if (
+            kind.sows_pattern) else {}
         attention = kind(cfg, name="attention", **pattern)
         h = layers.Norm(cfg.norm, dtype, "attention_norm", cfg.norm_eps)(x)
         if cfg.short_conv:
@@ -73,7 +85,7 @@ class Block(nn.Module):
             h, cache = attention(h, start, cache, key_mask, **options, **({"reuse_cache": True} if reuse_cache else {}))
         h = layers.sow_site(self, "mixer_out", h)
         x = x + layers.dropout(self, h, cfg.residual_dropout)
-        h = FFNS[self.ffn](cfg, self)(layers.Norm(cfg.norm, dtype, "mlp_norm", cfg.norm_eps)(x))
+        h = FFNS[self.ffn or cfg.ffn][0](cfg, self)(layers.Norm(cfg.norm, dtype, "mlp_norm", cfg.norm_eps)(x))
         h = layers.sow_site(self, "ffn_out", h)
         x = x + layers.dropout(self, h, cfg.residual_dropout)
         x = layers.sow_site(self, "residual", x)
@@ -82,7 +94,7 @@ class Block(nn.Module):
         return nn.with_logical_constraint(x, ACTIVATION), cache
 
     @staticmethod
-    def init_cache(cfg, batch: int, max_len: int, dtype, ffn: str = "mlp", attention: str = ""):
+    def init_cache(cfg, batch: int, max_len: int, dtype, ffn: str = "", attention: str = ""):
         del ffn
         mixer = ATTENTIONS[attention or cfg.attention].init_cache(cfg, batch, max_len, dtype)
         if cfg.short_conv:

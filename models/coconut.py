@@ -27,7 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models import transformer
+from models import lm, transformer
 from data.config_fields import field
 
 
@@ -45,7 +45,7 @@ class CoconutConfig(transformer.TransformerConfig):
     eot_token: int = field(-1, min=-1)
 
 
-class Coconut(nn.Module):
+class Coconut(nn.Module, lm.Capabilities):
     cfg: CoconutConfig
 
     def setup(self):

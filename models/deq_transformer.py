@@ -80,6 +80,10 @@ class WeightNormGains(nn.Module):
 class DEQTransformer(lm.LM):
     cfg: DEQConfig
 
+    @staticmethod
+    def active_share(cfg, path: tuple) -> float:
+        return active_share(path, cfg)
+
     def unit(self):
         return None  # no stack: the cell is iterated to its fixed point
 

@@ -38,8 +38,15 @@ def head_problems(m) -> list[str]:
 
 
 class GroupedQueryAttention(nn.Module):
+    """Capabilities the callers read (class attributes of every attention kind in models/blocks.ATTENTIONS):
+    `positions_per_row`: takes `positions` int[B, T] of a gathered subsequence (MoD, MoR); `reuses_cache`: attends
+    to a cache's keys and values without writing (`reuse_cache`: MoR's recursive KV sharing); `sows_pattern`:
+    records its attention pattern through `pattern_site`; `lora_dropout`: its projections read the unmerged
+    LoRA collection (adapter dropout, experiments/lora.py)."""
+
     cfg: LMConfig
     pattern_site: Any = None  # P -> P: the block's sow_site for "attention_pattern" [B, H, T, T] (full passes only)
+    positions_per_row = reuses_cache = sows_pattern = lora_dropout = True
 
     def queries_and_keys(self, q, k, q_positions):
         """q [B, T, H, Dh], k [B, T, Hkv, Dh] at integer positions [T] or [B, T] -> as attention sees them (RoPE)."""

@@ -170,7 +170,7 @@ def validate(m) -> list[str]:
     if m.ssd_impl == "pallas" and m.chunk_size and (m.chunk_size < 16 or m.chunk_size & (m.chunk_size - 1)):
         p.append(f"model.chunk_size={m.chunk_size} must be a power of two >= 16 for model.ssd_impl='pallas'")
     if set(pattern) & set("AE"):
-        p += blocks.validate_attention(m)
+        p += blocks.validate_attention(m) + blocks.validate_ffn(m)
     if "L" in pattern:
         p += blocks.validate_attention(m, "linear")
     if "E" in pattern:

@@ -33,6 +33,7 @@ def feature_map(x):
 
 class LinearAttention(nn.Module):
     cfg: object
+    positions_per_row = reuses_cache = sows_pattern = lora_dropout = False  # (models/gqa.py names them)
 
     @nn.compact
     def __call__(self, x, start, cache=None, key_mask=None):  # x [B, T, D]

@@ -28,7 +28,34 @@ STACKED_COLLECTIONS = ("params", "router_bias", "metrics", "losses", "monitors",
                        "lora")
 
 
-class LM(nn.Module):
+class Capabilities:
+    """What a family declares for the code outside it; every module of models.MODELS has these (the defaults here:
+    each parameter used once per token, no warm start from another family)."""
+
+    @staticmethod
+    def example_inputs(cfg, batch: int) -> jax.ShapeDtypeStruct:
+        """What `__call__` takes: int32 tokens [batch, max_len]."""
+        return jax.ShapeDtypeStruct((batch, cfg.max_len), jnp.int32)
+
+    @staticmethod
+    def active_share(cfg, path: tuple) -> float:
+        """How much of a token's compute the parameter at `path` takes, as a multiple of one use
+        (`models.parameter_count(active=True)`: routed depths, shared stacks, fixed-point cells)."""
+        return 1.0
+
+    @staticmethod
+    def from_family(source: str, params: dict, cfg) -> dict:
+        """The parameters of a run of family `source` in this family's layout, for `train.init_from`
+        (experiments/warm_start.py); None when this family cannot start from that one."""
+        return None
+
+    @staticmethod
+    def starts_fresh(source: str, path: str) -> bool:
+        """Whether this family's parameter at `path` (a keystr) may be absent from a `source` run and start fresh."""
+        return False
+
+
+class LM(nn.Module, Capabilities):
     cfg: LMConfig
 
     stack_name = "layers"  # the stack's name in the parameter tree (checkpoints depend on it)

@@ -41,6 +41,7 @@ class LMConfig:
     dtype: str = field("float32", choices=("float32", "bfloat16"))  # compute dtype; parameters stay float32
     remat: str = field("none", choices=REMAT_POLICIES)
     scan_unroll: int = field(1, min=1)  # units per scan iteration; the unit count unrolls it (faster on CPU)
+    ffn: str = "mlp"  # the FFN of the blocks that do not name their own (models/blocks.FFNS; checked there)
     # attention blocks
     attention: str = "gqa"  # the attention kind (models/blocks.ATTENTIONS; checked there)
     short_conv: int = field(0, min=0)  # w > 0: a causal depthwise conv of width w before each attention (models/short_conv.py)

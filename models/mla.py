@@ -69,6 +69,7 @@ def absorbed_attention(q_nope, q_rope, latent, rope_key, w_uk, w_uv, mask):
 
 class MultiHeadLatentAttention(nn.Module):
     cfg: LMConfig
+    positions_per_row = reuses_cache = sows_pattern = lora_dropout = False  # (models/gqa.py names them)
 
     def weight(self, name, shape, axes, in_axis=0, out_axis=-1):
         return self.param(name, nn.with_logical_partitioning(

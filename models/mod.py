@@ -127,6 +127,19 @@ class RoutedBlock(nn.Module):
 class MoDTransformer(lm.LM):
     cfg: MoDConfig
 
+    @staticmethod
+    def active_share(cfg, path: tuple) -> float:
+        return routed_share(path, cfg.capacity)
+
+    @staticmethod
+    def from_family(source: str, params: dict, cfg) -> dict:
+        """A transformer run's blocks as the periods (router tuning); the routers start fresh."""
+        return from_dense(params, cfg.route_every) if source == "transformer" else None
+
+    @staticmethod
+    def starts_fresh(source: str, path: str) -> bool:
+        return source == "transformer" and is_routing_parameter(path)
+
     def unit(self):
         plain = tuple((f"block_{i}", blocks.Block, ()) for i in range(self.cfg.route_every - 1))
         return blocks.Period, {"members": (*plain, (ROUTED, RoutedBlock, ()))}
@@ -166,8 +179,9 @@ def validate(m) -> list[str]:
 def gathering_problems(m, family: str) -> list[str]:
     """What blocks run on gathered tokens (a subsequence at its own positions: MoD, models/mor.py) cannot have."""
     p = []
-    if m.attention not in ("gqa", "qk_norm"):
-        p.append(f"model.attention={m.attention!r} cannot run on gathered tokens; {family} needs 'gqa' or 'qk_norm'")
+    if m.attention in blocks.ATTENTIONS and not blocks.ATTENTIONS[m.attention].positions_per_row:
+        gathered = [name for name, kind in blocks.ATTENTIONS.items() if kind.positions_per_row]
+        p.append(f"model.attention={m.attention!r} cannot run on gathered tokens; {family} needs one of {gathered}")
     if m.positional in ("alibi", "t5"):
         p.append(f"model.positional={m.positional!r} biases scores by position, which the gathered block does not "
                  "pass on; use 'rope', 'learned', 'sinusoidal' or 'none'")

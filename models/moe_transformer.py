@@ -33,7 +33,7 @@ class MoETransformer(lm.LM):
 
     def unit(self):
         every = self.cfg.moe_every
-        members = tuple((f"block_{i}", blocks.Block, (("ffn", "moe" if i == every - 1 else "mlp"),))
+        members = tuple((f"block_{i}", blocks.Block, (("ffn", "moe" if i == every - 1 else ""),))
                         for i in range(every))
         return blocks.Period, {"members": members}
 

@@ -75,6 +75,10 @@ def mean_recursions(recursions: int) -> float:
 class MoRTransformer(lm.LM):
     cfg: MoRConfig
 
+    @staticmethod
+    def active_share(cfg, path: tuple) -> float:
+        return active_share(path, cfg.recursions)
+
     def unit(self):
         return None
 

@@ -26,7 +26,7 @@ Metrics (`metrics`): L0 (active latents per row), normalised MSE  sum ||x - x_ha
 explained variance 1 - normalised MSE, and the fraction of latents that never fire in the batch.
 
 Trained by the one trainer (`model.name = "sae"`, `data.name = "activations"`: rows of an activation store,
-data/activations.py): `__call__(x [B, D])` sows the loss into "losses" and the metrics into "metrics", so the
+data/activation_rows.py): `__call__(x [B, D])` sows the loss into "losses" and the metrics into "metrics", so the
 trainer's whole objective is the SAE's (the rows have no next-token targets: the returned logits [B, 1, 1] and
 the data's loss mask are zero, so the logged cross-entropy `loss` is 0 and `aux_loss` is the SAE's loss). The
 model state "sae_state" counts the rows since each latent last fired; a latent is dead, for AuxK, after
@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from data.config_fields import field
+from models import lm
 
 KINDS = ("relu", "topk", "batchtopk", "jumprelu")
 STATE = "sae_state"
@@ -129,8 +130,13 @@ def batch_top_k_mask(values, k: int):
     return top_k_mask(flat[None], k * values.shape[0])[0].reshape(values.shape)
 
 
-class SparseAutoencoder(nn.Module):
+class SparseAutoencoder(nn.Module, lm.Capabilities):
     cfg: SAEConfig
+
+    @staticmethod
+    def example_inputs(cfg, batch: int) -> jax.ShapeDtypeStruct:
+        """Rows of activations, float32 [batch, d_in]."""
+        return jax.ShapeDtypeStruct((batch, cfg.d_in), jnp.float32)
     plot_keys = ("aux_loss", "normalised_mse", "l0")  # the trainer's curves.png (an SAE's loss is all aux_loss)
 
     def setup(self):

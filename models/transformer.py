@@ -56,4 +56,4 @@ class Transformer(lm.LM):
 
 def validate(m) -> list[str]:
     """Cross-field problems of a transformer config.model (each key's own range is declared with it)."""
-    return blocks.validate_attention(m) + early_exit.validate(m)
+    return blocks.validate_attention(m) + blocks.validate_ffn(m) + early_exit.validate(m)
