@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from data import activations, algorithmic, pairs, prontoqa, prosqa, prosqa_dag, prosqa_lookup, reasoning, recall, text
+from data import activation_rows, algorithmic, pairs, prontoqa, prosqa, prosqa_dag, prosqa_lookup, reasoning, recall, text
 from data.config_fields import field
 
 
@@ -141,7 +141,7 @@ class ProntoQAConfig(ReasoningConfig):
 
 @dataclasses.dataclass(frozen=True)
 class ActivationsConfig:
-    """Every `config.data` key of training on an activation store's rows (`data/activations.py`)."""
+    """Every `config.data` key of training on an activation store's rows (`data/activation_rows.py`)."""
 
     name: str = "activations"
     store: str = ""  # the store's folder (python -m experiments.activation_store --out=DIR)
@@ -200,9 +200,9 @@ def _load_recall(config, seed: int) -> Splits:
 
 def _load_activations(config, seed: int) -> Splits:
     del seed  # the pipeline shuffles
-    x = activations.read(config.store)
+    x = activation_rows.read(config.store)
     scale = float(np.sqrt(x.shape[1] / np.mean(np.sum(np.square(x, dtype=np.float64), axis=1))))
-    return Splits(train=activations.rows(x), evals={}, vocab_size=1, seq_len=x.shape[1],
+    return Splits(train=activation_rows.rows(x), evals={}, vocab_size=1, seq_len=x.shape[1],
                   model_keys={"d_in": x.shape[1], "input_scale": scale})
 
 
@@ -261,7 +261,7 @@ DATASETS = {
     "prontoqa": (_load_reasoning, ProntoQAConfig, prontoqa.validate),
     "prosqa_official": (_load_reasoning, ProsQAOfficialConfig, prosqa_dag.validate),
     "prosqa_lookup": (_load_reasoning, ProsQALookupConfig, prosqa_lookup.validate),
-    "activations": (_load_activations, ActivationsConfig, activations.validate),
+    "activations": (_load_activations, ActivationsConfig, activation_rows.validate),
 }
 
 

@@ -7,7 +7,7 @@ Every pair (a, b) in the operation's domain is one example, written as the three
 With `terms` = k > 2 the operation chains left to right over k operands and the row spells out the chain of
 thought: `x_1 ... x_k = s_1 ... s_{k-1}` with s_1 = x_1 o x_2 and s_j = s_{j-1} o x_{j+1}; the loss is on
 every s_j (the response), and s_{k-1} is the answer. Each step is one use of the same table, which a program
-checks (the process reward of experiments/grpo.py).
+checks (the process reward of experiments/objectives/grpo.py).
 """
 
 import numpy as np

@@ -9,7 +9,7 @@ name and renamed, so a shard is whole or absent) and `store.json` (the run, site
 writes only the shards that are missing: an interrupted capture resumes where it stopped. Rows are every token of
 the batch, or one position of each example (`--position`, e.g. -1: a grokking model's answer position); the
 splits are the run's ("train", "eval", ...: several, comma-separated, are concatenated in order).
-`data.activations.read(DIR)` returns the shards in order as one array; `data.name = "activations"` trains on them.
+`data.activation_rows.read(DIR)` returns the shards in order as one array; `data.name = "activations"` trains on them.
 """
 
 import json
@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 import data as datasets
-from data import activations as store_format
+from data import activation_rows as store_format
 from experiments import activations, cli, restore
 
 read = store_format.read

@@ -2,7 +2,7 @@
 
     python -m experiments.sae_eval --workdir=SAE_RUN [--split=eval] [--batches=16] [--batch_size=64]
 
-on the language model's `split` (its store's run, site, layer and position, data/activations.description):
+on the language model's `split` (its store's run, site, layer and position, data/activation_rows.description):
 
     L0                   active latents per row                      normalised MSE   sum ||x - x_hat||^2 / sum ||x - mean x||^2
     explained variance   1 - normalised MSE                          dead / dense     latents firing on no row / on > 10% of rows
@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import data as datasets
-from data import activations as store_format
+from data import activation_rows as store_format
 from experiments import activation_store, activations, cli, losses, patching, restore
 
 DENSE = 0.1  # a latent firing on more than this fraction of rows is dense

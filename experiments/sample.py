@@ -24,7 +24,7 @@ from absl import app, flags, logging
 import jax
 import numpy as np
 
-from data import activations as store_format
+from data import activation_rows as store_format
 from data import text
 from experiments import restore, steering
 from models import sampling, speculative

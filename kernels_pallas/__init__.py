@@ -2,6 +2,6 @@
 run in interpret mode on CPU."""
 
 from kernels_pallas.flash_attention import flash_attention
-from kernels_pallas.ssd import ssd_chunked
+from kernels_pallas.ssd_kernels import ssd_chunked
 
 __all__ = ["flash_attention", "ssd_chunked"]

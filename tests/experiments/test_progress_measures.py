@@ -43,7 +43,7 @@ def test_restricted_and_excluded_losses_separate_the_key_frequency_circuit():
 
 @pytest.mark.slow
 def test_progress_measures_script_end_to_end(tmp_path):
-    """scripts/progress_measures.py over the checkpoints of a tiny grokking run: a row per checkpoint whose
+    """scripts/progress_measures_study.py over the checkpoints of a tiny grokking run: a row per checkpoint whose
     test loss is the cross-entropy over the answer tokens of the restored model on the held-out pairs."""
     import json
     import os
@@ -60,7 +60,7 @@ def test_progress_measures_script_end_to_end(tmp_path):
     config.train.update(checkpoint_every=2, keep_checkpoints=5)
     trainer.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1], verbose=False)
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    subprocess.run([sys.executable, "scripts/progress_measures.py", f"--workdir={tmp_path}", "--key_frequencies=2"],
+    subprocess.run([sys.executable, "scripts/progress_measures_study.py", f"--workdir={tmp_path}", "--key_frequencies=2"],
                    cwd=repo, env={**os.environ, "JAX_PLATFORMS": "cpu"}, check=True, capture_output=True, timeout=300)
     result = json.loads((tmp_path / "progress_measures.json").read_text())
     assert [r["step"] for r in result["checkpoints"]] == [2, 4, 6] and len(result["key_frequencies"]) == 2

@@ -12,7 +12,7 @@ import pytest
 import kernels_pallas
 from models import ssd
 
-ssd_kernels = importlib.import_module("kernels_pallas.ssd")  # the module (the package exports the function)
+ssd_kernels = importlib.import_module("kernels_pallas.ssd_kernels")  # the module (the package exports the function)
 
 SHAPES = [  # batch, length, heads, groups, head_dim, state, chunk
     pytest.param(2, 100, 4, 2, 16, 32, 32, id="length-not-a-multiple-2-groups"),

@@ -2,7 +2,7 @@
 
     python -m experiments.train --config=experiments/configs/grokking.py --workdir=runs/grokking \
         --config.train.checkpoint_every=250 --config.train.keep_checkpoints=100
-    PYTHONPATH=. python scripts/progress_measures.py --workdir=runs/grokking
+    PYTHONPATH=. python scripts/progress_measures_study.py --workdir=runs/grokking
 
 Key frequencies come from the final embedding's Fourier spectrum (`experiments/progress_measures.py`);
 for every checkpoint it computes train and test loss, the restricted loss (key-frequency part of
