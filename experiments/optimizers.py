@@ -218,6 +218,7 @@ OPTIMIZERS = {
 }
 
 NEEDS_AXIS_NAMES = ("muon", "shampoo")  # optimizers that read the parameters' logical axis names
+EVALUATED_ELSEWHERE = ("schedule_free_adamw",)  # optimizers whose evaluated weights come from their state
 DECAY_GROUPS = ("all", "weights", "hidden_weights")
 SCHEDULES = ("constant", "cosine", "linear", "inverse_sqrt", "wsd")
 
@@ -333,7 +334,7 @@ def validate(opt) -> list[str]:
         parse_lr_multipliers(opt.lr_multipliers)
     except ValueError as error:
         return [str(error)]
-    if (opt.freeze or opt.train_only) and (opt.name in NEEDS_AXIS_NAMES or opt.name == "schedule_free_adamw"):
+    if (opt.freeze or opt.train_only) and (opt.name in NEEDS_AXIS_NAMES or opt.name in EVALUATED_ELSEWHERE):
         return [f"optimizer.name={opt.name!r} with frozen parameters (optimizer.freeze / train_only, or train.lora): "
                 "only the element-wise optimizers (adamw, adam, sgd, lion, adafactor) take a frozen group"]
     if opt.name == "schedule_free_adamw" and opt.schedule != "constant":

@@ -13,7 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 import models
-from experiments import checkpointing, lora, optimizers, run_record, trainer, validation
+from experiments import checkpointing, lora, optimizers, run_record, train_state, validation
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -45,8 +45,9 @@ def checkpoint_steps(workdir: str) -> list[int]:
 
 def load_variables(config, workdir: str, step: int | None = None):
     """(model, {"params", **model state}) of checkpoint `step` (default: the newest whose files match its
-    manifest) in `workdir`, the parameters the run evaluates (schedule-free: its average); FileNotFoundError
-    if there is none."""
+    manifest) in `workdir`, the parameters the run evaluates; FileNotFoundError if there is none. Only the
+    parameters and the model state are read, and no optimizer is built, except for an optimizer whose evaluated
+    weights come from its state (schedule-free: its averaged iterate)."""
     mngr = checkpointing.manager(workdir, keep=1, async_save=False)
     if step is None:
         intact = [s for s in mngr.all_steps() if checkpointing.damage(os.path.join(str(mngr.directory), str(s))) is None]
@@ -55,17 +56,26 @@ def load_variables(config, workdir: str, step: int | None = None):
         raise FileNotFoundError(f"--workdir={workdir!r} has no checkpoint {'yet' if step is None else step}")
     model = models.build(config.model)
     inputs = models.example_inputs(config.model)
-    tx = trainer.make_optimizer(config, model, inputs)
-    ema = config.train.get("ema_decay", 0.0) > 0
     lora_config = lora.LoRAConfig(**config.train.get("lora", {}))
-    abstract = nn.meta.unbox(jax.eval_shape(lambda r: trainer.init_state(model, tx, inputs, r, ema=ema,
-                                                                         lora_config=lora_config),
-                                            jax.random.PRNGKey(0)))
     on_one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_one_device), abstract)
-    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-    params = optimizers.evaluation_params(restored.state.opt_state, restored.state.params)  # schedule-free: x
-    return model, {"params": lora.merged(params, lora_config.alpha), **restored.state.model_state}
+    place = lambda tree: jax.tree.map(  # noqa: E731
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_one_device), nn.meta.unbox(tree))
+    if config.optimizer.name in optimizers.EVALUATED_ELSEWHERE:  # the whole state: the optimizer's is needed
+        tx = train_state.make_optimizer(config, model, inputs)
+        ema = config.train.get("ema_decay", 0.0) > 0
+        abstract = place(jax.eval_shape(lambda r: train_state.init_state(model, tx, inputs, r, ema=ema,
+                                                                         lora_config=lora_config),
+                                        jax.random.PRNGKey(0)))
+        state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))).state
+        params, model_state = optimizers.evaluation_params(state.opt_state, state.params), state.model_state
+    else:  # the parameters and the model state alone (orbax's partial restore)
+        params, model_state = jax.eval_shape(lambda r: train_state.init_variables(model, inputs, r, lora_config),
+                                             jax.random.PRNGKey(0))
+        item = place({"params": params, "model_state": model_state})
+        state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))).state
+        params, model_state = state["params"], state["model_state"]
+    return model, {"params": lora.merged(params, lora_config.alpha), **model_state}
 
 
 def save_variables(config, variables: dict, workdir: str) -> None:
@@ -73,9 +83,9 @@ def save_variables(config, variables: dict, workdir: str) -> None:
     state with these variables ({"params", **model state}) and a fresh optimizer state."""
     model = models.build(config.model)
     inputs = models.example_inputs(config.model)
-    tx = trainer.make_optimizer(config, model, inputs)
+    tx = train_state.make_optimizer(config, model, inputs)
     params = jax.tree.map(np.asarray, variables["params"])
-    state = trainer.TrainState.create(
+    state = train_state.TrainState.create(
         apply_fn=model.apply, params=params, tx=tx, rng=jax.random.split(jax.random.PRNGKey(config.seed))[1],
         model_state={k: v for k, v in variables.items() if k != "params"}, stage=np.zeros((), np.int32),
         data_skipped=np.zeros((), np.int32), ema_params={})

@@ -5,8 +5,9 @@ parameter shapes unchanged (max_len under RoPE, RoPE scaling, dropout, kernels).
 a folder without a run or a checkpoint, or whose parameters differ in a path or a shape, is a one-line ConfigError.
 Only the first start reads the folder: a run that has its own checkpoints resumes from them. LoRA adapters
 (`train.lora`, params["lora"]) are this run's own: they start fresh on top of the folder's (merged) weights.
-A Mixture-of-Depths run (`model.name = "mod"`) may start from a transformer run with the same blocks (router
-tuning): its layers map onto the periods (models/mod.from_dense) and the routers and predictors start fresh.
+A run may start from another family's run where its family says how (`from_family` and `starts_fresh` in
+models.MODELS, e.g. Mixture-of-Depths from a transformer with the same blocks, router tuning: its layers map onto the
+periods and the routers and predictors start fresh).
 """
 
 import jax
@@ -14,16 +15,13 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 import models
-from models import mod
 from data.config_fields import ConfigError
-from experiments import lora
+from experiments import lora, restore
 
 
 def check(config, abstract_params) -> None:
     """ConfigError (one line) unless `config.train.init_from` holds a run whose parameters have abstract_params' paths
     and shapes (the init run's shapes come from its config, without reading or compiling anything)."""
-    from experiments import restore  # restore reads the trainer's state layout: imported when used
-
     folder = config.train.init_from
     try:
         source = restore.load_config(folder)
@@ -46,8 +44,6 @@ def check(config, abstract_params) -> None:
 
 def read(config) -> dict:
     """The init run's newest variables {"params", **model state}, on one device (read outside any mesh context)."""
-    from experiments import restore
-
     folder = config.train.init_from
     source = restore.load_config(folder)
     variables = restore.load_variables(source, folder)[1]
@@ -55,15 +51,17 @@ def read(config) -> dict:
 
 
 def _as_this_family(source_model, model, params):
-    """The source run's parameters in this run's layout (a transformer's blocks as an MoD's periods)."""
-    if source_model.name == "transformer" and model.name == "mod":
-        return mod.from_dense(params, model.route_every)
-    return params
+    """The source run's parameters in this run's layout (its family's `from_family`; unchanged within a family
+    or where the family has no mapping, so that the shapes check names what differs)."""
+    if source_model.name == model.name:
+        return params
+    mapped = models.MODELS[model.name][0].from_family(source_model.name, params, model)
+    return params if mapped is None else mapped
 
 
 def _fresh(source_model, model, path: str) -> bool:
     """Whether this run's parameter at `path` (a keystr) may start fresh, absent from the source run."""
-    return source_model.name == "transformer" and model.name == "mod" and mod.is_routing_parameter(path)
+    return source_model.name != model.name and models.MODELS[model.name][0].starts_fresh(source_model.name, path)
 
 
 def place(variables, state_shardings, mesh, fresh_params) -> tuple[dict, dict]:
