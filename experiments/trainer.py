@@ -25,29 +25,20 @@ import signal
 import sys
 import time
 
-from typing import Any
-
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax.training import train_state
 
 import data as datasets
 import models
 from data import pipeline
-from experiments import (checkpointing, distill, grpo, lora, losses, metrics_writer, monitors, optimizers, plots,
-                         preference, run_record, sharding, validation, warm_start)
-
-
-class TrainState(train_state.TrainState):
-    rng: jax.Array  # raw uint32 key; step s uses fold_in(rng, s)
-    model_state: Any = flax.struct.field(default_factory=dict)  # the model's other collections (models/__init__.py)
-    stage: jax.Array = 0  # int32 curriculum stage (0 without a curriculum)
-    data_skipped: jax.Array = 0  # int32 batches skipped by NaN rollbacks: step s trains on batch s + data_skipped
-    ema_params: Any = flax.struct.field(default_factory=dict)  # train.ema_decay > 0: the weights' moving average
+from experiments import (checkpointing, lora, losses, metrics_writer, monitors, objectives, optimizers, plots,
+                         run_record, sharding, validation, warm_start)
+from experiments.objectives import frozen as frozen_models, language_modelling, sown as sown_losses
+from experiments.train_state import (TrainState, abstract_state_and_shardings, begin_stage, init_state,  # noqa: F401
+                                     make_optimizer)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -76,33 +67,6 @@ def batch_size(requested: int, num_examples: int, batch_shards: int) -> int:
     return -(-num_examples // batch_shards) * batch_shards if requested == -1 else requested
 
 
-def make_optimizer(config, model, example_inputs):
-    """`config.optimizer` as an optax transformation; Muon and Shampoo also get the parameters' logical axis names."""
-    names = models.axis_names(model, example_inputs) if config.optimizer.name in optimizers.NEEDS_AXIS_NAMES else None
-    return optimizers.build(lora.optimizer_config(config), config.train.steps, axis_names=names)
-
-
-def init_state(model, tx, example_inputs, rng, ema: bool = False, lora_config: lora.LoRAConfig = lora.LoRAConfig()):
-    """The initial train state; with `ema` its moving average of the weights starts at the weights; with
-    `lora_config.rank` the parameters gain adapters and the state's apply function merges them in."""
-    params_rng, state_rng = jax.random.split(rng)
-    variables = dict(model.init(params_rng, jnp.zeros(example_inputs.shape, example_inputs.dtype)))  # traced: free
-    params = variables.pop("params")
-    apply_fn = model.apply
-    if lora_config.rank:
-        params = lora.add_adapters(params, lora_config, jax.random.fold_in(params_rng, 1))
-        apply_fn = lora.MergedApply(model.apply, lora_config.alpha, lora_config.dropout)
-    model_state = {k: v for k, v in variables.items() if k not in models.NOT_STATE}
-    return TrainState.create(apply_fn=apply_fn, params=params, tx=tx, rng=state_rng, model_state=model_state,
-                             stage=jnp.zeros((), jnp.int32), data_skipped=jnp.zeros((), jnp.int32),
-                             ema_params=params if ema else {})
-
-
-def begin_stage(state: TrainState, stage, *, tx) -> TrainState:
-    """The state at the start of curriculum stage `stage`: a fresh optimizer state, the same parameters."""
-    return state.replace(opt_state=tx.init(state.params), stage=jnp.asarray(stage, jnp.int32))
-
-
 def _flat_metrics(tree, prefix="") -> dict:
     """Sown metrics / probe cotangents -> {"path/name": scalar}; arrays (e.g. stacked over scanned layers,
     or per expert) give one entry per element, "path/name/i" or "path/name/i/j"."""
@@ -115,30 +79,14 @@ def _flat_metrics(tree, prefix="") -> dict:
     return flat
 
 
-def abstract_state_and_shardings(init_fn, rng, mesh):
-    """(abstract train state, its NamedShardings by the logical rules); ConfigError if a dimension
-    does not divide over its mesh axes. Nothing is computed."""
-    with sharding.use_mesh(mesh):
-        boxed_state = jax.eval_shape(init_fn, rng)
-    state_shardings = sharding.logical_shardings(boxed_state, mesh)
-    abstract_state = nn.meta.unbox(boxed_state)
-    sharding.check_divisible(abstract_state, state_shardings)
-    return abstract_state, state_shardings
-
-
-def _depth(name: str) -> int:
-    """The trailing integer of a per-depth loss name ("exit_loss_12" -> 12)."""
-    return int(name.rsplit("_", 1)[1])
-
-
-def train_step(state: TrainState, batch, teacher=None, *, schedule, accumulate: int = 1, ema_decay: float = 0.0,
-               objective: losses.Objective = losses.Objective(), teacher_apply=None, with_monitors: bool = False,
-               mtp_weight=None, preference_config: preference.PreferenceConfig = preference.PreferenceConfig(),
-               grpo_config: grpo.GRPOConfig = grpo.GRPOConfig()):
-    """One optimizer step on loss = the objective (masked cross-entropy, with `objective`'s label smoothing,
-    z-loss and distillation from `teacher`'s variables through `teacher_apply`) + the sown auxiliary losses;
-    the model's other collections take the values the forward pass wrote; sown metrics and probe cotangents
-    are logged.
+def train_step(state: TrainState, batch, frozen=None, *, schedule, accumulate: int = 1, ema_decay: float = 0.0,
+               objective: language_modelling.LanguageModelling = language_modelling.LanguageModelling(),
+               frozen_apply=None, sown: sown_losses.SownLosses = sown_losses.SownLosses(),
+               with_monitors: bool = False):
+    """One optimizer step on `objective` (experiments/objectives/: its loss on the model's logits, reading the
+    frozen model's logits through `frozen_apply(frozen, tokens)` where it has one) + the losses the model sows
+    (`sown`, by collection); the model's other collections take the values the forward pass wrote; sown metrics
+    and probe cotangents are logged, and `objective`, the value minimised.
 
     Gradient accumulation (`accumulate` = k > 1): the batch splits into k micro-batches (rows i, i + k, ...,
     so each spreads over every batch shard) run one after another; micro-batch i's loss is its masked sum
@@ -147,68 +95,31 @@ def train_step(state: TrainState, batch, teacher=None, *, schedule, accumulate: 
     its dropout from fold_in(rng, step) (and its index), so a resumed run repeats the same masks.
 
     With `ema_decay` = d > 0 the moving average of the weights follows: ema <- d ema + (1 - d) params (new).
-    With `with_monitors`, the step also logs experiments/monitors.py's statistics (and the model's sown ones).
-    A model with MTP modules adds mtp_weight(step) / D * sum_k CE_k (experiments/losses.py) and logs each CE_k; one
-    with early exits trains on the depth-weighted CE of its exits and output, and logs each exit's CE.
-    With `preference_config.kind` the batch holds chosen and rejected rows and the objective is
-    experiments/preference.py's, the reference model's variables passed as `teacher`. With
-    `grpo_config.group_size` the batch is a rollout (experiments/grpo.py) and the objective GRPO's."""
+    With `with_monitors`, the step also logs experiments/monitors.py's statistics (and the model's sown ones)."""
     probes = state.model_state.get(models.PROBES, {})
     model_state = {k: v for k, v in state.model_state.items() if k != models.PROBES}
     count = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
     rng = jax.random.fold_in(state.rng, state.step)
-    plain = objective == losses.Objective()
-    paired = bool(preference_config.kind)
-    rl = bool(grpo_config.group_size)
+    frozen_logits = None if frozen is None else (lambda tokens: jax.lax.stop_gradient(frozen_apply(frozen, tokens)))
 
     def loss_fn(params, probes, model_state, micro, micro_rng):
-        inputs = preference.both(micro, "inputs") if paired else micro["inputs"]
         logits, written = state.apply_fn(
-            {"params": params, **model_state, models.PROBES: probes}, inputs,
+            {"params": params, **model_state, models.PROBES: probes}, objective.inputs(micro),
             rngs={"dropout": micro_rng},
             mutable=[*model_state, *models.SOWN, *([models.MONITORS] if with_monitors else [])])
-        if (paired or rl) and teacher is not None:  # the frozen reference
-            ref_logits = jax.lax.stop_gradient(teacher_apply(teacher, inputs))
-        else:
-            ref_logits = None
-        if paired:
-            pair_loss, pair_metrics = preference.objective(preference_config, logits, ref_logits, micro)
-            logits = logits[:len(micro["inputs"])]  # the chosen rows: their CE is logged as `loss`
-        if rl:
-            rl_loss, rl_metrics = grpo.objective(grpo_config, logits, ref_logits, micro)
-        sums = losses.masked_sums(logits, micro["targets"], micro["loss_mask"])
-        if not plain:
-            teacher_logits = teacher_apply(teacher, micro["inputs"]) if objective.distill_weight else None
-            sums = {**sums, **objective.sums(logits, micro["targets"], micro["loss_mask"], teacher_logits)}
-        aux_loss = (sum(jnp.sum(x) for x in jax.tree.leaves(written["losses"])) / accumulate
-                    if "losses" in written else None)  # None: the model sows no auxiliary loss
-        total = sums["loss" if plain else "objective"] / count
-        if paired:  # each micro-batch's mean, so the accumulated gradient is the batch's mean
-            total = pair_loss / accumulate + preference_config.sft_weight * total
-            sums = {**sums, **{f"preference/{k}": v / accumulate for k, v in pair_metrics.items()}}
-        if rl:  # the sampled completions' CE is logged as `loss`; the objective is GRPO's alone
-            total = rl_loss
-            sums = {**sums, **{f"grpo/{k}": v for k, v in rl_metrics.items()}}
-        if models.MTP in written:  # counts over the whole batch: accumulated micro-batches add up exactly
-            depth_sums = losses.mtp_sums(written[models.MTP]["logits"], micro["targets"], micro["loss_mask"])
-            counts = losses.mtp_counts(batch["loss_mask"], len(depth_sums))
-            total += mtp_weight(state.step) * sum(depth_sums[k] / counts[k] for k in counts) / len(counts)
-            sums = {**sums, **depth_sums}
-        if models.EXITS in written:  # early exits: the depth-weighted CE of every exit and the final logits
-            exit_sums = losses.exit_sums(written[models.EXITS]["logits"], micro["targets"], micro["loss_mask"])
-            total = losses.exit_weighted(total, [exit_sums[k] / count for k in sorted(exit_sums, key=_depth)])
-            sums = {**sums, **exit_sums}
-        return total + (0.0 if aux_loss is None else aux_loss), (sums, aux_loss, written)
+        total, sums = objective.loss(logits, micro, count, accumulate, frozen_logits)
+        total, sums = sown.add(total, sums, written, micro, batch, count, accumulate, state.step)
+        return total, (sums, written)
 
     grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
 
     def micro_step(model_state, micro, micro_rng):
-        (_, (sums, aux_loss, written)), grads = grad_fn(state.params, probes, model_state, micro, micro_rng)
-        sown = {"metrics": written.get("metrics", {}), "monitors": written.get(models.MONITORS, {})}
-        return {k: written[k] for k in model_state}, grads, (sums, aux_loss, sown)
+        (total, (sums, written)), grads = grad_fn(state.params, probes, model_state, micro, micro_rng)
+        sown_stats = {"metrics": written.get("metrics", {}), "monitors": written.get(models.MONITORS, {})}
+        return {k: written[k] for k in model_state}, grads, ({**sums, "objective": total}, sown_stats)
 
     if accumulate == 1:
-        written_state, (grads, probe_grads), (sums, aux_loss, sown) = micro_step(model_state, batch, rng)
+        written_state, (grads, probe_grads), (sums, sown_stats) = micro_step(model_state, batch, rng)
     else:
         micro_batches = jax.tree.map(lambda x: x.reshape(-1, accumulate, *x.shape[1:]).swapaxes(0, 1), batch)
 
@@ -222,18 +133,12 @@ def train_step(state: TrainState, batch, teacher=None, *, schedule, accumulate: 
         (written_state, (grads, probe_grads)), stacked = jax.lax.scan(
             scan_body, (model_state, zeros), (micro_batches, jnp.arange(accumulate)))
         sums = jax.tree.map(jnp.sum, stacked[0])
-        aux_loss = None if stacked[1] is None else jnp.sum(stacked[1])
-        sown = jax.tree.map(lambda x: jnp.mean(x, axis=0), stacked[2])
-    extra_terms = {k: sums[k] / count for k in ("distill_kl", "log_z_squared") if k in sums}
-    extra_terms.update({k: v for k, v in sums.items() if k.startswith(("preference/", "grpo/"))})
-    depth_counts = losses.mtp_counts(batch["loss_mask"], sum(k.startswith("mtp_loss_") for k in sums))
-    extra_terms.update({k.replace("mtp_loss_", "mtp_loss/"): sums[k] / depth_counts[k] for k in depth_counts})
-    extra_terms.update({k.replace("exit_loss_", "exit_loss/"): v / count for k, v in sums.items() if k.startswith("exit_loss_")})
-    metrics = {"loss": sums["loss"] / count, "accuracy": sums["correct"] / count, **extra_terms,
-               **({} if aux_loss is None else {"aux_loss": aux_loss}),
+        sown_stats = jax.tree.map(lambda x: jnp.mean(x, axis=0), stacked[1])
+    metrics = {"loss": sums["loss"] / count, "accuracy": sums["correct"] / count, **objective.metrics(sums, count),
+               **sown.metrics(sums, batch, count), "objective": sums["objective"],
                "grad_norm": optax.global_norm(grads), "lr": schedule(state.step),
-               "stage": state.stage, **_flat_metrics(sown["metrics"]), **_flat_metrics(probe_grads),
-               **_flat_metrics(sown["monitors"], prefix="monitor/")}
+               "stage": state.stage, **_flat_metrics(sown_stats["metrics"]), **_flat_metrics(probe_grads),
+               **_flat_metrics(sown_stats["monitors"], prefix="monitor/")}
     new_model_state = {**written_state, **({models.PROBES: probes} if probes else {})}
     new_state = state.apply_gradients(grads=grads, model_state=new_model_state)
     if with_monitors:
@@ -291,9 +196,7 @@ def evaluate(state, eval_step, batches, mesh, chars_per_token=None) -> dict:
 
 def _check_finite(window, last_good_step, rollbacks: int):
     for step, metrics in window:
-        loss = (metrics["loss"] + metrics.get("aux_loss", 0.0) + metrics.get("preference/loss", 0.0)
-                + metrics.get("grpo/loss", 0.0))  # the objective's
-        # terms (an SAE's: all aux_loss)
+        loss = metrics["objective"]  # what the step minimised, whatever the objective and the sown terms
         if not np.isfinite(loss):
             after = f" after {rollbacks} rollbacks" if rollbacks else ""
             raise NonFiniteLossError(
@@ -334,12 +237,10 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
     splits = datasets.load(config.data, seed=config.seed)
     config = resolve(config, splits)
     validation.validate_resolved(config)
-    preference.check_paired(config.train, splits.train, config.data.name)
-    prompt_len = grpo.prompt_length(splits.train) if config.train.grpo.group_size else 0  # RL's prompts
-    frozen_key = "train.distill.teacher" if config.train.distill.teacher else "train.init_from"  # teacher or reference
-    frozen_folder = (config.train.distill.teacher or preference.reference_folder(config.train)
-                     or grpo.reference_folder(config.train))
-    teacher_config = distill.teacher_config(config, frozen_folder, frozen_key) if frozen_folder else None
+    objective = objectives.build(config)  # what the step minimises (experiments/objectives/)
+    objective.check_data(config, splits.train)
+    frozen_config = (frozen_models.check(config, objective.frozen_folder, objective.frozen_key)
+                     if objective.frozen_folder else None)  # a teacher or a reference, checked before it is read
     resolved, data_identity = json.loads(json.dumps(config.to_dict())), datasets.identity(config.data, splits)
     run_record.check_resumable(workdir, resolved, data_identity, validation.defaults(config))
 
@@ -353,14 +254,6 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
     example_inputs = jax.ShapeDtypeStruct((batch_shards, splits.seq_len), splits.train["inputs"].dtype)
     tx = make_optimizer(config, model, example_inputs)
     ema_decay = config.train.ema_decay
-    mtp_weight = losses.mtp_weight_schedule(config.train.mtp_weight, config.train.mtp_weight_late,
-                                            config.train.mtp_switch_fraction, config.train.steps)
-    preference_config = preference.PreferenceConfig(**config.train.preference.to_dict())
-    grpo_config = grpo.GRPOConfig(**config.train.grpo.to_dict())
-    objective = losses.Objective(label_smoothing=config.train.label_smoothing, z_loss=config.train.z_loss,
-                                 distill_weight=config.train.distill.weight if config.train.distill.teacher else 0.0,
-                                 temperature=config.train.distill.temperature)
-
     lora_config = lora.LoRAConfig(**config.train.lora.to_dict())
 
     def init_fn(rng):  # boxed with logical names; optimizer statistics that cannot take them replicate
@@ -376,10 +269,10 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
         if not checkpointing.has_checkpoints(workdir):  # a first start: read the weights it starts from
             warm_variables = warm_start.read(config)
 
-    # A distillation teacher: restored once, sharded like the student.
-    teacher_apply, teacher, teacher_shardings = (
-        distill.load_teacher(teacher_config, frozen_folder, mesh, splits.seq_len)
-        if teacher_config else (None, None, None))
+    # The objective's frozen model (a teacher or a reference): restored once, sharded like the policy.
+    frozen_apply, frozen, frozen_shardings = (
+        frozen_models.load(frozen_config, objective.frozen_folder, mesh, splits.seq_len)
+        if frozen_config else (None, None, None))
 
     os.makedirs(workdir, exist_ok=True)
     if is_lead:
@@ -422,32 +315,18 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
         batch_spec = sharding.batch_sharding(mesh)
         compiled_train_step = jax.jit(functools.partial(train_step, schedule=schedule, accumulate=micro_batches,
                                                         ema_decay=ema_decay, objective=objective,
-                                                        teacher_apply=teacher_apply, with_monitors=config.train.monitors,
-                                                        mtp_weight=mtp_weight,
-                                                        preference_config=preference_config,
-                                                        grpo_config=grpo_config),
+                                                        frozen_apply=frozen_apply,
+                                                        sown=sown_losses.SownLosses.from_config(config.train),
+                                                        with_monitors=config.train.monitors),
                                       donate_argnums=0,
-                                      in_shardings=(state_shardings, batch_spec, teacher_shardings),
+                                      in_shardings=(state_shardings, batch_spec, frozen_shardings),
                                       out_shardings=(state_shardings, sharding.replicated(mesh)))
         compiled_eval_step = jax.jit(_eval_step, in_shardings=(state_shardings, batch_spec),
                                      out_shardings=sharding.replicated(mesh))
         compiled_eval_ema = jax.jit(functools.partial(_eval_step, ema=True), in_shardings=(state_shardings, batch_spec),
                                     out_shardings=sharding.replicated(mesh))
-        compiled_rollout = None
-        if grpo_config.group_size:  # RL: each batch's prompts continued by the current policy, then scored
-            rollout = functools.partial(grpo.rollout, model, config=grpo_config, prompt_len=prompt_len)
-
-            def rollout_step(state, batch):
-                params = lora.merged(state.params, lora_config.alpha) if lora_config.rank else state.params
-                model_state = {k: v for k, v in state.model_state.items() if k != models.PROBES}
-                rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 1)
-                if grpo_config.seed:
-                    rng = jax.random.fold_in(rng, grpo_config.seed)
-                return rollout({"params": params, **model_state}, batch, rng)
-
-            compiled_rollout = jax.jit(rollout_step, in_shardings=(state_shardings, batch_spec), out_shardings=batch_spec)
-            compiled_minibatch = jax.jit(functools.partial(grpo.minibatch, count=grpo_config.minibatches),
-                                         static_argnums=1, in_shardings=(batch_spec,), out_shardings=batch_spec)
+        prepare = objective.batch_preparer(model=model, config=config, splits=splits, lora_config=lora_config,
+                                           state_shardings=state_shardings, batch_spec=batch_spec)
         compiled_begin_stage = jax.jit(functools.partial(begin_stage, tx=tx), static_argnums=1, donate_argnums=0,
                                        out_shardings=state_shardings)
 
@@ -458,7 +337,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
         if resumed:
             progress.message(f"resumed from step {first_step} in {workdir}")
         stage, data_skipped, rollbacks = int(state.stage), int(state.data_skipped), 0
-        pending, window, last, rollout_batch = [], [], {}, None
+        pending, window, last = [], [], {}
         tokens_per_step = train_batch * splits.seq_len
         window_start = loop_start = time.perf_counter()
 
@@ -478,15 +357,9 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
                         stage = data_stage
                         state = compiled_begin_stage(state, stage)
                         progress.message(f"curriculum stage {stage} from step {step}: optimizer state reset")
-                    batch = sharding.global_batch(next(train_iter), mesh)
-                    if compiled_rollout is not None:  # a rollout every epochs * minibatches steps (batches unused)
-                        steps_per_rollout = grpo_config.epochs * grpo_config.minibatches
-                        if rollout_batch is None or step % steps_per_rollout == 0:
-                            rollout_batch = compiled_rollout(state, batch)
-                        batch = (rollout_batch if grpo_config.minibatches == 1 else
-                                 compiled_minibatch(rollout_batch, step % grpo_config.minibatches))
+                    batch = prepare(state, sharding.global_batch(next(train_iter), mesh), step)
                     with jax.transfer_guard("disallow"):
-                        state, metrics = compiled_train_step(state, batch, teacher)
+                        state, metrics = compiled_train_step(state, batch, frozen)
                     pending.append(metrics)
                     step += 1
                     final = step == config.train.steps
@@ -504,7 +377,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
                                                        lambda: compiled_init(rng), state_shardings.data_skipped)
                             step, stage, data_skipped = int(state.step), int(state.stage), int(state.data_skipped)
                             window.clear()
-                            rollout_batch = None
+                            prepare.reset()
                             writer.write(step, "rollback", {"bad_step": error.step, "skipped_batches": skipped,
                                                             "rollback": rollbacks})
                             warn(f"warning: {error.args[0].split(';')[0]}: rolled back to step {step} and skipped "

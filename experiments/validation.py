@@ -10,7 +10,8 @@ import ml_collections
 
 import data
 import models
-from experiments import grpo, lora, optimizers, preference, sharding
+from experiments import lora, objectives, optimizers, sharding
+from experiments.configs import base
 from models import moe_dispatch
 from data.config_fields import ConfigError, problems as field_problems
 
@@ -48,8 +49,6 @@ def _raise(problems):
 
 def validate(config, num_devices: int, process_count: int = 1) -> tuple[int, ...]:
     """Raises ConfigError with every problem in `config`; returns the resolved mesh shape."""
-    from experiments.configs import base  # the schema; imported late to keep this module light
-
     if config.model.name not in models.MODELS:
         raise ConfigError(f"model.name={config.model.name!r} is not one of {sorted(models.MODELS)}")
     if config.data.name not in data.DATASETS:
@@ -65,8 +64,7 @@ def validate(config, num_devices: int, process_count: int = 1) -> tuple[int, ...
     _raise([p for name, cls in base.sections(config.model.name, config.data.name).items()
             for p in field_problems(cls, config[name], f"{name}.")])
     _raise(models.MODELS[config.model.name][2](config.model) + data.DATASETS[config.data.name][2](config.data)
-           + optimizers.validate(lora.optimizer_config(config)) + lora.problems(config) + preference.problems(config.train)
-           + grpo.problems(config))
+           + optimizers.validate(lora.optimizer_config(config)) + lora.problems(config) + objectives.problems(config))
     shape = sharding.mesh_shape(config.mesh, num_devices)
     batch_shards = sharding.logical_axis_size(shape, "activation_batch")
     for key, micro_batches in (("batch_size", config.train.grad_accum_steps), ("eval_batch_size", 1)):
@@ -84,8 +82,6 @@ def validate(config, num_devices: int, process_count: int = 1) -> tuple[int, ...
 
 def defaults(config) -> dict:
     """The schema's default config for `config`'s model family and dataset, as a dict."""
-    from experiments.configs import base
-
     return base.get_config(config.model.name, config.data.name).to_dict()
 
 

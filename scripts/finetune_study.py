@@ -59,7 +59,8 @@ def chain_accuracy(workdir: str, op: str) -> float:
     import numpy as np
 
     import data
-    from experiments import grpo, restore
+    from experiments import restore
+    from experiments.objectives import grpo
     from models import sampling
 
     config = restore.load_config(workdir)

@@ -42,7 +42,8 @@ def measure(workdir: str, reference) -> dict:
     import numpy as np
 
     import data
-    from experiments import grpo, preference, restore
+    from experiments import restore
+    from experiments.objectives import grpo, preference
     from models import sampling
 
     config = restore.load_config(workdir)

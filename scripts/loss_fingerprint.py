@@ -5,10 +5,14 @@
 
 Each config trains `--steps` steps (logging every step, no evaluation) in a temporary folder on the
 default devices; `--compare` prints the largest absolute and relative difference per config and exits 1
-when one exceeds `--rtol`.
+when one exceeds `--rtol`. The objectives with a frozen model (a preference loss and GRPO against their
+reference, distillation from a teacher) first train their start (`--steps` steps of the SFT or teacher
+config) in the same folder; their objective's own loss (`preference/loss`, `grpo/loss`, `distill_kl`) is
+fingerprinted beside the cross-entropy.
 """
 
 import json
+import os
 import sys
 import tempfile
 
@@ -16,7 +20,7 @@ from absl import app, flags
 import numpy as np
 
 from experiments import studies
-from experiments.configs import coconut_prosqa, default, lm_shakespeare, moe_lm
+from experiments.configs import coconut_prosqa, default, grpo, lm_shakespeare, moe_lm, preference
 
 CONFIGS = {
     "default": lambda: default.get_config(),
@@ -27,23 +31,41 @@ CONFIGS = {
     "moe": lambda: moe_lm.get_config(),
     "coconut": lambda: coconut_prosqa.get_config(),
 }
-_NAMES = flags.DEFINE_list("configs", list(CONFIGS), f"Configs, of {list(CONFIGS)}.")
+# name -> (the start's config, the config trained from it, the key that names the start, its objective's loss)
+FROM_A_START = {
+    "dpo": (lambda: preference.get_config("arithmetic,sft"), lambda: preference.get_config("arithmetic,dpo"),
+            "init_from", "preference/loss"),
+    "grpo": (lambda: grpo.get_config("sft"), lambda: grpo.get_config("outcome"), "init_from", "grpo/loss"),
+    "distill": (default.get_config, default.get_config, "distill.teacher", "distill_kl"),
+}
+_NAMES = flags.DEFINE_list("configs", [*CONFIGS, *FROM_A_START], f"Configs, of {[*CONFIGS, *FROM_A_START]}.")
 _STEPS = flags.DEFINE_integer("steps", 50, "Training steps per config.")
 _OUT = flags.DEFINE_string("out", "loss_fingerprint.json", "Where the losses go (JSON: config -> [loss per step]).")
 _COMPARE = flags.DEFINE_string("compare", None, "A fingerprint to compare with.")
 _RTOL = flags.DEFINE_float("rtol", 1e-5, "Largest relative difference that counts as unchanged.")
 
 
-def losses(name: str, steps: int) -> list[float]:
-    config = CONFIGS[name]()
+def _train(config, workdir: str, steps: int) -> list[dict]:
     config.train.update(steps=steps, log_every=1, eval_every=0, checkpoint_every=steps)
+    return studies.run_or_reuse(config, workdir)[0]
+
+
+def losses(name: str, steps: int) -> dict[str, list[float]]:
+    """{name: the loss per step}, and {name/metric: ...} for an objective's own loss."""
     with tempfile.TemporaryDirectory() as workdir:
-        return [e["loss"] for e in studies.run_or_reuse(config, workdir)[0]]
+        if name in CONFIGS:
+            return {name: [e["loss"] for e in _train(CONFIGS[name](), workdir, steps)]}
+        start, then, key, metric = FROM_A_START[name]
+        _train(start(), os.path.join(workdir, "start"), steps)
+        config = then()
+        studies.with_overrides(config, {f"train.{key}": os.path.join(workdir, "start")})
+        events = _train(config, os.path.join(workdir, name), steps)
+        return {name: [e["loss"] for e in events], f"{name}/{metric}": [e[metric] for e in events]}
 
 
 def main(argv):
     del argv
-    fingerprint = {name: losses(name, _STEPS.value) for name in _NAMES.value}
+    fingerprint = {k: v for name in _NAMES.value for k, v in losses(name, _STEPS.value).items()}
     with open(_OUT.value, "w") as f:
         json.dump(fingerprint, f)
     if not _COMPARE.value:

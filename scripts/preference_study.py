@@ -4,7 +4,7 @@ on a task where a program knows the right answer (experiments/configs/preference
     PYTHONPATH=. python scripts/preference_study.py --task=arithmetic --out=runs/preference_study
 
 Trains the SFT run (once), then every (kind, beta) of --grid from it through the one trainer, and measures each
-against the SFT model, which is also the reference. Kinds: those of experiments/preference.py, `cdpo` (DPO with
+against the SFT model, which is also the reference. Kinds: those of experiments/objectives/preference.py, `cdpo` (DPO with
 label smoothing 0.1), `dpo_sft` (DPO plus the chosen responses' cross-entropy, weight 1) and `sft` (more SFT
 steps, the baseline; its beta is ignored).
     accuracy     held-out answers: arithmetic, the argmax at `=` over the test pairs; prontoqa, greedy chains of
@@ -59,7 +59,8 @@ def measure(workdir: str, reference) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from experiments import losses, preference, reasoning_eval, restore
+    from experiments import losses, reasoning_eval, restore
+    from experiments.objectives import preference
 
     config = restore.load_config(workdir)
     model, variables = restore.load_variables(config, workdir)

@@ -11,9 +11,8 @@ PACKAGES = ("models", "experiments", "kernels_pallas", "data")
 
 def test_every_module_of_every_package_has_an_api_entry_and_no_entry_is_stale():
     for package in PACKAGES:
-        modules = {p[len(REPO) + 1:-3].replace(os.sep, ".")
-                   for p in glob.glob(os.path.join(REPO, package, "**", "*.py"), recursive=True)
-                   if not p.endswith("__init__.py")}
+        modules = {p[len(REPO) + 1:-3].replace(os.sep, ".").removesuffix(".__init__")
+                   for p in glob.glob(os.path.join(REPO, package, "**", "*.py"), recursive=True)} - {package}
         with open(os.path.join(REPO, "docs", "api", f"{package}.md")) as f:
             entries = set(re.findall(r"^::: (\S+)$", f.read(), flags=re.M)) - {package}
         assert entries == modules, f"{package}: undocumented {modules - entries}, stale {entries - modules}"

@@ -7,29 +7,21 @@ Every section is a dataclass whose fields declare their defaults and valid value
 """
 
 import dataclasses
+import functools
 
 import ml_collections
 
 import data
 import models
-from experiments import optimizers, sharding
-from experiments.grpo import GRPOConfig
+from experiments import objectives, optimizers, sharding
 from experiments.lora import LoRAConfig
-from experiments.preference import PreferenceConfig
 from data.config_fields import field, problems as field_problems
 
 
 @dataclasses.dataclass(frozen=True)
-class DistillConfig:
-    """Knowledge distillation (experiments/distill.py): the teacher is a finished run folder, restored once."""
+class TrainKeys:
+    """The keys of `config.train` besides the objectives' own sections (`train_config` adds those)."""
 
-    teacher: str = ""  # the teacher's workdir; "": no distillation
-    weight: float = field(0.5, min=0, max=1)  # a: objective = (1 - a) CE + a T^2 KL(teacher || student)
-    temperature: float = field(2.0, above=0)  # T
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
     steps: int = field(1000, min=1)
     log_every: int = field(100, min=1)
     eval_every: int = field(500, min=0)  # 0: evaluate only at the end
@@ -42,23 +34,32 @@ class TrainConfig:
     plot_log_x: bool = False  # log-scale step axis in the workdir's curves.png
     label_smoothing: float = field(0.0, min=0, below=1)  # eps: targets (1 - eps) onehot + eps / V
     z_loss: float = field(0.0, min=0)  # c: + c log^2 Z per token (PaLM: 1e-4)
-    distill: DistillConfig = field(DistillConfig())
     mtp_weight: float = field(0.3, min=0)  # lambda of the multi-token-prediction loss (model.mtp_depth > 0)
     mtp_weight_late: float = field(0.1, min=0)  # lambda from train.mtp_switch_fraction of the run on
     mtp_switch_fraction: float = field(1.0, min=0, max=1)  # 1: lambda stays train.mtp_weight (DeepSeek-V3: ~0.68)
-    preference: PreferenceConfig = field(PreferenceConfig())  # DPO, IPO, KTO, SimPO, ORPO on
-    # paired data, the reference model train.init_from's (experiments/preference.py)
-    grpo: GRPOConfig = field(GRPOConfig())  # group_size > 0: RL from a verifiable reward, rolling out G completions per
-    # prompt (experiments/grpo.py); the KL's reference model train.init_from's
     lora: LoRAConfig = field(LoRAConfig())  # rank > 0: train low-rank adapters of the frozen weights (experiments/lora.py)
     init_from: str = ""  # a run folder whose newest weights start this run, with a fresh optimizer (experiments/warm_start.py)
     monitors: bool = False  # log weight / update / gradient norms per group, attention entropy, residual RMS,
     # activation density (experiments/monitors.py) with the train metrics, and plot them in monitors.png
 
 
+def train_config() -> type:
+    """`config.train`'s dataclass: TrainKeys, `train.objective` (an entry of experiments.objectives.OBJECTIVES, ""
+    for the one whose keys are set) and each objective's own section (`train.distill`, `train.preference`,
+    `train.grpo`: the entry's `section` and `keys`), so that an objective declares its keys in its own file."""
+    return _train_config(tuple(objectives.OBJECTIVES.items()))
+
+
+@functools.cache
+def _train_config(entries: tuple) -> type:
+    own = [(e.section, type(e.keys), field(e.keys)) for _, e in entries if e.section]
+    chosen = ("objective", str, field("", choices=("", *(name for name, _ in entries))))
+    return dataclasses.make_dataclass("TrainConfig", [chosen, *own], bases=(TrainKeys,), frozen=True)
+
+
 def sections(model: str, dataset: str) -> dict:
     """Section name -> the dataclass that declares its keys."""
-    return {"model": models.MODELS[model][1], "data": data.DATASETS[dataset][1], "train": TrainConfig,
+    return {"model": models.MODELS[model][1], "data": data.DATASETS[dataset][1], "train": train_config(),
             "optimizer": optimizers.OptimizerConfig, "mesh": sharding.MeshConfig}
 
 

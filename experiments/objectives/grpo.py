@@ -1,5 +1,5 @@
 """Group Relative Policy Optimization (Shao et al. 2024, DeepSeekMath; DeepSeek-R1) through the one trainer
-(`train.grpo.group_size` = G > 0): RL with a verifiable reward and no value model.
+(`train.objective = "grpo"`, or `train.grpo.group_size` = G > 0): RL with a verifiable reward and no value model.
 
 Every `epochs * minibatches` steps the trainer rolls out: each prompt of the batch (the rows' tokens before their
 first loss-masked target) is continued G times by the KV-cached sampler (models/sampling.py) at
@@ -27,12 +27,16 @@ fraction of groups with any correct completion: a group of equal rewards has zer
 """
 
 import dataclasses
+import functools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
+import models
 from data.config_fields import ConfigError, field
-from experiments import losses
+from experiments import lora, losses
+from experiments.objectives import language_modelling
 from models import sampling
 
 REWARDS = ("outcome", "process")
@@ -59,10 +63,83 @@ def minibatch(rollout: dict, index: int, count: int) -> dict:
     return {k: v.reshape(-1, count, *v.shape[1:])[:, index] for k, v in rollout.items()}
 
 
+@dataclasses.dataclass(frozen=True)
+class GRPO(language_modelling.LanguageModelling):
+    """The entry of the objectives table: the batch is a rollout of the current policy, the loss -J."""
+
+    config: GRPOConfig = GRPOConfig()
+    selecting_key = "train.grpo.group_size"
+    section, keys = "grpo", GRPOConfig()
+
+    @staticmethod
+    def selected_by(train) -> bool:
+        return bool(train.grpo.group_size)
+
+    @staticmethod
+    def problems(config) -> list[str]:
+        return problems(config)
+
+    @classmethod
+    def from_config(cls, config) -> "GRPO":
+        keys = GRPOConfig(**config.train.grpo.to_dict())
+        reference = config.train.init_from if keys.kl_beta else ""
+        return cls(terms=language_modelling.terms(config.train), frozen_folder=reference,
+                   frozen_key="train.init_from" if reference else "", config=keys)
+
+    def check_data(self, config, examples: dict) -> None:
+        prompt_length(examples)  # every row's response must start at one position
+
+    def batch_preparer(self, *, model, splits, lora_config, state_shardings, batch_spec, **context):
+        return Rollouts(self.config, model, prompt_length(splits.train), lora_config, state_shardings, batch_spec)
+
+    def loss(self, logits, batch: dict, count, accumulate: int, frozen_logits=None):
+        """-J alone: the sampled completions' cross-entropy is logged as `loss`, not trained on."""
+        ref_logits = frozen_logits(batch["inputs"]) if frozen_logits is not None else None
+        rl_loss, rl_metrics = objective(self.config, logits, ref_logits, batch)
+        _, sums = super().loss(logits, batch, count, accumulate)
+        return rl_loss, {**sums, **{f"grpo/{k}": v for k, v in rl_metrics.items()}}
+
+    def metrics(self, sums: dict, count) -> dict:
+        return {**super().metrics(sums, count), **{k: v for k, v in sums.items() if k.startswith("grpo/")}}
+
+
+class Rollouts:
+    """The step's batch: every `epochs * minibatches` steps each prompt of the data's batch continued by the
+    current policy and scored (a compiled rollout), then minibatch `step % minibatches` of it."""
+
+    def __init__(self, config: GRPOConfig, model, prompt_len: int, lora_config, state_shardings, batch_spec):
+        self.config, self.rollout_batch = config, None
+        generate = functools.partial(rollout, model, config=config, prompt_len=prompt_len)
+
+        def rollout_step(state, batch):
+            params = lora.merged(state.params, lora_config.alpha) if lora_config.rank else state.params
+            model_state = {k: v for k, v in state.model_state.items() if k != models.PROBES}
+            rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 1)
+            if config.seed:
+                rng = jax.random.fold_in(rng, config.seed)
+            return generate({"params": params, **model_state}, batch, rng)
+
+        self.compiled_rollout = jax.jit(rollout_step, in_shardings=(state_shardings, batch_spec),
+                                        out_shardings=batch_spec)
+        self.compiled_minibatch = jax.jit(functools.partial(minibatch, count=config.minibatches), static_argnums=1,
+                                          in_shardings=(batch_spec,), out_shardings=batch_spec)
+
+    def __call__(self, state, batch, step: int):
+        if self.rollout_batch is None or step % (self.config.epochs * self.config.minibatches) == 0:
+            self.rollout_batch = self.compiled_rollout(state, batch)
+        if self.config.minibatches == 1:
+            return self.rollout_batch
+        return self.compiled_minibatch(self.rollout_batch, step % self.config.minibatches)
+
+    def reset(self) -> None:
+        """After a rollback: the next step rolls out again."""
+        self.rollout_batch = None
+
+
 def problems(config) -> list[str]:
     train, g = config.train, config.train.grpo
     if not g.group_size:
-        return []
+        return ["train.objective='grpo' needs train.grpo.group_size >= 2, the completions per prompt"]
     p = []
     if config.model.name == "coconut":
         p.append("train.grpo with model.name='coconut' decodes without the padding mask its forward pass applies, so "
@@ -72,18 +149,12 @@ def problems(config) -> list[str]:
                  "from (the SFT run), or kl_beta=0")
     if g.group_size < 2:
         p.append(f"train.grpo.group_size={g.group_size} gives every completion zero advantage; use >= 2")
-    if train.preference.kind or train.distill.teacher:
-        p.append("train.grpo and train.preference / train.distill both use the frozen model slot; use one")
     if g.group_size % g.minibatches:
         p.append(f"train.grpo.minibatches={g.minibatches} must divide train.grpo.group_size={g.group_size} (each "
                  "minibatch holds an equal share of every prompt's completions)")
     if train.grad_accum_steps > 1:
         p.append(f"train.grpo with train.grad_accum_steps={train.grad_accum_steps}: roll out a smaller batch instead")
     return p
-
-
-def reference_folder(train) -> str:
-    return train.init_from if train.grpo.group_size and train.grpo.kl_beta else ""
 
 
 # Advantages and the objective ---------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Preference optimisation through the one trainer (`train.preference.kind`): DPO, IPO, KTO, SimPO, ORPO.
+"""Preference optimisation (`train.objective = "preference"`, or `train.preference.kind` set): DPO, IPO, KTO,
+SimPO, ORPO.
 
 The data gives each example a chosen response and a rejected one to the same prompt (the batch's "inputs",
 "targets", "loss_mask" and "rejected_inputs", "rejected_targets", "rejected_loss_mask", e.g. `data.rejected`),
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 
 from data.config_fields import ConfigError, field
 from experiments import losses
+from experiments.objectives import language_modelling
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,27 +40,55 @@ class PreferenceConfig:
     undesirable_weight: float = field(1.0, min=0)  # KTO's lambda_U
 
 
-def problems(train) -> list[str]:
-    """The config rules of `config.train` that involve the preference loss (checked before anything runs)."""
-    kind, p = train.preference.kind, []
-    if kind in losses.NEEDS_REFERENCE and not train.init_from:
-        p.append(f"train.preference.kind={kind!r} needs a reference model: set train.init_from to the run it starts "
-                 "from (e.g. the SFT run)")
-    if kind and train.distill.teacher:
-        p.append(f"train.preference.kind={kind!r} and train.distill.teacher={train.distill.teacher!r}: the frozen "
-                 "model slot holds the reference or the teacher, not both")
-    return p
+@dataclasses.dataclass(frozen=True)
+class Preference(language_modelling.LanguageModelling):
+    """The entry of the objectives table: the policy reads each example's chosen and rejected rows in one pass."""
 
+    config: PreferenceConfig = PreferenceConfig()
+    selecting_key = "train.preference.kind"
+    section, keys = "preference", PreferenceConfig()
 
-def check_paired(train, examples: dict, dataset: str) -> None:
-    if train.preference.kind and "rejected_inputs" not in examples:
-        raise ConfigError(f"train.preference.kind={train.preference.kind!r} needs paired data (rejected responses); "
-                          f"data.name={dataset!r} gives none here: set data.rejected (ProntoQA)")
+    @staticmethod
+    def selected_by(train) -> bool:
+        return bool(train.preference.kind)
 
+    @staticmethod
+    def problems(config) -> list[str]:
+        kind, init_from = config.train.preference.kind, config.train.init_from
+        if not kind:
+            return ["train.objective='preference' needs train.preference.kind, one of "
+                    f"{list(losses.PREFERENCE_KINDS)}"]
+        if kind in losses.NEEDS_REFERENCE and not init_from:
+            return [f"train.preference.kind={kind!r} needs a reference model: set train.init_from to the run it "
+                    "starts from (e.g. the SFT run)"]
+        return []
 
-def reference_folder(train) -> str:
-    """The run whose weights are the frozen reference: train.init_from for the kinds that have one."""
-    return train.init_from if train.preference.kind in losses.NEEDS_REFERENCE else ""
+    @classmethod
+    def from_config(cls, config) -> "Preference":
+        keys = PreferenceConfig(**config.train.preference.to_dict())
+        reference = config.train.init_from if keys.kind in losses.NEEDS_REFERENCE else ""
+        return cls(terms=language_modelling.terms(config.train), frozen_folder=reference,
+                   frozen_key="train.init_from" if reference else "", config=keys)
+
+    def check_data(self, config, examples: dict) -> None:
+        if "rejected_inputs" not in examples:
+            raise ConfigError(f"train.preference.kind={self.config.kind!r} needs paired data (rejected responses); "
+                              f"data.name={config.data.name!r} gives none here: set data.rejected (ProntoQA)")
+
+    def inputs(self, batch):
+        return both(batch, "inputs")
+
+    def loss(self, logits, batch: dict, count, accumulate: int, frozen_logits=None):
+        """The pair loss on both halves, + sft_weight x the chosen rows' language-modelling objective (whose
+        cross-entropy is logged as `loss`, so an SFT run and its preference run compare)."""
+        ref_logits = frozen_logits(self.inputs(batch)) if frozen_logits is not None else None
+        pair_loss, pair_metrics = objective(self.config, logits, ref_logits, batch)
+        lm_loss, sums = super().loss(logits[:len(batch["inputs"])], batch, count, accumulate)
+        sums = {**sums, **{f"preference/{k}": v / accumulate for k, v in pair_metrics.items()}}
+        return pair_loss / accumulate + self.config.sft_weight * lm_loss, sums
+
+    def metrics(self, sums: dict, count) -> dict:
+        return {**super().metrics(sums, count), **{k: v for k, v in sums.items() if k.startswith("preference/")}}
 
 
 def both(batch: dict, key: str):

@@ -9,7 +9,8 @@ import pytest
 import data
 from data import pairs, text
 from data.config_fields import ConfigError
-from experiments import grpo, trainer, validation
+from experiments import trainer, validation
+from experiments.objectives import grpo
 from experiments.configs import base
 
 LINES = [{"prompt": "2+2=", "response": "4", "rejected": "5"},

@@ -131,7 +131,8 @@ def test_nan_rollback_restores_the_last_checkpoint_and_skips_the_batches_that_di
     def train_step_with_a_poisoned_batch(state, batch, *args, **kwargs):
         new_state, metrics = real_step(state, batch, *args, **kwargs)
         bad = jax.numpy.all(batch["inputs"] == poisoned)
-        metrics["loss"] = jax.numpy.where(bad, jax.numpy.nan, metrics["loss"])
+        for key in ("loss", "objective"):  # the check reads `objective`, what the step minimised
+            metrics[key] = jax.numpy.where(bad, jax.numpy.nan, metrics[key])
         return new_state, metrics
 
     monkeypatch.setattr(trainer, "train_step", train_step_with_a_poisoned_batch)

@@ -1,4 +1,4 @@
-"""GRPO (experiments/grpo.py): advantages and the clipped objective against float64 NumPy, scoring rollouts
+"""GRPO (experiments/objectives/grpo.py): advantages and the clipped objective against float64 NumPy, scoring rollouts
 against the reference responses, and a run through the trainer from an SFT start."""
 
 import json
@@ -11,7 +11,8 @@ import pytest
 import data
 import models
 from data.config_fields import ConfigError
-from experiments import grpo, trainer
+from experiments import trainer
+from experiments.objectives import grpo
 from experiments.configs import base, preference as preference_configs
 
 

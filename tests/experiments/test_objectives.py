@@ -10,7 +10,8 @@ import pytest
 
 import data
 from data.config_fields import ConfigError
-from experiments import distill, losses, metrics_writer, optimizers, trainer
+from experiments import losses, metrics_writer, optimizers, trainer
+from experiments.objectives import distillation, frozen
 from experiments.configs import base
 from tests.conftest import make_tiny_config
 
@@ -49,11 +50,12 @@ def test_the_train_step_descends_the_objective_it_names():
     opt = base.get_config().optimizer
     opt.update(name="sgd", lr=1.0, warmup_steps=0)
     opt.sgd.update(momentum=0.0)
-    objective = losses.Objective(label_smoothing=0.2, z_loss=1e-3, distill_weight=0.4, temperature=1.5)
+    objective = distillation.Distillation(losses.Objective(label_smoothing=0.2, z_loss=1e-3, distill_weight=0.4,
+                                                           temperature=1.5))
     state = nn.meta.unbox(trainer.init_state(model, optimizers.build(opt, 3), batch["inputs"], jax.random.PRNGKey(0)))
     new_state, metrics = jax.jit(lambda s, b, t: trainer.train_step(
         s, b, t, schedule=optimizers.learning_rate_schedule(opt, 3), objective=objective,
-        teacher_apply=model.apply))(state, batch, teacher_variables)
+        frozen_apply=model.apply))(state, batch, teacher_variables)
 
     def by_hand(params):
         logits = model.apply({"params": params}, batch["inputs"])
@@ -88,7 +90,7 @@ def test_distillation_from_a_finished_run_on_the_mesh(tmp_path, finished_tiny_ru
 
 @pytest.mark.parametrize("teacher, vocab_size, message", [
     ("missing", 0, "has no config.json; pass the workdir of a finished training run"),
-    ("run", 5, "has model.vocab_size=14, the student 5: distillation needs the same vocabulary"),
+    ("run", 5, "has model.vocab_size=14, the trained model 5: they need the same vocabulary"),
 ])
 def test_bad_teachers_are_one_line_errors(tmp_path, finished_tiny_run, teacher, vocab_size, message):
     config = make_tiny_config(steps=2)
@@ -97,4 +99,4 @@ def test_bad_teachers_are_one_line_errors(tmp_path, finished_tiny_run, teacher, 
     if vocab_size:
         config.model.vocab_size = vocab_size
     with pytest.raises(ConfigError, match=message):
-        distill.teacher_config(config, config.train.distill.teacher)
+        frozen.check(config, config.train.distill.teacher, "train.distill.teacher")

@@ -1,4 +1,4 @@
-"""Preference optimisation through the trainer (experiments/preference.py) on ProntoQA's derailed pairs."""
+"""Preference optimisation through the trainer (experiments/objectives/preference.py) on ProntoQA's derailed pairs."""
 
 import json
 
