@@ -39,6 +39,7 @@ def test_every_config_trains_three_steps(name, tmp_path):
         if handover == "store":
             config.data.store = str(tmp_path / "store")
             activation_store.write(start_dir, config.data.store, "mlp_hidden", 0, "train", batches=2, batch_size=64)
+            config.data.batch_size = 128  # the small store's rows hold no batch of 1,024
         else:
             config.train.init_from = start_dir
     result = trainer.train_and_evaluate(config, str(tmp_path / "run"), verbose=False)
