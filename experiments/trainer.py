@@ -37,7 +37,7 @@ from data import pipeline
 from experiments import (checkpointing, lora, losses, metrics_writer, monitors, objectives, optimizers, plots,
                          run_record, sharding, validation, warm_start)
 from experiments.objectives import frozen as frozen_models, language_modelling, sown as sown_losses
-from experiments.train_state import (TrainState, abstract_state_and_shardings, begin_stage, init_state,  # noqa: F401
+from experiments.train_state import (TrainState, abstract_state_and_shardings, begin_stage, init_state,
                                      make_optimizer)
 
 

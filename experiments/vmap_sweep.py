@@ -30,7 +30,7 @@ import optax
 
 import models
 from data import algorithmic
-from experiments import optimizers, trainer
+from experiments import optimizers, train_state, trainer
 
 PHASES = ("comprehension", "grokking", "memorisation", "confusion")
 
@@ -71,7 +71,7 @@ def init_states(config, members, inputs, total_steps: int):
     tx, _ = _optimizer(config.optimizer, 0.0, 0.0, total_steps)
 
     def init(seed, lr, weight_decay):
-        state = nn.meta.unbox(trainer.init_state(model, tx, inputs[:1], jax.random.PRNGKey(seed)))
+        state = nn.meta.unbox(train_state.init_state(model, tx, inputs[:1], jax.random.PRNGKey(seed)))
         hyper = state.opt_state[0].hyperparams
         hyper = {**hyper, "learning_rate": jnp.asarray(lr, jnp.float32), "weight_decay": jnp.asarray(weight_decay, jnp.float32)}
         return state.replace(opt_state=(state.opt_state[0]._replace(hyperparams=hyper), *state.opt_state[1:]))

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 import models
-from experiments import optimizers, trainer
+from experiments import optimizers, train_state, trainer
 from experiments.configs import lm_shakespeare
 
 _REPEATS = flags.DEFINE_integer("repeats", 7, "Interleaved timing rounds.")
@@ -30,9 +30,9 @@ def variant(config, model, batch, name: str, with_monitors: bool):
     config.optimizer.name = name
     if name == "schedule_free_adamw":
         config.optimizer.schedule = "constant"
-    tx = trainer.make_optimizer(config, model, batch["inputs"])
+    tx = train_state.make_optimizer(config, model, batch["inputs"])
     schedule = optimizers.learning_rate_schedule(config.optimizer, config.train.steps)
-    state = jax.jit(lambda r: nn.meta.unbox(trainer.init_state(model, tx, batch["inputs"], r)))(jax.random.PRNGKey(0))
+    state = jax.jit(lambda r: nn.meta.unbox(train_state.init_state(model, tx, batch["inputs"], r)))(jax.random.PRNGKey(0))
     step = jax.jit(functools.partial(trainer.train_step, schedule=schedule, with_monitors=with_monitors),
                    donate_argnums=0)
     state, metrics = step(state, batch)

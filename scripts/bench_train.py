@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import optimizers, studies, trainer
+from experiments import optimizers, studies, train_state, trainer
 from experiments.configs import base
 from models import transformer
 
@@ -65,7 +65,7 @@ def bench(name, steps):
     tx = optimizers.build(config.optimizer, 1000)
     tokens = jax.random.randint(jax.random.key(0), (batch, seq_len + 1), 0, cfg.vocab_size)
     batch_ = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": jnp.ones((batch, seq_len))}
-    state = jax.jit(lambda r: nn.meta.unbox(trainer.init_state(model, tx, batch_["inputs"], r)))(jax.random.PRNGKey(0))
+    state = jax.jit(lambda r: nn.meta.unbox(train_state.init_state(model, tx, batch_["inputs"], r)))(jax.random.PRNGKey(0))
     step = jax.jit(lambda s, b: trainer.train_step(s, b, schedule=schedule), donate_argnums=0)
     temp_bytes = step.lower(state, batch_).compile().memory_analysis().temp_size_in_bytes
     state, _ = step(state, batch_)

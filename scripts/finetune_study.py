@@ -85,15 +85,15 @@ def state_sizes(op: str, overrides: dict) -> dict:
 
     import data
     import models
-    from experiments import lora, trainer
+    from experiments import lora, train_state, trainer
 
     config = config_for(op, overrides)
     splits = data.load(config.data, config.seed)
     config = trainer.resolve(config, splits)
     model = models.build(config.model)
     example = jax.ShapeDtypeStruct((1, splits.seq_len), jnp.int32)
-    tx = trainer.make_optimizer(config, model, example)
-    state = jax.eval_shape(lambda r: trainer.init_state(model, tx, example, r, lora_config=lora.LoRAConfig(
+    tx = train_state.make_optimizer(config, model, example)
+    state = jax.eval_shape(lambda r: train_state.init_state(model, tx, example, r, lora_config=lora.LoRAConfig(
         **config.train.lora.to_dict())), jax.random.key(0))
     state = nn.meta.unbox(state)
     moments = [x for x in jax.tree.leaves(state.opt_state) if x.ndim > 0]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from data.config_fields import field
-from experiments import losses, metrics_writer, objectives, optimizers, trainer
+from experiments import losses, metrics_writer, objectives, optimizers, train_state, trainer
 from experiments.configs import base
 from experiments.objectives import language_modelling
 from tests.conftest import make_tiny_config
@@ -64,7 +64,7 @@ def test_the_step_descends_the_focal_loss_written_by_hand():
     opt = base.get_config().optimizer
     opt.update(name="sgd", lr=1.0, warmup_steps=0)
     opt.sgd.update(momentum=0.0)
-    state = nn.meta.unbox(trainer.init_state(model, optimizers.build(opt, 3), batch["inputs"], jax.random.PRNGKey(0)))
+    state = nn.meta.unbox(train_state.init_state(model, optimizers.build(opt, 3), batch["inputs"], jax.random.PRNGKey(0)))
     new_state, metrics = jax.jit(lambda s, b: trainer.train_step(
         s, b, schedule=optimizers.learning_rate_schedule(opt, 3), objective=FocalLoss(gamma=1.5)))(state, batch)
 

@@ -13,7 +13,7 @@ import pytest
 
 import data as datasets
 import models
-from experiments import metrics_writer, optimizers, restore, sharding, trainer
+from experiments import metrics_writer, optimizers, restore, sharding, train_state, trainer
 from tests.conftest import make_tiny_lm_config, slow
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -75,8 +75,8 @@ def _state_bytes_per_device(fsdp: int) -> int:
     config.model.update(vocab_size=256, max_len=16)
     model = models.build(config.model)
     tx = optimizers.build(config.optimizer, 10)
-    init_fn = functools.partial(trainer.init_state, model, tx, jax.ShapeDtypeStruct((8, 16), np.int32))
-    state, shardings = trainer.abstract_state_and_shardings(init_fn, jax.random.PRNGKey(0), mesh)
+    init_fn = functools.partial(train_state.init_state, model, tx, jax.ShapeDtypeStruct((8, 16), np.int32))
+    state, shardings = train_state.abstract_state_and_shardings(init_fn, jax.random.PRNGKey(0), mesh)
     step = jax.jit(functools.partial(trainer.train_step, schedule=optimizers.learning_rate_schedule(config.optimizer, 10)),
                    in_shardings=(shardings, sharding.batch_sharding(mesh)), donate_argnums=0)
     batch = {k: jax.ShapeDtypeStruct((8, 16), dtype) for k, dtype in

@@ -10,7 +10,7 @@ import pytest
 
 import data
 from data.config_fields import ConfigError
-from experiments import losses, metrics_writer, optimizers, trainer
+from experiments import losses, metrics_writer, optimizers, train_state, trainer
 from experiments.objectives import distillation, frozen
 from experiments.configs import base
 from tests.conftest import make_tiny_config
@@ -52,7 +52,7 @@ def test_the_train_step_descends_the_objective_it_names():
     opt.sgd.update(momentum=0.0)
     objective = distillation.Distillation(losses.Objective(label_smoothing=0.2, z_loss=1e-3, distill_weight=0.4,
                                                            temperature=1.5))
-    state = nn.meta.unbox(trainer.init_state(model, optimizers.build(opt, 3), batch["inputs"], jax.random.PRNGKey(0)))
+    state = nn.meta.unbox(train_state.init_state(model, optimizers.build(opt, 3), batch["inputs"], jax.random.PRNGKey(0)))
     new_state, metrics = jax.jit(lambda s, b, t: trainer.train_step(
         s, b, t, schedule=optimizers.learning_rate_schedule(opt, 3), objective=objective,
         frozen_apply=model.apply))(state, batch, teacher_variables)

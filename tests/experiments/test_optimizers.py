@@ -196,7 +196,7 @@ def test_schedules_against_hand_computed_values(schedule, expected):
 def test_schedule_free_adamw_is_optax_and_the_trainer_evaluates_the_average():
     import flax.linen as nn
     import jax
-    from experiments import trainer
+    from experiments import train_state, trainer
     rng = np.random.default_rng(3)
     params0, grads = _random_problem(rng, 3, 4, 5)
     opt = base.get_config().optimizer
@@ -209,7 +209,7 @@ def test_schedule_free_adamw_is_optax_and_the_trainer_evaluates_the_average():
     # The trainer's evaluation runs at x = (y - (1 - b1) z) / b1, not at the stored (gradient) point y.
     (model, batch), tx = _tiny_lm_and_batch(rng), optimizers.build(opt, 10)
     tokens = batch["inputs"]
-    state = nn.meta.unbox(trainer.init_state(model, tx, tokens, jax.random.PRNGKey(0)))
+    state = nn.meta.unbox(train_state.init_state(model, tx, tokens, jax.random.PRNGKey(0)))
     step = jax.jit(lambda s, b: trainer.train_step(s, b, schedule=optimizers.learning_rate_schedule(opt, 10)))
     for _ in range(3):
         state, _ = step(state, batch)
@@ -276,12 +276,12 @@ def test_muon_orthogonalises_each_stacked_matrix_and_adamw_steps_the_rest():
 def test_ema_of_the_weights_follows_its_recursion_and_is_evaluated_beside_them():
     import flax.linen as nn
     import jax
-    from experiments import trainer
+    from experiments import train_state, trainer
     model, batch = _tiny_lm_and_batch(np.random.default_rng(5))
     tokens, opt = batch["inputs"], base.get_config().optimizer
     opt.update(lr=0.05, warmup_steps=0)
     tx = optimizers.build(opt, 10)
-    state = nn.meta.unbox(trainer.init_state(model, tx, tokens, jax.random.PRNGKey(0), ema=True))
+    state = nn.meta.unbox(train_state.init_state(model, tx, tokens, jax.random.PRNGKey(0), ema=True))
     step = jax.jit(lambda s, b: trainer.train_step(s, b, schedule=optimizers.learning_rate_schedule(opt, 10),
                                                    ema_decay=0.7))
     ema = jax.tree.map(lambda p: np.asarray(p, np.float64), state.params)

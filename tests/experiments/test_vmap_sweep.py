@@ -12,7 +12,7 @@ import pytest
 
 import models
 from data import algorithmic
-from experiments import optimizers, trainer, vmap_sweep
+from experiments import optimizers, train_state, trainer, vmap_sweep
 from tests.conftest import make_tiny_config
 
 
@@ -38,7 +38,7 @@ def test_each_vmapped_member_trains_exactly_like_the_trainer_alone():
         opt.update(lr=member["lr"])
         opt.adamw.update(weight_decay=member["weight_decay"])
         tx = optimizers.build(opt, steps)
-        state = nn.meta.unbox(trainer.init_state(model, tx, examples["inputs"][:1], jax.random.PRNGKey(member["seed"])))
+        state = nn.meta.unbox(train_state.init_state(model, tx, examples["inputs"][:1], jax.random.PRNGKey(member["seed"])))
         batch = {**examples, "loss_mask": examples["loss_mask"] * masks[i][:, None]}
         step = jax.jit(functools.partial(trainer.train_step, schedule=optimizers.learning_rate_schedule(opt, steps)))
         for _ in range(steps):
