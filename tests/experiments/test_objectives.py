@@ -10,7 +10,7 @@ import pytest
 
 import data
 from data.config_fields import ConfigError
-from experiments import losses, metrics_writer, optimizers, train_state, trainer
+from experiments import losses, metrics_writer, objectives, optimizers, train_state, trainer, validation
 from experiments.objectives import distillation, frozen
 from experiments.configs import base
 from tests.conftest import make_tiny_config
@@ -100,3 +100,29 @@ def test_bad_teachers_are_one_line_errors(tmp_path, finished_tiny_run, teacher, 
         config.model.vocab_size = vocab_size
     with pytest.raises(ConfigError, match=message):
         frozen.check(config, config.train.distill.teacher, "train.distill.teacher")
+
+
+@pytest.mark.parametrize("objective, keys, message", [
+    ("", dict(distill=dict(teacher="runs/t"), preference=dict(kind="dpo")),
+     r"train.objective='distill', but train.preference.kind selects \['preference'\] too"),
+    ("grpo", dict(distill=dict(teacher="runs/t")), r"train.distill.teacher selects \['distill'\] too"),
+    ("distill", {}, "needs train.distill.teacher"),
+    ("preference", {}, "needs train.preference.kind"),
+    ("grpo", {}, "needs train.grpo.group_size >= 2"),
+])
+def test_an_objective_chosen_without_its_keys_or_beside_anothers_is_one_line(objective, keys, message):
+    config = make_tiny_config(steps=2)
+    config.train.objective = objective
+    for section, values in keys.items():
+        config.train[section].update(**values)
+    with pytest.raises(ConfigError, match=message) as error:
+        validation.validate(config, 8)
+    assert "\n" not in str(error.value)
+
+
+def test_older_configs_select_their_objective_by_their_keys():
+    train = make_tiny_config().train
+    assert objectives.name(train) == "lm"
+    train.preference.kind = "simpo"
+    assert objectives.name(train) == "preference" and isinstance(
+        objectives.OBJECTIVES["preference"].from_config(make_tiny_config()), objectives.OBJECTIVES["lm"])
