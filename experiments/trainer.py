@@ -2,7 +2,8 @@
 
     1. resolve and validate the config (before anything compiles)
     2. set up the mesh
-    3. build data, model, optimizer, and the shardings of the train state
+    3. build data, model, objective (experiments/objectives/: what the step minimises, its frozen model and
+       its batch preparation), optimizer, and the shardings of the train state
     4. restore the newest good checkpoint (damaged ones are reported and set aside), or initialise
     5. compile the train and eval steps
     6. loop: step, log, evaluate, checkpoint; stop cleanly on SIGTERM; on a non-finite loss roll back to
