@@ -28,10 +28,6 @@ class Distillation(language_modelling.LanguageModelling):
     section, keys = "distill", DistillConfig()
 
     @staticmethod
-    def selected_by(train) -> bool:
-        return bool(train.distill.teacher)
-
-    @staticmethod
     def problems(config) -> list[str]:
         if not config.train.distill.teacher:
             return ["train.objective='distill' needs train.distill.teacher, the workdir of a finished run"]

@@ -72,10 +72,6 @@ class GRPO(language_modelling.LanguageModelling):
     section, keys = "grpo", GRPOConfig()
 
     @staticmethod
-    def selected_by(train) -> bool:
-        return bool(train.grpo.group_size)
-
-    @staticmethod
     def problems(config) -> list[str]:
         return problems(config)
 

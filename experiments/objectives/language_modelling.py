@@ -35,11 +35,16 @@ class LanguageModelling:
     section = ""  # its keys' section of config.train ("": none), declared by `keys`, a dataclass instance
     keys = None
 
-    @staticmethod
-    def selected_by(train) -> bool:
-        """Whether `train`'s keys ask for this objective when `train.objective` is "" (language modelling: the
-        objective when no other is asked for)."""
-        return False
+    @classmethod
+    def selected_by(cls, train) -> bool:
+        """Whether `train`'s keys ask for this objective when `train.objective` is "": its `selecting_key` is set
+        (language modelling has none: the objective when no other is asked for)."""
+        if not cls.selecting_key:
+            return False
+        node = train
+        for part in cls.selecting_key.removeprefix("train.").split("."):
+            node = node[part]
+        return bool(node)
 
     @staticmethod
     def problems(config) -> list[str]:

@@ -49,10 +49,6 @@ class Preference(language_modelling.LanguageModelling):
     section, keys = "preference", PreferenceConfig()
 
     @staticmethod
-    def selected_by(train) -> bool:
-        return bool(train.preference.kind)
-
-    @staticmethod
     def problems(config) -> list[str]:
         kind, init_from = config.train.preference.kind, config.train.init_from
         if not kind:
