@@ -117,7 +117,8 @@ def train_step(state: TrainState, batch, frozen=None, *, schedule, accumulate: i
     def micro_step(model_state, micro, micro_rng):
         (total, (sums, written)), grads = grad_fn(state.params, probes, model_state, micro, micro_rng)
         sown_stats = {"metrics": written.get("metrics", {}), "monitors": written.get(models.MONITORS, {})}
-        return {k: written[k] for k in model_state}, grads, ({**sums, "objective": total}, sown_stats)
+        # "minimised": the value the step minimised, beside the objective's own sums (label smoothing's "objective")
+        return {k: written[k] for k in model_state}, grads, ({**sums, "minimised": total}, sown_stats)
 
     if accumulate == 1:
         written_state, (grads, probe_grads), (sums, sown_stats) = micro_step(model_state, batch, rng)
@@ -136,7 +137,7 @@ def train_step(state: TrainState, batch, frozen=None, *, schedule, accumulate: i
         sums = jax.tree.map(jnp.sum, stacked[0])
         sown_stats = jax.tree.map(lambda x: jnp.mean(x, axis=0), stacked[1])
     metrics = {"loss": sums["loss"] / count, "accuracy": sums["correct"] / count, **objective.metrics(sums, count),
-               **sown.metrics(sums, batch, count), "objective": sums["objective"],
+               **sown.metrics(sums, batch, count), "objective": sums["minimised"],
                "grad_norm": optax.global_norm(grads), "lr": schedule(state.step),
                "stage": state.stage, **_flat_metrics(sown_stats["metrics"]), **_flat_metrics(probe_grads),
                **_flat_metrics(sown_stats["monitors"], prefix="monitor/")}
