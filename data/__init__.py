@@ -144,9 +144,9 @@ class ActivationsConfig:
     """Every `config.data` key of training on an activation store's rows (`data/activation_rows.py`)."""
 
     name: str = "activations"
-    store: str = ""  # the store's folder (python -m experiments.activation_store --out=DIR)
+    store: str = ""  # the store's folder (python -m experiments.analysis.activation_store --out=DIR)
     batch_size: int = 1024
-    eval_batch_size: int = -1  # unused: an SAE is evaluated in its model by experiments/sae_eval.py
+    eval_batch_size: int = -1  # unused: an SAE is evaluated in its model by experiments/analysis/sae_eval.py
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,7 +274,7 @@ def _sha256_of_file(path: str) -> str:
 
 
 def identity(data_config, splits: Splits) -> dict:
-    """What a run trains and evaluates on, for the resume check (experiments/run_record.py): the SHA-256 of
+    """What a run trains and evaluates on, for the resume check (experiments/training/run_record.py): the SHA-256 of
     every token array (any dataset), and for text the file (path, bytes, SHA-256) and the tokenizer model."""
     digest = hashlib.sha256()
     for name, examples in [("train", splits.train), *enumerate(splits.stages), *sorted(splits.evals.items())]:

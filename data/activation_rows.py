@@ -1,11 +1,11 @@
-"""Rows of an activation store (written by experiments/activation_store.py) as training data: what a sparse
+"""Rows of an activation store (written by experiments/analysis/activation_store.py) as training data: what a sparse
 autoencoder (models/sae.py) trains on through the one trainer.
 
     data.name = "activations", data.store = DIR         DIR: store.json and shard_00000.npy, shard_00001.npy, ...
 
 Every row [D] is one token's activation at the store's site; the examples are {"inputs": float32 [N, D],
 "targets": zeros int32 [N, 1], "loss_mask": zeros [N, 1]} (an SAE has no next-token targets: its loss is its own,
-models/sae.py). There is no evaluation split: experiments/sae_eval.py evaluates an SAE inside its model.
+models/sae.py). There is no evaluation split: experiments/analysis/sae_eval.py evaluates an SAE inside its model.
 """
 
 import glob
@@ -25,7 +25,7 @@ def read(store: str) -> np.ndarray:
     """float32 [N, D]: every shard of the store in order."""
     paths = shard_paths(store)
     if not paths:
-        raise FileNotFoundError(f"{store!r} holds no activation shards (write them with experiments.activation_store)")
+        raise FileNotFoundError(f"{store!r} holds no activation shards (write them with experiments.analysis.activation_store)")
     return np.concatenate([np.load(p) for p in paths])
 
 
@@ -38,7 +38,7 @@ def description(store: str) -> dict:
 def validate(config) -> list[str]:
     if not os.path.isfile(os.path.join(config.store, DESCRIPTION)) or not shard_paths(config.store):
         return [f"data.store={config.store!r} is not an activation store (a folder with {DESCRIPTION} and "
-                "shard_*.npy, written by python -m experiments.activation_store)"]
+                "shard_*.npy, written by python -m experiments.analysis.activation_store)"]
     return []
 
 

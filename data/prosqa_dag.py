@@ -23,7 +23,7 @@ Facts: every edge once, in random order ("Every X is a Y." / "NAME is a Y."); th
 with the options in random order; the steps: the person's fact, then one fact per edge of one shortest path
 drawn uniformly among them; the answer "NAME is a TARGET.". Node indices are a random topological order.
 As `data.name = prosqa_official` it trains Coconut on its problems and evaluates on the official splits (`splits`).
-`scripts/prosqa_statistics.py` prints its statistics beside the official files'.
+`scripts/tools/prosqa_statistics.py` prints its statistics beside the official files'.
 """
 
 import collections

@@ -6,7 +6,7 @@
 
 Windows start every `stride` tokens (default L: packed, no overlap) and every position is scored.
 Three tokenizers: bytes (UTF-8, vocabulary 256, no file), SentencePiece (a model file trained by
-`scripts/train_sentencepiece.py`) and a Hugging Face `tokenizer.json` read by the `tokenizers` package (the
+`scripts/tools/train_sentencepiece.py`) and a Hugging Face `tokenizer.json` read by the `tokenizers` package (the
 byte-level BPE of GPT-2, Llama-3 and Qwen2, or a converted SentencePiece model: what an imported checkpoint
 ships; experiments/import_hf.py points its run folder at it).
 """
@@ -146,7 +146,7 @@ def tokenizer_problems(config) -> list[str]:
     """A missing tokenizer file of a `config.data` that names one (text, pairs), as one-line messages."""
     if config.tokenizer == "sentencepiece" and not os.path.isfile(resolve_path(config.spm_model)):
         return [f"data.spm_model={config.spm_model!r}: no such file; train one with "
-                f"`python scripts/train_sentencepiece.py --output={config.spm_model or 'PATH.model'}`"]
+                f"`python scripts/tools/train_sentencepiece.py --output={config.spm_model or 'PATH.model'}`"]
     if config.tokenizer == "hf" and not os.path.isfile(tokenizer_file(config)):
         return [f"data.tokenizer_file={config.tokenizer_file!r}: no tokenizer.json there; pass a Hugging Face "
                 "checkpoint folder or its tokenizer.json"]

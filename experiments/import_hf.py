@@ -409,7 +409,8 @@ def write_run_folder(hf_dir: str, workdir: str):
     """Converts the checkpoint into `workdir`: config.json (the default LM experiment's config with the converted
     model, every other model key at its default; the folder's tokenizer.json as data.tokenizer "hf" when it has
     one) and a sealed orbax checkpoint of the train state at step 0."""
-    from experiments import restore, validation
+    from experiments import restore
+    from experiments.training import validation
     from experiments.configs import base, lm_shakespeare
 
     model_config, variables = convert(hf_dir)
@@ -428,7 +429,7 @@ def write_run_folder(hf_dir: str, workdir: str):
 def main(argv):
     from absl import flags
 
-    from experiments import cli
+    from experiments.training import cli
 
     del argv
     hf_dir, workdir = flags.FLAGS.hf_dir, flags.FLAGS.workdir

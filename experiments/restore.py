@@ -13,7 +13,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 import models
-from experiments import checkpointing, lora, optimizers, run_record, train_state, validation
+from experiments.optim import optimizers
+from experiments.posttrain import lora
+from experiments.training import checkpointing, run_record, train_state, validation
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:

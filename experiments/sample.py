@@ -12,7 +12,7 @@ tokenizer), `--self_speculative` drafts with the run's own MTP module (`model.mt
 speculative output is plain greedy output; sampled output has the model's own distribution. The acceptance
 rate and target passes go to stderr.
 
-Steering (experiments/steering.py): `--steer_layer=L --steer_alpha=A` adds A v at the residual stream after layer L
+Steering (experiments/analysis/steering.py): `--steer_layer=L --steer_alpha=A` adds A v at the residual stream after layer L
 at every position while generating, v the mean-difference of the residual over `--steer_toward`'s tokens and over
 `--steer_away`'s (contrastive activation addition); or `--steer_sae=SAE_RUN --steer_latent=I` takes v = latent I's
 decoder direction at the SAE's own site and layer, in the units of the latent's activation.
@@ -26,7 +26,8 @@ import numpy as np
 
 from data import activation_rows as store_format
 from data import text
-from experiments import restore, steering
+from experiments import restore
+from experiments.analysis import steering
 from models import sampling, speculative
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A language-model run folder (holds config.json and checkpoints/).",

@@ -98,7 +98,7 @@ def _gpu_launch(head_dim, itemsize, backward):
 
     Shared memory (~227 KiB per block) bounds tiles x pipeline stages; the backward keeps two
     accumulators and loads four tiles per step, so its tiles are smaller. Tuned with
-    scripts/bench_kernels.py --tune (docs/benchmarks.md)."""
+    scripts/benchmarks/bench_kernels.py --tune (docs/benchmarks.md)."""
     if itemsize > 2:  # float32 tiles are twice the bytes
         return (32, 32, 4, 2) if backward else (64, 32, 4, 2)
     del head_dim  # tuned at 4,096 x 128 and used at head dim 64 too (0.78-0.87x cuDNN there: docs/benchmarks.md)

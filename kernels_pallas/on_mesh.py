@@ -5,7 +5,7 @@ inputs onto every device. Attention and the SSD are independent across batch row
 the models call the kernels through `jax.shard_map`: batch rows split like the `activation_batch`
 logical axis and, for attention, heads like `activation_heads`, each shard running the kernel on its
 own slice. Mesh axes are derived from those logical names through the active logical axis rules
-(experiments/sharding.py owns them and `sharding.use_mesh` activates them); without a mesh, on one
+(experiments/training/sharding.py owns them and `sharding.use_mesh` activates them); without a mesh, on one
 device, or without rules, the kernel runs directly on the whole arrays.
 """
 

@@ -19,11 +19,11 @@ Flax collections the trainer understands, besides "params" (trained by gradients
 - "monitors": training-dynamics statistics (attention entropy, residual RMS, activation density) a module
   sows only when the collection is mutable (`train.monitors`): nothing is computed otherwise.
 - "intermediates": activations at named sites (`models.sites`: each layer's residual stream and its mixer's and
-  FFN's outputs) a module sows only when the collection is mutable (experiments/activations.py captures them);
+  FFN's outputs) a module sows only when the collection is mutable (experiments/analysis/activations.py captures them);
   a "patches" collection of {"value", "mask"} per site replaces them (activation patching and ablation), a
   "steering" collection of vectors per site shifts them (steering).
 - "lora": LoRA adapters {"a", "b", "rate"} per kernel in their unmerged training form (adapter dropout,
-  experiments/lora.py); the attention projections and MLP kernels add dropout(x) A B when it holds theirs.
+  experiments/posttrain/lora.py); the attention projections and MLP kernels add dropout(x) A B when it holds theirs.
 - "probes": zero-valued variables whose cotangents carry statistics of a custom backward pass (the
   DEQ's adjoint solve); the trainer differentiates with respect to them and logs the cotangents.
 - any other collection (e.g. MoE router biases): model state that the training forward pass updates
@@ -40,7 +40,7 @@ MTP = "mtp"  # multi-token-prediction logits (models/mtp.py)
 EXITS = early_exit.COLLECTION  # early-exit logits (models/early_exit.py)
 SOWN = ("losses", "metrics", MTP, EXITS)  # written by every training forward pass, not kept
 MONITORS = "monitors"  # sown only when the trainer asks (train.monitors), not kept
-INTERMEDIATES = "intermediates"  # activations sown only for analyses (experiments/activations.py), not kept
+INTERMEDIATES = "intermediates"  # activations sown only for analyses (experiments/analysis/activations.py), not kept
 NOT_STATE = (*SOWN, MONITORS, INTERMEDIATES)
 PROBES = "probes"
 
@@ -92,7 +92,7 @@ EMBEDDINGS = ("embed", "position_embedding", "unembed")  # the top-level groups 
 
 def axis_names(model, example_inputs) -> dict:
     """The logical axis names of every parameter, a tree of tuples (None for an unnamed axis), from a trace of
-    `model.init` (nothing is computed); what Muon reads its matrices from (experiments/optimizers.py)."""
+    `model.init` (nothing is computed); what Muon reads its matrices from (experiments/optim/optimizers.py)."""
     abstract_key = jax.ShapeDtypeStruct((2,), jnp.uint32)
     boxed = jax.eval_shape(model.init, abstract_key, example_inputs)["params"]
     is_boxed = lambda x: isinstance(x, nn.Partitioned)  # noqa: E731

@@ -138,7 +138,7 @@ def generate(model: Coconut, variables, prompt, *, num_thoughts: int, num_tokens
 
 def validate(m) -> list[str]:
     """Cross-field problems of a Coconut config.model (each key's range is declared with it; layout keys left
-    at -1 are refused once the data has had its say, by experiments/validation.py)."""
+    at -1 are refused once the data has had its say, by experiments/training/validation.py)."""
     p = transformer.validate(m)
     if m.max_len and m.bot_position >= 0 and m.max_thoughts > 0 and m.bot_position + 1 + m.max_thoughts > m.max_len:
         p.append(f"model.bot_position={m.bot_position} + model.max_thoughts={m.max_thoughts} + 1 exceeds the row "

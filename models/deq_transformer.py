@@ -173,7 +173,7 @@ def cell_uses(m) -> float:
 
 
 def active_share(path: tuple, m) -> float:
-    """`cell_uses` for the cell's parameters, 1 for the rest (experiments/scaling.py's N active)."""
+    """`cell_uses` for the cell's parameters, 1 for the rest (experiments/studies/scaling.py's N active)."""
     return cell_uses(m) if getattr(path[0], "key", path[0]) == "cell" else 1.0
 
 

@@ -27,7 +27,7 @@ import flax.linen as nn
 from data.config_fields import field
 from models import blocks
 
-COLLECTION = "exits"  # the exits' logits, sown in training (experiments/trainer.py adds their losses)
+COLLECTION = "exits"  # the exits' logits, sown in training (experiments/training/trainer.py adds their losses)
 CRITERIA = ("max_prob", "entropy")
 
 

@@ -42,7 +42,7 @@ class GroupedQueryAttention(nn.Module):
     `positions_per_row`: takes `positions` int[B, T] of a gathered subsequence (MoD, MoR); `reuses_cache`: attends
     to a cache's keys and values without writing (`reuse_cache`: MoR's recursive KV sharing); `sows_pattern`:
     records its attention pattern through `pattern_site`; `lora_dropout`: its projections read the unmerged
-    LoRA collection (adapter dropout, experiments/lora.py)."""
+    LoRA collection (adapter dropout, experiments/posttrain/lora.py)."""
 
     cfg: LMConfig
     pattern_site: Any = None  # P -> P: the block's sow_site for "attention_pattern" [B, H, T, T] (full passes only)

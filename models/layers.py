@@ -1,7 +1,7 @@
 """Small layers shared by the model families: norms, the MLP, rotary embeddings, initialisers.
 
 Every parameter carries logical axis names (`embed`, `mlp`, `heads`, `vocab`, ...); the one table
-in `experiments/sharding.py` maps them to mesh axes.
+in `experiments/training/sharding.py` maps them to mesh axes.
 """
 
 import functools
@@ -43,7 +43,7 @@ def sow_site(module: nn.Module, name: str, x):
 
 
 def lora_delta(module: nn.Module, path: tuple, x, out_shape):
-    """LoRA's unmerged branch for the kernel at `path` under `module` (experiments/lora.py): dropout(x) A B [*out_shape]
+    """LoRA's unmerged branch for the kernel at `path` under `module` (experiments/posttrain/lora.py): dropout(x) A B [*out_shape]
     when a "lora" collection holds {"a" [in, r], "b" [r, out] (alpha / r folded in), "rate"} there, else 0. x [N, in]
     is the kernel's flattened input; each call draws its own mask from the "dropout" rng (none: no dropout)."""
     if not module.has_variable("lora", path[0]):

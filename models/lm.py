@@ -46,7 +46,7 @@ class Capabilities:
     @staticmethod
     def from_family(source: str, params: dict, cfg) -> dict:
         """The parameters of a run of family `source` in this family's layout, for `train.init_from`
-        (experiments/warm_start.py); None when this family cannot start from that one."""
+        (experiments/training/warm_start.py); None when this family cannot start from that one."""
         return None
 
     @staticmethod

@@ -13,7 +13,7 @@ Unlike Mamba-2's scalar decay per head (models/ssd.py), each (channel, state) pa
 training form is a parallel prefix over (log decay, state) pairs, (a1, h1) . (a2, h2) = (a1 + a2, exp(a2) h1 + h2),
 with [B, L, d_inner, N] states; decoding one token is the recurrence itself. `mamba1_scan="sequential"` trains
 through that recurrence instead (a `lax.scan` over positions, [B, d_inner, N] per step): 2.2-3.5x faster forward +
-backward than the parallel prefix on a 2-core CPU (scripts/bench_mixers.py, docs/benchmarks.md), where the prefix's
+backward than the parallel prefix on a 2-core CPU (scripts/benchmarks/bench_mixers.py, docs/benchmarks.md), where the prefix's
 log L passes over [B, L, d_inner, N] arrays are memory-bound. `__call__(u, state)` runs new positions
 after a state {"conv": [B, W-1, d_inner], "ssm": [B, d_inner, N]} and returns the new one: its size does not grow with
 the length. The parameter names and layouts are `transformers`' MambaMixer's (experiments/import_hf.py).

@@ -45,7 +45,7 @@ SSD_IMPLS = {
 }
 
 
-# Chunk sizes by backend, from scripts/bench_ssd.py (docs/benchmarks.md): 32 was fastest on CPU forward
+# Chunk sizes by backend, from scripts/benchmarks/bench_ssd.py (docs/benchmarks.md): 32 was fastest on CPU forward
 # and forward+backward at every length; GPU and TPU keep the paper's 64 until measured there.
 CHUNK_SIZES = {"cpu": 32}
 
@@ -64,7 +64,7 @@ class Mamba2Options:
     ssm_state: int = field(128, min=1)  # N
     ssm_groups: int = field(1, min=1)  # G: heads share B and C within a group
     conv_width: int = field(4, min=1)
-    chunk_size: int = field(0, min=0)  # 0: the backend's best measured (scripts/bench_ssd.py), CHUNK_SIZES
+    chunk_size: int = field(0, min=0)  # 0: the backend's best measured (scripts/benchmarks/bench_ssd.py), CHUNK_SIZES
     ssd_impl: str = field("chunked", choices=tuple(SSD_IMPLS))  # chunked | associative_scan | sequential | pallas
     dt_min: float = field(1e-3, above=0)  # dt at initialisation is log-uniform in [dt_min, dt_max], >= dt_floor
     dt_max: float = field(0.1, above=0)

@@ -155,7 +155,7 @@ ROUTING_PARAMETERS = ("router", "predictor_in", "predictor_out")
 def from_dense(params: dict, route_every: int) -> dict:
     """A transformer's parameters (blocks stacked [L, ...] under "layers") in an MoD's layout with the same blocks:
     layer u * route_every + i becomes period u's block_i, the last one the routed block's "block". The routers and
-    predictors (ROUTING_PARAMETERS) are not there: they start fresh (experiments/warm_start.py)."""
+    predictors (ROUTING_PARAMETERS) are not there: they start fresh (experiments/training/warm_start.py)."""
     periods = jax.tree.map(lambda w: w.reshape(w.shape[0] // route_every, route_every, *w.shape[1:]), params["layers"])
     unit = {f"block_{i}": jax.tree.map(lambda w, i=i: w[:, i], periods) for i in range(route_every - 1)}
     unit[ROUTED] = {"block": jax.tree.map(lambda w: w[:, -1], periods)}
@@ -163,7 +163,7 @@ def from_dense(params: dict, route_every: int) -> dict:
 
 
 def is_routing_parameter(path: str) -> bool:
-    """Whether a parameter path (a jax.tree_util.keystr, as experiments/warm_start.py compares) is a router's or
+    """Whether a parameter path (a jax.tree_util.keystr, as experiments/training/warm_start.py compares) is a router's or
     predictor's."""
     return any(f"['{name}']" in path for name in ROUTING_PARAMETERS)
 

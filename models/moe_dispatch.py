@@ -21,7 +21,7 @@ weights Wg, Wi [E, D, F], Wo [E, F, D].
   this path on CPU with an emulation of the collective built from all-gathers
   (`exchange=` argument).
 
-Under a mesh and the logical axis rules (`experiments.sharding.use_mesh`), `capacity` and `ragged` run
+Under a mesh and the logical axis rules (`experiments.training.sharding.use_mesh`), `capacity` and `ragged` run
 inside `jax.shard_map` with tokens split like the `activation_batch` logical axis and experts like
 `expert`; without them they run on the whole batch as one shard.
 """

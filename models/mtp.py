@@ -7,7 +7,7 @@ runs one transformer block, and predicts token i + k + 1 through the shared outp
     h_i^k  = Block_k(h'^k)_i                                         causal over positions 1..T-k
     P_{i+k+1}^k = softmax(OutHead(norm_k(h_i^k)))                    OutHead: the shared (un)embedding
 
-    L_MTP = lambda / D * sum_k CE_k       (experiments/trainer.py, lambda scheduled by `train.mtp_weight*`)
+    L_MTP = lambda / D * sum_k CE_k       (experiments/training/trainer.py, lambda scheduled by `train.mtp_weight*`)
 
 The main model's hidden h^0 is its final-norm output (what its own head reads), which each module normalises
 again. The modules run only when the "mtp" collection is mutable (the training step): they sow their logits

@@ -88,7 +88,7 @@ def make_tiny_lm_config(steps: int = 4):
 def finished_tiny_run(tmp_path_factory):
     """The workdir of `make_tiny_config(steps=6)` trained once per session (checkpoints at 3 and 6); tests read it
     or copy it, never change it."""
-    from experiments import trainer
+    from experiments.training import trainer
 
     workdir = tmp_path_factory.mktemp("finished_tiny_run") / "run"
     trainer.train_and_evaluate(make_tiny_config(steps=6), str(workdir), verbose=False)
@@ -98,7 +98,7 @@ def finished_tiny_run(tmp_path_factory):
 def assert_mesh_run_matches_one_device(config_fn, tmp_path, **mesh_model_overrides):
     """Trains config_fn() on one device and on a data=2, fsdp=2, tensor=2 mesh (with `mesh_model_overrides` set in
     config.model there, e.g. a Pallas implementation) and asserts equal train / eval losses (rtol 2e-5) that fall."""
-    from experiments import metrics_writer, trainer
+    from experiments.training import metrics_writer, trainer
 
     trainer.train_and_evaluate(config_fn(), str(tmp_path / "one"), devices=jax.devices()[:1], verbose=False)
     mesh_config = config_fn()

@@ -2,8 +2,8 @@
 
 Every section is a dataclass whose fields declare their defaults and valid values (data/config_fields.py):
 `config.model` the family's (`models.MODELS`), `config.data` the dataset's (`data.DATASETS`),
-`config.train` below, `config.optimizer` (experiments/optimizers.py) and `config.mesh`
-(experiments/sharding.py), so the config, its checks and the code cannot drift apart.
+`config.train` below, `config.optimizer` (experiments/optim/optimizers.py) and `config.mesh`
+(experiments/training/sharding.py), so the config, its checks and the code cannot drift apart.
 """
 
 import dataclasses
@@ -13,8 +13,10 @@ import ml_collections
 
 import data
 import models
-from experiments import objectives, optimizers, sharding
-from experiments.lora import LoRAConfig
+from experiments import objectives
+from experiments.optim import optimizers
+from experiments.training import sharding
+from experiments.posttrain.lora import LoRAConfig
 from data.config_fields import field, problems as field_problems
 
 
@@ -37,10 +39,10 @@ class TrainKeys:
     mtp_weight: float = field(0.3, min=0)  # lambda of the multi-token-prediction loss (model.mtp_depth > 0)
     mtp_weight_late: float = field(0.1, min=0)  # lambda from train.mtp_switch_fraction of the run on
     mtp_switch_fraction: float = field(1.0, min=0, max=1)  # 1: lambda stays train.mtp_weight (DeepSeek-V3: ~0.68)
-    lora: LoRAConfig = field(LoRAConfig())  # rank > 0: train low-rank adapters of the frozen weights (experiments/lora.py)
-    init_from: str = ""  # a run folder whose newest weights start this run, with a fresh optimizer (experiments/warm_start.py)
+    lora: LoRAConfig = field(LoRAConfig())  # rank > 0: low-rank adapters of the frozen weights (posttrain/lora.py)
+    init_from: str = ""  # a run folder whose newest weights start this run, fresh optimizer (training/warm_start.py)
     monitors: bool = False  # log weight / update / gradient norms per group, attention entropy, residual RMS,
-    # activation density (experiments/monitors.py) with the train metrics, and plot them in monitors.png
+    # activation density (experiments/training/monitors.py) with the train metrics, and plot them in monitors.png
 
 
 def train_config() -> type:

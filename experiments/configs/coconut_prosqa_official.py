@@ -3,7 +3,7 @@
 thought, the optimizer reset at every stage (Hao et al. 2024; the official `args/prosqa_coconut.yaml`).
 
     python -m experiments.train --config=experiments/configs/coconut_prosqa_official.py:coconut --workdir=runs/c
-    python -m experiments.reasoning_eval ...  (experiments/reasoning_eval.py: accuracy on the official test split)
+    python -m experiments.evaluation.reasoning_eval ...  (accuracy on the official test split)
 
 The argument picks the method, as in experiments/configs/coconut_prosqa.py. The model is that config's small
 transformer with a short conv of width 4 before each attention, the model of the lookup diagnostic

@@ -9,7 +9,7 @@ terms = 3), 30% of the 12,167 chains to train; a program checks every step. VARI
     sft       cross-entropy on the chains (the start; a short run, so that it is partly right)
     outcome   GRPO with the outcome reward (1 when the whole chain is right), from train.init_from
     process   GRPO with the per-step process reward (each step right when the chain up to it is)
-The model is the grokking transformer with two layers and RMSNorm. The study is scripts/grpo_study.py.
+The model is the grokking transformer with two layers and RMSNorm. The study is scripts/studies/grpo_study.py.
 """
 
 from experiments.configs import default

@@ -10,7 +10,7 @@ token per character); the first 90% trains, the last 10% validates.
     python -m experiments.sample --workdir=runs/lm --prompt="ROMEO:"
 
 Options after the colon, comma-separated: `sentencepiece` tokenizes with a SentencePiece vocabulary
-(train it first: `python scripts/train_sentencepiece.py`); `ssd` trains a Mamba-2 stack and `hybrid`
+(train it first: `python scripts/tools/train_sentencepiece.py`); `ssd` trains a Mamba-2 stack and `hybrid`
 an SSSA hybrid of the same width and depth instead of the transformer, `deq` one transformer block
 iterated to its fixed point (models/deq_transformer.py), `mod` the transformer with Mixture-of-Depths routing in
 every other block (models/mod.py: 12.5% capacity), `mor` Mixture-of-Recursions (models/mor.py: first and last blocks

@@ -2,7 +2,7 @@
 auxiliary-loss-free bias balancing, at equal compute (same model, data, steps and dispatch).
 
     python -m experiments.train --config=experiments/configs/moe_balance.py:loss_free --workdir=runs/b
-    python scripts/moe_balance_study.py          # both schemes x several seeds, table and plot
+    python scripts/studies/moe_balance_study.py          # both schemes x several seeds, table and plot
 
 `moe_lm.py`'s model (8 routed experts of width 128, top-2, one shared expert) on one device with
 dropless grouped matmuls (`dispatch=ragged`, so neither scheme loses tokens) for 1,000 steps:

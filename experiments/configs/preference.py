@@ -11,7 +11,7 @@ The argument is "TASK,VARIANT". TASK:
 VARIANT: `sft` (cross-entropy on the chosen answers; the rejected ones ride along unused, so both runs read the
 same rows) or a preference kind of experiments/preference.py (`dpo`, `ipo`, `kto`, `simpo`, `orpo`), started from
 `train.init_from` (the SFT run, also the frozen reference); each kind at its paper's usual beta. The study
-(scripts/preference_study.py) sweeps beta.
+(scripts/studies/preference_study.py) sweeps beta.
 """
 
 from experiments import losses

@@ -2,7 +2,7 @@
 (data/prosqa_lookup.py), answered without steps by the small model of experiments/configs/coconut_prosqa.py.
 
     python -m experiments.train --config=experiments/configs/prosqa_lookup.py:conv --workdir=runs/lookup_conv
-    python -m experiments.reasoning_eval --workdir=runs/lookup_conv        (answer accuracy on 500 new graphs)
+    python -m experiments.evaluation.reasoning_eval --workdir=runs/lookup_conv        (answer accuracy on 500 new graphs)
 
 The argument picks the model, trained on whole graphs from scratch: "plain", the 3-block transformer, or "conv",
 the same with a short causal conv of width 4 before each attention (`model.short_conv = 4`, models/short_conv.py:
@@ -16,7 +16,7 @@ starting from the previous one's weights:
         --config.train.init_from=runs/lookup_facts4
     python -m experiments.train --config=experiments/configs/prosqa_lookup.py:whole --workdir=runs/lookup_whole \
         --config.train.init_from=runs/lookup_facts16
-    python -m experiments.reasoning_eval --workdir=runs/lookup_whole --set=seed=777,data.train_examples=10
+    python -m experiments.evaluation.reasoning_eval --workdir=runs/lookup_whole --set=seed=777,data.train_examples=10
 
 Every stage draws its problems with seed 0, so later stages revisit earlier stages' graphs with more facts;
 score on another seed's graphs (seed 777: graphs no stage drew; 10 training problems drawn before the test split

@@ -10,7 +10,7 @@ arg, sized to 110-140k parameters with vocabulary 256 (embeddings included):
   ssd          3 Mamba-2 layers of width 64 (expand 2, head_dim 32, state 16)
   hybrid       one Mamba-2 layer and one attention block (pattern "SA")
 Every run sees fresh examples (train_examples = steps x batch), as Zoology's large training sets do;
-`scripts/recall_study.py` runs the grid of docs/studies/recall.md's table.
+`scripts/studies/recall_study.py` runs the grid of docs/studies/recall.md's table.
 """
 
 from experiments.configs import base

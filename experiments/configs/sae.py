@@ -1,10 +1,10 @@
 """A sparse autoencoder (models/sae.py) on the rows of an activation store, through the one trainer.
 
-    python -m experiments.activation_store --workdir=runs/grokking --out=runs/grokking_store --site=mlp_hidden \
+    python -m experiments.analysis.activation_store --workdir=runs/grokking --out=runs/grokking_store --site=mlp_hidden \
         --split=train,eval --position=-1
     python -m experiments.train --config=experiments/configs/sae.py:topk --workdir=runs/grokking_sae \
         --config.data.store=runs/grokking_store
-    python -m experiments.sae_eval --workdir=runs/grokking_sae
+    python -m experiments.analysis.sae_eval --workdir=runs/grokking_sae
 
 The rows are scaled by the data's sqrt(D / E||x||^2) inside the SAE (model.input_scale = -1), so the penalties'
 coefficients mean the same at every site. Adam at lr 1e-3 with no weight decay (an SAE's sparsity comes from its

@@ -7,7 +7,8 @@ import jax
 import numpy as np
 
 from data.config_fields import ConfigError
-from experiments import restore, sharding
+from experiments import restore
+from experiments.training import sharding
 
 
 def check(config, workdir: str, key: str):

@@ -35,7 +35,8 @@ import numpy as np
 
 import models
 from data.config_fields import ConfigError, field
-from experiments import lora, losses
+from experiments import losses
+from experiments.posttrain import lora
 from experiments.objectives import language_modelling
 from models import sampling
 

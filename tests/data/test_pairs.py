@@ -9,7 +9,7 @@ import pytest
 import data
 from data import pairs, text
 from data.config_fields import ConfigError
-from experiments import trainer, validation
+from experiments.training import trainer, validation
 from experiments.objectives import grpo
 from experiments.configs import base
 

@@ -6,7 +6,7 @@ import pytest
 
 import data as datasets
 from data import prosqa_official
-from experiments import validation
+from experiments.training import validation
 from experiments.configs import prosqa_lookup as lookup_config
 
 

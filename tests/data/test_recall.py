@@ -6,7 +6,7 @@ import pytest
 
 import models
 from data import recall
-from experiments import validation
+from experiments.training import validation
 from experiments.configs import recall as recall_config
 
 

@@ -8,7 +8,7 @@ import pytest
 seqio = pytest.importorskip("seqio", reason="seqio is the optional [seqio] extra: pip install -e '.[seqio]'")
 
 from data import seqio_tasks, text  # noqa: E402
-from experiments import metrics_writer, trainer  # noqa: E402
+from experiments.training import metrics_writer, trainer  # noqa: E402
 from tests.conftest import make_tiny_lm_config  # noqa: E402
 
 

@@ -9,7 +9,7 @@ import pytest
 
 import data
 from data import text
-from experiments import validation
+from experiments.training import validation
 from tests.conftest import make_tiny_lm_config
 
 CORPUS = text.resolve_path(data.TextConfig.path)
@@ -49,7 +49,7 @@ def test_pack_matches_an_index_loop(seq_len, stride):
 
 
 def _train_spm(tmp_path, vocab_size: int) -> str:
-    """A SentencePiece model trained (as scripts/train_sentencepiece.py does) on the corpus's train split."""
+    """A SentencePiece model trained (as scripts/tools/train_sentencepiece.py does) on the corpus's train split."""
     return text.train_sentencepiece(CORPUS, vocab_size, 0.9, "bpe", str(tmp_path / "spm.model"))
 
 

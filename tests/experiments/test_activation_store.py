@@ -1,4 +1,4 @@
-"""The activation store (experiments/activation_store.py): its shards are the captured activations of the run's
+"""The activation store (experiments/analysis/activation_store.py): its shards are the captured activations of the run's
 batches in order, and an interrupted capture resumes writing only what is missing."""
 
 import os
@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 import data as datasets
-from experiments import activation_store, activations, restore
+from experiments import restore
+from experiments.analysis import activation_store, activations
 
 
 @pytest.mark.slow  # a model restored and captured per shard

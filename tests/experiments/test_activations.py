@@ -1,4 +1,4 @@
-"""Activation capture and the logit lens (experiments/activations.py, experiments/logit_lens.py): the sites add up
+"""Activation capture and the logit lens (experiments/analysis/activations.py, experiments/analysis/logit_lens.py): the sites add up
 to the residual stream, the captured layers are those of a model truncated to them, the last layer's lens is the
 model's output, and the command's last layer gives the trainer's evaluation loss."""
 
@@ -14,7 +14,8 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import activations, attention_plot, logit_lens, metrics_writer
+from experiments.analysis import activations, attention_plot, logit_lens
+from experiments.training import metrics_writer
 from models import hybrid, transformer
 from tests.conftest import slow
 
@@ -71,7 +72,7 @@ def test_the_last_layer_of_the_lens_is_the_trainers_evaluation(finished_tiny_run
 def test_the_lens_command_writes_its_json_and_plot(finished_tiny_run, tmp_path):
     workdir = tmp_path / "run"
     shutil.copytree(finished_tiny_run, workdir)
-    out = subprocess.run([sys.executable, "-m", "experiments.logit_lens", f"--workdir={workdir}", "--max_examples=8"],
+    out = subprocess.run([sys.executable, "-m", "experiments.analysis.logit_lens", f"--workdir={workdir}", "--max_examples=8"],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     with open(workdir / "logit_lens.json") as f:

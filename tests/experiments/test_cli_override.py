@@ -1,10 +1,10 @@
-"""experiments/cli.override: the command line's KEY=VALUE overrides of a config (scripts/coconut_study.py --set,
-experiments/reasoning_eval.py --set): cast to the key's type, and one stderr line for what names no key or
+"""experiments/training/cli.override: the command line's KEY=VALUE overrides of a config (scripts/studies/coconut_study.py --set,
+experiments/evaluation/reasoning_eval.py --set): cast to the key's type, and one stderr line for what names no key or
 does not fit its type."""
 
 import pytest
 
-from experiments import cli
+from experiments.training import cli
 from experiments.configs import prosqa_lookup
 
 

@@ -1,4 +1,4 @@
-"""scripts/coconut_study.py trains, evaluates by generation, and tabulates (a tiny run of one method)."""
+"""scripts/studies/coconut_study.py trains, evaluates by generation, and tabulates (a tiny run of one method)."""
 
 import json
 import os
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from experiments import metrics_writer
+from experiments.training import metrics_writer
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -18,7 +18,7 @@ def test_coconut_study_runs_and_reports(tmp_path):
     tiny = ["model.d_model=16", "model.num_layers=1", "model.num_heads=2", "model.d_mlp=32", "train.steps=3",
             "data.train_examples=64", "data.eval_examples=8", "data.test_examples=8", "data.batch_size=16",
             "data.last_stage=2", "data.min_hops=2", "data.max_hops=2", "data.epochs_per_stage=1"]
-    subprocess.run([sys.executable, "scripts/coconut_study.py", "--variants=coconut", "--seeds=3",
+    subprocess.run([sys.executable, "scripts/studies/coconut_study.py", "--variants=coconut", "--seeds=3",
                     f"--workdir={tmp_path}", f"--set={','.join(tiny)}"],
                    cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=True)
     result = json.loads((tmp_path / "coconut_seed3" / "result.json").read_text())
@@ -35,7 +35,7 @@ def test_official_study_scores_the_validation_split_and_rescoring_does_not_retra
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, XLA_FLAGS="")
     tiny = ["model.d_model=16", "model.num_layers=1", "model.num_heads=2", "model.d_mlp=32", "train.steps=2",
             "data.train_examples=64", "data.batch_size=32", "data.last_stage=1"]
-    command = [sys.executable, "scripts/coconut_study.py", "--official", "--variants=nocot", "--seeds=0",
+    command = [sys.executable, "scripts/studies/coconut_study.py", "--official", "--variants=nocot", "--seeds=0",
                f"--workdir={tmp_path}", f"--set={','.join(tiny)}"]
     subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=True)
     run = tmp_path / "nocot_seed0"

@@ -10,7 +10,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from experiments import checkpointing, metrics_writer, reasoning_eval, restore, trainer
+from experiments import restore
+from experiments.evaluation import reasoning_eval
+from experiments.training import checkpointing, metrics_writer, trainer
 from experiments.configs import coconut_prosqa
 
 
@@ -125,7 +127,7 @@ def test_a_run_on_the_official_distribution_is_scored_on_the_official_test_split
     vocab = datasets.GENERATORS["prosqa_official"].VOCABULARY
     prompts = [" ".join(w for w in vocab.decode(row) if w not in ("<pad>", "<bot>")) for b in served for row in b]
     assert prompts == [" ".join(p.question) for p in prosqa_official.load("test")[:6]]  # the official test split
-    probe = subprocess.run([sys.executable, "-m", "experiments.latent_search", f"--workdir={tmp_path}"],
+    probe = subprocess.run([sys.executable, "-m", "experiments.analysis.latent_search", f"--workdir={tmp_path}"],
                            capture_output=True, text=True, check=True)  # latent-search probing on the same split
     result = json.loads(probe.stdout.strip().splitlines()[-1])
     assert set(result["mass"]) == {"thought_1", "thought_2"} and (tmp_path / "latent_search.png").exists()
@@ -136,7 +138,7 @@ def test_a_run_on_the_official_distribution_is_scored_on_the_official_test_split
 @pytest.mark.slow
 def test_the_lookup_diagnostic_trains_a_short_conv_transformer_on_a_mesh_and_scores_through_the_cli(tmp_path):
     """The short-conv transformer through the trainer on the 2x2x2 mesh with the 1-device losses;
-    `python -m experiments.reasoning_eval` prints the accuracy (here on another seed's 3-fact problems), and refuses
+    `python -m experiments.evaluation.reasoning_eval` prints the accuracy (here on another seed's 3-fact problems), and refuses
     a run that is not a reasoning task."""
 
     from experiments.configs import prosqa_lookup
@@ -152,12 +154,12 @@ def test_the_lookup_diagnostic_trains_a_short_conv_transformer_on_a_mesh_and_sco
         return config
 
     assert_mesh_run_matches_one_device(config_fn, tmp_path)
-    run = subprocess.run([sys.executable, "-m", "experiments.reasoning_eval", f"--workdir={tmp_path / 'one'}",
+    run = subprocess.run([sys.executable, "-m", "experiments.evaluation.reasoning_eval", f"--workdir={tmp_path / 'one'}",
                           "--set=data.facts=3,seed=9"], capture_output=True, text=True, check=True)
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert 0.0 <= result["accuracy"] <= 1.0 and result["thoughts"] == 0.0 and result["tokens"] > 0
     (tmp_path / "lm").mkdir()
     (tmp_path / "lm" / "config.json").write_text(json.dumps({"data": {"name": "text"}, "model": {"name": "transformer"}}))
-    bad = subprocess.run([sys.executable, "-m", "experiments.reasoning_eval", f"--workdir={tmp_path / 'lm'}"],
+    bad = subprocess.run([sys.executable, "-m", "experiments.evaluation.reasoning_eval", f"--workdir={tmp_path / 'lm'}"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "data.name='text', not a reasoning task" in bad.stderr.strip().splitlines()[-1]

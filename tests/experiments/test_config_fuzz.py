@@ -4,7 +4,7 @@ on stderr naming the key, no traceback, and nothing compiled.
 Each example draws a config (every family and dataset the experiment configs use), one of its keys, and a bad
 value of a kind that key admits: a wrong type, a value outside its declared range, an unknown choice, an unknown
 key beside it, a shape that does not divide (heads, batch over the batch shards, parameters over the mesh) or
-an impossible mesh. The run goes through `experiments.cli.run`, the command line's error handling; reaching
+an impossible mesh. The run goes through `experiments.training.cli.run`, the command line's error handling; reaching
 the checkpoint restore (the step before the first computation) fails the example, and so does any backend
 compilation seen by `jax.monitoring`.
 """
@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 from jax import monitoring
 
-from experiments import checkpointing, cli
+from experiments.training import checkpointing, cli
 from experiments.configs import base, coconut_prosqa, grokking, lm_shakespeare, moe_lm, recall
 from tests.conftest import set_any_value
 

@@ -3,7 +3,7 @@
 import jax
 import pytest
 
-from experiments import metrics_writer, trainer
+from experiments.training import metrics_writer, trainer
 from experiments.configs import default
 
 

@@ -8,7 +8,8 @@ import os
 
 import pytest
 
-from experiments import activation_store, metrics_writer, trainer
+from experiments.analysis import activation_store
+from experiments.training import metrics_writer, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG_FILES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO, "experiments", "configs", "*.py"))

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 from data.config_fields import field
-from experiments import losses, metrics_writer, objectives, optimizers, train_state, trainer
+from experiments import losses, objectives
+from experiments.optim import optimizers
+from experiments.training import metrics_writer, train_state, trainer
 from experiments.configs import base
 from experiments.objectives import language_modelling
 from tests.conftest import make_tiny_config

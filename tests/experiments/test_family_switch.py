@@ -1,5 +1,5 @@
 """`--config.model.name=F` on any experiment config: the family's own section (its defaults, the keys both
-families share, the user's settings), or one line; never a traceback (experiments/cli.switch_model,
+families share, the user's settings), or one line; never a traceback (experiments/training/cli.switch_model,
 experiments/configs/base.switch_family)."""
 
 import glob
@@ -11,7 +11,7 @@ import sys
 import pytest
 
 import models
-from experiments import cli, validation
+from experiments.training import cli, validation
 from experiments.configs import base, lm_shakespeare
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -1,6 +1,6 @@
-"""The fault-injection suite's long form (slow): kill trials (scripts/fault_injection.py), a disk that fills
+"""The fault-injection suite's long form (slow): kill trials (scripts/tools/fault_injection.py), a disk that fills
 up (a file-size limit) during an asynchronous save, and every file of a checkpoint damaged every way
-(scripts/corruption_sweep.py)."""
+(scripts/tools/corruption_sweep.py)."""
 
 import json
 import os
@@ -22,7 +22,7 @@ GROKKING_FLAGS = ["--config=experiments/configs/grokking.py", "--config.data.p=1
 
 def test_kill_trials_resume_with_nothing_lost(tmp_path):
     out = tmp_path / "trials.json"
-    done = subprocess.run([sys.executable, "scripts/fault_injection.py", "--trials=3", "--seed=0", f"--out={out}"],
+    done = subprocess.run([sys.executable, "scripts/tools/fault_injection.py", "--trials=3", "--seed=0", f"--out={out}"],
                           cwd=REPO, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     trials = json.loads(out.read_text())["trials"]
@@ -61,7 +61,7 @@ def test_a_disk_that_fills_up_mid_save_stops_with_one_line_and_keeps_the_previou
 
 
 def test_corruption_sweep_every_file_every_damage_resumes_with_nothing_lost():
-    done = subprocess.run([sys.executable, "scripts/corruption_sweep.py"], cwd=REPO, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "scripts/tools/corruption_sweep.py"], cwd=REPO, capture_output=True, text=True,
                           timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     found = re.search(r"(\d+) of (\d+) corrupted-checkpoint cases resumed with nothing lost", done.stdout)

@@ -12,7 +12,8 @@ import pytest
 
 import data as datasets
 from data import pipeline
-from experiments import checkpointing, losses, metrics_writer, restore, run_record, trainer, validation
+from experiments import losses, restore
+from experiments.training import checkpointing, metrics_writer, run_record, trainer, validation
 from tests.conftest import make_tiny_config, slow
 
 

@@ -7,7 +7,7 @@ and 3 alike at 1,000 and 1,150)."""
 import jax
 import pytest
 
-from experiments import metrics_writer, trainer
+from experiments.training import metrics_writer, trainer
 from experiments.configs import grokking
 
 

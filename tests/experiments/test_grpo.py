@@ -11,7 +11,7 @@ import pytest
 import data
 import models
 from data.config_fields import ConfigError
-from experiments import trainer
+from experiments.training import trainer
 from experiments.objectives import grpo
 from experiments.configs import base, preference as preference_configs
 

@@ -1,4 +1,4 @@
-"""Latent-search probing (experiments/latent_search.py): the graph's node sets and heights on a hand-made DAG, the
+"""Latent-search probing (experiments/analysis/latent_search.py): the graph's node sets and heights on a hand-made DAG, the
 masses and values of hand-made distributions, and the thoughts' distributions against the naive thought loop."""
 
 import jax
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from data import prosqa_dag, prosqa_official, reasoning
-from experiments import latent_search
+from experiments.analysis import latent_search
 from tests.models import test_coconut
 
 # Sally -> a, b;  a -> c, d;  b -> d;  c -> T (the target);  d -> N (the negative target)

@@ -1,4 +1,4 @@
-"""experiments/length_eval.py: at 1x its loss is the trainer's evaluation loss over the same windows; its buckets
+"""experiments/evaluation/length_eval.py: at 1x its loss is the trainer's evaluation loss over the same windows; its buckets
 average to its loss; longer lengths run for position-free models; learned positions refuse lengths past their table
 in one line; the command writes its JSON and plot."""
 
@@ -10,7 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from experiments import length_eval, metrics_writer, trainer
+from experiments.evaluation import length_eval
+from experiments.training import metrics_writer, trainer
 from tests.conftest import make_tiny_lm_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -48,13 +49,13 @@ def test_learned_positions_refuse_lengths_past_their_table():
 
 @pytest.mark.slow
 def test_the_command_writes_its_report_and_plot(rope_run):
-    out = subprocess.run([sys.executable, "-m", "experiments.length_eval", f"--workdir={rope_run}", "--factors=1,2",
+    out = subprocess.run([sys.executable, "-m", "experiments.evaluation.length_eval", f"--workdir={rope_run}", "--factors=1,2",
                           "--max_windows=4"], cwd=REPO, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert out.returncode == 0, out.stderr[-2000:]
     assert "2x (32 tokens, 4 windows)" in out.stdout
     assert json.load(open(os.path.join(rope_run, "length_eval.json")))["factors"]["2"]["windows"] == 4
     assert os.path.getsize(os.path.join(rope_run, "length_eval.png")) > 0
-    bad = subprocess.run([sys.executable, "-m", "experiments.length_eval", f"--workdir={rope_run}", "--factors=0"],
+    bad = subprocess.run([sys.executable, "-m", "experiments.evaluation.length_eval", f"--workdir={rope_run}", "--factors=0"],
                          cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: --factors=0 must be >= 1")

@@ -13,7 +13,9 @@ import pytest
 
 import data as datasets
 import models
-from experiments import metrics_writer, optimizers, restore, sharding, train_state, trainer
+from experiments import restore
+from experiments.optim import optimizers
+from experiments.training import metrics_writer, sharding, train_state, trainer
 from tests.conftest import make_tiny_lm_config, slow
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -1,4 +1,4 @@
-"""LoRA adapters (experiments/lora.py) and frozen parameter groups (optimizer.freeze / train_only)."""
+"""LoRA adapters (experiments/posttrain/lora.py) and frozen parameter groups (optimizer.freeze / train_only)."""
 
 import flax.linen as nn
 import jax
@@ -9,7 +9,10 @@ import pytest
 
 import models
 from conftest import make_tiny_config
-from experiments import lora, optimizers, restore, trainer
+from experiments import restore
+from experiments.optim import optimizers
+from experiments.posttrain import lora
+from experiments.training import trainer
 
 
 @pytest.fixture(scope="module")

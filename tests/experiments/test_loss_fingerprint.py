@@ -1,4 +1,4 @@
-"""scripts/loss_fingerprint.py: the same code reproduces its own fingerprint; a changed number is caught."""
+"""scripts/tools/loss_fingerprint.py: the same code reproduces its own fingerprint; a changed number is caught."""
 
 import json
 import os
@@ -13,7 +13,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 @pytest.mark.slow
 def test_fingerprint_reproduces_and_catches_a_change(tmp_path):
     run = lambda *args: subprocess.run(  # noqa: E731
-        [sys.executable, "scripts/loss_fingerprint.py", "--configs=default", "--steps=3", *args], cwd=REPO,
+        [sys.executable, "scripts/tools/loss_fingerprint.py", "--configs=default", "--steps=3", *args], cwd=REPO,
         env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=300)
     first = tmp_path / "first.json"
     assert run(f"--out={first}").returncode == 0

@@ -1,4 +1,4 @@
-"""Model merging (experiments/merge.py) against entry-by-entry float64 loops of the papers' rules, and the CLI's
+"""Model merging (experiments/posttrain/merge.py) against entry-by-entry float64 loops of the papers' rules, and the CLI's
 run folders."""
 
 import subprocess
@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from data.config_fields import ConfigError
-from experiments import merge, restore
+from experiments import restore
+from experiments.posttrain import merge
 
 
 def ties_loop(base, tuned, scale, density):
@@ -94,7 +95,7 @@ def runs(finished_tiny_run, tmp_path_factory):
 @pytest.mark.slow
 def test_the_cli_writes_a_run_folder_of_the_merged_weights(runs, tmp_path):
     base, (a, b) = runs
-    subprocess.run([sys.executable, "-m", "experiments.merge", f"--base={base}", f"--runs={a},{b}", "--method=ties",
+    subprocess.run([sys.executable, "-m", "experiments.posttrain.merge", f"--base={base}", f"--runs={a},{b}", "--method=ties",
                     "--density=0.5", "--scale=0.7", f"--workdir={tmp_path}"], check=True, capture_output=True)
     load = lambda d: restore.load_variables(restore.load_config(d), d)[1]["params"]  # noqa: E731
     merged, expected = load(str(tmp_path)), jax.tree.map(lambda x, y, z: merge.ties(np.asarray(x), [np.asarray(y), np.asarray(z)],

@@ -1,6 +1,6 @@
-"""experiments/metrics_writer.training_wall_s: a run's training time summed over the processes that ran it."""
+"""experiments/training/metrics_writer.training_wall_s: a run's training time summed over the processes that ran it."""
 
-from experiments import metrics_writer
+from experiments.training import metrics_writer
 
 
 def test_training_wall_s_sums_every_process_of_a_resumed_run(tmp_path):

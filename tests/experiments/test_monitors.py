@@ -1,4 +1,4 @@
-"""The monitors (experiments/monitors.py, models' sown "monitors"): per-group norms and ratios against NumPy,
+"""The monitors (experiments/training/monitors.py, models' sown "monitors"): per-group norms and ratios against NumPy,
 attention entropy against a float64 softmax, and a trainer run that logs and plots them on the mesh."""
 
 import jax
@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import metrics_writer, monitors, trainer
+from experiments.training import metrics_writer, monitors, trainer
 from models import attention
 from tests.conftest import make_tiny_config
 

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from experiments import metrics_writer, trainer
+from experiments.training import metrics_writer, trainer
 from tests.conftest import make_tiny_lm_config
 
 pytestmark = pytest.mark.slow

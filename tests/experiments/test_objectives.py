@@ -10,7 +10,9 @@ import pytest
 
 import data
 from data.config_fields import ConfigError
-from experiments import losses, metrics_writer, objectives, optimizers, train_state, trainer, validation
+from experiments import losses, objectives
+from experiments.optim import optimizers
+from experiments.training import metrics_writer, train_state, trainer, validation
 from experiments.objectives import distillation, frozen
 from experiments.configs import base
 from tests.conftest import make_tiny_config

@@ -1,4 +1,4 @@
-"""The optimizer table (experiments/optimizers.py): every optimizer against a float64 NumPy loop of its
+"""The optimizer table (experiments/optim/optimizers.py): every optimizer against a float64 NumPy loop of its
 equations (optax's own for Adafactor's wiring), Grokfast and clipping, the weight-decay groups on a real
 model's parameters, every schedule against hand-computed values, and validation of the key groups."""
 
@@ -10,7 +10,8 @@ import numpy as np
 import optax
 import pytest
 
-from experiments import optimizers, validation
+from experiments.optim import optimizers
+from experiments.training import validation
 from experiments.configs import base
 from tests.conftest import make_tiny_config
 
@@ -91,7 +92,7 @@ def _trajectory(opt_or_tx, grads, params0, steps=10):
 
 
 def _numpy_reference(name, keys, lr, grads, params0):
-    """The optimizer's update equations in float64 (experiments/optimizers.py's docstring)."""
+    """The optimizer's update equations in float64 (experiments/optim/optimizers.py's docstring)."""
     p = {k: np.asarray(v, np.float64) for k, v in params0.items()}
     m = {k: np.zeros_like(v) for k, v in p.items()}
     v2 = {k: np.zeros_like(v) for k, v in p.items()}
@@ -196,7 +197,7 @@ def test_schedules_against_hand_computed_values(schedule, expected):
 def test_schedule_free_adamw_is_optax_and_the_trainer_evaluates_the_average():
     import flax.linen as nn
     import jax
-    from experiments import train_state, trainer
+    from experiments.training import train_state, trainer
     rng = np.random.default_rng(3)
     params0, grads = _random_problem(rng, 3, 4, 5)
     opt = base.get_config().optimizer
@@ -276,7 +277,7 @@ def test_muon_orthogonalises_each_stacked_matrix_and_adamw_steps_the_rest():
 def test_ema_of_the_weights_follows_its_recursion_and_is_evaluated_beside_them():
     import flax.linen as nn
     import jax
-    from experiments import train_state, trainer
+    from experiments.training import train_state, trainer
     model, batch = _tiny_lm_and_batch(np.random.default_rng(5))
     tokens, opt = batch["inputs"], base.get_config().optimizer
     opt.update(lr=0.05, warmup_steps=0)

@@ -1,4 +1,4 @@
-"""Activation patching and ablation (experiments/patching.py) against what they must equal: a clean run's residual
+"""Activation patching and ablation (experiments/analysis/patching.py) against what they must equal: a clean run's residual
 patched in anywhere gives the clean logits from there on, at one position only that position's, and zero-ablating
 every layer's outputs leaves the embeddings read through the lens."""
 
@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import activations, patching
+from experiments.analysis import activations, patching
 from models import hybrid, transformer
 from tests.conftest import slow
 

@@ -8,7 +8,7 @@ import pytest
 import data
 from data import prontoqa
 from data.config_fields import ConfigError
-from experiments import trainer
+from experiments.training import trainer
 from experiments.configs import preference as preference_configs
 
 

@@ -1,4 +1,4 @@
-"""Linear probes (experiments/probes.py) find planted linear structure, not structure that is absent, and read a
+"""Linear probes (experiments/analysis/probes.py) find planted linear structure, not structure that is absent, and read a
 token's identity from the embeddings layer of a model."""
 
 import flax.linen as nn
@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import probes
+from experiments.analysis import probes
 from models import transformer
 
 

@@ -4,7 +4,7 @@ part of logits built from known components is recovered exactly, and the losses 
 import numpy as np
 import pytest
 
-from experiments import progress_measures as pm
+from experiments.analysis import progress_measures as pm
 
 P = 17
 
@@ -43,7 +43,7 @@ def test_restricted_and_excluded_losses_separate_the_key_frequency_circuit():
 
 @pytest.mark.slow
 def test_progress_measures_script_end_to_end(tmp_path):
-    """scripts/progress_measures_study.py over the checkpoints of a tiny grokking run: a row per checkpoint whose
+    """scripts/studies/progress_measures_study.py over the checkpoints of a tiny grokking run: a row per checkpoint whose
     test loss is the cross-entropy over the answer tokens of the restored model on the held-out pairs."""
     import json
     import os
@@ -53,14 +53,15 @@ def test_progress_measures_script_end_to_end(tmp_path):
     import jax
 
     from data import algorithmic
-    from experiments import restore, trainer
+    from experiments import restore
+    from experiments.training import trainer
     from tests.conftest import make_tiny_config
 
     config = make_tiny_config(steps=6)
     config.train.update(checkpoint_every=2, keep_checkpoints=5)
     trainer.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1], verbose=False)
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    subprocess.run([sys.executable, "scripts/progress_measures_study.py", f"--workdir={tmp_path}", "--key_frequencies=2"],
+    subprocess.run([sys.executable, "scripts/studies/progress_measures_study.py", f"--workdir={tmp_path}", "--key_frequencies=2"],
                    cwd=repo, env={**os.environ, "JAX_PLATFORMS": "cpu"}, check=True, capture_output=True, timeout=300)
     result = json.loads((tmp_path / "progress_measures.json").read_text())
     assert [r["step"] for r in result["checkpoints"]] == [2, 4, 6] and len(result["key_frequencies"]) == 2

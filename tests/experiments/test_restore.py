@@ -5,7 +5,9 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import optimizers, restore, train_state
+from experiments import restore
+from experiments.optim import optimizers
+from experiments.training import train_state
 
 
 def test_the_weights_restore_without_the_optimizer_and_equal_the_whole_states(finished_tiny_run, monkeypatch):

@@ -1,5 +1,5 @@
-"""Feature dashboards (experiments/sae_dashboard.py) and the Fourier reading of latents
-(experiments/progress_measures.frequency_shares): the top contexts are the largest activations, the direct logit
+"""Feature dashboards (experiments/analysis/sae_dashboard.py) and the Fourier reading of latents
+(experiments/analysis/progress_measures.frequency_shares): the top contexts are the largest activations, the direct logit
 effect of an mlp_hidden direction is what steering the last layer's MLP by it does to a norm-free model's logits,
 and a planted single-frequency map is all at its frequency."""
 
@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import progress_measures, sae_dashboard, steering
+from experiments.analysis import progress_measures, sae_dashboard, steering
 from models import transformer
 
 

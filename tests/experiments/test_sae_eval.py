@@ -1,4 +1,4 @@
-"""Sparse autoencoders through the one trainer and inside their model (experiments/sae_eval.py): loss recovered is
+"""Sparse autoencoders through the one trainer and inside their model (experiments/analysis/sae_eval.py): loss recovered is
 1 for the identity reconstruction and 0 for the zero one, the metrics equal a NumPy recount, a missing store is a
 one-line error, and an SAE trains on an activation store with its dead-latent state kept by the trainer."""
 
@@ -7,8 +7,9 @@ import pytest
 
 import data as datasets
 from data.config_fields import ConfigError
-from experiments import (activation_store, activations, metrics_writer, restore, sae_dashboard, sae_eval, trainer,
-                         validation)
+from experiments import restore
+from experiments.analysis import activation_store, activations, sae_dashboard, sae_eval
+from experiments.training import metrics_writer, trainer, validation
 from experiments.configs import sae as sae_config
 from tests.conftest import slow
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from data import text
-from experiments import restore, trainer
+from experiments import restore
+from experiments.training import trainer
 from experiments.configs import base
 from tests.conftest import make_tiny_lm_config
 

@@ -11,7 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import grokfast, metrics_writer, scaling, scaling_fits
+from experiments.optim import grokfast
+from experiments.studies import scaling, scaling_fits
+from experiments.training import metrics_writer
 from tests.conftest import make_tiny_lm_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -20,7 +22,7 @@ CHINCHILLA = os.path.join(REPO, "data", "files", "chinchilla_svg_extracted_data.
 
 @pytest.mark.slow  # ~2 min: 4,500 L-BFGS starts, where running, not compiling, dominates: XLA's optimisations on
 def test_fit_command_reproduces_besiroglu_et_al_on_the_chinchilla_data():
-    out = subprocess.run([sys.executable, "-m", "experiments.scaling", f"--fit={CHINCHILLA}"], cwd=REPO,
+    out = subprocess.run([sys.executable, "-m", "experiments.studies.scaling", f"--fit={CHINCHILLA}"], cwd=REPO,
                          capture_output=True, text=True, timeout=900,
                          env={**os.environ, "JAX_PLATFORMS": "cpu", "JAX_DISABLE_MOST_OPTIMIZATIONS": "0"})
     assert out.returncode == 0, out.stderr[-2000:]
@@ -33,7 +35,7 @@ def test_fit_command_reproduces_besiroglu_et_al_on_the_chinchilla_data():
 
 @pytest.mark.slow  # a subprocess; by default the in-process fits
 def test_fit_command_names_a_missing_file():
-    out = subprocess.run([sys.executable, "-m", "experiments.scaling", "--fit=no/such.csv"], cwd=REPO,
+    out = subprocess.run([sys.executable, "-m", "experiments.studies.scaling", "--fit=no/such.csv"], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "no/such.csv" in out.stderr.strip().splitlines()[-1]
 

@@ -1,4 +1,4 @@
-"""Shampoo (experiments/shampoo.py) against a float64 NumPy loop of its equations on a small quadratic:
+"""Shampoo (experiments/optim/shampoo.py) against a float64 NumPy loop of its equations on a small quadratic:
 parameters of rank 3 and 1, blocks that do not divide the matrix, preconditioners refreshed every 3 steps."""
 
 import chex
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import optax
 
-from experiments import optimizers, shampoo
+from experiments.optim import optimizers, shampoo
 from experiments.configs import base
 
 B1, B2, EPS, BLOCK, EVERY, MATRIX_EPS, LR, WD = 0.9, 0.99, 1e-8, 4, 3, 1e-3, 0.05, 0.1

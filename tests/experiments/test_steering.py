@@ -1,4 +1,4 @@
-"""Steering (experiments/steering.py): the mean-difference vector by NumPy, the steered last layer read through the
+"""Steering (experiments/analysis/steering.py): the mean-difference vector by NumPy, the steered last layer read through the
 lens, and the KV-cached decode and the sampler steered like the full pass."""
 
 import flax.linen as nn
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import activations, steering
+from experiments.analysis import activations, steering
 from models import sampling, transformer
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -73,7 +73,7 @@ def test_the_sampler_command_steers_by_two_texts(tmp_path):
     import subprocess
     import sys
 
-    from experiments import trainer
+    from experiments.training import trainer
     from tests.conftest import make_tiny_lm_config
 
     trainer.train_and_evaluate(make_tiny_lm_config(steps=2), str(tmp_path), devices=jax.devices()[:1], verbose=False)

@@ -13,7 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from experiments import checkpointing, metrics_writer, trainer
+from experiments.training import checkpointing, metrics_writer, trainer
 from tests.conftest import make_tiny_config, make_tiny_lm_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -70,7 +70,7 @@ def test_same_losses_on_one_device_and_on_a_2x2x2_mesh(tmp_path):
 
 
 def test_state_is_sharded_by_the_rules():
-    from experiments import sharding
+    from experiments.training import sharding
     from models import transformer
     cfg = transformer.TransformerConfig(vocab_size=16, max_len=4, d_model=32, num_heads=4, d_mlp=64)
     mesh = sharding.make_mesh((2, 2, 2, 1), jax.devices())

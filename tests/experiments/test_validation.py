@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from experiments import sharding, trainer, validation
+from experiments.training import sharding, trainer, validation
 from tests.conftest import make_tiny_config, set_any_value, slow
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -12,7 +12,9 @@ import pytest
 
 import models
 from data import algorithmic
-from experiments import optimizers, train_state, trainer, vmap_sweep
+from experiments.optim import optimizers
+from experiments.studies import vmap_sweep
+from experiments.training import train_state, trainer
 from tests.conftest import make_tiny_config
 
 
@@ -75,7 +77,7 @@ def test_phases_follow_the_90_percent_milestones():
 
 @pytest.mark.slow
 def test_phase_diagram_script_end_to_end(tmp_path):
-    """scripts/phase_diagram.py: a 2 x 2 grid, each member's phase the classification of its own milestones."""
+    """scripts/studies/phase_diagram.py: a 2 x 2 grid, each member's phase the classification of its own milestones."""
     import json
     import os
     import subprocess
@@ -84,7 +86,7 @@ def test_phase_diagram_script_end_to_end(tmp_path):
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     args = ["--lrs=1e-3,1e-2", "--weight_decays=0.1,1", "--steps=40", "--eval_every=10", "--grokking_gap=10",
             "--config.data.p=13", "--config.model.d_model=32", "--config.model.d_mlp=64", f"--workdir={tmp_path}"]
-    subprocess.run([sys.executable, "scripts/phase_diagram.py", *args], cwd=repo, check=True, capture_output=True,
+    subprocess.run([sys.executable, "scripts/studies/phase_diagram.py", *args], cwd=repo, check=True, capture_output=True,
                    env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
     members = json.loads((tmp_path / "members.json").read_text())
     assert sorted((m["lr"], m["weight_decay"]) for m in members) == [(1e-3, 0.1), (1e-3, 1.0), (1e-2, 0.1), (1e-2, 1.0)]

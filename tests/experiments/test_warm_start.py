@@ -1,4 +1,4 @@
-"""train.init_from (experiments/warm_start.py): a run started from another's weights holds them (SGD at lr 1e-30),
+"""train.init_from (experiments/training/warm_start.py): a run started from another's weights holds them (SGD at lr 1e-30),
 placed on a 2x2x2 mesh from a 1-device run, with a context extended under RoPE; bad folders and other shapes are one
 line before anything compiles."""
 
@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from data.config_fields import ConfigError
-from experiments import metrics_writer, restore, trainer
+from experiments import restore
+from experiments.training import metrics_writer, trainer
 from tests.conftest import make_tiny_lm_config
 
 

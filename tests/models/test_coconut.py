@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from data import reasoning as R
-from experiments import validation
+from experiments.training import validation
 from experiments.configs import base
 from models import coconut
 from tests.conftest import slow

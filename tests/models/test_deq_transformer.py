@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import models
-from experiments import metrics_writer, trainer, validation
+from experiments.training import metrics_writer, trainer, validation
 from experiments.configs import lm_shakespeare
 from models import deq_stabilisers, deq_transformer
 from tests.conftest import make_tiny_config, slow
@@ -154,7 +154,7 @@ def test_implicit_backward_memory_is_flat_in_max_iter_and_unrolling_grows():
 
 @pytest.mark.parametrize("backward,uses", [("implicit", (7 + 5 + 3) / 3), ("unroll", 7.0), ("phantom", 7 / 3 + 4)])
 def test_active_parameters_count_the_cell_per_use_in_a_training_step(backward, uses):
-    """N active (experiments/scaling.py's C = 6 N D) = the cell's parameters times its uses per step + the rest."""
+    """N active (experiments/studies/scaling.py's C = 6 N D) = the cell's parameters times its uses per step + the rest."""
     config = ml_collections.ConfigDict(dataclasses.asdict(deq_transformer.DEQConfig(
         vocab_size=23, max_len=16, d_model=32, num_heads=2, d_mlp=64, max_iter=7, backward_max_iter=5,
         phantom_steps=4, backward=backward)))

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import metrics_writer, trainer
+from experiments.training import metrics_writer, trainer
 from models import attention, blocks, transformer
 from tests.conftest import make_tiny_config
 

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import losses, metrics_writer
+from experiments import losses
+from experiments.training import metrics_writer
 from models import blocks, early_exit, transformer
 from tests.conftest import assert_mesh_run_matches_one_device, decode_in_pieces, make_tiny_lm_config
 

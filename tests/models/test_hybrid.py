@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import validation
+from experiments.training import validation
 from models import hybrid, mamba2
 from tests.conftest import assert_mesh_run_matches_one_device, make_tiny_lm_config, slow
 

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 import models
-from experiments import metrics_writer, restore, trainer
+from experiments import restore
+from experiments.training import metrics_writer, trainer
 from models import blocks, mod
 from tests.conftest import assert_mesh_run_matches_one_device, decode_in_pieces, make_tiny_config, make_tiny_lm_config
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import metrics_writer, sharding, trainer, validation
+from experiments.training import metrics_writer, sharding, trainer, validation
 from experiments.configs import moe_lm
 from models import moe, moe_dispatch
 from tests.conftest import make_tiny_lm_config, slow

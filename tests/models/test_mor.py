@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import models
-from experiments import metrics_writer, trainer
+from experiments.training import metrics_writer, trainer
 from models import blocks, gqa, mor
 from tests.conftest import assert_mesh_run_matches_one_device, decode_in_pieces, make_tiny_lm_config, slow
 

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import losses, metrics_writer, trainer
+from experiments import losses
+from experiments.training import metrics_writer, trainer
 from models import sampling, speculative, transformer
 from tests.conftest import make_tiny_lm_config, slow
 

@@ -1,0 +1,104 @@
+"""What the command line does with a config: train it, or stop with one stderr line and an exit status.
+
+    2   bad input, found before anything compiles (experiments/training/validation.py: a `ConfigError`)
+    1   a failure mid-run: a non-finite loss (after `train.nan_rollbacks` rollbacks), a checkpoint that
+        cannot be written, a workdir whose every checkpoint is damaged, a coordinator that never answers
+
+Here rather than in experiments/train.py (which defines the absl flags) so that tests call it in process.
+"""
+
+import os
+import sys
+
+
+def fail(message: str, status: int = 2):
+    """One line on stderr, then exit. A failure mid-run (status 1) exits at once, skipping the interpreter's
+    teardown, where the libraries' broken background work (e.g. orbax's failed writes) would print pages."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    if status == 1:
+        sys.stdout.flush()
+        os._exit(status)
+    sys.exit(status)
+
+
+def run_config(workdir: str):
+    """The resolved config of the run in `workdir` (for the tools that read finished runs), or one stderr line."""
+    from experiments import restore
+
+    try:
+        return restore.load_config(workdir)
+    except FileNotFoundError as e:
+        fail(str(e))
+
+
+def override(config, items, allowed=("",), flag="--set="):
+    """`config` with each "section.key=value" of `items` set (the value cast to the key's current type), or one
+    stderr line for an item that is not KEY=VALUE, names no key of the config, starts with none of `allowed`, or
+    whose value the key's type cannot hold. `flag` is how the item was given, for the message."""
+    for item in items:
+        key, equals, value = item.partition("=")
+        *parents, leaf = key.split(".")
+        node = config
+        for parent in parents:
+            node = node.get(parent) if hasattr(node, "get") else None
+        if not equals or not key.startswith(tuple(allowed)) or not hasattr(node, "get") or leaf not in node:
+            fail(f"{flag}{item!r}: want KEY=VALUE with KEY an existing config key starting with one of {list(allowed)}")
+        node[leaf] = _cast(f"{flag}{item!r}", value, node[leaf])
+    return config
+
+
+def _cast(given: str, value: str, current):
+    booleans = {"True": True, "true": True, "1": True, "False": False, "false": False, "0": False}
+    try:
+        return booleans[value] if isinstance(current, bool) else type(current)(value)
+    except (KeyError, TypeError, ValueError):
+        fail(f"{given}: {value!r} is not a {type(current).__name__} (the key's current value is {current!r})")
+
+
+MODEL_FLAG = "--config.model."
+
+
+def split_model_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(argv without its --config.model.KEY=VALUE flags, those flags as "model.KEY=VALUE" items) when argv names
+    a family with --config.model.name; else (argv, []). The config file's model section is another family's, so
+    these overrides are applied after `switch_model` rebuilds the section, not by the flag parser."""
+    if not any(a.startswith(MODEL_FLAG + "name=") for a in argv):
+        return argv, []
+    model = [a for a in argv if a.startswith(MODEL_FLAG)]
+    return [a for a in argv if a not in model], [a.removeprefix("--config.") for a in model]
+
+
+def switch_model(config, items: list[str]):
+    """Applies `split_model_overrides`' items to a parsed config: "model.name=F" first (the family's section with
+    its defaults and the keys both families share: `experiments.configs.base.switch_family`), then the others
+    in order, cast to the new section's types; an unknown family or a key it lacks is one stderr line."""
+    import models
+    from experiments.configs import base
+
+    name = [i.partition("=")[2] for i in items if i.startswith("model.name=")][-1]
+    if name not in models.MODELS:
+        fail(f"--config.model.name={name!r} is not one of {sorted(models.MODELS)}")
+    if name != config.model.name:
+        base.switch_family(config, name)
+    for item in items:
+        key = item.partition("=")[0].removeprefix("model.")
+        if key != "name" and key not in config.model:
+            fail(f"--config.{item!r}: the {name} family has no key {key!r} (its keys: {', '.join(sorted(config.model))})")
+    return override(config, [i for i in items if not i.startswith("model.name=")], flag="--config.")
+
+
+def run(config, workdir: str) -> dict:
+    """Trains `config` in `workdir` as the command line does: an expected failure becomes one stderr line and
+    exit status 2 (bad input) or 1 (a failure mid-run)."""
+    from experiments.training import checkpointing, trainer, validation
+
+    try:
+        result = trainer.train_and_evaluate(config, workdir)
+    except validation.ConfigError as e:
+        fail(str(e))
+    except (trainer.NonFiniteLossError, checkpointing.CheckpointWriteError, checkpointing.NoGoodCheckpointError) as e:
+        fail(str(e), status=1)
+    summary = "  ".join(f"{split} " + " ".join(f"{k} {v:.4g}" for k, v in m.items())
+                        for split, m in result.items() if isinstance(m, dict))
+    print(f"done at step {result['step']}: {summary}\nworkdir: {workdir}")
+    return result
