@@ -22,7 +22,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 KEEP = 3
 RUN_FLAGS = ["--config=experiments/configs/grokking.py", "--config.data.p=13", "--config.model.d_model=32",
              "--config.model.d_mlp=64", "--config.train.log_every=10", "--config.train.eval_every=500",

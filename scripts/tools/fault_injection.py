@@ -28,7 +28,7 @@ from absl import app, flags
 
 from experiments.training import metrics_writer
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS, CHECKPOINT_EVERY = 300, 10
 RUN_FLAGS = ["--config=experiments/configs/grokking.py", "--config.data.p=13", "--config.model.d_model=32",
              "--config.model.d_mlp=64", f"--config.train.steps={STEPS}", "--config.train.log_every=1",
