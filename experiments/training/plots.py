@@ -37,9 +37,7 @@ def plot_curves(workdir: str, keys=("loss", "accuracy"), log_x: bool = False, fi
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(os.path.basename(os.path.abspath(workdir)))
-    fig.tight_layout()
-    path = os.path.join(workdir, filename)
-    return save_figure(fig, path)
+    return save_figure(fig, os.path.join(workdir, filename))
 
 
 def plot_monitors(workdir: str, log_x: bool = False, filename: str = "monitors.png") -> str:
@@ -58,7 +56,6 @@ def plot_monitors(workdir: str, log_x: bool = False, filename: str = "monitors.p
                yscale="log" if kind in ("update_ratio", "grad_norm") else "linear")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
     path = os.path.join(workdir, filename)
     return save_figure(fig, path, dpi=110)
 
