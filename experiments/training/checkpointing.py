@@ -26,15 +26,27 @@ import os
 import shutil
 import zlib
 
+from absl import logging
 import grain
 import jax
 import orbax.checkpoint as ocp
 
 MANIFEST = "manifest.json"
 REPLICA_PARALLEL_MIN_BYTES = 1 << 20
-ocp.type_handlers.register_type_handler(
-    jax.Array, ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_BYTES),
-    override=True)
+
+
+def _register_array_handler() -> None:
+    """jax.Array's handler with `REPLICA_PARALLEL_MIN_BYTES`; orbax warns on every override, wanted here."""
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity(logging.ERROR)
+    try:
+        ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
+            min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_BYTES), override=True)
+    finally:
+        logging.set_verbosity(verbosity)
+
+
+_register_array_handler()
 
 
 class CheckpointWriteError(RuntimeError):

@@ -10,7 +10,22 @@ import os
 import sys
 import time
 
-import tensorboardX
+
+def _import_tensorboardx():
+    """tensorboardX without torch: it imports torch (seconds, when the `hf` extra installed it) only to accept
+    torch tensors, and this writer passes it floats. Every process that writes metrics saves those seconds."""
+    if "torch" in sys.modules:
+        import tensorboardX
+        return tensorboardX
+    sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX expects
+    try:
+        import tensorboardX
+    finally:
+        del sys.modules["torch"]
+    return tensorboardX
+
+
+tensorboardX = _import_tensorboardx()
 
 
 class MetricsWriter:

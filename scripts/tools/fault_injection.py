@@ -42,7 +42,8 @@ _ROOT = flags.DEFINE_string("root", None, "Folder for the workdirs (default: a t
 
 
 def _env() -> dict:
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",  # 8 fake devices, after any XLA flags already set (the last wins)
+           "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()}
     env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "beyond-fault-trials-cache"))
     return env
 

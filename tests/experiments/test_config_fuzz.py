@@ -21,7 +21,7 @@ from jax import monitoring
 
 from experiments.training import checkpointing, cli
 from experiments.configs import base, coconut_prosqa, grokking, lm_shakespeare, moe_lm, recall
-from tests.conftest import set_any_value
+from tests.conftest import cpu_env, set_any_value
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -182,7 +182,7 @@ def test_the_command_line_gives_the_same_one_line(case, tmp_path):
              f"--workdir={tmp_path / 'run'}"]
     if config_file == "lm_shakespeare":
         flags.append("--config.data.batch_size=16")
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = cpu_env()
     done = subprocess.run([sys.executable, "-m", "experiments.train", *flags], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
     lines = done.stderr.strip().splitlines()

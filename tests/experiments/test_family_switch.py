@@ -13,6 +13,7 @@ import pytest
 import models
 from experiments.training import cli, validation
 from experiments.configs import base, lm_shakespeare
+from tests.conftest import cpu_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG_FILES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO, "experiments", "configs", "*.py"))
@@ -64,7 +65,7 @@ def test_a_renamed_family_without_its_section_is_one_line_naming_switch_family()
 
 def test_the_command_line_switches_before_the_other_model_overrides():
     """`--config.model.top_k` exists only in the MoE section: the switch must come first, whatever the order."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = cpu_env()
     done = subprocess.run([sys.executable, "-m", "experiments.train", "--config=experiments/configs/lm_shakespeare.py",
                            "--config.model.top_k=3", "--config.model.name=moe", "--config.model.num_experts=2",
                            "--workdir=/nonexistent/never/written"], cwd=REPO, env=env, capture_output=True, text=True,
@@ -77,7 +78,7 @@ def test_the_command_line_switches_before_the_other_model_overrides():
 @pytest.mark.slow  # a compile and one step each
 @pytest.mark.parametrize("family", ["moe", "ssd", "mod"])  # the families whose switch was a traceback or a wrong key
 def test_the_command_line_trains_a_step_of_the_switched_family(family, tmp_path):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = cpu_env()
     flags = [f"--config.model.name={family}", "--config.model.d_model=64", "--config.model.num_heads=2",
              "--config.data.seq_len=32", "--config.data.batch_size=16", "--config.data.eval_batch_size=512",
              "--config.train.steps=1", "--config.train.eval_every=0"]

@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from experiments import restore
+from tests.conftest import cpu_env
 
 pytestmark = pytest.mark.slow
 
@@ -33,8 +34,7 @@ def test_kill_trials_resume_with_nothing_lost(tmp_path):
 
 def _train(workdir, steps, file_size_limit_kib=None):
     """The CLI in a subprocess; with a file-size limit (`ulimit -f`: a file may not grow past it) if given."""
-    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}  # no cache writes to fail
-    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = {k: v for k, v in cpu_env().items() if k != "JAX_COMPILATION_CACHE_DIR"}  # no cache writes to fail
     command = [sys.executable, "-m", "experiments.train", *GROKKING_FLAGS, f"--workdir={workdir}",
                f"--config.train.steps={steps}"]
     if file_size_limit_kib:

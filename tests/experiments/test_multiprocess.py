@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from experiments.training import metrics_writer, trainer
-from tests.conftest import make_tiny_lm_config
+from tests.conftest import cpu_env, make_tiny_lm_config
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +36,7 @@ def _free_port() -> int:
 def _start_processes(workdir, extra_flags, num_processes=2):
     """Popen handles; process i's stderr goes to workdir/../stderr_i.txt (files: pipes could fill and block)."""
     port = _free_port()
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    env = cpu_env(4)
     return [subprocess.Popen(
         [sys.executable, "-m", "experiments.train", *TINY_LM_FLAGS, *extra_flags, f"--workdir={workdir}",
          f"--coordinator_address=localhost:{port}", f"--num_processes={num_processes}", f"--process_id={i}"],
@@ -139,7 +139,7 @@ def test_a_process_killed_during_a_save_leaves_a_workdir_that_any_job_resumes(tm
 
 
 def test_a_coordinator_nobody_answers_is_one_line_within_the_timeout(tmp_path):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    env = cpu_env(4)
     start = time.time()
     done = subprocess.run(
         [sys.executable, "-m", "experiments.train", *TINY_LM_FLAGS, f"--workdir={tmp_path / 'run'}",

@@ -14,7 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from experiments.training import checkpointing, metrics_writer, trainer
-from tests.conftest import make_tiny_config, make_tiny_lm_config
+from tests.conftest import cpu_env, make_tiny_config, make_tiny_lm_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -103,7 +103,7 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
     args = [sys.executable, "-m", "experiments.train", "--config=experiments/configs/grokking.py",
             f"--workdir={workdir}", "--config.data.p=13", "--config.model.d_model=32", "--config.model.d_mlp=64",
             "--config.train.log_every=1", "--config.train.eval_every=0", "--config.train.checkpoint_every=1000000"]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = cpu_env()
     proc = subprocess.Popen(args + ["--config.train.steps=1000000"], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120

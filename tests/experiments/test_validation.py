@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from experiments.training import sharding, trainer, validation
-from tests.conftest import make_tiny_config, set_any_value, slow
+from tests.conftest import cpu_env, make_tiny_config, set_any_value, slow
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -71,7 +71,7 @@ def test_mesh_shape_resolution():
 
 
 def _cli(*args):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = cpu_env()
     return subprocess.run([sys.executable, "-m", "experiments.train", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
 
