@@ -27,9 +27,12 @@ setuptools.setup(
         "matplotlib>=3.8,<4",
         "tensorboardX>=2.6,<3",
         "sentencepiece>=0.2,<0.3",
+        "tqdm>=4.66,<5",  # progress bars of long work (data.prepare)
     ],
     extras_require={
-        "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "ruff>=0.14,<1", "hypothesis>=6.100,<7"],
+        "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "ruff>=0.14,<1", "hypothesis>=6.100,<7",
+                 "pyarrow>=15,<27"],  # the Parquet path of data.prepare is tested by default
+        "corpora": ["pyarrow>=15,<27"],  # Parquet corpora for data.prepare
         "seqio": ["seqio>=0.0.19,<0.1"],  # pulls in TensorFlow
         # Checkpoint import and parity tests against transformers (experiments/import_hf.py), and the checkpoints'
         # tokenizer.json (data/text.py, data.tokenizer="hf"); torch 2.13.0 is the CPU build the CI machines hold.
