@@ -1,5 +1,6 @@
 """Every config file in experiments/configs/ trains 3 steps from a clone, with the smallest overrides it needs:
-a global batch the 8 test devices divide, no evaluation before the end, and for the configs that start from
+a global batch the 8 test devices divide, no evaluation before the end, at most a few hundred generated
+problems (the shipped official splits are read whole), and for the configs that start from
 another run (an SFT start, a lookup model, an activation store) that run, made here at the same 3 steps."""
 
 import glob
@@ -15,6 +16,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 CONFIG_FILES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO, "experiments", "configs", "*.py"))
                       if os.path.basename(p) not in ("__init__.py", "base.py"))
 # config -> (argument, what it starts from: (config file, argument, how the start is handed over))
+SMALLEST_SETS = {"train_examples": 256, "eval_examples": 64, "test_examples": 64}
 STARTS = {"sae": ("topk", ("default", None, "store")), "preference": ("arithmetic,dpo", ("preference", None, "init")),
           "grpo": ("outcome", ("grpo", "sft", "init"))}
 
@@ -25,6 +27,9 @@ def _three_steps(name: str, arg=None):
     for key in ("batch_size", "eval_batch_size"):
         if config.data.get(key, -1) not in (-1,) and config.data[key] % 8:
             config.data[key] = 8 * max(1, config.data[key] // 8)
+    for key, most in SMALLEST_SETS.items():  # generated data sets: drawing 17,886 problems alone takes 20 s
+        if key in config.data:
+            config.data[key] = min(config.data[key], most)
     return config
 
 

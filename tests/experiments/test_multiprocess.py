@@ -95,7 +95,10 @@ def test_a_dead_process_stops_the_others_with_a_clear_error(tmp_path):
     err = _stderr(tmp_path / "run", 0)
     assert procs[0].returncode != 0
     assert time.time() - killed_at < 120
-    assert "stopped sending heartbeats" in err or "another task died" in err, err[-3000:]
+    # jax's coordination service names the dead peer; a peer killed in the middle of a collective's message can
+    # instead make gloo abort the survivor with its own line (docs/guides/reliability.md): either way it stops.
+    clear = ("stopped sending heartbeats", "another task died", "Received data size doesn't match expected size")
+    assert any(line in err for line in clear), err[-3000:]
 
 
 def test_a_process_killed_during_a_save_leaves_a_workdir_that_any_job_resumes(tmp_path):
