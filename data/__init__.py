@@ -11,9 +11,13 @@ import functools
 import hashlib
 import os
 
+from collections.abc import Callable
+
+import grain
 import numpy as np
 
-from data import activation_rows, algorithmic, pairs, prontoqa, prosqa, prosqa_dag, prosqa_lookup, reasoning, recall, text
+from data import (activation_rows, algorithmic, pairs, pipeline, prontoqa, prosqa, prosqa_dag, prosqa_lookup, reasoning,
+                  recall, text, token_store)
 from data.config_fields import field
 
 
@@ -140,6 +144,21 @@ class ProntoQAConfig(ReasoningConfig):
 
 
 @dataclasses.dataclass(frozen=True)
+class TokensConfig:
+    """Every `config.data` key of language modelling on prepared token stores (`data/token_store.py`)."""
+
+    name: str = "tokens"
+    stores: str = ""  # folders written by `python -m data.prepare`, comma-separated (relative: from the repository)
+    weights: str = ""  # one sampling weight per store, comma-separated; "": equal
+    seq_len: int = field(256, min=1)
+    packing: str = field("concat_then_split", choices=("concat_then_split",))
+    eval_fraction: float = field(0.01, above=0, below=1)  # of each store's documents, held out by a fixed hash
+    eval_tokens: int = field(65_536, min=1)  # each store's evaluation set: its first held-out documents, this many tokens
+    batch_size: int = field(32, min=1)
+    eval_batch_size: int = 64
+
+
+@dataclasses.dataclass(frozen=True)
 class ActivationsConfig:
     """Every `config.data` key of training on an activation store's rows (`data/activation_rows.py`)."""
 
@@ -159,6 +178,21 @@ class Splits:
     stages: tuple[dict[str, np.ndarray], ...] = ()  # curriculum: each stage's training examples, in order
     epochs_per_stage: int = 0  # every stage but the last runs this many epochs
     model_keys: dict = dataclasses.field(default_factory=dict)  # config.model values the data decides
+    # Training batches read lazily instead of from `train` (prepared token stores), as a function of
+    # (batch_size, seed, process_index, process_count); `train` then holds the stream's first rows, for tools.
+    stream: Callable | None = None
+
+    def train_batches(self, *, batch_size: int, seed: int, drop_remainder: bool, process_index: int = 0,
+                      process_count: int = 1) -> tuple[grain.MapDataset | grain.IterDataset, list[int]]:
+        """(step s -> this process's slice of global training batch s, the first step of every curriculum stage)."""
+        process = dict(process_index=process_index, process_count=process_count)
+        if self.stream is not None:
+            return self.stream(batch_size=batch_size, seed=seed, **process), [0]
+        if self.stages:
+            return pipeline.staged(self.stages, epochs_per_stage=self.epochs_per_stage, batch_size=batch_size,
+                                   seed=seed, **process)
+        return pipeline.batched(self.train, batch_size=batch_size, seed=seed, drop_remainder=drop_remainder,
+                                **process), [0]
 
 
 def _load_algorithmic(config, seed: int) -> Splits:
@@ -196,6 +230,13 @@ def _load_recall(config, seed: int) -> Splits:
     make = lambda n, s: recall.examples(n, config.seq_len, config.num_pairs, config.vocab_size, s)  # noqa: E731
     return Splits(train=make(config.train_examples, seed), evals={"eval": make(config.test_examples, seed + 10_000)},
                   vocab_size=config.vocab_size, seq_len=config.seq_len)
+
+
+def _load_tokens(config, seed: int) -> Splits:
+    vocab_size = token_store.read_manifest(token_store.stores_of(config)[0])["vocab_size"]
+    return Splits(train=token_store.sample_rows(config, seed), evals=token_store.eval_examples(config),
+                  vocab_size=vocab_size, seq_len=config.seq_len,
+                  stream=functools.partial(token_store.train_batches, config))
 
 
 def _load_activations(config, seed: int) -> Splits:
@@ -262,6 +303,7 @@ DATASETS = {
     "prosqa_official": (_load_reasoning, ProsQAOfficialConfig, prosqa_dag.validate),
     "prosqa_lookup": (_load_reasoning, ProsQALookupConfig, prosqa_lookup.validate),
     "activations": (_load_activations, ActivationsConfig, activation_rows.validate),
+    "tokens": (_load_tokens, TokensConfig, token_store.validate),
 }
 
 
@@ -285,6 +327,8 @@ def identity(data_config, splits: Splits) -> dict:
     found = {"tokens_sha256": digest.hexdigest()}
     if data_config.name == "pairs" and data_config.tokenizer != "byte":
         found["tokenizer_sha256"] = _sha256_of_file(text.tokenizer_file(data_config))
+    if data_config.name == "tokens":
+        found.update(token_store.identity(data_config))
     if data_config.name == "text":
         path = text.resolve_path(data_config.path)
         found.update(file=path, file_bytes=os.path.getsize(path), file_sha256=_sha256_of_file(path))

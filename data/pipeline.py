@@ -88,7 +88,9 @@ def stage_of(starts: list[int], step: int) -> int:
     return bisect.bisect_right(starts, step) - 1
 
 
-def iterator(dataset: grain.MapDataset, prefetch: int = 2) -> grain.DatasetIterator:
-    """A checkpointable iterator over the batches, prefetched by a background thread."""
-    read_options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch)
-    return iter(dataset.to_iter_dataset(read_options))
+def iterator(dataset: grain.MapDataset | grain.IterDataset, prefetch: int = 2) -> grain.DatasetIterator:
+    """A checkpointable iterator over the batches, prefetched by a background thread (a stream read lazily,
+    an `IterDataset`, brings its own reading options)."""
+    if isinstance(dataset, grain.MapDataset):
+        dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch))
+    return iter(dataset)

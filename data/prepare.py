@@ -20,6 +20,7 @@ status 2 and one line; the shards written before it stay valid for the rerun.
 """
 
 import collections
+import contextlib
 import hashlib
 import itertools
 import json
@@ -140,6 +141,37 @@ def _shard_jobs(files: list[str], text_field: str, documents_per_shard: int) -> 
         yield index, chunk, consumed
 
 
+class _Done:
+    def __init__(self, value):
+        self.value = value
+
+    def ready(self) -> bool:
+        return True
+
+    def get(self):
+        return self.value
+
+
+class _InProcessPool(contextlib.AbstractContextManager):
+    """`--workers=1`: shards are tokenized in this process (no process start-up; any script may call it)."""
+
+    def __init__(self, tokenizer_spec: str):
+        _start_worker(tokenizer_spec)
+
+    def apply_async(self, function, args) -> _Done:
+        return _Done(function(*args))
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _pool(workers: int, tokenizer_spec: str):
+    """Worker processes (spawned: the caller may hold threads, e.g. jax's) that build the tokenizer once each."""
+    if workers == 1:
+        return _InProcessPool(tokenizer_spec)
+    return multiprocessing.get_context("spawn").Pool(workers, _start_worker, (tokenizer_spec,))
+
+
 def _write_shards(pool, workers: int, jobs, done: dict, out: str, dtype: str, progress) -> None:
     """Hands the shards not `done` to the pool, at most two per worker in flight (the documents waiting are
     what the prepare holds in memory), advancing `progress` as each completes, in order."""
@@ -190,7 +222,7 @@ def prepare(inputs: list[str], out: str, tokenizer_spec: str = "byte", text_fiel
     done, dtype = _finished_shards(out), token_dtype(vocab_size).str
     total = sum(os.path.getsize(f) for f in files)
     with tqdm.tqdm(total=total, unit="B", unit_scale=True, desc="prepare", disable=None if show_progress else True) \
-            as progress, multiprocessing.get_context("spawn").Pool(workers, _start_worker, (tokenizer_spec,)) as pool:
+            as progress, _pool(workers, tokenizer_spec) as pool:
         _write_shards(pool, workers, _shard_jobs(files, text_field, documents_per_shard), done, out, dtype, progress)
     entries = _finished_shards(out)
     shards = [entries[i] for i in sorted(entries)]

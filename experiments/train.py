@@ -43,13 +43,14 @@ _INIT_TIMEOUT = flags.DEFINE_integer("init_timeout_s", 300, "Multi-process jobs:
 
 def _parse_flags(argv):
     """absl flag parsing, with any error (unknown or mistyped config key, bad flag) as one stderr line. A family
-    named by --config.model.name gets its own model section before the other --config.model overrides apply."""
-    argv, model_items = cli.split_model_overrides(argv)
+    named by --config.model.name (a dataset by --config.data.name) gets its own section before the other overrides of
+    that section apply."""
+    argv, section_items = cli.split_section_overrides(argv)
     _ARGV[:] = argv
     try:
         parsed = flags.FLAGS(argv)
-        if model_items:
-            cli.switch_model(_CONFIG.value, model_items)
+        if section_items:
+            cli.switch_sections(_CONFIG.value, section_items)
         return parsed
     except flags.Error as e:
         cli.fail(str(e).splitlines()[0] if str(e) else repr(e))

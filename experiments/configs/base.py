@@ -70,12 +70,21 @@ def switch_family(config: ml_collections.ConfigDict, name: str) -> ml_collection
     for every key the two families share (the experiment's width and depth, the user's settings) where the new
     family admits it (a `router` of MoE's choices is not one of MoR's); the keys only the old family has are
     dropped. What `--config.model.name=NAME` does on the command line."""
-    cls = models.MODELS[name][1]
-    family = dataclasses.asdict(cls())
-    shared = {k: v for k, v in config.model.items()
-              if k in family and k != "name" and not field_problems(cls, {k: v}, "")}
+    return _switch_section(config, "model", models.MODELS[name][1])
+
+
+def switch_dataset(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+    """`config` with `config.data` rebuilt for the dataset `name` as `switch_family` rebuilds the model (the
+    sequence length and batch sizes carry over). What `--config.data.name=NAME` does on the command line."""
+    return _switch_section(config, "data", data.DATASETS[name][1])
+
+
+def _switch_section(config, section: str, cls) -> ml_collections.ConfigDict:
+    fresh = dataclasses.asdict(cls())
+    shared = {k: v for k, v in config[section].items()
+              if k in fresh and k != "name" and not field_problems(cls, {k: v}, "")}
     with config.unlocked():
-        config.model = ml_collections.ConfigDict({**family, **shared})
+        config[section] = ml_collections.ConfigDict({**fresh, **shared})
     return config
 
 

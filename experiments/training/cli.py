@@ -55,36 +55,43 @@ def _cast(given: str, value: str, current):
         fail(f"{given}: {value!r} is not a {type(current).__name__} (the key's current value is {current!r})")
 
 
-MODEL_FLAG = "--config.model."
+SWITCHED_SECTIONS = ("model", "data")  # --config.model.name / --config.data.name rebuild their section
 
 
-def split_model_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
-    """(argv without its --config.model.KEY=VALUE flags, those flags as "model.KEY=VALUE" items) when argv names
-    a family with --config.model.name; else (argv, []). The config file's model section is another family's, so
-    these overrides are applied after `switch_model` rebuilds the section, not by the flag parser."""
-    if not any(a.startswith(MODEL_FLAG + "name=") for a in argv):
-        return argv, []
-    model = [a for a in argv if a.startswith(MODEL_FLAG)]
-    return [a for a in argv if a not in model], [a.removeprefix("--config.") for a in model]
+def split_section_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(argv without the --config.S.KEY=VALUE flags of every section S that argv switches with --config.S.name,
+    those flags as "S.KEY=VALUE" items). The config file's section is another family's (dataset's), so these
+    overrides are applied after `switch_sections` rebuilds the section, not by the flag parser."""
+    switched = [f"--config.{s}." for s in SWITCHED_SECTIONS if any(a.startswith(f"--config.{s}.name=") for a in argv)]
+    items = [a for a in argv if a.startswith(tuple(switched))] if switched else []
+    return [a for a in argv if a not in items], [a.removeprefix("--config.") for a in items]
 
 
-def switch_model(config, items: list[str]):
-    """Applies `split_model_overrides`' items to a parsed config: "model.name=F" first (the family's section with
-    its defaults and the keys both families share: `experiments.configs.base.switch_family`), then the others
-    in order, cast to the new section's types; an unknown family or a key it lacks is one stderr line."""
+def switch_sections(config, items: list[str]):
+    """Applies `split_section_overrides`' items to a parsed config: "S.name=X" first for each switched section S
+    (the family's or dataset's section with its defaults and the keys both share:
+    `experiments.configs.base.switch_family` / `switch_dataset`), then the others in order, cast to the new
+    section's types; an unknown name or a key the new section lacks is one stderr line."""
+    import data
     import models
     from experiments.configs import base
 
-    name = [i.partition("=")[2] for i in items if i.startswith("model.name=")][-1]
-    if name not in models.MODELS:
-        fail(f"--config.model.name={name!r} is not one of {sorted(models.MODELS)}")
-    if name != config.model.name:
-        base.switch_family(config, name)
-    for item in items:
-        key = item.partition("=")[0].removeprefix("model.")
-        if key != "name" and key not in config.model:
-            fail(f"--config.{item!r}: the {name} family has no key {key!r} (its keys: {', '.join(sorted(config.model))})")
-    return override(config, [i for i in items if not i.startswith("model.name=")], flag="--config.")
+    tables = {"model": (models.MODELS, base.switch_family), "data": (data.DATASETS, base.switch_dataset)}
+    for section, (table, switch) in tables.items():
+        names = [i.partition("=")[2] for i in items if i.startswith(f"{section}.name=")]
+        if not names:
+            continue
+        if names[-1] not in table:
+            fail(f"--config.{section}.name={names[-1]!r} is not one of {sorted(table)}")
+        if names[-1] != config[section].name:
+            switch(config, names[-1])
+        for item in items:
+            key = item.partition("=")[0]
+            if key.startswith(f"{section}.") and key != f"{section}.name" and key.partition(".")[2] not in config[section]:
+                fail(f"--config.{item}: {section}.name={names[-1]!r} has no key {key.partition('.')[2]!r} "
+                     f"(its keys: {', '.join(sorted(config[section]))})")
+    return override(config, [i for i in items if i.partition("=")[0] not in ("model.name", "data.name")],
+                    flag="--config.")
 
 
 def run(config, workdir: str) -> dict:

@@ -287,12 +287,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
     micro_batches = config.train.grad_accum_steps
     train_batch = batch_size(config.data.batch_size, len(splits.train["inputs"]), batch_shards * micro_batches)
     process = dict(process_index=jax.process_index(), process_count=jax.process_count())
-    if splits.stages:
-        train_data, stage_starts = pipeline.staged(splits.stages, epochs_per_stage=splits.epochs_per_stage,
-                                                   batch_size=train_batch, seed=config.seed, **process)
-    else:
-        train_data, stage_starts = pipeline.batched(splits.train, batch_size=train_batch, seed=config.seed,
-                                                    drop_remainder=config.data.batch_size != -1, **process), [0]
+    train_data, stage_starts = splits.train_batches(batch_size=train_batch, seed=config.seed,
+                                                    drop_remainder=config.data.batch_size != -1, **process)
     train_iter = pipeline.iterator(train_data)
 
     def eval_batches(examples):

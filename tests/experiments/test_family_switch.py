@@ -1,5 +1,5 @@
 """`--config.model.name=F` on any experiment config: the family's own section (its defaults, the keys both
-families share, the user's settings), or one line; never a traceback (experiments/training/cli.switch_model,
+families share, the user's settings), or one line; never a traceback (experiments/training/cli.switch_sections,
 experiments/configs/base.switch_family)."""
 
 import glob
@@ -24,7 +24,7 @@ CONFIG_FILES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(R
 def test_every_family_on_every_config_validates_or_is_one_line(config_file):
     get_config = importlib.import_module(f"experiments.configs.{config_file}").get_config
     for family in models.MODELS:
-        config = cli.switch_model(get_config(), [f"model.name={family}"])
+        config = cli.switch_sections(get_config(), [f"model.name={family}"])
         assert set(config.model) == set(base.get_config(family).model), (config_file, family)
         try:
             validation.validate(config, 8)
@@ -33,16 +33,16 @@ def test_every_family_on_every_config_validates_or_is_one_line(config_file):
 
 
 def test_the_new_section_keeps_shared_and_user_keys_and_takes_the_family_defaults():
-    config = cli.switch_model(lm_shakespeare.get_config(), ["model.name=moe", "model.top_k=1", "model.d_model=64"])
+    config = cli.switch_sections(lm_shakespeare.get_config(), ["model.name=moe", "model.top_k=1", "model.d_model=64"])
     assert config.model.name == "moe" and config.model.top_k == 1 and config.model.d_model == 64
     assert config.model.num_layers == 4 and config.model.positional == "learned"  # lm_shakespeare's, shared
     assert config.model.num_experts == base.get_config("moe").model.num_experts  # MoE's own key, at its default
-    config = cli.switch_model(lm_shakespeare.get_config(), ["model.name=ssd"])
+    config = cli.switch_sections(lm_shakespeare.get_config(), ["model.name=ssd"])
     assert "exit_every" not in config.model and config.model.d_model == 128  # the transformer's own key, dropped
 
 
 def test_a_shared_value_the_new_family_refuses_takes_its_default():
-    config = cli.switch_model(importlib.import_module("experiments.configs.moe_lm").get_config(), ["model.name=mor"])
+    config = cli.switch_sections(importlib.import_module("experiments.configs.moe_lm").get_config(), ["model.name=mor"])
     assert config.model.router == base.get_config("mor").model.router  # MoE's "sigmoid" is not a MoR router
 
 
@@ -51,7 +51,7 @@ def test_a_shared_value_the_new_family_refuses_takes_its_default():
                                           (["model.name=moe", "model.top_k=two"], "'two' is not a int")])
 def test_a_key_the_family_lacks_an_unknown_family_or_a_bad_value_is_one_line(items, named, capsys):
     with pytest.raises(SystemExit) as info:
-        cli.switch_model(lm_shakespeare.get_config(), items)
+        cli.switch_sections(lm_shakespeare.get_config(), items)
     err = capsys.readouterr().err.strip()
     assert info.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("error: ") and named in err, err
 

@@ -1,0 +1,154 @@
+"""Language modelling on prepared token stores (`python -m data.prepare`), read lazily through grain.
+
+    store: documents d_0 .. d_{N-1} (token ids, ArrayRecord records); document i is held out for evaluation
+           iff h(i) < data.eval_fraction, h(i) = frac(i * 0.6180339887...) (Fibonacci hashing: uniform, no pattern)
+    train: this process's share of the kept documents (index = process_index mod process_count), shuffled by
+           (seed, epoch) and repeated; with several stores, interleaved by `data.weights` (grain's mixing)
+    each document d -> inputs d[:-1], targets d[1:]  (one-token documents have no target and are dropped)
+    rows of seq_len by grain's concat-then-split packing:
+           segment_ids 1, 2, ... for the pieces in the row (0: padding), positions 0, 1, ... restarting at each
+           piece, loss_mask = segment_ids > 0, so no target is ever a token of another document
+    eval:  each store's held-out documents in order, packed the same way, up to data.eval_tokens tokens
+
+Memory does not grow with the corpus: records are read when a batch needs them (the shuffle permutes indices,
+not documents), and a process touches only its documents. The iterator's position is checkpointed with the
+run (grain), so a resumed run continues with the very next batch.
+"""
+
+import json
+import os
+
+import grain
+import grain.experimental
+import numpy as np
+
+from data import text
+
+MANIFEST = "manifest.json"
+GOLDEN = 0.6180339887498949
+
+
+def stores_of(config) -> list[str]:
+    return [text.resolve_path(s) for s in config.stores.split(",") if s]
+
+
+def weights_of(config) -> list[float]:
+    return [float(w) for w in config.weights.split(",") if w] if config.weights else [1.0] * len(stores_of(config))
+
+
+def read_manifest(store: str) -> dict:
+    with open(os.path.join(store, MANIFEST)) as f:
+        return json.load(f)
+
+
+def validate(config) -> list[str]:
+    """Problems with a `data.name="tokens"` config, as one-line messages (empty when fine)."""
+    stores = stores_of(config)
+    if not stores:
+        return ["data.stores is empty: name one or more folders written by `python -m data.prepare`"]
+    problems, manifests = [], []
+    for store in stores:
+        try:
+            manifests.append(read_manifest(store))
+        except FileNotFoundError:
+            problems.append(f"data.stores: {store} holds no {MANIFEST}; prepare it with "
+                            f"`python -m data.prepare --input=... --out={store}` (or let a killed prepare finish)")
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            problems.append(f"data.stores: {os.path.join(store, MANIFEST)} is not valid JSON ({error})")
+    if len({(m["tokenizer"], m["vocab_size"]) for m in manifests}) > 1:
+        problems.append(f"data.stores have different tokenizers: {[m['tokenizer'] for m in manifests]}")
+    try:
+        weights = weights_of(config)
+        if len(weights) != len(stores) or min(weights) <= 0:
+            problems.append(f"data.weights={config.weights!r} must be {len(stores)} positive numbers, one per store")
+    except ValueError:
+        problems.append(f"data.weights={config.weights!r} must be comma-separated numbers")
+    return problems
+
+
+def held_out(indices: np.ndarray, fraction: float) -> np.ndarray:
+    """Whether each document index is held out for evaluation."""
+    return np.modf(np.asarray(indices, np.float64) * GOLDEN)[0] < fraction
+
+
+class _Documents(grain.sources.ArrayRecordDataSource):
+    """A store's documents as int32 token arrays, by index."""
+
+    def __init__(self, store: str):
+        manifest = read_manifest(store)
+        super().__init__([os.path.join(store, s["file"]) for s in manifest["shards"]])
+        self._dtype = np.dtype(manifest["dtype"])
+
+    def __getitem__(self, index):
+        return np.frombuffer(super().__getitem__(index), self._dtype).astype(np.int32)
+
+
+def _next_token_pairs(document: np.ndarray) -> dict:
+    return {"inputs": document[:-1], "targets": document[1:]}
+
+
+def _packed(documents: grain.IterDataset, seq_len: int) -> grain.IterDataset:
+    """Documents (dicts of inputs / targets) -> rows of seq_len with segment ids, positions and the loss mask."""
+    packed = grain.experimental.ConcatThenSplitIterDataset(documents, length_struct={"inputs": seq_len,
+                                                                                      "targets": seq_len})
+    return packed.map(lambda row: {"inputs": row["inputs"], "targets": row["targets"],
+                                   "loss_mask": (row["inputs_segment_ids"] > 0).astype(np.float32),
+                                   "segment_ids": row["inputs_segment_ids"], "positions": row["inputs_positions"]})
+
+
+def _train_documents(store: str, eval_fraction: float, seed: int, process_index: int,
+                     process_count: int) -> grain.IterDataset:
+    source = _Documents(store)
+    kept = grain.MapDataset.range(len(source)).filter(lambda i: not held_out(i, eval_fraction))
+    mine = kept[process_index::process_count]
+    documents = mine.shuffle(seed=seed).repeat(None).map(lambda i: source[i]).filter(lambda d: len(d) > 1)
+    return documents.map(_next_token_pairs).to_iter_dataset(grain.ReadOptions(num_threads=1,
+                                                                               prefetch_buffer_size=64))
+
+
+def train_batches(config, *, batch_size: int, seed: int, process_index: int = 0,
+                  process_count: int = 1) -> grain.IterDataset:
+    """This process's slice of every global training batch (batch_size // process_count rows), for ever."""
+    streams = [_train_documents(store, config.eval_fraction, seed + k, process_index, process_count)
+               for k, store in enumerate(stores_of(config))]
+    documents = streams[0] if len(streams) == 1 else grain.IterDataset.mix(streams, weights_of(config))
+    return _packed(documents, config.seq_len).batch(batch_size // process_count, drop_remainder=True)
+
+
+def eval_examples(config) -> dict[str, dict[str, np.ndarray]]:
+    """Each store's held-out rows ("eval" for one store, the store folders' names for several)."""
+    stores = stores_of(config)
+    names = ["eval"] if len(stores) == 1 else [os.path.basename(os.path.normpath(s)) for s in stores]
+    return {name: _held_out_rows(store, config) for name, store in zip(names, stores)}
+
+
+def _held_out_rows(store: str, config) -> dict[str, np.ndarray]:
+    source, picked, tokens = _Documents(store), [], 0
+    for start in range(0, len(source), 4096):
+        indices = np.arange(start, min(start + 4096, len(source)))
+        for i in indices[held_out(indices, config.eval_fraction)]:
+            document = source[int(i)]
+            if len(document) > 1:
+                picked.append(document)
+                tokens += len(document) - 1
+            if tokens >= config.eval_tokens:
+                break
+        if tokens >= config.eval_tokens:
+            break
+    if not picked:
+        raise ValueError(f"data.eval_fraction={config.eval_fraction} holds out no document of {store} "
+                         f"({len(source)} documents); raise it")
+    documents = grain.MapDataset.source(picked).map(_next_token_pairs).to_iter_dataset()
+    rows = list(_packed(documents, config.seq_len))
+    return {key: np.stack([row[key] for row in rows]) for key in rows[0]}
+
+
+def sample_rows(config, seed: int, rows: int = 64) -> dict[str, np.ndarray]:
+    """The first rows of the training stream (process 0 of 1): what tools that want `splits.train` arrays see."""
+    iterator = iter(train_batches(config, batch_size=rows, seed=seed))
+    return next(iterator)
+
+
+def identity(config) -> dict:
+    """The stores a run reads: each manifest's shard checksums (a resume with other data is refused)."""
+    return {"stores": {store: [s["sha256"] for s in read_manifest(store)["shards"]] for store in stores_of(config)}}

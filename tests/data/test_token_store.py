@@ -1,0 +1,150 @@
+"""`data.name="tokens"`: prepared stores read lazily, held-out documents, per-process shares, concat-then-split
+packing with segment ids, training and exact resumption, mixtures of stores, one-line errors."""
+
+import collections
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from data import TokensConfig, prepare, token_store
+from experiments.configs import base
+from experiments.training import metrics_writer, trainer
+from tests.conftest import assert_mesh_run_matches_one_device, make_tiny_lm_config
+
+
+def _write_corpus(path, seed, n, marker):
+    """n documents of awkward lengths (1 to 90 bytes; one-byte documents have no target), each starting with
+    `marker` so that a mixture's rows can be traced to their store."""
+    rng = np.random.default_rng(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            length = int(rng.choice([0, 1, 2, 15, 16, 17, 40, 89]))
+            f.write(json.dumps({"text": marker + "".join(rng.choice(list("abcdefgh \n"), size=length))}) + "\n")
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    root = tmp_path_factory.mktemp("token_stores")
+    made = {}
+    for name, seed, marker in (("alpha", 0, "A"), ("beta", 1, "B")):
+        _write_corpus(root / f"{name}.jsonl", seed, 120, marker)
+        prepare.prepare([str(root / f"{name}.jsonl")], str(root / name), documents_per_shard=32)
+        made[name] = str(root / name)
+    return made
+
+
+def _config(**overrides):
+    values = {**TokensConfig().__dict__, "seq_len": 16, "eval_fraction": 0.2, "eval_tokens": 300, **overrides}
+    return type("DataConfig", (), values)
+
+
+def _bigrams(pairs):
+    return collections.Counter(zip(*pairs))
+
+
+def test_processes_share_the_kept_documents_and_never_see_the_held_out_ones(stores):
+    documents = prepare.read_documents(stores["alpha"])
+    held = token_store.held_out(np.arange(len(documents)), 0.2)
+    assert 0 < held.sum() < len(documents)
+    seen = []
+    for process in range(2):
+        expected = [tuple(d) for i, d in enumerate(documents) if not held[i] and i % 2 == process and len(d) > 1]
+        stream = iter(token_store._train_documents(stores["alpha"], 0.2, seed=3, process_index=process, process_count=2))
+        epoch = [next(stream) for _ in expected]  # one epoch: each of this process's documents once, shuffled
+        got = [tuple(np.append(e["inputs"], e["targets"][-1])) for e in epoch]
+        assert sorted(got) == sorted(expected) and got != expected
+        seen += got
+    assert sorted(seen) == sorted(tuple(d) for i, d in enumerate(documents) if not held[i] and len(d) > 1)
+
+
+def test_packed_rows_hold_each_documents_next_token_pairs_once_with_segments_and_positions():
+    rng = np.random.default_rng(0)
+    documents = [rng.integers(0, 50, size=n).astype(np.int32) for n in (2, 3, 16, 17, 40, 5, 2, 33)]
+    source = [token_store._next_token_pairs(d) for d in documents]
+    import grain
+
+    rows = list(token_store._packed(grain.MapDataset.source(source).to_iter_dataset(), 16))
+    got = collections.Counter()
+    for row in rows:
+        segment, position, mask = row["segment_ids"], row["positions"], row["loss_mask"]
+        np.testing.assert_array_equal(mask, (segment > 0).astype(np.float32))
+        assert np.all(np.diff(segment[segment > 0]) >= 0) and np.all(segment[np.argmax(segment == 0):] == 0 if
+                                                                     (segment == 0).any() else True)
+        starts = np.flatnonzero(np.diff(np.concatenate([[0], segment])) != 0)
+        for start in starts:  # positions count from 0 within each piece
+            length = np.sum(segment == segment[start])
+            if segment[start]:
+                np.testing.assert_array_equal(position[start:start + length], np.arange(length))
+        got += _bigrams((row["inputs"][mask > 0], row["targets"][mask > 0]))
+    expected = sum((_bigrams((d[:-1], d[1:])) for d in documents), collections.Counter())
+    assert got == expected
+
+
+def _lm_config(stores_value, steps=4, **data):
+    config = make_tiny_lm_config(steps)
+    with config.unlocked():
+        config.data = base.get_config("transformer", "tokens").data
+    config.data.update(stores=stores_value, seq_len=16, batch_size=16, eval_batch_size=16, eval_fraction=0.2,
+                       eval_tokens=300, **data)
+    config.model.max_len = 0
+    config.train.update(eval_every=2, checkpoint_every=2)
+    return config
+
+
+def test_training_on_a_store_resumes_exactly(stores, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    trainer.train_and_evaluate(_lm_config(stores["alpha"], steps=4), str(straight), verbose=False)
+    trainer.train_and_evaluate(_lm_config(stores["alpha"], steps=2), str(resumed), verbose=False)
+    trainer.train_and_evaluate(_lm_config(stores["alpha"], steps=4), str(resumed), verbose=False)
+    for split in ("train", "eval"):
+        a = {e["step"]: e["loss"] for e in metrics_writer.read(str(straight), split)}
+        b = {e["step"]: e["loss"] for e in metrics_writer.read(str(resumed), split)}
+        assert a == b and max(a) == 4, split
+    assert json.load(open(straight / "data.json"))["stores"] == {
+        stores["alpha"]: [s["sha256"] for s in token_store.read_manifest(stores["alpha"])["shards"]]}
+
+
+@pytest.mark.slow  # two compiles of the step
+def test_training_on_a_store_gives_the_same_losses_on_one_device_and_a_2x2x2_mesh(stores, tmp_path):
+    assert_mesh_run_matches_one_device(lambda: _lm_config(stores["alpha"]), tmp_path)
+
+
+def test_a_mixture_draws_from_each_store_by_weight_and_evaluates_each(stores, tmp_path):
+    config = _lm_config(f"{stores['alpha']},{stores['beta']}", weights="3,1")
+    rows = next(iter(token_store.train_batches(config.data, batch_size=256, seed=0)))
+    firsts = rows["inputs"][rows["positions"] == 0]  # the first token of each document piece: its store's marker
+    alpha, beta = np.sum(firsts == ord("A")), np.sum(firsts == ord("B"))
+    assert alpha > 2 * beta > 0, (alpha, beta)
+    result = trainer.train_and_evaluate(config, str(tmp_path / "run"), devices=jax.devices()[:1], verbose=False)
+    assert result["step"] == 4
+    assert {e["split"] for e in metrics_writer.read(str(tmp_path / "run"))} == {"train", "alpha", "beta"}
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(stores=""), "data.stores is empty"),
+    (dict(stores="no/such/store"), "holds no manifest.json; prepare it with"),
+    (dict(weights="1,2"), "data.weights='1,2' must be 1 positive numbers"),
+    (dict(weights="x"), "data.weights='x' must be comma-separated numbers"),
+])
+def test_bad_token_configs_are_one_line(stores, overrides, message):
+    found = token_store.validate(_config(**{"stores": stores["alpha"], **overrides}))
+    assert len(found) == 1 and message in found[0], found
+
+
+def test_the_command_line_switches_an_lm_config_to_the_stores(stores, capsys):
+    from experiments.configs import lm_shakespeare
+    from experiments.training import cli
+
+    shakespeare = lm_shakespeare.get_config()
+    config = cli.switch_sections(lm_shakespeare.get_config(), ["data.name=tokens", f"data.stores={stores['alpha']}",
+                                                               "data.eval_fraction=0.2"])
+    assert (config.data.name, config.data.stores, config.data.eval_fraction) == ("tokens", stores["alpha"], 0.2)
+    assert (config.data.seq_len, config.data.batch_size) == (shakespeare.data.seq_len, shakespeare.data.batch_size)
+    assert "path" not in config.data and config.model == shakespeare.model
+    with pytest.raises(SystemExit):
+        cli.switch_sections(lm_shakespeare.get_config(), ["data.name=tokens", "data.path=x.txt"])
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --config.data.path=x.txt: data.name='tokens' has no key 'path' (its keys: batch_size, eval_batch_size, "
+        "eval_fraction, eval_tokens, name, packing, seq_len, stores, weights)"]
