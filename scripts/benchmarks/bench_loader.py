@@ -1,0 +1,110 @@
+"""The prepared-store data path at growing corpus sizes: preparing, the loader's speed, and the trainer's memory.
+
+    python scripts/benchmarks/bench_loader.py [--sizes_mb=1,10,100] [--steps=40] [--workers=2]
+
+For each size: writes a JSONL corpus of that many MB (documents of 200-3,000 characters drawn from a fixed
+1,000-word vocabulary), prepares it with the byte tokenizer (`data.prepare`, `--workers` processes: MB/s), reads
+200 batches of 16 x 256 tokens from the training stream in this process (the loader's tokens/s), then trains
+the small LM (`lm_shakespeare.py`, width 128, 4 layers) on the store for `--steps` steps through the command
+line in a subprocess, sampling its resident memory (/proc/PID/status VmRSS) ten times a second: the peak RSS,
+and the trainer's own tokens/s from metrics.jsonl. A lazy loader keeps the peak flat across sizes, and
+outruns the trainer. Prints one Markdown row per size.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+from absl import app, flags
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, REPO)
+
+from data import prepare, token_store  # noqa: E402
+
+_SIZES = flags.DEFINE_list("sizes_mb", ["1", "10", "100"], "Corpus sizes in MB.")
+_STEPS = flags.DEFINE_integer("steps", 40, "Training steps per size.")
+_WORKERS = flags.DEFINE_integer("workers", 2, "data.prepare worker processes.")
+_ROOT = flags.DEFINE_string("root", None, "Folder for the corpora and runs (default: a temporary one, removed).")
+
+
+def write_corpus(path: str, megabytes: float, seed: int = 0) -> int:
+    rng = np.random.default_rng(seed)
+    words = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), size=rng.integers(2, 9))) for _ in range(1000)]
+    written, target = 0, int(megabytes * 1e6)
+    with open(path, "w") as f:
+        while written < target:
+            text = " ".join(rng.choice(words, size=int(rng.integers(40, 600))))
+            line = json.dumps({"text": text}) + "\n"
+            f.write(line)
+            written += len(line)
+    return written
+
+
+def loader_tokens_per_s(store: str, batches: int = 200) -> float:
+    config = type("Data", (), dict(stores=store, weights="", seq_len=256, eval_fraction=0.01))
+    stream = iter(token_store.train_batches(config, batch_size=16, seed=0))
+    next(stream)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(stream)
+    return batches * 16 * 256 / (time.perf_counter() - start)
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+def train(store: str, workdir: str, steps: int) -> tuple[float, float]:
+    """(peak RSS in MB, the trainer's median tokens/s) of a run on the store."""
+    command = [sys.executable, "-m", "experiments.train", "--config=experiments/configs/lm_shakespeare.py",
+               "--config.data.name=tokens", f"--config.data.stores={store}", "--config.data.seq_len=256",
+               "--config.data.batch_size=16", "--config.data.eval_tokens=4096", f"--config.train.steps={steps}",
+               "--config.train.log_every=5", "--config.train.eval_every=0", f"--config.train.checkpoint_every={steps}",
+               f"--workdir={workdir}"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    run, peak = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                 text=True), 0.0
+    while run.poll() is None:
+        try:
+            peak = max(peak, _rss_mb(run.pid))
+        except (FileNotFoundError, StopIteration):
+            pass
+        time.sleep(0.1)
+    if run.returncode:
+        raise SystemExit(f"the run on {store} failed: {run.stderr.read()[-2000:]}")
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        speeds = [(e["step"], e["tokens_per_s"]) for e in map(json.loads, f) if e["split"] == "train"]
+    after_compiling = [v for step, v in speeds if step > 5] or [v for _, v in speeds]
+    return peak, float(np.median(after_compiling))
+
+
+def main(argv):
+    del argv
+    root = _ROOT.value or tempfile.mkdtemp(prefix="bench-loader-")
+    print("| corpus | documents | tokens | prepare (MB/s) | loader (tokens/s) | trainer (tokens/s) | trainer peak RSS (MB) |")
+    print("|---|---|---|---|---|---|---|")
+    try:
+        for size in map(float, _SIZES.value):
+            corpus, store = os.path.join(root, f"corpus_{size:g}.jsonl"), os.path.join(root, f"store_{size:g}")
+            written = write_corpus(corpus, size)
+            start = time.perf_counter()
+            manifest = prepare.prepare([corpus], store, workers=_WORKERS.value)
+            prepare_mb_s = written / 1e6 / (time.perf_counter() - start)
+            loader = loader_tokens_per_s(store)
+            peak, trainer_speed = train(store, os.path.join(root, f"run_{size:g}"), _STEPS.value)
+            print(f"| {size:g} MB | {manifest['documents']:,} | {manifest['tokens']:,} | {prepare_mb_s:.1f} | "
+                  f"{loader:,.0f} | {trainer_speed:,.0f} | {peak:.0f} |", flush=True)
+    finally:
+        if not _ROOT.value:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    app.run(main)
