@@ -151,7 +151,7 @@ class TokensConfig:
     stores: str = ""  # folders written by `python -m data.prepare`, comma-separated (relative: from the repository)
     weights: str = ""  # one sampling weight per store, comma-separated; "": equal
     seq_len: int = field(256, min=1)
-    packing: str = field("concat_then_split", choices=("concat_then_split",))
+    packing: str = field("concat_then_split", choices=tuple(token_store.PACKINGS))
     eval_fraction: float = field(0.01, above=0, below=1)  # of each store's documents, held out by a fixed hash
     eval_tokens: int = field(65_536, min=1)  # each store's evaluation set: its first held-out documents, this many tokens
     batch_size: int = field(32, min=1)

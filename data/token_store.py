@@ -5,16 +5,19 @@
     train: this process's share of the kept documents (index = process_index mod process_count), shuffled by
            (seed, epoch) and repeated; with several stores, interleaved by `data.weights` (grain's mixing)
     each document d -> inputs d[:-1], targets d[1:]  (one-token documents have no target and are dropped)
-    rows of seq_len by grain's concat-then-split packing:
+    rows of seq_len by grain's packers (`data.packing`, `PACKINGS`): concat-then-split (no padding; a document
+           may continue in the next row), first-fit or best-fit (documents cut into pieces of at most seq_len,
+           placed whole into the batch's rows, the rest padded):
            segment_ids 1, 2, ... for the pieces in the row (0: padding), positions 0, 1, ... restarting at each
            piece, loss_mask = segment_ids > 0, so no target is ever a token of another document
-    eval:  each store's held-out documents in order, packed the same way, up to data.eval_tokens tokens
+    eval:  each store's held-out documents in order, concatenated then split, up to data.eval_tokens tokens
 
 Memory does not grow with the corpus: records are read when a batch needs them (the shuffle permutes indices,
 not documents), and a process touches only its documents. The iterator's position is checkpointed with the
 run (grain), so a resumed run continues with the very next batch.
 """
 
+import functools
 import json
 import os
 
@@ -87,10 +90,41 @@ def _next_token_pairs(document: np.ndarray) -> dict:
     return {"inputs": document[:-1], "targets": document[1:]}
 
 
-def _packed(documents: grain.IterDataset, seq_len: int) -> grain.IterDataset:
+class _Pieces(grain.experimental.FlatMapTransform):
+    """A document's inputs / targets in consecutive pieces of at most `length` (first- and best-fit packing place
+    whole elements, so a longer document is cut first; each piece is its own segment)."""
+
+    max_fan_out = 1 << 24
+
+    def __init__(self, length: int):
+        self.length = length
+
+    def flat_map(self, pair: dict) -> list[dict]:
+        return [{k: v[i:i + self.length] for k, v in pair.items()} for i in range(0, len(pair["inputs"]), self.length)]
+
+
+def _concat_then_split(documents, length: dict, bins: int, seed: int) -> grain.IterDataset:
+    """Documents concatenated, then cut into rows: no padding but a row's last document continues in the next."""
+    del bins, seed
+    return grain.experimental.ConcatThenSplitIterDataset(documents, length_struct=length)
+
+
+def _fitted(packer, documents, length: dict, bins: int, seed: int) -> grain.IterDataset:
+    """Pieces placed whole into `bins` open rows (the first that fits, or the one it fills most), then emitted."""
+    pieces = grain.experimental.FlatMapIterDataset(documents, _Pieces(length["inputs"]))
+    return packer(pieces, length_struct=length, num_packing_bins=bins, seed=seed)
+
+
+# data.packing -> (documents, {"inputs": L, "targets": L}, rows packed at once, seed) -> rows (grain's packers)
+PACKINGS = {"concat_then_split": _concat_then_split,
+            "first_fit": functools.partial(_fitted, grain.experimental.FirstFitPackIterDataset),
+            "best_fit": functools.partial(_fitted, grain.experimental.BestFitPackIterDataset)}
+
+
+def _packed(documents: grain.IterDataset, seq_len: int, packing: str = "concat_then_split", bins: int = 1,
+            seed: int = 0) -> grain.IterDataset:
     """Documents (dicts of inputs / targets) -> rows of seq_len with segment ids, positions and the loss mask."""
-    packed = grain.experimental.ConcatThenSplitIterDataset(documents, length_struct={"inputs": seq_len,
-                                                                                      "targets": seq_len})
+    packed = PACKINGS[packing](documents, {"inputs": seq_len, "targets": seq_len}, bins, seed)
     return packed.map(lambda row: {"inputs": row["inputs"], "targets": row["targets"],
                                    "loss_mask": (row["inputs_segment_ids"] > 0).astype(np.float32),
                                    "segment_ids": row["inputs_segment_ids"], "positions": row["inputs_positions"]})
@@ -112,7 +146,8 @@ def train_batches(config, *, batch_size: int, seed: int, process_index: int = 0,
     streams = [_train_documents(store, config.eval_fraction, seed + k, process_index, process_count)
                for k, store in enumerate(stores_of(config))]
     documents = streams[0] if len(streams) == 1 else grain.IterDataset.mix(streams, weights_of(config))
-    return _packed(documents, config.seq_len).batch(batch_size // process_count, drop_remainder=True)
+    rows = batch_size // process_count
+    return _packed(documents, config.seq_len, config.packing, bins=rows, seed=seed).batch(rows, drop_remainder=True)
 
 
 def eval_examples(config) -> dict[str, dict[str, np.ndarray]]:

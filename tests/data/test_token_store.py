@@ -11,7 +11,7 @@ import pytest
 from data import TokensConfig, prepare, token_store
 from experiments.configs import base
 from experiments.training import metrics_writer, trainer
-from tests.conftest import assert_mesh_run_matches_one_device, make_tiny_lm_config
+from tests.conftest import assert_mesh_run_matches_one_device, make_tiny_lm_config, slow
 
 
 def _write_corpus(path, seed, n, marker):
@@ -59,13 +59,14 @@ def test_processes_share_the_kept_documents_and_never_see_the_held_out_ones(stor
     assert sorted(seen) == sorted(tuple(d) for i, d in enumerate(documents) if not held[i] and len(d) > 1)
 
 
-def test_packed_rows_hold_each_documents_next_token_pairs_once_with_segments_and_positions():
+@pytest.mark.parametrize("packing", list(token_store.PACKINGS))
+def test_packed_rows_hold_each_documents_next_token_pairs_once_with_segments_and_positions(packing):
     rng = np.random.default_rng(0)
     documents = [rng.integers(0, 50, size=n).astype(np.int32) for n in (2, 3, 16, 17, 40, 5, 2, 33)]
     source = [token_store._next_token_pairs(d) for d in documents]
     import grain
 
-    rows = list(token_store._packed(grain.MapDataset.source(source).to_iter_dataset(), 16))
+    rows = list(token_store._packed(grain.MapDataset.source(source).to_iter_dataset(), 16, packing, bins=3))
     got = collections.Counter()
     for row in rows:
         segment, position, mask = row["segment_ids"], row["positions"], row["loss_mask"]
@@ -93,11 +94,12 @@ def _lm_config(stores_value, steps=4, **data):
     return config
 
 
-def test_training_on_a_store_resumes_exactly(stores, tmp_path):
+@pytest.mark.parametrize("packing", ["concat_then_split", slow("first_fit"), slow("best_fit")])
+def test_training_on_a_store_resumes_exactly(stores, tmp_path, packing):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    trainer.train_and_evaluate(_lm_config(stores["alpha"], steps=4), str(straight), verbose=False)
-    trainer.train_and_evaluate(_lm_config(stores["alpha"], steps=2), str(resumed), verbose=False)
-    trainer.train_and_evaluate(_lm_config(stores["alpha"], steps=4), str(resumed), verbose=False)
+    trainer.train_and_evaluate(_lm_config(stores["alpha"], steps=4, packing=packing), str(straight), verbose=False)
+    trainer.train_and_evaluate(_lm_config(stores["alpha"], steps=2, packing=packing), str(resumed), verbose=False)
+    trainer.train_and_evaluate(_lm_config(stores["alpha"], steps=4, packing=packing), str(resumed), verbose=False)
     for split in ("train", "eval"):
         a = {e["step"]: e["loss"] for e in metrics_writer.read(str(straight), split)}
         b = {e["step"]: e["loss"] for e in metrics_writer.read(str(resumed), split)}
