@@ -25,7 +25,7 @@ from absl import app, flags
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 
-from data import prepare, token_store  # noqa: E402
+from data import TokensConfig, prepare, token_store  # noqa: E402
 
 _SIZES = flags.DEFINE_list("sizes_mb", ["1", "10", "100"], "Corpus sizes in MB.")
 _STEPS = flags.DEFINE_integer("steps", 40, "Training steps per size.")
@@ -47,7 +47,7 @@ def write_corpus(path: str, megabytes: float, seed: int = 0) -> int:
 
 
 def loader_tokens_per_s(store: str, batches: int = 200) -> float:
-    config = type("Data", (), dict(stores=store, weights="", seq_len=256, eval_fraction=0.01))
+    config = TokensConfig(stores=store, seq_len=256)
     stream = iter(token_store.train_batches(config, batch_size=16, seed=0))
     next(stream)
     start = time.perf_counter()
