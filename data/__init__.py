@@ -307,7 +307,7 @@ DATASETS = {
 }
 
 
-def _sha256_of_file(path: str) -> str:
+def sha256_of_file(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
@@ -326,14 +326,14 @@ def identity(data_config, splits: Splits) -> dict:
             digest.update(array.tobytes())
     found = {"tokens_sha256": digest.hexdigest()}
     if data_config.name == "pairs" and data_config.tokenizer != "byte":
-        found["tokenizer_sha256"] = _sha256_of_file(text.tokenizer_file(data_config))
+        found["tokenizer_sha256"] = sha256_of_file(text.tokenizer_file(data_config))
     if data_config.name == "tokens":
         found.update(token_store.identity(data_config))
     if data_config.name == "text":
         path = text.resolve_path(data_config.path)
-        found.update(file=path, file_bytes=os.path.getsize(path), file_sha256=_sha256_of_file(path))
+        found.update(file=path, file_bytes=os.path.getsize(path), file_sha256=sha256_of_file(path))
         if data_config.tokenizer != "byte":
-            found["tokenizer_sha256"] = _sha256_of_file(text.tokenizer_file(data_config))
+            found["tokenizer_sha256"] = sha256_of_file(text.tokenizer_file(data_config))
     return found
 
 

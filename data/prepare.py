@@ -21,7 +21,6 @@ status 2 and one line; the shards written before it stay valid for the rerun.
 
 import collections
 import contextlib
-import hashlib
 import itertools
 import json
 import multiprocessing
@@ -34,7 +33,7 @@ from absl import app, flags
 import numpy as np
 import tqdm
 
-from data import corpus_files, text
+from data import corpus_files, sha256_of_file, text
 
 MANIFEST = "manifest.json"
 PROGRESS = ".progress"
@@ -54,14 +53,6 @@ def tokenizer_from_spec(spec: str):
     return text.tokenizer(kind, path)
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype("<u2" if vocab_size <= 1 << 16 else "<u4")
 
@@ -74,7 +65,7 @@ def request_of(files: list[str], tokenizer_spec: str, text_field: str, documents
     """What the store is made of: a `DIR` is resumed, or left alone, only for the same request."""
     tokenizer = tokenizer_spec.partition(":")
     return {"inputs": [{"path": os.path.abspath(f), "bytes": os.path.getsize(f)} for f in files],
-            "tokenizer": tokenizer[0], "tokenizer_sha256": _sha256(text.resolve_path(tokenizer[2])) if tokenizer[2]
+            "tokenizer": tokenizer[0], "tokenizer_sha256": sha256_of_file(text.resolve_path(tokenizer[2])) if tokenizer[2]
             else "", "text_field": text_field, "documents_per_shard": documents_per_shard}
 
 
@@ -101,7 +92,7 @@ def write_shard(out: str, dtype: str, job: tuple[int, list[str]]) -> dict:
     writer.close()
     os.replace(path + ".tmp", path)
     entry = {"file": shard_name(index), "documents": len(ids), "tokens": int(sum(len(i) for i in ids)),
-             "bytes": os.path.getsize(path), "sha256": _sha256(path)}
+             "bytes": os.path.getsize(path), "sha256": sha256_of_file(path)}
     with open(os.path.join(out, PROGRESS, f"{index:05d}.json"), "w") as f:
         json.dump(entry, f)
     return entry

@@ -2,6 +2,7 @@
 packing with segment ids, training and exact resumption, mixtures of stores, one-line errors."""
 
 import collections
+import dataclasses
 import json
 
 import jax
@@ -36,8 +37,7 @@ def stores(tmp_path_factory):
 
 
 def _config(**overrides):
-    values = {**TokensConfig().__dict__, "seq_len": 16, "eval_fraction": 0.2, "eval_tokens": 300, **overrides}
-    return type("DataConfig", (), values)
+    return dataclasses.replace(TokensConfig(), **{"seq_len": 16, "eval_fraction": 0.2, "eval_tokens": 300, **overrides})
 
 
 def _bigrams(pairs):
