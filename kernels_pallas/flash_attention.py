@@ -54,7 +54,8 @@ class Plan:
 
     causal: bool
     window: int  # > 0: query i sees only keys with i + offset - j < window (sliding-window attention)
-    alibi: bool  # scores gain -slope_h (i + offset - j); the slopes are the kernels' last input
+    alibi: bool  # scores gain -slope_h (i + offset - j); the slopes follow the kernels' inputs
+    segments: bool  # packed rows: query i sees key j only if their segment ids agree (every block is masked)
     sm_scale: float
     len_q: int
     len_k: int
@@ -176,16 +177,17 @@ def _query_block_range(k_block, plan: Plan):
     return start, unmasked_start, unmasked_end, end
 
 
-def _in_three_loops(bounds, step, carry):
-    """Blocks [b0, b1) masked, [b1, b2) unmasked, [b2, b3) masked."""
+def _in_three_loops(bounds, step, carry, plan: Plan):
+    """Blocks [b0, b1) masked, [b1, b2) unmasked (masked too with segment ids), [b2, b3) masked."""
     b0, b1, b2, b3 = bounds
     carry = lax.fori_loop(b0, b1, step(True), carry)
-    carry = lax.fori_loop(b1, b2, step(False), carry)
+    carry = lax.fori_loop(b1, b2, step(plan.segments), carry)
     return lax.fori_loop(b2, b3, step(True), carry)
 
 
-def _visible(q_start, k_start, plan: Plan):
-    """bool[block_q, block_k]: which (query, key) pairs of a block pair are attended."""
+def _visible(q_start, k_start, plan: Plan, segments=None):
+    """bool[block_q, block_k]: which (query, key) pairs of a block pair are attended; segments: the block's
+    (query segment ids [block_q], key segment ids [block_k]) when plan.segments."""
     shape = (plan.block_q, plan.block_k)
     cols = k_start + lax.broadcasted_iota(jnp.int32, shape, 1)
     visible = cols < plan.len_k
@@ -194,6 +196,9 @@ def _visible(q_start, k_start, plan: Plan):
         visible = visible & (cols <= rows + plan.offset)
         if plan.window:
             visible = visible & (rows + plan.offset - cols < plan.window)
+    if plan.segments:
+        q_ids, k_ids = segments
+        visible = visible & (_column(q_ids) == k_ids.reshape(1, -1))
     return visible
 
 
@@ -212,9 +217,12 @@ def _scores(q, k, plan: Plan, q_start, k_start, slope):
     return s - (slope * _LOG2E) * (rows + plan.offset - cols).astype(jnp.float32)
 
 
-def _split_slope(refs, plan: Plan):
-    """(this head's ALiBi slope or None, the remaining refs): the slopes ref follows the inputs when plan.alibi."""
-    return (refs[0][0], refs[1:]) if plan.alibi else (None, refs)
+def _split_extras(refs, plan: Plan):
+    """(this head's ALiBi slope or None, (query, key) segment-id refs or None, the remaining refs): the slopes ref
+    follows the inputs when plan.alibi, then the two segment-id refs when plan.segments."""
+    slope, refs = (refs[0][0], refs[1:]) if plan.alibi else (None, refs)
+    segment_refs, refs = (refs[:2], refs[2:]) if plan.segments else (None, refs)
+    return slope, segment_refs, refs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -228,11 +236,12 @@ def _q_block(plan: Plan):
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, *refs, plan: Plan):
-    slope, (o_ref, lse_ref) = _split_slope(refs, plan)
+    slope, segment_refs, (o_ref, lse_ref) = _split_extras(refs, plan)
     q_block = _q_block(plan)
     q_start = q_block * plan.block_q
     q = q_ref[...]
     head_dim = q.shape[-1]
+    q_ids = segment_refs[0][...] if plan.segments else None
 
     def step(masked):
         def body(k_block, carry):
@@ -242,7 +251,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, plan: Plan):
             v = v_ref[pl.ds(k_start, plan.block_k), :]
             s = _scores(q, k, plan, q_start, k_start, slope)
             if masked:
-                s = jnp.where(_visible(q_start, k_start, plan), s, _MASKED)
+                ids = (q_ids, segment_refs[1][pl.ds(k_start, plan.block_k)]) if plan.segments else None
+                s = jnp.where(_visible(q_start, k_start, plan, ids), s, _MASKED)
             new_max = jnp.maximum(row_max, jnp.max(s, axis=1))
             correction = jnp.exp2(row_max - new_max)
             p = jnp.exp2(s - new_max[:, None])
@@ -255,7 +265,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, plan: Plan):
     carry = (jnp.zeros((plan.block_q, head_dim), jnp.float32),
              jnp.full((plan.block_q,), -jnp.inf, jnp.float32),
              jnp.zeros((plan.block_q,), jnp.float32))
-    acc, row_max, row_sum = _in_three_loops(_key_block_range(q_block, plan), step, carry)
+    acc, row_max, row_sum = _in_three_loops(_key_block_range(q_block, plan), step, carry, plan)
 
     seen = row_sum > 0
     safe_sum = jnp.where(seen, row_sum, 1.0)
@@ -268,10 +278,11 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, plan: Plan):
 
 
 def _key_value_grad_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, plan: Plan):
-    slope, (dk_ref, dv_ref) = _split_slope(refs, plan)
+    slope, segment_refs, (dk_ref, dv_ref) = _split_extras(refs, plan)
     k_block = pl.program_id(0)
     k_start = k_block * plan.block_k
     k, v = k_ref[...], v_ref[...]
+    k_ids = segment_refs[1][...] if plan.segments else None
 
     def step(masked):
         def body(q_block, carry):
@@ -281,7 +292,8 @@ def _key_value_grad_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *ref
             q, do = q_ref[rows, :], do_ref[rows, :]
             p = jnp.exp2(_scores(q, k, plan, q_start, k_start, slope) - _column(lse_ref[rows]))
             if masked:
-                p = jnp.where(_visible(q_start, k_start, plan), p, 0.0)
+                ids = (segment_refs[0][rows], k_ids) if plan.segments else None
+                p = jnp.where(_visible(q_start, k_start, plan, ids), p, 0.0)
             dv = dv + jnp.dot(p.astype(do.dtype).T, do, preferred_element_type=jnp.float32)
             dp = jnp.dot(do, v.T, preferred_element_type=jnp.float32)
             ds = p * (dp - _column(delta_ref[rows]))
@@ -291,16 +303,17 @@ def _key_value_grad_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *ref
         return body
 
     zeros = jnp.zeros(k.shape, jnp.float32)
-    dk, dv = _in_three_loops(_query_block_range(k_block, plan), step, (zeros, zeros))
+    dk, dv = _in_three_loops(_query_block_range(k_block, plan), step, (zeros, zeros), plan)
     dk_ref[...] = (dk * plan.sm_scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
 def _query_grad_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, plan: Plan):
-    slope, (dq_ref,) = _split_slope(refs, plan)
+    slope, segment_refs, (dq_ref,) = _split_extras(refs, plan)
     q_block = _q_block(plan)
     q_start = q_block * plan.block_q
     q, do = q_ref[...], do_ref[...]
+    q_ids = segment_refs[0][...] if plan.segments else None
     lse, delta = _column(lse_ref[...]), _column(delta_ref[...])
 
     def step(masked):
@@ -310,14 +323,15 @@ def _query_grad_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, p
             v = v_ref[pl.ds(k_start, plan.block_k), :]
             p = jnp.exp2(_scores(q, k, plan, q_start, k_start, slope) - lse)
             if masked:
-                p = jnp.where(_visible(q_start, k_start, plan), p, 0.0)
+                ids = (q_ids, segment_refs[1][pl.ds(k_start, plan.block_k)]) if plan.segments else None
+                p = jnp.where(_visible(q_start, k_start, plan, ids), p, 0.0)
             dp = jnp.dot(do, v.T, preferred_element_type=jnp.float32)
             ds = p * (dp - delta)
             return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
 
         return body
 
-    dq = _in_three_loops(_key_block_range(q_block, plan), step, jnp.zeros(q.shape, jnp.float32))
+    dq = _in_three_loops(_key_block_range(q_block, plan), step, jnp.zeros(q.shape, jnp.float32), plan)
     dq_ref[...] = (dq * plan.sm_scale).astype(dq_ref.dtype)
 
 
@@ -389,25 +403,38 @@ def _call(kernel, plan: Plan, grid_blocks, in_specs, out_specs, out_shape, name)
     )
 
 
-def _with_slopes(plan: Plan, specs, inputs, slopes):
-    """Appends the [Hq] slopes (one per program's head) to a kernel's inputs when plan.alibi."""
-    if not plan.alibi:
-        return specs, inputs
-    return [*specs, pl.BlockSpec((1,), lambda i, b, h: (h,))], (*inputs, slopes)
+def _segment_spec(plan: Plan, rows: str):
+    """BlockSpec of segment ids [B, padded L]: "q_tile" / "q_all" (queries), "kv_tile" / "kv_all" (keys)."""
+    if rows == "q_tile":
+        return pl.BlockSpec((None, plan.block_q), lambda i, b, h: (b, plan.query_block(i)))
+    if rows == "kv_tile":
+        return pl.BlockSpec((None, plan.block_k), lambda i, b, h: (b, i))
+    return pl.BlockSpec((None, plan.padded_q if rows == "q_all" else plan.padded_k), lambda i, b, h: (b, 0))
 
 
-def forward(q, k, v, slopes, plan: Plan):
+def _with_extras(plan: Plan, specs, inputs, slopes, segment_ids, segment_rows):
+    """Appends the [Hq] slopes (one per program's head) when plan.alibi, then the (query, key) segment ids
+    [B, padded L] read as `segment_rows` = (query spec, key spec) when plan.segments, to a kernel's inputs."""
+    if plan.alibi:
+        specs, inputs = [*specs, pl.BlockSpec((1,), lambda i, b, h: (h,))], (*inputs, slopes)
+    if plan.segments:
+        specs, inputs = [*specs, *(_segment_spec(plan, rows) for rows in segment_rows)], (*inputs, *segment_ids)
+    return specs, inputs
+
+
+def forward(q, k, v, slopes, segment_ids, plan: Plan):
     """The forward kernel on padded inputs: (out, lse [B, H, padded Lq] in base 2)."""
     head_dim = q.shape[-1]
     batch, heads = q.shape[0], q.shape[1 if plan.heads_major else 2]
     out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct(_row_shape(plan, batch, heads), jnp.float32)]
-    in_specs, inputs = _with_slopes(plan, _specs(plan, head_dim, "q_tile", "kv_all", "kv_all"), (q, k, v), slopes)
+    in_specs, inputs = _with_extras(plan, _specs(plan, head_dim, "q_tile", "kv_all", "kv_all"), (q, k, v), slopes,
+                                    segment_ids, ("q_tile", "kv_all"))
     out_specs = _specs(plan, head_dim, "q_tile", "row_tile")
     return _call(_forward_kernel, plan, plan.q_blocks, in_specs, out_specs, out_shape, "flash_forward")(*inputs)
 
 
-def backward(q, k, v, slopes, out, lse, d_out, plan: Plan):
+def backward(q, k, v, slopes, segment_ids, out, lse, d_out, plan: Plan):
     """The backward kernels on padded inputs: (dq, dk, dv)."""
     plan = plan.for_backward()
     head_dim = q.shape[-1]
@@ -419,14 +446,14 @@ def backward(q, k, v, slopes, out, lse, d_out, plan: Plan):
     per_head_shape = list(k.shape)
     per_head_shape[head_axis] = q.shape[head_axis]
     kv_grad_shape = jax.ShapeDtypeStruct(tuple(per_head_shape), kv_grad_dtype)
-    in_specs, inputs = _with_slopes(
+    in_specs, inputs = _with_extras(
         plan, _specs(plan, head_dim, "q_all", "kv_tile", "kv_tile", "q_all", "row_all", "row_all"),
-        (q, k, v, d_out, lse, delta), slopes)
+        (q, k, v, d_out, lse, delta), slopes, segment_ids, ("q_all", "kv_tile"))
     dk, dv = _call(_key_value_grad_kernel, plan, plan.k_blocks, in_specs, _specs(plan, head_dim, "kgrad_tile", "kgrad_tile"),
                    [kv_grad_shape, kv_grad_shape], "flash_backward_kv")(*inputs)
-    in_specs, inputs = _with_slopes(
+    in_specs, inputs = _with_extras(
         plan, _specs(plan, head_dim, "q_tile", "kv_all", "kv_all", "q_tile", "row_tile", "row_tile"),
-        (q, k, v, d_out, lse, delta), slopes)
+        (q, k, v, d_out, lse, delta), slopes, segment_ids, ("q_tile", "kv_all"))
     dq = _call(_query_grad_kernel, plan, plan.q_blocks, in_specs, _specs(plan, head_dim, "q_tile"),
                [jax.ShapeDtypeStruct(q.shape, q.dtype)], "flash_backward_q")(*inputs)[0]
     if plan.groups > 1:
@@ -437,30 +464,32 @@ def backward(q, k, v, slopes, out, lse, d_out, plan: Plan):
     return dq, dk.astype(k.dtype), dv.astype(v.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _flash(q, k, v, slopes, plan: Plan):
-    return forward(q, k, v, slopes, plan)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _flash(q, k, v, slopes, segment_ids, plan: Plan):
+    return forward(q, k, v, slopes, segment_ids, plan)[0]
 
 
-def _flash_fwd(q, k, v, slopes, plan: Plan):
-    out, lse = forward(q, k, v, slopes, plan)
-    return out, (q, k, v, slopes, out, lse)
+def _flash_fwd(q, k, v, slopes, segment_ids, plan: Plan):
+    out, lse = forward(q, k, v, slopes, segment_ids, plan)
+    return out, (q, k, v, slopes, segment_ids, out, lse)
 
 
 def _flash_bwd(plan: Plan, residuals, d_out):
     slopes = residuals[3]
-    return (*backward(*residuals, d_out, plan), jnp.zeros_like(slopes))  # the slopes are constants
+    return (*backward(*residuals, d_out, plan), jnp.zeros_like(slopes), None)  # slopes, segment ids: constants
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def flash_attention(q, k, v, *, causal=True, window=0, alibi_slopes=None, sm_scale=None, block_q=None, block_k=None, interpret=None,
-                    num_warps=None, num_stages=None, backward_launch=None):
+def flash_attention(q, k, v, *, causal=True, window=0, alibi_slopes=None, segment_ids=None, sm_scale=None, block_q=None,
+                    block_k=None, interpret=None, num_warps=None, num_stages=None, backward_launch=None):
     """Flash attention, [B, Lq, Hq, D] (docs/interfaces.md); differentiable through its own Pallas backward.
 
     window: > 0 (with causal): each query sees only its `window` most recent keys, itself included.
     alibi_slopes: float [Hq] (with causal): ALiBi, scores - m_h (i - j) (Press et al.; models/positions.py's slopes).
+    segment_ids: int [B, L] (Lq = Lk): packed rows, query i sees key j only when segment_ids[i] = segment_ids[j]
+      (models/packing.py); every visited block is then masked.
 
     block_q / block_k: tile sizes (powers of two >= 16; default by backend, head dim and dtype;
       shrunk for short inputs); on GPU they set the forward's tiles only, the backward keeping the
@@ -469,20 +498,20 @@ def flash_attention(q, k, v, *, causal=True, window=0, alibi_slopes=None, sm_sca
     num_warps / num_stages: Triton launch parameters of the forward on GPU.
     backward_launch: (block_q, block_k, num_warps, num_stages) of the backward kernels.
     """
-    plan = make_plan(q, k, v, causal=causal, window=window, alibi=alibi_slopes is not None, sm_scale=sm_scale,
-                     block_q=block_q, block_k=block_k, interpret=interpret, num_warps=num_warps, num_stages=num_stages,
-                     backward_launch=backward_launch)
+    plan = make_plan(q, k, v, causal=causal, window=window, alibi=alibi_slopes is not None,
+                     segments=segment_ids is not None, sm_scale=sm_scale, block_q=block_q, block_k=block_k,
+                     interpret=interpret, num_warps=num_warps, num_stages=num_stages, backward_launch=backward_launch)
     slopes = jnp.zeros((q.shape[2],), jnp.float32) if alibi_slopes is None else jnp.asarray(alibi_slopes, jnp.float32)
     if slopes.shape != (q.shape[2],):
         raise ValueError(f"alibi_slopes has shape {slopes.shape}; it needs one slope per query head, ({q.shape[2]},)")
-    out = _flash(*pad_inputs(plan, q, k, v), slopes, plan)
+    out = _flash(*pad_inputs(plan, q, k, v), slopes, pad_segment_ids(plan, segment_ids, q.shape), plan)
     if plan.heads_major:
         out = out.transpose(0, 2, 1, 3)
     return out[:, :plan.len_q, :, :q.shape[-1]]
 
 
-def make_plan(q, k, v, *, causal, window=0, alibi=False, sm_scale, block_q, block_k, interpret, num_warps, num_stages,
-              backward_launch):
+def make_plan(q, k, v, *, causal, window=0, alibi=False, segments=False, sm_scale, block_q, block_k, interpret,
+              num_warps, num_stages, backward_launch):
     """The static plan of one call: validated shapes, tiles, padded lengths, lowering."""
     _validate(q, k, v, block_q, block_k)
     if window < 0 or (window and not causal):
@@ -496,6 +525,10 @@ def make_plan(q, k, v, *, causal, window=0, alibi=False, sm_scale, block_q, bloc
         interpret = backend == "cpu"
     if alibi and backend == "tpu" and not interpret:
         raise ValueError("alibi_slopes run in interpret mode and on GPU; the TPU lowering has no per-head scalar input yet")
+    if segments and backend == "tpu" and not interpret:
+        raise ValueError("segment_ids run in interpret mode and on GPU; the TPU lowering has no [B, L] row input yet")
+    if segments and q.shape[1] != k.shape[1]:
+        raise ValueError(f"segment_ids need self-attention (Lq = Lk); got Lq={q.shape[1]}, Lk={k.shape[1]}")
     len_q, heads_q, head_dim = q.shape[1:]
     len_k, heads_kv = k.shape[1], k.shape[2]
     compiled_gpu = backend == "gpu" and not interpret
@@ -511,7 +544,7 @@ def make_plan(q, k, v, *, causal, window=0, alibi=False, sm_scale, block_q, bloc
     backward = (_fit_block(backward[0], len_q), _fit_block(backward[1], len_k), *backward[2:])
     tile_q, tile_k = max(forward[0], backward[0]), max(forward[1], backward[1])
     return Plan(
-        causal=bool(causal), window=int(window), alibi=bool(alibi),
+        causal=bool(causal), window=int(window), alibi=bool(alibi), segments=bool(segments),
         sm_scale=float(head_dim**-0.5 if sm_scale is None else sm_scale), len_q=len_q,
         len_k=len_k, block_q=forward[0], block_k=forward[1], padded_q=pl.cdiv(len_q, tile_q) * tile_q,
         padded_k=pl.cdiv(len_k, tile_k) * tile_k, padded_dim=padded_dim, groups=heads_q // heads_kv,
@@ -528,3 +561,14 @@ def pad_inputs(plan: Plan, q, k, v):
         return t.transpose(0, 2, 1, 3) if plan.heads_major else t
 
     return pad(q, plan.padded_q), pad(k, plan.padded_k), pad(v, plan.padded_k)
+
+
+def pad_segment_ids(plan: Plan, segment_ids, shape):
+    """(query ids [B, padded Lq], key ids [B, padded Lk]) of int32 segment ids [B, L], or None without them (the
+    padded positions are masked as padding already, whatever their id)."""
+    if segment_ids is None:
+        return None
+    if segment_ids.shape != shape[:2]:
+        raise ValueError(f"segment_ids has shape {segment_ids.shape}; it needs [batch, length] = {shape[:2]}")
+    ids = jnp.asarray(segment_ids, jnp.int32)
+    return tuple(jnp.pad(ids, ((0, 0), (0, length - ids.shape[1]))) for length in (plan.padded_q, plan.padded_k))

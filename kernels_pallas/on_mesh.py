@@ -30,8 +30,9 @@ def _divides(mesh, axes, size):
 def per_shard(kernel, *arrays, split_heads=False, num_outputs=1):
     """kernel(*arrays), each array [B, ...] split over batch per shard.
 
-    split_heads: every array and output is [B, L, H, ...]; heads are split too when every array's head
-    count divides by the head axes' size (else they stay whole on each shard).
+    split_heads: every array of 3 or more dimensions and every output is [B, L, H, ...]; heads are split too when
+    each such array's head count divides by the head axes' size (else they stay whole on each shard); arrays of
+    fewer dimensions ([B, L]: segment ids) split over batch only.
     num_outputs: how many arrays the kernel returns (a tuple when more than one).
     """
     mesh = jax.sharding.get_abstract_mesh()
@@ -40,7 +41,8 @@ def per_shard(kernel, *arrays, split_heads=False, num_outputs=1):
     batch = mesh_axes("activation_batch", mesh)
     batch = batch if batch and _divides(mesh, batch, arrays[0].shape[0]) else None
     heads = mesh_axes("activation_heads", mesh) if split_heads else ()
-    heads = heads if heads and all(_divides(mesh, heads, t.shape[2]) for t in arrays) else None
+    heads = heads if heads and all(_divides(mesh, heads, t.shape[2]) for t in arrays if t.ndim >= 3) else None
     spec = P(batch, None, heads) if heads else P(batch)
+    in_specs = tuple(spec if t.ndim >= 3 else P(batch) for t in arrays)
     out_specs = spec if num_outputs == 1 else (spec,) * num_outputs
-    return jax.shard_map(kernel, in_specs=(spec,) * len(arrays), out_specs=out_specs, check_vma=False)(*arrays)
+    return jax.shard_map(kernel, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*arrays)

@@ -4,7 +4,8 @@
 `config.model.name` from. The config dataclass lists every key of `config.model` for that family, with
 its default and its valid values (data/config_fields.py); validate(config.model) returns the
 cross-field problems as one-line messages.
-Every LM module has `__call__(tokens) -> logits`, `decode(tokens, cache, start)` and `init_cache(batch, max_len)`;
+Every LM module has `__call__(tokens, *, segment_ids=None, positions=None) -> logits` (packed rows:
+models/packing.py), `decode(tokens, cache, start)` and `init_cache(batch, max_len)`;
 "sae" is not an LM: a sparse autoencoder over an activation store's rows (models/sae.py), trained by the same loop.
 
 Flax collections the trainer understands, besides "params" (trained by gradients):

@@ -108,9 +108,10 @@ def dot_product_attention(q, k, v, *, causal=True, sm_scale=None):
 IMPLS = ("xla", "pallas")
 
 
-def causal_attention(q, k, v, impl: str = "xla", *, bias=None, window: int = 0, alibi_slopes=None, sm_scale=None,
-                     dropout_rate: float = 0.0, dropout_rng=None):
-    """Causal self-attention (within a sliding window of `window` keys when > 0) with the named implementation
+def causal_attention(q, k, v, impl: str = "xla", *, bias=None, window: int = 0, alibi_slopes=None, segment_ids=None,
+                     sm_scale=None, dropout_rate: float = 0.0, dropout_rng=None):
+    """Causal self-attention (within a sliding window of `window` keys when > 0; within each query's segment when
+    `segment_ids` int[B, L] are given: packed rows, models/packing.py) with the named implementation
     (`model.attention_impl`); attention dropout (training) and general score biases run in the XLA reference only;
     the flash kernels compute ALiBi's from its slopes [Hq] (the XLA path takes the bias). The flash kernels take one
     head width: a value width Dv different from the query/key width D is zero-padded to the larger
@@ -118,21 +119,28 @@ def causal_attention(q, k, v, impl: str = "xla", *, bias=None, window: int = 0, 
     if impl == "xla" or dropout_rng is not None:
         if alibi_slopes is not None and bias is None:
             bias = positions.alibi_bias(q.shape[2], jnp.arange(q.shape[1]) + k.shape[1] - q.shape[1], jnp.arange(k.shape[1]))
-        return attend(q, k, v, causal_mask(q.shape[1], k.shape[1], window=window), bias=bias, sm_scale=sm_scale,
-                      dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+        mask = causal_mask(q.shape[1], k.shape[1], window=window)
+        if segment_ids is not None:
+            mask = mask[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
+        return attend(q, k, v, mask, bias=bias, sm_scale=sm_scale, dropout_rate=dropout_rate, dropout_rng=dropout_rng)
     if impl == "pallas":
         if bias is not None:
             raise ValueError("the flash kernels take no score bias (ALiBi, T5): use attention impl 'xla'")
         sm_scale = q.shape[-1]**-0.5 if sm_scale is None else sm_scale
         width = max(q.shape[-1], v.shape[-1])
         pad = lambda x: jnp.pad(x, [(0, 0)] * 3 + [(0, width - x.shape[-1])])  # noqa: E731 (zeros change no score)
-        if alibi_slopes is None:
-            flash = functools.partial(kernels_pallas.flash_attention, causal=True, window=window, sm_scale=sm_scale)
-            return on_mesh.per_shard(flash, pad(q), pad(k), pad(v), split_heads=True)[..., :v.shape[-1]]
+        flash = functools.partial(kernels_pallas.flash_attention, causal=True, window=window, sm_scale=sm_scale)
+        extras = {}  # per-shard inputs beside q, k, v: slopes [B, 1, Hq] split over heads like q, segment ids [B, L]
+        if alibi_slopes is not None:
+            extras["alibi_slopes"] = jnp.broadcast_to(jnp.asarray(alibi_slopes, jnp.float32), (q.shape[0], 1, q.shape[2]))
+        if segment_ids is not None:
+            extras["segment_ids"] = jnp.asarray(segment_ids, jnp.int32)
 
-        def flash_alibi(q, k, v, slopes):  # slopes [B, 1, Hq] split over heads like q: this shard's heads
-            return kernels_pallas.flash_attention(q, k, v, causal=True, window=window, alibi_slopes=slopes[0, 0],
-                                                  sm_scale=sm_scale)
-        slopes = jnp.broadcast_to(jnp.asarray(alibi_slopes, jnp.float32), (q.shape[0], 1, q.shape[2]))
-        return on_mesh.per_shard(flash_alibi, pad(q), pad(k), pad(v), slopes, split_heads=True)[..., :v.shape[-1]]
+        def flash_shard(q, k, v, *shard_extras):
+            options = dict(zip(extras, shard_extras))
+            if "alibi_slopes" in options:
+                options["alibi_slopes"] = options["alibi_slopes"][0, 0]  # this shard's heads
+            return flash(q, k, v, **options)
+        return on_mesh.per_shard(flash_shard, pad(q), pad(k), pad(v), *extras.values(),
+                                 split_heads=True)[..., :v.shape[-1]]
     raise ValueError(f"attention impl {impl!r} is not one of {list(IMPLS)}")

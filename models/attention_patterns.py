@@ -22,8 +22,9 @@ PATTERNS = ("causal", "sliding", "strided", "fixed")
 
 
 def visible(cfg, q_positions, k_positions):
-    """bool[Lq, Lk]: query at q_positions[a] sees the key at k_positions[b] (a negative key position: an empty slot)."""
-    i, j = q_positions[:, None], k_positions[None, :]
+    """bool[Lq, Lk]: query at q_positions[a] sees the key at k_positions[b] (a negative key position: an empty slot);
+    [B, Lq, Lk] for per-row positions [B, L] (a packed row's documents, models/packing.py)."""
+    i, j = q_positions[..., :, None], k_positions[..., None, :]
     seen = (j <= i) & (j >= 0)
     if cfg.attention_pattern == "sliding":
         return seen & (i - j < cfg.attention_window)

@@ -7,9 +7,10 @@
                                                                  then {"mixer": Attn's, "conv": the conv's})
     Period:  its layers in order, e.g. (block_0, block_1) or (Mamba-2, Mamba-2, Mamba-2, attention block)
 
-A unit's signature fits nn.scan: `(x, cache, start, key_mask) -> (x, cache)`; `cache` is None for a
+A unit's signature fits nn.scan: `(x, cache, start, key_mask, segments) -> (x, cache)`; `cache` is None for a
 full pass (nothing cached), else the unit's decoding cache (`init_cache`), which a period keys by the
-names of its layers. Adding an attention kind is a module file and one entry in ATTENTIONS; adding an
+names of its layers; `segments` is None, or a full pass's packed rows (models/packing.py), which every mixer
+keeps apart. Adding an attention kind is a module file and one entry in ATTENTIONS; adding an
 FFN, one entry in FFNS.
 """
 
@@ -65,9 +66,10 @@ class Block(nn.Module):
     attention: str = ""  # the attention kind; "": cfg.attention (a hybrid's L layers set "linear")
 
     @nn.compact
-    def __call__(self, x, cache, start, key_mask=None, positions=None, reuse_cache=False):
-        """positions: None, or int[B, T] of a gathered subsequence; reuse_cache: attend to the cache's keys and
-        values without writing (gqa / qk_norm attention: models/gqa.py)."""
+    def __call__(self, x, cache, start, key_mask=None, segments=None, positions=None, reuse_cache=False):
+        """segments: None, or packed rows (models/packing.py); positions: None, or int[B, T] of a gathered
+        subsequence; reuse_cache: attend to the cache's keys and values without writing (gqa / qk_norm attention:
+        models/gqa.py)."""
         cfg, dtype = self.cfg, self.cfg.compute_dtype
         kind = ATTENTIONS[self.attention or cfg.attention]
         pattern = {"pattern_site": functools.partial(layers.sow_site, self, "attention_pattern")} if (
@@ -77,11 +79,13 @@ class Block(nn.Module):
         if cfg.short_conv:
             valid = None if key_mask is None else jax.lax.dynamic_slice_in_dim(key_mask, start, h.shape[1], axis=1)
             h, conv_state = short_conv.ShortConv(cfg.short_conv, name="short_conv")(
-                h, None if cache is None else cache["conv"], valid)
-            h, mixer_cache = attention(h, start, None if cache is None else cache["mixer"], key_mask)
+                h, None if cache is None else cache["conv"], valid, segments)
+            h, mixer_cache = attention(h, start, None if cache is None else cache["mixer"], key_mask,
+                                       **({} if segments is None else {"segments": segments}))
             cache = None if cache is None else {"mixer": mixer_cache, "conv": conv_state}
         else:
             options = {} if positions is None else {"positions": positions}
+            options |= {} if segments is None else {"segments": segments}
             h, cache = attention(h, start, cache, key_mask, **options, **({"reuse_cache": True} if reuse_cache else {}))
         h = layers.sow_site(self, "mixer_out", h)
         x = x + layers.dropout(self, h, cfg.residual_dropout)
@@ -109,11 +113,11 @@ class Period(nn.Module):
     members: tuple
 
     @nn.compact
-    def __call__(self, x, caches, start, key_mask=None):
+    def __call__(self, x, caches, start, key_mask=None, segments=None):
         new_caches = {}
         for name, unit, kwargs in self.members:
             cache = None if caches is None else caches[name]
-            x, new_caches[name] = unit(self.cfg, **dict(kwargs), name=name)(x, cache, start, key_mask)
+            x, new_caches[name] = unit(self.cfg, **dict(kwargs), name=name)(x, cache, start, key_mask, segments)
         return x, None if caches is None else new_caches
 
     @staticmethod

@@ -67,9 +67,12 @@ class Coconut(nn.Module, lm.Capabilities):
             return x
         return jnp.where((tokens == self.cfg.thought_token)[:, :, None], h_prev.astype(x.dtype), x)
 
-    def __call__(self, tokens):
+    def __call__(self, tokens, *, segment_ids=None, positions=None):
         """int32[B, L] -> float32 logits [B, L, V], the thoughts run as a latent recurrence."""
         cfg = self.cfg
+        if segment_ids is not None or positions is not None:
+            raise ValueError("model.name='coconut' reads one question per row (its thoughts start at model.bot_position); "
+                             "it takes no packed rows (segment_ids / positions)")
         key_mask = jnp.not_equal(tokens, cfg.pad_token)
         x = self.embed(tokens)
         if cfg.max_thoughts == 0:

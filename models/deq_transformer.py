@@ -60,11 +60,12 @@ class Cell(nn.Module):
     cfg: DEQConfig
 
     @nn.compact
-    def __call__(self, z, x, cache, start):
+    def __call__(self, z, x, cache, start, segments=None):
         h, new_cache = z + x, {}
         for i in range(self.cfg.num_layers):
             name = f"block_{i}"
-            h, new_cache[name] = blocks.Block(self.cfg, name=name)(h, None if cache is None else cache[name], start)
+            h, new_cache[name] = blocks.Block(self.cfg, name=name)(h, None if cache is None else cache[name], start,
+                                                                   None, segments)
         h = layers.Norm(self.cfg.norm, self.cfg.compute_dtype, "cell_norm", self.cfg.norm_eps)(h - z)
         return h, None if cache is None else new_cache
 
@@ -109,45 +110,45 @@ class DEQTransformer(lm.LM):
             return deq_stabilisers.weight_normalise(params, self.weight_norm(params))
         return params
 
-    def _f(self, z, params, x, cache, start):
-        return Cell(self.cfg, parent=None).apply({"params": params}, z, x, cache, start)[0]
+    def _f(self, z, params, x, cache, segments, start):
+        return Cell(self.cfg, parent=None).apply({"params": params}, z, x, cache, start, segments)[0]
 
-    def _equilibrium(self, x, cache=None, start=0):
+    def _equilibrium(self, x, cache=None, start=0, segments=None):
         """(z* [B, T, D], cell parameters) for injections x; sows solver statistics when training."""
         cfg = self.cfg
         params = self._cell_params(x, cache, start)
         probes = getattr(self, "probes", None) if cache is None else None
         f = functools.partial(self._f, start=start)
         z, stats = deq.fixed_point_with_stats(
-            f, jnp.zeros_like(x), params, x, cache, solver=cfg.solver, tol=cfg.tol, max_iter=cfg.max_iter,
+            f, jnp.zeros_like(x), params, x, cache, segments, solver=cfg.solver, tol=cfg.tol, max_iter=cfg.max_iter,
             backward=cfg.backward, backward_max_iter=cfg.backward_max_iter, phantom_steps=cfg.phantom_steps,
             probe=None if probes is None else jnp.stack([p.value for p in probes]))
         for name, value in stats.items():
             self.sow("metrics", f"forward_{name}", value)
         return z, params
 
-    def _jacobian_penalty(self, z, params, x):
+    def _jacobian_penalty(self, z, params, x, segments):
         """weight * ||J_f(z*)||_F^2 / d on a random `jacobian_frequency` of the training steps."""
         cfg = self.cfg
         coin, probe_rng = jax.random.split(self.make_rng("dropout"))
         estimate = jax.lax.cond(
             jax.random.uniform(coin) < cfg.jacobian_frequency,
             lambda: deq_stabilisers.jacobian_frobenius_sq(
-                lambda z_: self._f(z_, params, x, None, 0), jax.lax.stop_gradient(z), rng=probe_rng),
+                lambda z_: self._f(z_, params, x, None, segments, 0), jax.lax.stop_gradient(z), rng=probe_rng),
             lambda: jnp.zeros((), z.dtype))
         self.sow("metrics", "jacobian_frobenius_sq", estimate)
         self.sow("losses", "jacobian", cfg.jacobian_weight * estimate)
 
-    def hidden(self, x, cache=None, start=0, key_mask=None):
-        """The fixed point z* of the cell for embeddings x [B, T, D], final-normed; with a cache, also the
-        cache's keys and values at the new positions' fixed point."""
+    def hidden(self, x, cache=None, start=0, key_mask=None, segments=None):
+        """The fixed point z* of the cell for embeddings x [B, T, D] (packed rows: segments), final-normed; with a
+        cache, also the cache's keys and values at the new positions' fixed point."""
         if key_mask is not None:
             raise ValueError("the DEQ takes no key mask")
         x = self.injection_norm(x)
-        z, params = self._equilibrium(x, cache, start)
+        z, params = self._equilibrium(x, cache, start, segments)
         if cache is None and self.cfg.jacobian_weight > 0 and self.has_rng("dropout") \
                 and self.is_mutable_collection("losses"):
-            self._jacobian_penalty(z, params, x)
+            self._jacobian_penalty(z, params, x, segments)
         if cache is not None:
             _, cache = Cell(self.cfg, parent=None).apply({"params": params}, z, x, cache, start)
         return self.final_norm(z), cache

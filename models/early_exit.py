@@ -43,9 +43,10 @@ class EarlyExitOptions:
 class FreezingBlock(blocks.Block):
     """A block whose carry is (x, exited [B, T]): exited positions keep x (their keys and values still come from it)."""
 
-    def __call__(self, carry, cache, start, key_mask=None):
+    def __call__(self, carry, cache, start, key_mask=None, packed=None):
+        """packed: packed rows (models/packing.py; "segments" here are groups of blocks)."""
         x, exited = carry
-        y, cache = super().__call__(x, cache, start, key_mask)
+        y, cache = super().__call__(x, cache, start, key_mask, packed)
         return (jnp.where(exited[..., None], x, y), exited), cache
 
 
@@ -57,7 +58,7 @@ def confident(cfg, logits):
     return -jnp.sum(jnp.exp(log_p) * log_p, axis=-1) <= cfg.exit_threshold
 
 
-def run(lm, x, cache, start, key_mask):
+def run(lm, x, cache, start, key_mask, packed=None):
     """The segments over embeddings x [B, T, D] (lm: the transformer, its `segments` and head) -> (final-norm hidden
     [B, T, D], cache, layers used [B, T]). Exit logits are sown into COLLECTION when it is mutable."""
     cfg = lm.cfg
@@ -66,7 +67,8 @@ def run(lm, x, cache, start, key_mask):
     new_cache = {}
     for j, segment in enumerate(lm.segments):
         name = f"segment_{j}"
-        (x, exited), new_cache[name] = segment((x, exited), None if cache is None else cache[name], start, key_mask)
+        (x, exited), new_cache[name] = segment((x, exited), None if cache is None else cache[name], start, key_mask,
+                                               packed)
         if j == len(lm.segments) - 1:
             break
         training = lm.is_mutable_collection(COLLECTION)  # every token through every layer, each exit scored

@@ -23,7 +23,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from models import attention, attention_patterns, bitnet, kv_cache, layers, positions
+from models import attention, attention_patterns, bitnet, kv_cache, layers, packing, positions
 from models.lm_config import LMConfig
 
 
@@ -66,30 +66,37 @@ class GroupedQueryAttention(nn.Module):
                 q_positions, k_positions)
         return None
 
-    def full_pass(self, q, k, v, q_positions, key_mask, dropout):
-        """Attention of a whole sequence to itself, masked by the pattern (and key_mask)."""
+    def full_pass(self, q, k, v, q_positions, key_mask, dropout, segments=None):
+        """Attention of a whole sequence to itself, masked by the pattern (and key_mask), within each document of a
+        packed row (segments: the pattern reads the documents' own positions; ALiBi and T5 are relative, so the
+        row's positions give each document's biases)."""
         cfg = self.cfg
         bias = self.score_bias(q_positions, q_positions)
-        mask = attention_patterns.visible(cfg, q_positions, q_positions)
+        if segments is None:
+            mask = attention_patterns.visible(cfg, q_positions, q_positions)
+        else:
+            mask = attention_patterns.visible(cfg, segments.positions, segments.positions) & packing.same_segment(segments)
         if key_mask is not None:
-            mask = mask[None] & key_mask[:, None, :]
+            mask = mask & key_mask[:, None, :]
         if self.is_mutable_collection("monitors"):
             self.sow("monitors", "entropy", attention.entropy(q, k, mask, bias=bias))
         if self.pattern_site is not None and self.is_mutable_collection("intermediates"):  # capture only
             self.pattern_site(jnp.exp(attention.log_probabilities(q, k, mask, bias=bias)))
         if key_mask is None and cfg.attention_pattern in ("causal", "sliding"):  # the kernels' patterns
+            packed = {} if segments is None else {"segment_ids": segments.ids}
             if cfg.positional == "alibi":  # the kernels compute ALiBi's bias from the slopes
                 return attention.causal_attention(q, k, v, cfg.attention_impl, window=cfg.attention_window,
-                                                  alibi_slopes=positions.alibi_slopes(cfg.num_heads), **dropout)
+                                                  alibi_slopes=positions.alibi_slopes(cfg.num_heads), **packed, **dropout)
             return attention.causal_attention(q, k, v, cfg.attention_impl, bias=bias, window=cfg.attention_window,
-                                              **dropout)
+                                              **packed, **dropout)
         return attention.attend(q, k, v, mask, bias=bias, **dropout)
 
-    def cached_pass(self, q, k, v, q_positions, cache, start, key_mask, reuse_cache=False):
+    def cached_pass(self, q, k, v, q_positions, cache, start, key_mask, reuse_cache=False, segments=None):
         """New tokens written to the cache, attending to it: every position's slot, or the sliding window's ring
         (attending to the ring as it was and to themselves, then overwriting the oldest slots). reuse_cache: the
         cache already holds keys and values for these positions (another pass wrote them: Mixture-of-Recursions'
-        recursive KV sharing, models/mor.py); the queries attend to it as it is and nothing is written."""
+        recursive KV sharing, models/mor.py); the queries attend to it as it is and nothing is written. segments:
+        packed rows of a full pass through a cache of the pass's own length (MoR's shared keys and values)."""
         cfg, dtype = self.cfg, self.cfg.compute_dtype
         if reuse_cache:
             k_all, v_all = kv_cache.read(cache["k"], dtype), kv_cache.read(cache["v"], dtype)
@@ -107,14 +114,20 @@ class GroupedQueryAttention(nn.Module):
         mask = attention_patterns.visible(cfg, q_positions, k_positions)
         if key_mask is not None:  # indexed by absolute position
             mask = mask[None] & key_mask[:, jnp.maximum(k_positions, 0)][:, None, :]
+        if segments is not None:
+            if k_all.shape[1] != q.shape[1] or attention_patterns.uses_ring(cfg):
+                raise ValueError("packed rows (segment_ids) reach a cache only in a full pass through a cache of its own "
+                                 "length (Mixture-of-Recursions' shared keys and values), not a sliding window's ring")
+            mask = mask & packing.same_segment(segments)
         return attention.attend(q, k_all, v_all, mask, bias=self.score_bias(q_positions, k_positions)), cache
 
     @nn.compact
-    def __call__(self, x, start, cache=None, key_mask=None, positions=None, reuse_cache=False):
+    def __call__(self, x, start, cache=None, key_mask=None, positions=None, reuse_cache=False, segments=None):
         """x [B, T, D]; start: positions already cached. positions: None (x's rows are start..start+T-1), or
         int[B, T], increasing along T (a gathered subsequence: models/mod.py; full passes with the causal pattern):
         RoPE rotates by them, and causal masking by row order is then masking by position. reuse_cache: attend to
-        the cache's keys and values as they are, without writing this pass's (`cached_pass`)."""
+        the cache's keys and values as they are, without writing this pass's (`cached_pass`). segments: packed rows
+        of a full pass (models/packing.py): RoPE rotates by each document's positions, attention stays inside it."""
         cfg, dtype = self.cfg, self.cfg.compute_dtype
         tokens = x.reshape(-1, x.shape[-1])  # [B*T, D]: 2-D matmuls are XLA:CPU's fastest
 
@@ -134,13 +147,15 @@ class GroupedQueryAttention(nn.Module):
         k = project("key", cfg.kv_heads, ("embed", "kv_heads", "head_dim"))  # [B, T, Hkv, Dh]
         v = project("value", cfg.kv_heads, ("embed", "kv_heads", "head_dim"))
         q_positions = start + jnp.arange(x.shape[1])
+        if positions is None and segments is not None:
+            positions = segments.positions
         q, k = self.queries_and_keys(q, k, q_positions if positions is None else positions)
         dropout = {"dropout_rate": cfg.attention_dropout, "dropout_rng": (
             self.make_rng("dropout") if cfg.attention_dropout and self.has_rng("dropout") else None)}
         if cache is None:
-            out = self.full_pass(q, k, v, q_positions, key_mask, dropout)
+            out = self.full_pass(q, k, v, q_positions, key_mask, dropout, segments)
         else:
-            out, cache = self.cached_pass(q, k, v, q_positions, cache, start, key_mask, reuse_cache)
+            out, cache = self.cached_pass(q, k, v, q_positions, cache, start, key_mask, reuse_cache, segments)
         out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_heads", None))
         w_out = self.param("out", nn.with_logical_partitioning(
             nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2), ("heads", "head_dim", "embed")),

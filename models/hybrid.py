@@ -71,14 +71,15 @@ class MambaLayer(nn.Module):
     version: int = 2
 
     @nn.compact
-    def __call__(self, x, state, start, key_mask=None):
+    def __call__(self, x, state, start, key_mask=None, segments=None):
         del start  # the state carries position
         _no_key_mask(key_mask)
         fresh = state is None
         if fresh:
             state = self.init_cache(self.cfg, x.shape[0], 0, version=self.version)
         mixer = mamba2.Mamba2 if self.version == 2 else mamba1.Mamba1
-        h, state = mixer(self.cfg, name="mixer")(layers.Norm(self.cfg.norm, x.dtype, "norm", self.cfg.norm_eps)(x), state)
+        h, state = mixer(self.cfg, name="mixer")(layers.Norm(self.cfg.norm, x.dtype, "norm", self.cfg.norm_eps)(x), state,
+                                                 segments)
         if self.is_mutable_collection("intermediates"):  # capture only: the state after the sequence
             layers.sow_site(self, "ssm_state", state["ssm"])
         h = layers.sow_site(self, "mixer_out", h)
@@ -98,7 +99,7 @@ class ShortConvLayer(nn.Module):
     cfg: HybridConfig
 
     @nn.compact
-    def __call__(self, x, state, start, key_mask=None):
+    def __call__(self, x, state, start, key_mask=None, segments=None):
         del start
         _no_key_mask(key_mask)
         cfg, dtype = self.cfg, x.dtype
@@ -109,7 +110,7 @@ class ShortConvLayer(nn.Module):
             nn.initializers.normal(cfg.conv_width**-0.5), (None, "embed")), (cfg.conv_width, cfg.d_model))
         bias = self.param("conv_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), (cfg.d_model,))
         h, conv_state = mamba2.causal_conv(layers.Norm(cfg.norm, dtype, "norm", cfg.norm_eps)(x), state["conv"],
-                                           kernel.astype(dtype), bias.astype(dtype))
+                                           kernel.astype(dtype), bias.astype(dtype), segments)
         w_out = self.param("out_proj", layers.dense_init(None, "embed"), (cfg.d_model, cfg.d_model))
         h = (h.reshape(-1, cfg.d_model) @ w_out.astype(dtype)).reshape(x.shape)
         h = layers.sow_site(self, "mixer_out", h)

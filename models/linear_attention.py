@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models import bitnet, gqa, layers, positions, ssd
+from models import bitnet, gqa, layers, packing, positions, ssd
 
 GATE_TEMPERATURE = 16.0  # Yang et al.'s GLA: g = sigmoid(.)^(1/16) keeps the decays near 1 at initialisation
 EPSILON = 1e-6  # added to the normaliser (it is positive: phi > 0)
@@ -36,7 +36,7 @@ class LinearAttention(nn.Module):
     positions_per_row = reuses_cache = sows_pattern = lora_dropout = False  # (models/gqa.py names them)
 
     @nn.compact
-    def __call__(self, x, start, cache=None, key_mask=None):  # x [B, T, D]
+    def __call__(self, x, start, cache=None, key_mask=None, segments=None):  # x [B, T, D]; segments: packed rows
         cfg, dtype = self.cfg, self.cfg.compute_dtype
         batch, length, width = x.shape
         tokens = x.reshape(-1, width)
@@ -50,9 +50,9 @@ class LinearAttention(nn.Module):
         q = project("query", cfg.num_heads, ("embed", "heads", "head_dim"))
         k = project("key", cfg.kv_heads, ("embed", "kv_heads", "head_dim"))
         v = project("value", cfg.kv_heads, ("embed", "kv_heads", "head_dim"))
-        q_positions = start + jnp.arange(length)
+        q_positions = start + jnp.arange(length) if segments is None else segments.positions
         if cfg.positional == "rope":  # rotated before the feature map (phi stays positive)
-            q, k = (positions.apply_rope(cfg, t, q_positions, q_positions[-1] + 1) for t in (q, k))
+            q, k = (positions.apply_rope(cfg, t, q_positions, jnp.max(q_positions) + 1) for t in (q, k))
         groups = cfg.num_heads // cfg.kv_heads
         k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)  # [B, T, H, Dh]
         phi_q, phi_k = feature_map(q.astype(jnp.float32)), feature_map(k.astype(jnp.float32))
@@ -62,6 +62,7 @@ class LinearAttention(nn.Module):
             phi_k, values = (t * visible[:, :, None, None] for t in (phi_k, values))
         log_gate = self.log_gate(tokens).reshape(batch, length, cfg.num_heads) if cfg.linear_gate else (
             jnp.zeros((batch, length, cfg.num_heads)))
+        log_gate = packing.reset_decay(log_gate, segments)  # packed rows: S and z restart at each document
         y, state = ssd.ssd_chunked(values, log_gate, phi_k, phi_q, chunk_size=min(cfg.linear_chunk, length),
                                    initial_state=None if cache is None else cache["state"])
         out = (y[..., :-1] / (y[..., -1:] + EPSILON)).astype(dtype)  # [B, T, H, Dh]

@@ -4,7 +4,10 @@
     x_L = Stack(x_0)            `num_units` copies of the family's unit, scanned with nn.scan
     logits = norm(x_L) U        (U = E^T when embeddings are tied)
 
-The unit is a module `(cfg, **unit_kwargs)` with `__call__(x, cache, start, key_mask) -> (x, cache)` and
+Packed rows (`segment_ids`, `positions`: models/packing.py) reach every unit as `segments`; positions tables are
+read at each document's positions.
+
+The unit is a module `(cfg, **unit_kwargs)` with `__call__(x, cache, start, key_mask, segments) -> (x, cache)` and
 `init_cache(cfg, batch, max_len, dtype, **unit_kwargs)`: a block (models/blocks.Block) or a period of
 layers (models/blocks.Period). Dropout (`embed_dropout` here, `attention_dropout` and `residual_dropout` in
 the blocks) draws from the "dropout" rng, split per scanned unit. The stack stacks the unit's parameters and
@@ -21,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models import blocks, layers, mtp, positions
+from models import blocks, layers, mtp, packing, positions
 from models.lm_config import LMConfig
 
 STACKED_COLLECTIONS = ("params", "router_bias", "metrics", "losses", "monitors", "intermediates", "patches", "steering",
@@ -92,32 +95,38 @@ class LM(nn.Module, Capabilities):
             unit = nn.remat(unit, policy=layers.remat_policy(self.cfg.remat), prevent_cse=False)
         return nn.scan(
             unit, variable_axes={c: 0 for c in STACKED_COLLECTIONS}, split_rngs={"params": True, "dropout": True},
-            in_axes=(0, nn.broadcast, nn.broadcast), length=length, unroll=self.cfg.scan_unroll,
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=length, unroll=self.cfg.scan_unroll,
             metadata_params={nn.PARTITION_NAME: "layers"})(self.cfg, **kwargs, name=name)
 
-    def embed_tokens(self, tokens, start=0):
-        """int32[B, T] -> [B, T, D] input embeddings of tokens at positions start..start+T-1."""
+    def embed_tokens(self, tokens, start=0, segments=None):
+        """int32[B, T] -> [B, T, D] input embeddings of tokens at positions start..start+T-1 (packed rows: at
+        segments.positions)."""
         x = self.embed(tokens)
         if self.cfg.positional == "learned":
             if tokens.shape[1] > self.cfg.max_len:  # (decoding past the table: refused by experiments/sample.py)
                 raise ValueError(f"{tokens.shape[1]} tokens exceed the learned position table (model.max_len="
                                  f"{self.cfg.max_len}); positional 'rope', 'alibi', 't5', 'sinusoidal' or 'none' have no table")
-            x = layers.add_positions(x, self.position_embedding, start)
+            if segments is None:
+                x = layers.add_positions(x, self.position_embedding, start)
+            else:
+                x = x + jnp.take(self.position_embedding, segments.positions, axis=0).astype(x.dtype)
         elif self.cfg.positional == "sinusoidal":
-            table = positions.sinusoidal(start + jnp.arange(tokens.shape[1]), self.cfg.d_model)
+            at = start + jnp.arange(tokens.shape[1]) if segments is None else segments.positions
+            table = positions.sinusoidal(at, self.cfg.d_model)
             x = x + (table * self.cfg.d_model**-0.5).astype(x.dtype)
         x = layers.dropout(self, x, self.cfg.embed_dropout)
         return nn.with_logical_constraint(x, blocks.ACTIVATION)
 
-    def hidden(self, x, cache=None, start=0, key_mask=None):
+    def hidden(self, x, cache=None, start=0, key_mask=None, segments=None):
         """Runs the stack over embeddings x [B, T, D]; returns (final-norm hidden [B, T, D], cache).
-        key_mask: None, or bool[B, keys] (T keys, or the cache's length when decoding)."""
+        key_mask: None, or bool[B, keys] (T keys, or the cache's length when decoding); segments: None, or a full
+        pass's packed rows (models/packing.py)."""
         if not self.num_dense_blocks:
-            x, cache = self.stack(x, cache, start, key_mask)
+            x, cache = self.stack(x, cache, start, key_mask, segments)
             return self.final_norm(x), cache
         dense_cache, cache = (None, None) if cache is None else cache
-        x, dense_cache = self.dense_stack(x, dense_cache, start, key_mask)
-        x, cache = self.stack(x, cache, start, key_mask)
+        x, dense_cache = self.dense_stack(x, dense_cache, start, key_mask, segments)
+        x, cache = self.stack(x, cache, start, key_mask, segments)
         return self.final_norm(x), None if cache is None else (dense_cache, cache)
 
     def logits(self, h):
@@ -128,11 +137,17 @@ class LM(nn.Module, Capabilities):
         """The logit lens: a residual stream [B, T, D] read through the final norm and the unembedding."""
         return self.logits(self.final_norm(x))
 
-    def __call__(self, tokens):
-        """int32[B, L] -> float32 logits [B, L, V] of the next token at every position. With MTP modules and a
-        mutable "mtp" collection (training), also sows depth k's logits [B, L - k, V] of token i + k + 1."""
-        h, _ = self.hidden(self.embed_tokens(tokens))
+    def __call__(self, tokens, *, segment_ids=None, positions=None):
+        """int32[B, L] -> float32 logits [B, L, V] of the next token at every position. Packed rows: segment_ids
+        int32[B, L] (1, 2, ... per document, 0 padding) and positions int32[B, L] (0.. in each document) make each
+        document's logits its logits alone (models/packing.py). With MTP modules and a mutable "mtp" collection
+        (training), also sows depth k's logits [B, L - k, V] of token i + k + 1."""
+        segments = packing.make(segment_ids, positions)
+        h, _ = self.hidden(self.embed_tokens(tokens, segments=segments), segments=segments)
         if self.mtp and self.is_mutable_collection(mtp.COLLECTION):
+            if segments is not None:
+                raise ValueError("model.mtp_depth > 0 reads tokens across a packed row's document boundaries; "
+                                 "train MTP on unpacked rows (model.mtp_depth=0 with packed rows)")
             depth_h = h
             for k, module in enumerate(self.mtp, 1):  # h^k at positions 0..L-k-1 reads Emb(t_{i+k})
                 depth_h, head_input, _ = module(depth_h[:, :-1], self.embed(tokens[:, k:]))

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from data.config_fields import field
-from models import layers, mamba2
+from models import layers, mamba2, packing
 from models.mamba2 import causal_conv
 
 
@@ -48,10 +48,13 @@ def init_state(cfg, batch: int, dtype=jnp.float32) -> dict:
             "ssm": jnp.zeros((batch, cfg.d_inner, cfg.ssm_state), jnp.float32)}
 
 
-def selective_scan(x, dt, a, b, c, initial_state):
+def selective_scan(x, dt, a, b, c, initial_state, opens=None):
     """h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t, y_t = h_t C_t as a parallel prefix: x, dt [B, L, Di], a [Di, N],
-    b, c [B, L, N], initial_state [B, Di, N] -> (y [B, L, Di], final state)."""
+    b, c [B, L, N], initial_state [B, Di, N] -> (y [B, L, Di], final state). opens: None, or bool [B, L]: the state
+    is forgotten there (a packed document's first token, models/packing.py)."""
     log_decay = dt[..., None] * a  # [B, L, Di, N]
+    if opens is not None:
+        log_decay = jnp.where(opens[..., None, None], packing.RESET, log_decay)
     inputs = (dt * x)[..., None] * b[:, :, None, :]
     inputs = inputs.at[:, 0].add(jnp.exp(log_decay[:, 0]) * initial_state)
 
@@ -63,13 +66,16 @@ def selective_scan(x, dt, a, b, c, initial_state):
     return jnp.einsum("bldn,bln->bld", states, c), states[:, -1]
 
 
-def selective_scan_sequential(x, dt, a, b, c, initial_state):
+def selective_scan_sequential(x, dt, a, b, c, initial_state, opens=None):
     """selective_scan's arguments and results, one position at a time (`lax.scan` of selective_step)."""
+    keep = jnp.ones(x.shape[:2], x.dtype) if opens is None else 1.0 - opens.astype(x.dtype)
+
     def step(state, inputs):
-        y, state = selective_step(*inputs[:2], a, *inputs[2:], state)
+        *inputs, keep_t = inputs
+        y, state = selective_step(*inputs[:2], a, *inputs[2:], state * keep_t[:, None, None])
         return state, y
 
-    final, ys = jax.lax.scan(step, initial_state, tuple(t.swapaxes(0, 1) for t in (x, dt, b, c)))
+    final, ys = jax.lax.scan(step, initial_state, tuple(t.swapaxes(0, 1) for t in (x, dt, b, c, keep)))
     return ys.swapaxes(0, 1), final
 
 
@@ -89,7 +95,7 @@ class Mamba1(nn.Module):
     cfg: object  # Mamba1Options with the Mamba-2 keys and d_model
 
     @nn.compact
-    def __call__(self, u, state):  # u [B, L, D]; state: init_state(...) or the previous call's
+    def __call__(self, u, state, segments=None):  # u [B, L, D]; state: init_state(...) or the previous call's
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
         batch, length, width = u.shape
         inner, rank, n = cfg.d_inner, cfg.mamba1_dt_rank, cfg.ssm_state
@@ -103,7 +109,7 @@ class Mamba1(nn.Module):
         conv_kernel = self.param("conv_kernel", nn.with_logical_partitioning(
             nn.initializers.normal(cfg.conv_width**-0.5), (None, None)), (cfg.conv_width, inner))
         conv_bias = self.param("conv_bias", nn.with_logical_partitioning(nn.initializers.zeros, (None,)), (inner,))
-        x, conv_state = causal_conv(x, state["conv"], conv_kernel.astype(dtype), conv_bias.astype(dtype))
+        x, conv_state = causal_conv(x, state["conv"], conv_kernel.astype(dtype), conv_bias.astype(dtype), segments)
         x = nn.silu(x)
 
         dt_low, b, c = jnp.split(x.reshape(-1, inner) @ dense("x_proj", (inner, rank + 2 * n), (None, None)),
@@ -122,7 +128,7 @@ class Mamba1(nn.Module):
             y = y[:, None]
         else:
             scan = selective_scan_sequential if cfg.mamba1_scan == "sequential" else selective_scan
-            y, ssm_state = scan(x32, dt, a, b, c, state["ssm"])
+            y, ssm_state = scan(x32, dt, a, b, c, state["ssm"], None if segments is None else packing.starts(segments))
         y = ((y + skip * x32).astype(dtype) * nn.silu(z)).reshape(-1, inner)
         out = y @ dense("out_proj", (inner, width), (None, "embed")) + bias("out_proj_bias", width)
         return out.reshape(batch, length, width), {"conv": conv_state.astype(state["conv"].dtype), "ssm": ssm_state}

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 import kernels_pallas
 from kernels_pallas import on_mesh
-from models import layers, ssd
+from models import layers, packing, ssd
 from data.config_fields import field
 
 
@@ -108,13 +108,21 @@ def _a_log_init(cfg: Mamba2Options):
     return init
 
 
-def causal_conv(inputs, previous, kernel, bias):
+def causal_conv(inputs, previous, kernel, bias, segments=None):
     """Depthwise causal conv of inputs [B, L, C] after the W-1 previous inputs [B, W-1, C]:
-    out_t = bias + sum_k kernel[k] * padded[t + k]; returns (out [B, L, C], the last W-1 inputs)."""
+    out_t = bias + sum_k kernel[k] * padded[t + k]; returns (out [B, L, C], the last W-1 inputs).
+    With packed rows (models/packing.py) the tap at lag W-1-k reads only t's own document."""
     width = kernel.shape[0]
     padded = jnp.concatenate([previous.astype(inputs.dtype), inputs], axis=1)  # [B, L + W - 1, C]
     length = inputs.shape[1]
-    out = bias + sum(kernel[k] * padded[:, k:k + length] for k in range(width))
+
+    def tap(k):
+        term = kernel[k] * padded[:, k:k + length]
+        if segments is None:
+            return term
+        return term * packing.same_segment_at_lag(segments, width - 1 - k)[..., None].astype(term.dtype)
+
+    out = bias + sum(tap(k) for k in range(width))
     return out, padded[:, length:]
 
 
@@ -131,7 +139,7 @@ class Mamba2(nn.Module):
     cfg: Mamba2Options
 
     @nn.compact
-    def __call__(self, u, state):  # u [B, L, D]; state: init_state(...) or the previous call's
+    def __call__(self, u, state, segments=None):  # u [B, L, D]; state: init_state(...) or the previous call's
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
         batch, length, _ = u.shape
         groups_state = cfg.ssm_groups * cfg.ssm_state
@@ -143,7 +151,7 @@ class Mamba2(nn.Module):
         conv_kernel = self.param("conv_kernel", nn.with_logical_partitioning(
             nn.initializers.normal(cfg.conv_width**-0.5), (None, None)), (cfg.conv_width, cfg.conv_dim))
         conv_bias = self.param("conv_bias", nn.with_logical_partitioning(nn.initializers.zeros, (None,)), (cfg.conv_dim,))
-        xbc, conv_state = causal_conv(xbc, state["conv"], conv_kernel.astype(dtype), conv_bias.astype(dtype))
+        xbc, conv_state = causal_conv(xbc, state["conv"], conv_kernel.astype(dtype), conv_bias.astype(dtype), segments)
         x, b, c = jnp.split(nn.silu(xbc), [cfg.d_inner, cfg.d_inner + groups_state], axis=-1)
 
         dt_bias = self.param("dt_bias", nn.with_logical_partitioning(dt_bias_init(cfg), (None,)), (cfg.ssm_heads,))
@@ -156,10 +164,12 @@ class Mamba2(nn.Module):
         b = b.reshape(batch, length, cfg.ssm_groups, cfg.ssm_state)
         c = c.reshape(batch, length, cfg.ssm_groups, cfg.ssm_state)
         impl = "sequential" if length == 1 else cfg.ssd_impl  # one decoding step: the recurrence itself
+        if segments is not None and impl == "pallas":
+            raise ValueError(packing.PALLAS_SSD)
         scan = SSD_IMPLS[impl]
         if impl in ("chunked", "pallas"):
             scan = functools.partial(scan, chunk_size=cfg.chunk_size or chunk_size_for_backend())
-        y, ssm_state = scan(x * dt[..., None], a * dt, b, c, initial_state=state["ssm"])
+        y, ssm_state = scan(x * dt[..., None], packing.reset_decay(a * dt, segments), b, c, initial_state=state["ssm"])
         y = (y + skip[:, None] * x).reshape(batch, length, cfg.d_inner).astype(dtype)
 
         norm_scale = self.param("norm", nn.with_logical_partitioning(nn.initializers.ones, (None,)), (cfg.d_inner,))

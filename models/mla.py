@@ -25,7 +25,7 @@ permutation of the projection columns: experiments/import_hf.py applies it).
 import flax.linen as nn
 import jax.numpy as jnp
 
-from models import attention, kv_cache, layers, positions
+from models import attention, kv_cache, layers, packing, positions
 from models.lm_config import LMConfig
 
 LATENT_NORM_EPS = 1e-6
@@ -44,17 +44,18 @@ def cache_numbers_per_token(cfg) -> int:
     return w["kv_lora_rank"] + w["qk_rope_head_dim"]
 
 
-def expanded_attention(q_nope, q_rope, latent, rope_key, w_uk, w_uv, mask, impl="xla", **dropout):
+def expanded_attention(q_nope, q_rope, latent, rope_key, w_uk, w_uv, mask, impl="xla", segment_ids=None, **dropout):
     """The reference: keys and values expanded per head from the latent. q_nope [B, T, H, d_n], q_rope
     [B, T, H, d_r], latent [B, S, r], rope_key [B, S, d_r], w_uk [r, H, d_n], w_uv [r, H, d_v];
-    mask: bool [T, S] / [B, T, S], or None for causal over T = S. Returns [B, T, H, d_v]."""
+    mask: bool [T, S] / [B, T, S], or None for causal over T = S (within each segment of a packed row when
+    segment_ids int[B, T] are given). Returns [B, T, H, d_v]."""
     k_nope = jnp.einsum("bsr,rhd->bshd", latent, w_uk)
     k = jnp.concatenate([k_nope, jnp.broadcast_to(rope_key[:, :, None], (*k_nope.shape[:3], rope_key.shape[-1]))], -1)
     v = jnp.einsum("bsr,rhd->bshd", latent, w_uv)
     q = jnp.concatenate([q_nope, q_rope], axis=-1)
     sm_scale = q.shape[-1]**-0.5
     if mask is None:
-        return attention.causal_attention(q, k, v, impl, sm_scale=sm_scale, **dropout)
+        return attention.causal_attention(q, k, v, impl, sm_scale=sm_scale, segment_ids=segment_ids, **dropout)
     return attention.attend(q, k, v, mask, sm_scale=sm_scale, **dropout)
 
 
@@ -76,7 +77,7 @@ class MultiHeadLatentAttention(nn.Module):
             nn.initializers.lecun_normal(in_axis=in_axis, out_axis=out_axis), axes), shape).astype(self.cfg.compute_dtype)
 
     @nn.compact
-    def __call__(self, x, start, cache=None, key_mask=None):  # x [B, T, D]; start: positions already cached
+    def __call__(self, x, start, cache=None, key_mask=None, segments=None):  # x [B, T, D]; start: positions cached
         cfg, (batch, length, d_model) = self.cfg, x.shape
         w = widths(cfg)
         heads, d_nope, d_rope, d_v, rank = (cfg.num_heads, w["qk_nope_head_dim"], w["qk_rope_head_dim"],
@@ -95,13 +96,16 @@ class MultiHeadLatentAttention(nn.Module):
         latent = latent_norm("kv_norm", "kv_lora")(tokens @ self.weight("kv_down", (d_model, rank), ("embed", "kv_lora")))
         rope_key = tokens @ self.weight("key_rope", (d_model, d_rope), ("embed", "head_dim"))
         latent, rope_key = latent.reshape(batch, length, rank), rope_key.reshape(batch, length, 1, d_rope)
-        token_positions, inv_freq = start + jnp.arange(length), positions.inverse_frequencies(d_rope, cfg.rope_theta)
+        token_positions = start + jnp.arange(length) if segments is None else segments.positions  # packed: per document
+        inv_freq = positions.inverse_frequencies(d_rope, cfg.rope_theta)
         q_rope = positions.rotate(q_rope, token_positions, inv_freq)
         rope_key = positions.rotate(rope_key, token_positions, inv_freq)[:, :, 0]  # [B, T, d_r]
         w_uk = self.weight("key_up", (rank, heads, d_nope), ("kv_lora", "heads", "head_dim"), out_axis=(1, 2))
         w_uv = self.weight("value_up", (rank, heads, d_v), ("kv_lora", "heads", "head_dim"), out_axis=(1, 2))
 
         mask = None if key_mask is None else attention.causal_mask(length, length)[None] & key_mask[:, None, :]
+        if segments is not None and key_mask is not None:
+            mask = mask & packing.same_segment(segments)
         if cache is not None:
             cache = {"latent": kv_cache.write(cache["latent"], latent, start),
                      "rope_key": kv_cache.write(cache["rope_key"], rope_key, start)}
@@ -114,7 +118,8 @@ class MultiHeadLatentAttention(nn.Module):
         else:
             rng = self.make_rng("dropout") if cfg.attention_dropout and self.has_rng("dropout") else None
             out = expanded_attention(q_nope, q_rope, latent, rope_key, w_uk, w_uv, mask, cfg.attention_impl,
-                                     dropout_rate=cfg.attention_dropout, dropout_rng=rng)
+                                     None if segments is None else segments.ids, dropout_rate=cfg.attention_dropout,
+                                     dropout_rng=rng)
         out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_heads", None))
         w_out = self.weight("out", (heads, d_v, d_model), ("heads", "head_dim", "embed"), in_axis=(0, 1), out_axis=2)
         return (out.reshape(-1, heads * d_v) @ w_out.reshape(-1, d_model)).reshape(x.shape), cache

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import optax
 
 from data.config_fields import field
-from models import blocks, layers, lm, transformer
+from models import blocks, layers, lm, packing, transformer
 
 ROUTINGS = ("topk", "predictor")
 ROUTED = "routed"  # the routed block's name in each period
@@ -53,12 +53,17 @@ def capacity_tokens(capacity: float, length: int) -> int:
     return max(1, min(length, int(round(capacity * length))))
 
 
-def gathered_update(x, weight, chosen_idx, key_mask, run):
+def gathered_update(x, weight, chosen_idx, key_mask, run, segments=None):
     """x_i + weight_i (f(x_S)_i - x_i) at the positions chosen_idx [B, k] (increasing), x_i elsewhere:
-    f = run(x_S, its key mask or None) on the gathered tokens; weight [B, T] float32."""
+    f = run(x_S, its key mask or None, its packed-row segments or None, its positions [B, k]) on the gathered
+    tokens; weight [B, T] float32."""
     xs = jnp.take_along_axis(x, chosen_idx[..., None], axis=1)
     keys = None if key_mask is None else jnp.take_along_axis(key_mask, chosen_idx, axis=1)
-    ys = run(xs, keys)
+    if segments is None:
+        ys = run(xs, keys, None, chosen_idx)
+    else:  # the chosen tokens keep their documents and their positions in them
+        chosen = packing.Segments(*(jnp.take_along_axis(t, chosen_idx, axis=1) for t in segments))
+        ys = run(xs, keys, chosen, chosen.positions)
     update = jnp.take_along_axis(weight, chosen_idx, axis=1)[..., None] * (ys - xs).astype(jnp.float32)
     rows = jnp.arange(x.shape[0])[:, None]
     return x + jnp.zeros(x.shape, jnp.float32).at[rows, chosen_idx].add(update).astype(x.dtype)
@@ -85,17 +90,17 @@ class RoutedBlock(nn.Module):
         p = self.predictor_out(nn.relu(self.predictor_in(jax.lax.stop_gradient(x).astype(jnp.float32))))[..., 0]
         return r, p
 
-    def gathered(self, x, r, chosen_idx, key_mask=None):
+    def gathered(self, x, r, chosen_idx, key_mask=None, segments=None):
         """The top-k form: the block on the tokens at chosen_idx [B, k] (increasing), their updates scaled by r."""
-        return gathered_update(x, r, chosen_idx, key_mask,
-                               lambda xs, keys: self.block(xs, None, 0, keys, positions=chosen_idx)[0])
+        return gathered_update(x, r, chosen_idx, key_mask, lambda xs, keys, segs, at: self.block(
+            xs, None, 0, keys, segments=segs, positions=at)[0], segments)
 
-    def masked(self, x, r, routed, cache=None, start=0, key_mask=None):
+    def masked(self, x, r, routed, cache=None, start=0, key_mask=None, segments=None):
         """The causal form: the block on every token, only routed ones [B, T] as keys and updated. With a cache
         ({"block", "routed": bool[B, max_len]}) the decisions of earlier positions come from it."""
         if cache is None:
             keys = routed if key_mask is None else routed & key_mask
-            y, block_cache = self.block(x, None, start, keys)
+            y, block_cache = self.block(x, None, start, keys, segments)
         else:
             history = jax.lax.dynamic_update_slice(cache[ROUTED], routed, (0, start))
             keys = history if key_mask is None else history & key_mask
@@ -104,11 +109,11 @@ class RoutedBlock(nn.Module):
         update = jnp.where(routed[..., None], r[..., None] * (y - x).astype(jnp.float32), 0.0)
         return x + update.astype(x.dtype), cache
 
-    def __call__(self, x, cache, start, key_mask=None):
+    def __call__(self, x, cache, start, key_mask=None, segments=None):
         cfg = self.cfg
         r, p = self.scores(x)
         if cache is not None or cfg.routing == "predictor":
-            return self.masked(x, r, p > 0, cache, start, key_mask)
+            return self.masked(x, r, p > 0, cache, start, key_mask, segments)
         _, chosen_idx = jax.lax.top_k(r, capacity_tokens(cfg.capacity, x.shape[1]))
         chosen_idx = jnp.sort(chosen_idx, axis=-1)
         chosen = jnp.zeros(r.shape, bool).at[jnp.arange(r.shape[0])[:, None], chosen_idx].set(True)
@@ -117,7 +122,7 @@ class RoutedBlock(nn.Module):
         self.sow("metrics", "predictor_bce", bce)
         self.sow("metrics", "predictor_agreement", jnp.mean(((p > 0) == chosen).astype(jnp.float32)))
         self.sow("metrics", "predicted_fraction", jnp.mean((p > 0).astype(jnp.float32)))
-        return self.gathered(x, r, chosen_idx, key_mask), None
+        return self.gathered(x, r, chosen_idx, key_mask, segments), None
 
     @staticmethod
     def init_cache(cfg, batch: int, max_len: int, dtype):

@@ -95,43 +95,44 @@ class MoRTransformer(lm.LM):
         else:
             self.depth_router = dense(cfg.recursions, "depth_router")
 
-    def shared_stack(self, x, caches, start, key_mask, positions=None, reuse_cache=False):
+    def shared_stack(self, x, caches, start, key_mask, positions=None, reuse_cache=False, segments=None):
         """F: the shared blocks in order; caches: None or {"shared_j": block cache}."""
         new = {}
         for j, block in enumerate(self.shared):
             name = f"shared_{j}"
-            x, new[name] = block(x, None if caches is None else caches[name], start, key_mask, positions, reuse_cache)
+            x, new[name] = block(x, None if caches is None else caches[name], start, key_mask, segments,
+                                   positions=positions, reuse_cache=reuse_cache)
         return x, None if caches is None else new
 
-    def hidden(self, x, cache=None, start=0, key_mask=None):
-        h, cache, _ = self.run(x, cache, start, key_mask)
+    def hidden(self, x, cache=None, start=0, key_mask=None, segments=None):
+        h, cache, _ = self.run(x, cache, start, key_mask, segments)
         return h, cache
 
-    def run(self, x, cache, start, key_mask):
+    def run(self, x, cache, start, key_mask, segments=None):
         """(final-norm hidden, cache, each position's recursion count int32[B, T])."""
         cfg = self.cfg
-        x, first_cache = self.first(x, None if cache is None else cache["first"], start, key_mask)
+        x, first_cache = self.first(x, None if cache is None else cache["first"], start, key_mask, segments)
         if cfg.router == "expert" and cfg.routing == "topk" and cfg.kv_sharing == "recursion" and cache is None:
-            x, depth = self.gathered_recursions(x, key_mask)
+            x, depth = self.gathered_recursions(x, key_mask, segments)
             recursion_caches, history = None, None
         else:
-            x, recursion_caches, history, depth = self.masked_recursions(x, cache, start, key_mask)
-        x, last_cache = self.last(x, None if cache is None else cache["last"], start, key_mask)
+            x, recursion_caches, history, depth = self.masked_recursions(x, cache, start, key_mask, segments)
+        x, last_cache = self.last(x, None if cache is None else cache["last"], start, key_mask, segments)
         if cache is not None:
             cache = {"first": first_cache, "last": last_cache, "recursions": recursion_caches, ACTIVE: history}
         return self.final_norm(x), cache, depth
 
-    def gathered_recursions(self, x, key_mask):
+    def gathered_recursions(self, x, key_mask, segments=None):
         """Expert-choice top-k: recursion r runs F on its k_r chosen tokens only (chosen among r - 1's).
         Returns (x, each token's recursion count)."""
-        x, _ = self.shared_stack(x, None, 0, key_mask)
+        x, _ = self.shared_stack(x, None, 0, key_mask, segments=segments)
         eligible = jnp.ones(x.shape[:2], bool)
         depth = jnp.ones(x.shape[:2], jnp.int32)
         for r, router in enumerate(self.routers, start=1):
             score = router(x.astype(jnp.float32))[..., 0]
             chosen_idx, chosen = self.top_k_choice(r, score, eligible)
-            x = mod.gathered_update(x, jax.nn.sigmoid(score), chosen_idx, key_mask, lambda xs, keys, idx=chosen_idx:
-                                    self.shared_stack(xs, None, 0, keys, positions=idx)[0])
+            x = mod.gathered_update(x, jax.nn.sigmoid(score), chosen_idx, key_mask, lambda xs, keys, segs, at:
+                                    self.shared_stack(xs, None, 0, keys, positions=at, segments=segs)[0], segments)
             eligible, depth = chosen, depth + chosen
         return x, depth
 
@@ -173,7 +174,7 @@ class MoRTransformer(lm.LM):
             self.sow("metrics", "depth_fraction", fraction)
         return choice + 1, jnp.take_along_axis(probs, choice[..., None], axis=-1)[..., 0]
 
-    def masked_recursions(self, x, cache, start, key_mask):
+    def masked_recursions(self, x, cache, start, key_mask, segments=None):
         """Every recursion runs F on all tokens, keys and updates masked to the active ones. With a cache the
         earlier positions' activity comes from it. Returns (x, recursion caches, activity history, recursion counts)."""
         cfg = self.cfg
@@ -197,26 +198,27 @@ class MoRTransformer(lm.LM):
                 keys = history[:, r]
             skippable = cache is not None and r > 0  # decoding: no token of the batch active, nothing to run
             if cfg.kv_sharing == "share":
-                y, written = self.recursion(x, first_kv, start, key_mask, r > 0, active if skippable else None)
+                y, written = self.recursion(x, first_kv, start, key_mask, r > 0, active if skippable else None, segments)
                 if r == 0:
                     caches, first_kv = [written], written
             else:
                 layer_caches = None if cache is None else cache["recursions"][r]
                 keys = keys if key_mask is None else keys & key_mask
-                y, written = self.recursion(x, layer_caches, start, keys, False, active if skippable else None)
+                y, written = self.recursion(x, layer_caches, start, keys, False, active if skippable else None, segments)
                 caches.append(written)
             update = jnp.where(active[..., None], gate[..., None] * (y - x).astype(jnp.float32), 0.0)
             x, runs = x + update.astype(x.dtype), runs + active
         return x, None if cache is None else tuple(caches), history, runs
 
-    def recursion(self, x, caches, start, keys, reuse_cache, skip_unless=None):
+    def recursion(self, x, caches, start, keys, reuse_cache, skip_unless=None, segments=None):
         """F(x) with its caches; with `skip_unless` (bool[B, T]), only when one of its tokens is active (a
         `lax.cond`: decoding then saves the recursion's compute; skipped positions are inactive, so the caches
         they leave unwritten are never read)."""
         if skip_unless is None:
-            return self.shared_stack(x, caches, start, keys, reuse_cache=reuse_cache)
+            return self.shared_stack(x, caches, start, keys, reuse_cache=reuse_cache, segments=segments)
         return nn.cond(jnp.any(skip_unless),
-                       lambda module, x, c: module.shared_stack(x, c, start, keys, reuse_cache=reuse_cache),
+                       lambda module, x, c: module.shared_stack(x, c, start, keys, reuse_cache=reuse_cache,
+                                                                segments=segments),
                        lambda module, x, c: (x, c), self, x, caches)
 
     def empty_shared_cache(self, x):

@@ -46,11 +46,11 @@ SCORE_BIASES = ("alibi", "t5")  # added to the attention scores
 # Absolute ----------------------------------------------------------------------------------------------------
 
 def sinusoidal(positions, width: int):
-    """float32[T, width] table of Vaswani et al.'s encoding at integer positions [T] (interleaved sin, cos)."""
+    """float32[..., T, width] table of Vaswani et al.'s encoding at integer positions [..., T] (interleaved sin, cos)."""
     inv_freq = jnp.asarray(10000.0 ** (-np.arange(0, width, 2) / width), jnp.float32)  # [ceil(width / 2)]
-    angles = positions.astype(jnp.float32)[:, None] * inv_freq
-    table = jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1).reshape(len(positions), -1)
-    return table[:, :width]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    table = jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1).reshape(*positions.shape, -1)
+    return table[..., :width]
 
 
 # RoPE --------------------------------------------------------------------------------------------------------

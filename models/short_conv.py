@@ -13,22 +13,31 @@ pass continues exactly where the previous one stopped (what the full pass comput
 import flax.linen as nn
 import jax.numpy as jnp
 
+from models import packing
+
 
 class ShortConv(nn.Module):
     width: int
 
     @nn.compact
-    def __call__(self, h, state=None, valid=None):
+    def __call__(self, h, state=None, valid=None, segments=None):
         """h [B, T, D], state [B, w - 1, D] (None: a full pass from position 0), valid: None or bool [B, T] (False:
-        padding, which enters the sums as 0) -> (y [B, T, D], the new state)."""
+        padding, which enters the sums as 0), segments: packed rows (models/packing.py; the tap at lag j reads
+        only the same document) -> (y [B, T, D], the new state)."""
         kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.zeros, (None, "embed")),
                             (self.width, h.shape[-1]))
         history = jnp.zeros((h.shape[0], self.width - 1, h.shape[-1]), h.dtype) if state is None else state.astype(h.dtype)
         inputs = h if valid is None else h * valid[:, :, None].astype(h.dtype)
         padded = jnp.concatenate([history, inputs], axis=1)  # position t of h sits at t + w - 1
         steps = h.shape[1]
-        mixed = sum(kernel[j].astype(h.dtype) * padded[:, self.width - 1 - j:self.width - 1 - j + steps]
-                    for j in range(self.width))
+
+        def tap(j):  # c_j * h_{t-j}
+            term = kernel[j].astype(h.dtype) * padded[:, self.width - 1 - j:self.width - 1 - j + steps]
+            if segments is None:
+                return term
+            return term * packing.same_segment_at_lag(segments, j)[..., None].astype(h.dtype)
+
+        mixed = sum(tap(j) for j in range(self.width))
         return h + mixed, padded[:, steps:]
 
     @staticmethod

@@ -36,10 +36,10 @@ class Transformer(lm.LM):
             self.segments = [self.scanned(early_exit.FreezingBlock, {}, self.cfg.exit_every, name)
                              for name in early_exit.segment_names(self.cfg)]
 
-    def hidden(self, x, cache=None, start=0, key_mask=None):
+    def hidden(self, x, cache=None, start=0, key_mask=None, segments=None):
         if not self.cfg.exit_every:
-            return super().hidden(x, cache, start, key_mask)
-        h, cache, _ = early_exit.run(self, x, cache, start, key_mask)
+            return super().hidden(x, cache, start, key_mask, segments)
+        h, cache, _ = early_exit.run(self, x, cache, start, key_mask, segments)
         return h, cache
 
     def layers_used(self, tokens):

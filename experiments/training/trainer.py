@@ -83,6 +83,17 @@ def _flat_metrics(tree, prefix="") -> dict:
     return flat
 
 
+def packed_rows(batch) -> dict:
+    """The model's keyword arguments for a batch of packed rows (`segment_ids`, `positions`: data.packing,
+    models/packing.py), or none for one document per row."""
+    return {k: batch[k] for k in ("segment_ids", "positions") if k in batch}
+
+
+def padding_fraction(batch) -> dict:
+    """{"padding_fraction": the share of a packed batch's positions that hold no document}, or {}."""
+    return {"padding_fraction": 1.0 - jnp.mean(batch["segment_ids"] > 0)} if "segment_ids" in batch else {}
+
+
 def train_step(state: TrainState, batch, frozen=None, *, schedule, accumulate: int = 1, ema_decay: float = 0.0,
                objective: language_modelling.LanguageModelling = language_modelling.LanguageModelling(),
                frozen_apply=None, sown: sown_losses.SownLosses = sown_losses.SownLosses(),
@@ -108,7 +119,7 @@ def train_step(state: TrainState, batch, frozen=None, *, schedule, accumulate: i
 
     def loss_fn(params, probes, model_state, micro, micro_rng):
         logits, written = state.apply_fn(
-            {"params": params, **model_state, models.PROBES: probes}, objective.inputs(micro),
+            {"params": params, **model_state, models.PROBES: probes}, objective.inputs(micro), **packed_rows(micro),
             rngs={"dropout": micro_rng},
             mutable=[*model_state, *models.SOWN, *([models.MONITORS] if with_monitors else [])])
         total, sums = objective.loss(logits, micro, count, accumulate, frozen_logits)
@@ -142,7 +153,8 @@ def train_step(state: TrainState, batch, frozen=None, *, schedule, accumulate: i
     metrics = {"loss": sums["loss"] / count, "accuracy": sums["correct"] / count, **objective.metrics(sums, count),
                **sown.metrics(sums, batch, count), "objective": sums["minimised"],
                "grad_norm": optax.global_norm(grads), "lr": schedule(state.step),
-               "stage": state.stage, **_flat_metrics(sown_stats["metrics"]), **_flat_metrics(probe_grads),
+               "stage": state.stage, **padding_fraction(batch), **_flat_metrics(sown_stats["metrics"]),
+               **_flat_metrics(probe_grads),
                **_flat_metrics(sown_stats["monitors"], prefix="monitor/")}
     new_model_state = {**written_state, **({models.PROBES: probes} if probes else {})}
     new_state = state.apply_gradients(grads=grads, model_state=new_model_state)
@@ -157,7 +169,7 @@ def train_step(state: TrainState, batch, frozen=None, *, schedule, accumulate: i
 def _eval_step(state: TrainState, batch, ema: bool = False):
     """Masked sums at the raw weights (schedule-free: its averaged iterate), or at their moving average."""
     params = state.ema_params if ema else optimizers.evaluation_params(state.opt_state, state.params)
-    logits = state.apply_fn({"params": params, **state.model_state}, batch["inputs"])
+    logits = state.apply_fn({"params": params, **state.model_state}, batch["inputs"], **packed_rows(batch))
     return losses.masked_sums(logits, batch["targets"], batch["loss_mask"])
 
 

@@ -4,6 +4,7 @@ packing with segment ids, training and exact resumption, mixtures of stores, one
 import collections
 import dataclasses
 import json
+import re
 
 import jax
 import numpy as np
@@ -104,6 +105,8 @@ def test_training_on_a_store_resumes_exactly(stores, tmp_path, packing):
         a = {e["step"]: e["loss"] for e in metrics_writer.read(str(straight), split)}
         b = {e["step"]: e["loss"] for e in metrics_writer.read(str(resumed), split)}
         assert a == b and max(a) == 4, split
+    padding = [e["padding_fraction"] for e in metrics_writer.read(str(straight), "train")]
+    assert padding and all(0 <= p < 1 for p in padding), padding  # logged each step (0 when nothing is padded)
     assert json.load(open(straight / "data.json"))["stores"] == {
         stores["alpha"]: [s["sha256"] for s in token_store.read_manifest(stores["alpha"])["shards"]]}
 
@@ -133,6 +136,21 @@ def test_a_mixture_draws_from_each_store_by_weight_and_evaluates_each(stores, tm
 def test_bad_token_configs_are_one_line(stores, overrides, message):
     found = token_store.validate(_config(**{"stores": stores["alpha"], **overrides}))
     assert len(found) == 1 and message in found[0], found
+
+
+@pytest.mark.parametrize("model,message", [
+    (dict(mtp_depth=1), "model.mtp_depth=1 reads tokens across a packed row's document boundaries"),
+    (dict(name="ssd", ssd_impl="pallas"), "model.ssd_impl='pallas' takes decays as differences of prefix sums"),
+])
+def test_families_that_cannot_read_packed_rows_are_refused_in_one_line(stores, model, message):
+    from experiments.configs import base as configs
+    from experiments.training import validation
+    config = _lm_config(stores["alpha"])
+    if "name" in model:
+        configs.switch_family(config, model["name"])
+    config.model.update({k: v for k, v in model.items() if k != "name"})
+    with pytest.raises(validation.ConfigError, match=re.escape(message)):
+        validation.validate(config, num_devices=1)
 
 
 def test_the_command_line_switches_an_lm_config_to_the_stores(stores, capsys):

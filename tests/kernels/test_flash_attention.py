@@ -149,9 +149,9 @@ def test_every_output_element_is_written(causal):
     plan = fa.make_plan(q, k, v, causal=causal, alibi=causal, sm_scale=None, block_q=16, block_k=16, interpret=True,
                         num_warps=None, num_stages=None, backward_launch=(32, 32, None, None))
     padded, slopes = fa.pad_inputs(plan, q, k, v), jnp.asarray(positions.alibi_slopes(4))
-    out, lse = fa.forward(*padded, slopes, plan)
+    out, lse = fa.forward(*padded, slopes, None, plan)
     d_out = jnp.pad(d_out, ((0, 0), (0, plan.padded_q - 75), (0, 0), (0, 0)))
-    grads = fa.backward(*padded, slopes, out, lse, d_out, plan)
+    grads = fa.backward(*padded, slopes, None, out, lse, d_out, plan)
     assert out.shape[1] == plan.padded_q > 75 and grads[1].shape[1] == plan.padded_k > 50
     for name, t in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads)):
         assert np.isfinite(np.asarray(t)).all(), name
@@ -205,3 +205,36 @@ def test_lowers_for_tpu(monkeypatch, dtype, head_dim):
     forward_backward = jax.jit(lambda q, k, v: jax.vjp(flash, q, k, v)[1](jnp.ones(q.shape, q.dtype)))
     text = forward_backward.trace(q, k, k).lower(lowering_platforms=("tpu",)).as_text()
     assert text.count("tpu_custom_call") == 3  # forward, dK/dV, dQ
+
+
+def random_segments(rng, batch, length):
+    """int32[B, L]: random document lengths 1.. packed from the left, the row's tail padding (0) half the time."""
+    ids = np.zeros((batch, length), np.int32)
+    for row in range(batch):
+        start, segment = 0, 1
+        end = length - (rng.integers(1, length // 4) if row % 2 else 0)
+        while start < end:
+            size = int(rng.integers(1, 20))
+            ids[row, start:min(start + size, end)] = segment
+            start, segment = start + size, segment + 1
+    return jnp.asarray(ids)
+
+
+@pytest.mark.parametrize("window,alibi", [(0, False), slow(7, True), slow(0, True), slow(7, False)])
+def test_segment_ids_match_the_masked_reference(window, alibi):
+    """Packed rows: query i sees key j only inside its segment (and window), forward and backward, over lengths
+    that are not multiples of the blocks, GQA, and documents that start anywhere in a block."""
+    q, k, v, d_out = inputs(2, 75, 75, 4, 2, 32)
+    ids = random_segments(np.random.default_rng(3), 2, 75)
+    slopes = jnp.asarray(positions.alibi_slopes(4)) if alibi else None
+    flash = functools.partial(kernels_pallas.flash_attention, causal=True, window=window, alibi_slopes=slopes,
+                              segment_ids=ids, block_q=16, block_k=16)
+    mask = attention.causal_mask(75, 75, window=window)[None] & (ids[:, :, None] == ids[:, None, :])
+    bias = None if slopes is None else positions.alibi_bias(4, jnp.arange(75), jnp.arange(75))
+    reference = functools.partial(attention.attend, mask=mask, bias=bias)
+    got = jax.jit(functools.partial(value_and_grads, flash))(q, k, v, d_out)
+    want = jax.jit(functools.partial(value_and_grads, reference))(q, k, v, d_out)
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        assert relative_error(g, w) < 1e-5, (name, relative_error(g, w))
+    unsegmented = kernels_pallas.flash_attention(q, k, v, causal=True, window=window, alibi_slopes=slopes)
+    assert relative_error(unsegmented, want[0]) > 1e-2  # the segments change the answer

@@ -72,7 +72,7 @@ def test_short_conv_layer_against_numpy():
     for t in range(x.shape[1]):
         conv = bias + sum(kernel[3 - j] * normed[:, t - j] for j in range(4) if t - j >= 0)
         expected[:, t] = x[:, t] + conv @ w_out
-    got = model.apply({"params": params}, tokens, method=lambda m, t: m.stack(m.embed(t), None, 0, None)[0])
+    got = model.apply({"params": params}, tokens, method=lambda m, t: m.stack(m.embed(t), None, 0, None, None)[0])
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
