@@ -1,1 +1,0 @@
-studies/adaptive_study.py

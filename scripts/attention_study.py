@@ -1,1 +1,0 @@
-studies/attention_study.py

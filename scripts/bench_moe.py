@@ -1,1 +1,0 @@
-benchmarks/bench_moe.py

@@ -1,1 +1,0 @@
-benchmarks/bench_vmap_sweep.py

@@ -1,1 +1,0 @@
-studies/bitnet_study.py

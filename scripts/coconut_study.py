@@ -1,1 +1,0 @@
-studies/coconut_study.py

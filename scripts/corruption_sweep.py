@@ -1,1 +1,0 @@
-tools/corruption_sweep.py

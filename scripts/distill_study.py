@@ -1,1 +1,0 @@
-studies/distill_study.py

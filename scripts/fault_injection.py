@@ -1,1 +1,0 @@
-tools/fault_injection.py

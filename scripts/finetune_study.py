@@ -1,1 +1,0 @@
-studies/finetune_study.py

@@ -1,1 +1,0 @@
-studies/grokking_optimizers_study.py

@@ -1,1 +1,0 @@
-studies/grpo_study.py

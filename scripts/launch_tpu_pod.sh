@@ -1,1 +1,0 @@
-launch/launch_tpu_pod.sh

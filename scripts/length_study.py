@@ -1,1 +1,0 @@
-studies/length_study.py

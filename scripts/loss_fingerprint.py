@@ -1,1 +1,0 @@
-tools/loss_fingerprint.py

@@ -1,1 +1,0 @@
-studies/moe_balance_study.py

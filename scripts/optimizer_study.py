@@ -1,1 +1,0 @@
-studies/optimizer_study.py

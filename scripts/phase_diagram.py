@@ -1,1 +1,0 @@
-studies/phase_diagram.py

@@ -1,1 +1,0 @@
-studies/preference_study.py

@@ -1,1 +1,0 @@
-studies/progress_measures_study.py

@@ -1,1 +1,0 @@
-tools/prosqa_statistics.py

@@ -1,1 +1,0 @@
-studies/recall_study.py

@@ -1,1 +1,0 @@
-studies/sae_grokking_study.py

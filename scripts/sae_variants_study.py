@@ -1,1 +1,0 @@
-studies/sae_variants_study.py

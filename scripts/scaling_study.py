@@ -1,1 +1,0 @@
-studies/scaling_study.py

@@ -1,1 +1,0 @@
-studies/steering_study.py

@@ -1,1 +1,0 @@
-tools/train_sentencepiece.py
