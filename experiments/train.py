@@ -45,21 +45,7 @@ def _parse_flags(argv):
     """absl flag parsing, with any error (unknown or mistyped config key, bad flag) as one stderr line. A family
     named by --config.model.name (a dataset by --config.data.name) gets its own section before the other overrides of
     that section apply."""
-    argv, section_items = cli.split_section_overrides(argv)
-    _ARGV[:] = argv
-    try:
-        parsed = flags.FLAGS(argv)
-        if section_items:
-            cli.switch_sections(_CONFIG.value, section_items)
-        return parsed
-    except flags.Error as e:
-        cli.fail(str(e).splitlines()[0] if str(e) else repr(e))
-    except (AttributeError, KeyError) as e:  # ml_collections: an override names a key the config lacks
-        key = str(e).strip("\"'")
-        overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")
-                     and a.split("=")[0].rsplit(".", 1)[-1] == key]
-        cli.fail(f"unknown config key {key!r} in {', '.join(overrides) or 'the --config overrides'}; "
-              "valid keys are those of the config file (experiments/configs/base.py lists the common ones)")
+    return cli.parse_flags(argv, _CONFIG, _ARGV)
 
 
 def _initialize_distributed():

@@ -29,9 +29,11 @@ from ml_collections import config_flags
 
 import models
 from experiments.studies import scaling_fits
-from experiments.training import metrics_writer, trainer
+from experiments.training import cli, metrics_writer, trainer
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "The experiment config whose model is scaled.")
+_CONFIG_ARGV: list[str] = []  # what the config flag parses (experiments/training/cli.parse_flags fills it)
+_CONFIG = config_flags.DEFINE_config_file("config", None, "The experiment config whose model is scaled.",
+                                          sys_argv=_CONFIG_ARGV)
 _SIZES = flags.DEFINE_list("sizes", ["64x2", "96x3", "128x4"], "Model sizes, WIDTHxLAYERS.")
 _BUDGETS = flags.DEFINE_list("budgets", ["1e13", "3e13"], "Compute budgets C in FLOPs (6 N D).")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/scaling", "Where the runs and results.csv go.")
@@ -140,4 +142,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=lambda argv: cli.parse_flags(argv, _CONFIG, _CONFIG_ARGV))

@@ -67,6 +67,29 @@ def split_section_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     return [a for a in argv if a not in items], [a.removeprefix("--config.") for a in items]
 
 
+def parse_flags(argv: list[str], config_flag, config_argv: list[str]):
+    """absl flag parsing for a command with a --config file (`config_flag`, defined with sys_argv=config_argv), with
+    any error (unknown or mistyped config key, bad flag) as one stderr line; a section switched by
+    --config.model.name / --config.data.name is rebuilt before that section's other overrides apply."""
+    from absl import flags
+
+    argv, section_items = split_section_overrides(argv)
+    config_argv[:] = argv
+    try:
+        parsed = flags.FLAGS(argv)
+        if section_items:
+            switch_sections(config_flag.value, section_items)
+        return parsed
+    except flags.Error as e:
+        fail(str(e).splitlines()[0] if str(e) else repr(e))
+    except (AttributeError, KeyError) as e:  # ml_collections: an override names a key the config lacks
+        key = str(e).strip("\"'")
+        overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")
+                     and a.split("=")[0].rsplit(".", 1)[-1] == key]
+        fail(f"unknown config key {key!r} in {', '.join(overrides) or 'the --config overrides'}; "
+             "valid keys are those of the config file (experiments/configs/base.py lists the common ones)")
+
+
 def switch_sections(config, items: list[str]):
     """Applies `split_section_overrides`' items to a parsed config: "S.name=X" first for each switched section S
     (the family's or dataset's section with its defaults and the keys both share:
