@@ -156,6 +156,9 @@ class TokensConfig:
     eval_tokens: int = field(65_536, min=1)  # each store's evaluation set: its first held-out documents, this many tokens
     batch_size: int = field(32, min=1)
     eval_batch_size: int = 64
+    streams: int = field(0, min=0)  # independent reading streams (0: one per process); fixed: the same batches on any
+    #                                 number of processes that divides it (token_store.train_batches)
+    workers: int = field(0, min=0)  # grain worker processes reading and packing the rows (0: this process's threads)
 
 
 @dataclasses.dataclass(frozen=True)

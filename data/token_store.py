@@ -2,8 +2,11 @@
 
     store: documents d_0 .. d_{N-1} (token ids, ArrayRecord records); document i is held out for evaluation
            iff h(i) < data.eval_fraction, h(i) = frac(i * 0.6180339887...) (Fibonacci hashing: uniform, no pattern)
-    train: this process's share of the kept documents (index = process_index mod process_count), shuffled by
-           (seed, epoch) and repeated; with several stores, interleaved by `data.weights` (grain's mixing)
+    train: `data.streams` = S independent streams (0: one per process), stream s reading the kept documents
+           with index = s mod S, shuffled by (seed, epoch) and repeated; with several stores, interleaved by
+           `data.weights` (grain's mixing); each global batch takes batch_size / S rows from every stream, and
+           process p of P reads the streams s = p mod P, so a fixed S gives the same global batches on 1, 2, ...
+           processes (any P that divides S)
     each document d -> inputs d[:-1], targets d[1:]  (one-token documents have no target and are dropped)
     rows of seq_len by grain's packers (`data.packing`, `PACKINGS`): concat-then-split (no padding; a document
            may continue in the next row), first-fit or best-fit (documents cut into pieces of at most seq_len,
@@ -12,7 +15,8 @@
            piece, loss_mask = segment_ids > 0, so no target is ever a token of another document
     eval:  each store's held-out documents in order, concatenated then split, up to data.eval_tokens tokens
 
-Memory does not grow with the corpus: records are read when a batch needs them (the shuffle permutes indices,
+`data.workers` = W > 0 reads and packs in W grain worker processes (`mp_prefetch`; needs absl's flags parsed, as
+the command line does). Memory does not grow with the corpus: records are read when a batch needs them (the shuffle permutes indices,
 not documents), and a process touches only its documents. The iterator's position is checkpointed with the
 run (grain), so a resumed run continues with the very next batch.
 """
@@ -58,6 +62,9 @@ def validate(config) -> list[str]:
                             f"`python -m data.prepare --input=... --out={store}` (or let a killed prepare finish)")
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             problems.append(f"data.stores: {os.path.join(store, MANIFEST)} is not valid JSON ({error})")
+    if config.streams and config.batch_size % config.streams:
+        problems.append(f"data.batch_size={config.batch_size} must be a multiple of data.streams={config.streams} "
+                        "(each stream gives every batch the same number of rows)")
     if len({(m["tokenizer"], m["vocab_size"]) for m in manifests}) > 1:
         problems.append(f"data.stores have different tokenizers: {[m['tokenizer'] for m in manifests]}")
     try:
@@ -130,11 +137,10 @@ def _packed(documents: grain.IterDataset, seq_len: int, packing: str = "concat_t
                                    "segment_ids": row["inputs_segment_ids"], "positions": row["inputs_positions"]})
 
 
-def _train_documents(store: str, eval_fraction: float, seed: int, process_index: int,
-                     process_count: int) -> grain.IterDataset:
+def _train_documents(store: str, eval_fraction: float, seed: int, stream: int, streams: int) -> grain.IterDataset:
     source = _Documents(store)
     kept = grain.MapDataset.range(len(source)).filter(lambda i: not held_out(i, eval_fraction))
-    mine = kept[process_index::process_count]
+    mine = kept[stream::streams]
     documents = mine.shuffle(seed=seed).repeat(None).map(lambda i: source[i]).filter(lambda d: len(d) > 1)
     return documents.map(_next_token_pairs).to_iter_dataset(grain.ReadOptions(num_threads=1,
                                                                                prefetch_buffer_size=64))
@@ -142,12 +148,27 @@ def _train_documents(store: str, eval_fraction: float, seed: int, process_index:
 
 def train_batches(config, *, batch_size: int, seed: int, process_index: int = 0,
                   process_count: int = 1) -> grain.IterDataset:
-    """This process's slice of every global training batch (batch_size // process_count rows), for ever."""
-    streams = [_train_documents(store, config.eval_fraction, seed + k, process_index, process_count)
+    """This process's slice of every global training batch (batch_size // process_count rows), for ever: the rows of
+    its streams in turn (equal weights: exact round robin)."""
+    streams = config.streams or process_count
+    if streams % process_count or batch_size % streams:
+        raise ValueError(f"data.streams={config.streams} gives {streams} streams, which must be a multiple of the "
+                         f"{process_count} processes and divide data.batch_size={batch_size}")
+    rows = [_stream_rows(config, s, streams, batch_size // streams, seed) for s in range(process_index, streams,
+                                                                                           process_count)]
+    mixed = rows[0] if len(rows) == 1 else grain.IterDataset.mix(rows, [1.0] * len(rows))
+    batches = mixed.batch(batch_size // process_count, drop_remainder=True)
+    if not config.workers:
+        return batches
+    return batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.workers))  # checkpointable too
+
+
+def _stream_rows(config, stream: int, streams: int, rows_per_batch: int, seed: int) -> grain.IterDataset:
+    """Stream `stream` of `streams`: its documents of every store, mixed by weight, packed into rows."""
+    sources = [_train_documents(store, config.eval_fraction, seed + k, stream, streams)
                for k, store in enumerate(stores_of(config))]
-    documents = streams[0] if len(streams) == 1 else grain.IterDataset.mix(streams, weights_of(config))
-    rows = batch_size // process_count
-    return _packed(documents, config.seq_len, config.packing, bins=rows, seed=seed).batch(rows, drop_remainder=True)
+    documents = sources[0] if len(sources) == 1 else grain.IterDataset.mix(sources, weights_of(config))
+    return _packed(documents, config.seq_len, config.packing, bins=rows_per_batch, seed=seed)
 
 
 def eval_examples(config) -> dict[str, dict[str, np.ndarray]]:

@@ -1,10 +1,12 @@
 """The prepared-store data path at growing corpus sizes: preparing, the loader's speed, and the trainer's memory.
 
-    python scripts/benchmarks/bench_loader.py [--sizes_mb=1,10,100] [--steps=40] [--workers=2]
+    python scripts/benchmarks/bench_loader.py [--sizes_mb=1,10,100] [--steps=40] [--workers=2] \
+        [--loader_workers=0,1,2,4]
 
 For each size: writes a JSONL corpus of that many MB (documents of 200-3,000 characters drawn from a fixed
 1,000-word vocabulary), prepares it with the byte tokenizer (`data.prepare`, `--workers` processes: MB/s), reads
-200 batches of 16 x 256 tokens from the training stream in this process (the loader's tokens/s), then trains
+200 batches of 16 x 256 tokens from the training stream (the loader's tokens/s: in this process, then with each
+`--loader_workers` count of grain worker processes, `data.workers`), then trains
 the small LM (`lm_shakespeare.py`, width 128, 4 layers) on the store for `--steps` steps through the command
 line in a subprocess, sampling its resident memory (/proc/PID/status VmRSS) ten times a second: the peak RSS,
 and the trainer's own tokens/s from metrics.jsonl. A lazy loader keeps the peak flat across sizes, and
@@ -30,6 +32,7 @@ from data import TokensConfig, prepare, token_store  # noqa: E402
 _SIZES = flags.DEFINE_list("sizes_mb", ["1", "10", "100"], "Corpus sizes in MB.")
 _STEPS = flags.DEFINE_integer("steps", 40, "Training steps per size.")
 _WORKERS = flags.DEFINE_integer("workers", 2, "data.prepare worker processes.")
+_LOADER_WORKERS = flags.DEFINE_list("loader_workers", ["0", "1", "2", "4"], "data.workers values the loader is timed at.")
 _ROOT = flags.DEFINE_string("root", None, "Folder for the corpora and runs (default: a temporary one, removed).")
 
 
@@ -46,10 +49,11 @@ def write_corpus(path: str, megabytes: float, seed: int = 0) -> int:
     return written
 
 
-def loader_tokens_per_s(store: str, batches: int = 200) -> float:
-    config = TokensConfig(stores=store, seq_len=256)
+def loader_tokens_per_s(store: str, workers: int, batches: int = 200) -> float:
+    config = TokensConfig(stores=store, seq_len=256, workers=workers)
     stream = iter(token_store.train_batches(config, batch_size=16, seed=0))
-    next(stream)
+    for _ in range(5):  # the workers started and their buffers filled
+        next(stream)
     start = time.perf_counter()
     for _ in range(batches):
         next(stream)
@@ -88,7 +92,9 @@ def train(store: str, workdir: str, steps: int) -> tuple[float, float]:
 def main(argv):
     del argv
     root = _ROOT.value or tempfile.mkdtemp(prefix="bench-loader-")
-    print("| corpus | documents | tokens | prepare (MB/s) | loader (tokens/s) | trainer (tokens/s) | trainer peak RSS (MB) |")
+    workers = "/".join(w if int(w) else "in-process" for w in _LOADER_WORKERS.value)
+    print(f"| corpus | documents | tokens | prepare (MB/s) | loader (tokens/s; {workers} workers) | trainer (tokens/s) "
+          "| trainer peak RSS (MB) |")
     print("|---|---|---|---|---|---|---|")
     try:
         for size in map(float, _SIZES.value):
@@ -97,10 +103,10 @@ def main(argv):
             start = time.perf_counter()
             manifest = prepare.prepare([corpus], store, workers=_WORKERS.value)
             prepare_mb_s = written / 1e6 / (time.perf_counter() - start)
-            loader = loader_tokens_per_s(store)
+            loader = " / ".join(f"{loader_tokens_per_s(store, int(w)):,.0f}" for w in _LOADER_WORKERS.value)
             peak, trainer_speed = train(store, os.path.join(root, f"run_{size:g}"), _STEPS.value)
             print(f"| {size:g} MB | {manifest['documents']:,} | {manifest['tokens']:,} | {prepare_mb_s:.1f} | "
-                  f"{loader:,.0f} | {trainer_speed:,.0f} | {peak:.0f} |", flush=True)
+                  f"{loader} | {trainer_speed:,.0f} | {peak:.0f} |", flush=True)
     finally:
         if not _ROOT.value:
             shutil.rmtree(root, ignore_errors=True)

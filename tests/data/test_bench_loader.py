@@ -1,7 +1,6 @@
 """scripts/benchmarks/bench_loader.py runs end to end at a tiny size and prints its row."""
 
 import os
-import re
 import subprocess
 import sys
 
@@ -13,8 +12,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 @pytest.mark.slow  # prepares a corpus and trains 3 steps in a subprocess
 def test_the_loader_benchmark_prints_a_row_per_size():
     done = subprocess.run([sys.executable, "scripts/benchmarks/bench_loader.py", "--sizes_mb=0.05", "--steps=3",
-                           "--workers=1"], cwd=REPO, capture_output=True, text=True, timeout=600)
+                           "--workers=1", "--loader_workers=0,2"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     row = next(line for line in done.stdout.splitlines() if line.startswith("| 0.05 MB"))
-    documents, tokens, prepare_rate, loader, trainer, rss = re.findall(r"[\d,.]+", row.replace(" MB", ""))[1:]
-    assert int(tokens.replace(",", "")) > 40_000 and float(rss) > 0 and float(loader.replace(",", "")) > 0
+    size, documents, tokens, prepare_rate, loaders, trainer, rss = [c.strip() for c in row.strip("|").split("|")]
+    number = lambda cell: float(cell.replace(",", ""))  # noqa: E731
+    assert number(tokens) > 40_000 and number(rss) > 0 and number(trainer) > 0
+    assert len(loaders.split(" / ")) == 2 and all(number(x) > 0 for x in loaders.split(" / "))  # 0 and 2 workers

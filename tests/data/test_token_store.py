@@ -45,15 +45,15 @@ def _bigrams(pairs):
     return collections.Counter(zip(*pairs))
 
 
-def test_processes_share_the_kept_documents_and_never_see_the_held_out_ones(stores):
+def test_streams_share_the_kept_documents_and_never_see_the_held_out_ones(stores):
     documents = prepare.read_documents(stores["alpha"])
     held = token_store.held_out(np.arange(len(documents)), 0.2)
     assert 0 < held.sum() < len(documents)
     seen = []
-    for process in range(2):
-        expected = [tuple(d) for i, d in enumerate(documents) if not held[i] and i % 2 == process and len(d) > 1]
-        stream = iter(token_store._train_documents(stores["alpha"], 0.2, seed=3, process_index=process, process_count=2))
-        epoch = [next(stream) for _ in expected]  # one epoch: each of this process's documents once, shuffled
+    for stream in range(2):
+        expected = [tuple(d) for i, d in enumerate(documents) if not held[i] and i % 2 == stream and len(d) > 1]
+        documents_read = iter(token_store._train_documents(stores["alpha"], 0.2, seed=3, stream=stream, streams=2))
+        epoch = [next(documents_read) for _ in expected]  # one epoch: each of this stream's documents once, shuffled
         got = [tuple(np.append(e["inputs"], e["targets"][-1])) for e in epoch]
         assert sorted(got) == sorted(expected) and got != expected
         seen += got
@@ -93,6 +93,31 @@ def _lm_config(stores_value, steps=4, **data):
     config.model.max_len = 0
     config.train.update(eval_every=2, checkpoint_every=2)
     return config
+
+
+@pytest.mark.parametrize("packing", ["first_fit", slow("concat_then_split")])
+def test_fixed_streams_give_the_same_global_batches_on_one_two_and_four_processes(stores, packing):
+    """data.streams=4: the union of the processes' slices of each global batch is the same rows whatever the number
+    of processes, each process reading only its streams' documents."""
+    config = _config(stores=stores["alpha"], streams=4, packing=packing)
+
+    def global_batches(processes):
+        slices = [iter(token_store.train_batches(config, batch_size=8, seed=5, process_index=p, process_count=processes))
+                  for p in range(processes)]
+        batches = []
+        for _ in range(6):
+            parts = [next(s) for s in slices]
+            assert all(len(part["inputs"]) == 8 // processes for part in parts)
+            rows = np.concatenate([np.concatenate([part[k] for k in ("inputs", "targets", "segment_ids", "positions")],
+                                                  axis=1) for part in parts])
+            batches.append(sorted(map(tuple, rows)))
+        return batches
+
+    one = global_batches(1)
+    assert global_batches(2) == one and global_batches(4) == one
+    assert len({tuple(map(tuple, b)) for b in one}) == len(one)  # the batches differ from each other
+    with pytest.raises(ValueError, match="data.streams=4 gives 4 streams, which must be a multiple of the 3 processes"):
+        token_store.train_batches(config, batch_size=12, seed=5, process_index=0, process_count=3)
 
 
 @pytest.mark.parametrize("packing", ["concat_then_split", slow("first_fit"), slow("best_fit")])

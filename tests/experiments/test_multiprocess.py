@@ -3,6 +3,7 @@ the same losses as one process with 8 devices, a checkpoint that one process res
 mesh, a dead process that stops the others instead of hanging them, a process killed mid-save whose
 workdir any job resumes, and a coordinator nobody answers."""
 
+import json
 import os
 import shutil
 import signal
@@ -33,12 +34,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_processes(workdir, extra_flags, num_processes=2):
+def _start_processes(workdir, extra_flags, num_processes=2, base_flags=tuple(TINY_LM_FLAGS)):
     """Popen handles; process i's stderr goes to workdir/../stderr_i.txt (files: pipes could fill and block)."""
     port = _free_port()
     env = cpu_env(4)
     return [subprocess.Popen(
-        [sys.executable, "-m", "experiments.train", *TINY_LM_FLAGS, *extra_flags, f"--workdir={workdir}",
+        [sys.executable, "-m", "experiments.train", *base_flags, *extra_flags, f"--workdir={workdir}",
          f"--coordinator_address=localhost:{port}", f"--num_processes={num_processes}", f"--process_id={i}"],
         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=open(workdir.parent / f"stderr_{i}.txt", "w"))
         for i in range(num_processes)]
@@ -74,6 +75,38 @@ def test_two_processes_match_one_and_their_checkpoint_restores_on_another_mesh(t
         assert result["step"] == 6
     expected, got = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     for key in [("train", 5), ("train", 6), ("eval", 6)]:
+        np.testing.assert_allclose(got[key], expected[key], rtol=2e-5, err_msg=str(key))
+
+
+def test_two_processes_train_on_a_token_store_and_resume_with_the_one_process_losses(tmp_path):
+    """Packed rows from a prepared store, data.streams=2 (process p reads stream p): 2 steps, a restart, 2 more on
+    2 processes give the losses of 4 straight steps in one process."""
+    from data import prepare
+    from experiments.training import cli
+
+    rng = np.random.default_rng(0)
+    with open(tmp_path / "corpus.jsonl", "w") as f:
+        for _ in range(200):
+            f.write(json.dumps({"text": "".join(rng.choice(list("abcdefgh \n"), size=int(rng.integers(2, 60))))}) + "\n")
+    prepare.prepare([str(tmp_path / "corpus.jsonl")], str(tmp_path / "store"), documents_per_shard=64)
+    data = ["data.name=tokens", f"data.stores={tmp_path / 'store'}", "data.streams=2", "data.packing=first_fit",
+            "data.eval_fraction=0.2", "data.eval_tokens=300", "data.eval_batch_size=16", "data.seq_len=16",
+            "data.batch_size=16"]
+    flags = [f for f in TINY_LM_FLAGS if not f.startswith("--config.data.")] + [f"--config.{d}" for d in data] + [
+        "--config.model.max_len=0", "--config.train.eval_every=2", "--config.train.checkpoint_every=2"]
+    for steps in (2, 4):
+        procs = _start_processes(tmp_path / "two", [f"--config.train.steps={steps}"], base_flags=flags)
+        for i, p in enumerate(procs):
+            assert p.wait(timeout=600) == 0, _stderr(tmp_path / "two", i)[-3000:]
+
+    config = make_tiny_lm_config(steps=4)
+    cli.switch_sections(config, data)
+    config.model.max_len = 0
+    config.train.update(eval_every=2, checkpoint_every=2)
+    trainer.train_and_evaluate(config, str(tmp_path / "one"), verbose=False)
+    expected, got = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert expected.keys() == got.keys() and len(got) == 6, (expected.keys(), got.keys())
+    for key in expected:
         np.testing.assert_allclose(got[key], expected[key], rtol=2e-5, err_msg=str(key))
 
 
