@@ -33,6 +33,7 @@ setuptools.setup(
         "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "ruff>=0.14,<1", "hypothesis>=6.100,<7",
                  "pyarrow>=15,<27"],  # the Parquet path of data.prepare is tested by default
         "corpora": ["pyarrow>=15,<27"],  # Parquet corpora for data.prepare
+        "beam": ["apache-beam>=2.60,<3"],  # data.prepare --runner=beam (data/prepare_beam.py)
         "seqio": ["seqio>=0.0.19,<0.1"],  # pulls in TensorFlow
         # Checkpoint import and parity tests against transformers (experiments/import_hf.py), and the checkpoints'
         # tokenizer.json (data/text.py, data.tokenizer="hf"); torch 2.13.0 is the CPU build the CI machines hold.

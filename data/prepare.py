@@ -1,7 +1,7 @@
 """Prepare a corpus once: documents in, ArrayRecord shards of token ids and a manifest out.
 
     python -m data.prepare --input=PATTERN[,PATTERN...] --out=DIR [--tokenizer=byte|sentencepiece:MODEL|hf:TOKENIZER_JSON]
-        [--text_field=text] [--workers=N] [--documents_per_shard=4096]
+        [--text_field=text] [--workers=N] [--documents_per_shard=4096] [--runner=local|beam [--beam_options=...]]
 
 The inputs are read as `data/corpus_files.py` says (text files, directories, globs, JSONL, Parquet), in a fixed
 order; document i goes to shard i // documents_per_shard, so the shards depend only on the inputs and the
@@ -198,9 +198,16 @@ def _check_out(out: str, request: dict) -> bool:
     return False
 
 
+RUNNERS = ("local", "beam")  # worker processes on this machine; an Apache Beam pipeline (data/prepare_beam.py)
+
+
 def prepare(inputs: list[str], out: str, tokenizer_spec: str = "byte", text_field: str = "text", workers: int = 1,
-            documents_per_shard: int = 4096, show_progress: bool = False) -> dict:
-    """Prepares the store (or finishes a killed prepare); returns its manifest."""
+            documents_per_shard: int = 4096, show_progress: bool = False, runner: str = "local",
+            beam_options: str = "") -> dict:
+    """Prepares the store (or finishes a killed prepare); returns its manifest. runner "beam" writes the same shards
+    through an Apache Beam pipeline (`beam_options`: Beam's pipeline options; default its DirectRunner)."""
+    if runner not in RUNNERS:
+        raise PrepareError(f"--runner={runner!r} is not one of {list(RUNNERS)}")
     files = corpus_files.expand(inputs)
     vocab_size = tokenizer_from_spec(tokenizer_spec).vocab_size
     request = request_of(files, tokenizer_spec, text_field, documents_per_shard)
@@ -211,10 +218,17 @@ def prepare(inputs: list[str], out: str, tokenizer_spec: str = "byte", text_fiel
     with open(os.path.join(out, PROGRESS, "request.json"), "w") as f:
         json.dump(request, f)
     done, dtype = _finished_shards(out), token_dtype(vocab_size).str
-    total = sum(os.path.getsize(f) for f in files)
-    with tqdm.tqdm(total=total, unit="B", unit_scale=True, desc="prepare", disable=None if show_progress else True) \
-            as progress, _pool(workers, tokenizer_spec) as pool:
-        _write_shards(pool, workers, _shard_jobs(files, text_field, documents_per_shard), done, out, dtype, progress)
+    if runner == "beam":
+        from data import prepare_beam
+
+        prepare_beam.write_shards(files, out, tokenizer_spec, text_field, documents_per_shard, dtype, set(done),
+                                  beam_options)
+    else:
+        total = sum(os.path.getsize(f) for f in files)
+        with tqdm.tqdm(total=total, unit="B", unit_scale=True, desc="prepare",
+                       disable=None if show_progress else True) as progress, _pool(workers, tokenizer_spec) as pool:
+            _write_shards(pool, workers, _shard_jobs(files, text_field, documents_per_shard), done, out, dtype,
+                          progress)
     entries = _finished_shards(out)
     shards = [entries[i] for i in sorted(entries)]
     if not sum(s["documents"] for s in shards):
@@ -250,7 +264,8 @@ def main(argv):
         sys.exit(2)
     try:
         manifest = prepare(args.input, args.out, args.tokenizer, args.text_field, args.workers,
-                           args.documents_per_shard, show_progress=True)
+                           args.documents_per_shard, show_progress=True, runner=args.runner,
+                           beam_options=args.beam_options)
     except (PrepareError, corpus_files.CorpusError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
@@ -265,4 +280,7 @@ if __name__ == "__main__":  # the flags exist only for the command
     flags.DEFINE_string("text_field", "text", "The JSONL field / Parquet column holding the text.")
     flags.DEFINE_integer("workers", max(1, (os.cpu_count() or 2) - 1), "Tokenizing processes.")
     flags.DEFINE_integer("documents_per_shard", 4096, "Documents per ArrayRecord shard.")
+    flags.DEFINE_string("runner", "local", "local (worker processes here) or beam (an Apache Beam pipeline, the "
+                        "[beam] extra: the same shards).")
+    flags.DEFINE_string("beam_options", "", "With --runner=beam: Beam's pipeline options (default: its DirectRunner).")
     app.run(main)
