@@ -6,7 +6,9 @@ Approach 3: L(N, D) = E + A / N^alpha + B / D^beta, fitted in the log-sum-exp pa
 minimising sum_i Huber_delta(log L_hat_i - log L_i) with delta 1e-3, by L-BFGS from every point of
 a grid of starting values (all starts optimised at once, vmapped, in float64, for a fixed 100
 steps: on the Chinchilla data 100 reach Besiroglu et al.'s optimum, 50 do not); the best final
-objective wins. Bootstrap: refit on resampled points (as multiplicities) from the best start.
+objective wins. Screening: every start runs `screen_steps` steps first and only the `keep` best go on to the
+full `steps` (from where they stopped), which finds the same optimum on the Chinchilla data at a fifth of the work
+(`screen_steps=0`: every start runs every step). Bootstrap: refit on resampled points (as multiplicities) from the best start.
 
 Approach 2: per compute budget C whose lowest loss is not at the smallest or largest size (else
 the valley lies outside the sizes tried), a parabola of loss in log N through the `window` sizes nearest
@@ -64,7 +66,8 @@ def _as_result(theta) -> dict:
     return {"E": float(np.exp(e)), "A": float(np.exp(a)), "B": float(np.exp(b)), "alpha": alpha, "beta": beta}
 
 
-def fit_approach3(model_size, tokens, loss, *, delta=1e-3, steps=100, grid=None, bootstrap=0, seed=0) -> dict:
+def fit_approach3(model_size, tokens, loss, *, delta=1e-3, steps=100, grid=None, bootstrap=0, seed=0,
+                  screen_steps=20, keep=64) -> dict:
     """Fitted {"E", "A", "B", "alpha", "beta"} (+ "objective", and "intervals": 95% bootstrap ranges)."""
     grid = GRID if grid is None else grid
     starts = np.array(list(itertools.product(*(grid[k] for k in PARAMETERS))), np.float64)
@@ -72,7 +75,11 @@ def fit_approach3(model_size, tokens, loss, *, delta=1e-3, steps=100, grid=None,
         data = [jnp.asarray(np.log(np.asarray(v, np.float64))) for v in (model_size, tokens, loss)]
         ones = jnp.ones_like(data[0])
         fit_all = jax.jit(jax.vmap(_minimise, in_axes=(0, None, None, None, None, None, None)), static_argnums=(6,))
-        thetas, values = fit_all(jnp.asarray(starts), *data, ones, delta, steps)
+        thetas = jnp.asarray(starts)
+        if 0 < screen_steps < steps and keep < len(starts):
+            screened, values = fit_all(thetas, *data, ones, delta, screen_steps)
+            thetas = screened[jnp.argsort(values)[:keep]]
+        thetas, values = fit_all(thetas, *data, ones, delta, steps - (screen_steps if len(thetas) < len(starts) else 0))
         best = int(jnp.argmin(values))
         result = {**_as_result(thetas[best]), "objective": float(values[best])}
         if bootstrap:

@@ -20,7 +20,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 CHINCHILLA = os.path.join(REPO, "data", "files", "chinchilla_svg_extracted_data.csv")
 
 
-@pytest.mark.slow  # ~2 min: 4,500 L-BFGS starts, where running, not compiling, dominates: XLA's optimisations on
+@pytest.mark.slow  # ~40 s: 4,500 L-BFGS starts screened, where running, not compiling, dominates: XLA's optimisations on
 def test_fit_command_reproduces_besiroglu_et_al_on_the_chinchilla_data():
     out = subprocess.run([sys.executable, "-m", "experiments.studies.scaling", f"--fit={CHINCHILLA}"], cwd=REPO,
                          capture_output=True, text=True, timeout=900,
