@@ -8,7 +8,7 @@ Files are taken in order of (root, path inside it), the standard library first; 
 UTF-8 (the standard library's encoding tests), empty, or over --max_file_bytes (generated tables). The documents
 go to OUT/documents.jsonl ({"text", "path"} per line; its SHA-256 names the corpus) and the store to OUT/store.
 Running it again rebuilds the same documents and leaves a finished store as it is. What the docs' scaling study
-used is recorded in docs/studies/scaling_corpus.md (documents, bytes, tokens, checksums): a different Python or a
+used is recorded in docs/studies/scaling_python.md (documents, bytes, tokens, checksums): a different Python or a
 different set of installed packages gives another corpus, which the checksum tells apart.
 """
 

@@ -72,7 +72,7 @@ def test_output_is_the_fixed_point_of_plain_iteration(weight_normalisation):
     params = model.apply(variables, x, None, 0, method=model._cell_params)
     z = jnp.zeros_like(x)
     for _ in range(300):  # plain iteration, long enough to converge without acceleration
-        z = model._f(z, params, x, None, 0)
+        z = model._f(z, params, x, None, None, 0)
     np.testing.assert_allclose(logits, model.apply(variables, z, method=lambda m, z: m.logits(m.final_norm(z))),
                                atol=1e-4)
 
