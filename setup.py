@@ -26,7 +26,7 @@ setuptools.setup(
         "numpy>=2.0,<3",
         "matplotlib>=3.8,<4",
         "tensorboardX>=2.6,<3",
-        "sentencepiece>=0.2,<0.3",
+        "sentencepiece>=0.2,<0.2.3",  # 0.2.3's generated proto module needs protobuf >= 7.36; apache-beam ([beam]) pins < 7
         "tqdm>=4.66,<5",  # progress bars of long work (data.prepare)
     ],
     extras_require={
