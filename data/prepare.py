@@ -21,6 +21,7 @@ status 2 and one line; the shards written before it stay valid for the rerun.
 
 import collections
 import contextlib
+import functools
 import itertools
 import json
 import multiprocessing
@@ -221,8 +222,9 @@ def prepare(inputs: list[str], out: str, tokenizer_spec: str = "byte", text_fiel
     if runner == "beam":
         from data import prepare_beam
 
-        prepare_beam.write_shards(files, out, tokenizer_spec, text_field, documents_per_shard, dtype, set(done),
-                                  beam_options)
+        prepare_beam.write_shards(files, text_field, documents_per_shard, set(done), beam_options,
+                                  start_worker=functools.partial(_start_worker, tokenizer_spec),
+                                  write_shard=functools.partial(write_shard, out, dtype), input_error=PrepareError)
     else:
         total = sum(os.path.getsize(f) for f in files)
         with tqdm.tqdm(total=total, unit="B", unit_scale=True, desc="prepare",

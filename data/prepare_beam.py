@@ -15,14 +15,16 @@ default runner does. `--beam_options` are Beam's pipeline options, e.g. "--runne
 
 import shlex
 
+from data import corpus_files
 
-def write_shards(files: list[str], out: str, tokenizer_spec: str, text_field: str, documents_per_shard: int,
-                 dtype: str, done: set[int], beam_options: str = "") -> None:
-    """Runs the pipeline to completion: every shard not in `done` written, with its note in out/.progress."""
+
+def write_shards(files: list[str], text_field: str, documents_per_shard: int, done: set[int], beam_options: str, *,
+                 start_worker, write_shard, input_error: type[Exception]) -> None:
+    """Runs the pipeline to completion: every shard not in `done` written by `write_shard((index, documents))`
+    (data.prepare's, which notes it in .progress) on workers set up by `start_worker()`; a failure caused by bad
+    input is raised as one line of `input_error` (data.prepare's PrepareError)."""
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
-
-    from data import corpus_files, prepare
 
     order = {path: i for i, path in enumerate(files)}
 
@@ -36,41 +38,35 @@ def write_shards(files: list[str], out: str, tokenizer_spec: str, text_field: st
 
     class WriteShard(beam.DoFn):
         def setup(self):
-            prepare._start_worker(tokenizer_spec)  # the tokenizer, once per Beam worker
+            start_worker()  # the tokenizer, once per Beam worker
 
         def process(self, shard_and_documents):
             shard, documents = shard_and_documents
-            yield prepare.write_shard(out, dtype, (shard, [d for _, d in sorted(documents)]))
+            yield write_shard((shard, [d for _, d in sorted(documents)]))
 
     options = PipelineOptions(shlex.split(beam_options) or ["--runner=DirectRunner"])
     try:
-        _run(beam, options, files, count, numbered, WriteShard, done)
+        with beam.Pipeline(options=options) as pipeline:
+            paths = pipeline | "files" >> beam.Create(files)
+            counts = paths | "count" >> beam.Map(count)
+            _ = (paths
+                 | "number" >> beam.FlatMap(numbered, counts=beam.pvalue.AsDict(counts))
+                 | "not written yet" >> beam.Filter(lambda item: item[0] not in done)
+                 | "by shard" >> beam.GroupByKey()
+                 | "write" >> beam.ParDo(WriteShard()))
     except Exception as error:  # a worker's failure arrives wrapped in Beam's own; its first cause is the one line
-        raise prepare.PrepareError(_first_cause(error)) from error
+        raise input_error(_first_cause(error, (corpus_files.CorpusError, input_error))) from error
 
 
-def _first_cause(error: BaseException) -> str:
-    """The input error (corpus_files.CorpusError, prepare.PrepareError) that a Beam failure wraps, as one line."""
-    from data import corpus_files, prepare
-
+def _first_cause(error: BaseException, input_errors: tuple) -> str:
+    """The input error that a Beam failure wraps, as one line."""
     seen = error
     while seen is not None:
-        if isinstance(seen, (corpus_files.CorpusError, prepare.PrepareError)):
+        if isinstance(seen, input_errors):
             return str(seen)
         seen = seen.__cause__ or seen.__context__
-    for name in ("CorpusError: ", "PrepareError: "):
+    for name in (f"{kind.__name__}: " for kind in input_errors):
         lines = [line for line in str(error).splitlines() if name in line]
         if lines:
             return lines[-1].split(name, 1)[1]
     return str(error).splitlines()[0] if str(error) else repr(error)
-
-
-def _run(beam, options, files, count, numbered, write_shard, done):
-    with beam.Pipeline(options=options) as pipeline:
-        paths = pipeline | "files" >> beam.Create(files)
-        counts = paths | "count" >> beam.Map(count)
-        _ = (paths
-             | "number" >> beam.FlatMap(numbered, counts=beam.pvalue.AsDict(counts))
-             | "not written yet" >> beam.Filter(lambda item: item[0] not in done)
-             | "by shard" >> beam.GroupByKey()
-             | "write" >> beam.ParDo(write_shard()))

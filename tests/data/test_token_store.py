@@ -192,4 +192,4 @@ def test_the_command_line_switches_an_lm_config_to_the_stores(stores, capsys):
         cli.switch_sections(lm_shakespeare.get_config(), ["data.name=tokens", "data.path=x.txt"])
     assert capsys.readouterr().err.strip().splitlines() == [
         "error: --config.data.path=x.txt: data.name='tokens' has no key 'path' (its keys: batch_size, eval_batch_size, "
-        "eval_fraction, eval_tokens, name, packing, seq_len, stores, weights)"]
+        "eval_fraction, eval_tokens, name, packing, seq_len, stores, streams, weights, workers)"]
