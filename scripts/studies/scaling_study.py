@@ -82,7 +82,7 @@ def draw(results, points_by_family, out):
         budgets, best, slope = results[name]["frontier"]
         front.scatter(points["Training FLOP"], points["loss"], color=colour, alpha=0.3, s=15)
         front.plot(budgets, best, "-o", color=colour, label=f"{name}: best loss ~ C^{slope:.3f}")
-    isoflop.set(xscale="log", xlabel="non-embedding parameters N (MoE: active)", ylabel="validation loss (nats/char)",
+    isoflop.set(xscale="log", xlabel="non-embedding parameters N (MoE: active)", ylabel="validation loss (nats per byte)",
                 title="IsoFLOP curves")
     front.set(xscale="log", yscale="log", xlabel="training FLOPs C = 6 N D", ylabel="validation loss",
               title="loss-compute frontier (all runs faint)")
