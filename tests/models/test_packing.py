@@ -30,6 +30,8 @@ FAMILIES = {  # name -> (config.model.name, keys beyond TINY)
                                                linear_gate=True, linear_chunk=4)),
     "transformer_pallas_alibi_sliding": ("transformer", dict(attention_impl="pallas", positional="alibi",
                                                              attention_pattern="sliding", attention_window=4)),
+    "transformer_xla_alibi_sliding": ("transformer", dict(positional="alibi", attention_pattern="sliding",
+                                                          attention_window=4)),
     "transformer_learned_short_conv": ("transformer", dict(positional="learned", short_conv=3)),
     "transformer_sinusoidal_qk_norm": ("transformer", dict(positional="sinusoidal", attention="qk_norm")),
     "transformer_t5_fixed_pattern": ("transformer", dict(positional="t5", attention_pattern="fixed", sparse_stride=4,
