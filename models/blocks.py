@@ -80,13 +80,12 @@ class Block(nn.Module):
             valid = None if key_mask is None else jax.lax.dynamic_slice_in_dim(key_mask, start, h.shape[1], axis=1)
             h, conv_state = short_conv.ShortConv(cfg.short_conv, name="short_conv")(
                 h, None if cache is None else cache["conv"], valid, segments)
-            h, mixer_cache = attention(h, start, None if cache is None else cache["mixer"], key_mask,
-                                       **({} if segments is None else {"segments": segments}))
+            h, mixer_cache = attention(h, start, None if cache is None else cache["mixer"], key_mask, segments=segments)
             cache = None if cache is None else {"mixer": mixer_cache, "conv": conv_state}
         else:
             options = {} if positions is None else {"positions": positions}
-            options |= {} if segments is None else {"segments": segments}
-            h, cache = attention(h, start, cache, key_mask, **options, **({"reuse_cache": True} if reuse_cache else {}))
+            h, cache = attention(h, start, cache, key_mask, segments=segments, **options,
+                                 **({"reuse_cache": True} if reuse_cache else {}))
         h = layers.sow_site(self, "mixer_out", h)
         x = x + layers.dropout(self, h, cfg.residual_dropout)
         h = FFNS[self.ffn or cfg.ffn][0](cfg, self)(layers.Norm(cfg.norm, dtype, "mlp_norm", cfg.norm_eps)(x))

@@ -13,7 +13,7 @@ whole cache (masked causally), which gives the logits of the full pass. `attenti
 pass's attention (the XLA reference or the Pallas flash kernels); cached decoding and passes with a
 key mask (bool[B, keys]: False hides a key, e.g. left padding) use the reference's masked core.
 
-An attention kind is a module `(cfg)` with `__call__(x, start, cache, key_mask) -> (out, cache)`,
+An attention kind is a module `(cfg)` with `__call__(x, start, cache, key_mask, segments=None) -> (out, cache)`,
 `init_cache(cfg, batch, max_len, dtype)` and `validate(m)`; `queries_and_keys` is the seam that
 variants override (models/qk_norm.py).
 """

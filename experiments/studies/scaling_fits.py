@@ -75,11 +75,11 @@ def fit_approach3(model_size, tokens, loss, *, delta=1e-3, steps=100, grid=None,
         data = [jnp.asarray(np.log(np.asarray(v, np.float64))) for v in (model_size, tokens, loss)]
         ones = jnp.ones_like(data[0])
         fit_all = jax.jit(jax.vmap(_minimise, in_axes=(0, None, None, None, None, None, None)), static_argnums=(6,))
-        thetas = jnp.asarray(starts)
+        thetas, remaining = jnp.asarray(starts), steps
         if 0 < screen_steps < steps and keep < len(starts):
             screened, values = fit_all(thetas, *data, ones, delta, screen_steps)
-            thetas = screened[jnp.argsort(values)[:keep]]
-        thetas, values = fit_all(thetas, *data, ones, delta, steps - (screen_steps if len(thetas) < len(starts) else 0))
+            thetas, remaining = screened[jnp.argsort(values)[:keep]], steps - screen_steps
+        thetas, values = fit_all(thetas, *data, ones, delta, remaining)
         best = int(jnp.argmin(values))
         result = {**_as_result(thetas[best]), "objective": float(values[best])}
         if bootstrap:

@@ -78,6 +78,9 @@ def validate(config, num_devices: int, process_count: int = 1) -> tuple[int, ...
             raise ConfigError(f"data.{key}={size} must be -1 (whole split) or a positive multiple of the "
                               f"{batch_shards} batch shards (mesh {' * '.join(sharding.BATCH_AXES)}){accumulated} "
                               f"and of the {process_count} processes")
+    if config.data.get("streams") and config.data.streams % process_count:
+        raise ConfigError(f"data.streams={config.data.streams} must be a multiple of the {process_count} processes "
+                          "(each process reads whole streams); use a multiple, or 0 for one stream per process")
     if config.model.get("dispatch") == "ragged":
         _raise([p for p in [moe_dispatch.check_ragged_supported(sharding.logical_axis_size(shape, "expert"),
                                                                 jax.default_backend())] if p])

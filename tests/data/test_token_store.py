@@ -178,6 +178,15 @@ def test_families_that_cannot_read_packed_rows_are_refused_in_one_line(stores, m
         validation.validate(config, num_devices=1)
 
 
+def test_streams_that_the_processes_cannot_share_are_refused_in_one_line(stores):
+    from experiments.training import validation
+    config = _lm_config(stores["alpha"], streams=4)
+    config.data.update(batch_size=24, eval_batch_size=24)  # divisible by the batch shards of both meshes below
+    validation.validate(config, num_devices=8, process_count=2)  # 2 streams per process
+    with pytest.raises(validation.ConfigError, match=re.escape("data.streams=4 must be a multiple of the 3 processes")):
+        validation.validate(config, num_devices=6, process_count=3)
+
+
 def test_the_command_line_switches_an_lm_config_to_the_stores(stores, capsys):
     from experiments.configs import lm_shakespeare
     from experiments.training import cli
