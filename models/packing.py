@@ -82,4 +82,7 @@ def problems(m) -> list[str]:
                  "packed rows")
     if m.get("ssd_impl") == "pallas" and "S" in m.get("layer_pattern", ""):
         p.append(PALLAS_SSD)
+    if m.name == "mor" and m.get("kv_sharing") == "share" and m.get("attention_pattern") == "sliding":
+        p.append("model.kv_sharing='share' with model.attention_pattern='sliding' keeps the shared keys in a ring that "
+                 "cannot tell a packed row's documents apart; use kv_sharing='recursion' or another pattern")
     return p

@@ -166,6 +166,8 @@ def test_bad_token_configs_are_one_line(stores, overrides, message):
 @pytest.mark.parametrize("model,message", [
     (dict(mtp_depth=1), "model.mtp_depth=1 reads tokens across a packed row's document boundaries"),
     (dict(name="ssd", ssd_impl="pallas"), "model.ssd_impl='pallas' takes decays as differences of prefix sums"),
+    (dict(name="mor", kv_sharing="share", attention_pattern="sliding", attention_window=4),
+     "model.kv_sharing='share' with model.attention_pattern='sliding' keeps the shared keys in a ring"),
 ])
 def test_families_that_cannot_read_packed_rows_are_refused_in_one_line(stores, model, message):
     from experiments.configs import base as configs
