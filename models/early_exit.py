@@ -5,8 +5,10 @@ exit is confident enough stops there.
     segments:   x^j = Segment_j(x^{j-1})          k blocks each (one nn.scan per segment), j = 1..N, N = L / k
     exits:      logits^j = norm(x^j) U            the shared head (U = E^T when tied); logits^N is the model's
     training:   L = sum_j w_j CE(logits^j),  w_j = j / sum_i i         (CALM's weights; experiments/losses.py)
-    inference:  token t exits at the first j < N with  max softmax(logits^j_t) >= tau     (exit_criterion max_prob)
-                                                   or  entropy(logits^j_t)      <= tau     (exit_criterion entropy)
+    inference:  token t exits at the first j < N with  c(logits^j_t) passing tau, by exit_criterion:
+                    max_prob      p_(1) >= tau                  p = softmax(logits^j_t), p_(1) >= p_(2) >= ... sorted
+                    softmax_diff  p_(1) - p_(2) >= tau          (CALM's "softmax response", its top-1 minus top-2)
+                    entropy       -sum_v p_v log p_v <= tau
 
 An exited token's hidden state is frozen: every later block still computes its keys and values, from the frozen
 state, and leaves it unchanged (CALM's propagation of the exit state, which fills the KV the deeper layers need for
@@ -21,6 +23,7 @@ would spend follow from it.
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
@@ -28,7 +31,7 @@ from data.config_fields import field
 from models import blocks
 
 COLLECTION = "exits"  # the exits' logits, sown in training (experiments/training/trainer.py adds their losses)
-CRITERIA = ("max_prob", "entropy")
+CRITERIA = ("max_prob", "softmax_diff", "entropy")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +58,9 @@ def confident(cfg, logits):
     log_p = nn.log_softmax(logits.astype(jnp.float32))
     if cfg.exit_criterion == "max_prob":
         return jnp.exp(jnp.max(log_p, axis=-1)) >= cfg.exit_threshold
+    if cfg.exit_criterion == "softmax_diff":
+        top2 = jnp.exp(jax.lax.top_k(log_p, 2)[0])
+        return top2[..., 0] - top2[..., 1] >= cfg.exit_threshold
     return -jnp.sum(jnp.exp(log_p) * log_p, axis=-1) <= cfg.exit_threshold
 
 
@@ -95,8 +101,9 @@ def validate(m) -> list[str]:
     p = []
     if m.num_layers % m.exit_every:
         p.append(f"model.num_layers={m.num_layers} must be a multiple of model.exit_every={m.exit_every}")
-    if m.exit_criterion == "max_prob" and m.exit_threshold > 1:
-        p.append(f"model.exit_threshold={m.exit_threshold} is a probability under exit_criterion='max_prob': 0..1")
+    if m.exit_criterion in ("max_prob", "softmax_diff") and m.exit_threshold > 1:
+        p.append(f"model.exit_threshold={m.exit_threshold} is a probability under "
+                 f"exit_criterion={m.exit_criterion!r}: 0..1")
     if m.mtp_depth:
         p.append(f"model.mtp_depth={m.mtp_depth} reads the final layer only; early exit (model.exit_every) needs 0")
     return p

@@ -152,10 +152,12 @@ def _adafactor(lr, c, mask):
                        optax.scale_by_learning_rate(lr))
 
 
-def _schedule_free_adamw(lr, c, mask):
+def _schedule_free_adamw(lr, c, mask, per_group=()):
+    """per_group: the lr multipliers (`lr_multipliers`), inside the wrapper: they scale the step of z, whose average
+    is the evaluated x, so each group is schedule-free at its own lr (the reference's per-group learning rates)."""
     adamw_without_momentum = optax.chain(
         optax.scale_by_rms(decay=c.b2, eps=c.eps, eps_in_sqrt=False, bias_correction=True),
-        optax.add_decayed_weights(c.weight_decay, mask), optax.scale_by_learning_rate(lr))
+        optax.add_decayed_weights(c.weight_decay, mask), optax.scale_by_learning_rate(lr), *per_group)
     return optax.contrib.schedule_free(adamw_without_momentum, learning_rate=lr, b1=c.b1,
                                        weight_lr_power=c.weight_lr_power)
 
@@ -267,8 +269,8 @@ def lr_multipliers(spec: str):
     """Per-group learning-rate multipliers as an optax transformation chained after the optimizer: each
     parameter's update is scaled by the multiplier of the first PATTERN (an fnmatch glob over its '/'-joined
     path, e.g. `layers/attention/query`) that matches it, 1 if none does. Every optimizer here but schedule-free
-    is linear in the lr (decoupled decay included), so this is that group's lr times M; for schedule-free it
-    scales the step of its fast iterate."""
+    is linear in the lr (decoupled decay included), so this is that group's lr times M; schedule-free takes it
+    inside its wrapper (the step of z, whose average is evaluated), which again is that group's lr times M."""
     pairs = parse_lr_multipliers(spec)
 
     def multiplier(path) -> float:
@@ -381,7 +383,10 @@ def build(opt, total_steps: int, axis_names=None) -> optax.GradientTransformatio
     `axis_names`: the parameters' logical axis names (a tree of tuples, `models.axis_names`), which Muon needs
     and Shampoo reads its stacked copies from."""
     keys_cls, make = OPTIMIZERS[opt.name]
+    after = [lr_multipliers(opt.lr_multipliers)] if opt.lr_multipliers else []
     extra = {"axis_names": axis_names} if opt.name in NEEDS_AXIS_NAMES else {}
+    if opt.name in EVALUATED_ELSEWHERE:  # the multipliers act inside the wrapper (_schedule_free_adamw)
+        extra, after = {"per_group": after}, []
     optimizer = make(learning_rate_schedule(opt, total_steps), keys_cls(**opt[opt.name]), decay_mask(opt.decay),
                      **extra)
     chain = []
@@ -389,7 +394,6 @@ def build(opt, total_steps: int, axis_names=None) -> optax.GradientTransformatio
         chain.append(grokfast.grokfast_ema(opt.grokfast.alpha, opt.grokfast.lamb))
     if opt.grad_clip > 0:
         chain.append(optax.clip_by_global_norm(opt.grad_clip))
-    after = [lr_multipliers(opt.lr_multipliers)] if opt.lr_multipliers else []
     optimizer = optax.chain(*chain, optimizer, *after) if chain or after else optimizer
     if opt.freeze or opt.train_only:  # the frozen group gets zero updates and keeps no state
         return optax.multi_transform({"trained": optimizer, "frozen": optax.set_to_zero()},

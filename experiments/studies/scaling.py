@@ -10,7 +10,9 @@ parameter count without embeddings (for MoE, active: routed experts count top_k 
 sees D = C / (6N) tokens, i.e. steps = D / (batch x seq_len), with the learning-rate schedule as
 long as the run. Each run trains in WORKDIR/<size>_<budget> with the shared trainer; a finished run
 is not re-run (its final validation loss is read back). Results go to WORKDIR/results.csv with the
-Chinchilla CSV's columns (`Model Size`, `Training FLOP`, `loss`) plus `tokens`, `steps` and `size`.
+Chinchilla CSV's columns (`Model Size`, `Training FLOP`, `loss`) plus `tokens`, `steps` and `size`; the CSV
+accumulates, so a later sweep into the same WORKDIR (a larger budget at a few sizes) adds its points to it
+(a point run again replaces its row).
 
 Fit (`--fit=CSV`): approach 3 (experiments/studies/scaling_fits.py) on the CSV's `Model Size`, tokens
 (`tokens`, or `Training FLOP` / (6 N)) and `loss`, excluding the `--exclude_highest` highest losses;
@@ -99,11 +101,25 @@ def sweep(base, sizes, budgets, workdir: str) -> list[dict]:
             rows.append({"size": size, "Model Size": n, "Training FLOP": budget, "tokens": tokens,
                          "steps": config.train.steps, "loss": final_eval_loss(run_dir)})
             print(json.dumps(rows[-1]), flush=True)
-    with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
+    write_results(os.path.join(workdir, "results.csv"), rows)
+    return rows
+
+
+def write_results(path: str, rows: list[dict]) -> None:
+    """Adds ROWS to the CSV at PATH, replacing the rows of the same (size, budget); sorted by width, depth, budget."""
+    def key(row):
+        size = parse_size(row["size"])
+        return size["d_model"], size["num_layers"], float(row["Training FLOP"])
+
+    merged = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            merged = {key(row): row for row in csv.DictReader(f)}
+    merged.update({key(row): row for row in rows})
+    with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
-        writer.writerows(rows)
-    return rows
+        writer.writerows(merged[k] for k in sorted(merged))
 
 
 def read_points(path: str, exclude_highest: int):

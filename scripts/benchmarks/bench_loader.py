@@ -1,7 +1,7 @@
 """The prepared-store data path at growing corpus sizes: preparing, the loader's speed, and the trainer's memory.
 
-    python scripts/benchmarks/bench_loader.py [--sizes_mb=1,10,100] [--steps=40] [--workers=2] \
-        [--loader_workers=0,1,2,4]
+    python scripts/benchmarks/bench_loader.py [--sizes_mb=1,10,100] [--steps=40] [--medium_steps=12] \
+        [--workers=2] [--loader_workers=0,1,2,4]
 
 For each size: writes a JSONL corpus of that many MB (documents of 200-3,000 characters drawn from a fixed
 1,000-word vocabulary), prepares it with the byte tokenizer (`data.prepare`, `--workers` processes: MB/s), reads
@@ -9,8 +9,9 @@ For each size: writes a JSONL corpus of that many MB (documents of 200-3,000 cha
 `--loader_workers` count of grain worker processes, `data.workers`), then trains
 the small LM (`lm_shakespeare.py`, width 128, 4 layers) on the store for `--steps` steps through the command
 line in a subprocess, sampling its resident memory (/proc/PID/status VmRSS) ten times a second: the peak RSS,
-and the trainer's own tokens/s from metrics.jsonl. A lazy loader keeps the peak flat across sizes, and
-outruns the trainer. Prints one Markdown row per size.
+and the trainer's own tokens/s from metrics.jsonl; then the medium LM (`bench_train.py`'s medium: width 512,
+6 layers, 8 heads, MLP 2048) for `--medium_steps` steps, for its tokens/s. A lazy loader keeps the peak flat
+across sizes, and outruns both trainers. Prints one Markdown row per size.
 """
 
 import json
@@ -30,7 +31,8 @@ sys.path.insert(0, REPO)
 from data import TokensConfig, prepare, token_store  # noqa: E402
 
 _SIZES = flags.DEFINE_list("sizes_mb", ["1", "10", "100"], "Corpus sizes in MB.")
-_STEPS = flags.DEFINE_integer("steps", 40, "Training steps per size.")
+_STEPS = flags.DEFINE_integer("steps", 40, "Training steps of the small LM per size.")
+_MEDIUM_STEPS = flags.DEFINE_integer("medium_steps", 12, "Training steps of the medium LM per size (0: not run).")
 _WORKERS = flags.DEFINE_integer("workers", 2, "data.prepare worker processes.")
 _LOADER_WORKERS = flags.DEFINE_list("loader_workers", ["0", "1", "2", "4"], "data.workers values the loader is timed at.")
 _ROOT = flags.DEFINE_string("root", None, "Folder for the corpora and runs (default: a temporary one, removed).")
@@ -65,13 +67,19 @@ def _rss_mb(pid: int) -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
 
 
-def train(store: str, workdir: str, steps: int) -> tuple[float, float]:
-    """(peak RSS in MB, the trainer's median tokens/s) of a run on the store."""
+SMALL = ()  # lm_shakespeare.py as it is
+MEDIUM = ("--config.model.d_model=512", "--config.model.num_layers=6", "--config.model.num_heads=8",
+          "--config.model.d_mlp=2048")  # bench_train.py's medium config
+
+
+def train(store: str, workdir: str, steps: int, model=SMALL) -> tuple[float, float]:
+    """(peak RSS in MB, the trainer's median tokens/s after its first logging window) of a run on the store."""
+    log_every = max(1, min(5, steps // 4))
     command = [sys.executable, "-m", "experiments.train", "--config=experiments/configs/lm_shakespeare.py",
                "--config.data.name=tokens", f"--config.data.stores={store}", "--config.data.seq_len=256",
                "--config.data.batch_size=16", "--config.data.eval_tokens=4096", f"--config.train.steps={steps}",
-               "--config.train.log_every=5", "--config.train.eval_every=0", f"--config.train.checkpoint_every={steps}",
-               f"--workdir={workdir}"]
+               f"--config.train.log_every={log_every}", "--config.train.eval_every=0",
+               f"--config.train.checkpoint_every={steps}", f"--workdir={workdir}", *model]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     run, peak = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                  text=True), 0.0
@@ -85,7 +93,7 @@ def train(store: str, workdir: str, steps: int) -> tuple[float, float]:
         raise SystemExit(f"the run on {store} failed: {run.stderr.read()[-2000:]}")
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         speeds = [(e["step"], e["tokens_per_s"]) for e in map(json.loads, f) if e["split"] == "train"]
-    after_compiling = [v for step, v in speeds if step > 5] or [v for _, v in speeds]
+    after_compiling = [v for step, v in speeds if step > log_every] or [v for _, v in speeds]
     return peak, float(np.median(after_compiling))
 
 
@@ -93,9 +101,9 @@ def main(argv):
     del argv
     root = _ROOT.value or tempfile.mkdtemp(prefix="bench-loader-")
     workers = "/".join(w if int(w) else "in-process" for w in _LOADER_WORKERS.value)
-    print(f"| corpus | documents | tokens | prepare (MB/s) | loader (tokens/s; {workers} workers) | trainer (tokens/s) "
-          "| trainer peak RSS (MB) |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"| corpus | documents | tokens | prepare (MB/s) | loader (tokens/s; {workers} workers) | small trainer (tokens/s) "
+          "| medium trainer (tokens/s) | small trainer's peak RSS (MB) |")
+    print("|---|---|---|---|---|---|---|---|")
     try:
         for size in map(float, _SIZES.value):
             corpus, store = os.path.join(root, f"corpus_{size:g}.jsonl"), os.path.join(root, f"store_{size:g}")
@@ -104,9 +112,11 @@ def main(argv):
             manifest = prepare.prepare([corpus], store, workers=_WORKERS.value)
             prepare_mb_s = written / 1e6 / (time.perf_counter() - start)
             loader = " / ".join(f"{loader_tokens_per_s(store, int(w)):,.0f}" for w in _LOADER_WORKERS.value)
-            peak, trainer_speed = train(store, os.path.join(root, f"run_{size:g}"), _STEPS.value)
+            peak, small_speed = train(store, os.path.join(root, f"run_{size:g}"), _STEPS.value)
+            medium_speed = (train(store, os.path.join(root, f"medium_{size:g}"), _MEDIUM_STEPS.value, MEDIUM)[1]
+                            if _MEDIUM_STEPS.value else float("nan"))
             print(f"| {size:g} MB | {manifest['documents']:,} | {manifest['tokens']:,} | {prepare_mb_s:.1f} | "
-                  f"{loader} | {trainer_speed:,.0f} | {peak:.0f} |", flush=True)
+                  f"{loader} | {small_speed:,.0f} | {medium_speed:,.0f} | {peak:.0f} |", flush=True)
     finally:
         if not _ROOT.value:
             shutil.rmtree(root, ignore_errors=True)

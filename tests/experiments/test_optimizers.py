@@ -223,6 +223,48 @@ def test_schedule_free_adamw_is_optax_and_the_trainer_evaluates_the_average():
     assert abs(at(x) - at(state.params)) > 1e-4
 
 
+def _schedule_free_reference(lrs, grads, params0, b1=0.9, b2=0.999, eps=1e-8, decay=0.0, power=2.0):
+    """Defazio et al.'s AdamWScheduleFree step (facebookresearch/schedule_free, no warmup) in float64, one parameter
+    group per key with its own lr: -> [(y, x) after each step]."""
+    y = {k: np.asarray(v, np.float64) for k, v in params0.items()}
+    z, v = {k: w.copy() for k, w in y.items()}, {k: np.zeros_like(w) for k, w in y.items()}
+    weight_sum, out = dict.fromkeys(y, 0.0), []
+    for k, g in enumerate(grads):
+        for name, lr in lrs.items():
+            weight = lr ** power  # lr_max ** weight_lr_power, r = 0
+            weight_sum[name] += weight
+            c = weight / weight_sum[name] if weight_sum[name] else 0.0
+            v[name] = b2 * v[name] + (1 - b2) * g[name] ** 2
+            normalised = g[name] / (np.sqrt(v[name] / (1 - b2 ** (k + 1))) + eps) + decay * y[name]
+            y[name] = (1 - c) * y[name] + c * z[name] + lr * (b1 * (1 - c) - 1) * normalised
+            z[name] = z[name] - lr * normalised
+        out.append(({n: w.copy() for n, w in y.items()}, {n: (y[n] - (1 - b1) * z[n]) / b1 for n in y}))
+    return out
+
+
+@pytest.mark.parametrize("multiplier", [0.25, 0.0])
+def test_schedule_free_with_lr_multipliers_is_the_reference_with_per_group_rates(multiplier):
+    """The multiplier scales the step of z inside the wrapper: the evaluated average x of the group moves as
+    schedule-free at lr x M (with M = 0, neither y nor x moves), not only its y."""
+    rng = np.random.default_rng(7)
+    params0, grads = _random_problem(rng, 3, 4, 6)
+    opt = base.get_config().optimizer
+    opt.update(name="schedule_free_adamw", lr=0.05, warmup_steps=0, lr_multipliers=f"w={multiplier}")
+    opt.schedule_free_adamw.update(b1=0.8, b2=0.99, weight_decay=0.1)
+    tx = optimizers.build(opt, 10)
+    params = {k: jnp.asarray(v, jnp.float32) for k, v in params0.items()}
+    state = tx.init(params)
+    want = _schedule_free_reference({"w": 0.05 * multiplier, "b": 0.05}, grads, params0, b1=0.8, b2=0.99,
+                                    decay=0.1)
+    for g, (y, x) in zip(grads, want):
+        updates, state = tx.update({k: jnp.asarray(v, jnp.float32) for k, v in g.items()}, state, params)
+        params = optax.apply_updates(params, updates)
+        chex.assert_trees_all_close(params, y, rtol=2e-5, atol=1e-6)
+        chex.assert_trees_all_close(optimizers.evaluation_params(state, params), x, rtol=2e-5, atol=1e-6)
+    if multiplier == 0:
+        chex.assert_trees_all_close(optimizers.evaluation_params(state, params)["w"], params0["w"], rtol=1e-6)
+
+
 def test_schedule_free_needs_the_constant_schedule():
     config = make_tiny_config()
     config.optimizer.update(name="schedule_free_adamw", schedule="cosine")

@@ -92,6 +92,11 @@ def test_sweep_runs_each_point_once_and_writes_the_csv(tmp_path):
     assert again == rows and logged == {s: len(metrics_writer.read(str(tmp_path / f"{s}_2e+08"))) for s in sizes}
     with open(tmp_path / "results.csv") as f:
         assert [r["size"] for r in csv.DictReader(f)] == sizes
+    # A later sweep at another budget adds its points; the earlier ones stay, in size-then-budget order.
+    scaling.sweep(base, ["32x1"], [1e8], str(tmp_path))
+    with open(tmp_path / "results.csv") as f:
+        assert [(r["size"], float(r["Training FLOP"])) for r in csv.DictReader(f)] == [
+            ("32x1", 1e8), ("32x1", 2e8), ("64x1", 2e8)]
     with pytest.raises(ValueError, match="WIDTHxLAYERS"):
         scaling.parse_size("wide")
 

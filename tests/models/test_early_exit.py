@@ -92,6 +92,31 @@ def test_decoding_with_early_exit_equals_the_full_pass(exiting_model):
     np.testing.assert_allclose(got, model.apply({"params": params}, tokens), rtol=1e-4, atol=1e-4)
 
 
+def _confidence_reference(criterion, logits):
+    """float64: (the measure, whether larger is more confident) of CALM's three confidence measures."""
+    z = np.asarray(logits, np.float64)
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    ranked = -np.sort(-p, axis=-1)
+    return {"max_prob": (ranked[..., 0], True), "softmax_diff": (ranked[..., 0] - ranked[..., 1], True),
+            "entropy": (-(p * np.log(p)).sum(-1), False)}[criterion]
+
+
+@pytest.mark.parametrize("criterion", early_exit.CRITERIA)
+def test_each_confidence_measure_against_float64(criterion):
+    """Thresholds at the measure's quartiles, on logits of several scales (peaked and flat rows), over a vocabulary
+    that is not a power of two."""
+    logits = jax.random.normal(jax.random.key(3), (3, 40, 37)) * jnp.array([0.3, 2.0, 6.0])[:, None, None]
+    measure, larger_is_confident = _confidence_reference(criterion, logits)
+    for threshold in np.quantile(measure, [0.25, 0.5, 0.75]):
+        cfg = transformer.TransformerConfig(exit_every=1, exit_criterion=criterion, exit_threshold=float(threshold))
+        want = measure >= threshold if larger_is_confident else measure <= threshold
+        far = np.abs(measure - threshold) > 1e-5  # float32 against float64 at the threshold itself
+        got = np.asarray(early_exit.confident(cfg, logits))
+        np.testing.assert_array_equal(got[far], want[far])
+        assert 0 < want.mean() < 1
+
+
 def test_the_loss_weights_each_exit_by_its_depth():
     exits, final = [jnp.asarray(2.0), jnp.asarray(5.0)], jnp.asarray(3.0)
     np.testing.assert_allclose(losses.exit_weighted(final, exits), (1 * 2.0 + 2 * 5.0 + 3 * 3.0) / 6, rtol=1e-6)
@@ -113,6 +138,7 @@ def test_trains_with_the_one_device_losses_on_a_2x2x2_mesh_and_logs_each_exit(tm
     (dict(num_layers=3, exit_every=2), "model.num_layers=3 must be a multiple of model.exit_every=2"),
     (dict(exit_every=0, exit_threshold=0.5), "model.exit_threshold=0.5 needs model.exit_every > 0"),
     (dict(exit_threshold=1.5), "is a probability under exit_criterion='max_prob'"),
+    (dict(exit_threshold=1.5, exit_criterion="softmax_diff"), "is a probability under exit_criterion='softmax_diff'"),
     (dict(name="mod"), "model.exit_every=1 is the transformer's"),
 ])
 def test_bad_configs_are_one_line_errors(overrides, message):
