@@ -25,6 +25,7 @@ entry in OPTIMIZERS, (keys, build(lr_schedule, keys, decay_mask)).
 
 import dataclasses
 import fnmatch
+import re
 
 import jax
 import optax
@@ -99,8 +100,9 @@ class ScheduleFreeAdamWConfig:
 @dataclasses.dataclass(frozen=True)
 class MuonConfig:
     """Muon (Jordan et al. 2024; optax.contrib.muon): Nesterov momentum orthogonalised by 5 Newton-Schulz steps
-    for the hidden matrices (`muon_dimensions`: by logical axis names), AdamW for the rest (embeddings,
-    unembedding, norms, biases, SSM dynamics); `adam_lr_ratio` scales the lr of that AdamW group."""
+    for the hidden matrices (`muon_dimensions`: by logical axis names), AdamW for the rest (embeddings, position
+    embeddings, unembedding, norms, biases, SSM dynamics, routers, predictors and gates, depthwise conv filters);
+    `adam_lr_ratio` scales the lr of that AdamW group."""
 
     beta: float = field(0.95, min=0, below=1)
     ns_steps: int = field(5, min=1)
@@ -181,11 +183,21 @@ def _shampoo(lr, c, mask, axis_names=None):
                        optax.add_decayed_weights(c.weight_decay, mask), optax.scale_by_learning_rate(lr))
 
 
-def muon_dimensions(names: tuple) -> "optax.contrib.MuonDimensionNumbers | None":
+NOT_HIDDEN_MATRICES = ("router", "depth_router", "predictor_in", "predictor_out", "gate", "position_embedding",
+                       "short_conv", "conv_kernel")  # parameter names Muon leaves to AdamW (also router_1, ...)
+
+
+def muon_dimensions(names: tuple, path: tuple = ()) -> "optax.contrib.MuonDimensionNumbers | None":
     """Muon's view of a parameter from its logical axis names (models use DenseGeneral's (inputs..., outputs...)
     order): with the stacking axes (`layers`, `expert`) set aside, a matrix whose first axis is `embed` maps
     it to the rest (query, wi, in_proj), one whose last axis is `embed` maps the rest to it (out, wo,
-    out_proj). Everything else, and anything over `vocab` (embeddings, unembedding), goes to AdamW (None)."""
+    out_proj). Everything else, anything over `vocab` (embeddings, unembedding), and what is a matrix by its shape
+    but not a hidden linear map, by a name on its `path` (NOT_HIDDEN_MATRICES: routers and predictors, which score
+    tokens, experts or depths, MoE / MoD / MoR; the linear-attention gate, one scalar per head; position
+    embeddings; depthwise short-conv filters) goes to AdamW (None), as Muon's authors keep scalar-valued heads and
+    embeddings there."""
+    if any(n in NOT_HIDDEN_MATRICES or re.fullmatch(r"router_\d+", n) for n in map(str, path)):
+        return None
     names = tuple(names)
     kept = [i for i, n in enumerate(names) if n not in BATCH_AXES]
     if len(kept) < 2 or "vocab" in names or "embed" not in names:
@@ -197,11 +209,16 @@ def muon_dimensions(names: tuple) -> "optax.contrib.MuonDimensionNumbers | None"
     return None
 
 
+def _muon_dimensions_at(path, names):
+    """muon_dimensions of the parameter at a pytree key path."""
+    return muon_dimensions(names, _path_names(path))
+
+
 def _muon(lr, c, mask, axis_names=None):
     if axis_names is None:
         raise ValueError("optimizer.name='muon' needs the parameters' logical axis names (optimizers.build's "
                          "axis_names)")
-    dims = jax.tree.map(muon_dimensions, axis_names, is_leaf=lambda x: isinstance(x, tuple))
+    dims = jax.tree_util.tree_map_with_path(_muon_dimensions_at, axis_names, is_leaf=lambda x: isinstance(x, tuple))
     return optax.contrib.muon(lr, ns_steps=c.ns_steps, beta=c.beta, nesterov=c.nesterov, weight_decay=c.weight_decay,
                               weight_decay_mask=mask, adam_b1=c.adam_b1, adam_b2=c.adam_b2,
                               adam_learning_rate=lambda t: c.adam_lr_ratio * lr(t),

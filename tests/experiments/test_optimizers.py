@@ -281,6 +281,37 @@ def test_muon_dimensions_from_logical_axis_names():
     assert dims(("embed", "mlp")) == ((0,), (1,))
     for adamw in [("vocab", "embed"), ("embed", "vocab"), ("layers", "embed"), ("embed",), ("layers", None, None)]:
         assert dims(adamw) is None, adamw
+    assert dims(("embed", None), ("router_2", "kernel")) is None  # MoR's expert-choice router of recursion 2
+    assert dims(("embed", None), ("routers", "kernel")) == ((0,), (1,))  # a name, not a prefix
+
+
+MUON_MATRICES = {"query", "key", "value", "out", "wi", "wg", "wo", "in_proj", "out_proj", "w_gate", "w_in", "w_out",
+                 "kv_down", "key_rope"}  # the hidden linear maps of the families below (by parameter or module name)
+
+
+@pytest.mark.parametrize("family", ["hybrid_every_layer_kind", "mod_predictor", "mor_token_router_shared_kv",
+                                    "transformer_learned_short_conv"])
+def test_muon_takes_the_hidden_linear_maps_and_leaves_routers_gates_positions_and_convs_to_adamw(family):
+    """Over real models' parameters: Muon gets exactly the hidden matrices; routers (MoE, MoD, MoR), MoD's predictor,
+    the linear-attention gate, learned positions, short-conv filters, embeddings and vectors go to AdamW."""
+    import jax
+    import ml_collections
+    import models
+    from tests.models.test_packing import FAMILIES, TINY
+    name, extra = FAMILIES[family]
+    config = ml_collections.ConfigDict({**TINY, **extra, "name": name})
+    names = models.axis_names(models.build(config), models.example_inputs(config))
+    muon, adamw = set(), set()
+    for path, axes in jax.tree_util.tree_leaves_with_path(names, is_leaf=lambda x: isinstance(x, tuple)):
+        keys = [str(getattr(k, "key", k)) for k in path]
+        dims = optimizers._muon_dimensions_at(path, axes)
+        owner = keys[-2] if keys[-1] == "kernel" else keys[-1]
+        (muon if dims is not None else adamw).add(owner)
+        assert (dims is not None) == (owner in MUON_MATRICES and len(axes) >= 2), (keys, axes)
+    routing = {"hybrid_every_layer_kind": {"router", "gate", "conv_kernel"}, "mod_predictor": {"router", "predictor_in"},
+               "mor_token_router_shared_kv": {"depth_router"},
+               "transformer_learned_short_conv": {"position_embedding", "short_conv"}}[family]
+    assert routing <= adamw and {"query", "wi"} <= muon, (muon, adamw)
 
 
 def _newton_schulz(g, steps=5, coeffs=(3.4445, -4.775, 2.0315)):
