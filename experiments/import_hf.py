@@ -112,7 +112,7 @@ def _check(hf: dict, expected: dict):
 def deepseek_v3_config(hf: dict) -> ml_collections.ConfigDict:
     """The equivalent `config.model` (name "moe" with MLA, or "transformer" when no block has experts)."""
     checks = {"hidden_act": ("silu", hf.get("hidden_act", "silu")), "attention_bias": (False, hf.get("attention_bias")),
-              "norm_topk_prob": (True, hf.get("norm_topk_prob", True)), "moe_layer_freq": (1, hf.get("moe_layer_freq", 1)),
+              "moe_layer_freq": (1, hf.get("moe_layer_freq", 1)),
               "num_key_value_heads": (hf["num_attention_heads"], hf.get("num_key_value_heads") or hf["num_attention_heads"])}
     for field, (valid, value) in checks.items():
         if value != valid and not (field == "attention_bias" and value is None):
@@ -131,6 +131,7 @@ def deepseek_v3_config(hf: dict) -> ml_collections.ConfigDict:
                      d_expert=hf["moe_intermediate_size"], num_shared_experts=hf.get("n_shared_experts") or 0,
                      router="sigmoid", n_groups=hf.get("n_group") or 1, topk_groups=hf.get("topk_group") or 1,
                      route_scale=float(hf.get("routed_scaling_factor", 1.0)), first_k_dense_replace=first_dense,
+                     normalise_gates=bool(hf.get("norm_topk_prob", True)),
                      moe_every=1, dispatch="dense")
     return ml_collections.ConfigDict(model)
 

@@ -5,7 +5,8 @@ Routers, with affinities from logits u = x W_r [T, E]:
   (renormalised over the chosen when `normalise_gates`). Auxiliary loss (Switch Transformer):
       L_aux = alpha * E * sum_i f_i P_i,  f_i = (assignments to i) / (k T),  P_i = mean_t p_{t,i}.
 - "sigmoid" (DeepSeek-V3, auxiliary-loss-free balancing): s = sigmoid(u); the top-k of s + b are
-  chosen, b a per-expert bias that no gradient trains; gates g = route_scale * s_chosen / sum s_chosen. After each
+  chosen, b a per-expert bias that no gradient trains; gates g = route_scale * s_chosen / sum s_chosen
+  (route_scale * s_chosen without `normalise_gates`: DeepSeek's `norm_topk_prob=False`). After each
   training step b_i <- b_i - gamma sign(load_i - mean load) (the load of the step's whole batch);
   b lives in the "router_bias" collection (train state, checkpointed). Optional sequence-wise balance
   loss, per sequence of length L then averaged:
@@ -40,7 +41,7 @@ class MoEOptions:
     d_expert: int = field(0, min=0)  # hidden width of each routed expert; 0: d_mlp (smaller = fine-grained experts)
     num_shared_experts: int = field(1, min=0)  # always-active experts of width d_expert, run as one SwiGLU
     router: str = field("sigmoid", choices=ROUTERS)  # softmax (+ auxiliary loss) | sigmoid (DeepSeek-V3 balancing)
-    normalise_gates: bool = True  # softmax router: renormalise the chosen probabilities
+    normalise_gates: bool = True  # renormalise the chosen gates to sum 1 (softmax: probabilities; sigmoid: affinities)
     aux_loss_weight: float = field(0.01, min=0)  # alpha of the softmax router's auxiliary loss
     balance_loss_weight: float = field(1e-4, min=0)  # alpha of the sigmoid router's sequence-wise loss; 0: off
     bias_update_rate: float = field(1e-3, min=0)  # gamma of the bias update
@@ -60,9 +61,10 @@ def route_softmax(logits, top_k: int, normalise: bool):
     return experts, gates, probs
 
 
-def route_sigmoid(logits, bias, top_k: int, n_groups: int = 1, topk_groups: int = 1, route_scale: float = 1.0):
+def route_sigmoid(logits, bias, top_k: int, n_groups: int = 1, topk_groups: int = 1, route_scale: float = 1.0,
+                  normalise: bool = True):
     """(experts [T, k], gates [T, k], affinities s [T, E]); the bias only chooses (which groups and experts),
-    the unbiased affinities weight."""
+    the unbiased affinities weight (normalised over the chosen when `normalise`)."""
     scores = jax.nn.sigmoid(logits)
     biased = scores + jax.lax.stop_gradient(bias)
     if n_groups > 1:
@@ -73,7 +75,9 @@ def route_sigmoid(logits, bias, top_k: int, n_groups: int = 1, topk_groups: int 
         biased = jnp.where(eligible[..., None], grouped, -jnp.inf).reshape(biased.shape)
     _, experts = jax.lax.top_k(biased, top_k)
     chosen = jnp.take_along_axis(scores, experts, axis=-1)
-    return experts, route_scale * chosen / jnp.sum(chosen, axis=-1, keepdims=True), scores
+    if normalise:
+        chosen = chosen / jnp.sum(chosen, axis=-1, keepdims=True)
+    return experts, route_scale * chosen, scores
 
 
 def expert_load(experts, num_experts: int):
@@ -129,7 +133,7 @@ class MoEFfn(nn.Module):
         else:
             bias = self.variable("router_bias", "bias", jnp.zeros, (opt.num_experts,))
             experts, gates, scores = route_sigmoid(logits, bias.value, opt.top_k, opt.n_groups, opt.topk_groups,
-                                                   opt.route_scale)
+                                                   opt.route_scale, opt.normalise_gates)
             if opt.balance_loss_weight:
                 self.sow("losses", "balance_loss", sequence_balance_loss(
                     experts.reshape(batch, length, -1), scores.reshape(batch, length, -1), opt.balance_loss_weight))

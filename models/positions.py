@@ -183,6 +183,9 @@ def validate(m) -> list[str]:
         p.append(f"model.rope_scaling={m.rope_scaling!r} scales RoPE; model.positional={m.positional!r} must be 'rope'")
     if m.positional == "sinusoidal" and m.d_model % 2:
         p.append(f"model.positional='sinusoidal' needs an even model.d_model, got {m.d_model}")
+    if m.positional == "t5" and m.t5_max_distance <= m.t5_buckets // 2:
+        p.append(f"model.t5_max_distance={m.t5_max_distance} must exceed model.t5_buckets // 2 = {m.t5_buckets // 2} "
+                 "(the exact buckets end there and the logarithmic ones run up to it)")
     if m.positional == "t5" and m.attention_impl != "xla":
         p.append(f"model.positional={m.positional!r} needs model.attention_impl='xla' (the flash kernels take no "
                  "learned score bias; ALiBi's they compute)")

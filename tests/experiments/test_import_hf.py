@@ -53,16 +53,17 @@ def _hf_logits(model, tokens):
 TOKENS = np.random.default_rng(0).integers(0, VOCAB, (2, 9))
 
 
-@pytest.mark.parametrize("q_lora_rank,first_k,n_group,topk_group", [
-    (None, 1, 4, 2),  # queries projected directly; one dense block, then MoE with 2 of 4 groups eligible
-    (24, 0, 2, 1),  # low-rank queries; every block MoE, one of 2 groups
-    (24, 3, 1, 1),  # every block dense: imported as a transformer with MLA
+@pytest.mark.parametrize("q_lora_rank,first_k,n_group,topk_group,norm_topk_prob", [
+    (None, 1, 4, 2, True),  # queries projected directly; one dense block, then MoE with 2 of 4 groups eligible
+    (24, 0, 2, 1, False),  # low-rank queries; every block MoE, one of 2 groups; gates not renormalised
+    (24, 3, 1, 1, True),  # every block dense: imported as a transformer with MLA
 ])
-def test_deepseek_v3_logits_equal_transformers(tmp_path, q_lora_rank, first_k, n_group, topk_group):
+def test_deepseek_v3_logits_equal_transformers(tmp_path, q_lora_rank, first_k, n_group, topk_group, norm_topk_prob):
     hf = deepseek_v3(tmp_path, q_lora_rank=q_lora_rank, first_k_dense_replace=first_k, n_group=n_group,
-                     topk_group=topk_group)
+                     topk_group=topk_group, norm_topk_prob=norm_topk_prob)
     model_config, variables = import_hf.convert(str(tmp_path))
     assert model_config.name == ("transformer" if first_k == 3 else "moe")
+    assert first_k == 3 or model_config.normalise_gates == norm_topk_prob
     assert model_config.attention == "mla" and model_config.norm_eps == 1e-5
     got = models.build(model_config).apply(variables, jnp.asarray(TOKENS, jnp.int32))
     want = _hf_logits(hf, TOKENS)
@@ -294,8 +295,6 @@ def test_what_cannot_be_reproduced_is_refused_in_one_line(tmp_path):
         import_hf.llama_config({**_tiny_hf_config(), "model_type": "mistral", "sliding_window": 8})
     with pytest.raises(ConfigError, match="activation_function='relu' is not supported"):
         import_hf.gpt2_config({"activation_function": "relu"})
-    with pytest.raises(ConfigError, match="norm_topk_prob=False is not supported"):
-        import_hf.deepseek_v3_config({**_tiny_hf_config(), "norm_topk_prob": False})
 
 
 def _tiny_hf_config():

@@ -211,8 +211,8 @@ def test_ragged_dispatch_across_expert_shards_on_cpu_fails_before_compiling():
     validation.validate(config, num_devices=8)
 
 
-def numpy_group_limited_routing(logits, bias, top_k, n_groups, topk_groups, route_scale):
-    """DeepSeek-V3's routing, token by token in float64 loops."""
+def numpy_group_limited_routing(logits, bias, top_k, n_groups, topk_groups, route_scale, normalise=True):
+    """DeepSeek-V3's routing, token by token in float64 loops (`normalise`: its norm_topk_prob)."""
     experts_out, gates_out = [], []
     per_group = logits.shape[1] // n_groups
     for row in logits.astype(np.float64):
@@ -223,20 +223,23 @@ def numpy_group_limited_routing(logits, bias, top_k, n_groups, topk_groups, rout
         eligible = [e for e in range(len(row)) if e // per_group in groups]
         chosen = sorted(eligible, key=lambda e: -biased[e])[:top_k]
         experts_out.append(chosen)
-        gates_out.append([route_scale * s[e] / sum(s[c] for c in chosen) for e in chosen])
+        total = sum(s[c] for c in chosen) if normalise else 1.0
+        gates_out.append([route_scale * s[e] / total for e in chosen])
     return np.asarray(experts_out), np.asarray(gates_out)
 
 
-@pytest.mark.parametrize("n_groups,topk_groups,top_k", [(4, 2, 3), (2, 1, 2), (4, 4, 2), (1, 1, 2)])
-def test_group_limited_routing_against_a_numpy_loop(n_groups, topk_groups, top_k):
+@pytest.mark.parametrize("n_groups,topk_groups,top_k,normalise", [(4, 2, 3, True), (2, 1, 2, True), (4, 4, 2, False),
+                                                                   (1, 1, 2, True)])
+def test_group_limited_routing_against_a_numpy_loop(n_groups, topk_groups, top_k, normalise):
     """Random logits and a non-zero bias over 8 experts: the same experts, and gates from the unbiased
-    affinities times route_scale."""
+    affinities (normalised over the chosen, or not) times route_scale."""
     rng = np.random.default_rng(n_groups * 10 + topk_groups)
     logits = rng.normal(size=(37, E)).astype(np.float32)
     bias = rng.normal(scale=0.3, size=E).astype(np.float32)
-    experts, gates, _ = moe.route_sigmoid(jnp.asarray(logits), jnp.asarray(bias), top_k, n_groups, topk_groups, 2.5)
+    experts, gates, _ = moe.route_sigmoid(jnp.asarray(logits), jnp.asarray(bias), top_k, n_groups, topk_groups, 2.5,
+                                          normalise)
     want_experts, want_gates = numpy_group_limited_routing(logits, bias.astype(np.float64), top_k, n_groups,
-                                                           topk_groups, 2.5)
+                                                           topk_groups, 2.5, normalise)
     order = np.argsort(np.asarray(experts), axis=1)
     want_order = np.argsort(want_experts, axis=1)
     np.testing.assert_array_equal(np.take_along_axis(np.asarray(experts), order, 1),

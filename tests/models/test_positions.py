@@ -193,9 +193,15 @@ def test_dynamic_ntk_decodes_like_the_full_pass_within_the_original_context():
     ("model.rope_scaling='yarn' scales RoPE; model.positional='alibi' must be 'rope'",
      dict(positional="alibi", rope_scaling="yarn")),
     ("model.positional='t5' needs model.attention_impl='xla'", dict(positional="t5", attention_impl="pallas")),
+    ("model.t5_max_distance=16 must exceed model.t5_buckets // 2 = 16",
+     dict(positional="t5", t5_buckets=32, t5_max_distance=16)),
 ])
 def test_bad_position_keys_are_refused(message, overrides):
     from models.gqa import GroupedQueryAttention
+
+    if "t5_max_distance" in overrides:  # what it would give: buckets outside [0, B) or falling with distance
+        buckets = np.asarray(positions.t5_bucket(jnp.arange(200), overrides["t5_buckets"], overrides["t5_max_distance"]))
+        assert buckets.min() < 0 or np.any(np.diff(buckets) < 0) or buckets.max() >= overrides["t5_buckets"]
 
     assert any(message in p for p in GroupedQueryAttention.validate(_cfg(**overrides))), message
 
