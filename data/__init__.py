@@ -18,6 +18,7 @@ import numpy as np
 
 from data import (activation_rows, algorithmic, pairs, pipeline, prontoqa, prosqa, prosqa_dag, prosqa_lookup, reasoning,
                   recall, text, token_store)
+from data import command_check as _command_check
 from data.config_fields import field
 
 
@@ -343,3 +344,5 @@ def identity(data_config, splits: Splits) -> dict:
 def load(data_config, seed: int) -> Splits:
     loader, _, _ = DATASETS[data_config.name]
     return loader(data_config, seed)
+
+_command_check.refuse_library_module(__name__, __path__[0])  # `python -m` on a module that is not a command

@@ -47,3 +47,7 @@ class _MovedModules(importlib.abc.MetaPathFinder):
 
 if not any(isinstance(finder, _MovedModules) for finder in sys.meta_path):
     sys.meta_path.append(_MovedModules())
+
+from data import command_check as _command_check  # noqa: E402
+
+_command_check.refuse_library_module(__name__, __path__[0])  # `python -m` on a module that is not a command

@@ -98,3 +98,7 @@ def axis_names(model, example_inputs) -> dict:
     boxed = jax.eval_shape(model.init, abstract_key, example_inputs)["params"]
     is_boxed = lambda x: isinstance(x, nn.Partitioned)  # noqa: E731
     return jax.tree.map(lambda p: tuple(p.names) if is_boxed(p) else (None,) * len(p.shape), boxed, is_leaf=is_boxed)
+
+from data import command_check as _command_check  # noqa: E402
+
+_command_check.refuse_library_module(__name__, __path__[0])  # `python -m` on a module that is not a command

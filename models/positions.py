@@ -26,8 +26,9 @@ each equal to `transformers`' `ROPE_INIT_FUNCTIONS` for the same settings (tests
     dynamic      theta' = theta (s n / L - (s - 1))^(R / (R - 2)) at sequence length n = max(n, L)  (dynamic NTK:
                  unchanged within L; while decoding, each key keeps the frequencies of the step that wrote it,
                  as in `transformers`)
-    yarn         f_i' = f_i ((1 - r_i) / s + r_i), r_i = clip((i - lo) / (hi - lo), 0, 1) over the dimensions
-                 lo..hi whose wavelengths fit beta_fast..beta_slow rotations in L (floor / ceil); cos and sin
+    yarn         f_i' = f_i ((1 - r_i) + r_i / s), r_i = clip((i - lo) / (hi - lo), 0, 1) over the dimensions
+                 lo..hi whose wavelengths fit beta_fast..beta_slow rotations in L (floor / ceil): the fast
+                 dimensions (i <= lo, r_i = 0) keep f_i, the slow ones (i >= hi) are interpolated to f_i / s; cos and sin
                  times the attention factor 0.1 ln s + 1 (so scores scale by its square)  (Peng et al. 2023)
 """
 

@@ -124,7 +124,7 @@ class ShampooConfig:
     eps: float = field(1e-8, min=0)
     block_size: int = field(128, min=1)
     precondition_every: int = field(10, min=1)
-    matrix_eps: float = field(1e-6, above=0)  # ridge added before the root, relative to the largest eigenvalue
+    matrix_eps: float = field(1e-6, above=0)  # ridge added before the root, times the statistic's Frobenius norm
     weight_decay: float = field(0.0, min=0)
 
 
