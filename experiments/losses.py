@@ -24,15 +24,17 @@ are r = log pi(y) - log pi_ref(y) and h = r_w - r_l:
 
     dpo     -(1 - eps) log sig(beta h) - eps log sig(-beta h)           (Rafailov et al. 2023; eps > 0: conservative DPO)
     ipo     (h - 1 / (2 beta))^2                                         (Azar et al. 2023, tau = beta)
+            with `*_lengths` given, r = (log pi(y) - log pi_ref(y)) / |y| on each side (TRL's IPO, which the IPO
+            authors use for multi-token responses; the trainer's default, train.preference.ipo_per_token)
     kto     (w_D (1 - sig(beta (r_w - z))) + w_U (1 - sig(beta (z - r_l)))) / 2          (Ethayarajh et al. 2024)
-            z = max(0, mean over the batch of (r_w + r_l) / 2), no gradient: the reference point
+            z = max(0, mean over the batch of log pi(y'_i | x_i) - log pi_ref(y'_i | x_i)), no gradient: the
+            reference point, a KL estimate from mismatched pairs (x_i with another row's response y'_i,
+            `kl_logps` / `ref_kl_logps`; the trainer pairs each prompt with the previous row's chosen response,
+            as TRL's KL completions do)
     simpo   -log sig(beta (log pi(y_w) / |y_w| - log pi(y_l) / |y_l|) - gamma)     (Meng et al. 2024; no reference)
     orpo    -beta log sig(log odds(y_w) - log odds(y_l)),  log odds(y) = p - log(1 - e^p),  p = log pi(y) / |y|
             (p clamped to <= -1e-6: a response learned to P = 1 has infinite odds)
             (Hong et al. 2024, the odds-ratio term; the trainer adds the SFT term on y_w, train.preference.sft_weight)
-
-KTO's paper estimates z from mismatched prompt / response pairs of the micro-batch; here the batch's own pairs
-give it (the same reference point in expectation when responses are independent of the other prompts).
 """
 
 import dataclasses
@@ -106,7 +108,8 @@ def sequence_logps(logits, targets, loss_mask):
 
 def preference_loss(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None, *, kind: str,
                     beta: float, label_smoothing: float = 0.0, gamma: float = 0.0, chosen_lengths=None,
-                    rejected_lengths=None, desirable_weight: float = 1.0, undesirable_weight: float = 1.0):
+                    rejected_lengths=None, desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
+                    kl_logps=None, ref_kl_logps=None):
     """(mean loss over the batch, metrics) of the paired preference loss `kind` (the module docstring's formulas).
 
     metrics: reward_margin, the mean of what the sigmoid compares before any offset (beta h; simpo: beta times
@@ -118,9 +121,14 @@ def preference_loss(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rej
         raise ValueError(f"preference kind {kind!r} needs the reference model's log-probabilities")
     if kind in ("simpo", "orpo") and (chosen_lengths is None or rejected_lengths is None):
         raise ValueError(f"preference kind {kind!r} needs chosen_lengths and rejected_lengths")
+    if kind == "kto" and (kl_logps is None or ref_kl_logps is None):
+        raise ValueError("preference kind 'kto' needs kl_logps and ref_kl_logps (mismatched prompt / response pairs "
+                         "under the policy and the reference) for its reference point")
     metrics = {}
     if kind in NEEDS_REFERENCE:
         chosen_reward, rejected_reward = chosen_logps - ref_chosen_logps, rejected_logps - ref_rejected_logps
+        if kind == "ipo" and chosen_lengths is not None and rejected_lengths is not None:
+            chosen_reward, rejected_reward = chosen_reward / chosen_lengths, rejected_reward / rejected_lengths
         score = beta * (chosen_reward - rejected_reward)  # beta h
         metrics = {"chosen_reward": jnp.mean(beta * chosen_reward), "rejected_reward": jnp.mean(beta * rejected_reward)}
     else:
@@ -130,7 +138,7 @@ def preference_loss(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rej
     elif kind == "ipo":
         losses = (score / beta - 1 / (2 * beta)) ** 2
     elif kind == "kto":
-        z = jax.lax.stop_gradient(jnp.maximum(jnp.mean(chosen_reward + rejected_reward) / 2, 0.0))
+        z = jax.lax.stop_gradient(jnp.maximum(jnp.mean(kl_logps - ref_kl_logps), 0.0))
         losses = (desirable_weight * (1 - jax.nn.sigmoid(beta * (chosen_reward - z)))
                   + undesirable_weight * (1 - jax.nn.sigmoid(beta * (z - rejected_reward)))) / 2
         metrics["reference_point"] = z

@@ -11,6 +11,10 @@ too, inside the step, for the kinds that have one (DPO, IPO, KTO). Per step:
     objective = preference_loss(log pi(y_w), log pi(y_l), log pi_ref(y_w), log pi_ref(y_l))     (losses.py)
                 + sft_weight * CE(chosen response tokens)                                         (ORPO: 1)
 
+KTO reads a third set of rows, its mismatched pairs (`mismatched`): row i's prompt followed by row i - 1's chosen
+response (cyclically in the micro-batch, as TRL builds its KL completions), under the policy and the reference,
+for its reference point z. IPO compares per-token log-ratios by default (`ipo_per_token`, TRL's form).
+
 Logged besides the chosen responses' `loss` / `accuracy` (so an SFT run and its preference run compare):
 preference/loss, reward_margin, accuracy (of the implicit reward's ranking), chosen / rejected rewards and
 log-probabilities, and with a reference kl_ref = the mean over chosen responses of
@@ -38,6 +42,7 @@ class PreferenceConfig:
     sft_weight: float = field(0.0, min=0)  # + w * CE on the chosen responses (ORPO's NLL term: 1)
     desirable_weight: float = field(1.0, min=0)  # KTO's lambda_D
     undesirable_weight: float = field(1.0, min=0)  # KTO's lambda_U
+    ipo_per_token: bool = True  # IPO on log-ratios divided by the response lengths (TRL); False: summed (Azar et al.)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +77,7 @@ class Preference(language_modelling.LanguageModelling):
                               f"data.name={config.data.name!r} gives none here: set data.rejected (ProntoQA)")
 
     def inputs(self, batch):
-        return both(batch, "inputs")
+        return stacked(batch, self.config.kind, "inputs")
 
     def loss(self, logits, batch: dict, count, accumulate: int, frozen_logits=None):
         """The pair loss on both halves, + sft_weight x the chosen rows' language-modelling objective (whose
@@ -87,28 +92,57 @@ class Preference(language_modelling.LanguageModelling):
         return {**super().metrics(sums, count), **{k: v for k, v in sums.items() if k.startswith("preference/")}}
 
 
-def both(batch: dict, key: str):
-    """The chosen and rejected rows of `key` stacked along the batch: [2B, ...]."""
-    return jnp.concatenate([batch[key], batch[f"rejected_{key}"]], axis=0)
+ROW_KEYS = ("inputs", "targets", "loss_mask")
+
+
+def mismatched(batch: dict) -> dict:
+    """KTO's mismatched pairs: row i's prompt (every position before its first response token) followed by row
+    i - 1's chosen response (cyclically), cut at the row's length; {"inputs", "targets", "loss_mask"} [B, L], the
+    mask on the borrowed response's tokens."""
+    rows = jnp.concatenate([batch["inputs"], batch["targets"][:, -1:]], axis=1)  # the rows' L + 1 tokens
+    response = jnp.concatenate([jnp.zeros_like(batch["loss_mask"][:, :1]), batch["loss_mask"]], axis=1) > 0
+    start, length = jnp.argmax(response, axis=1), jnp.sum(response, axis=1)
+    donor_rows, donor_start, donor_length = (jnp.roll(v, 1, axis=0) for v in (rows, start, length))
+    offset = jnp.arange(rows.shape[1])[None, :] - start[:, None]  # position within the borrowed response
+    borrowed = (offset >= 0) & (offset < donor_length[:, None])
+    taken = jnp.take_along_axis(donor_rows, jnp.clip(donor_start[:, None] + offset, 0, rows.shape[1] - 1), axis=1)
+    row = jnp.where(borrowed, taken, rows)
+    return {"inputs": row[:, :-1], "targets": row[:, 1:], "loss_mask": borrowed[:, 1:].astype(batch["loss_mask"].dtype)}
+
+
+def parts(batch: dict, kind: str) -> list[dict]:
+    """The row sets the pair loss reads, in order: chosen, rejected, and for KTO its mismatched pairs."""
+    chosen, rejected = ({k: batch[prefix + k] for k in ROW_KEYS} for prefix in ("", "rejected_"))
+    return [chosen, rejected, mismatched(batch)] if kind == "kto" else [chosen, rejected]
+
+
+def stacked(batch: dict, kind: str, key: str):
+    """`key` of parts(batch, kind) stacked along the batch: [2B or 3B, ...]."""
+    return jnp.concatenate([part[key] for part in parts(batch, kind)], axis=0)
 
 
 def objective(config: PreferenceConfig, logits, ref_logits, batch: dict):
-    """(the mean preference loss, metrics) from the policy's (and the reference's, or None) logits [2B, L, V]
-    over both(batch, "inputs")."""
-    targets, mask = both(batch, "targets"), both(batch, "loss_mask")
+    """(the mean preference loss, metrics) from the policy's (and the reference's, or None) logits [2B or 3B, L, V]
+    over stacked(batch, config.kind, "inputs")."""
+    targets, mask = stacked(batch, config.kind, "targets"), stacked(batch, config.kind, "loss_mask")
     logps, lengths = losses.sequence_logps(logits, targets, mask)
-    half = logps.shape[0] // 2
-    ref = [None, None]
-    metrics = {"chosen_logps": jnp.mean(logps[:half]), "rejected_logps": jnp.mean(logps[half:])}
+    b = len(batch["inputs"])
+    chosen, rejected = slice(0, b), slice(b, 2 * b)
+    ref, kl_pairs = [None, None], {}
+    metrics = {"chosen_logps": jnp.mean(logps[chosen]), "rejected_logps": jnp.mean(logps[rejected])}
     if ref_logits is not None:
         ref_logps, _ = losses.sequence_logps(ref_logits, targets, mask)
-        ref = [ref_logps[:half], ref_logps[half:]]
-        metrics["kl_ref"] = jnp.mean(jnp.sum(token_kl(logits[:half], ref_logits[:half]) * mask[:half], axis=-1))
+        ref = [ref_logps[chosen], ref_logps[rejected]]
+        metrics["kl_ref"] = jnp.mean(jnp.sum(token_kl(logits[chosen], ref_logits[chosen]) * mask[chosen], axis=-1))
+        if config.kind == "kto":
+            kl_pairs = dict(kl_logps=logps[2 * b:], ref_kl_logps=ref_logps[2 * b:])
+    per_token = config.kind != "ipo" or config.ipo_per_token
     loss, pair_metrics = losses.preference_loss(
-        logps[:half], logps[half:], *ref, kind=config.kind, beta=config.beta, label_smoothing=config.label_smoothing,
-        gamma=config.gamma, chosen_lengths=jnp.maximum(lengths[:half], 1.0),
-        rejected_lengths=jnp.maximum(lengths[half:], 1.0), desirable_weight=config.desirable_weight,
-        undesirable_weight=config.undesirable_weight)
+        logps[chosen], logps[rejected], *ref, kind=config.kind, beta=config.beta,
+        label_smoothing=config.label_smoothing, gamma=config.gamma,
+        chosen_lengths=jnp.maximum(lengths[chosen], 1.0) if per_token else None,
+        rejected_lengths=jnp.maximum(lengths[rejected], 1.0) if per_token else None,
+        desirable_weight=config.desirable_weight, undesirable_weight=config.undesirable_weight, **kl_pairs)
     return loss, {"loss": loss, **metrics, **pair_metrics}
 
 

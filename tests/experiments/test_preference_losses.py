@@ -16,15 +16,18 @@ def sigmoid(x):
     return 1.0 / (1.0 + np.exp(-x))
 
 
-def numpy_loss(kind, pw, pl, rw, rl, beta, eps=0.0, gamma=0.0, nw=None, nl=None):
-    """Per-pair losses straight from each paper (pw, pl: policy log pi(y_w), log pi(y_l); rw, rl: reference)."""
+def numpy_loss(kind, pw, pl, rw, rl, beta, eps=0.0, gamma=0.0, nw=None, nl=None, kl=None, ipo_per_token=True):
+    """Per-pair losses straight from each paper (pw, pl: policy log pi(y_w), log pi(y_l); rw, rl: reference;
+    kl: KTO's mismatched pairs' (policy, reference) log-probabilities)."""
     h = (pw - rw) - (pl - rl)
     if kind == "dpo":  # Rafailov et al. eq. 7; Mitchell's conservative form with eps
         return -(1 - eps) * log_sigmoid(beta * h) - eps * log_sigmoid(-beta * h)
-    if kind == "ipo":  # Azar et al. eq. 17
+    if kind == "ipo":  # Azar et al. eq. 17; TRL's per-token log-ratios by default
+        if ipo_per_token:
+            h = (pw - rw) / nw - (pl - rl) / nl
         return (h - 1 / (2 * beta)) ** 2
-    if kind == "kto":  # Ethayarajh et al. eq. 8 with lambda_D = lambda_U = 1, z_0 clamped at 0
-        z = max(np.mean(((pw - rw) + (pl - rl)) / 2), 0.0)
+    if kind == "kto":  # Ethayarajh et al. eq. 8 with lambda_D = lambda_U = 1; TRL's z: mismatched pairs' KL, >= 0
+        z = max(np.mean(kl[0] - kl[1]), 0.0)
         return ((1 - sigmoid(beta * ((pw - rw) - z))) + (1 - sigmoid(beta * (z - (pl - rl))))) / 2
     if kind == "simpo":  # Meng et al. eq. 6
         return -log_sigmoid(beta / nw * pw - beta / nl * pl - gamma)
@@ -43,17 +46,49 @@ def pairs():
     return pw, pl, rw, rl, nw, nl
 
 
-@pytest.mark.parametrize("kind,beta,eps,gamma", [("dpo", 0.1, 0.0, 0.0), ("dpo", 0.5, 0.2, 0.0), ("ipo", 0.3, 0.0, 0.0),
-                                                 ("kto", 0.4, 0.0, 0.0), ("simpo", 2.0, 0.0, 0.7),
-                                                 ("orpo", 0.1, 0.0, 0.0)])
-def test_each_loss_is_its_papers_formula(pairs, kind, beta, eps, gamma):
+@pytest.fixture(scope="module")
+def mismatched_pairs():
+    """(policy, reference) log-probabilities of 7 mismatched pairs, with a positive KL estimate (z > 0 binds)."""
+    rng = np.random.default_rng(1)
+    ref = -rng.uniform(2.0, 9.0, 7)
+    return ref + rng.normal(0.4, 0.5, 7), ref
+
+
+@pytest.mark.parametrize("kind,beta,eps,gamma,per_token", [
+    ("dpo", 0.1, 0.0, 0.0, True), ("dpo", 0.5, 0.2, 0.0, True), ("ipo", 0.3, 0.0, 0.0, True),
+    ("ipo", 0.3, 0.0, 0.0, False), ("kto", 0.4, 0.0, 0.0, True), ("simpo", 2.0, 0.0, 0.7, True),
+    ("orpo", 0.1, 0.0, 0.0, True)])
+def test_each_loss_is_its_papers_formula(pairs, mismatched_pairs, kind, beta, eps, gamma, per_token):
     pw, pl, rw, rl, nw, nl = pairs
+    kl = dict(kl_logps=jnp.asarray(mismatched_pairs[0]), ref_kl_logps=jnp.asarray(mismatched_pairs[1]))
+    lengths = dict(chosen_lengths=jnp.asarray(nw), rejected_lengths=jnp.asarray(nl)) if per_token else {}
     loss, metrics = losses.preference_loss(*(jnp.asarray(x, jnp.float32) for x in (pw, pl, rw, rl)), kind=kind, beta=beta,
-                                           label_smoothing=eps, gamma=gamma, chosen_lengths=jnp.asarray(nw),
-                                           rejected_lengths=jnp.asarray(nl))
-    expected = numpy_loss(kind, pw, pl, rw, rl, beta, eps, gamma, nw, nl)
+                                           label_smoothing=eps, gamma=gamma, **lengths, **kl)
+    expected = numpy_loss(kind, pw, pl, rw, rl, beta, eps, gamma, nw, nl, mismatched_pairs, per_token)
     np.testing.assert_allclose(float(loss), np.mean(expected), rtol=2e-5)
     assert 0.0 <= float(metrics["accuracy"]) <= 1.0 and np.isfinite(float(metrics["reward_margin"]))
+    if kind == "kto":
+        z = np.mean(mismatched_pairs[0] - mismatched_pairs[1])
+        assert z > 0 and float(metrics["reference_point"]) == pytest.approx(z, rel=1e-5)
+
+
+def test_kto_gradient_is_the_analytic_one_with_the_reference_point_held(pairs, mismatched_pairs):
+    """d/d log pi(y_w) = -w_D beta s'(beta (r_w - z)) / 2n, d/d log pi(y_l) = w_U beta s'(beta (z - r_l)) / 2n, and
+    nothing flows into the mismatched pairs (z is a detached estimate)."""
+    pw, pl, rw, rl, _, _ = pairs
+    beta, w_d, w_u, n = 0.4, 1.5, 0.7, len(pw)
+
+    def loss(w, rejected, kl_policy):
+        return losses.preference_loss(w, rejected, jnp.asarray(rw), jnp.asarray(rl), kind="kto", beta=beta,
+                                      desirable_weight=w_d, undesirable_weight=w_u, kl_logps=kl_policy,
+                                      ref_kl_logps=jnp.asarray(mismatched_pairs[1]))[0]
+
+    grads = jax.grad(loss, argnums=(0, 1, 2))(jnp.asarray(pw), jnp.asarray(pl), jnp.asarray(mismatched_pairs[0]))
+    z = np.mean(mismatched_pairs[0] - mismatched_pairs[1])
+    slope = lambda x: sigmoid(x) * (1 - sigmoid(x))  # noqa: E731
+    np.testing.assert_allclose(grads[0], -w_d * beta * slope(beta * ((pw - rw) - z)) / (2 * n), rtol=1e-5)
+    np.testing.assert_allclose(grads[1], w_u * beta * slope(beta * (z - (pl - rl))) / (2 * n), rtol=1e-5)
+    np.testing.assert_array_equal(grads[2], 0.0)
 
 
 def test_hand_computed_cases():
@@ -111,6 +146,8 @@ def test_bad_kind_and_missing_inputs_are_one_line_errors():
         losses.preference_loss(x, x, kind="ipo", beta=0.1)
     with pytest.raises(ValueError, match="needs chosen_lengths"):
         losses.preference_loss(x, x, kind="simpo", beta=0.1)
+    with pytest.raises(ValueError, match="'kto' needs kl_logps and ref_kl_logps"):
+        losses.preference_loss(x, x, x, x, kind="kto", beta=0.1)
 
 
 def test_sequence_logps_sums_the_masked_targets():

@@ -33,19 +33,24 @@ def rows(workdir):
         return [r for r in map(json.loads, f) if r["split"] == "train"]
 
 
-@pytest.mark.slow  # an SFT run, then DPO from it; the default suite keeps the losses (test_preference_losses) and the errors
-def test_dpo_starts_from_its_reference_and_raises_the_margin(sft_run, tmp_path):
+@pytest.mark.slow  # an SFT run, then DPO / KTO from it; the default suite keeps the losses and the errors
+@pytest.mark.parametrize("kind,at_reference", [("dpo", np.log(2)), ("kto", 0.5)])
+def test_starts_from_its_reference_and_raises_the_margin(sft_run, tmp_path, kind, at_reference):
     config = tiny("dpo")
     config.train.update(init_from=sft_run, steps=6)
+    config.train.preference.kind = kind
     config.optimizer.lr = 3e-3
     config.mesh.update(data=2, fsdp=2, tensor=2)
     trainer.train_and_evaluate(config, str(tmp_path), verbose=False)
     first, last = rows(tmp_path)[0], rows(tmp_path)[-1]
-    # Step 1's policy is its reference: every implicit reward 0, DPO's loss log 2, no KL.
-    assert first["preference/loss"] == pytest.approx(np.log(2), abs=1e-5)
+    # Step 1's policy is its reference: every implicit reward 0 (DPO's loss log 2, KTO's 1/2 with its reference
+    # point, the mismatched pairs' KL, at 0), no KL.
+    assert first["preference/loss"] == pytest.approx(at_reference, abs=1e-5)
     assert abs(first["preference/reward_margin"]) < 1e-5 and abs(first["preference/kl_ref"]) < 1e-5
-    assert last["preference/loss"] < np.log(2) - 0.01 and last["preference/reward_margin"] > 0
+    assert last["preference/loss"] < at_reference - 0.002 and last["preference/reward_margin"] > 0
     assert last["preference/kl_ref"] > 0
+    if kind == "kto":
+        assert first["preference/reference_point"] == pytest.approx(0.0, abs=1e-6)
 
 
 @pytest.mark.parametrize("change,message", [
@@ -83,3 +88,28 @@ def test_derailed_responses_are_wrong_and_share_the_prompt():
     np.testing.assert_array_equal(splits.train["inputs"][:, :question_len],
                                   splits.train["rejected_inputs"][:, :question_len])
     assert (splits.train["rejected_loss_mask"][:, :question_len - 1] == 0).all()
+
+
+def test_ktos_mismatched_pairs_are_each_prompt_with_the_previous_rows_response():
+    """Right-padded rows of awkward lengths (one borrowed response cut at the row's end) against a NumPy loop."""
+    from experiments.objectives import preference
+    rows_ = [([5, 6, 7], [20, 21]), ([8], [22, 23, 24, 25]), ([9, 10, 11, 12, 13, 14], [26, 27, 28])]  # (prompt, response)
+    length, pad = 8, 0
+    batch = {"inputs": [], "targets": [], "loss_mask": []}
+    for prompt, response in rows_:
+        row = (prompt + response + [pad] * length)[:length + 1]
+        mask = [0.0] * len(prompt) + [1.0] * len(response) + [0.0] * length
+        batch["inputs"].append(row[:-1])
+        batch["targets"].append(row[1:])
+        batch["loss_mask"].append(mask[1:length + 1])
+    got = preference.mismatched({k: np.asarray(v) for k, v in batch.items()})
+    for i, (prompt, _) in enumerate(rows_):
+        borrowed = rows_[i - 1][1][:length + 1 - len(prompt)]
+        row = np.asarray(batch["inputs"][i] + batch["targets"][i][-1:])
+        row[len(prompt):len(prompt) + len(borrowed)] = borrowed
+        mask = np.zeros(length + 1)
+        mask[len(prompt):len(prompt) + len(borrowed)] = 1
+        np.testing.assert_array_equal(got["inputs"][i], row[:-1])
+        np.testing.assert_array_equal(got["targets"][i], row[1:])
+        np.testing.assert_array_equal(got["loss_mask"][i], mask[1:])
+    assert got["loss_mask"][2].sum() == 3 and got["loss_mask"][1].sum() == 2  # row 1's 4 tokens cut to 3 in row 2
