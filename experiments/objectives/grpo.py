@@ -9,7 +9,8 @@ first loss-masked target) is continued G times by the KV-cached sampler (models/
               a step, and a step is right when the chain up to it is (steps after a wrong one score 0). This is
               the finest process supervision a chain with one right form admits (the generators write one).
 
-Advantages (DeepSeekMath section 4.1.2 / 4.1.3), per group of G completions of one prompt:
+Advantages (DeepSeekMath section 4.1.2 / 4.1.3), per group of G completions of one prompt, std the sample
+standard deviation (Bessel-corrected, as TRL's):
     outcome   A_{i,t} = (r_i - mean_j r_j) / (std_j r_j + eps)                     (every token of o_i)
     process   r~ = (r - mean R) / (std R + eps) over R, every step reward of the group;
               A_{i,t} = sum of r~_i^k over the steps k of o_i that end at or after token t
@@ -21,7 +22,10 @@ the first step):
     J = 1/G sum_i 1/|o_i| sum_t [ min(rho A, clip(rho, 1 - eps_c, 1 + eps_c) A) - beta KL_t ]
     rho_{i,t} = pi(o_t | q, o_<t) / pi_old(o_t | q, o_<t)
     KL_t = pi_ref / pi - log(pi_ref / pi) - 1          (the unbiased k3 estimator of KL(pi || pi_ref), >= 0)
-averaged over the prompts of the batch. The reference is the run `train.init_from` starts from (beta > 0).
+averaged over the prompts of the batch. The reference is the run `train.init_from` starts from (beta > 0). Every
+probability (pi, pi_old, pi_ref) is the softmax of the logits over `temperature`, the distribution the rollouts
+sample from (as TRL), and the policy's pass runs without dropout, like the old and reference passes (TRL turns
+dropout off in its RL trainers), so rho is 1 at each rollout's first step.
 Logged: grpo/reward (the mean outcome reward), grpo/kl, grpo/clip_fraction, grpo/loss, grpo/solved (the
 fraction of groups with any correct completion: a group of equal rewards has zero advantage and no gradient).
 """
@@ -71,6 +75,7 @@ class GRPO(language_modelling.LanguageModelling):
     config: GRPOConfig = GRPOConfig()
     selecting_key = "train.grpo.group_size"
     section, keys = "grpo", GRPOConfig()
+    policy_dropout = False
 
     @staticmethod
     def problems(config) -> list[str]:
@@ -157,9 +162,9 @@ def problems(config) -> list[str]:
 # Advantages and the objective ---------------------------------------------------------------------------------
 
 def outcome_advantages(rewards, eps: float):
-    """float[P, G] rewards -> float[P, G] group-normalised advantages."""
+    """float[P, G] rewards -> float[P, G] group-normalised advantages (the group's sample std)."""
     mean = jnp.mean(rewards, axis=-1, keepdims=True)
-    return (rewards - mean) / (jnp.std(rewards, axis=-1, keepdims=True) + eps)
+    return (rewards - mean) / (jnp.std(rewards, axis=-1, keepdims=True, ddof=1) + eps)
 
 
 def process_advantages(step_rewards, step_mask, eps: float):
@@ -168,7 +173,8 @@ def process_advantages(step_rewards, step_mask, eps: float):
     closing at or after it."""
     count = jnp.maximum(jnp.sum(step_mask, axis=(1, 2), keepdims=True), 1.0)
     mean = jnp.sum(step_rewards * step_mask, axis=(1, 2), keepdims=True) / count
-    std = jnp.sqrt(jnp.sum((step_rewards - mean) ** 2 * step_mask, axis=(1, 2), keepdims=True) / count)
+    std = jnp.sqrt(jnp.sum((step_rewards - mean) ** 2 * step_mask, axis=(1, 2), keepdims=True)
+                   / jnp.maximum(count - 1, 1.0))
     normalised = (step_rewards - mean) / (std + eps) * step_mask
     return jnp.flip(jnp.cumsum(jnp.flip(normalised, -1), axis=-1), -1)
 
@@ -177,7 +183,7 @@ def objective(config: GRPOConfig, logits, ref_logits, batch: dict):
     """(loss = -J, metrics) from the policy's (and the reference's, or None) logits [R, L, V] over the rollout
     rows `batch` (inputs, targets, loss_mask, advantages [R, L], old_logps [R, L], rewards [R])."""
     mask = batch["loss_mask"]
-    logps = losses.token_logps(logits, batch["targets"])
+    logps = losses.token_logps(logits / config.temperature, batch["targets"])
     ratio = jnp.exp(logps - batch["old_logps"])
     advantages = batch["advantages"]
     clipped = jnp.clip(ratio, 1 - config.clip, 1 + config.clip)
@@ -185,7 +191,7 @@ def objective(config: GRPOConfig, logits, ref_logits, batch: dict):
     per_token = surrogate
     kl = jnp.zeros_like(logps)
     if ref_logits is not None and config.kl_beta:
-        log_ref_over_pi = losses.token_logps(ref_logits, batch["targets"]) - logps
+        log_ref_over_pi = losses.token_logps(ref_logits / config.temperature, batch["targets"]) - logps
         kl = jnp.exp(log_ref_over_pi) - log_ref_over_pi - 1.0
         per_token = surrogate - config.kl_beta * kl
     lengths = jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
@@ -218,7 +224,8 @@ def rollout(model, variables, batch: dict, rng, *, config: GRPOConfig, prompt_le
                                     temperature=config.temperature)
     rows = jnp.concatenate([repeated, completions], axis=1)
     scored = score(rows, batch, config=config, prompt_len=prompt_len)
-    scored["old_logps"] = losses.token_logps(model.apply(variables, scored["inputs"]), scored["targets"])
+    old_logits = model.apply(variables, scored["inputs"])
+    scored["old_logps"] = losses.token_logps(old_logits / config.temperature, scored["targets"])
     return scored
 
 

@@ -34,6 +34,7 @@ class LanguageModelling:
     selecting_key = ""  # the key whose value selects the objective when train.objective is ""
     section = ""  # its keys' section of config.train ("": none), declared by `keys`, a dataclass instance
     keys = None
+    policy_dropout = True  # whether the policy's pass applies the model's (and LoRA's) dropout (GRPO: no)
 
     @classmethod
     def selected_by(cls, train) -> bool:
@@ -66,6 +67,11 @@ class LanguageModelling:
     def inputs(self, batch):
         """The tokens the policy (and the frozen model) read: [B, L]."""
         return batch["inputs"]
+
+    def dropout_rngs(self, rng) -> dict:
+        """The policy pass's rngs: a "dropout" stream where the objective trains with dropout, none otherwise
+        (models/layers.dropout is then the identity)."""
+        return {"dropout": rng} if self.policy_dropout else {}
 
     def loss(self, logits, batch: dict, count, accumulate: int, frozen_logits=None):
         """(the micro-batch's share of the objective, its sums): the sums are added over micro-batches, and

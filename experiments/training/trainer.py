@@ -120,7 +120,7 @@ def train_step(state: TrainState, batch, frozen=None, *, schedule, accumulate: i
     def loss_fn(params, probes, model_state, micro, micro_rng):
         logits, written = state.apply_fn(
             {"params": params, **model_state, models.PROBES: probes}, objective.inputs(micro), **packed_rows(micro),
-            rngs={"dropout": micro_rng},
+            rngs=objective.dropout_rngs(micro_rng),
             mutable=[*model_state, *models.SOWN, *([models.MONITORS] if with_monitors else [])])
         total, sums = objective.loss(logits, micro, count, accumulate, frozen_logits)
         total, sums = sown.add(total, sums, written, micro, batch, count, accumulate, state.step)

@@ -17,7 +17,8 @@ from experiments.configs import base, preference as preference_configs
 
 
 def numpy_outcome_advantages(rewards, eps):
-    return (rewards - rewards.mean(-1, keepdims=True)) / (rewards.std(-1, keepdims=True) + eps)
+    """TRL's: the group's mean and sample (Bessel-corrected, torch.std's default) standard deviation."""
+    return (rewards - rewards.mean(-1, keepdims=True)) / (rewards.std(-1, keepdims=True, ddof=1) + eps)
 
 
 def numpy_process_advantages(step_rewards, step_mask, eps):
@@ -26,7 +27,7 @@ def numpy_process_advantages(step_rewards, step_mask, eps):
     out = np.zeros_like(step_rewards, np.float64)
     for p in range(step_rewards.shape[0]):
         closed = step_rewards[p][step_mask[p] > 0]
-        mean, std = closed.mean(), closed.std()
+        mean, std = closed.mean(), closed.std(ddof=1)
         for i in range(step_rewards.shape[1]):
             for t in range(step_rewards.shape[2]):
                 out[p, i, t] = sum((step_rewards[p, i, k] - mean) / (std + eps)
@@ -64,8 +65,9 @@ def test_outcome_and_process_advantages_match_numpy():
         numpy_process_advantages(step_rewards, step_mask, 1e-4), atol=1e-4)
 
 
-@pytest.mark.parametrize("beta", [0.0, 0.04])
-def test_clipped_objective_matches_numpy_and_its_gradient_finite_differences(beta):
+@pytest.mark.parametrize("beta,temperature", [(0.0, 1.0), (0.04, 0.7)])
+def test_clipped_objective_matches_numpy_and_its_gradient_finite_differences(beta, temperature):
+    """Every probability at the rollouts' temperature: log softmax(logits / T) of policy and reference."""
     rng = np.random.default_rng(1)
     rows, length, vocab = 6, 5, 7
     logits = rng.normal(size=(rows, length, vocab))
@@ -74,14 +76,14 @@ def test_clipped_objective_matches_numpy_and_its_gradient_finite_differences(bet
     mask = np.ones((rows, length))
     mask[:, :2] = 0.0  # the prompt
     mask[0, 4] = 0.0  # a shorter response
-    log_softmax = lambda x: x - np.log(np.exp(x).sum(-1, keepdims=True))  # noqa: E731
+    log_softmax = lambda x: x / temperature - np.log(np.exp(x / temperature).sum(-1, keepdims=True))  # noqa: E731
     logps = np.take_along_axis(log_softmax(logits), targets[..., None], -1)[..., 0]
     old_logps = logps + rng.normal(scale=0.3, size=logps.shape)  # ratios far enough from 1 that some clip
     advantages = rng.normal(size=(rows, length))
     batch = {"targets": jnp.asarray(targets), "loss_mask": jnp.asarray(mask, jnp.float32),
              "old_logps": jnp.asarray(old_logps, jnp.float32), "advantages": jnp.asarray(advantages, jnp.float32),
              "rewards": jnp.zeros(rows), "solved": jnp.zeros(rows)}
-    config = grpo.GRPOConfig(group_size=2, clip=0.2, kl_beta=beta)
+    config = grpo.GRPOConfig(group_size=2, clip=0.2, kl_beta=beta, temperature=temperature)
     ref_logps = np.take_along_axis(log_softmax(ref_logits), targets[..., None], -1)[..., 0]
     expected = numpy_objective(logps, old_logps, ref_logps, advantages, mask, 0.2, beta)
     loss, metrics = grpo.objective(config, jnp.asarray(logits, jnp.float32), jnp.asarray(ref_logits, jnp.float32), batch)
@@ -158,12 +160,12 @@ def test_rollout_keeps_the_prompts_and_logs_the_samplers_log_probs(rows):
     config = trainer.resolve(tiny(), data.load(tiny().data, seed=0))
     model = models.build(config.model)
     variables = model.init(jax.random.key(0), jnp.asarray(batch["inputs"]))
-    grpo_config = grpo.GRPOConfig(group_size=2)
+    grpo_config = grpo.GRPOConfig(group_size=2, temperature=0.7)
     out = grpo.rollout(model, variables, jax.tree.map(jnp.asarray, batch), jax.random.key(1), config=grpo_config,
                        prompt_len=prompt_len)
     np.testing.assert_array_equal(out["inputs"][:, :prompt_len], np.repeat(batch["inputs"][:, :prompt_len], 2, axis=0))
     np.testing.assert_array_equal(out["inputs"][:, 1:], out["targets"][:, :-1])
-    log_probs = jax.nn.log_softmax(model.apply(variables, out["inputs"]))
+    log_probs = jax.nn.log_softmax(model.apply(variables, out["inputs"]) / 0.7)  # the sampler's distribution
     expected = np.take_along_axis(np.asarray(log_probs), np.asarray(out["targets"])[..., None], -1)[..., 0]
     np.testing.assert_allclose(out["old_logps"], expected, atol=1e-5)
 
@@ -179,8 +181,9 @@ def test_grpo_runs_from_an_sft_start_on_a_sharded_mesh(tmp_path):
     trainer.train_and_evaluate(tiny(), sft, verbose=False)
     config = tiny()
     config.train.update(init_from=sft, steps=4)
-    config.train.grpo.update(group_size=4, epochs=2, minibatches=2, reward="process")  # 4 steps per rollout
+    config.train.grpo.update(group_size=4, epochs=2, minibatches=2, reward="process", temperature=0.8)  # 4 steps
     config.mesh.update(data=2, fsdp=2, tensor=2)
+    config.model.update(residual_dropout=0.3, attention_dropout=0.3)  # off in the policy pass, as in the others
     trainer.train_and_evaluate(config, str(tmp_path / "grpo"), verbose=False)
     first, *_, last = metrics(tmp_path / "grpo")
     # Step 1's policy is the reference and the sampler's: no KL, no ratio away from 1.
