@@ -3,11 +3,15 @@ every matmul of the blocks (attention projections, MLP) with ternary weights and
 embeddings and the output head stay in float. `model.bitnet = True`.
 
     s = mean |W| (+ eps)                       W_q = s * clip(round(W / s), -1, 1)      one scale per matrix
-    m = max_j |x_j| per token (+ eps)          x_q = clip(round(127 x / m), -128, 127) * m / 127
+    x~ = x / sqrt(mean_j x_j^2 + 1e-6)         the recipe's RMSNorm inside BitLinear (no gain), per token
+    m = max_j |x~_j| per token (+ eps)         x_q = clip(round(127 x~ / m), -128, 127) * m / 127
     y = x_q W_q
 
-Training keeps float master weights: both quantisers pass gradients straight through (y's gradients are
-those of x W at x_q, W_q: q(x) = stop_gradient(q(x)) + x - stop_gradient(x), whose value is q(x) exactly).
+The RMSNorm is the training recipe's ("The Era of 1-bit LLMs: Training Tips, Code and FAQ": BitLinear normalises
+its input, with a fresh unit-gain LlamaRMSNorm, before the 8-bit quantiser), so every quantised product, the
+attention output projection and the MLP's `wo` included, quantises a unit-RMS input. Training keeps float master
+weights: both quantisers pass gradients straight through (y's gradients are those of x~ W at x_q, W_q, then
+through the norm: q(x) = stop_gradient(q(x)) + x - stop_gradient(x), whose value is q(x) exactly).
 At inference a matrix is its ternary codes (log2(3) = 1.58 bits each, 2 bits packed) and one float scale.
 """
 
@@ -15,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 EPS = 1e-5
+NORM_EPS = 1e-6  # the RMSNorm's (LlamaRMSNorm's default)
 
 
 def _straight_through(x, quantised):
@@ -36,16 +41,22 @@ def absmax_int8(x):
     return _straight_through(x32, jnp.clip(jnp.round(x32 * scale), -128, 127) / scale).astype(x.dtype)
 
 
+def rms_normalised(x):
+    """x / sqrt(mean(x^2) + 1e-6) over the last axis, in float32: BitLinear's input norm (no gain)."""
+    x32 = x.astype(jnp.float32)
+    return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + NORM_EPS)).astype(x.dtype)
+
+
 def matmul(x, w, enabled: bool):
-    """x [N, K] @ w [K, M]: BitLinear's quantised product when `enabled`, else the plain one."""
-    return absmax_int8(x) @ ternary(w) if enabled else x @ w
+    """x [N, K] @ w [K, M]: BitLinear's normalised, quantised product when `enabled`, else the plain one."""
+    return absmax_int8(rms_normalised(x)) @ ternary(w) if enabled else x @ w
 
 
 def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
-    """`jax.lax.dot_general` with BitLinear's quantisers, for `nn.Dense(dot_general=...)` (lhs: activations
-    [..., K], rhs: the kernel [K, M])."""
-    return jax.lax.dot_general(absmax_int8(lhs), ternary(rhs), dimension_numbers, precision=precision,
-                               preferred_element_type=preferred_element_type)
+    """`jax.lax.dot_general` with BitLinear's norm and quantisers, for `nn.Dense(dot_general=...)` (lhs:
+    activations [..., K], rhs: the kernel [K, M])."""
+    return jax.lax.dot_general(absmax_int8(rms_normalised(lhs)), ternary(rhs), dimension_numbers,
+                               precision=precision, preferred_element_type=preferred_element_type)
 
 
 def packed_bytes(num_weights: int) -> int:

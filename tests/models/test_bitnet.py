@@ -11,22 +11,31 @@ from models import bitnet, transformer
 
 
 def _numpy_bitlinear(x, w):
+    """The recipe's BitLinear in float64: a unit-gain RMSNorm of x, then the two quantisers."""
     s = np.mean(np.abs(w)) + bitnet.EPS
     w_q = np.clip(np.round(w / s), -1, 1) * s
-    m = np.max(np.abs(x), axis=-1, keepdims=True) + bitnet.EPS
-    x_q = np.clip(np.round(x * 127 / m), -128, 127) * m / 127
-    return x_q, w_q
+    rms = np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + bitnet.NORM_EPS)
+    m = np.max(np.abs(x / rms), axis=-1, keepdims=True) + bitnet.EPS
+    x_q = np.clip(np.round(x / rms * 127 / m), -128, 127) * m / 127
+    return x_q, w_q, rms
 
 
 def test_bitlinear_forward_and_straight_through_gradients_against_numpy():
+    """Rows of very different scales (the norm makes them quantise alike); the gradient is straight through the
+    quantisers and exact through the norm: dx = (u - x~ mean(x~ u)) / rms, u = g W_q^T."""
     rng = np.random.default_rng(0)
     x, w, g = rng.normal(size=(5, 7)), rng.normal(size=(7, 3)) * 0.1, rng.normal(size=(5, 3))
-    x_q, w_q = _numpy_bitlinear(x, w)
+    x *= np.array([0.01, 0.3, 1.0, 4.0, 50.0])[:, None]
+    x_q, w_q, rms = _numpy_bitlinear(x, w)
     x32, w32 = jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32)
     np.testing.assert_allclose(bitnet.matmul(x32, w32, True), x_q @ w_q, rtol=1e-4, atol=1e-5)
-    dx, dw = jax.grad(lambda a, b: jnp.sum(bitnet.matmul(a, b, True) * g), argnums=(0, 1))(x32, w32)
-    np.testing.assert_allclose(dx, g @ w_q.T, rtol=1e-4, atol=1e-5)  # as if y = x W at the quantised values
-    np.testing.assert_allclose(dw, x_q.T @ g, rtol=1e-4, atol=1e-5)
+    for product in (lambda a, b: bitnet.matmul(a, b, True),
+                    lambda a, b: bitnet.dot_general(a, b, (((1,), (0,)), ((), ())))):
+        dx, dw = jax.grad(lambda a, b: jnp.sum(product(a, b) * g), argnums=(0, 1))(x32, w32)
+        u, normalised = g @ w_q.T, x / rms
+        np.testing.assert_allclose(dx * rms, u - normalised * np.mean(normalised * u, -1, keepdims=True),
+                                   rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(dw, x_q.T @ g, rtol=1e-4, atol=1e-5)
     assert len(np.unique(np.asarray(bitnet.ternary(w32)))) == 3
 
 
