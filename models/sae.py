@@ -6,14 +6,21 @@ AuxK loss), BatchTopK (Bussmann et al. 2024) and JumpReLU (Rajamanoharan et al. 
     f     = sigma(z)                                          latents, by `kind`:
               relu       max(z, 0)
               topk       max(z, 0) at each row's k largest, 0 elsewhere
-              batchtopk  max(z, 0) at the batch's k N largest (k per row on average), 0 elsewhere
+              batchtopk  max(z, 0) at the batch's k N largest (k per row on average), 0 elsewhere, in training;
+                         outside it max(z, 0) where it exceeds the threshold theta (SAELens: a running mean of
+                         the smallest activation each training batch kept, theta <- (1 - r) theta + r min, r =
+                         `threshold_rate`), so a row's latents do not depend on the batch it is evaluated in
               jumprelu   z H(z - theta),  theta = exp(log_theta) > 0 per latent
-    x_hat = (W_dec f + b_dec) / s,   W_dec's columns unit-norm by construction: W_dec = V / ||V||_columns
+    x_hat = (W_dec f + b_dec) / s,   W_dec's columns unit-norm by construction: W_dec = V / ||V||_columns;
+                                      W_enc starts as W_dec^T (tied at initialisation, as OpenAI's and sparsify's)
     loss  = mean_n ||s (x - x_hat)||^2 + penalty             (so the coefficients mean the same at every site)
               relu       l1_coefficient * mean_n sum_i f_i ||W_dec,i||    (the decoder-norm-weighted L1; the
                          norms are 1 here, so it is plain L1, but a decoder cannot shrink to cheat it)
-              topk, batchtopk   aux_coefficient * AuxK: the residual e = s (x - x_hat) reconstructed by the k_aux
-                         largest pre-activations of the latents marked dead (`dead` [M]), mean_n ||e - W_dec f_aux||^2
+              topk, batchtopk   aux_coefficient * AuxK * V: the residual e = s (x - x_hat) reconstructed by the
+                         k_aux largest pre-activations of the latents marked dead (`dead` [M]), as a normalised MSE
+                         AuxK = sum_n ||e - W_dec f_aux||^2 / sum_n ||e - mean e||^2 (Gao et al., OpenAI's code:
+                         both their terms are normalised MSEs), times V = mean_n ||s x - mean s x||^2, which puts it
+                         in the main term's units (mse = V * its normalised MSE) with Gao's ratio between the two
               jumprelu   l0_coefficient * mean_n sum_i H(z_i - theta_i)
 
 JumpReLU's step H has no useful gradient; its straight-through estimator uses a rectangle kernel of width epsilon,
@@ -61,6 +68,7 @@ class SAEConfig:
     epsilon: float = field(1e-3, above=0)  # jumprelu: the rectangle kernel's width
     initial_threshold: float = field(1e-3, above=0)  # jumprelu: theta at initialisation
     dead_after: int = field(100_000, min=1)  # rows without firing before a latent counts as dead (AuxK)
+    threshold_rate: float = field(0.01, above=0, max=1)  # batchtopk: r of the inference threshold's running mean
     input_scale: float = field(1.0, min=-1)  # s; -1: from the data, sqrt(D / E||x||^2)
 
 
@@ -141,13 +149,16 @@ class SparseAutoencoder(nn.Module, lm.Capabilities):
 
     def setup(self):
         cfg = self.cfg
-        self.w_enc = self.param("w_enc", nn.initializers.lecun_normal(), (cfg.d_in, cfg.num_latents))
-        self.b_enc = self.param("b_enc", nn.initializers.zeros, (cfg.num_latents,))
         self.v_dec = self.param("v_dec", nn.initializers.lecun_normal(), (cfg.num_latents, cfg.d_in))
+        tied = lambda key, shape: (self.v_dec / jnp.linalg.norm(self.v_dec, axis=-1, keepdims=True)).T  # noqa: E731
+        self.w_enc = self.param("w_enc", tied, (cfg.d_in, cfg.num_latents))
+        self.b_enc = self.param("b_enc", nn.initializers.zeros, (cfg.num_latents,))
         self.b_dec = self.param("b_dec", nn.initializers.zeros, (cfg.d_in,))
         if self.has_variable(STATE, "rows_since_fired") or self.is_mutable_collection(STATE):  # the trainer's
             self.rows_since_fired = self.variable(STATE, "rows_since_fired", jnp.zeros, (cfg.num_latents,),
                                                   jnp.float32)
+            if cfg.kind == "batchtopk":
+                self.threshold = self.variable(STATE, "threshold", jnp.zeros, (), jnp.float32)
         if cfg.kind == "jumprelu":
             self.log_theta = self.param("log_theta", nn.initializers.constant(jnp.log(cfg.initial_threshold)),
                                         (cfg.num_latents,))
@@ -159,16 +170,19 @@ class SparseAutoencoder(nn.Module, lm.Capabilities):
     def pre_activations(self, x):
         return (self.cfg.input_scale * x - self.b_dec) @ self.w_enc + self.b_enc
 
-    def encode(self, x):
-        """x [N, D] -> latents f [N, M]."""
+    def encode(self, x, training: bool = False):
+        """x [N, D] -> latents f [N, M]; BatchTopK keeps the batch's k N largest in training or while it has no
+        threshold (no state), and those above its threshold otherwise."""
         cfg, z = self.cfg, self.pre_activations(x)
         if cfg.kind == "jumprelu":
             return jump_relu(z, jnp.exp(self.log_theta), cfg.epsilon)
         f = jax.nn.relu(z)
         if cfg.kind == "topk":
             return f * jax.lax.stop_gradient(top_k_mask(f, cfg.k))
-        if cfg.kind == "batchtopk":
+        if cfg.kind == "batchtopk" and (training or getattr(self, "threshold", None) is None):
             return f * jax.lax.stop_gradient(batch_top_k_mask(f, cfg.k))
+        if cfg.kind == "batchtopk":
+            return f * (f > self.threshold.value)
         return f
 
     def decode(self, f):
@@ -183,22 +197,27 @@ class SparseAutoencoder(nn.Module, lm.Capabilities):
         the state is mutable (training), counts rows since each latent fired; returns zero logits [B, 1, 1]."""
         rows_since = getattr(self, "rows_since_fired", None)
         dead = None if rows_since is None else rows_since.value >= self.cfg.dead_after
-        loss, stats, f = self._loss_and_latents(x, dead)
+        training = self.is_mutable_collection(STATE) and not self.is_initializing()
+        loss, stats, f = self._loss_and_latents(x, dead, training)
         self.sow("losses", "sae", loss)
         for name, value in stats.items():
             self.sow("metrics", name, value)
-        if rows_since is not None and self.is_mutable_collection(STATE) and not self.is_initializing():
+        if rows_since is not None and training:
             rows_since.value = jnp.where(jnp.any(f != 0, axis=0), 0.0, rows_since.value + x.shape[0])
+            if self.cfg.kind == "batchtopk":  # the running mean of the smallest activation kept
+                smallest = jnp.min(jnp.where(f > 0, f, jnp.inf))
+                rate, old = self.cfg.threshold_rate, self.threshold.value
+                self.threshold.value = jnp.where(jnp.isfinite(smallest), (1 - rate) * old + rate * smallest, old)
         return jnp.zeros((x.shape[0], 1, 1), jnp.float32)
 
     def loss(self, x, dead=None):
-        """(loss, {"mse", "penalty", "l0", "normalised_mse", "explained_variance", "dead_fraction"}); `dead`: bool
-        [M], the latents the AuxK loss may use (topk / batchtopk; None: none)."""
-        return self._loss_and_latents(x, dead)[:2]
+        """(loss, {"mse", "penalty", "l0", "normalised_mse", "explained_variance", "dead_fraction"}) as in
+        training; `dead`: bool [M], the latents the AuxK loss may use (topk / batchtopk; None: none)."""
+        return self._loss_and_latents(x, dead, training=True)[:2]
 
-    def _loss_and_latents(self, x, dead):
+    def _loss_and_latents(self, x, dead, training: bool):
         cfg = self.cfg
-        f = self.encode(x)
+        f = self.encode(x, training)
         x_hat = self.decode(f)
         mse = jnp.mean(jnp.sum(jnp.square(cfg.input_scale * (x - x_hat)), axis=-1))
         if cfg.kind == "relu":
@@ -211,15 +230,19 @@ class SparseAutoencoder(nn.Module, lm.Capabilities):
         return mse + penalty, dict(mse=mse, penalty=penalty, **metrics(x, x_hat, f)), f
 
     def aux_k_loss(self, x, x_hat, dead):
-        """mean_n ||e - W_dec f_aux||^2, e = x - x_hat (no gradient into x_hat), f_aux = ReLU of the k_aux largest
-        pre-activations among the dead latents; 0 when none is dead."""
+        """V sum_n ||e - W_dec f_aux||^2 / sum_n ||e - mean e||^2, e = s (x - x_hat) (no gradient into x_hat),
+        f_aux = ReLU of the k_aux largest pre-activations among the dead latents, V = mean_n ||s x - mean s x||^2;
+        0 when none is dead."""
         if dead is None:
             return jnp.zeros(())
         z = jnp.where(dead, jax.nn.relu(self.pre_activations(x)), 0.0)
         k = min(self.cfg.aux_k, self.cfg.num_latents)
         f_aux = z * jax.lax.stop_gradient(top_k_mask(z, k))
-        error = self.cfg.input_scale * (x - jax.lax.stop_gradient(x_hat))
-        return jnp.where(jnp.any(dead), jnp.mean(jnp.sum(jnp.square(error - f_aux @ self.decoder()), axis=-1)), 0.0)
+        s = self.cfg.input_scale
+        error = s * (x - jax.lax.stop_gradient(x_hat))
+        spread = lambda v: jnp.sum(jnp.square(v - jnp.mean(v, axis=0)))  # noqa: E731
+        normalised = jnp.sum(jnp.square(error - f_aux @ self.decoder())) / jnp.maximum(spread(error), 1e-12)
+        return jnp.where(jnp.any(dead), normalised * spread(s * x) / x.shape[0], 0.0)
 
 
 def metrics(x, x_hat, f) -> dict:

@@ -57,7 +57,10 @@ def _reference(cfg, p, x, dead=None):
         for n in range(len(aux)):
             keep = np.argsort(-aux[n], kind="stable")[:cfg.aux_k]
             f_aux[n, keep] = aux[n, keep]
-        loss += cfg.aux_coefficient * np.mean(np.sum((x - x_hat - f_aux @ w_dec) ** 2, axis=1))
+        error = x - x_hat  # OpenAI's normalized_mse(auxk_recons, e + b_dec): the residual's spread normalises
+        normalised = np.sum((error - f_aux @ w_dec) ** 2) / np.sum((error - error.mean(0)) ** 2)
+        variance = np.mean(np.sum((x - x.mean(0)) ** 2, axis=1))  # mse = variance x the main normalised MSE
+        loss += cfg.aux_coefficient * normalised * variance
     return loss, f, x_hat / cfg.input_scale
 
 
@@ -146,3 +149,33 @@ def test_no_dead_latent_means_no_aux_loss_and_the_config_refuses_unknown_kinds()
     assert float(stats["penalty"]) == 0.0 and float(loss) == pytest.approx(float(stats["mse"]))
     assert config_fields.problems(sae.SAEConfig, {"kind": "l2", "k": 0}, "sae.") == [
         "sae.kind='l2' is not one of ['relu', 'topk', 'batchtopk', 'jumprelu']", "sae.k=0 must be >= 1"]
+
+
+def test_the_encoder_starts_as_the_decoders_transpose():
+    """OpenAI's and sparsify's initialisation: W_enc = W_dec^T (unit-norm latent directions both ways)."""
+    _, model, _, x = _setup("topk")
+    params = model.init(jax.random.key(4), jnp.asarray(x, jnp.float32))["params"]
+    w_dec = params["v_dec"] / np.linalg.norm(params["v_dec"], axis=1, keepdims=True)
+    np.testing.assert_allclose(params["w_enc"], w_dec.T, rtol=1e-6)
+
+
+def test_batchtopk_learns_a_threshold_in_training_and_uses_it_outside():
+    """Training steps move the threshold as SAELens' running mean of the smallest kept activation; outside training
+    a row's latents are those above it, the same alone as inside any batch."""
+    cfg, model, params, x = _setup("batchtopk", threshold_rate=0.3)
+    x32 = jnp.asarray(x, jnp.float32)
+    variables = {"params": params, sae.STATE: model.init(jax.random.key(1), x32)[sae.STATE]}
+    theta = 0.0
+    for step in range(3):
+        batch = x32 * (1.0 + 0.5 * step)
+        _, written = model.apply(variables, batch, mutable=[sae.STATE, "losses", "metrics"])
+        kept = _reference(cfg, params, np.asarray(batch, np.float64))[1]
+        theta = 0.7 * theta + 0.3 * kept[kept > 0].min()
+        np.testing.assert_allclose(written[sae.STATE]["threshold"], theta, rtol=1e-5)
+        variables = {"params": params, sae.STATE: written[sae.STATE]}
+    f = np.asarray(model.apply(variables, x32, method=model.encode))
+    z = np.maximum((cfg.input_scale * x - params["b_dec"]) @ params["w_enc"] + params["b_enc"], 0)
+    np.testing.assert_allclose(f, z * (z > theta), rtol=1e-5, atol=1e-6)
+    alone = np.asarray(model.apply(variables, x32[:1], method=model.encode))
+    np.testing.assert_allclose(alone, f[:1], rtol=1e-6)
+    assert 0 < np.sum(f != 0) != cfg.k * N  # the threshold, not the batch's k N, decides
