@@ -57,6 +57,12 @@ class Capabilities:
         """Whether this family's parameter at `path` (a keystr) may be absent from a `source` run and start fresh."""
         return False
 
+    @staticmethod
+    def initial_from_data(cfg, train: dict) -> dict:
+        """{top-level parameter name: value} that the training examples decide at a fresh start (an SAE's b_dec at
+        the data's geometric median); {} when initialisation does not read the data."""
+        return {}
+
 
 class LM(nn.Module, Capabilities):
     cfg: LMConfig

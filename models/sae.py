@@ -12,7 +12,10 @@ AuxK loss), BatchTopK (Bussmann et al. 2024) and JumpReLU (Rajamanoharan et al. 
                          `threshold_rate`), so a row's latents do not depend on the batch it is evaluated in
               jumprelu   z H(z - theta),  theta = exp(log_theta) > 0 per latent
     x_hat = (W_dec f + b_dec) / s,   W_dec's columns unit-norm by construction: W_dec = V / ||V||_columns;
-                                      W_enc starts as W_dec^T (tied at initialisation, as OpenAI's and sparsify's)
+                                      W_enc starts as W_dec^T (tied at initialisation, as OpenAI's and sparsify's),
+                                      b_dec at the geometric median of (up to 32,768 of) the scaled training rows
+                                      (OpenAI's; `b_dec_init`), argmin_b sum_n ||s x_n - b||, by Weiszfeld's
+                                      iteration b <- sum_n w_n s x_n / sum_n w_n, w_n = 1 / ||s x_n - b||
     loss  = mean_n ||s (x - x_hat)||^2 + penalty             (so the coefficients mean the same at every site)
               relu       l1_coefficient * mean_n sum_i f_i ||W_dec,i||    (the decoder-norm-weighted L1; the
                          norms are 1 here, so it is plain L1, but a decoder cannot shrink to cheat it)
@@ -46,6 +49,7 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from data.config_fields import field
 from models import lm
@@ -69,6 +73,7 @@ class SAEConfig:
     initial_threshold: float = field(1e-3, above=0)  # jumprelu: theta at initialisation
     dead_after: int = field(100_000, min=1)  # rows without firing before a latent counts as dead (AuxK)
     threshold_rate: float = field(0.01, above=0, max=1)  # batchtopk: r of the inference threshold's running mean
+    b_dec_init: str = field("geometric_median", choices=("geometric_median", "zeros"))  # at a fresh start
     input_scale: float = field(1.0, min=-1)  # s; -1: from the data, sqrt(D / E||x||^2)
 
 
@@ -80,6 +85,23 @@ def validate(m) -> list[str]:
     if m.kind in ("topk", "batchtopk") and m.k > m.num_latents:
         found.append(f"model.k={m.k} exceeds model.num_latents={m.num_latents}; choose k <= num_latents")
     return found
+
+
+MEDIAN_ROWS = 32_768  # OpenAI's sample for the geometric median
+
+
+def geometric_median(x, iterations: int = 200, tol: float = 1e-9):
+    """argmin_b sum_n ||x_n - b|| of rows x [N, D] in float64, by Weiszfeld's iteration from the mean (a row
+    the estimate lands on is weighted by 1 / 1e-12 instead of infinity)."""
+    x = np.asarray(x, np.float64)
+    b = x.mean(axis=0)
+    for _ in range(iterations):
+        weights = 1.0 / np.maximum(np.linalg.norm(x - b, axis=1), 1e-12)
+        new = weights @ x / weights.sum()
+        if np.linalg.norm(new - b) <= tol * (1.0 + np.linalg.norm(b)):
+            return new
+        b = new
+    return b
 
 
 def _rectangle(u):
@@ -145,6 +167,14 @@ class SparseAutoencoder(nn.Module, lm.Capabilities):
     def example_inputs(cfg, batch: int) -> jax.ShapeDtypeStruct:
         """Rows of activations, float32 [batch, d_in]."""
         return jax.ShapeDtypeStruct((batch, cfg.d_in), jnp.float32)
+
+    @staticmethod
+    def initial_from_data(cfg, train: dict) -> dict:
+        """b_dec at the geometric median of the scaled training rows (`b_dec_init`)."""
+        if cfg.b_dec_init != "geometric_median":
+            return {}
+        rows = np.asarray(train["inputs"][:MEDIAN_ROWS], np.float64) * cfg.input_scale
+        return {"b_dec": geometric_median(rows).astype(np.float32)}
     plot_keys = ("aux_loss", "normalised_mse", "l0")  # the trainer's curves.png (an SAE's loss is all aux_loss)
 
     def setup(self):

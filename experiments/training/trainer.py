@@ -316,6 +316,12 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
         resumed = state is not None
         if not resumed:
             state = compiled_init(rng)
+            from_data = {} if warm_variables is not None else model.initial_from_data(model.cfg, splits.train)
+            if from_data:  # parameters the training examples decide (an SAE's b_dec)
+                placed = {k: jax.device_put(v, state_shardings.params[k]) for k, v in from_data.items()}
+                state = state.replace(params={**state.params, **placed})
+                if ema_decay > 0:
+                    state = state.replace(ema_params=jax.tree.map(jnp.copy, state.params))
             if warm_variables is not None:  # another run's weights, this run's fresh optimizer
                 params, model_state = warm_start.place(warm_variables, state_shardings, mesh, state.params)
                 state = state.replace(params=params, model_state={**state.model_state, **model_state})

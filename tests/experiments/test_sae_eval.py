@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 
 import data as datasets
+from data import activation_rows
 from data.config_fields import ConfigError
 from experiments import restore
 from experiments.analysis import activation_store, activations, sae_dashboard, sae_eval
 from experiments.training import metrics_writer, trainer, validation
 from experiments.configs import sae as sae_config
+from models import sae
 from tests.conftest import slow
 
 
@@ -86,6 +88,14 @@ def test_an_sae_trains_through_the_trainer_on_a_store(finished_tiny_run, tmp_pat
     tokens = datasets.load(lm_config.data, seed=lm_config.seed).train["inputs"][:8]
     hidden = activations.capture(lm, lm_variables, tokens)[2][0]["mlp_hidden"]
     assert hidden.shape == (8, 3, 64)  # d_mlp wide, sown from inside the MLP
+    # A fresh start sets b_dec at the scaled rows' geometric median (lr 0 at the first warmup step keeps it there).
+    config.train.update(steps=1, checkpoint_every=1)
+    trainer.train_and_evaluate(config, str(tmp_path / "fresh"), verbose=False)
+    fresh_cfg = restore.load_config(str(tmp_path / "fresh"))
+    _, fresh = restore.load_variables(fresh_cfg, str(tmp_path / "fresh"))
+    rows = activation_rows.read(store)[:sae.MEDIAN_ROWS]
+    np.testing.assert_allclose(fresh["params"]["b_dec"], sae.geometric_median(fresh_cfg.model.input_scale * rows),
+                               rtol=1e-4, atol=1e-5)
     summaries = sae_dashboard.write_dashboards(workdir, str(tmp_path / "dash"), latents=2, batches=1, batch_size=16)
     assert len(summaries) == 2 and all(0 < s["frequency"] <= 1 for s in summaries)
     for name in ["index.html", *(f"latent_{s['latent']}.{ext}" for s in summaries for ext in ("html", "png"))]:

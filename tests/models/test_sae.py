@@ -179,3 +179,26 @@ def test_batchtopk_learns_a_threshold_in_training_and_uses_it_outside():
     alone = np.asarray(model.apply(variables, x32[:1], method=model.encode))
     np.testing.assert_allclose(alone, f[:1], rtol=1e-6)
     assert 0 < np.sum(f != 0) != cfg.k * N  # the threshold, not the batch's k N, decides
+
+
+def test_the_geometric_median_minimises_the_summed_distances():
+    """Weiszfeld's fixed point, on skewed rows with outliers (mean and median far apart): the subgradient
+    sum_n (b - x_n) / ||b - x_n|| vanishes, and no perturbation nor the mean does better."""
+    rng = np.random.default_rng(5)
+    x = np.concatenate([rng.normal(size=(300, 7)), 40.0 + rng.normal(size=(20, 7))])  # 6% outliers
+    b = sae.geometric_median(x)
+    total = lambda m: np.sum(np.linalg.norm(x - m, axis=1))  # noqa: E731
+    unit = (b - x) / np.linalg.norm(b - x, axis=1, keepdims=True)
+    assert np.linalg.norm(unit.sum(0)) < 1e-6 * len(x)
+    assert total(b) < total(x.mean(0)) - 100
+    assert all(total(b) <= total(b + 1e-3 * rng.normal(size=7)) for _ in range(20))
+    assert np.linalg.norm(b) < 0.5 < np.linalg.norm(x.mean(0))  # the outliers barely move it
+
+
+def test_a_fresh_sae_starts_b_dec_at_the_scaled_rows_geometric_median():
+    rng = np.random.default_rng(6)
+    rows = {"inputs": rng.normal(size=(50, D)).astype(np.float32) + 3.0}
+    cfg = sae.SAEConfig(d_in=D, num_latents=M, input_scale=0.5)
+    got = sae.SparseAutoencoder.initial_from_data(cfg, rows)["b_dec"]
+    np.testing.assert_allclose(got, sae.geometric_median(0.5 * rows["inputs"]), rtol=1e-6)
+    assert sae.SparseAutoencoder.initial_from_data(sae.SAEConfig(d_in=D, b_dec_init="zeros"), rows) == {}
