@@ -53,10 +53,10 @@ def capacity_tokens(capacity: float, length: int) -> int:
     return max(1, min(length, int(round(capacity * length))))
 
 
-def gathered_update(x, weight, chosen_idx, key_mask, run, segments=None):
-    """x_i + weight_i (f(x_S)_i - x_i) at the positions chosen_idx [B, k] (increasing), x_i elsewhere:
-    f = run(x_S, its key mask or None, its packed-row segments or None, its positions [B, k]) on the gathered
-    tokens; weight [B, T] float32."""
+def gathered_update(x, weight, chosen_idx, key_mask, run, segments=None, subtract_input: bool = True):
+    """x_i + weight_i (f(x_S)_i - x_i) at the positions chosen_idx [B, k] (increasing), x_i elsewhere (without
+    `subtract_input`: x_i + weight_i f(x_S)_i): f = run(x_S, its key mask or None, its packed-row segments or None,
+    its positions [B, k]) on the gathered tokens; weight [B, T] float32."""
     xs = jnp.take_along_axis(x, chosen_idx[..., None], axis=1)
     keys = None if key_mask is None else jnp.take_along_axis(key_mask, chosen_idx, axis=1)
     if segments is None:
@@ -64,7 +64,8 @@ def gathered_update(x, weight, chosen_idx, key_mask, run, segments=None):
     else:  # the chosen tokens keep their documents and their positions in them
         chosen = packing.Segments(*(jnp.take_along_axis(t, chosen_idx, axis=1) for t in segments))
         ys = run(xs, keys, chosen, chosen.positions)
-    update = jnp.take_along_axis(weight, chosen_idx, axis=1)[..., None] * (ys - xs).astype(jnp.float32)
+    update = jnp.take_along_axis(weight, chosen_idx, axis=1)[..., None] * (
+        ys - xs if subtract_input else ys).astype(jnp.float32)
     rows = jnp.arange(x.shape[0])[:, None]
     return x + jnp.zeros(x.shape, jnp.float32).at[rows, chosen_idx].add(update).astype(x.dtype)
 

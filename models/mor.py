@@ -3,6 +3,7 @@
 
     x = First(x_0)                                 unshared first block (middle-cycle sharing)
     for r = 1..N_r:  x <- x + g_r (F(x) - x)  on the tokens active at recursion r, x unchanged elsewhere
+                     (expert-choice with `expert_update = "reference"`: x <- x + g_r F(x), below)
     logits = norm(Last(x)) U                        unshared last block
     F: the shared stack, num_layers - 2 blocks, the same parameters at every recursion
 
@@ -12,6 +13,10 @@ Routers (`router`):
   c_r = (N_r - r + 1) / N_r (3/3, 2/3, 1/3 for N_r = 3), and g_r = sigmoid(s_i). Top-k reads future tokens,
   so an auxiliary loss (`router_weight` x BCE(s_i, [i chosen]) over the eligible tokens) teaches the router
   to decide alone: decoding, and full passes with `routing = "threshold"`, keep token i iff s_i > 0.
+  `expert_update = "reference"` is the update of Bae et al.'s code instead: a router at every recursion,
+  recursion 1's included (it keeps every token, c_1 = 1, and has no BCE: there is nothing to choose), and
+  x <- x + alpha sigmoid(s_i) F(x) with F's output including its residual (alpha = `router_alpha`, 0.1),
+  where "delta" (the default) interpolates, x + sigmoid(s_i) (F(x) - x), and leaves recursion 1 ungated.
 - "token" (token-choice): after the first block a router p = softmax(W x_i) over N_r depths gives each token
   its depth d_i = argmax p (causal from the start); g = 1 on recursions before d_i and p_{d_i} on the last
   one (the router's path to the gradient), with the switch-style balancing loss
@@ -44,6 +49,7 @@ from data.config_fields import field
 from models import blocks, layers, lm, mod, transformer
 
 ROUTERS = ("expert", "token")
+EXPERT_UPDATES = ("delta", "reference")
 ROUTINGS = ("topk", "threshold")
 KV_SHARING = ("recursion", "share")
 ACTIVE = "active"  # the decoding cache's record of the positions active at each recursion: bool[B, N_r, max_len]
@@ -60,6 +66,8 @@ class MoRConfig(transformer.TransformerConfig):
     routing: str = field("topk", choices=ROUTINGS)  # expert-choice full passes: top-k (training) or the threshold
     kv_sharing: str = field("recursion", choices=KV_SHARING)  # per-recursion caches, or recursion 1's for all
     router_weight: float = field(0.1, min=0)  # the expert router's BCE, or the token router's balancing loss
+    expert_update: str = field("delta", choices=EXPERT_UPDATES)  # expert-choice: x + g (F(x) - x) | x + g F(x)
+    router_alpha: float = field(0.1, above=0)  # "reference": g = alpha sigmoid(s)
 
 
 def capacities(recursions: int) -> tuple[float, ...]:
@@ -90,8 +98,9 @@ class MoRTransformer(lm.LM):
         self.last = blocks.Block(cfg, name="last")
         dense = lambda width, name: nn.Dense(width, use_bias=False, dtype=jnp.float32, name=name,  # noqa: E731
                                              kernel_init=layers.dense_init("embed", None))
-        if cfg.router == "expert":
-            self.routers = [dense(1, f"router_{r}") for r in range(1, cfg.recursions)]
+        if cfg.router == "expert":  # the router deciding recursion r + 1 (the reference form gates recursion 1 too)
+            first = 0 if cfg.expert_update == "reference" else 1
+            self.routers = {r: dense(1, f"router_{r}") for r in range(first, cfg.recursions)}
         else:
             self.depth_router = dense(cfg.recursions, "depth_router")
 
@@ -125,16 +134,27 @@ class MoRTransformer(lm.LM):
     def gathered_recursions(self, x, key_mask, segments=None):
         """Expert-choice top-k: recursion r runs F on its k_r chosen tokens only (chosen among r - 1's).
         Returns (x, each token's recursion count)."""
-        x, _ = self.shared_stack(x, None, 0, key_mask, segments=segments)
+        reference = self.cfg.expert_update == "reference"
+        y, _ = self.shared_stack(x, None, 0, key_mask, segments=segments)
+        x = x + self.gate(0, x)[..., None].astype(x.dtype) * y if reference else y
         eligible = jnp.ones(x.shape[:2], bool)
         depth = jnp.ones(x.shape[:2], jnp.int32)
-        for r, router in enumerate(self.routers, start=1):
-            score = router(x.astype(jnp.float32))[..., 0]
+        for r in range(1, self.cfg.recursions):
+            score = self.routers[r](x.astype(jnp.float32))[..., 0]
             chosen_idx, chosen = self.top_k_choice(r, score, eligible)
-            x = mod.gathered_update(x, jax.nn.sigmoid(score), chosen_idx, key_mask, lambda xs, keys, segs, at:
-                                    self.shared_stack(xs, None, 0, keys, positions=at, segments=segs)[0], segments)
+            x = mod.gathered_update(x, self.gate(r, x, score), chosen_idx, key_mask, lambda xs, keys, segs, at:
+                                    self.shared_stack(xs, None, 0, keys, positions=at, segments=segs)[0], segments,
+                                    subtract_input=not reference)
             eligible, depth = chosen, depth + chosen
         return x, depth
+
+    def gate(self, r, x, score=None):
+        """float32[B, T]: expert-choice's g at recursion r + 1 (0-based r): sigmoid(s), or alpha sigmoid(s) for the
+        reference update, whose recursion 1 has a router too (`score`: its s, computed here when None)."""
+        if score is None:
+            score = self.routers[r](x.astype(jnp.float32))[..., 0]
+        g = jax.nn.sigmoid(score)
+        return self.cfg.router_alpha * g if self.cfg.expert_update == "reference" else g
 
     def top_k_choice(self, r, score, eligible):
         """Recursion r + 1's top k_r = round(c_{r+1} T) eligible tokens by score: (their positions int[B, k] in
@@ -186,10 +206,13 @@ class MoRTransformer(lm.LM):
         caches, history = [], None if cache is None else cache[ACTIVE]
         if cfg.kv_sharing == "share":  # recursion 1 writes its keys and values where the later ones read them
             first_kv = self.empty_shared_cache(x) if cache is None else cache["recursions"][0]
+        reference = cfg.router == "expert" and cfg.expert_update == "reference"
         for r in range(cfg.recursions):
             if r and cfg.router == "expert":
-                score = self.routers[r - 1](x.astype(jnp.float32))[..., 0]
-                active, gate = self.expert_choice(r, score, active, causal=cache is not None), jax.nn.sigmoid(score)
+                score = self.routers[r](x.astype(jnp.float32))[..., 0]
+                active, gate = self.expert_choice(r, score, active, causal=cache is not None), self.gate(r, x, score)
+            elif reference:  # recursion 1: every token, gated by its own router
+                gate = self.gate(0, x)
             elif cfg.router == "token":
                 active, gate = depth > r, jnp.where(depth == r + 1, depth_gate, 1.0)
             keys = active
@@ -206,7 +229,8 @@ class MoRTransformer(lm.LM):
                 keys = keys if key_mask is None else keys & key_mask
                 y, written = self.recursion(x, layer_caches, start, keys, False, active if skippable else None, segments)
                 caches.append(written)
-            update = jnp.where(active[..., None], gate[..., None] * (y - x).astype(jnp.float32), 0.0)
+            change = y if reference else y - x
+            update = jnp.where(active[..., None], gate[..., None] * change.astype(jnp.float32), 0.0)
             x, runs = x + update.astype(x.dtype), runs + active
         return x, None if cache is None else tuple(caches), history, runs
 

@@ -55,7 +55,12 @@ def _reference(cfg, params, tokens):
         probs /= probs.sum(-1, keepdims=True)
         depth = probs.argmax(-1) + 1
     runs = np.zeros(tokens.shape, int)
+    reference = cfg.router == "expert" and cfg.expert_update == "reference"  # Bae et al.'s x + alpha sig(s) F(x)
+    scale = cfg.router_alpha if reference else 1.0
     for r in range(cfg.recursions):
+        if reference and r == 0:  # recursion 1 keeps every token, gated by its own router
+            score = np.asarray(x, np.float64) @ np.asarray(params["router_0"]["kernel"], np.float64)[:, 0]
+            gate = scale / (1 + np.exp(-score))
         if r and cfg.router == "expert":
             score = np.asarray(x, np.float64) @ np.asarray(params[f"router_{r}"]["kernel"], np.float64)[:, 0]
             if cfg.routing == "topk":
@@ -65,24 +70,39 @@ def _reference(cfg, params, tokens):
                 np.put_along_axis(active, order, True, axis=1)
             else:
                 active = active & (score > 0)
-            gate = 1 / (1 + np.exp(-score))
+            gate = scale / (1 + np.exp(-score))
         elif cfg.router == "token":
             active = depth > r
             gate = np.where(depth == r + 1, np.take_along_axis(probs, depth[..., None] - 1, -1)[..., 0], 1.0)
         y = shared(x, active)
-        x = x + jnp.asarray(np.where(active[..., None], gate[..., None] * np.asarray(y - x, np.float64), 0.0), x.dtype)
+        change = np.asarray(y if reference else y - x, np.float64)
+        x = x + jnp.asarray(np.where(active[..., None], gate[..., None] * change, 0.0), x.dtype)
         runs += active
     logits = model.apply({"params": params}, apply_block("last", x), method=model.lens_logits)
     return np.asarray(logits), runs
 
 
-@pytest.mark.parametrize("router,routing", [("expert", "topk"), ("expert", "threshold"), ("token", "topk")])
-def test_depth_assignment_and_logits_against_a_reference_loop(initialised, router, routing):
+@pytest.fixture(scope="module")
+def reference_update():
+    """The expert-choice model with Bae et al.'s update (a router at every recursion), its parameters moved off
+    their initial values so that alpha sigmoid(s) F(x) differs from every other form."""
+    tokens = jax.random.randint(jax.random.key(0), (2, T), 0, 23)
+    model = mor.MoRTransformer(_cfg(router="expert", expert_update="reference", router_alpha=0.3))
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(1), tokens)["params"])
+    params["router_0"]["kernel"] = 3.0 * jax.random.normal(jax.random.key(2), params["router_0"]["kernel"].shape)
+    return params
+
+
+@pytest.mark.parametrize("router,routing,update", [("expert", "topk", "delta"), ("expert", "threshold", "delta"),
+                                                   ("token", "topk", "delta"), ("expert", "topk", "reference"),
+                                                   slow("expert", "threshold", "reference")])
+def test_depth_assignment_and_logits_against_a_reference_loop(initialised, reference_update, router, routing, update):
     """Expert-choice top-k (the gathered form: each recursion on its k_r tokens at their own positions), the
-    threshold rule decoding uses, and token-choice's argmax depth: recursion counts equal the reference's, and so
-    do the logits."""
+    threshold rule decoding uses, and token-choice's argmax depth, with the interpolating update and the reference
+    code's: recursion counts equal the reference's, and so do the logits."""
     tokens, params = initialised
-    cfg = _cfg(router=router, routing=routing)
+    cfg = _cfg(router=router, routing=routing, expert_update=update, router_alpha=0.3)
+    params = {router: reference_update} if update == "reference" else params
     model = mor.MoRTransformer(cfg)
     expected_logits, expected_runs = _reference(cfg, params[router], tokens)
     runs = np.asarray(model.apply({"params": params[router]}, tokens, method=model.recursion_depths))
