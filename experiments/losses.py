@@ -24,7 +24,7 @@ are r = log pi(y) - log pi_ref(y) and h = r_w - r_l:
 
     dpo     -(1 - eps) log sig(beta h) - eps log sig(-beta h)           (Rafailov et al. 2023; eps > 0: conservative DPO)
     ipo     (h - 1 / (2 beta))^2                                         (Azar et al. 2023, tau = beta)
-            with `*_lengths` given, r = (log pi(y) - log pi_ref(y)) / |y| on each side (TRL's IPO, which the IPO
+            with `ipo_per_token`, r = (log pi(y) - log pi_ref(y)) / |y| on each side (TRL's IPO, which the IPO
             authors use for multi-token responses; the trainer's default, train.preference.ipo_per_token)
     kto     (w_D (1 - sig(beta (r_w - z))) + w_U (1 - sig(beta (z - r_l)))) / 2          (Ethayarajh et al. 2024)
             z = max(0, mean over the batch of log pi(y'_i | x_i) - log pi_ref(y'_i | x_i)), no gradient: the
@@ -109,7 +109,7 @@ def sequence_logps(logits, targets, loss_mask):
 def preference_loss(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None, *, kind: str,
                     beta: float, label_smoothing: float = 0.0, gamma: float = 0.0, chosen_lengths=None,
                     rejected_lengths=None, desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
-                    kl_logps=None, ref_kl_logps=None):
+                    kl_logps=None, ref_kl_logps=None, ipo_per_token: bool = False):
     """(mean loss over the batch, metrics) of the paired preference loss `kind` (the module docstring's formulas).
 
     metrics: reward_margin, the mean of what the sigmoid compares before any offset (beta h; simpo: beta times
@@ -119,7 +119,8 @@ def preference_loss(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rej
         raise ValueError(f"preference kind {kind!r} is not one of {list(PREFERENCE_KINDS)}")
     if kind in NEEDS_REFERENCE and (ref_chosen_logps is None or ref_rejected_logps is None):
         raise ValueError(f"preference kind {kind!r} needs the reference model's log-probabilities")
-    if kind in ("simpo", "orpo") and (chosen_lengths is None or rejected_lengths is None):
+    if (kind in ("simpo", "orpo") or (kind == "ipo" and ipo_per_token)) and (
+            chosen_lengths is None or rejected_lengths is None):
         raise ValueError(f"preference kind {kind!r} needs chosen_lengths and rejected_lengths")
     if kind == "kto" and (kl_logps is None or ref_kl_logps is None):
         raise ValueError("preference kind 'kto' needs kl_logps and ref_kl_logps (mismatched prompt / response pairs "
@@ -127,7 +128,7 @@ def preference_loss(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rej
     metrics = {}
     if kind in NEEDS_REFERENCE:
         chosen_reward, rejected_reward = chosen_logps - ref_chosen_logps, rejected_logps - ref_rejected_logps
-        if kind == "ipo" and chosen_lengths is not None and rejected_lengths is not None:
+        if kind == "ipo" and ipo_per_token:
             chosen_reward, rejected_reward = chosen_reward / chosen_lengths, rejected_reward / rejected_lengths
         score = beta * (chosen_reward - rejected_reward)  # beta h
         metrics = {"chosen_reward": jnp.mean(beta * chosen_reward), "rejected_reward": jnp.mean(beta * rejected_reward)}

@@ -136,13 +136,11 @@ def objective(config: PreferenceConfig, logits, ref_logits, batch: dict):
         metrics["kl_ref"] = jnp.mean(jnp.sum(token_kl(logits[chosen], ref_logits[chosen]) * mask[chosen], axis=-1))
         if config.kind == "kto":
             kl_pairs = dict(kl_logps=logps[2 * b:], ref_kl_logps=ref_logps[2 * b:])
-    per_token = config.kind != "ipo" or config.ipo_per_token
     loss, pair_metrics = losses.preference_loss(
         logps[chosen], logps[rejected], *ref, kind=config.kind, beta=config.beta,
-        label_smoothing=config.label_smoothing, gamma=config.gamma,
-        chosen_lengths=jnp.maximum(lengths[chosen], 1.0) if per_token else None,
-        rejected_lengths=jnp.maximum(lengths[rejected], 1.0) if per_token else None,
-        desirable_weight=config.desirable_weight, undesirable_weight=config.undesirable_weight, **kl_pairs)
+        label_smoothing=config.label_smoothing, gamma=config.gamma, chosen_lengths=jnp.maximum(lengths[chosen], 1.0),
+        rejected_lengths=jnp.maximum(lengths[rejected], 1.0), desirable_weight=config.desirable_weight,
+        undesirable_weight=config.undesirable_weight, ipo_per_token=config.ipo_per_token, **kl_pairs)
     return loss, {"loss": loss, **metrics, **pair_metrics}
 
 

@@ -61,9 +61,9 @@ def mismatched_pairs():
 def test_each_loss_is_its_papers_formula(pairs, mismatched_pairs, kind, beta, eps, gamma, per_token):
     pw, pl, rw, rl, nw, nl = pairs
     kl = dict(kl_logps=jnp.asarray(mismatched_pairs[0]), ref_kl_logps=jnp.asarray(mismatched_pairs[1]))
-    lengths = dict(chosen_lengths=jnp.asarray(nw), rejected_lengths=jnp.asarray(nl)) if per_token else {}
+    lengths = dict(chosen_lengths=jnp.asarray(nw), rejected_lengths=jnp.asarray(nl))
     loss, metrics = losses.preference_loss(*(jnp.asarray(x, jnp.float32) for x in (pw, pl, rw, rl)), kind=kind, beta=beta,
-                                           label_smoothing=eps, gamma=gamma, **lengths, **kl)
+                                           label_smoothing=eps, gamma=gamma, ipo_per_token=per_token, **lengths, **kl)
     expected = numpy_loss(kind, pw, pl, rw, rl, beta, eps, gamma, nw, nl, mismatched_pairs, per_token)
     np.testing.assert_allclose(float(loss), np.mean(expected), rtol=2e-5)
     assert 0.0 <= float(metrics["accuracy"]) <= 1.0 and np.isfinite(float(metrics["reward_margin"]))
