@@ -91,7 +91,9 @@ def packed_rows(batch) -> dict:
 
 def padding_fraction(batch) -> dict:
     """{"padding_fraction": the share of a packed batch's positions that hold no document}, or {}."""
-    return {"padding_fraction": 1.0 - jnp.mean(batch["segment_ids"] > 0)} if "segment_ids" in batch else {}
+    if "segment_ids" not in batch:
+        return {}
+    return {"padding_fraction": jnp.mean((batch["segment_ids"] == 0).astype(jnp.float32))}  # exact 0, never -3e-8
 
 
 def train_step(state: TrainState, batch, frozen=None, *, schedule, accumulate: int = 1, ema_decay: float = 0.0,
