@@ -285,3 +285,11 @@ def test_routing_restrictions_refuse_bad_values(override, message):
     from models import moe_transformer
     cfg = moe_transformer.MoEConfig(num_experts=8, num_layers=2, **override)
     assert any(message in p for p in moe_transformer.validate(cfg)), moe_transformer.validate(cfg)
+
+
+@pytest.mark.parametrize("override", [dict(n_groups=4, topk_groups=1, top_k=2), dict(n_groups=2, topk_groups=2, top_k=8),
+                                      dict(n_groups=4, topk_groups=4, top_k=8)])
+def test_routing_restrictions_accept_their_boundaries(override):
+    """top_k equal to the eligible experts (topk_groups x experts per group) is allowed."""
+    from models import moe_transformer
+    assert moe_transformer.validate(moe_transformer.MoEConfig(num_experts=8, num_layers=2, **override)) == []

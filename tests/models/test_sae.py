@@ -81,6 +81,7 @@ def test_forward_and_loss_equal_the_numpy_reference(kind, scale):
     fvu = np.sum((x - x_hat) ** 2) / np.sum((x - x.mean(0)) ** 2)
     np.testing.assert_allclose(stats["normalised_mse"], fvu, rtol=1e-5)
     np.testing.assert_allclose(stats["explained_variance"], 1 - fvu, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stats["dead_fraction"], np.mean(np.all(f == 0, axis=0)), rtol=1e-6)
 
 
 def test_topk_fires_exactly_k_per_row_and_batchtopk_k_per_row_on_average():
