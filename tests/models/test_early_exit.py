@@ -83,6 +83,8 @@ def test_threshold_exits_equal_a_layer_by_layer_loop_with_frozen_states(exiting_
     used = np.asarray(model.apply({"params": params}, tokens, method=model.layers_used))
     np.testing.assert_array_equal(used, want_used)
     assert len(set(used.ravel().tolist())) >= 3, used  # several exit depths exercised
+    _, written = model.apply({"params": params}, tokens, mutable=[early_exit.COLLECTION])
+    assert len(written[early_exit.COLLECTION]["logits"]) == cfg.num_layers // cfg.exit_every - 1  # none after the last
 
 
 def test_decoding_with_early_exit_equals_the_full_pass(exiting_model):
