@@ -29,6 +29,9 @@ def test_bitlinear_forward_and_straight_through_gradients_against_numpy():
     x_q, w_q, rms = _numpy_bitlinear(x, w)
     x32, w32 = jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32)
     np.testing.assert_allclose(bitnet.matmul(x32, w32, True), x_q @ w_q, rtol=1e-4, atol=1e-5)
+    # Per token over the feature axis, whatever the leading axes (the blocks pass [B, T, D]).
+    np.testing.assert_allclose(bitnet.matmul(x32.reshape(5, 1, 7), w32, True), (x_q @ w_q)[:, None], rtol=1e-4,
+                               atol=1e-5)
     for product in (lambda a, b: bitnet.matmul(a, b, True),
                     lambda a, b: bitnet.dot_general(a, b, (((1,), (0,)), ((), ())))):
         dx, dw = jax.grad(lambda a, b: jnp.sum(product(a, b) * g), argnums=(0, 1))(x32, w32)

@@ -118,6 +118,19 @@ def test_t5_buckets_against_a_numpy_loop_and_transformers():
     np.testing.assert_array_equal(got, theirs.numpy())
 
 
+def test_t5_bias_reads_each_heads_bucket_for_each_query_key_pair():
+    """b[h, i, j] = table[bucket(q_i - k_j), h] for query and key positions that are not 0..T-1 (a decoding step)."""
+    module = positions.T5Bias(8, 6, 3)
+    q_positions, k_positions = jnp.arange(4, 7), jnp.arange(0, 7)
+    params = module.init(jax.random.key(0), q_positions, k_positions)
+    table = np.asarray(jax.random.normal(jax.random.key(1), (8, 3)))
+    got = module.apply({"params": {"table": jnp.asarray(table)}}, q_positions, k_positions)
+    want = np.stack([[[table[_numpy_t5_bucket(i - j, 8, 6), h] for j in range(7)] for i in range(4, 7)]
+                     for h in range(3)])
+    assert jax.tree.leaves(params)[0].shape == (8, 3)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
 def test_attention_with_a_score_bias_against_numpy():
     """GQA (6 query heads over 2 kv heads), causal, ALiBi's bias: softmax(q k^T / sqrt(d) + bias) v in float64."""
     q, k, v = (rng.standard_normal((2, 7, h, 4)).astype(np.float32) for h in (6, 2, 2))
