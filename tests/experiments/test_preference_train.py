@@ -113,3 +113,21 @@ def test_ktos_mismatched_pairs_are_each_prompt_with_the_previous_rows_response()
         np.testing.assert_array_equal(got["targets"][i], row[1:])
         np.testing.assert_array_equal(got["loss_mask"][i], mask[1:])
     assert got["loss_mask"][2].sum() == 3 and got["loss_mask"][1].sum() == 2  # row 1's 4 tokens cut to 3 in row 2
+
+
+def test_the_objectives_kl_to_the_reference_sums_over_response_tokens():
+    """kl_ref = mean over chosen rows of sum_t KL(pi || pi_ref) on their response tokens, in float64."""
+    from experiments.objectives import preference
+    rng = np.random.default_rng(3)
+    b, length, vocab = 3, 6, 5
+    mask = (rng.random((b, length)) < 0.6).astype(np.float32)
+    batch = {"inputs": rng.integers(0, vocab, (b, length)), "targets": rng.integers(0, vocab, (b, length)),
+             "loss_mask": mask}
+    batch.update({f"rejected_{k}": v for k, v in batch.items()})
+    logits, ref_logits = rng.normal(size=(2 * b, length, vocab)), rng.normal(size=(2 * b, length, vocab))
+    config = preference.PreferenceConfig(kind="dpo")
+    _, metrics = preference.objective(config, logits.astype(np.float32), ref_logits.astype(np.float32), batch)
+    log_p = logits[:b] - np.log(np.exp(logits[:b]).sum(-1, keepdims=True))
+    log_q = ref_logits[:b] - np.log(np.exp(ref_logits[:b]).sum(-1, keepdims=True))
+    kl = (np.exp(log_p) * (log_p - log_q)).sum(-1)
+    np.testing.assert_allclose(metrics["kl_ref"], np.mean((kl * mask).sum(-1)), rtol=1e-5)
