@@ -238,6 +238,7 @@ OPTIMIZERS = {
 
 NEEDS_AXIS_NAMES = ("muon", "shampoo")  # optimizers that read the parameters' logical axis names
 EVALUATED_ELSEWHERE = ("schedule_free_adamw",)  # optimizers whose evaluated weights come from their state
+MULTIPLIERS_INSIDE = ("schedule_free_adamw",)  # optimizers that take `lr_multipliers` inside (`per_group`)
 DECAY_GROUPS = ("all", "weights", "hidden_weights")
 SCHEDULES = ("constant", "cosine", "linear", "inverse_sqrt", "wsd")
 
@@ -402,7 +403,7 @@ def build(opt, total_steps: int, axis_names=None) -> optax.GradientTransformatio
     keys_cls, make = OPTIMIZERS[opt.name]
     after = [lr_multipliers(opt.lr_multipliers)] if opt.lr_multipliers else []
     extra = {"axis_names": axis_names} if opt.name in NEEDS_AXIS_NAMES else {}
-    if opt.name in EVALUATED_ELSEWHERE:  # the multipliers act inside the wrapper (_schedule_free_adamw)
+    if opt.name in MULTIPLIERS_INSIDE:  # the multipliers act inside the wrapper (_schedule_free_adamw)
         extra, after = {"per_group": after}, []
     optimizer = make(learning_rate_schedule(opt, total_steps), keys_cls(**opt[opt.name]), decay_mask(opt.decay),
                      **extra)
