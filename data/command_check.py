@@ -2,8 +2,8 @@
 
 Python runs any module given to `-m`; one without a command line (no `if __name__ == "__main__":` block) would be
 imported and exit 0, as if it had done what was asked (`python -m data.prosqa --out=F` writing nothing). Each
-top-level package calls `refuse_library_module` first thing in its `__init__`, which Python imports before it runs
-the module: when the interpreter's own command line (`sys.orig_argv`) runs a module of that package that has no
+top-level package calls `refuse_library_module` at the end of its `__init__`, which Python runs before it runs the
+module: when the interpreter's own command line (`sys.orig_argv`) runs a module of that package that has no
 such block, it says so and names the package's commands (found in the tree, so the list cannot drift).
 """
 

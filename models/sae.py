@@ -270,13 +270,17 @@ class SparseAutoencoder(nn.Module, lm.Capabilities):
         f_aux = z * jax.lax.stop_gradient(top_k_mask(z, k))
         s = self.cfg.input_scale
         error = s * (x - jax.lax.stop_gradient(x_hat))
-        spread = lambda v: jnp.sum(jnp.square(v - jnp.mean(v, axis=0)))  # noqa: E731
         normalised = jnp.sum(jnp.square(error - f_aux @ self.decoder())) / jnp.maximum(spread(error), 1e-12)
         return jnp.where(jnp.any(dead), normalised * spread(s * x) / x.shape[0], 0.0)
 
 
+def spread(v):
+    """sum_n ||v_n - mean v||^2 over the rows of v [N, D]: the denominator of a normalised MSE."""
+    return jnp.sum(jnp.square(v - jnp.mean(v, axis=0)))
+
+
 def metrics(x, x_hat, f) -> dict:
     residual = jnp.sum(jnp.square(x - x_hat))
-    normalised = residual / jnp.sum(jnp.square(x - jnp.mean(x, axis=0)))
+    normalised = residual / spread(x)
     return dict(l0=jnp.mean(jnp.sum(f != 0, axis=-1)), normalised_mse=normalised, explained_variance=1.0 - normalised,
                 dead_fraction=jnp.mean(jnp.all(f == 0, axis=0)))

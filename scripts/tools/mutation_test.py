@@ -75,8 +75,7 @@ def _protected(tree: ast.Module) -> set[int]:
     for node in ast.walk(tree):
         if isinstance(node, ast.If) and "__name__" in ast.unparse(node.test):
             protected |= {id(n) for n in ast.walk(node)}
-        if isinstance(node, (ast.Constant, ast.JoinedStr)) and (isinstance(getattr(node, "value", None), str)
-                                                                 or isinstance(node, ast.JoinedStr)):
+        if isinstance(node, ast.JoinedStr) or (isinstance(node, ast.Constant) and isinstance(node.value, str)):
             protected |= {id(n) for n in ast.walk(node)}
     return protected
 
