@@ -322,12 +322,15 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
             if from_data:  # parameters the training examples decide (an SAE's b_dec)
                 placed = {k: jax.device_put(v, state_shardings.params[k]) for k, v in from_data.items()}
                 state = state.replace(params={**state.params, **placed})
-                if ema_decay > 0:
-                    state = state.replace(ema_params=jax.tree.map(jnp.copy, state.params))
             if warm_variables is not None:  # another run's weights, this run's fresh optimizer
                 params, model_state = warm_start.place(warm_variables, state_shardings, mesh, state.params)
                 state = state.replace(params=params, model_state={**state.model_state, **model_state})
-                if ema_decay > 0:  # its own buffers: the step donates both trees
+            if from_data or warm_variables is not None:  # what starts at the weights starts at the placed ones:
+                # the optimizer's copies (schedule-free's z) and the moving average (in buffers of its own: the
+                # step donates both trees)
+                fresh_optimizer = jax.jit(tx.init, out_shardings=state_shardings.opt_state)
+                state = state.replace(opt_state=fresh_optimizer(state.params))
+                if ema_decay > 0:
                     state = state.replace(ema_params=jax.tree.map(jnp.copy, state.params))
         ckpt = checkpointing.Checkpoints(workdir, config.train.keep_checkpoints,
                                          latest_good=int(state.step) if resumed else None)

@@ -41,6 +41,20 @@ def test_a_warm_started_run_at_a_negligible_lr_keeps_the_weights_on_another_mesh
     assert [e["step"] for e in metrics_writer.read(str(tmp_path / "extended"), "train")] == [1, 2]  # a fresh count
 
 
+def test_a_warm_started_schedule_free_run_starts_its_iterates_at_the_loaded_weights(source, tmp_path):
+    """Schedule-free keeps a copy of the weights (z) in its state; one left at the fresh initialisation would pull
+    the evaluated weights to it at the first step, whatever the learning rate."""
+    config = _config()
+    config.train.init_from = source
+    config.optimizer.update(name="schedule_free_adamw", lr=1e-10, schedule="constant", warmup_steps=0)  # lr**2 a float32
+    config.optimizer.schedule_free_adamw.weight_decay = 0.0
+    trainer.train_and_evaluate(config, str(tmp_path / "schedule_free"), devices=jax.devices()[:1], verbose=False)
+    _, want = restore.load_variables(restore.load_config(source), source)
+    _, got = restore.load_variables(restore.load_config(str(tmp_path / "schedule_free")), str(tmp_path / "schedule_free"))
+    for a, b in zip(jax.tree.leaves(want["params"]), jax.tree.leaves(got["params"])):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-8)  # steps of ~lr
+
+
 @pytest.mark.parametrize("change,message", [
     ("missing", "train.init_from='{}/nothing' has no config.json"),
     ("width", "parameter ['embed']['embedding'] is (256, 32) there and (256, 48) here"),
