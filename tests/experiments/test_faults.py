@@ -2,6 +2,7 @@
 a NaN that a rollback survives, and a resume with another config or other data."""
 
 import errno
+import json
 import os
 import shutil
 
@@ -53,6 +54,30 @@ def _flip_a_byte(path):
 
 
 DAMAGES = {"truncated": _truncate, "deleted": os.remove, "one byte flipped": _flip_a_byte}
+
+
+def test_a_sealed_step_names_the_file_that_differs_from_its_manifest(tmp_path):
+    """The manifest lists every file of the step but itself, with its size and CRC-32; each damage to each file is
+    named, the byte flip included (the one damage a reader may not notice)."""
+    contents = {"_CHECKPOINT_METADATA": b'{"step": 6}', "state/array_0.bin": bytes(range(256)) * 3,
+                "data/process_0-of-1.json": b'{"index": 12}'}
+    sealed = tmp_path / "sealed"
+    for name, content in contents.items():
+        os.makedirs(os.path.dirname(sealed / name), exist_ok=True)
+        (sealed / name).write_bytes(content)
+    checkpointing.seal(str(sealed))
+    assert checkpointing.damage(str(sealed)) is None
+    with open(sealed / checkpointing.MANIFEST) as f:
+        assert sorted(json.load(f)["files"]) == sorted(contents)
+    expected = {"truncated": "{} has {} bytes, the manifest {}", "deleted": "{} is missing",
+                "one byte flipped": "{} fails its CRC-32"}
+    for name, content in contents.items():
+        for damage, message in expected.items():
+            case = tmp_path / "case"
+            shutil.rmtree(case, ignore_errors=True)
+            shutil.copytree(sealed, case)
+            DAMAGES[damage](str(case / name))
+            assert checkpointing.damage(str(case)) == message.format(name, len(content) // 2, len(content))
 
 
 @pytest.mark.parametrize("damage", ["truncated", pytest.param("deleted", marks=pytest.mark.slow),

@@ -191,15 +191,24 @@ def test_grpo_runs_from_an_sft_start_on_a_sharded_mesh(tmp_path):
     assert 0.0 <= last["grpo/reward"] <= 1.0 and np.isfinite(last["grpo/loss"]) and last["grpo/kl"] > 0
 
 
+def test_the_smallest_grpo_config_is_accepted():
+    """Two completions per prompt in one minibatch, no reference, no accumulation: the boundaries, not refused."""
+    config = tiny()
+    config.train.grpo.update(group_size=2, minibatches=1, kl_beta=0.0)
+    assert grpo.problems(config) == []
+
+
 @pytest.mark.parametrize("change,message", [
     (dict(kl_beta=0.04), "needs a reference model: set train.init_from"),
     (dict(group_size=1, kl_beta=0.0), "group_size=1 gives every completion zero advantage"),
     (dict(kl_beta=0.0, model="coconut"), "model.name='coconut' decodes without the padding mask"),
     (dict(kl_beta=0.0, minibatches=3), "minibatches=3 must divide train.grpo.group_size=4"),
+    (dict(kl_beta=0.0, grad_accum_steps=2), "train.grad_accum_steps=2: roll out a smaller batch instead"),
 ])
 def test_bad_grpo_configs_are_one_line_errors(tmp_path, change, message):
     change = dict(change)
     config = preference_configs.get_config("prontoqa,sft") if change.pop("model", None) else tiny()
+    config.train.grad_accum_steps = change.pop("grad_accum_steps", 1)
     config.train.grpo.update(**{"group_size": 4, **change})
     with pytest.raises(ConfigError, match=message) as error:
         trainer.train_and_evaluate(config, str(tmp_path / "run"), verbose=False)

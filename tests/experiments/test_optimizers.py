@@ -370,15 +370,16 @@ def test_ema_of_the_weights_follows_its_recursion_and_is_evaluated_beside_them()
                                rtol=1e-5)
 
 
-def test_lr_multipliers_scale_each_group_as_its_own_learning_rate():
-    """AdamW with decoupled decay and `w=0.25`: w steps exactly as AdamW at a quarter of the lr, b as before."""
+@pytest.mark.parametrize("multiplier", [0.25, 2.0])
+def test_lr_multipliers_scale_each_group_as_its_own_learning_rate(multiplier):
+    """AdamW with decoupled decay and `w=M`: w steps exactly as AdamW at M times the lr, b as before."""
     rng = np.random.default_rng(6)
     params0, grads = _random_problem(rng, 3, 4, 5)
     opt = base.get_config().optimizer
-    opt.update(lr=0.04, warmup_steps=0, lr_multipliers="w=0.25, nothing/*=3")
+    opt.update(lr=0.04, warmup_steps=0, lr_multipliers=f"w={multiplier}, nothing/*=3")
     opt.adamw.update(weight_decay=0.1)
     got = _trajectory(opt, grads, params0)
-    for group, lr in (("w", 0.01), ("b", 0.04)):
+    for group, lr in (("w", 0.04 * multiplier), ("b", 0.04)):
         alone = _trajectory(optax.adamw(lr, weight_decay=0.1), [{group: g[group]} for g in grads],
                             {group: params0[group]})
         for a, b in zip(got, alone):

@@ -152,6 +152,39 @@ def test_losses_and_bias_update_match_hand_computed_cases():
     np.testing.assert_allclose(sorted(np.asarray(gates)[0]), sorted(np.asarray(s / s.sum())), rtol=1e-6)
 
 
+def _silu(v):
+    return v / (1.0 + np.exp(-v))
+
+
+def numpy_moe_layer(x, p):
+    """Float64 transcription of a sigmoid-routed MoE FFN at its defaults, bias zero: s = sigmoid(x R), the top-k s
+    by token, g = s_chosen / sum s_chosen, y = sum_k g_k SwiGLU_{e_k}(x) + the shared SwiGLU(x)."""
+    f64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
+    tokens = f64(x).reshape(-1, x.shape[-1])
+    s = 1.0 / (1.0 + np.exp(-(tokens @ f64(p["router"]))))
+    y = np.zeros_like(tokens)
+    for t, row in enumerate(tokens):
+        chosen = np.argsort(-s[t])[:moe.MoEOptions().top_k]
+        for e in chosen:
+            hidden = _silu(row @ f64(p["w_gate"][e])) * (row @ f64(p["w_in"][e]))
+            y[t] += s[t, e] / s[t, chosen].sum() * (hidden @ f64(p["w_out"][e]))
+    shared = p["shared"]
+    hidden = _silu(tokens @ f64(shared["wg"]["kernel"])) * (tokens @ f64(shared["wi"]["kernel"]))
+    return (y + hidden @ f64(shared["wo"]["kernel"])).reshape(x.shape)
+
+
+def test_the_default_moe_layer_against_a_float64_loop():
+    """MoEOptions as they come (sigmoid router, top 2 of 8, one shared expert, capacity dispatch with room for
+    every token): the gates are the chosen affinities normalised to sum 1, times route_scale = 1."""
+    layer = moe.MoEFfn(D, F, moe.MoEOptions())
+    x = jax.random.normal(jax.random.key(0), (2, 7, D))
+    variables = layer.init(jax.random.key(1), x)
+    params = jax.tree.map(lambda w: 3.0 * w if w.ndim == 2 and w.shape[-1] == E else w,
+                          nn.meta.unbox(variables["params"]))  # a sharper router: distinct top-k choices
+    got = layer.apply({"params": params, "router_bias": variables["router_bias"]}, x)
+    np.testing.assert_allclose(np.asarray(got), numpy_moe_layer(np.asarray(x), params), rtol=2e-5, atol=2e-6)
+
+
 def test_training_forward_moves_the_router_bias_against_the_load():
     layer = moe.MoEFfn(D, F, moe.MoEOptions(num_experts=E, top_k=2, bias_update_rate=0.01, dispatch="dense"))
     x = jax.random.normal(jax.random.key(0), (2, 16, D))

@@ -219,6 +219,18 @@ def test_bad_position_keys_are_refused(message, overrides):
     assert any(message in p for p in GroupedQueryAttention.validate(_cfg(**overrides))), message
 
 
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_every_position_option_is_accepted_as_written(option):
+    assert positions.validate(_cfg(**OPTIONS[option])) == []
+
+
+@pytest.mark.parametrize("positional,d_model,refused", [("sinusoidal", 25, True), ("sinusoidal", 24, False),
+                                                         ("learned", 25, False), ("alibi", 25, False)])
+def test_only_sinusoidal_positions_need_an_even_width(positional, d_model, refused):
+    problems = positions.validate(_cfg(positional=positional, d_model=d_model))
+    assert problems == ([f"model.positional='sinusoidal' needs an even model.d_model, got {d_model}"] if refused else [])
+
+
 @pytest.mark.parametrize("option,impl", [slow("alibi", "pallas"), slow("t5", "xla"), slow("yarn", "xla"),
                                          slow("sinusoidal", "xla")])
 def test_trains_with_the_one_device_losses_on_a_2x2x2_mesh(option, impl, tmp_path):
