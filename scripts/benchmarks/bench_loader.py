@@ -1,7 +1,7 @@
 """The prepared-store data path at growing corpus sizes: preparing, the loader's speed, and the trainer's memory.
 
     python scripts/benchmarks/bench_loader.py [--sizes_mb=1,10,100] [--steps=40] [--medium_steps=12] \
-        [--workers=2] [--loader_workers=0,1,2,4]
+        [--medium=d_model=512,num_layers=6,num_heads=8,d_mlp=2048] [--workers=2] [--loader_workers=0,1,2,4]
 
 For each size: writes a JSONL corpus of that many MB (documents of 200-3,000 characters drawn from a fixed
 1,000-word vocabulary), prepares it with the byte tokenizer (`data.prepare`, `--workers` processes: MB/s), reads
@@ -9,8 +9,9 @@ For each size: writes a JSONL corpus of that many MB (documents of 200-3,000 cha
 `--loader_workers` count of grain worker processes, `data.workers`), then trains
 the small LM (`lm_shakespeare.py`, width 128, 4 layers) on the store for `--steps` steps through the command
 line in a subprocess, sampling its resident memory (/proc/PID/status VmRSS) ten times a second: the peak RSS,
-and the trainer's own tokens/s from metrics.jsonl; then the medium LM (`bench_train.py`'s medium: width 512,
-6 layers, 8 heads, MLP 2048) for `--medium_steps` steps, for its tokens/s. A lazy loader keeps the peak flat
+and the trainer's own tokens/s from metrics.jsonl; then the medium LM (`--medium`, config.model overrides of
+the small one; by default `bench_train.py`'s medium: width 512, 6 layers, 8 heads, MLP 2048) for `--medium_steps`
+steps, for its tokens/s. A lazy loader keeps the peak flat
 across sizes, and outruns both trainers. Prints one Markdown row per size.
 """
 
@@ -33,6 +34,8 @@ from data import TokensConfig, prepare, token_store  # noqa: E402
 _SIZES = flags.DEFINE_list("sizes_mb", ["1", "10", "100"], "Corpus sizes in MB.")
 _STEPS = flags.DEFINE_integer("steps", 40, "Training steps of the small LM per size.")
 _MEDIUM_STEPS = flags.DEFINE_integer("medium_steps", 12, "Training steps of the medium LM per size (0: not run).")
+_MEDIUM = flags.DEFINE_list("medium", ["d_model=512", "num_layers=6", "num_heads=8", "d_mlp=2048"],
+                            "The medium LM: config.model overrides of the small one (bench_train.py's medium).")
 _WORKERS = flags.DEFINE_integer("workers", 2, "data.prepare worker processes.")
 _LOADER_WORKERS = flags.DEFINE_list("loader_workers", ["0", "1", "2", "4"], "data.workers values the loader is timed at.")
 _ROOT = flags.DEFINE_string("root", None, "Folder for the corpora and runs (default: a temporary one, removed).")
@@ -68,8 +71,6 @@ def _rss_mb(pid: int) -> float:
 
 
 SMALL = ()  # lm_shakespeare.py as it is
-MEDIUM = ("--config.model.d_model=512", "--config.model.num_layers=6", "--config.model.num_heads=8",
-          "--config.model.d_mlp=2048")  # bench_train.py's medium config
 
 
 def train(store: str, workdir: str, steps: int, model=SMALL) -> tuple[float, float]:
@@ -113,7 +114,8 @@ def main(argv):
             prepare_mb_s = written / 1e6 / (time.perf_counter() - start)
             loader = " / ".join(f"{loader_tokens_per_s(store, int(w)):,.0f}" for w in _LOADER_WORKERS.value)
             peak, small_speed = train(store, os.path.join(root, f"run_{size:g}"), _STEPS.value)
-            medium_speed = (train(store, os.path.join(root, f"medium_{size:g}"), _MEDIUM_STEPS.value, MEDIUM)[1]
+            medium = [f"--config.model.{override}" for override in _MEDIUM.value]
+            medium_speed = (train(store, os.path.join(root, f"medium_{size:g}"), _MEDIUM_STEPS.value, medium)[1]
                             if _MEDIUM_STEPS.value else float("nan"))
             print(f"| {size:g} MB | {manifest['documents']:,} | {manifest['tokens']:,} | {prepare_mb_s:.1f} | "
                   f"{loader} | {small_speed:,.0f} | {medium_speed:,.0f} | {peak:.0f} |", flush=True)
