@@ -11,8 +11,9 @@ state), which `experiments.restore` and `experiments.sample` read. `convert(hf_d
 Architectures (one converter each: a config mapping and a weight mapping):
 - `LlamaForCausalLM`: our transformer (GQA, SwiGLU, RMSNorm), with RoPE scaled as the checkpoint's
   `rope_parameters` say (linear, dynamic NTK, YaRN; models/positions.py); Llama's `attention_bias`.
-  `MistralForCausalLM` (without a sliding window shorter than the context) and `Qwen2ForCausalLM` (query / key /
-  value biases) share its layout.
+  `MistralForCausalLM` (without a sliding window shorter than the context), `Qwen2ForCausalLM` (query / key /
+  value biases) and `Qwen3ForCausalLM` (QK-norm: our `attention='qk_norm'`, whose norms use epsilon 1e-6) share
+  its layout.
 - `GPT2LMHeadModel`: our transformer with LayerNorm, learned positions, GELU and biases everywhere.
 - `MambaForCausalLM`: our `mamba` family (Mamba-1 layers: the selective scan, models/mamba1.py).
 - `Mamba2ForCausalLM`: our `ssd` family (Mamba-2 layers: SSD, models/mamba2.py), groups of B / C included.
@@ -224,11 +225,14 @@ def llama_config(hf: dict) -> ml_collections.ConfigDict:
     if hf.get("sliding_window") and hf["sliding_window"] < hf["max_position_embeddings"] and (
             hf.get("model_type") != "qwen2" or hf.get("use_sliding_window")):
         _refuse("sliding_window", hf["sliding_window"], f"None or >= max_position_embeddings={hf['max_position_embeddings']}")
-    heads = hf["num_attention_heads"]
+    heads, qk_norm = hf["num_attention_heads"], hf.get("model_type") == "qwen3"
+    if qk_norm and hf["rms_norm_eps"] != 1e-6:
+        _refuse("rms_norm_eps", hf["rms_norm_eps"], "1e-6 for Qwen3 (the epsilon of our query / key norms)")
     bias = "qkv" if hf.get("model_type") == "qwen2" else "all" if hf.get("attention_bias") else "none"
     model = dict(name="transformer", vocab_size=hf["vocab_size"], max_len=hf["max_position_embeddings"],
                  d_model=hf["hidden_size"], num_layers=hf["num_hidden_layers"], norm="rmsnorm", norm_eps=hf["rms_norm_eps"],
-                 tie_embeddings=bool(hf.get("tie_word_embeddings", False)), attention="gqa", num_heads=heads,
+                 tie_embeddings=bool(hf.get("tie_word_embeddings", False)), attention="qk_norm" if qk_norm else "gqa",
+                 num_heads=heads,
                  num_kv_heads=hf.get("num_key_value_heads") or heads, head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
                  d_mlp=hf["intermediate_size"], activation="swiglu", mlp_bias=False, attention_bias=bias)
     model.update(_rope_keys(hf))  # may raise max_len (dynamic NTK decodes past the original context)
@@ -252,6 +256,9 @@ def llama_variables(hf: dict, w: dict, model_config) -> dict:
                 params["attention"][f"{name}_bias"] = w[f"{prefix}self_attn.{proj}.bias"].reshape(n, head_dim)
         if model_config.attention_bias == "all":
             params["attention"]["out_bias"] = w[prefix + "self_attn.o_proj.bias"]
+        if model_config.attention == "qk_norm":
+            params["attention"]["query_norm"] = {"scale": w[prefix + "self_attn.q_norm.weight"]}
+            params["attention"]["key_norm"] = {"scale": w[prefix + "self_attn.k_norm.weight"]}
         return params
 
     params = {"embed": {"embedding": w["model.embed_tokens.weight"]}, "final_norm": {"scale": w["model.norm.weight"]},
@@ -388,6 +395,7 @@ ARCHITECTURES = {"DeepseekV3ForCausalLM": (deepseek_v3_config, deepseek_v3_varia
                  "LlamaForCausalLM": (llama_config, llama_variables),
                  "MistralForCausalLM": (llama_config, llama_variables),
                  "Qwen2ForCausalLM": (llama_config, llama_variables),
+                 "Qwen3ForCausalLM": (llama_config, llama_variables),
                  "Mamba2ForCausalLM": (mamba2_config, mamba2_variables),
                  "MambaForCausalLM": (mamba_config, mamba_variables)}
 
