@@ -1,6 +1,6 @@
 """Everything above the models: the commands, the one training loop, and what is built around it.
 
-    train.py, sample.py, restore.py, import_hf.py, losses.py
+    train.py, sample.py, restore.py, import_hf.py, export_hf.py, losses.py
                   the commands and public functions named in docs/interfaces.md (their names are stable)
     configs/      one config file per experiment; base.py holds the typed sections every config shares
     training/     the loop and its infrastructure: trainer, train state, checkpoints, sharding, validation,
