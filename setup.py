@@ -12,7 +12,8 @@ setuptools.setup(
     python_requires=">=3.11",
     packages=setuptools.find_packages(include=["models*", "experiments*", "kernels_pallas*", "data*"]),
     include_package_data=True,
-    package_data={"data": ["files/*", "files/*/*"]},  # the shipped data sets (data/files/README.md)
+    package_data={"data": ["files/*", "files/*/*"],  # the shipped data sets (data/files/README.md)
+                  "experiments": ["evaluation/harness_tasks/*"]},  # the shipped lm_eval tasks (YAML + JSONL)
     # Ranges are the ones this repository is tested with (CPU, jax 0.10.x; GPU image jax 0.11).
     install_requires=[
         "jax>=0.10,<0.12",
@@ -35,10 +36,15 @@ setuptools.setup(
         "corpora": ["pyarrow>=15,<27"],  # Parquet corpora for data.prepare
         "beam": ["apache-beam>=2.60,<3"],  # data.prepare --runner=beam (data/prepare_beam.py)
         "seqio": ["seqio>=0.0.19,<0.1"],  # pulls in TensorFlow
-        # Checkpoint import and parity tests against transformers (experiments/import_hf.py), and the checkpoints'
-        # tokenizer.json (data/text.py, data.tokenizer="hf"); torch 2.13.0 is the CPU build the CI machines hold.
         # The documentation site (mkdocs.yml): `mkdocs serve` locally, `mkdocs build --strict` in CI.
         "docs": ["mkdocs>=1.6,<2", "mkdocs-material>=9.5,<10", "mkdocstrings[python]>=0.27,<2"],
-        "hf": ["torch>=2.9,<=2.13.0", "transformers>=5.20,<6", "safetensors>=0.4,<1", "tokenizers>=0.22,<1"],
+        # Checkpoints in and out of transformers (experiments/import_hf.py, export_hf.py: safetensors and the
+        # tokenizer.json; data.tokenizer="hf"), and the parity tests against transformers and lm_eval's hf model
+        # (accelerate); torch 2.13.0 is the CPU build the CI machines hold.
+        "hf": ["torch>=2.9,<=2.13.0", "transformers>=5.20,<6", "safetensors>=0.4,<1", "tokenizers>=0.22,<1",
+               "accelerate>=1.0,<2"],
+        # lm-evaluation-harness on our backend (experiments/lm_eval.py, experiments/evaluation/harness.py): its core,
+        # without torch.
+        "eval": ["lm_eval>=0.4.13,<0.5"],
     },
 )

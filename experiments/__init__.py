@@ -1,6 +1,6 @@
 """Everything above the models: the commands, the one training loop, and what is built around it.
 
-    train.py, sample.py, restore.py, import_hf.py, export_hf.py, losses.py
+    train.py, sample.py, restore.py, import_hf.py, export_hf.py, lm_eval.py, losses.py
                   the commands and public functions named in docs/interfaces.md (their names are stable)
     configs/      one config file per experiment; base.py holds the typed sections every config shares
     training/     the loop and its infrastructure: trainer, train state, checkpoints, sharding, validation,
@@ -9,7 +9,7 @@
     optim/        optimizers by name and what composes around them (Shampoo, Grokfast)
     posttrain/    LoRA adapters and model merging
     analysis/     interpretability on a finished run: activations, stores, lens, probes, patching, steering, SAEs
-    evaluation/   held-out evaluations of a finished run (length generalisation, reasoning accuracy)
+    evaluation/   evaluations of a run (length generalisation, reasoning accuracy, lm-evaluation-harness tasks)
     studies/      what studies and benchmarks share (run_or_reuse, median_seconds), scaling fits, vmapped sweeps
 
 A module that moved into a sub-package answers its old name in one line with the new one (`MOVED`), so an old

@@ -17,6 +17,7 @@ from experiments import objectives
 from experiments.optim import optimizers
 from experiments.training import sharding
 from experiments.posttrain.lora import LoRAConfig
+from experiments.training.harness_keys import HarnessEvalKeys
 from data.config_fields import field, problems as field_problems
 
 
@@ -43,6 +44,8 @@ class TrainKeys:
     init_from: str = ""  # a run folder whose newest weights start this run, fresh optimizer (training/warm_start.py)
     monitors: bool = False  # log weight / update / gradient norms per group, attention entropy, residual RMS,
     # activation density (experiments/training/monitors.py) with the train metrics, and plot them in monitors.png
+    evals: HarnessEvalKeys = field(HarnessEvalKeys())  # lm-evaluation-harness tasks every N steps, logged as metrics
+    # (experiments/training/harness_evals.py)
 
 
 def train_config() -> type:

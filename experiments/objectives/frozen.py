@@ -31,9 +31,10 @@ def check(config, workdir: str, key: str):
     return frozen
 
 
-def load(frozen_config, workdir: str, mesh, seq_len: int):
-    """(apply(variables, tokens) -> logits, the frozen variables on `mesh`, their shardings)."""
-    model, variables = restore.load_variables(frozen_config, workdir)
+def load(frozen_config, workdir: str, mesh, seq_len: int, step: int | None = None):
+    """(apply(variables, tokens) -> logits, the frozen variables on `mesh`, their shardings) of checkpoint `step`
+    (default: the newest intact one)."""
+    model, variables = restore.load_variables(frozen_config, workdir, step)
     inputs = jax.ShapeDtypeStruct((sharding.batch_shards(mesh), seq_len), np.int32)
     with sharding.use_mesh(mesh):
         boxed = jax.eval_shape(model.init, jax.ShapeDtypeStruct((2,), np.uint32), inputs)

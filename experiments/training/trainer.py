@@ -38,8 +38,8 @@ from data import pipeline
 from experiments import losses, objectives
 from experiments.optim import optimizers
 from experiments.posttrain import lora
-from experiments.training import (checkpointing, metrics_writer, monitors, plots, run_record, sharding, validation,
-                                  warm_start)
+from experiments.training import (checkpointing, harness_evals, metrics_writer, monitors, plots, run_record,
+                                  sharding, validation, warm_start)
 from experiments.objectives import frozen as frozen_models, language_modelling, sown as sown_losses
 from experiments.training.train_state import (TrainState, abstract_state_and_shardings, begin_stage, init_state,
                                      make_optimizer)
@@ -356,6 +356,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
 
         # 6. Loop.
         writer = metrics_writer.MetricsWriter(workdir, enabled=is_lead)
+        harness = harness_evals.HarnessEvals(config, mesh)  # lm_eval tasks (train.evals); inert without tasks
         step = first_step = int(state.step)
         progress = metrics_writer.Progress(config.train.steps, first_step, enabled=verbose and is_lead)
         if resumed:
@@ -424,6 +425,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
                                 last[f"{name}_ema"] = evaluate(state, compiled_eval_ema, eval_batches(examples), mesh,
                                                                splits.chars_per_token)
                                 writer.write(step, f"{name}_ema", last[f"{name}_ema"])
+                    if harness.due(step, final):
+                        writer.write(step, "harness", harness(state))
                     if do_log:
                         shown = {"loss": last["train"]["loss"], "acc": last["train"]["accuracy"]}
                         evals = "  ".join(f"{n} loss {m['loss']:.4g} acc {m['accuracy']:.4g}"
