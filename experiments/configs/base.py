@@ -44,6 +44,9 @@ class TrainKeys:
     init_from: str = ""  # a run folder whose newest weights start this run, fresh optimizer (training/warm_start.py)
     monitors: bool = False  # log weight / update / gradient norms per group, attention entropy, residual RMS,
     # activation density (experiments/training/monitors.py) with the train metrics, and plot them in monitors.png
+    profile_steps: str = ""  # "A:B": a JAX profiler trace of steps A..B into WORKDIR/profile (training/throughput.py)
+    peak_flops: float = field(0.0, min=0)  # per-device peak FLOP/s for the logged MFU; 0: the device kind's known
+    # peak (on CPU: a matmul peak measured once)
     evals: HarnessEvalKeys = field(HarnessEvalKeys())  # lm-evaluation-harness tasks every N steps, logged as metrics
     # (experiments/training/harness_evals.py)
 

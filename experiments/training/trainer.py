@@ -39,7 +39,7 @@ from experiments import losses, objectives
 from experiments.optim import optimizers
 from experiments.posttrain import lora
 from experiments.training import (checkpointing, harness_evals, metrics_writer, monitors, plots, run_record,
-                                  sharding, validation, warm_start)
+                                  sharding, throughput, validation, warm_start)
 from experiments.objectives import frozen as frozen_models, language_modelling, sown as sown_losses
 from experiments.training.train_state import (TrainState, abstract_state_and_shardings, begin_stage, init_state,
                                      make_optimizer)
@@ -273,6 +273,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
     example_inputs = jax.ShapeDtypeStruct((batch_shards, splits.seq_len), splits.train["inputs"].dtype)
     tx = make_optimizer(config, model, example_inputs)
     ema_decay = config.train.ema_decay
+    flops_per_token = throughput.model_flops_per_token(config.model, splits.seq_len)  # for the logged MFU
     lora_config = lora.LoRAConfig(**config.train.lora.to_dict())
 
     def init_fn(rng):  # boxed with logical names; optimizer statistics that cannot take them replicate
@@ -364,6 +365,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
         stage, data_skipped, rollbacks = int(state.stage), int(state.data_skipped), 0
         pending, window, last = [], [], {}
         tokens_per_step = train_batch * splits.seq_len
+        clock = throughput.StepClock(config, workdir, list(mesh.devices.flat), tokens_per_step, flops_per_token)
         window_start = loop_start = time.perf_counter()
 
         def sync():
@@ -382,11 +384,14 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
                         stage = data_stage
                         state = compiled_begin_stage(state, stage)
                         progress.message(f"curriculum stage {stage} from step {step}: optimizer state reset")
-                    batch = prepare(state, sharding.global_batch(next(train_iter), mesh), step)
+                    with clock.data():
+                        batch = prepare(state, sharding.global_batch(next(train_iter), mesh), step)
+                    clock.before_step(step + 1)
                     with jax.transfer_guard("disallow"):
                         state, metrics = compiled_train_step(state, batch, frozen)
                     pending.append(metrics)
                     step += 1
+                    clock.after_step(step, state)
                     final = step == config.train.steps
                     do_log = step % config.train.log_every == 0 or final
                     do_eval = (config.train.eval_every and step % config.train.eval_every == 0) or final
@@ -411,7 +416,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
                     if do_log:
                         seconds = time.perf_counter() - window_start
                         mean = {k: float(np.mean([m[k] for _, m in window])) for k in window[-1][1]}
-                        last["train"] = {**mean, "tokens_per_s": tokens_per_step * len(window) / seconds,
+                        last["train"] = {**mean, **clock.window_metrics(len(window), seconds),
                                          "wall_s": time.perf_counter() - loop_start}
                         writer.write(step, "train", last["train"])
                         window.clear()
@@ -440,6 +445,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
                         ckpt.save(step, state, train_iter)
                     progress.message(f"SIGTERM: saved a checkpoint at step {step}; rerun to resume")
         finally:
+            clock.close()
             ckpt.close()
             writer.close()
     if is_lead and step > first_step:

@@ -8,7 +8,9 @@ import os
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -20,8 +22,9 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
+import models  # noqa: E402
 from data.config_fields import ConfigError  # noqa: E402
-from experiments import export_hf, lm_eval as lm_eval_command  # noqa: E402
+from experiments import export_hf, lm_eval as lm_eval_command, restore  # noqa: E402
 from experiments.training import harness_backend as harness  # noqa: E402
 from experiments.training import metrics_writer, trainer  # noqa: E402
 from tests.conftest import make_tiny_lm_config  # noqa: E402
@@ -58,6 +61,29 @@ def both(run_and_export):
     return harness.BeyondLM(workdir, batch_size=4), theirs
 
 
+def test_loglikelihoods_are_the_models_log_softmax_in_float64(tmp_path):
+    """On a run folder of random weights (no training, no torch): each continuation's score is the sum of the full
+    forward pass's float64 log-softmax at its tokens, and `is_greedy` says whether each was the argmax."""
+    config = make_tiny_lm_config(steps=2)
+    config.model.update(vocab_size=256, max_len=16)
+    model = models.build(config.model)
+    variables = {"params": nn.meta.unbox(model.init(jax.random.key(3), jnp.zeros((1, 16), jnp.int32))["params"])}
+    restore.save_variables(config, variables, str(tmp_path))
+    ours = harness.BeyondLM(str(tmp_path), batch_size=3)
+    pairs = [("ROMEO:", " O"), ("", "Hi"), ("abcdefghijklmnopqrstuvwxyz", "!!")]
+    got = ours.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)])
+    for (context, continuation), (logp, greedy) in zip(pairs, got):
+        tokens = ([NEWLINE] if not context else list(context.encode())) + list(continuation.encode())
+        tokens = tokens[-17:]  # the last max_len + 1
+        logits = np.asarray(model.apply(variables, jnp.asarray([tokens[:-1]])), np.float64)[0]
+        logits -= logits.max(-1, keepdims=True)
+        log_softmax = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        scored = range(len(tokens) - 1 - len(continuation), len(tokens) - 1)
+        np.testing.assert_allclose(logp, sum(log_softmax[i, tokens[i + 1]] for i in scored), rtol=1e-5)
+        assert greedy == all(log_softmax[i].argmax() == tokens[i + 1] for i in scored)
+
+
+@pytest.mark.slow  # trains, exports, loads torch: ~20 s
 def test_requests_score_and_generate_as_lm_evals_hf_model_on_the_export(both):
     ours, theirs = both
     assert ours.prefix_token_id == NEWLINE and ours.max_length == 64
