@@ -23,6 +23,7 @@ import functools
 import os
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,6 +75,9 @@ def model_flops_per_token(model_config, seq_len: int) -> float:
     a token uses (models.parameter_count(active=True); the input embedding left out unless tied, as a lookup) plus
     the attention's 12 x layers x seq_len x width."""
     m = model_config
+    if "num_heads" not in m:  # not a language model (an SAE): 6 x its parameters per row
+        shapes = jax.eval_shape(models.build(m).init, jax.random.key(0), models.example_inputs(m))
+        return 6.0 * sum(x.size for x in jax.tree.leaves(nn.meta.unbox(shapes["params"])))
     lookups = ("position_embedding",) if m.get("tie_embeddings") else ("embed", "position_embedding")
     used = models.parameter_count(m, seq_len, exclude=lookups, active=True)
     width = m.num_heads * (m.head_dim or m.d_model // m.num_heads)
