@@ -30,12 +30,11 @@ def evaluate(workdir: str, tasks: list[str], *, include_path: str | None = None,
              limit: int | None = None, batch_size: int = 8, step: int | None = None, **model_args) -> dict:
     """lm_eval.simple_evaluate of the run on `tasks` (the shipped tasks and `include_path` registered)."""
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
     from experiments.training import harness_backend
 
     paths = [SHIPPED_TASKS] + ([include_path] if include_path else [])
-    manager = TaskManager(include_path=paths)
+    manager = harness_backend.task_manager(tasks, paths)
     unknown = [t for t in tasks if not manager.match_tasks([t])]
     if unknown:
         raise ConfigError(f"--tasks names {unknown}, which no task folder defines (the shipped ones: "

@@ -33,7 +33,6 @@ class HarnessEvals:
 
     def __call__(self, state) -> dict[str, float]:
         import lm_eval
-        from lm_eval.tasks import TaskManager
 
         import models
         from experiments.optim import optimizers
@@ -42,7 +41,7 @@ class HarnessEvals:
 
         if self._manager is None:
             paths = [SHIPPED_TASKS] + ([self.keys.include_path] if self.keys.include_path else [])
-            self._manager = TaskManager(include_path=paths)
+            self._manager = harness_backend.task_manager(self.tasks, paths)
         params = lora.merged(optimizers.evaluation_params(state.opt_state, state.params), self.config.train.lora.alpha)
         variables = {"params": params, **state.model_state}
         model = harness_backend.BeyondLM.in_memory(self.config, models.build(self.config.model).apply, variables, self.mesh,

@@ -144,7 +144,8 @@ def main(argv):
     examples_of_key += [int(i) for i in by_frequency if key_latents[i] and i not in examples_of_key]
     figure(shares, dominant, live, keys, maps, examples_of_key, os.path.join(_DOCS.value, f"sae_grokking_{_SITE.value}.png"))
     sae_dashboard.write_dashboards(sae_workdir, os.path.join(_DOCS.value, f"sae_grokking_dashboards_{_SITE.value}"),
-                                   latent_ids=examples_of_key[:16], split="eval", batches=1, batch_size=p * p,
+                                   latent_ids=examples_of_key[:16] or None,  # none: the 16 most active
+                                   split="eval", batches=1, batch_size=p * p,
                                    contexts=8)
     print(json.dumps(result, indent=1))
 
