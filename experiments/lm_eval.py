@@ -21,7 +21,7 @@ import sys
 
 from data.config_fields import ConfigError
 
-from experiments.training.harness_keys import SHIPPED_TASKS
+from experiments.training.harness_keys import SHIPPED_TASKS, task_manager
 
 HARNESS_SUBCOMMANDS = ("run", "ls", "validate")
 
@@ -34,7 +34,7 @@ def evaluate(workdir: str, tasks: list[str], *, include_path: str | None = None,
     from experiments.training import harness_backend
 
     paths = [SHIPPED_TASKS] + ([include_path] if include_path else [])
-    manager = harness_backend.task_manager(tasks, paths)
+    manager = task_manager(tasks, paths)
     unknown = [t for t in tasks if not manager.match_tasks([t])]
     if unknown:
         raise ConfigError(f"--tasks names {unknown}, which no task folder defines (the shipped ones: "

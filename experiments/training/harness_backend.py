@@ -213,17 +213,6 @@ class BeyondLM(TemplateLM):
         return np.asarray(jax.device_get(tokens))
 
 
-def task_manager(tasks: list[str], paths: list[str]):
-    """An lm_eval TaskManager that knows `tasks`: the shipped and `paths`' task files alone when they define them all
-    (indexing the harness's thousands of task files takes ~10 s), else with the harness's own tasks too."""
-    from lm_eval.tasks import TaskManager
-
-    local = TaskManager(include_path=paths, include_defaults=False)
-    if all(local.match_tasks([task]) for task in tasks):
-        return local
-    return TaskManager(include_path=paths)
-
-
 def _cut(generated: str, until: list[str]) -> str:
     """The text before the first stop string."""
     for stop in until:

@@ -10,7 +10,7 @@ merged) are scored in place on the trainer's mesh through the `beyond` backend
 tasks without it, or that is not a text language model, stops before anything compiles (harness_keys.py).
 """
 
-from experiments.training.harness_keys import SHIPPED_TASKS, task_names
+from experiments.training.harness_keys import SHIPPED_TASKS, task_manager, task_names
 
 
 class HarnessEvals:
@@ -41,7 +41,7 @@ class HarnessEvals:
 
         if self._manager is None:
             paths = [SHIPPED_TASKS] + ([self.keys.include_path] if self.keys.include_path else [])
-            self._manager = harness_backend.task_manager(self.tasks, paths)
+            self._manager = task_manager(self.tasks, paths)
         params = lora.merged(optimizers.evaluation_params(state.opt_state, state.params), self.config.train.lora.alpha)
         variables = {"params": params, **state.model_state}
         model = harness_backend.BeyondLM.in_memory(self.config, models.build(self.config.model).apply, variables, self.mesh,

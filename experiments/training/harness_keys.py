@@ -24,13 +24,36 @@ def task_names(keys) -> list[str]:
     return [t.strip() for t in keys.tasks.split(",") if t.strip()]
 
 
+def task_manager(tasks: list[str], paths: list[str]):
+    """An lm_eval TaskManager that knows `tasks`: the shipped and `paths`' task files alone when they define them all
+    (indexing the harness's thousands of task files takes ~10 s), else with the harness's own tasks too."""
+    from lm_eval.tasks import TaskManager
+
+    local = TaskManager(include_path=paths, include_defaults=False)
+    if all(local.match_tasks([task]) for task in tasks):
+        return local
+    return TaskManager(include_path=paths)
+
+
+def unknown_tasks(tasks: list[str], paths: list[str]) -> list[str]:
+    manager = task_manager(tasks, paths)
+    return [t for t in tasks if not manager.match_tasks([t])]
+
+
 def problems(config) -> list[str]:
-    if not task_names(config.train.evals):
+    keys = config.train.evals
+    if not task_names(keys):
         return []
-    p = []
     if importlib.util.find_spec("lm_eval") is None:
-        p.append(f"train.evals.tasks={config.train.evals.tasks!r} needs lm_eval: pip install -e '.[eval]'")
+        return [f"train.evals.tasks={keys.tasks!r} needs lm_eval: pip install -e '.[eval]'"]
     if "tokenizer" not in config.data:
-        p.append(f"train.evals.tasks with data.name={config.data.name!r}: lm_eval scores text, which needs a "
-                 "language model whose config.data names its tokenizer (data.name='text')")
-    return p
+        return [f"train.evals.tasks with data.name={config.data.name!r}: lm_eval scores text, which needs a "
+                "language model whose config.data names its tokenizer (data.name='text')"]
+    if keys.include_path and not os.path.isdir(keys.include_path):
+        return [f"train.evals.include_path={keys.include_path!r} is not a folder of task files"]
+    missing = unknown_tasks(task_names(keys), [SHIPPED_TASKS] + ([keys.include_path] if keys.include_path else []))
+    if missing:
+        return [f"train.evals.tasks names {missing}, which no task folder defines (the shipped ones: "
+                "shakespeare_next_line, shakespeare_complete, shakespeare_rolling; set train.evals.include_path for "
+                "your own)"]
+    return []

@@ -170,6 +170,14 @@ def test_tasks_named_in_the_config_are_scored_during_training(tmp_path):
     assert events[0]["shakespeare_rolling/bits_per_byte"] != events[1]["shakespeare_rolling/bits_per_byte"]
 
 
+@pytest.mark.slow  # looks for the name among the harness's own task files too: ~10 s
+def test_an_unknown_task_in_the_config_is_refused_before_compiling(tmp_path):
+    config = make_tiny_lm_config(steps=2)
+    config.train.evals.update(tasks="shakespeare_next_line,no_such_task", include_path=str(tmp_path))
+    with pytest.raises(ConfigError, match=r"train.evals.tasks names \['no_such_task'\], which no task folder"):
+        trainer.train_and_evaluate(config, str(tmp_path / "run"), verbose=False)
+
+
 def test_tasks_in_a_config_whose_data_has_no_tokenizer_are_refused_before_compiling(tmp_path):
     from experiments.configs import default
 
