@@ -15,12 +15,9 @@ import numpy as np
 import pytest
 
 lm_eval = pytest.importorskip("lm_eval", reason="needs the [eval] extra (pip install -e '.[eval]')")
-transformers = pytest.importorskip("transformers", reason="needs the [hf] extra (pip install -e '.[hf]')")
-pytest.importorskip("accelerate", reason="lm_eval's hf model needs the [hf] extra's accelerate")
 
-from lm_eval.api.instance import Instance  # noqa: E402
-from lm_eval.models.huggingface import HFLM  # noqa: E402
-from lm_eval.tasks import TaskManager  # noqa: E402
+from lm_eval.api.instance import Instance  # noqa: E402  (light; torch, transformers and the task index load in the
+# tests that need them, so a worker that collects this file does not carry them)
 
 import models  # noqa: E402
 from data.config_fields import ConfigError  # noqa: E402
@@ -53,6 +50,10 @@ def both(run_and_export):
     cache is off: that cache shares one forward pass among requests with equal inputs, and with two identical
     rolling windows in a batch (a periodic text) it gave the window after them another value (-213.35 for
     -217.53, which it gives alone and we give batched or alone; lm_eval 0.4.13)."""
+    transformers = pytest.importorskip("transformers", reason="needs the [hf] extra (pip install -e '.[hf]')")
+    pytest.importorskip("accelerate", reason="lm_eval's hf model needs the [hf] extra's accelerate")
+    from lm_eval.models.huggingface import HFLM
+
     workdir, exported = run_and_export
     tokenizer = transformers.AutoTokenizer.from_pretrained(exported)
     tokenizer.eos_token = "\u010a"  # the byte-level alphabet's newline
@@ -102,6 +103,8 @@ def test_requests_score_and_generate_as_lm_evals_hf_model_on_the_export(both):
 
 @pytest.mark.slow  # each model on each shipped task: ~20 s
 def test_the_shipped_tasks_give_lm_evals_hf_metrics(both):
+    from lm_eval.tasks import TaskManager
+
     ours, theirs = both
     manager = TaskManager(include_path=[lm_eval_command.SHIPPED_TASKS], include_defaults=False)
     results = [lm_eval.simple_evaluate(model=model, tasks=list(SHIPPED_TASKS), limit=6, task_manager=manager,
