@@ -239,23 +239,32 @@ def mamba_config(m, architecture: str) -> dict:
             "bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
 
 
-def mamba_tensors(params, m, architecture: str) -> dict:
-    del architecture
+def _mamba_tensors(params, m, member: str, own) -> dict:
+    """The embeddings and every layer's norm and the mixer entries both Mamba versions share, plus `own(mixer)`:
+    the version's other mixer entries (names after "mixer.")."""
     tensors = _embeddings(params, m, "backbone.", names=("embeddings", "norm_f"))
     for i in range(m.num_layers):
-        layer, prefix = _layer(params["periods"], i)["layer_0_mamba1"], f"backbone.layers.{i}."
+        layer, prefix = _layer(params["periods"], i)[member], f"backbone.layers.{i}."
         mixer = layer["mixer"]
-        tensors.update({prefix + "norm.weight": layer["norm"]["scale"],
-                        prefix + "mixer.in_proj.weight": _linear(mixer["in_proj"]),
-                        prefix + "mixer.conv1d.weight": np.ascontiguousarray(mixer["conv_kernel"].T[:, None, :]),
-                        prefix + "mixer.conv1d.bias": mixer["conv_bias"], prefix + "mixer.x_proj.weight": _linear(mixer["x_proj"]),
-                        prefix + "mixer.dt_proj.weight": _linear(mixer["dt_proj"]), prefix + "mixer.dt_proj.bias": mixer["dt_bias"],
-                        prefix + "mixer.A_log": mixer["A_log"], prefix + "mixer.D": mixer["D"],
-                        prefix + "mixer.out_proj.weight": _linear(mixer["out_proj"])})
-        if m.mamba1_bias:
-            tensors.update({prefix + "mixer.in_proj.bias": mixer["in_proj_bias"],
-                            prefix + "mixer.out_proj.bias": mixer["out_proj_bias"]})
+        shared = {"in_proj.weight": _linear(mixer["in_proj"]), "out_proj.weight": _linear(mixer["out_proj"]),
+                  "conv1d.weight": np.ascontiguousarray(mixer["conv_kernel"].T[:, None, :]),
+                  "conv1d.bias": mixer["conv_bias"], "A_log": mixer["A_log"], "D": mixer["D"]}
+        tensors[prefix + "norm.weight"] = layer["norm"]["scale"]
+        tensors.update({prefix + "mixer." + name: value for name, value in {**shared, **own(mixer)}.items()})
     return tensors
+
+
+def mamba_tensors(params, m, architecture: str) -> dict:
+    del architecture
+
+    def own(mixer):
+        entries = {"x_proj.weight": _linear(mixer["x_proj"]), "dt_proj.weight": _linear(mixer["dt_proj"]),
+                   "dt_proj.bias": mixer["dt_bias"]}
+        if m.mamba1_bias:
+            entries.update({"in_proj.bias": mixer["in_proj_bias"], "out_proj.bias": mixer["out_proj_bias"]})
+        return entries
+
+    return _mamba_tensors(params, m, "layer_0_mamba1", own)
 
 
 def mamba2_config(m, architecture: str) -> dict:
@@ -271,17 +280,7 @@ def mamba2_config(m, architecture: str) -> dict:
 
 def mamba2_tensors(params, m, architecture: str) -> dict:
     del architecture
-    tensors = _embeddings(params, m, "backbone.", names=("embeddings", "norm_f"))
-    for i in range(m.num_layers):
-        layer, prefix = _layer(params["periods"], i)["layer_0_ssm"], f"backbone.layers.{i}."
-        mixer = layer["mixer"]
-        tensors.update({prefix + "norm.weight": layer["norm"]["scale"],
-                        prefix + "mixer.in_proj.weight": _linear(mixer["in_proj"]),
-                        prefix + "mixer.conv1d.weight": np.ascontiguousarray(mixer["conv_kernel"].T[:, None, :]),
-                        prefix + "mixer.conv1d.bias": mixer["conv_bias"], prefix + "mixer.dt_bias": mixer["dt_bias"],
-                        prefix + "mixer.A_log": mixer["A_log"], prefix + "mixer.D": mixer["D"],
-                        prefix + "mixer.norm.weight": mixer["norm"], prefix + "mixer.out_proj.weight": _linear(mixer["out_proj"])})
-    return tensors
+    return _mamba_tensors(params, m, "layer_0_ssm", lambda mixer: {"dt_bias": mixer["dt_bias"], "norm.weight": mixer["norm"]})
 
 
 # DeepSeek-V3 --------------------------------------------------------------------------------------------------

@@ -51,5 +51,4 @@ class HarnessEvals:
             num_fewshot=None if self.keys.num_fewshot < 0 else self.keys.num_fewshot, log_samples=False,
             bootstrap_iters=0, verbosity="ERROR")["results"]
         return {f"{task}/{name.split(',')[0]}": float(value) for task, metrics in results.items()
-                for name, value in metrics.items() if isinstance(value, (int, float)) and not name.endswith("_stderr,none")
-                and "stderr" not in name}
+                for name, value in metrics.items() if isinstance(value, (int, float)) and "stderr" not in name}
