@@ -10,7 +10,7 @@ profiler traces of chosen steps. The trainer logs these with every train event:
                         time: with asynchronous dispatch part of it overlaps the device's work, so it bounds the
                         device's wait from above)
     compile_s           seconds spent tracing, lowering and compiling since the run started (the first event)
-    memory_in_use_mb, memory_peak_mb   device 0's allocator figures, where the backend reports them (not on CPU)
+    memory_in_use_mb, memory_peak_mb   this process's first device's allocator figures, where the backend reports them (not on CPU)
 
 Model FLOPs per token are PaLM's count (Chowdhery et al. 2022, appendix B): 6 x the matmul parameters a token
 uses (models.parameter_count(active=True): the routed experts at top_k / num_experts of theirs; the input embedding
@@ -126,7 +126,7 @@ class StepClock:
     def __init__(self, config, workdir: str, devices, tokens_per_step: int, flops_per_token: float):
         self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
         self.peak = peak_flops(config.train.peak_flops, devices)
-        self.device = devices[0]
+        self.device = next(d for d in devices if d.process_index == jax.process_index())  # memory_stats: own devices only
         self.profile = parse_profile_steps(config.train.profile_steps)
         self.profile_dir = os.path.join(workdir, "profile")
         self.data_seconds = self.compile_seconds = 0.0
