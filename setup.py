@@ -43,8 +43,10 @@ setuptools.setup(
         # (accelerate); torch 2.13.0 is the CPU build the CI machines hold.
         "hf": ["torch>=2.9,<=2.13.0", "transformers>=5.20,<6", "safetensors>=0.4,<1", "tokenizers>=0.22,<1",
                "accelerate>=1.0,<2"],
-        # lm-evaluation-harness on our backend (experiments/lm_eval.py, experiments/evaluation/harness.py): its core,
-        # without torch.
+        # lm-evaluation-harness on our backend (experiments/lm_eval.py, experiments/training/harness_backend.py): its
+        # core, without torch.
         "eval": ["lm_eval>=0.4.13,<0.5"],
+        # Weights & Biases beside TensorBoard (train.wandb, experiments/training/wandb_run.py).
+        "wandb": ["wandb>=0.22,<1"],
     },
 )

@@ -18,6 +18,7 @@ from experiments.optim import optimizers
 from experiments.training import sharding
 from experiments.posttrain.lora import LoRAConfig
 from experiments.training.harness_keys import HarnessEvalKeys
+from experiments.training.wandb_run import WandbKeys
 from data.config_fields import field, problems as field_problems
 
 
@@ -49,6 +50,7 @@ class TrainKeys:
     # peak (on CPU: a matmul peak measured once)
     evals: HarnessEvalKeys = field(HarnessEvalKeys())  # lm-evaluation-harness tasks every N steps, logged as metrics
     # (experiments/training/harness_evals.py)
+    wandb: WandbKeys = field(WandbKeys())  # Weights & Biases beside TensorBoard (experiments/training/wandb_run.py)
 
 
 def train_config() -> type:

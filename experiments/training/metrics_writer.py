@@ -1,4 +1,5 @@
-"""Where metrics go: `metrics.jsonl` (docs/interfaces.md), TensorBoard event files, and a progress line.
+"""Where metrics go: `metrics.jsonl` (docs/interfaces.md), TensorBoard event files, optionally Weights & Biases, and
+a progress line.
 
 Only process 0 writes. Each event is one JSON object per line, {"step": 500, "split": "train", "loss": 0.0123,
 ...} with plain floats, appended, so a resumed run continues the file; the one rewrite drops a last line torn
@@ -29,8 +30,10 @@ tensorboardX = _import_tensorboardx()
 
 
 class MetricsWriter:
-    def __init__(self, workdir: str, enabled: bool = True):
-        self.enabled = enabled
+    """`tracker`: another sink with `log(step, split, values)` and `finish()` (a W&B run, training/wandb_run.py)."""
+
+    def __init__(self, workdir: str, enabled: bool = True, tracker=None):
+        self.enabled, self._tracker = enabled, tracker
         if enabled:
             path = os.path.join(workdir, "metrics.jsonl")
             _drop_torn_line(path)
@@ -45,11 +48,15 @@ class MetricsWriter:
         self._jsonl.flush()
         for key, value in values.items():
             self._tensorboard.add_scalar(f"{split}/{key}", value, step)
+        if self._tracker:
+            self._tracker.log(int(step), split, values)
 
     def close(self) -> None:
         if self.enabled:
             self._jsonl.close()
             self._tensorboard.close()
+            if self._tracker:
+                self._tracker.finish()
 
 
 def _drop_torn_line(path: str) -> None:

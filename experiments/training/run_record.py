@@ -20,7 +20,7 @@ MAY_CHANGE = ("train.steps", "train.log_every", "train.eval_every", "train.check
               "train.keep_checkpoints", "train.plot_log_x", "train.nan_rollbacks", "train.grad_accum_steps",
               "mesh.", "data.eval_batch_size", "model.attention_impl", "model.ssd_impl", "model.remat",
               "model.scan_unroll", "model.kv_cache_dtype", "model.mla_absorb", "train.evals.",
-              "train.profile_steps", "train.peak_flops")
+              "train.profile_steps", "train.peak_flops", "train.wandb.")
 DATA_KEYS = (("file_sha256", "the text file"), ("tokenizer_sha256", "the tokenizer model"),
              ("tokens_sha256", "the token arrays"))
 

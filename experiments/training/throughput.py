@@ -14,8 +14,9 @@ profiler traces of chosen steps. The trainer logs these with every train event:
 
 Model FLOPs per token are PaLM's count (Chowdhery et al. 2022, appendix B): 6 x the matmul parameters a token
 uses (models.parameter_count(active=True): the routed experts at top_k / num_experts of theirs; the input embedding
-left out since it is a lookup, the output projection in) + 12 x layers x seq_len x the attention width (scores and values, forward and
-backward, over the full context). `train.profile_steps="A:B"` writes a JAX profiler trace of steps A..B into
+left out since it is a lookup, the output projection in) + 12 x attention layers x seq_len x the attention width
+(scores and values, forward and backward, over the full context) + 3 x the chunked SSD's products per Mamba-2
+layer (`ssd_flops_per_token`). `train.profile_steps="A:B"` writes a JAX profiler trace of steps A..B into
 WORKDIR/profile/ (TensorBoard's profile plugin or XProf open it).
 """
 
@@ -36,7 +37,7 @@ PEAK_FLOPS = {  # device_kind prefix -> dense bfloat16 matmul FLOP/s per device 
     "NVIDIA H200": 989e12, "NVIDIA H100": 989e12, "NVIDIA A100": 312e12, "NVIDIA L4": 121e12,
     "TPU v6": 918e12, "TPU v5p": 459e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v4": 275e12,
 }
-ATTENTION_MIXERS = ("A", "E")  # hybrid layer letters whose mixer is attention
+ATTENTION_MIXERS = "AE"  # hybrid layer letters whose mixer is attention
 
 
 def parse_profile_steps(spec: str) -> tuple[int, int] | None:
@@ -61,19 +62,30 @@ def problems(config) -> list[str]:
     return []
 
 
-def _attention_layers(m) -> int:
-    if m.name in ("ssd", "mamba"):
-        return 0
-    if m.name == "hybrid":
-        pattern = m.layer_pattern
-        return sum(pattern[i % len(pattern)] in ATTENTION_MIXERS for i in range(m.num_layers))
-    return m.num_layers
+def _layers_of(m, letters: str) -> int:
+    """How many of the model's layers are of the hybrid kinds `letters` (A, E: attention; S: Mamba-2); a model
+    without a layer pattern is all attention."""
+    pattern = m.get("layer_pattern", "A")
+    return sum(pattern[i % len(pattern)] in letters for i in range(m.num_layers))
+
+
+def ssd_flops_per_token(m, seq_len: int) -> float:
+    """The chunked SSD's matmuls (models/ssd.py) per token of one Mamba-2 layer, forward: within a chunk of T
+    positions C B^T (2 G T N) and its product with x (2 H T P), dense over the whole chunk as the attention count
+    is over the whole context; the chunk's state B^T x (2 H P N) and the entering state read by C (2 H P N). T is
+    the chunk (at most seq_len). Left out: segsum's cumulative sum, which models/ssd.py runs as a T x T x T matmul
+    for its accuracy, and the elementwise decays."""
+    from models import mamba2
+    chunk = min(m.chunk_size or mamba2.chunk_size_for_backend(), seq_len)
+    heads, head_dim = m.expand * m.d_model // m.ssm_head_dim, m.ssm_head_dim
+    return 2.0 * m.ssm_groups * chunk * m.ssm_state + 2.0 * heads * chunk * head_dim + 4.0 * heads * head_dim * m.ssm_state
 
 
 def model_flops_per_token(model_config, seq_len: int) -> float:
     """PaLM's model FLOPs per token of a training step (forward and backward) of `config.model`: 6 x the parameters
     a token uses (models.parameter_count(active=True); the input embedding left out unless tied, as a lookup) plus
-    the attention's 12 x layers x seq_len x width."""
+    3 x the forward FLOPs of the sequence mixing the parameters do not count: attention's 4 x seq_len x width per
+    layer, and the SSD's (`ssd_flops_per_token`) per Mamba-2 layer."""
     m = model_config
     if "num_heads" not in m:  # not a language model (an SAE): 6 x its parameters per row
         shapes = jax.eval_shape(models.build(m).init, jax.random.key(0), models.example_inputs(m))
@@ -81,7 +93,10 @@ def model_flops_per_token(model_config, seq_len: int) -> float:
     lookups = ("position_embedding",) if m.get("tie_embeddings") else ("embed", "position_embedding")
     used = models.parameter_count(m, seq_len, exclude=lookups, active=True)
     width = m.num_heads * (m.head_dim or m.d_model // m.num_heads)
-    return 6.0 * used + 12.0 * _attention_layers(m) * seq_len * width
+    mixing = 4.0 * seq_len * width * _layers_of(m, ATTENTION_MIXERS)
+    if _layers_of(m, "S"):
+        mixing += ssd_flops_per_token(m, seq_len) * _layers_of(m, "S")
+    return 6.0 * used + 3.0 * mixing
 
 
 @functools.cache

@@ -39,7 +39,7 @@ from experiments import losses, objectives
 from experiments.optim import optimizers
 from experiments.posttrain import lora
 from experiments.training import (checkpointing, harness_evals, metrics_writer, monitors, plots, run_record,
-                                  sharding, throughput, validation, warm_start)
+                                  sharding, throughput, validation, wandb_run, warm_start)
 from experiments.objectives import frozen as frozen_models, language_modelling, sown as sown_losses
 from experiments.training.train_state import (TrainState, abstract_state_and_shardings, begin_stage, init_state,
                                      make_optimizer)
@@ -356,7 +356,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None, verbose: bool = Tr
                                        out_shardings=state_shardings)
 
         # 6. Loop.
-        writer = metrics_writer.MetricsWriter(workdir, enabled=is_lead)
+        writer = metrics_writer.MetricsWriter(workdir, enabled=is_lead, tracker=wandb_run.open_run(
+            config, workdir, resolved, data_identity) if is_lead else None)  # W&B beside TensorBoard (train.wandb)
         harness = harness_evals.HarnessEvals(config, mesh)  # lm_eval tasks (train.evals); inert without tasks
         step = first_step = int(state.step)
         progress = metrics_writer.Progress(config.train.steps, first_step, enabled=verbose and is_lead)

@@ -13,7 +13,7 @@ import models
 from experiments import objectives
 from experiments.optim import optimizers
 from experiments.posttrain import lora
-from experiments.training import harness_keys, sharding, throughput
+from experiments.training import harness_keys, sharding, throughput, wandb_run
 from experiments.configs import base
 from models import moe_dispatch, packing
 from data.config_fields import ConfigError, problems as field_problems
@@ -69,7 +69,7 @@ def validate(config, num_devices: int, process_count: int = 1) -> tuple[int, ...
     _raise(models.MODELS[config.model.name][2](config.model) + data.DATASETS[config.data.name][2](config.data)
            + optimizers.validate(lora.optimizer_config(config)) + lora.problems(config) + objectives.problems(config)
            + (packing.problems(config.model) if "packing" in config.data else []) + harness_keys.problems(config)
-           + throughput.problems(config))
+           + throughput.problems(config) + wandb_run.problems(config))
     shape = sharding.mesh_shape(config.mesh, num_devices)
     batch_shards = sharding.logical_axis_size(shape, "activation_batch")
     for key, micro_batches in (("batch_size", config.train.grad_accum_steps), ("eval_batch_size", 1)):

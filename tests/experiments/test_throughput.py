@@ -22,14 +22,14 @@ from tests.conftest import make_tiny_lm_config
 BATCH, SEQ = 4, 128
 
 
-def xla_flops(config) -> float:
-    """XLA's count of the compiled train step's floating-point operations (a scanned stack counts its body once:
-    the configs below unroll it)."""
+def xla_flops(config, seq_len: int) -> float:
+    """XLA's count of the compiled train step's floating-point operations (a scan counts its body once: the configs
+    below unroll the layer stack, and give the SSD one chunk)."""
     model = models.build(config.model)
     schedule = optimizers.learning_rate_schedule(config.optimizer, 1000)
     tx = optimizers.build(config.optimizer, 1000)
-    tokens = jnp.zeros((BATCH, SEQ + 1), jnp.int32)
-    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": jnp.ones((BATCH, SEQ))}
+    tokens = jnp.zeros((BATCH, seq_len + 1), jnp.int32)
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": jnp.ones((BATCH, seq_len))}
     state = jax.eval_shape(lambda r: nn.meta.unbox(train_state.init_state(model, tx, batch["inputs"], r)),
                            jax.random.PRNGKey(0))
     step = jax.jit(lambda s, b: trainer.train_step(s, b, schedule=schedule))
@@ -37,19 +37,20 @@ def xla_flops(config) -> float:
     return (cost[0] if isinstance(cost, list) else cost)["flops"]
 
 
-@pytest.mark.parametrize("family,keys", [
-    ("transformer", dict(activation="gelu", num_heads=4, d_mlp=1024)),
-    pytest.param("transformer", dict(activation="swiglu", num_heads=2, num_kv_heads=1, d_mlp=640, tie_embeddings=True),
+@pytest.mark.parametrize("family,seq_len,keys", [
+    ("transformer", SEQ, dict(activation="gelu", num_heads=4, d_mlp=1024)),
+    pytest.param("transformer", SEQ, dict(activation="swiglu", num_heads=2, num_kv_heads=1, d_mlp=640,
+                                          tie_embeddings=True), marks=pytest.mark.slow),
+    pytest.param("moe", SEQ, dict(num_heads=4, d_mlp=1024, num_experts=4, top_k=2, d_expert=512, dispatch="capacity",
+                                  capacity_factor=1.0),  # slots for exactly the assignments: none computes for nothing
                  marks=pytest.mark.slow),
-    pytest.param("moe", dict(num_heads=4, d_mlp=1024, num_experts=4, top_k=2, d_expert=512, dispatch="capacity",
-                             capacity_factor=1.0),  # slots for exactly the assignments: no expert computes for nothing
-                 marks=pytest.mark.slow),
+    pytest.param("ssd", 32, dict(chunk_size=32, ssm_state=64, ssm_groups=2, num_heads=4), marks=pytest.mark.slow),
 ])
-def test_model_flops_agree_with_xlas_count_of_the_train_step(family, keys):
+def test_model_flops_agree_with_xlas_count_of_the_train_step(family, seq_len, keys):
     config = base.get_config(family, "text")
-    config.model.update(max_len=SEQ, vocab_size=256, d_model=256, num_layers=2, scan_unroll=2, **keys)
-    ours = throughput.model_flops_per_token(config.model, SEQ) * BATCH * SEQ
-    assert ours == pytest.approx(xla_flops(config), rel=0.05)
+    config.model.update(max_len=seq_len, vocab_size=256, d_model=256, num_layers=2, scan_unroll=2, **keys)
+    ours = throughput.model_flops_per_token(config.model, seq_len) * BATCH * seq_len
+    assert ours == pytest.approx(xla_flops(config, seq_len), rel=0.05)
 
 
 def test_a_run_logs_throughput_compile_time_and_traces_its_profiled_steps(tmp_path):
