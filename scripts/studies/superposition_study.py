@@ -33,7 +33,8 @@ _GRID = flags.DEFINE_integer("grid", 10, "Points per axis of the phase diagrams.
 _SEEDS = flags.DEFINE_integer("seeds", 3, "Seeds per phase-diagram point; the lowest-loss one is kept.")
 _FEATURES = flags.DEFINE_integer("features", 400, "n of the dimensionality sweep.")
 _HIDDEN = flags.DEFINE_integer("hidden", 30, "m of the dimensionality sweep.")
-_DENSITIES = flags.DEFINE_integer("densities", 12, "Densities of the dimensionality sweep (1 to 1/1000).")
+_DENSITIES = flags.DEFINE_integer("densities", 16, "Densities of the dimensionality sweep, log-spaced from 1.")
+_SPARSEST = flags.DEFINE_float("sparsest", 30.0, "1 / (1 - S) of the dimensionality sweep's sparsest point.")
 
 PARTS = ("intro", "phase", "dimensionality", "sae")
 PHASE_COLOURS = {"not represented": "#d9d9d9", "dedicated dimension": "#4c72b0", "superposition": "#c44e52"}
@@ -106,7 +107,7 @@ def plot_phase_diagram(result: dict, path: str) -> None:
 
 def dimensionality() -> dict:
     n, m = _FEATURES.value, _HIDDEN.value
-    densities = np.geomspace(1.0, 1e-3, _DENSITIES.value)
+    densities = np.geomspace(1.0, 1.0 / _SPARSEST.value, _DENSITIES.value)
     cfg = toy_superposition.ToyConfig(num_features=n, num_hidden=m)
     w, _, _ = sweep.train(cfg, densities, np.ones((len(densities), n)), np.arange(len(densities)),
                           steps=_STEPS.value, batch=_BATCH.value)
@@ -207,7 +208,9 @@ def main(argv):
             results["sae"] = sae_recovery()
             plot_sae(results["sae"], os.path.join(_WORKDIR.value, "sae_recovery.png"))
         results.setdefault("seconds", {})[part] = time.time() - start
-        results["settings"] = {"steps": _STEPS.value, "batch": _BATCH.value, "grid": _GRID.value, "seeds": _SEEDS.value}
+        results.setdefault("settings", {})[part] = {"steps": _STEPS.value, "batch": _BATCH.value, "grid": _GRID.value,
+                                                    "seeds": _SEEDS.value, "features": _FEATURES.value,
+                                                    "hidden": _HIDDEN.value, "sparsest": _SPARSEST.value}
         with open(path, "w") as f:
             json.dump(results, f)
         print(f"{part}: {time.time() - start:.0f} s")
