@@ -29,7 +29,7 @@ def optimizer_config(lr: float = 1e-3, weight_decay: float = 0.01) -> ml_collect
 
 
 def init_states(model, example_rows, seeds, opt, steps: int, model_state=None):
-    """The members' train states stacked on a leading axis: member k starts from seed k; `model_state`, if given,
+    """The members' train states stacked on a leading axis: member k starts from seeds[k]; `model_state`, if given,
     is a function of k's index giving collections that replace its initial ones (a toy model's importance)."""
     tx = optimizers.build(opt, steps)
 
