@@ -48,6 +48,7 @@ def test_random_w_metrics_match_loops():
         assert geometry.interference(w)[i] == pytest.approx(sum(overlaps) - overlaps[i], abs=1e-12)
         assert geometry.dimensionality(w)[i] == pytest.approx(norms[i] ** 2 / sum(overlaps) if norms[i] else 0.0)
     decoder = rng.normal(size=(4, 3))
+    assert geometry.best_cosines(decoder, w)[2] == 0.0  # an unrepresented feature has no direction to match
     for i in range(6):
         if norms[i]:
             best = max(decoder[r] @ w[:, i] / np.linalg.norm(decoder[r]) / norms[i] for r in range(4))

@@ -83,3 +83,17 @@ def test_a_bad_profile_range_is_one_line(tmp_path, spec):
     with pytest.raises(ConfigError, match=f"train.profile_steps='{spec}' is not 'A:B' with 1 <= A <= B") as error:
         trainer.train_and_evaluate(config, str(tmp_path), verbose=False)
     assert "\n" not in str(error.value)
+
+
+def test_window_figures_are_tokens_over_wall_time(tmp_path):
+    """tokens/s = tokens per step x steps / the window's seconds; FLOPs/s and MFU follow from it; the data time
+    share is the window's data seconds over its wall time."""
+    config = make_tiny_lm_config(steps=2)
+    config.train.peak_flops = 1e9
+    clock = throughput.StepClock(config, str(tmp_path), jax.devices()[:2], tokens_per_step=256, flops_per_token=1e3)
+    clock.data_seconds = 0.5
+    out = clock.window_metrics(steps=4, seconds=2.0)
+    assert out["tokens_per_s"] == 256 * 4 / 2.0
+    assert out["model_flops_per_s"] == 512 * 1e3 and out["mfu"] == 512 * 1e3 / 2e9
+    assert out["data_wait_fraction"] == 0.25
+    clock.close()

@@ -147,3 +147,10 @@ def test_bad_configs_are_one_line_errors(overrides, message):
     keys = dict(num_layers=4, exit_every=1)
     problems = early_exit.validate(transformer.TransformerConfig(**{**keys, **overrides}))
     assert any(message in p for p in problems), problems
+
+
+@pytest.mark.parametrize("criterion", ["max_prob", "softmax_diff"])
+def test_a_probability_threshold_of_exactly_1_is_valid(criterion):
+    """1 is a probability (no token exits early unless it is certain): only thresholds above it are refused."""
+    cfg = transformer.TransformerConfig(num_layers=4, exit_every=1, exit_criterion=criterion, exit_threshold=1.0)
+    assert early_exit.validate(cfg) == []

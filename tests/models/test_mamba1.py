@@ -126,3 +126,11 @@ def test_trains_with_the_one_device_losses_on_a_2x2x2_mesh(pattern, tmp_path):
                        num_heads=4, num_kv_heads=2, d_mlp=64, linear_chunk=4)
         return c
     assert_mesh_run_matches_one_device(config, tmp_path)
+
+
+@pytest.mark.parametrize("d_model,dt_rank,expected", [(33, 0, 3), (32, 0, 2), (768, 0, 48), (40, 5, 5)])
+def test_dt_rank_defaults_to_the_papers_ceil_of_width_over_16(d_model, dt_rank, expected):
+    """0 means ceil(d_model / 16) (Mamba's "auto", which transformers' MambaConfig also uses); the x_proj that makes
+    dt, B and C has that many dt columns."""
+    cfg = hybrid.MambaConfig(vocab_size=19, max_len=8, d_model=d_model, num_layers=1, ssm_state=4, dt_rank=dt_rank)
+    assert cfg.mamba1_dt_rank == expected

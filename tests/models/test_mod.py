@@ -133,3 +133,14 @@ def test_bad_configs_are_one_line_errors(overrides, message):
     problems = mod.validate(_cfg(**overrides))
     assert any(message in p for p in problems), problems
     assert all("\n" not in p for p in problems)
+
+
+@pytest.mark.parametrize("capacity,valid", [(1.0, True), (0.01, True), (1.5, False), (0.0, False)])
+def test_capacity_is_a_fraction_of_the_sequence(capacity, valid):
+    """0 < capacity <= 1: a routed block processes at most every token."""
+    from data.config_fields import problems
+
+    found = problems(mod.MoDConfig, {"capacity": capacity}, "model.")
+    assert (found == []) == valid, found
+    if not valid:
+        assert len(found) == 1 and f"model.capacity={capacity}" in found[0]

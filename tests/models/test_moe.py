@@ -77,6 +77,18 @@ def test_dispatch_equals_the_dense_reference(dispatch, mesh_name):
     chex.assert_trees_all_close(got[2], expected[2], rtol=1e-4, atol=1e-5)
 
 
+def test_capacity_is_the_ceiling_of_factor_times_assignments_per_expert():
+    """Slots per expert and shard = ceil(f T k / E), at least 1; f = 0 gives every token a slot. The drop test below
+    reads its capacity from the same function, so the formula itself is checked here, by exact fractions."""
+    from fractions import Fraction
+
+    for tokens, top_k, experts, factor in [(64, 2, 8, 0.75), (10, 2, 4, 1.25), (7, 3, 5, 1.0), (1, 1, 8, 0.5),
+                                           (96, 1, 6, 2.0)]:
+        exact = Fraction(factor) * tokens * top_k / experts
+        assert moe_dispatch.capacity_for(tokens, top_k, experts, factor) == max(1, -(-exact.numerator // exact.denominator))
+    assert moe_dispatch.capacity_for(48, 2, 8, 0.0) == 48
+
+
 @pytest.mark.parametrize("shape", [None, (1, 1, 1, 8), (2, 1, 1, 4)])
 def test_capacity_overflow_drops_exactly_those_assignments(shape):
     tokens, top_k, factor = 64, 2, 0.75

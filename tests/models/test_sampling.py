@@ -79,3 +79,22 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy():
     top3 = np.argsort(np.asarray(logits[0, 2:-1]), axis=-1)[:, -3:]  # the full pass's top 3 before each token
     assert all(token in allowed for token, allowed in zip(sampled[0], top3))
     assert len(set(sampled[0].tolist())) > 3 or not np.array_equal(sampled, run(0, temperature=0.0))
+
+
+def test_every_emitted_token_is_an_independent_uniform_draw_when_the_logits_are_flat():
+    """A model with every parameter 0 has logits 0: each of the tokens `generate` emits (the first, from the prompt's
+    pass, and each later one) must be uniform over the vocabulary and independent of the others. A step that reused
+    another's random key would emit the same token in every row at both steps."""
+    cfg, model, params = _model("rope")
+    params = jax.tree.map(jnp.zeros_like, params)
+    rows, num_tokens = 512, 6
+    prompt = jnp.zeros((rows, 3), jnp.int32)
+    got = np.asarray(sampling.generate(model, {"params": params}, prompt, model.init_cache(rows, 3 + num_tokens),
+                                       jax.random.key(7), num_tokens=num_tokens, temperature=1.0))
+    expected = rows / cfg.vocab_size
+    for step in range(num_tokens):
+        counts = np.bincount(got[:, step], minlength=cfg.vocab_size)
+        chi2 = np.sum((counts - expected) ** 2 / expected)  # 22 degrees of freedom: mean 22, sd 6.6
+        assert chi2 < 60, (step, counts)
+        for later in range(step + 1, num_tokens):
+            assert np.mean(got[:, step] == got[:, later]) < 0.12, (step, later)  # 1/23 = 0.043 if independent
