@@ -94,8 +94,9 @@ def model_flops_per_token(model_config, seq_len: int) -> float:
     used = models.parameter_count(m, seq_len, exclude=lookups, active=True)
     width = m.num_heads * (m.head_dim or m.d_model // m.num_heads)
     mixing = 4.0 * seq_len * width * _layers_of(m, ATTENTION_MIXERS)
-    if _layers_of(m, "S"):
-        mixing += ssd_flops_per_token(m, seq_len) * _layers_of(m, "S")
+    ssd_layers = _layers_of(m, "S")
+    if ssd_layers:  # only a config with Mamba-2 layers has the SSD's keys
+        mixing += ssd_flops_per_token(m, seq_len) * ssd_layers
     return 6.0 * used + 3.0 * mixing
 
 
