@@ -1,10 +1,12 @@
 """8 fake CPU devices for every test, so each sharding path (data, fsdp, tensor, expert) runs.
 
-One persistent compilation cache per pytest session (a fresh temporary folder, inherited by the
-subprocesses tests start): the many runs of the same tiny configs compile once.
+One persistent compilation cache per pytest session (a fresh temporary folder, inherited by the xdist workers
+and the subprocesses tests start, removed when the session ends): the many runs of the same tiny configs compile
+once.
 """
 
 import os
+import shutil
 import tempfile
 
 # XLA's CPU fusion emitters off: the older emitters compile a tiny model's programs ~2x faster (a 2x2x2-mesh test's
@@ -13,7 +15,11 @@ FAST_COMPILE_XLA_FLAGS = "--xla_cpu_use_fusion_emitters=false"
 os.environ["XLA_FLAGS"] = (f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8 "
                            f"{FAST_COMPILE_XLA_FLAGS}").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="beyond-jax-cache-"))
+# Made by the process that starts the session (xdist's workers inherit the variable), removed by it at the end:
+# ~80 MB a session, which had filled a disk after a thousand runs.
+OWN_COMPILATION_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if OWN_COMPILATION_CACHE:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="beyond-jax-cache-")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # Tiny shapes, where compiling dominates: XLA's optimisations off (~35% faster), in the subprocesses tests start
@@ -30,6 +36,11 @@ from experiments.configs import grokking, lm_shakespeare  # noqa: E402
 
 def pytest_configure(config):
     assert jax.device_count() == 8, f"tests need 8 fake CPU devices, got {jax.devices()}"
+
+
+def pytest_unconfigure(config):
+    if OWN_COMPILATION_CACHE:
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
