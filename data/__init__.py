@@ -16,8 +16,8 @@ from collections.abc import Callable
 import grain
 import numpy as np
 
-from data import (activation_rows, algorithmic, pairs, pipeline, prontoqa, prosqa, prosqa_dag, prosqa_lookup, reasoning,
-                  recall, text, token_store)
+from data import (activation_rows, algorithmic, othello, pairs, pipeline, prontoqa, prosqa, prosqa_dag, prosqa_lookup,
+                  reasoning, recall, text, token_store)
 from data import command_check as _command_check
 from data.config_fields import field
 
@@ -85,6 +85,18 @@ class RecallConfig:
     test_examples: int = field(1_000, min=1)
     batch_size: int = 64
     eval_batch_size: int = -1  # -1: the test set in one batch
+
+
+@dataclasses.dataclass(frozen=True)
+class OthelloConfig:
+    """Every `config.data` key of Othello games of random legal moves (`data/othello.py`)."""
+
+    name: str = "othello"
+    size: int = field(6, min=4)  # the board's side, even
+    train_games: int = field(100_000, min=1)
+    test_games: int = field(2_000, min=1)
+    batch_size: int = 128
+    eval_batch_size: int = -1  # -1: the test games in one batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,6 +248,12 @@ def _load_recall(config, seed: int) -> Splits:
                   vocab_size=config.vocab_size, seq_len=config.seq_len)
 
 
+def _load_othello(config, seed: int) -> Splits:
+    return Splits(train=othello.examples(config.train_games, config.size, seed),
+                  evals={"eval": othello.examples(config.test_games, config.size, seed + 10_000)},
+                  vocab_size=othello.vocab_size(config.size), seq_len=othello.game_length(config.size))
+
+
 def _load_tokens(config, seed: int) -> Splits:
     vocab_size = token_store.read_manifest(token_store.stores_of(config)[0])["vocab_size"]
     return Splits(train=token_store.sample_rows(config, seed), evals=token_store.eval_examples(config),
@@ -302,6 +320,7 @@ DATASETS = {
     "text": (_load_text, TextConfig, text.validate),
     "pairs": (_load_pairs, PairsConfig, pairs.validate),
     "recall": (_load_recall, RecallConfig, recall.validate),
+    "othello": (_load_othello, OthelloConfig, othello.validate),
     "prosqa": (_load_reasoning, ReasoningConfig, prosqa.validate),
     "prontoqa": (_load_reasoning, ProntoQAConfig, prontoqa.validate),
     "prosqa_official": (_load_reasoning, ProsQAOfficialConfig, prosqa_dag.validate),

@@ -90,8 +90,6 @@ def random_game(rng: np.random.Generator, size: int = 8) -> list[int]:
         player = -player
 
 
-
-
 def _shift(x: np.ndarray, dr: int, dc: int) -> np.ndarray:
     """[G, s, s] -> out[g, r, c] = x[g, r + dr, c + dc] (False off the board)."""
     out = np.zeros_like(x)
@@ -144,9 +142,9 @@ def random_games(num_games: int, size: int, rng: np.random.Generator) -> np.ndar
     """int32 [G, s * s - 4]: games of uniformly random legal moves, played side by side, -1 after each one's end."""
     boards = np.repeat(start(size)[None], num_games, axis=0)
     players = np.full(num_games, BLACK, np.int8)
-    moves = np.full((num_games, size * size - 4), -1, np.int32)
+    moves = np.full((num_games, game_length(size)), -1, np.int32)
     live = np.ones(num_games, bool)
-    for turn in range(size * size - 4):
+    for turn in range(game_length(size)):
         legal = legal_mask(boards, players)
         stuck = ~legal.any(1)
         players = np.where(stuck, -players, players).astype(np.int8)  # no move: pass
@@ -159,6 +157,49 @@ def random_games(num_games: int, size: int, rng: np.random.Generator) -> np.ndar
         moves[live, turn] = choice[live]
         players = np.where(live, -players, players).astype(np.int8)
     return moves
+
+
+def board_states(games: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Games int32 [G, T] (squares, -1 after the end) replayed side by side: (boards int8 [G, T, s, s] after each
+    move, the player to move next [G, T] (0 once the game is over, and after its end), that player's legal moves
+    bool [G, T, s * s]). A recorded move that is illegal for the player on turn means that player passed."""
+    num_games, turns = games.shape
+    boards = np.repeat(start(size)[None], num_games, axis=0)
+    players = np.full(num_games, BLACK, np.int8)
+    out_boards = np.zeros((num_games, turns, size, size), np.int8)
+    out_players = np.zeros((num_games, turns), np.int8)
+    out_legal = np.zeros((num_games, turns, size * size), bool)
+    for t in range(turns):
+        live = games[:, t] >= 0
+        square = np.maximum(games[:, t], 0)
+        legal = legal_mask(boards, players)
+        players = np.where(legal[np.arange(num_games), square], players, -players).astype(np.int8)  # a pass
+        boards[live] = play_batch(boards[live], players[live], square[live])
+        players = (-players).astype(np.int8)
+        legal = legal_mask(boards, players)
+        stuck = ~legal.any(1)
+        players = np.where(stuck, -players, players).astype(np.int8)
+        legal = np.where(stuck[:, None], legal_mask(boards, players), legal)
+        over = ~legal.any(1) | ~live
+        out_boards[:, t] = boards
+        out_players[:, t] = np.where(over, 0, players)
+        out_legal[:, t] = legal & ~over[:, None]
+    return out_boards, out_players, out_legal
+
+
+def game_length(size: int) -> int:
+    """The most moves a game can have: every square but the four it starts with."""
+    return size * size - 4
+
+
+def vocab_size(size: int) -> int:
+    return size * size + 1  # the squares and the padding token 0
+
+
+def validate(config) -> list[str]:
+    if config.size % 2 or config.size < 4:
+        return [f"data.size={config.size}: an Othello board has an even size >= 4 (6 or 8)"]
+    return []
 
 
 def examples(num_games: int, size: int, seed: int) -> dict[str, np.ndarray]:

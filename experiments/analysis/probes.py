@@ -2,6 +2,8 @@
 
     p(y | x) = softmax(W standardise(x) + b),   minimise  mean_n -log p(y_n | x_n) + l2 ||W||^2
 
+(or MLP probes, softmax(W relu(W_in standardise(x) + b_in) + b), `hidden` > 0; many targets at once: `fit_many`)
+
 trained by optax (Adam, full batch) on a seeded train / test split, with each feature standardised by the training
 split's mean and standard deviation. `probe_layers` fits one probe per layer of a site captured at every token
 (experiments/analysis/activations.py): what each layer's residual stream makes linearly readable.
@@ -44,35 +46,61 @@ def split(count: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.n
     return order[test:], order[:test]
 
 
-def fit(features, labels, num_classes: int, *, steps: int = 500, lr: float = 0.05, l2: float = 1e-4,
-        test_fraction: float = 0.25, seed: int = 0) -> dict:
-    """{"train_accuracy", "test_accuracy", "weights" [D, C], "bias" [C], "mean", "scale"} of one probe."""
+def fit(features, labels, num_classes: int, **fit_args) -> dict:
+    """{"train_accuracy", "test_accuracy", "weights" [D, C], "bias" [C], "mean", "scale"} of one probe (`fit_many`'s
+    keyword arguments)."""
+    found = fit_many(features, np.asarray(labels)[:, None], num_classes, **fit_args)
+    return {k: v if k in ("mean", "scale") else v[0] for k, v in found.items()}
+
+
+def fit_many(features, labels, num_classes: int, *, hidden: int = 0, steps: int = 500, lr: float = 0.05,
+             l2: float = 1e-4, test_fraction: float = 0.25, seed: int = 0) -> dict:
+    """K probes of the same features x [N, D] at once, one per column of labels [N, K] (e.g. every square of a
+    board), each trained as if alone: the loss is the sum of theirs and Adam works per coordinate. hidden = H > 0
+    makes each an MLP probe, softmax(relu(x W_in + b_in) W + b) with W_in [D, H] drawn N(0, 1/D).
+
+    {"train_accuracy" [K], "test_accuracy" [K], "weights" [K, D or H, C], "bias" [K, C] (and "w_in", "b_in"),
+    "mean" [D], "scale" [D]} (standardisation by the training rows, shared by the K probes)."""
     features, labels = np.asarray(features, np.float32), np.asarray(labels, np.int32)
     train, test = split(len(labels), test_fraction, seed)
     mean, scale = features[train].mean(0), features[train].std(0) + 1e-6
-    x = (features - mean) / scale
-    params = {"weights": jnp.zeros((features.shape[1], num_classes)), "bias": jnp.zeros(num_classes)}
+    x = jnp.asarray((features - mean) / scale)
     tx = optax.adam(lr)
 
-    def loss(p):
-        logits = x[train] @ p["weights"] + p["bias"]
-        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels[train])) + l2 * jnp.sum(
-            jnp.square(p["weights"]))
+    def init(key):
+        width = hidden or x.shape[1]
+        params = {"weights": jnp.zeros((width, num_classes)), "bias": jnp.zeros(num_classes)}
+        if hidden:
+            params.update(w_in=jax.random.normal(key, (x.shape[1], hidden)) / np.sqrt(x.shape[1]),
+                          b_in=jnp.zeros(hidden))
+        return params
 
-    @jax.jit
-    def train_all(p):
+    def train_one(y, key):
+        def loss(p):
+            penalty = l2 * sum(jnp.sum(jnp.square(p[k])) for k in ("weights", "w_in") if k in p)
+            return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(probe_logits(p, x[train]), y[train])) + penalty
+
         def one(carry, _):
             p, state = carry
-            grads = jax.grad(loss)(p)
-            updates, state = tx.update(grads, state, p)
+            updates, state = tx.update(jax.grad(loss)(p), state, p)
             return (optax.apply_updates(p, updates), state), None
-        return jax.lax.scan(one, (p, tx.init(p)), None, length=steps)[0][0]
 
-    params = train_all(params)
-    predicted = np.asarray(jnp.argmax(x @ params["weights"] + params["bias"], axis=-1))
-    accuracy = lambda rows: float(np.mean(predicted[rows] == labels[rows])) if len(rows) else float("nan")  # noqa: E731
+        p = init(key)
+        p = jax.lax.scan(one, (p, tx.init(p)), None, length=steps)[0][0]
+        return p, jnp.argmax(probe_logits(p, x), axis=-1)
+
+    keys = jax.random.split(jax.random.PRNGKey(seed), labels.shape[1])
+    params, predicted = jax.jit(jax.vmap(train_one, in_axes=(1, 0)))(jnp.asarray(labels), keys)
+    correct = np.asarray(predicted).T == labels  # [N, K]
+    accuracy = lambda rows: correct[rows].mean(0) if len(rows) else np.full(labels.shape[1], np.nan)  # noqa: E731
     return {"train_accuracy": accuracy(train), "test_accuracy": accuracy(test), "mean": mean, "scale": scale,
             **{k: np.asarray(v) for k, v in params.items()}}
+
+
+def probe_logits(params: dict, standardised):
+    """One probe's logits [..., C] of standardised features [..., D]."""
+    h = jax.nn.relu(standardised @ params["w_in"] + params["b_in"]) if "w_in" in params else standardised
+    return h @ params["weights"] + params["bias"]
 
 
 def probe_layers(model, variables, tokens, labels, mask, num_classes: int, site: str = "residual", **fit_args):

@@ -123,3 +123,37 @@ def test_batched_random_games_are_legal_to_their_end():
         assert np.all(game[length:] == -1)
         *_, (board, _, next_player) = othello.replay(game[:length], 6)
         assert next_player == 0
+
+
+def test_board_states_replays_games_side_by_side_as_the_one_board_rules_do():
+    games = othello.random_games(80, 6, np.random.default_rng(5))
+    boards, players, legal = othello.board_states(games, 6)
+    assert boards.shape == (80, 32, 6, 6) and players.shape == (80, 32) and legal.shape == (80, 32, 36)
+    passes = 0
+    for g, game in enumerate(games):
+        moves, previous = game[game >= 0], othello.WHITE  # black moves first
+        for t, (board, mover, next_player) in enumerate(othello.replay(moves, 6)):
+            np.testing.assert_array_equal(boards[g, t], board)
+            assert players[g, t] == next_player
+            expected = othello.legal_moves(board, next_player) if next_player else []
+            assert sorted(np.flatnonzero(legal[g, t])) == expected
+            passes += mover == previous
+            previous = mover
+        assert np.all(players[g, len(moves):] == 0) and not legal[g, len(moves):].any()
+    assert passes > 0  # the corpus has passes, and they were followed
+
+
+def test_the_othello_dataset_is_registered_with_its_vocabulary_and_refuses_an_odd_board():
+    import ml_collections
+
+    import data
+
+    config = ml_collections.ConfigDict(dict(name="othello", size=4, train_games=30, test_games=10, batch_size=8,
+                                            eval_batch_size=-1))
+    splits = data.load(config, seed=0)
+    assert splits.vocab_size == 17 and splits.seq_len == 12 and splits.train["inputs"].shape == (30, 12)
+    assert splits.evals["eval"]["inputs"].shape == (10, 12)
+    assert not np.array_equal(splits.train["inputs"][:10], splits.evals["eval"]["inputs"])
+    assert othello.validate(config) == []
+    config.size = 7
+    assert othello.validate(config) == ["data.size=7: an Othello board has an even size >= 4 (6 or 8)"]

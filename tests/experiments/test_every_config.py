@@ -16,7 +16,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 CONFIG_FILES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO, "experiments", "configs", "*.py"))
                       if os.path.basename(p) not in ("__init__.py", "base.py"))
 # config -> (argument, what it starts from: (config file, argument, how the start is handed over))
-SMALLEST_SETS = {"train_examples": 256, "eval_examples": 64, "test_examples": 64}
+SMALLEST_SETS = {"train_examples": 256, "eval_examples": 64, "test_examples": 64, "train_games": 256, "test_games": 64}
 STARTS = {"sae": ("topk", ("default", None, "store")), "preference": ("arithmetic,dpo", ("preference", None, "init")),
           "grpo": ("outcome", ("grpo", "sft", "init"))}
 

@@ -20,6 +20,21 @@ def test_a_probe_reads_planted_linear_classes_and_not_random_labels():
     assert chance["test_accuracy"] < 0.5  # 1/3 by chance; memorising the training split does not carry over
 
 
+def test_many_probes_at_once_are_the_separate_probes_and_an_mlp_probe_reads_what_a_linear_one_cannot():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(500, 6))
+    xor = ((x[:, 0] > 0) ^ (x[:, 1] > 0)).astype(int)  # no linear separator
+    linear_labels = np.stack([np.argmax(x @ rng.normal(size=(6, 3)), axis=1), xor], axis=1)
+    many = probes.fit_many(x, linear_labels, 3, steps=150)
+    for k in range(2):  # the vmapped fit is each probe fitted alone
+        alone = probes.fit(x, linear_labels[:, k], 3, steps=150)
+        np.testing.assert_allclose(many["weights"][k], alone["weights"], atol=1e-5)
+        assert many["test_accuracy"][k] == alone["test_accuracy"]
+    assert many["test_accuracy"][0] > 0.9 and many["test_accuracy"][1] < 0.7
+    mlp = probes.fit_many(x, xor[:, None], 2, hidden=32, steps=300, lr=0.01)
+    assert mlp["test_accuracy"][0] > 0.9 and mlp["w_in"].shape == (1, 6, 32)
+
+
 def test_the_split_is_seeded_and_disjoint():
     train, test = probes.split(100, 0.25, seed=3)
     assert len(test) == 25 and not set(train) & set(test) and len(train) + len(test) == 100
