@@ -1,0 +1,176 @@
+"""The layer-level compression functions (experiments/compression) against float64 NumPy transcriptions of the
+published algorithms, written in the references' own layout (weights [out, in], loops over columns and blocks as the
+papers' code runs them), on random layers whose calibration inputs are correlated and have a dead feature: the
+reconstruction error ||X W - X W_hat||^2 equals the reference's, and GPTQ / SparseGPT beat RTN / magnitude on it."""
+
+import numpy as np
+import pytest
+
+from experiments import compression
+
+
+def reference_grid(x, bits, symmetric):
+    """GPTQ's reference quantizer: per row of x [rows, k]."""
+    q_max = 2**bits - 1
+    lo, hi = np.minimum(x.min(1), 0), np.maximum(x.max(1), 0)
+    if symmetric:
+        hi = np.maximum(np.abs(lo), hi)
+        lo = np.where(lo < 0, -hi, lo)
+    empty = (lo == 0) & (hi == 0)
+    lo, hi = np.where(empty, -1, lo), np.where(empty, 1, hi)
+    scale = (hi - lo) / q_max
+    zero = np.full_like(scale, (q_max + 1) / 2) if symmetric else np.round(-lo / scale)
+    return scale, zero
+
+
+def reference_quantize(x, scale, zero, bits):
+    return scale * (np.clip(np.round(x / scale) + zero, 0, 2**bits - 1) - zero)
+
+
+def reference_inverse_factor(h, damp):
+    h = h.copy()
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1
+    h[np.diag_indices_from(h)] += damp * np.mean(np.diag(h))
+    return np.linalg.cholesky(np.linalg.inv(h)).T, dead
+
+
+def reference_gptq(w_t, h, bits, group_size, act_order, damp, block_size, symmetric):
+    """w_t [out, in]: the reference's fasterquant."""
+    w = w_t.copy()
+    scale, zero = reference_grid(w, bits, symmetric)
+    dead = np.diag(h) == 0
+    perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(w.shape[1])
+    w, h = w[:, perm], h[perm][:, perm]
+    hinv, _ = reference_inverse_factor(h, damp)
+    w[:, dead[perm]] = 0
+    q = np.zeros_like(w)
+    for i1 in range(0, w.shape[1], block_size):
+        i2 = min(i1 + block_size, w.shape[1])
+        w1, err1 = w[:, i1:i2].copy(), np.zeros((w.shape[0], i2 - i1))
+        for i in range(i2 - i1):
+            if group_size != -1 and (i1 + i) % group_size == 0:
+                scale, zero = reference_grid(w[:, i1 + i:i1 + i + group_size], bits, symmetric)
+            q[:, i1 + i] = reference_quantize(w1[:, i], scale, zero, bits)
+            err1[:, i] = (w1[:, i] - q[:, i1 + i]) / hinv[i1 + i, i1 + i]
+            w1[:, i:] -= np.outer(err1[:, i], hinv[i1 + i, i1 + i:i2])
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return q[:, np.argsort(perm)]
+
+
+def reference_sparsegpt(w_t, h, sparsity, n_m, damp, block_size):
+    """w_t [out, in]: the reference's fasterprune, pruning exactly floor(sparsity x size) of a block."""
+    w = w_t.copy()
+    hinv, dead = reference_inverse_factor(h, damp)
+    w[:, dead] = 0
+    for i1 in range(0, w.shape[1], block_size):
+        i2 = min(i1 + block_size, w.shape[1])
+        w1, err1 = w[:, i1:i2].copy(), np.zeros((w.shape[0], i2 - i1))
+        d = np.diag(hinv)[i1:i2]
+        if n_m is None:
+            saliency = w1**2 / d[None] ** 2
+            mask = np.zeros(saliency.size, bool)
+            mask[np.argsort(saliency.reshape(-1), kind="stable")[:int(saliency.size * sparsity)]] = True
+            mask = mask.reshape(saliency.shape)
+        else:
+            mask = np.zeros(w1.shape, bool)
+        for i in range(i2 - i1):
+            if n_m is not None and i % n_m[1] == 0:
+                saliency = w1[:, i:i + n_m[1]] ** 2 / d[None, i:i + n_m[1]] ** 2
+                for row in range(w.shape[0]):
+                    mask[row, i + np.argsort(saliency[row], kind="stable")[:n_m[0]]] = True
+            q = np.where(mask[:, i], 0.0, w1[:, i])
+            err1[:, i] = (w1[:, i] - q) / hinv[i1 + i, i1 + i]
+            w1[:, i:] -= np.outer(err1[:, i], hinv[i1 + i, i1 + i:i2])
+            w[:, i1 + i] = q
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return w
+
+
+@pytest.fixture(scope="module")
+def layer():
+    """w [in=96, out=40] and correlated calibration inputs X [400, 96] with input 5 dead (always 0)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 24)) @ rng.normal(size=(24, 96)) + 0.3 * rng.normal(size=(400, 96))
+    x *= rng.uniform(0.2, 3.0, size=96)
+    x[:, 5] = 0
+    w = rng.normal(size=(96, 40)) * rng.uniform(0.5, 2.0, size=40)
+    return w, x, x.T @ x / len(x)
+
+
+def reconstruction_error(x, w, w_hat):
+    return float(np.sum((x @ w - x @ np.asarray(w_hat, np.float64)) ** 2))
+
+
+@pytest.mark.parametrize("bits,group_size,symmetric", [(4, -1, False), (3, 32, False), (8, 16, True)])
+def test_rtn_is_the_reference_grid_per_channel_and_per_group(layer, bits, group_size, symmetric):
+    w = layer[0]
+    found = np.asarray(compression.rtn(w, bits=bits, group_size=group_size, symmetric=symmetric))
+    size = w.shape[0] if group_size == -1 else group_size
+    groups = [w[i:i + size].T for i in range(0, w.shape[0], size)]  # [out, size] each
+    grids = [[p[:, None] for p in reference_grid(g, bits, symmetric)] for g in groups]
+    expected = np.concatenate([reference_quantize(g, *grid, bits).T for g, grid in zip(groups, grids)])
+    step = np.concatenate([np.broadcast_to(grid[0], g.shape).T for g, grid in zip(groups, grids)])
+    same = np.isclose(found, expected, atol=1e-5)
+    assert same.mean() > 0.95  # the rest are ties (a symmetric grid's top, v / scale = q_max / 2) rounded in float32
+    assert np.all(np.abs(found - expected)[~same] <= step[~same] * 1.001)  # the neighbouring grid point
+    assert all(len(np.unique(found[:size, j])) <= 2**bits for j in range(w.shape[1]))
+
+
+@pytest.mark.parametrize("bits,group_size,act_order,block_size", [(4, -1, False, 32), (3, 32, True, 64),
+                                                                  (4, 16, False, 24)])
+def test_gptq_matches_the_reference_and_beats_round_to_nearest(layer, bits, group_size, act_order, block_size):
+    w, x, h = layer
+    found = compression.gptq(w, h, bits=bits, group_size=group_size, act_order=act_order, block_size=block_size)
+    expected = reference_gptq(w.T, h, bits, group_size, act_order, 0.01, block_size, False).T
+    error, reference_error = reconstruction_error(x, w, found), reconstruction_error(x, w, expected)
+    assert error == pytest.approx(reference_error, rel=2e-3)
+    assert np.mean(np.isclose(np.asarray(found), expected, atol=1e-3)) > 0.98
+    assert np.all(np.asarray(found)[5] == 0)  # the dead input's weights
+    assert error < 0.8 * reconstruction_error(x, w, compression.rtn(w, bits=bits, group_size=group_size))
+
+
+@pytest.mark.parametrize("sparsity,n_m", [(0.5, None), (0.7, None), (None, (2, 4))])
+def test_sparsegpt_matches_the_reference_and_beats_magnitude_and_wanda(layer, sparsity, n_m):
+    w, x, h = layer
+    args = {"sparsity": sparsity} if n_m is None else {"n_m": n_m}
+    found = np.asarray(compression.sparsegpt(w, h, block_size=32, **args))
+    expected = reference_sparsegpt(w.T, h, sparsity, n_m, 0.01, 32).T
+    error = reconstruction_error(x, w, found)
+    assert error == pytest.approx(reconstruction_error(x, w, expected), rel=2e-3)
+    assert np.mean((found == 0) == (expected == 0)) > 0.99
+    if n_m is None:  # exactly the fraction, in every block
+        assert all(np.sum(found[i:i + 32] == 0) == int(32 * 40 * sparsity) for i in (0, 32))
+    else:
+        assert np.all(np.sum(found.reshape(24, 4, 40) == 0, axis=1) >= 2)
+    magnitude = compression.wanda(w, np.ones(96), **args)
+    wanda = compression.wanda(w, np.mean(x**2, 0), **args)
+    assert error < reconstruction_error(x, w, wanda) < reconstruction_error(x, w, magnitude)
+
+
+def test_wanda_zeroes_the_lowest_scores_within_each_output(layer):
+    w, x, _ = layer
+    norms = np.mean(x**2, 0)
+    found = np.asarray(compression.wanda(w, norms, sparsity=0.6))
+    score = np.abs(w) * np.sqrt(norms)[:, None]
+    for j in range(w.shape[1]):
+        zeroed = np.argsort(score[:, j], kind="stable")[:int(96 * 0.6)]
+        assert set(np.flatnonzero(found[:, j] == 0)) == set(zeroed)
+        kept = np.setdiff1d(np.arange(96), zeroed)
+        np.testing.assert_allclose(found[kept, j], w[kept, j], rtol=1e-6)
+    two_four = np.asarray(compression.wanda(w, norms, n_m=(2, 4))).reshape(24, 4, 40)
+    assert np.all(np.sum(two_four == 0, axis=1) == 2)
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda w, h: compression.rtn(w, bits=1), "bits=1: integer grids of 2 to 8 bits"),
+    (lambda w, h: compression.gptq(w, h, bits=4, group_size=10), "group_size=10 does not divide the layer's 96"),
+    (lambda w, h: compression.gptq(w, h[:5, :5], bits=4), "hessian of shape (5, 5): the layer has 96 inputs"),
+    (lambda w, h: compression.sparsegpt(w, h, n_m=(4, 4)), "n_m=(4, 4): n zeros in every m inputs needs 0 < n < m"),
+    (lambda w, h: compression.sparsegpt(w, h, n_m=(2, 5)), "m=5 must divide the layer's 96 inputs"),
+    (lambda w, h: compression.wanda(w, np.ones(3)), "input_sq_norms of shape (3,): one per input, (96,)"),
+    (lambda w, h: compression.wanda(w, np.ones(96), sparsity=1.0), "sparsity=1.0: a fraction in [0, 1)"),
+])
+def test_bad_requests_are_one_line_errors(layer, call, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        call(layer[0], layer[2])
