@@ -1,7 +1,8 @@
 """Mutation testing: plants small bugs in modules, one at a time, and reports which ones the tests catch.
 
     PYTHONPATH=. python scripts/tools/mutation_test.py --modules=models/sae.py,experiments/losses.py \
-        [--mutants=30] [--seed=0] [--slow] [--workers=2] [--timeout=900] [--out=runs/mutation/report.json]
+        [--mutants=30] [--seed=0] [--transitive] [--slow] [--workers=2] [--timeout=900] \
+        [--out=runs/mutation/report.json]
 
 A mutant is one change of the module's syntax tree at one site, drawn at random (`--seed`) from every site of
 these kinds (the bugs a formula or a mask most often hides):
@@ -15,7 +16,10 @@ Docstrings and other strings, and the module's `if __name__ == "__main__":` bloc
 
 Each mutant runs in a scratch copy of the repository (the working tree is never written; `--workers` copies run
 side by side), against the test files that import the module by name (`from models import sae`,
-`models.sae`, ...): the default tests first, then, for a mutant they miss and with `--slow`, the slow ones.
+`models.sae`, ...): the default tests first, then, for a mutant they miss and with `--transitive`, the default tests
+of the modules of its own package that import it, directly or through others (not through a package's `__init__`,
+which imports every family: a KV-cache bug is caught by the tests of the attention layers that write it), and with
+`--slow`, the slow tests of all of them.
 A mutant is killed when a test fails or errors, or the run exceeds `--timeout` seconds; it survives when every
 test passes (or when no test file imports the module). Prints one Markdown table of kill rates by package and
 module (default, and default + slow), then every survivor with its line before and after, and writes the whole
@@ -47,6 +51,8 @@ _SLOW = flags.DEFINE_boolean("slow", False, "Run the slow tests on the mutants t
 _WORKERS = flags.DEFINE_integer("workers", 2, "Scratch copies run side by side.")
 _TIMEOUT = flags.DEFINE_integer("timeout", 900, "Seconds before a test run counts as killed (a hang).")
 _OUT = flags.DEFINE_string("out", "runs/mutation/report.json", "Where the JSON report goes.")
+_TRANSITIVE = flags.DEFINE_boolean("transitive", False, "Also run, on the mutants the module's own tests miss, the "
+                                   "tests of the modules that import it, directly or through others.")
 
 SWAPS = {  # operator classes swapped both ways
     ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult, ast.Pow: ast.Mult,
@@ -55,6 +61,7 @@ SWAPS = {  # operator classes swapped both ways
 }
 CALL_SWAPS = {"max": "min", "min": "max", "sum": "mean", "mean": "sum", "argmax": "argmin", "argmin": "argmax",
               "maximum": "minimum", "minimum": "maximum"}
+PACKAGES = ("models", "experiments", "kernels_pallas", "data")
 IGNORED = ("__pycache__", ".git", ".venv", ".venv-ci", "runs", "corpora", "site", ".pytest_cache", "node_modules")
 
 
@@ -165,9 +172,16 @@ def dotted(module_path: str) -> str:
 
 def tests_importing(module_path: str, root: str = REPO) -> list[str]:
     """The test files (relative paths) that import the module by its dotted name."""
-    name = dotted(module_path)
+    return _tests_importing_any([dotted(module_path)], root)
+
+
+def _imports_pattern(name: str) -> str:
     package, _, leaf = name.rpartition(".")
-    patterns = [re.escape(name) + r"\b", rf"from\s+{re.escape(package)}\s+import\s+[^\n]*\b{re.escape(leaf)}\b"]
+    return rf"{re.escape(name)}\b|from\s+{re.escape(package)}\s+import\s+[^\n]*\b{re.escape(leaf)}\b"
+
+
+def _tests_importing_any(names: list[str], root: str) -> list[str]:
+    patterns = [_imports_pattern(name) for name in names]
     found = []
     for folder, _, files in os.walk(os.path.join(root, "tests")):
         for file in sorted(files):
@@ -178,6 +192,49 @@ def tests_importing(module_path: str, root: str = REPO) -> list[str]:
                 if any(re.search(p, text) for p in patterns):
                     found.append(os.path.relpath(path, root))
     return sorted(found)
+
+
+def import_graph(root: str = REPO) -> dict[str, set[str]]:
+    """Module -> the project modules it imports (at the top or inside functions), packages' `__init__` left out."""
+    files = {}
+    for package in PACKAGES:
+        for folder, _, names in os.walk(os.path.join(root, package)):
+            for file in names:
+                if file.endswith(".py") and file != "__init__.py":
+                    path = os.path.join(folder, file)
+                    files[dotted(os.path.relpath(path, root))] = path
+    graph = {}
+    for name, path in files.items():
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        found = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                found.update(f"{node.module}.{alias.name}" for alias in node.names)
+                found.add(node.module)
+        graph[name] = {m for m in found if m in files and m != name}
+    return graph
+
+
+def transitive_importers(module_path: str, root: str = REPO) -> list[str]:
+    """The modules of the module's own package (models, experiments, ...) that import it, directly or through other
+    modules of that package (not through packages' `__init__`): the layers built on it, not every tool above."""
+    package = dotted(module_path).split(".")[0]
+    graph = {m: imports for m, imports in import_graph(root).items() if m.split(".")[0] == package}
+    found, frontier = set(), {dotted(module_path)}
+    while frontier:
+        frontier = {m for m, imports in graph.items() if imports & frontier} - found - {dotted(module_path)}
+        found |= frontier
+    return sorted(found)
+
+
+def tests_of_importers(module_path: str, root: str = REPO) -> list[str]:
+    """The test files importing a transitive importer of the module, less those importing the module itself."""
+    importers = transitive_importers(module_path, root)
+    return sorted(set(_tests_importing_any(importers, root)) - set(tests_importing(module_path, root))) if importers \
+        else []
 
 
 def _pytest(root: str, tests: list[str], marker: str, timeout: int) -> str:
@@ -193,10 +250,10 @@ def _pytest(root: str, tests: list[str], marker: str, timeout: int) -> str:
     return "passed" if done.returncode == 0 else "failed"
 
 
-def run_mutant(root: str, module_path: str, source: str, site: Site, tests: list[str], slow: bool,
-               timeout: int) -> dict:
-    """One mutant in the scratch copy at root (restored afterwards): its outcome under the default tests and,
-    if they miss it and `slow`, the slow ones."""
+def run_mutant(root: str, module_path: str, source: str, site: Site, tests: list[str],
+               importer_tests: tuple[str, ...] = (), *, slow: bool, timeout: int) -> dict:
+    """One mutant in the scratch copy at root (restored afterwards): its outcome under the default tests, then, if
+    they miss it, under the default tests of its importers (`importer_tests`) and, with `slow`, the slow ones."""
     path = os.path.join(root, module_path)
     mutated = mutate(source, site)
     result = {"module": module_path, "line": site.line, "kind": site.kind,
@@ -206,9 +263,15 @@ def run_mutant(root: str, module_path: str, source: str, site: Site, tests: list
             f.write(mutated)
         default = _pytest(root, tests, "not slow", timeout) if tests else "passed"
         result["default"] = "killed" if default != "passed" else "survived"
+        if importer_tests:
+            result["own_tests"] = result["default"]
+            if result["default"] == "survived":
+                killed = _pytest(root, list(importer_tests), "not slow", timeout) != "passed"
+                result["default"] = "killed" if killed else "survived"
         result["slow"] = result["default"]
-        if result["default"] == "survived" and slow and tests:
-            result["slow"] = "killed" if _pytest(root, tests, "slow", timeout) != "passed" else "survived"
+        everything = [*tests, *importer_tests]
+        if result["default"] == "survived" and slow and everything:
+            result["slow"] = "killed" if _pytest(root, everything, "slow", timeout) != "passed" else "survived"
     finally:
         with open(path, "w", encoding="utf-8") as f:
             f.write(source)
@@ -267,9 +330,10 @@ def main(argv):
         drawn = sorted(rng.sample(found, min(_MUTANTS.value, len(found))) if _MUTANTS.value else found,
                        key=lambda s: s.index)
         tests = tests_importing(module_path)
-        print(f"{module_path}: {len(found)} sites, {len(drawn)} mutants, tests: {' '.join(tests) or 'none'}",
-              flush=True)
-        jobs += [(module_path, source, site, tests) for site in drawn]
+        importer_tests = tuple(tests_of_importers(module_path)) if _TRANSITIVE.value else ()
+        print(f"{module_path}: {len(found)} sites, {len(drawn)} mutants, tests: {' '.join(tests) or 'none'}"
+              + (f"; of its importers: {len(importer_tests)} files" if _TRANSITIVE.value else ""), flush=True)
+        jobs += [(module_path, source, site, tests, importer_tests) for site in drawn]
     roots = scratch_copies(max(1, min(_WORKERS.value, len(jobs))))
     results = []
     try:
@@ -291,7 +355,7 @@ def main(argv):
         shutil.rmtree(os.path.dirname(roots[0]), ignore_errors=True)
     os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
     with open(_OUT.value, "w") as f:
-        json.dump({"seed": _SEED.value, "slow": _SLOW.value, "results": results}, f, indent=1)
+        json.dump({"seed": _SEED.value, "slow": _SLOW.value, "transitive": _TRANSITIVE.value, "results": results}, f, indent=1)
     print(markdown(results))
 
 

@@ -57,6 +57,23 @@ def test_the_tests_of_a_module_are_the_files_importing_it():
     assert "tests/models/test_sae.py" in sae_tests and "tests/models/test_mor.py" not in sae_tests
 
 
+def test_the_tests_of_importers_reach_a_module_through_its_own_package_only(tmp_path):
+    files = {"models/__init__.py": "from models import a, b, c\n",  # a package's __init__ does not propagate
+             "models/a.py": "X = 1\n", "models/b.py": "from models import a\n",
+             "models/c.py": "def f():\n    import models.b\n",  # inside a function counts
+             "models/d.py": "Y = 2\n", "experiments/e.py": "from models import c\n",
+             "tests/test_a.py": "from models import a\n", "tests/test_c.py": "from models import c, d\n",
+             "tests/test_d.py": "import models.d\n", "tests/test_e.py": "from experiments import e\n"}
+    for path, text in files.items():
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text(text)
+    assert mutation.transitive_importers("models/a.py", str(tmp_path)) == ["models.b", "models.c"]
+    assert mutation.tests_of_importers("models/a.py", str(tmp_path)) == ["tests/test_c.py"]
+    assert mutation.tests_importing("models/a.py", str(tmp_path)) == ["tests/test_a.py"]
+    assert mutation.tests_of_importers("models/d.py", str(tmp_path)) == []
+    assert "tests/models/test_attention_patterns.py" in mutation.tests_of_importers("models/kv_cache.py")
+
+
 @pytest.mark.slow  # a few mutants of a small module, each a pytest run in a scratch copy
 def test_a_run_reports_every_mutant_and_leaves_the_tree_alone(tmp_path):
     path = os.path.join(REPO, "data/command_check.py")
