@@ -129,3 +129,16 @@ def test_mla_trains_with_the_one_device_losses_on_a_2x2x2_mesh(impl, tmp_path):
                        qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6)
         return c
     assert_mesh_run_matches_one_device(config, tmp_path, attention_impl=impl)
+
+
+def test_every_kernel_starts_lecun_normal_in_its_contracted_axes():
+    """std 1 / sqrt(fan_in), fan_in the size of what the kernel contracts: the model width for the down and key-rope
+    projections, the latent rank for the up projections, heads x d_v for the output."""
+    cfg = transformer.TransformerConfig(d_model=256, attention="mla", num_heads=4, qk_nope_head_dim=32,
+                                        qk_rope_head_dim=16, v_head_dim=24, kv_lora_rank=48, q_lora_rank=96)
+    params = mla.MultiHeadLatentAttention(cfg).init(jax.random.key(0), jnp.zeros((1, 2, 256)), 0)["params"]
+    fan_in = {"query_down": 256, "query_up": 96, "kv_down": 256, "key_rope": 256, "key_up": 48, "value_up": 48,
+              "out": 4 * 24}
+    for name, fan in fan_in.items():
+        w = np.asarray(nn.meta.unbox(params[name]))
+        assert np.std(w) == pytest.approx(fan**-0.5, rel=0.08), name

@@ -61,6 +61,7 @@ def test_full_capacity_is_the_dense_block_scaled_by_the_router(routed_block):
     dense, _ = blocks.Block(cfg).apply({"params": params["block"]}, x, None, 0)
     r = (x @ params["router"]["kernel"])[..., 0]
     np.testing.assert_allclose(got, x + r[..., None] * (dense - x), rtol=1e-5, atol=1e-5)
+    assert set(params["router"]) == {"kernel"}  # r = w . x, no bias (Raposo et al.)
 
 
 def test_predictor_routed_decoding_equals_the_full_pass():

@@ -40,7 +40,8 @@ def test_accept_greedy_takes_the_longest_matching_prefix_then_the_targets_token(
 
 def test_the_sampled_rule_emits_the_targets_distribution_by_counting():
     """Vocabulary 4, gamma 2, fixed target p_j and draft q_j (drafts drawn from q): over 200,000 draws the first
-    emitted token is distributed as p_0, and the second (when the first draft was accepted) as p_1."""
+    emitted token is distributed as p_0, the second (when the first draft was accepted) as p_1, and the bonus token
+    after both drafts were accepted as p_2."""
     rng = np.random.default_rng(0)
     p = jnp.asarray(rng.dirichlet(np.ones(4), size=3), jnp.float32)  # [gamma + 1, V]
     q = jnp.asarray(rng.dirichlet(np.ones(4), size=2), jnp.float32)  # [gamma, V]
@@ -51,12 +52,15 @@ def test_the_sampled_rule_emits_the_targets_distribution_by_counting():
         accepted, token = speculative.accept_sampled(accept_key, p, q, drafts)
         first = jnp.where(accepted >= 1, drafts[0], token)
         second = jnp.where(accepted >= 2, drafts[1], token)
-        return first, second, accepted
+        return first, second, accepted, token
 
-    first, second, accepted = jax.jit(jax.vmap(one))(jax.random.split(jax.random.key(1), 200_000))
+    first, second, accepted, token = jax.jit(jax.vmap(one))(jax.random.split(jax.random.key(1), 200_000))
     np.testing.assert_allclose(np.bincount(np.asarray(first), minlength=4) / first.size, p[0], atol=5e-3)
     after_accept = np.asarray(second)[np.asarray(accepted) >= 1]
     np.testing.assert_allclose(np.bincount(after_accept, minlength=4) / after_accept.size, p[1], atol=6e-3)
+    bonus = np.asarray(token)[np.asarray(accepted) == 2]
+    assert bonus.size > 20_000
+    np.testing.assert_allclose(np.bincount(bonus, minlength=4) / bonus.size, p[2], atol=1e-2)
     # the acceptance rate is sum_v min(p, q) (Leviathan et al. §3.3)
     np.testing.assert_allclose(np.mean(np.asarray(accepted) >= 1), float(jnp.sum(jnp.minimum(p[0], q[0]))), atol=5e-3)
 
