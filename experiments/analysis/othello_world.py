@@ -93,14 +93,18 @@ def flip_cases(boards, players, legal, rng: np.random.Generator, count: int, pos
     return cases
 
 
-def margin_edit(x, probe: dict, square: int, to: int, target_margin: float):
-    """x' (module doc) for rows x [B, D] of one layer, the probe from `probes.fit_many` over every square."""
-    weights = probe["weights"][square]  # [D, 3]
+def margin_edit(x, probe: dict, square, to, target_margin):
+    """x' (module doc) for rows x [B, D] of one layer, the probe from `probes.fit_many` over every square; square,
+    to and target_margin are one per row (or one for all)."""
+    rows = len(x)
+    square, to = np.broadcast_to(square, (rows,)), np.broadcast_to(to, (rows,))
     source = MINE + THEIRS - to
-    g = (weights[:, to] - weights[:, source]) / probe["scale"]
-    margin = ((x - probe["mean"]) / probe["scale"]) @ (weights[:, to] - weights[:, source]) + (
-        probe["bias"][square, to] - probe["bias"][square, source])
-    return x + ((target_margin - margin) / np.dot(g, g))[:, None] * g
+    weights = probe["weights"][square]  # [B, D, 3]
+    direction = weights[np.arange(rows), :, to] - weights[np.arange(rows), :, source]  # [B, D]
+    bias = probe["bias"][square, to] - probe["bias"][square, source]
+    margin = np.sum((x - probe["mean"]) / probe["scale"] * direction, -1) + bias
+    g = direction / probe["scale"]
+    return x + ((np.broadcast_to(target_margin, (rows,)) - margin) / np.sum(g * g, -1))[:, None] * g
 
 
 def typical_margins(x, labels, probe: dict) -> np.ndarray:
@@ -119,14 +123,26 @@ def typical_margins(x, labels, probe: dict) -> np.ndarray:
 def patched_probabilities(model, variables, tokens, layer: int, positions, edits) -> np.ndarray:
     """[B, s * s]: the next-move distribution at positions [B] when the residual after run-order layer `layer` at
     each row's position is replaced by edits [B, D]."""
-    _, sown = activations.capture_tree(model, variables, tokens)
-    rows = jnp.arange(tokens.shape[0])
-    source = jax.tree.map(lambda a: a, sown)  # a new tree (the same arrays) to put the edits in
-    path = activations.layer_paths(sown)[layer]
-    stack, member, unit = path
-    scope = source[stack] if member is None else source[stack][member]
-    stacked = scope["residual"][0]
-    scope["residual"] = (stacked.at[unit, rows, jnp.asarray(positions)].set(jnp.asarray(edits, stacked.dtype)),)
-    tree = patching.patches(sown, "residual", [layer], source=source)  # the other positions get their own values
+    return edited_probabilities(model, variables, tokens, [layer], positions, lambda _, x: edits)
+
+
+def edited_probabilities(model, variables, tokens, layers, positions, edit) -> np.ndarray:
+    """[B, s * s]: the next-move distribution at positions [B] when, for each run-order layer in `layers` in turn,
+    the residual after it at each row's position x [B, D] (as the edits of the earlier layers left it) is replaced
+    by edit(layer, x) (Li et al. edit a layer and every later one)."""
+    rows, positions = jnp.arange(tokens.shape[0]), jnp.asarray(positions)
+    source, tree = None, None
+    for layer in layers:
+        patched = variables if tree is None else {**variables, "patches": tree}
+        _, sown = activations.capture_tree(model, patched, tokens)
+        source = sown if source is None else source
+        stack, member, unit = activations.layer_paths(sown)[layer]
+        now = (sown[stack] if member is None else sown[stack][member])["residual"][0][unit, rows, positions]
+        new = jnp.asarray(edit(layer, np.asarray(now)), now.dtype)
+        source = jax.tree.map(lambda a: a, source)  # a new tree (the same arrays) to put the edits in
+        scope = source[stack] if member is None else source[stack][member]
+        scope["residual"] = (scope["residual"][0].at[unit, rows, positions].set(new),)
+        # the other positions keep their own values: the edits are causal, and later positions are not read
+        tree = patching.patches(sown, "residual", list(layers[:layers.index(layer) + 1]), source=source)
     logits = patching.patched_logits(model, variables, tokens, tree)
     return square_probabilities(np.asarray(logits)[np.arange(tokens.shape[0]), np.asarray(positions)])

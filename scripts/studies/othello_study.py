@@ -1,9 +1,10 @@
 """Othello-GPT's world model (Li et al. 2023; Nanda et al. 2023), measured on a run of experiments/configs/othello.py:
 
-    legal      legal-move accuracy on the run's evaluation games (top-1 legal, probability on legal moves)
+    legal      legal-move accuracy on the run's evaluation games (top-1 legal, probability on legal moves), at the
+               newest checkpoint and at every checkpoint kept
     probes     per layer (0: embeddings), a probe per square: linear in the absolute and relative bases, MLP in both
-    edits      flip one square's disc in the relative probe's reading at a middle layer; does the model now predict
-               the edited board's legal moves? Against a random direction of the same length
+    edits      flip one square's disc in the relative probe's reading, at one layer or at it and every later one;
+               does the model now predict the edited board's legal moves? Against a random direction as far
     geometry   one square's representation: its probe plane and the residual's top principal components
     sae        a TopK SAE on the middle layer's residual: latents that fire on one square state (F1 >= 0.9)
 
@@ -41,7 +42,7 @@ _PARTS = flags.DEFINE_list("parts", ["legal", "probes", "edits", "geometry", "sa
 _GAMES = flags.DEFINE_integer("games", 1000, "Evaluation games the probes see (3/4 train them, 1/4 test).")
 _PROBE_STEPS = flags.DEFINE_integer("probe_steps", 300, "Full-batch Adam steps of every probe.")
 _MLP_HIDDEN = flags.DEFINE_integer("mlp_hidden", 32, "Hidden width of each square's MLP probe.")
-_EDIT_LAYER = flags.DEFINE_integer("edit_layer", -1, "Layer whose residual is edited (-1: the middle one).")
+_LAYER = flags.DEFINE_integer("layer", -1, "Layer of the geometry and SAE parts (-1: the middle one).")
 _CASES = flags.DEFINE_integer("cases", 500, "Intervention cases.")
 
 PARTS = ("legal", "probes", "edits", "geometry", "sae")
@@ -86,35 +87,52 @@ def probe_layers(acts, games, probe_args) -> dict:
     return out, relative_probes, labels
 
 
-def edits(model, variables, games, acts, relative_probes, labels, layer: int) -> dict:
-    """The intervention success rate at `layer` (1..L), and the random-direction control."""
+def edits(model, variables, games, acts, relative_probes, labels) -> dict:
+    """Intervention success when the edit is made at one layer, and at that layer and every later one (Li et al.),
+    for each layer 1..L, against a random direction moved as far; and with no edit (the baseline)."""
     rng = np.random.default_rng(0)
-    size = games["size"]
     cases = world.flip_cases(games["boards"], games["players"], games["legal"], rng, _CASES.value,
-                             range(6, othello.game_length(size) - 6))
-    probe = relative_probes[layer]
+                             range(6, othello.game_length(games["size"]) - 6))
     live = games["live"].reshape(-1)
-    margins = world.typical_margins(acts[layer].reshape(-1, acts.shape[-1])[live], labels["relative"], probe)
-    g = np.array([c["game"] for c in cases])
-    t = np.array([c["t"] for c in cases])
-    x = acts[layer][g, t]
-    edited = np.stack([world.margin_edit(x[i:i + 1], probe, c["square"], c["to"], margins[c["square"], c["to"]])[0]
-                       for i, c in enumerate(cases)])
-    distance = np.linalg.norm(edited - x, axis=-1)
-    direction = rng.normal(size=x.shape)
-    control = x + direction / np.linalg.norm(direction, axis=-1, keepdims=True) * distance[:, None]
-    tokens = games["tokens"][g]
-    edited_legal = np.stack([c["edited_legal"] for c in cases])
-    original_legal = games["legal"][g, t]
-    result = {"layer": layer, "cases": len(cases), "mean_edit_norm": float(distance.mean()),
-              "mean_residual_norm": float(np.linalg.norm(x, axis=-1).mean())}
-    for name, rows in (("none", x), ("probe", edited), ("random", control)):
-        p = world.patched_probabilities(model, variables, tokens, layer - 1, t, rows)
+    layers = range(1, len(acts))
+    margins = {layer: world.typical_margins(acts[layer].reshape(-1, acts.shape[-1])[live], labels["relative"],
+                                            relative_probes[layer]) for layer in layers}
+    squares, to = np.array([c["square"] for c in cases]), np.array([c["to"] for c in cases])
+    g, t = np.array([c["game"] for c in cases]), np.array([c["t"] for c in cases])
+    directions = rng.normal(size=(len(acts), len(cases), acts.shape[-1]))
+    directions /= np.linalg.norm(directions, axis=-1, keepdims=True)
+
+    def probe_edit(run_layer, x):
+        layer = run_layer + 1  # run-order layer l is probe layer l + 1 (0: the embeddings)
+        return world.margin_edit(x, relative_probes[layer], squares, to, margins[layer][squares, to])
+
+    def random_edit(run_layer, x):  # as far as the probe's edit would move this x, in a random direction
+        distance = np.linalg.norm(probe_edit(run_layer, x) - x, axis=-1, keepdims=True)
+        return x + directions[run_layer] * distance
+
+    tokens, edited_legal, original_legal = games["tokens"][g], np.stack([c["edited_legal"] for c in cases]), \
+        games["legal"][g, t]
+
+    def score(p):
         to_edited, to_original = world.top_n_errors(p, edited_legal), world.top_n_errors(p, original_legal)
-        result[name] = {"success_edited": float(np.mean(to_edited == 0)), "errors_edited": float(to_edited.mean()),
-                        "success_original": float(np.mean(to_original == 0)),
-                        "errors_original": float(to_original.mean())}
-    result["mean_legal_moves_edited"] = float(edited_legal.sum(-1).mean())
+        return {"success": float(np.mean(to_edited == 0)), "errors": float(to_edited.mean()),
+                "original_success": float(np.mean(to_original == 0))}
+
+    plain = world.edited_probabilities(model, variables, tokens, [0], t, lambda _, x: x)
+    result = {"cases": len(cases), "mean_legal_moves_edited": float(edited_legal.sum(-1).mean()), "none": score(plain),
+              "layers": {}}
+    for layer in layers:
+        run_layer, last = layer - 1, len(acts) - 1
+        one = {name: score(world.edited_probabilities(model, variables, tokens, [run_layer], t, fn))
+               for name, fn in (("probe", probe_edit), ("random", random_edit))}
+        onward = {name: score(world.edited_probabilities(model, variables, tokens, list(range(run_layer, last)), t,
+                                                         fn)) for name, fn in (("probe", probe_edit),
+                                                                               ("random", random_edit))}
+        x = acts[layer][g, t]
+        result["layers"][layer] = {"one_layer": one, "from_here_on": onward,
+                                   "edit_norm": float(np.linalg.norm(probe_edit(run_layer, x) - x, axis=-1).mean()),
+                                   "residual_norm": float(np.linalg.norm(x, axis=-1).mean())}
+        print(f"  edit at layer {layer}: {json.dumps(result['layers'][layer])}", flush=True)
     return result
 
 
@@ -186,9 +204,8 @@ def sae_latents(acts, labels, games, layer: int, latents: int = 512, k: int = 16
             "best": [{"latent": int(m), "feature": names[best[m]], "f1": float(best_f1[m])} for m in order]}
 
 
-def evaluation_games(config, count: int) -> dict:
-    size = config.data.size
-    split = datasets.load(config.data, config.seed).evals["eval"]
+def evaluation_games(split: dict, size: int, count: int) -> dict:
+    """The first `count` games of the run's evaluation split, replayed: tokens, boards, players, legal moves."""
     tokens = split["inputs"][:count]
     boards, players, legal = othello.board_states(tokens - 1, size)
     return {"tokens": jnp.asarray(tokens), "boards": boards, "players": players, "legal": legal,
@@ -221,20 +238,25 @@ def main(argv):
     model, variables = restore.load_variables(config, _WORKDIR.value)
     path = os.path.join(_WORKDIR.value, "othello_study.json")
     results = json.load(open(path)) if os.path.exists(path) else {}
-    games = evaluation_games(config, _GAMES.value)
-    layer = _EDIT_LAYER.value if _EDIT_LAYER.value >= 0 else (config.model.num_layers + 1) // 2
+    split = datasets.load(config.data, config.seed).evals["eval"]  # games the run never trained on
+    games = evaluation_games(split, config.data.size, _GAMES.value)
+    layer = _LAYER.value if _LAYER.value >= 0 else (config.model.num_layers + 1) // 2
     needs_acts = set(_PARTS.value) - {"legal"}
     acts = residuals(model, variables, games["tokens"]) if needs_acts else None
     relative_probes = labels = None
     for part in _PARTS.value:
         start = time.time()
-        if part == "legal":
-            results["legal"] = legal_moves(model, variables, evaluation_games(config, config.data.test_games))
+        if part == "legal":  # the newest checkpoint, and every checkpoint the run kept
+            test_games = evaluation_games(split, config.data.size, config.data.test_games)
+            results["legal"] = legal_moves(model, variables, test_games)
+            results["legal_by_step"] = {
+                step: legal_moves(*restore.load_variables(config, _WORKDIR.value, step), test_games)
+                for step in restore.checkpoint_steps(_WORKDIR.value)}
         elif relative_probes is None:  # every other part reads the probes (or their labels)
             results["probes"], relative_probes, labels = probe_layers(acts, games, {"steps": _PROBE_STEPS.value})
             plot_probes(results["probes"], os.path.join(_WORKDIR.value, "probes.png"))
         if part == "edits":
-            results["edits"] = edits(model, variables, games, acts, relative_probes, labels, layer)
+            results["edits"] = edits(model, variables, games, acts, relative_probes, labels)
         elif part == "geometry":
             results["geometry"] = geometry(acts, labels, relative_probes[layer], games, layer, square=14,
                                            path=os.path.join(_WORKDIR.value, "geometry.png"))

@@ -98,3 +98,11 @@ def test_an_edited_residual_changes_that_position_alone_and_at_the_last_layer_re
     moved = world.patched_probabilities(model, variables, tokens, 0, positions, first_edit)
     assert np.abs(moved[0] - plain[0]).max() > 1e-3
     np.testing.assert_allclose(moved[1:], plain[1:], atol=1e-6)
+    # editing layers 0 and 1 in turn: layer 1's edit sees layer 0's; an identity there changes nothing more, and a
+    # replacement there is all that counts
+    keep = world.edited_probabilities(model, variables, tokens, [0, 1], positions,
+                                      lambda layer, x: first_edit if layer == 0 else x)
+    np.testing.assert_allclose(keep, moved, atol=1e-6)
+    last = world.edited_probabilities(model, variables, tokens, [0, 1], positions,
+                                      lambda layer, x: first_edit if layer == 0 else edits)
+    np.testing.assert_allclose(last, world.square_probabilities(lens), atol=1e-5)
