@@ -1,6 +1,6 @@
 """Everything above the models: the commands, the one training loop, and what is built around it.
 
-    train.py, sample.py, restore.py, import_hf.py, export_hf.py, lm_eval.py, losses.py
+    train.py, sample.py, restore.py, import_hf.py, export_hf.py, lm_eval.py, compress.py, losses.py
                   the commands and public functions named in docs/interfaces.md (their names are stable)
     configs/      one config file per experiment; base.py holds the typed sections every config shares
     training/     the loop and its infrastructure: trainer, train state, checkpoints, sharding, validation,
@@ -8,8 +8,10 @@
     objectives/   what a train step minimises (language modelling, distillation, preferences, GRPO), by table
     optim/        optimizers by name and what composes around them (Shampoo, Grokfast)
     posttrain/    LoRA adapters and model merging
+    compression/  quantization and pruning of a trained model's kernels, layer by layer (GPTQ, SparseGPT, ...)
     analysis/     interpretability on a finished run: activations, stores, lens, probes, patching, steering, SAEs
-    evaluation/   evaluations of a run (length generalisation, reasoning accuracy, lm-evaluation-harness tasks)
+    evaluation/   evaluations of a run (its own evaluation sets' loss, length generalisation, reasoning accuracy,
+                  lm-evaluation-harness tasks)
     studies/      what studies and benchmarks share (run_or_reuse, median_seconds), scaling fits, vmapped sweeps
 
 A module that moved into a sub-package answers its old name in one line with the new one (`MOVED`), so an old

@@ -136,6 +136,7 @@ class GroupedQueryAttention(nn.Module):
                 nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2)), axes), (x.shape[-1], heads, cfg.head_size))
             projected = bitnet.matmul(tokens, w.reshape(x.shape[-1], -1).astype(dtype), cfg.bitnet)
             projected = projected + layers.lora_delta(self, (name,), tokens, projected.shape)
+            layers.record_input(self, (name,), tokens)
             projected = projected.reshape(*x.shape[:2], heads, cfg.head_size)
             if cfg.attention_bias == "none":
                 return projected
@@ -163,6 +164,7 @@ class GroupedQueryAttention(nn.Module):
         heads_out = out.reshape(-1, cfg.num_heads * cfg.head_size)
         out = bitnet.matmul(heads_out, w_out.reshape(-1, x.shape[-1]).astype(dtype), cfg.bitnet)
         out = out + layers.lora_delta(self, ("out",), heads_out, out.shape)
+        layers.record_input(self, ("out",), heads_out)
         if cfg.attention_bias == "all":
             out = out + self.param("out_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
                                    (x.shape[-1],)).astype(dtype)

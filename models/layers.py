@@ -42,6 +42,22 @@ def sow_site(module: nn.Module, name: str, x):
     return x
 
 
+CALIBRATION = "calibration"
+
+
+def record_input(module: nn.Module, path: tuple, x):
+    """Calibration for compression (experiments/compression): when the "calibration" collection is mutable, adds the
+    second moment X^T X [in, in] of the kernel's flattened input x [N, in] as "NAME_gram" (NAME = `path[0]`, the
+    kernel's name in its module) and the count of rows N as "NAME_rows"; nothing otherwise."""
+    if not module.is_mutable_collection(CALIBRATION):
+        return
+    x = x.astype(jnp.float32)
+    gram = module.variable(CALIBRATION, f"{path[0]}_gram", jnp.zeros, (x.shape[-1], x.shape[-1]), jnp.float32)
+    gram.value = gram.value + x.T @ x
+    rows = module.variable(CALIBRATION, f"{path[0]}_rows", jnp.zeros, (), jnp.float32)
+    rows.value = rows.value + x.shape[0]
+
+
 def lora_delta(module: nn.Module, path: tuple, x, out_shape):
     """LoRA's unmerged branch for the kernel at `path` under `module` (experiments/posttrain/lora.py): dropout(x) A B [*out_shape]
     when a "lora" collection holds {"a" [in, r], "b" [r, out] (alpha / r folded in), "rate"} there, else 0. x [N, in]
@@ -92,9 +108,11 @@ class Mlp(nn.Module):
         tokens = x.reshape(-1, x.shape[-1])  # 2-D matmuls: XLA:CPU runs them (and their grads) ~2x faster
         h = dense(self.d_mlp, kernel_init=dense_init("embed", "mlp"), name="wi")(tokens)
         h = h + lora_delta(self, ("wi", "kernel"), tokens, h.shape)
+        record_input(self, ("wi", "kernel"), tokens)
         if self.activation == "swiglu":
             gate = dense(self.d_mlp, kernel_init=dense_init("embed", "mlp"), name="wg")(tokens)
             gate = gate + lora_delta(self, ("wg", "kernel"), tokens, gate.shape)
+            record_input(self, ("wg", "kernel"), tokens)
             h = nn.silu(gate) * h
         else:
             h = {"relu": nn.relu, "gelu": nn.gelu}[self.activation](h)
@@ -110,6 +128,7 @@ class Mlp(nn.Module):
             kernel_init=dense_init("mlp", "embed"),
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(h)
         out = out + lora_delta(self, ("wo", "kernel"), h, out.shape)
+        record_input(self, ("wo", "kernel"), h)
         return out.reshape(x.shape[:-1] + out.shape[-1:])
 
 def token_embedding(vocab_size: int, d_model: int, dtype):

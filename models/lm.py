@@ -28,7 +28,7 @@ from models import blocks, layers, mtp, packing, positions
 from models.lm_config import LMConfig
 
 STACKED_COLLECTIONS = ("params", "router_bias", "metrics", "losses", "monitors", "intermediates", "patches", "steering",
-                       "lora")
+                       "lora", "calibration")
 
 
 class Capabilities:

@@ -1,0 +1,108 @@
+"""Compress a run's model after training: quantize or prune its kernels with calibration on the run's own data.
+
+    python -m experiments.compress --workdir=RUN --out=RUN2 --method=gptq --bits=4 [--group_size=128] [--act_order]
+    python -m experiments.compress --workdir=RUN --out=RUN2 --method=sparsegpt --sparsity=0.5   (or --n_m=2:4)
+
+methods: rtn, gptq (--bits, --group_size, --symmetric, --act_order), magnitude, wanda, sparsegpt (--sparsity or
+--n_m); --damp and --block_size for GPTQ and SparseGPT; `--calibration_rows` rows of the run's training data
+(experiments/compression/model.py says what is compressed and how). RUN2 is a run folder at step 0 with the
+compressed weights (dequantized, float32) and RUN's config: it evaluates, samples, decodes and exports like any
+other run; RUN2/compression.json is the report (options, per kernel and layer the relative reconstruction error on
+the calibration inputs and the fraction of zeros, wall times). `compress_run(...)` is the library function.
+"""
+
+import json
+import os
+
+from data.config_fields import ConfigError
+from experiments.compression import model as compression_model
+
+
+def options_from(method: str, *, bits=None, group_size=-1, symmetric=False, act_order=False, damp=0.01,
+                 block_size=128, sparsity=None, n_m="") -> dict:
+    """The method's options, with the ones that belong to the other kind of method refused in one line."""
+    quantizer = method in compression_model.QUANTIZERS
+    if method not in compression_model.METHODS:
+        raise ConfigError(f"--method={method!r}: one of {', '.join(compression_model.METHODS)}")
+    if quantizer and (sparsity is not None or n_m):
+        raise ConfigError(f"--method={method} quantizes: --sparsity and --n_m are for "
+                          f"{', '.join(compression_model.PRUNERS)}")
+    if not quantizer and (bits is not None or group_size != -1 or symmetric or act_order):
+        raise ConfigError(f"--method={method} prunes: --bits, --group_size, --symmetric and --act_order are for "
+                          f"{', '.join(compression_model.QUANTIZERS)}")
+    if quantizer and bits is None:
+        raise ConfigError(f"--method={method} needs --bits (2 to 8)")
+    pattern = None
+    if n_m:
+        try:
+            pattern = tuple(int(x) for x in n_m.split(":"))
+            assert len(pattern) == 2
+        except (ValueError, AssertionError):
+            raise ConfigError(f"--n_m={n_m!r}: two integers n:m, e.g. 2:4") from None
+        if sparsity is not None:
+            raise ConfigError("--sparsity and --n_m both given: one pattern")
+    return {"bits": bits, "group_size": group_size, "symmetric": symmetric, "act_order": act_order, "damp": damp,
+            "block_size": block_size, "sparsity": 0.5 if sparsity is None else sparsity, "n_m": pattern}
+
+
+def compress_run(workdir: str, out: str, method: str, *, calibration_rows: int = 128, step=None, **flags) -> dict:
+    """Writes `out` (module doc) and returns the report."""
+    import data as datasets
+    from experiments import restore
+
+    options = options_from(method, **flags)
+    if calibration_rows < 1:
+        raise ConfigError(f"--calibration_rows={calibration_rows}: at least 1")
+    if os.path.abspath(out) == os.path.abspath(workdir):
+        raise ConfigError(f"--out={out!r} is the run itself: write the compressed model to a new folder")
+    if os.path.exists(os.path.join(out, "checkpoints")):
+        raise ConfigError(f"--out={out!r} already holds a run: name a new folder")
+    try:
+        config = restore.load_config(workdir)
+        model, variables = restore.load_variables(config, workdir, step)
+    except FileNotFoundError as error:
+        raise ConfigError(str(error)) from None
+    rows = datasets.load(config.data, config.seed).train["inputs"][:calibration_rows]
+    variables, report = compression_model.compress_variables(model, variables, rows, method, options)
+    restore.save_variables(config, variables, out)
+    report["source"] = {"workdir": os.path.abspath(workdir), "step": step}
+    with open(os.path.join(out, "compression.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    return report
+
+
+def main(argv):
+    from absl import flags
+
+    from experiments.training import cli
+
+    del argv
+    f = flags.FLAGS
+    try:
+        report = compress_run(f.workdir, f.out, f.method, calibration_rows=f.calibration_rows, step=f.step,
+                              bits=f.bits, group_size=f.group_size, symmetric=f.symmetric, act_order=f.act_order,
+                              damp=f.damp, block_size=f.block_size, sparsity=f.sparsity, n_m=f.n_m)
+    except ConfigError as e:
+        cli.fail(str(e))
+    errors = [k["relative_error"] for k in report["kernels"]]
+    print(f"compressed {f.workdir} by {f.method} into {f.out}: {len(errors)} kernels, relative reconstruction error "
+          f"mean {sum(errors) / len(errors):.4f}, max {max(errors):.4f}")
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+
+    flags.DEFINE_string("workdir", None, "The run folder to compress.", required=True)
+    flags.DEFINE_string("out", None, "The run folder to write.", required=True)
+    flags.DEFINE_string("method", None, "rtn, gptq, magnitude, wanda or sparsegpt.", required=True)
+    flags.DEFINE_integer("bits", None, "Quantizers: bits per weight (2 to 8).")
+    flags.DEFINE_integer("group_size", -1, "Quantizers: inputs per grid (-1: one grid per output channel).")
+    flags.DEFINE_bool("symmetric", False, "Quantizers: a grid symmetric about 0.")
+    flags.DEFINE_bool("act_order", False, "GPTQ: inputs in order of decreasing Hessian diagonal.")
+    flags.DEFINE_float("damp", 0.01, "GPTQ, SparseGPT: the fraction of the mean Hessian diagonal added to it.")
+    flags.DEFINE_integer("block_size", 128, "GPTQ, SparseGPT: inputs per lazy block.")
+    flags.DEFINE_float("sparsity", None, "Pruners: the fraction of weights zeroed (default 0.5).")
+    flags.DEFINE_string("n_m", "", "Pruners: n zeros in every m consecutive inputs, as n:m (e.g. 2:4).")
+    flags.DEFINE_integer("calibration_rows", 128, "Rows of the run's training data the calibration runs on.")
+    flags.DEFINE_integer("step", None, "The checkpoint step (default: the newest intact one).")
+    app.run(main)

@@ -1,0 +1,113 @@
+"""Compressing a model (experiments/compression/model.py, experiments/compress.py): the calibration records each kernel's
+input second moment (checked against the captured MLP hidden activations), every kernel of every layer is compressed
+by the layer function on its own matrix (the 4-D attention output included) and nothing else changes, a compressed
+run folder evaluates (experiments/evaluation/loss_eval.py, equal to the trainer's own evaluation on the source run),
+GPTQ beats RTN on the calibration error, and a model with kernels no calibration reaches, or a bad request, is a
+one-line error."""
+
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+import models
+from data.config_fields import ConfigError
+from experiments import compress, compression, restore
+from experiments.analysis import activations
+from experiments.compression import model as compression_model
+from experiments.evaluation import loss_eval
+from experiments.training import metrics_writer
+from models import transformer
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = transformer.TransformerConfig(vocab_size=17, max_len=12, d_model=16, num_layers=2, num_heads=4,
+                                        num_kv_heads=2, d_mlp=24, activation="swiglu")
+    model = transformer.Transformer(cfg)
+    tokens = np.asarray(jax.random.randint(jax.random.key(0), (6, 12), 0, 17))
+    variables = {"params": nn.meta.unbox(model.init(jax.random.key(1), jnp.asarray(tokens[:1]))["params"])}
+    return model, variables, tokens
+
+
+def test_calibration_records_each_kernels_input_second_moment(tiny):
+    model, variables, tokens = tiny
+    calibration = compression_model.second_moments(model, variables, tokens, batch_size=4)  # two batches summed
+    mlp = calibration["layers"]["mlp"]
+    _, _, per_layer = activations.capture(model, variables, jnp.asarray(tokens))
+    for layer in range(2):
+        hidden = np.asarray(per_layer[layer]["mlp_hidden"], np.float64).reshape(-1, 24)
+        np.testing.assert_allclose(mlp["wo_gram"][layer], hidden.T @ hidden, rtol=1e-4, atol=1e-4)
+        assert mlp["wo_rows"][layer] == tokens.size
+    attention = calibration["layers"]["attention"]
+    assert attention["query_gram"].shape == (2, 16, 16) and attention["out_gram"].shape == (2, 16, 16)
+    np.testing.assert_allclose(attention["query_gram"], attention["key_gram"])  # one input, three projections
+    assert set(compression_model.kernels(variables["params"], calibration)) == {
+        f"layers/{scope}/{name}" for scope, names in (("attention", ("query", "key", "value", "out")),
+                                                      ("mlp", ("wi", "wg", "wo"))) for name in names}
+
+
+def test_every_kernel_of_every_layer_is_its_layer_functions_result_and_nothing_else_moves(tiny):
+    model, variables, tokens = tiny
+    calibration = compression_model.second_moments(model, variables, tokens)
+    options = {"bits": 3, "group_size": -1, "symmetric": False}
+    new, report = compression_model.compress_params(variables["params"], calibration, "rtn", options)
+    for layer in range(2):
+        out = np.asarray(variables["params"]["layers"]["attention"]["out"][layer])  # [heads, head_dim, D]
+        expected = compression.rtn(out.reshape(16, 16), bits=3).reshape(out.shape)
+        np.testing.assert_allclose(new["layers"]["attention"]["out"][layer], expected, rtol=1e-6)
+        wi = np.asarray(variables["params"]["layers"]["mlp"]["wi"]["kernel"][layer])
+        np.testing.assert_allclose(new["layers"]["mlp"]["wi"]["kernel"][layer], compression.rtn(wi, bits=3), rtol=1e-6)
+    for group in ("embed", "unembed", "final_norm"):
+        jax.tree.map(np.testing.assert_array_equal, new[group], variables["params"][group])
+    jax.tree.map(np.testing.assert_array_equal, new["layers"]["mlp_norm"], variables["params"]["layers"]["mlp_norm"])
+    assert len(report) == 7 * 2 and all(0 < r["relative_error"] < 0.2 for r in report)
+
+
+def test_a_compressed_run_evaluates_and_gptq_beats_rtn(finished_tiny_run, tmp_path):
+    source = str(finished_tiny_run)
+    trained = [e for e in metrics_writer.read(source) if e["split"] == "eval"][-1]
+    assert loss_eval.evaluate(source)["eval"]["loss"] == pytest.approx(trained["loss"], rel=1e-5)
+    reports = {}
+    for method in ("rtn", "gptq"):
+        reports[method] = compress.compress_run(source, str(tmp_path / method), method, bits=3, calibration_rows=64)
+        saved = json.loads((tmp_path / method / "compression.json").read_text())
+        assert saved["method"] == method and len(saved["kernels"]) == 6 * 2  # q, k, v, out, wi, wo (GELU); 2 layers
+        assert np.isfinite(loss_eval.evaluate(str(tmp_path / method))["eval"]["loss"])
+    errors = {m: np.mean([k["relative_error"] for k in r["kernels"]]) for m, r in reports.items()}
+    assert errors["gptq"] < errors["rtn"]
+    _, weights = restore.load_variables(restore.load_config(str(tmp_path / "rtn")), str(tmp_path / "rtn"))
+    wi = np.asarray(weights["params"]["layers"]["mlp"]["wi"]["kernel"][0])
+    assert all(len(np.unique(wi[:, j])) <= 8 for j in range(wi.shape[1]))  # 3 bits: 8 levels per output channel
+    with pytest.raises(ConfigError, match="already holds a run"):
+        compress.compress_run(source, str(tmp_path / "rtn"), "rtn", bits=4)
+
+
+@pytest.mark.parametrize("method,flags,message", [
+    ("rtn", {}, "--method=rtn needs --bits"),
+    ("wanda", {"bits": 4}, "--method=wanda prunes: --bits"),
+    ("gptq", {"bits": 4, "sparsity": 0.5}, "--method=gptq quantizes: --sparsity"),
+    ("sparsegpt", {"n_m": "2-4"}, "--n_m='2-4': two integers n:m"),
+    ("prune", {}, "--method='prune': one of rtn, gptq, magnitude, wanda, sparsegpt"),
+])
+def test_bad_requests_are_one_line_errors(method, flags, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        compress.options_from(method, **flags)
+
+
+def test_a_model_with_kernels_no_calibration_reaches_is_refused(tiny):
+    _, _, tokens = tiny
+    config = ml_collections.ConfigDict(dict(models.MODELS["moe"][1]().__dict__))
+    config.update(vocab_size=17, max_len=12, d_model=16, num_layers=2, num_heads=4, d_mlp=24, num_experts=4, top_k=2,
+                  d_expert=8)
+    model = models.build(config)
+    variables = nn.meta.unbox(model.init(jax.random.key(0), jnp.asarray(tokens[:1])))  # params and router biases
+    with pytest.raises(ConfigError, match="kernels whose inputs no calibration records: layers/"):
+        compression_model.compress_variables(model, variables, tokens, "rtn", {"bits": 4, "group_size": -1})
+    options = {"bits": 4, "group_size": 5, "symmetric": False}
+    with pytest.raises(ConfigError, match=r"group_size=5 does not divide the layer's 16 inputs \(.*\) \(kernel layers/"):
+        compression_model.compress_variables(*tiny[:2], tokens, "rtn", options)
