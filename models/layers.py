@@ -48,8 +48,9 @@ CALIBRATION = "calibration"
 def record_input(module: nn.Module, path: tuple, x):
     """Calibration for compression (experiments/compression): when the "calibration" collection is mutable, adds the
     second moment X^T X [in, in] of the kernel's flattened input x [N, in] as "NAME_gram" (NAME = `path[0]`, the
-    kernel's name in its module) and the count of rows N as "NAME_rows"; nothing otherwise."""
-    if not module.is_mutable_collection(CALIBRATION):
+    kernel's name in its module) and the count of rows N as "NAME_rows"; nothing otherwise (and nothing at `init`,
+    where every collection is mutable: the second moments are not part of a model's state)."""
+    if module.is_initializing() or not module.is_mutable_collection(CALIBRATION):
         return
     x = x.astype(jnp.float32)
     gram = module.variable(CALIBRATION, f"{path[0]}_gram", jnp.zeros, (x.shape[-1], x.shape[-1]), jnp.float32)

@@ -36,6 +36,8 @@ def tiny():
 
 def test_calibration_records_each_kernels_input_second_moment(tiny):
     model, variables, tokens = tiny
+    # not at init, where every collection is mutable: the grams are no part of a model's state (checkpoints)
+    assert "calibration" not in model.init(jax.random.key(1), jnp.asarray(tokens[:1]))
     calibration = compression_model.second_moments(model, variables, tokens, batch_size=4)  # two batches summed
     mlp = calibration["layers"]["mlp"]
     _, _, per_layer = activations.capture(model, variables, jnp.asarray(tokens))
