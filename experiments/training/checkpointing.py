@@ -9,6 +9,8 @@ step sealed by a manifest so that a resume can tell a damaged step from a good o
              corrupted), or that orbax cannot restore, is reported in one line and moved to
              `WORKDIR/damaged_checkpoints/` (nothing is deleted); the first step that passes wins.
              A step killed between its rename and its seal has no manifest and is taken on orbax's word.
+             A sealed step whose files all match but that does not restore is not damaged: the state this code
+             builds changed since it was saved; the run stops in one line and moves nothing.
 
 Replica-parallel writes (orbax splits a replicated array so that each replica writes a part) apply to slices
 of at least `REPLICA_PARALLEL_MIN_BYTES`: below that, slicing (one small program per piece) costs more than
@@ -55,6 +57,11 @@ class CheckpointWriteError(RuntimeError):
 
 class NoGoodCheckpointError(RuntimeError):
     """Every checkpoint in the workdir is damaged; the message names the workdir."""
+
+
+class IncompatibleCheckpointError(NoGoodCheckpointError):
+    """A checkpoint whose files are intact does not fit the state this code builds (a code or config change): it is
+    left where it is, and the run stops."""
 
 
 def manager(workdir: str, keep: int, async_save: bool = True, writer: bool = False) -> ocp.CheckpointManager:
@@ -217,6 +224,12 @@ def restore_latest(workdir: str, abstract_state, data_iterator, warn=print):
                 try:
                     return _restore_step(mngr, step, abstract_state, data_iterator)
                 except Exception as e:  # truncated / missing / corrupted files orbax trips over
+                    if os.path.exists(os.path.join(step_dir, MANIFEST)):  # sealed and intact: not damage
+                        raise IncompatibleCheckpointError(
+                            f"checkpoint step {step} in {workdir} is intact (its files match their seal) but does not "
+                            f"restore into this run's state ({_first_line(e)}): the code or a key that shapes the "
+                            "state changed since it was saved; nothing was moved (resume with the code that wrote "
+                            "it, or use a fresh --workdir)") from None
                     problem = f"orbax cannot restore it: {_first_line(e)}"
             aside = _move_aside(workdir, step_dir)
             warn(f"warning: checkpoint step {step} in {workdir} is damaged ({problem}); "

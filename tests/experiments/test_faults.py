@@ -111,6 +111,22 @@ def test_every_checkpoint_damaged_is_one_error_naming_the_workdir(finished_run, 
     assert "\n" not in str(e.value)
 
 
+def test_an_intact_checkpoint_that_no_longer_fits_the_state_stops_the_run_and_moves_nothing(finished_run, tmp_path,
+                                                                                         monkeypatch):
+    """A code change that reshapes the state (a new model-state collection, say) is not damage: quarantining every
+    intact step, as a damaged one is, would leave the run with nothing to resume after an upgrade."""
+    workdir = _copy(finished_run, tmp_path)
+
+    def mismatch(*args, **kwargs):
+        raise ValueError("User-provided restore item and on-disk value metadata tree structures do not match")
+
+    monkeypatch.setattr(checkpointing, "_restore_step", mismatch)
+    with pytest.raises(checkpointing.IncompatibleCheckpointError, match="checkpoint step 6 in .* is intact") as e:
+        _run(make_tiny_config(steps=6), workdir)
+    assert "\n" not in str(e.value) and "tree structures do not match" in str(e.value)
+    assert restore.checkpoint_steps(str(workdir)) == [3, 6] and not (workdir / "damaged_checkpoints").exists()
+
+
 def _disk_full_after_step_6(monkeypatch):
     real_save = ocp.CheckpointManager.save
 
