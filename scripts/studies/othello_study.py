@@ -44,6 +44,8 @@ _PROBE_STEPS = flags.DEFINE_integer("probe_steps", 300, "Full-batch Adam steps o
 _MLP_HIDDEN = flags.DEFINE_integer("mlp_hidden", 32, "Hidden width of each square's MLP probe.")
 _LAYER = flags.DEFINE_integer("layer", -1, "Layer of the geometry and SAE parts (-1: the middle one).")
 _CASES = flags.DEFINE_integer("cases", 500, "Intervention cases.")
+_EDIT_SCALES = flags.DEFINE_list("edit_scales", ["1"], "Target margins of the edits, as multiples of the typical one.")
+_SQUARE = flags.DEFINE_integer("square", 8, "The geometry part's square (8: c2 on 6 x 6, empty at the start).")
 
 PARTS = ("legal", "probes", "edits", "geometry", "sae")
 BASES = ("absolute", "relative")
@@ -87,9 +89,10 @@ def probe_layers(acts, games, probe_args) -> dict:
     return out, relative_probes, labels
 
 
-def edits(model, variables, games, acts, relative_probes, labels) -> dict:
+def edits(model, variables, games, acts, relative_probes, labels, scale: float = 1.0) -> dict:
     """Intervention success when the edit is made at one layer, and at that layer and every later one (Li et al.),
-    for each layer 1..L, against a random direction moved as far; and with no edit (the baseline)."""
+    for each layer 1..L, against a random direction moved as far; and with no edit (the baseline). The target
+    margin is `scale` times the probe's typical one."""
     rng = np.random.default_rng(0)
     cases = world.flip_cases(games["boards"], games["players"], games["legal"], rng, _CASES.value,
                              range(6, othello.game_length(games["size"]) - 6))
@@ -104,7 +107,7 @@ def edits(model, variables, games, acts, relative_probes, labels) -> dict:
 
     def probe_edit(run_layer, x):
         layer = run_layer + 1  # run-order layer l is probe layer l + 1 (0: the embeddings)
-        return world.margin_edit(x, relative_probes[layer], squares, to, margins[layer][squares, to])
+        return world.margin_edit(x, relative_probes[layer], squares, to, scale * margins[layer][squares, to])
 
     def random_edit(run_layer, x):  # as far as the probe's edit would move this x, in a random direction
         distance = np.linalg.norm(probe_edit(run_layer, x) - x, axis=-1, keepdims=True)
@@ -256,9 +259,10 @@ def main(argv):
             results["probes"], relative_probes, labels = probe_layers(acts, games, {"steps": _PROBE_STEPS.value})
             plot_probes(results["probes"], os.path.join(_WORKDIR.value, "probes.png"))
         if part == "edits":
-            results["edits"] = edits(model, variables, games, acts, relative_probes, labels)
+            results["edits"] = {scale: edits(model, variables, games, acts, relative_probes, labels, float(scale))
+                                for scale in _EDIT_SCALES.value}
         elif part == "geometry":
-            results["geometry"] = geometry(acts, labels, relative_probes[layer], games, layer, square=14,
+            results["geometry"] = geometry(acts, labels, relative_probes[layer], games, layer, square=_SQUARE.value,
                                            path=os.path.join(_WORKDIR.value, "geometry.png"))
         elif part == "sae":
             results["sae"] = sae_latents(acts, labels, games, layer)
