@@ -70,6 +70,7 @@ def test_every_kernel_of_every_layer_is_its_layer_functions_result_and_nothing_e
     assert len(report) == 7 * 2 and all(0 < r["relative_error"] < 0.2 for r in report)
 
 
+@pytest.mark.slow  # two compressed runs written and evaluated; by default the calibration and per-kernel tests
 def test_a_compressed_run_evaluates_and_gptq_beats_rtn(finished_tiny_run, tmp_path):
     source = str(finished_tiny_run)
     trained = [e for e in metrics_writer.read(source) if e["split"] == "eval"][-1]

@@ -131,6 +131,7 @@ def test_mla_trains_with_the_one_device_losses_on_a_2x2x2_mesh(impl, tmp_path):
     assert_mesh_run_matches_one_device(config, tmp_path, attention_impl=impl)
 
 
+@pytest.mark.slow  # a width-256 MLA initialised
 def test_every_kernel_starts_lecun_normal_in_its_contracted_axes():
     """std 1 / sqrt(fan_in), fan_in the size of what the kernel contracts: the model width for the down and key-rope
     projections, the latent rank for the up projections, heads x d_v for the output."""
