@@ -13,9 +13,9 @@ import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from experiments import losses
+from experiments.training import trainer
 
 
 def evaluate(workdir: str, step: int | None = None, batch_size: int = 64) -> dict:
@@ -26,22 +26,16 @@ def evaluate(workdir: str, step: int | None = None, batch_size: int = 64) -> dic
     config = restore.load_config(workdir)
     model, variables = restore.load_variables(config, workdir, step)
     splits = datasets.load(config.data, config.seed)
-    score = jax.jit(lambda batch: losses.masked_sums(model.apply(variables, batch["inputs"]), batch["targets"],
-                                                     batch["loss_mask"]))
+    score = jax.jit(lambda variables, batch: losses.masked_sums(model.apply(variables, batch["inputs"]),
+                                                                batch["targets"], batch["loss_mask"]))
     results = {}
     for name, examples in splits.evals.items():
         totals = None
         for start in range(0, len(examples["inputs"]), batch_size):
             batch = {k: jnp.asarray(examples[k][start:start + batch_size]) for k in ("inputs", "targets", "loss_mask")}
-            sums = score(batch)
+            sums = score(variables, batch)  # the weights an argument, not constants of the program
             totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-        totals = jax.device_get(totals)
-        count = max(float(totals["count"]), 1.0)
-        loss = float(totals["loss"]) / count
-        results[name] = {"loss": loss, "accuracy": float(totals["correct"]) / count,
-                         "perplexity": float(np.exp(min(loss, 80.0)))}
-        if splits.chars_per_token:
-            results[name]["bits_per_char"] = loss / np.log(2.0) / splits.chars_per_token
+        results[name] = trainer.metrics_from_sums(totals, splits.chars_per_token)
     return results
 
 

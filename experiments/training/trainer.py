@@ -204,6 +204,11 @@ def evaluate(state, eval_step, batches, mesh, chars_per_token=None) -> dict:
     for batch in batches:
         sums = eval_step(state, sharding.global_batch(batch, mesh))
         totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
+    return metrics_from_sums(totals, chars_per_token)
+
+
+def metrics_from_sums(totals, chars_per_token=None) -> dict:
+    """{"loss", "accuracy", "perplexity"[, "bits_per_char"]} of an evaluation set's summed `losses.masked_sums`."""
     totals = jax.device_get(totals)
     count = max(float(totals["count"]), 1.0)
     loss = float(totals["loss"]) / count
