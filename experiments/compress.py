@@ -34,11 +34,10 @@ def options_from(method: str, *, bits=None, group_size=-1, symmetric=False, act_
         raise ConfigError(f"--method={method} needs --bits (2 to 8)")
     pattern = None
     if n_m:
-        try:
-            pattern = tuple(int(x) for x in n_m.split(":"))
-            assert len(pattern) == 2
-        except (ValueError, AssertionError):
-            raise ConfigError(f"--n_m={n_m!r}: two integers n:m, e.g. 2:4") from None
+        parts = n_m.split(":")
+        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+            raise ConfigError(f"--n_m={n_m!r}: two integers n:m, e.g. 2:4")
+        pattern = tuple(int(p) for p in parts)
         if sparsity is not None:
             raise ConfigError("--sparsity and --n_m both given: one pattern")
     return {"bits": bits, "group_size": group_size, "symmetric": symmetric, "act_order": act_order, "damp": damp,

@@ -99,12 +99,12 @@ def uncovered_kernels(params: dict, covered: set) -> list[str]:
 def second_moments(model, variables, rows, batch_size: int = 32) -> dict:
     """The calibration tree summed over `rows` int32 [N, T] (batches of `batch_size`)."""
     @jax.jit
-    def one(tokens):
+    def one(variables, tokens):  # the weights an argument, not constants of the program
         return model.apply(variables, tokens, mutable=[layers.CALIBRATION])[1][layers.CALIBRATION]
 
     total = None
     for start in range(0, len(rows), batch_size):
-        found = one(jnp.asarray(rows[start:start + batch_size]))
+        found = one(variables, jnp.asarray(rows[start:start + batch_size]))
         total = found if total is None else jax.tree.map(jnp.add, total, found)
     if total is None:
         raise ConfigError("no calibration rows")
