@@ -120,19 +120,13 @@ def typical_margins(x, labels, probe: dict) -> np.ndarray:
     return out
 
 
-def patched_probabilities(model, variables, tokens, layer: int, positions, edits) -> np.ndarray:
-    """[B, s * s]: the next-move distribution at positions [B] when the residual after run-order layer `layer` at
-    each row's position is replaced by edits [B, D]."""
-    return edited_probabilities(model, variables, tokens, [layer], positions, lambda _, x: edits)
-
-
 def edited_probabilities(model, variables, tokens, layers, positions, edit) -> np.ndarray:
     """[B, s * s]: the next-move distribution at positions [B] when, for each run-order layer in `layers` in turn,
     the residual after it at each row's position x [B, D] (as the edits of the earlier layers left it) is replaced
     by edit(layer, x) (Li et al. edit a layer and every later one)."""
     rows, positions = jnp.arange(tokens.shape[0]), jnp.asarray(positions)
     source, tree = None, None
-    for layer in layers:
+    for done, layer in enumerate(layers, start=1):
         patched = variables if tree is None else {**variables, "patches": tree}
         _, sown = activations.capture_tree(model, patched, tokens)
         source = sown if source is None else source
@@ -143,6 +137,6 @@ def edited_probabilities(model, variables, tokens, layers, positions, edit) -> n
         scope = source[stack] if member is None else source[stack][member]
         scope["residual"] = (scope["residual"][0].at[unit, rows, positions].set(new),)
         # the other positions keep their own values: the edits are causal, and later positions are not read
-        tree = patching.patches(sown, "residual", list(layers[:layers.index(layer) + 1]), source=source)
+        tree = patching.patches(sown, "residual", list(layers[:done]), source=source)
     logits = patching.patched_logits(model, variables, tokens, tree)
     return square_probabilities(np.asarray(logits)[np.arange(tokens.shape[0]), np.asarray(positions)])

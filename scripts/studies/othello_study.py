@@ -53,15 +53,17 @@ BASES = ("absolute", "relative")
 
 def residuals(model, variables, tokens, batch: int = 250) -> np.ndarray:
     """[L + 1, G, T, D]: the embeddings and the residual stream after every layer."""
+    capture = jax.jit(lambda v, t: activations.capture(model, v, t))  # compiled once, not per batch
     out = []
     for start in range(0, len(tokens), batch):
-        _, embed, layers = jax.jit(lambda t: activations.capture(model, variables, t))(tokens[start:start + batch])
+        _, embed, layers = capture(variables, tokens[start:start + batch])
         out.append(np.stack([np.asarray(embed)] + [np.asarray(layer["residual"]) for layer in layers]))
     return np.concatenate(out, axis=1)
 
 
 def legal_moves(model, variables, games: dict) -> dict:
-    logits = np.concatenate([np.asarray(jax.jit(model.apply)(variables, games["tokens"][s:s + 500]))
+    apply = jax.jit(model.apply)
+    logits = np.concatenate([np.asarray(apply(variables, games["tokens"][s:s + 500]))
                              for s in range(0, len(games["tokens"]), 500)])
     return world.legal_move_metrics(logits, games["legal"], games["live"])
 

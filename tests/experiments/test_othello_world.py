@@ -87,15 +87,15 @@ def test_an_edited_residual_changes_that_position_alone_and_at_the_last_layer_re
     plain = world.square_probabilities(model.apply(variables, tokens))[rows, positions]
     for layer in (0, 1):  # the residual itself: nothing changes
         same = np.asarray(per_layer[layer]["residual"])[rows, positions]
-        np.testing.assert_allclose(world.patched_probabilities(model, variables, tokens, layer, positions, same),
-                                   plain, atol=1e-6)
+        np.testing.assert_allclose(world.edited_probabilities(model, variables, tokens, [layer], positions,
+                                                              lambda _, x: same), plain, atol=1e-6)
     edits = np.asarray(per_layer[1]["residual"])[rows, positions] + np.random.default_rng(2).normal(size=(3, 16))
     lens = model.apply(variables, jnp.asarray(edits)[:, None], method=model.lens_logits)[:, 0]
-    np.testing.assert_allclose(world.patched_probabilities(model, variables, tokens, 1, positions, edits),
+    np.testing.assert_allclose(world.edited_probabilities(model, variables, tokens, [1], positions, lambda _, x: edits),
                                world.square_probabilities(lens), atol=1e-5)
     first_edit = np.asarray(per_layer[0]["residual"])[rows, positions]
     first_edit[0] += 3.0
-    moved = world.patched_probabilities(model, variables, tokens, 0, positions, first_edit)
+    moved = world.edited_probabilities(model, variables, tokens, [0], positions, lambda _, x: first_edit)
     assert np.abs(moved[0] - plain[0]).max() > 1e-3
     np.testing.assert_allclose(moved[1:], plain[1:], atol=1e-6)
     # editing layers 0 and 1 in turn: layer 1's edit sees layer 0's; an identity there changes nothing more, and a
