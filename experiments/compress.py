@@ -3,9 +3,10 @@
     python -m experiments.compress --workdir=RUN --out=RUN2 --method=gptq --bits=4 [--group_size=128] [--act_order]
     python -m experiments.compress --workdir=RUN --out=RUN2 --method=sparsegpt --sparsity=0.5   (or --n_m=2:4)
 
-methods: rtn, gptq (--bits, --group_size, --symmetric, --act_order), magnitude, wanda, sparsegpt (--sparsity or
---n_m); --damp and --block_size for GPTQ and SparseGPT; `--calibration_rows` rows of the run's training data
-(experiments/compression/model.py says what is compressed and how). RUN2 is a run folder at step 0 with the
+methods: rtn, gptq, awq, awq_gptq (--bits, --group_size, --symmetric, --act_order), fp8 (e4m3: --group_size),
+magnitude, wanda, sparsegpt (--sparsity or --n_m); --damp and --block_size for GPTQ and SparseGPT;
+`--calibration_rows` rows of the run's training data (experiments/compression/model.py says what is compressed and
+how). RUN2 is a run folder at step 0 with the
 compressed weights (dequantized, float32) and RUN's config: it evaluates, samples, decodes and exports like any
 other run; RUN2/compression.json is the report (options, per kernel and layer the relative reconstruction error on
 the calibration inputs and the fraction of zeros, wall times). `compress_run(...)` is the library function.
@@ -30,7 +31,10 @@ def options_from(method: str, *, bits=None, group_size=-1, symmetric=False, act_
     if not quantizer and (bits is not None or group_size != -1 or symmetric or act_order):
         raise ConfigError(f"--method={method} prunes: --bits, --group_size, --symmetric and --act_order are for "
                           f"{', '.join(compression_model.QUANTIZERS)}")
-    if quantizer and bits is None:
+    if method == "fp8" and (bits is not None or symmetric or act_order):
+        raise ConfigError("--method=fp8 is e4m3 with one scale per channel or group: --bits, --symmetric and "
+                          "--act_order are for the integer grids")
+    if quantizer and method != "fp8" and bits is None:
         raise ConfigError(f"--method={method} needs --bits (2 to 8)")
     pattern = None
     if n_m:
@@ -93,11 +97,12 @@ if __name__ == "__main__":
 
     flags.DEFINE_string("workdir", None, "The run folder to compress.", required=True)
     flags.DEFINE_string("out", None, "The run folder to write.", required=True)
-    flags.DEFINE_string("method", None, "rtn, gptq, magnitude, wanda or sparsegpt.", required=True)
+    flags.DEFINE_string("method", None, "rtn, gptq, awq, awq_gptq, fp8, magnitude, wanda or sparsegpt.",
+                        required=True)
     flags.DEFINE_integer("bits", None, "Quantizers: bits per weight (2 to 8).")
     flags.DEFINE_integer("group_size", -1, "Quantizers: inputs per grid (-1: one grid per output channel).")
     flags.DEFINE_bool("symmetric", False, "Quantizers: a grid symmetric about 0.")
-    flags.DEFINE_bool("act_order", False, "GPTQ: inputs in order of decreasing Hessian diagonal.")
+    flags.DEFINE_bool("act_order", False, "GPTQ (and awq_gptq): inputs in order of decreasing Hessian diagonal.")
     flags.DEFINE_float("damp", 0.01, "GPTQ, SparseGPT: the fraction of the mean Hessian diagonal added to it.")
     flags.DEFINE_integer("block_size", 128, "GPTQ, SparseGPT: inputs per lazy block.")
     flags.DEFINE_float("sparsity", None, "Pruners: the fraction of weights zeroed (default 0.5).")

@@ -46,17 +46,21 @@ CALIBRATION = "calibration"
 
 
 def record_input(module: nn.Module, path: tuple, x):
-    """Calibration for compression (experiments/compression): when the "calibration" collection is mutable, adds the
-    second moment X^T X [in, in] of the kernel's flattened input x [N, in] as "NAME_gram" (NAME = `path[0]`, the
-    kernel's name in its module) and the count of rows N as "NAME_rows"; nothing otherwise (and nothing at `init`,
-    where every collection is mutable: the second moments are not part of a model's state)."""
+    """Calibration for compression (experiments/compression): when the "calibration" collection is mutable, adds
+    what the calibration-based methods need of the kernel's flattened input x [N, in], under NAME = `path[0]` (the
+    kernel's name in its module): the second moment X^T X [in, in] as "NAME_gram", the count of rows N as
+    "NAME_rows", each feature's sum of |x| [in] as "NAME_abs_sum" (AWQ) and its largest |x| [in] as "NAME_abs_max"
+    (SmoothQuant); nothing otherwise (and nothing at `init`, where every collection is mutable: these statistics are
+    not part of a model's state)."""
     if module.is_initializing() or not module.is_mutable_collection(CALIBRATION):
         return
     x = x.astype(jnp.float32)
-    gram = module.variable(CALIBRATION, f"{path[0]}_gram", jnp.zeros, (x.shape[-1], x.shape[-1]), jnp.float32)
-    gram.value = gram.value + x.T @ x
-    rows = module.variable(CALIBRATION, f"{path[0]}_rows", jnp.zeros, (), jnp.float32)
-    rows.value = rows.value + x.shape[0]
+    width = x.shape[-1]
+    statistics = {"gram": ((width, width), x.T @ x), "rows": ((), x.shape[0]),
+                  "abs_sum": ((width,), jnp.abs(x).sum(0)), "abs_max": ((width,), jnp.abs(x).max(0))}
+    for statistic, (shape, value) in statistics.items():
+        total = module.variable(CALIBRATION, f"{path[0]}_{statistic}", jnp.zeros, shape, jnp.float32)
+        total.value = jnp.maximum(total.value, value) if statistic == "abs_max" else total.value + value
 
 
 def lora_delta(module: nn.Module, path: tuple, x, out_shape):

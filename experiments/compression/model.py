@@ -2,11 +2,15 @@
 
 Calibration: the model runs on calibration rows with its "calibration" collection mutable, and every kernel whose
 module records its input (models/layers.record_input: attention's query, key, value and output projections and the
-MLP's) adds its input's second moment X^T X and row count, per layer of a scanned stack. Each kernel [L, in..., out...]
+MLP's) adds its input's second moment X^T X, row count and per-feature sum and largest |x|, per layer of a scanned
+stack. Each kernel [L, in..., out...]
 (`in` the leading axes whose sizes multiply to the recorded width) becomes [in, out] per layer and is replaced by
 
     rtn        round to nearest (bits, group_size, symmetric)
     gptq       GPTQ with H = X^T X / n (bits, group_size, act_order, damp, block_size, symmetric)
+    awq        AWQ's scales searched with H and mean |x|, then rtn (bits, group_size, symmetric)
+    awq_gptq   the same scales, then GPTQ on the scaled problem (and act_order, damp, block_size)
+    fp8        e4m3 per channel or group (group_size)
     magnitude  Wanda with every input's norm 1: the smallest |w| of each output (sparsity or n_m)
     wanda      |w| x sqrt(mean x_i^2) (sparsity or n_m)
     sparsegpt  SparseGPT with H (sparsity or n_m, damp, block_size)
@@ -26,28 +30,38 @@ import jax.numpy as jnp
 import numpy as np
 
 from data.config_fields import ConfigError
-from experiments.compression import grid, hessian as hessians
+from experiments.compression import fp8 as fp8s, grid, hessian as hessians
+from experiments.compression.awq import awq
+from experiments.compression.fp8 import fp8
 from experiments.compression.gptq import gptq
 from experiments.compression.sparsegpt import check_sparsity, sparsegpt
 from experiments.compression.wanda import wanda
 from models import layers
 
-QUANTIZERS = ("rtn", "gptq")
+QUANTIZERS = ("rtn", "gptq", "awq", "awq_gptq", "fp8")
 PRUNERS = ("magnitude", "wanda", "sparsegpt")
 METHODS = QUANTIZERS + PRUNERS
 STACKS = ("layers", "dense_layers")  # the scanned stacks of LM.hidden (models/lm.py)
 
 
-def compress_layer(method: str, w, hessian, options: dict):
-    """One layer's kernel w [in, out] by `method`; hessian = X^T X / n [in, in]."""
+def compress_layer(method: str, w, statistics: dict, options: dict):
+    """One layer's kernel w [in, out] by `method`; statistics of its calibration inputs x: "hessian" X^T X / n
+    [in, in], "mean_abs" mean |x| [in]."""
+    hessian = statistics["hessian"]
+    integer_grid = {k: options[k] for k in ("bits", "group_size", "symmetric")} if method in QUANTIZERS else {}
+    updates = {k: options[k] for k in ("damp", "block_size") if k in options}
     if method == "rtn":
-        return grid.rtn(w, bits=options["bits"], group_size=options["group_size"], symmetric=options["symmetric"])
+        return grid.rtn(w, **integer_grid)
+    if method == "fp8":
+        return fp8(w, group_size=options["group_size"])
     if method == "gptq":
-        return gptq(w, hessian, bits=options["bits"], group_size=options["group_size"], act_order=options["act_order"],
-                    damp=options["damp"], block_size=options["block_size"], symmetric=options["symmetric"])
+        return gptq(w, hessian, act_order=options["act_order"], **integer_grid, **updates)
+    if method in ("awq", "awq_gptq"):
+        return awq(w, hessian, statistics["mean_abs"], then="gptq" if method == "awq_gptq" else "rtn",
+                   act_order=options["act_order"], **integer_grid, **updates)
     pattern = {"sparsity": options["sparsity"], "n_m": options["n_m"]}
     if method == "sparsegpt":
-        return sparsegpt(w, hessian, damp=options["damp"], block_size=options["block_size"], **pattern)
+        return sparsegpt(w, hessian, **updates, **pattern)
     norms = np.ones(w.shape[0]) if method == "magnitude" else np.diagonal(hessian)
     return wanda(w, norms, **pattern)
 
@@ -58,12 +72,14 @@ def check(method: str, options: dict, kernel_shapes: dict) -> None:
         raise ConfigError(f"--method={method!r}: one of {', '.join(METHODS)}")
     for name, shape in kernel_shapes.items():
         try:
-            if method in QUANTIZERS:
+            if method == "fp8":
+                fp8s.check(shape, options["group_size"])
+            elif method in QUANTIZERS:
                 grid.check(shape, options["bits"], options["group_size"])
             else:
                 check_sparsity(shape, options["sparsity"], options["n_m"],
                                                 options["block_size"] if method == "sparsegpt" else None)
-            if method in ("gptq", "sparsegpt"):
+            if method in ("gptq", "awq_gptq", "sparsegpt"):
                 hessians.check(shape, (shape[0], shape[0]), options["block_size"], options["damp"])
         except ValueError as error:
             raise ConfigError(f"{error} (kernel {name})") from None
@@ -97,7 +113,7 @@ def uncovered_kernels(params: dict, covered: set) -> list[str]:
 
 
 def second_moments(model, variables, rows, batch_size: int = 32) -> dict:
-    """The calibration tree summed over `rows` int32 [N, T] (batches of `batch_size`)."""
+    """The calibration tree over `rows` int32 [N, T] (batches of `batch_size`, combined by `_combine`)."""
     @jax.jit
     def one(variables, tokens):  # the weights an argument, not constants of the program
         return model.apply(variables, tokens, mutable=[layers.CALIBRATION])[1][layers.CALIBRATION]
@@ -105,10 +121,15 @@ def second_moments(model, variables, rows, batch_size: int = 32) -> dict:
     total = None
     for start in range(0, len(rows), batch_size):
         found = one(variables, jnp.asarray(rows[start:start + batch_size]))
-        total = found if total is None else jax.tree.map(jnp.add, total, found)
+        total = found if total is None else jax.tree_util.tree_map_with_path(_combine, total, found)
     if total is None:
         raise ConfigError("no calibration rows")
     return jax.tree.map(np.asarray, total)
+
+
+def _combine(path, total, found):
+    """Two batches' statistics of one kernel: largest |x| the larger, the others (sums) added."""
+    return jnp.maximum(total, found) if path[-1].key.endswith("_abs_max") else total + found
 
 
 def _get(tree, path):
@@ -134,15 +155,17 @@ def compress_params(params: dict, calibration: dict, method: str, options: dict)
     "zeros"}); relative_error = ||X (W - W_hat)||^2 / ||X W||^2 on the calibration inputs."""
     report = []
     for name, (param_path, scope, kernel_name) in sorted(kernels(params, calibration).items()):
-        gram_stack = _get(calibration, scope + (f"{kernel_name}_gram",))
-        rows = _get(calibration, scope + (f"{kernel_name}_rows",))
+        statistic = lambda name: _get(calibration, scope + (f"{kernel_name}_{name}",))  # noqa: E731
+        gram_stack, rows, abs_sums = statistic("gram"), statistic("rows"), statistic("abs_sum")
         stacked = np.asarray(_get(params, param_path))
         new = np.empty_like(stacked)
         for layer in range(stacked.shape[0]):
-            hessian = gram_stack[layer] / max(float(rows[layer]), 1.0)
+            count = max(float(rows[layer]), 1.0)
+            hessian = gram_stack[layer] / count
             shape = matrix_shape(stacked.shape[1:], hessian.shape[0])
             w = stacked[layer].reshape(shape).astype(np.float32)
-            w_hat = np.asarray(compress_layer(method, w, hessian, options))
+            statistics = {"hessian": hessian, "mean_abs": abs_sums[layer] / count}
+            w_hat = np.asarray(compress_layer(method, w, statistics, options))
             new[layer] = w_hat.reshape(stacked.shape[1:]).astype(stacked.dtype)
             delta = w - w_hat
             report.append({"kernel": name, "layer": layer,

@@ -2,7 +2,7 @@
 input second moment (checked against the captured MLP hidden activations), every kernel of every layer is compressed
 by the layer function on its own matrix (the 4-D attention output included) and nothing else changes, a compressed
 run folder evaluates (experiments/evaluation/loss_eval.py, equal to the trainer's own evaluation on the source run),
-GPTQ beats RTN on the calibration error, and a model with kernels no calibration reaches, or a bad request, is a
+GPTQ and AWQ beat RTN on the calibration error, and a model with kernels no calibration reaches, or a bad request, is a
 one-line error."""
 
 import json
@@ -44,6 +44,8 @@ def test_calibration_records_each_kernels_input_second_moment(tiny):
     for layer in range(2):
         hidden = np.asarray(per_layer[layer]["mlp_hidden"], np.float64).reshape(-1, 24)
         np.testing.assert_allclose(mlp["wo_gram"][layer], hidden.T @ hidden, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(mlp["wo_abs_sum"][layer], np.abs(hidden).sum(0), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(mlp["wo_abs_max"][layer], np.abs(hidden).max(0), rtol=1e-5)  # over both batches
         assert mlp["wo_rows"][layer] == tokens.size
     attention = calibration["layers"]["attention"]
     assert attention["query_gram"].shape == (2, 16, 16) and attention["out_gram"].shape == (2, 16, 16)
@@ -76,13 +78,13 @@ def test_a_compressed_run_evaluates_and_gptq_beats_rtn(finished_tiny_run, tmp_pa
     trained = [e for e in metrics_writer.read(source) if e["split"] == "eval"][-1]
     assert loss_eval.evaluate(source)["eval"]["loss"] == pytest.approx(trained["loss"], rel=1e-5)
     reports = {}
-    for method in ("rtn", "gptq"):
+    for method in ("rtn", "gptq", "awq"):
         reports[method] = compress.compress_run(source, str(tmp_path / method), method, bits=3, calibration_rows=64)
         saved = json.loads((tmp_path / method / "compression.json").read_text())
         assert saved["method"] == method and len(saved["kernels"]) == 6 * 2  # q, k, v, out, wi, wo (GELU); 2 layers
         assert np.isfinite(loss_eval.evaluate(str(tmp_path / method))["eval"]["loss"])
     errors = {m: np.mean([k["relative_error"] for k in r["kernels"]]) for m, r in reports.items()}
-    assert errors["gptq"] < errors["rtn"]
+    assert errors["gptq"] < errors["rtn"] and errors["awq"] < errors["rtn"]
     _, weights = restore.load_variables(restore.load_config(str(tmp_path / "rtn")), str(tmp_path / "rtn"))
     wi = np.asarray(weights["params"]["layers"]["mlp"]["wi"]["kernel"][0])
     assert all(len(np.unique(wi[:, j])) <= 8 for j in range(wi.shape[1]))  # 3 bits: 8 levels per output channel
@@ -95,7 +97,8 @@ def test_a_compressed_run_evaluates_and_gptq_beats_rtn(finished_tiny_run, tmp_pa
     ("wanda", {"bits": 4}, "--method=wanda prunes: --bits"),
     ("gptq", {"bits": 4, "sparsity": 0.5}, "--method=gptq quantizes: --sparsity"),
     ("sparsegpt", {"n_m": "2-4"}, "--n_m='2-4': two integers n:m"),
-    ("prune", {}, "--method='prune': one of rtn, gptq, magnitude, wanda, sparsegpt"),
+    ("fp8", {"bits": 4}, "--method=fp8 is e4m3 with one scale per channel or group: --bits"),
+    ("prune", {}, "--method='prune': one of rtn, gptq, awq, awq_gptq, fp8, magnitude, wanda, sparsegpt"),
 ])
 def test_bad_requests_are_one_line_errors(method, flags, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):

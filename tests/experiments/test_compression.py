@@ -1,7 +1,8 @@
 """The layer-level compression functions (experiments/compression) against float64 NumPy transcriptions of the
 published algorithms, written in the references' own layout (weights [out, in], loops over columns and blocks as the
 papers' code runs them), on random layers whose calibration inputs are correlated and have a dead feature: the
-reconstruction error ||X W - X W_hat||^2 equals the reference's, and GPTQ / SparseGPT beat RTN / magnitude on it."""
+reconstruction error ||X W - X W_hat||^2 equals the reference's, and GPTQ / AWQ / SparseGPT beat RTN / magnitude on
+it. fp8 against e4m3's values enumerated from its bit layout."""
 
 import numpy as np
 import pytest
@@ -87,6 +88,44 @@ def reference_sparsegpt(w_t, h, sparsity, n_m, damp, block_size):
     return w
 
 
+def reference_rtn(w_t, bits, group_size, symmetric=False):
+    """w_t [out, in] on the reference grid of each row (or each group of `group_size` columns of it)."""
+    size = w_t.shape[1] if group_size == -1 else group_size
+    parts = []
+    for i in range(0, w_t.shape[1], size):
+        scale, zero = reference_grid(w_t[:, i:i + size], bits, symmetric)
+        parts.append(reference_quantize(w_t[:, i:i + size], scale[:, None], zero[:, None], bits))
+    return np.concatenate(parts, axis=1)
+
+
+def reference_awq(w_t, x, bits, group_size, grid_points=20):
+    """w_t [out, in]: AWQ's scale search (llm-awq's _search_module_scale) on one linear layer, the error measured on
+    its output over the calibration inputs x [n, in]; (best ratio, scales)."""
+    x_mean_abs = np.abs(x).mean(0)
+    out = x @ w_t.T
+    best = (np.inf, None, None)
+    for ratio in np.arange(grid_points) / grid_points:
+        s = np.maximum(x_mean_abs**ratio, 1e-4)
+        s = s / np.sqrt(s.max() * s.min())
+        w_hat = reference_rtn(w_t * s[None], bits, group_size) / s[None]
+        error = np.mean((out - x @ w_hat.T) ** 2)
+        if error < best[0]:
+            best = (error, ratio, s)
+    return best[1], best[2]
+
+
+def reference_e4m3(v):
+    """v rounded to the nearest finite e4m3 value (ties to an even mantissa), its values enumerated from the bit
+    layout: exponent e (bias 7), mantissa m; e = 0 subnormal m/8 2^-6; e = 15, m = 7 is NaN."""
+    codes = [(e, m) for e in range(16) for m in range(8) if (e, m) != (15, 7)]
+    values = np.array([m / 8 * 2.0**-6 if e == 0 else (1 + m / 8) * 2.0 ** (e - 7) for e, m in codes])
+    magnitude = np.abs(v)
+    upper = np.clip(np.searchsorted(values, magnitude), 1, len(values) - 1)
+    below, above = values[upper - 1], values[upper]
+    take_above = (above - magnitude < magnitude - below) | ((above - magnitude == magnitude - below) & (upper % 2 == 0))
+    return np.sign(v) * np.where(take_above, above, below)
+
+
 @pytest.fixture(scope="module")
 def layer():
     """w [in=96, out=40] and correlated calibration inputs X [400, 96] with input 5 dead (always 0)."""
@@ -148,6 +187,39 @@ def test_sparsegpt_matches_the_reference_and_beats_magnitude_and_wanda(layer, sp
     assert error < reconstruction_error(x, w, wanda) < reconstruction_error(x, w, magnitude)
 
 
+@pytest.mark.parametrize("bits,group_size", [(3, -1), (4, 32)])
+def test_awq_finds_the_references_scales_and_beats_round_to_nearest(layer, bits, group_size):
+    w, x, h = layer
+    alpha, scales, errors = compression.awq_search(w, h, np.abs(x).mean(0), bits=bits, group_size=group_size)
+    reference_alpha, reference_scales = reference_awq(w.T, x, bits, group_size)
+    assert errors.shape == (20,) and alpha == pytest.approx(reference_alpha)
+    np.testing.assert_allclose(scales, reference_scales, rtol=1e-4)
+    found = compression.awq(w, h, np.abs(x).mean(0), bits=bits, group_size=group_size)
+    expected = (reference_rtn(w.T * reference_scales[None], bits, group_size) / reference_scales[None]).T
+    assert reconstruction_error(x, w, found) == pytest.approx(reconstruction_error(x, w, expected), rel=1e-3)
+    rtn_error = reconstruction_error(x, w, compression.rtn(w, bits=bits, group_size=group_size))
+    assert alpha > 0 and reconstruction_error(x, w, found) < 0.9 * rtn_error  # alpha = 0 would be RTN itself
+    then_gptq = compression.awq(w, h, np.abs(x).mean(0), bits=bits, group_size=group_size, then="gptq",
+                                block_size=32)
+    s = reference_scales
+    expected = reference_gptq(w.T * s[None], h / np.outer(s, s), bits, group_size, False, 0.01, 32, False).T / s[:, None]
+    assert reconstruction_error(x, w, then_gptq) == pytest.approx(reconstruction_error(x, w, expected), rel=2e-3)
+    assert reconstruction_error(x, w, then_gptq) < reconstruction_error(x, w, found)
+
+
+@pytest.mark.parametrize("group_size", [-1, 16])
+def test_fp8_rounds_to_the_nearest_e4m3_value_of_each_channels_scale(layer, group_size):
+    w = layer[0] * np.geomspace(1e-3, 10, 96)[:, None]  # magnitudes across the format's subnormals and normals
+    found = np.asarray(compression.fp8(w, group_size=group_size))
+    size = 96 if group_size == -1 else group_size
+    groups = w.reshape(96 // size, size, 40)
+    scale = np.abs(groups).max(1, keepdims=True) / 448
+    expected = (scale * reference_e4m3(groups / scale)).reshape(w.shape)
+    same = np.isclose(found, expected, rtol=1e-6, atol=0)
+    assert same.mean() > 0.99  # the rest: v / scale within float32 rounding of a tie
+    assert np.all(np.abs(found - expected)[~same] <= np.abs(expected[~same]) / 8 + 1e-12)  # a neighbouring value
+
+
 def test_wanda_zeroes_the_lowest_scores_within_each_output(layer):
     w, x, _ = layer
     norms = np.mean(x**2, 0)
@@ -170,6 +242,9 @@ def test_wanda_zeroes_the_lowest_scores_within_each_output(layer):
     (lambda w, h: compression.sparsegpt(w, h, n_m=(2, 5)), "m=5 must divide the layer's 96 inputs"),
     (lambda w, h: compression.wanda(w, np.ones(3)), "input_sq_norms of shape (3,): one per input, (96,)"),
     (lambda w, h: compression.wanda(w, np.ones(96), sparsity=1.0), "sparsity=1.0: a fraction in [0, 1)"),
+    (lambda w, h: compression.awq(w, h, np.ones(95), bits=4), "input_mean_abs of shape (95,): one per input, (96,)"),
+    (lambda w, h: compression.awq(w, h, np.ones(96), bits=4, then="fp8"), "then='fp8': the quantizer after"),
+    (lambda w, h: compression.fp8(w, group_size=7), "group_size=7 does not divide the layer's 96 inputs"),
 ])
 def test_bad_requests_are_one_line_errors(layer, call, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
