@@ -45,22 +45,31 @@ def sow_site(module: nn.Module, name: str, x):
 CALIBRATION = "calibration"
 
 
-def record_input(module: nn.Module, path: tuple, x):
+def record_input(module: nn.Module, path: tuple, x, row_weights=None):
     """Calibration for compression (experiments/compression): when the "calibration" collection is mutable, adds
-    what the calibration-based methods need of the kernel's flattened input x [N, in], under NAME = `path[0]` (the
-    kernel's name in its module): the second moment X^T X [in, in] as "NAME_gram", the count of rows N as
-    "NAME_rows", each feature's sum of |x| [in] as "NAME_abs_sum" (AWQ) and its largest |x| [in] as "NAME_abs_max"
-    (SmoothQuant); nothing otherwise (and nothing at `init`, where every collection is mutable: these statistics are
-    not part of a model's state)."""
-    if module.is_initializing() or not module.is_mutable_collection(CALIBRATION):
+    what the calibration-based methods need of the kernel's flattened input x [..., N, in] (leading axes: one kernel
+    per index, e.g. MoE experts), under NAME = `path[0]` (the kernel's name in its module): the second moment
+    X^T X [..., in, in] as "NAME_gram", the count of rows N as "NAME_rows", each feature's sum of |x| [..., in] as
+    "NAME_abs_sum" (AWQ) and its largest |x| as "NAME_abs_max" (SmoothQuant); row_weights [..., N] in {0, 1} counts
+    only the rows that reach the kernel (the tokens routed to an expert). Nothing otherwise (and nothing at `init`,
+    where every collection is mutable: these statistics are not part of a model's state)."""
+    if not calibrating(module):
         return
     x = x.astype(jnp.float32)
-    width = x.shape[-1]
-    statistics = {"gram": ((width, width), x.T @ x), "rows": ((), x.shape[0]),
-                  "abs_sum": ((width,), jnp.abs(x).sum(0)), "abs_max": ((width,), jnp.abs(x).max(0))}
+    weights = jnp.ones(x.shape[:-1], jnp.float32) if row_weights is None else row_weights.astype(jnp.float32)
+    weighted = x * weights[..., None]
+    batch, width = x.shape[:-2], x.shape[-1]
+    statistics = {"gram": ((*batch, width, width), jnp.einsum("...ni,...nj->...ij", weighted, x)),
+                  "rows": (batch, weights.sum(-1)), "abs_sum": ((*batch, width), jnp.abs(weighted).sum(-2)),
+                  "abs_max": ((*batch, width), jnp.abs(weighted).max(-2))}
     for statistic, (shape, value) in statistics.items():
         total = module.variable(CALIBRATION, f"{path[0]}_{statistic}", jnp.zeros, shape, jnp.float32)
         total.value = jnp.maximum(total.value, value) if statistic == "abs_max" else total.value + value
+
+
+def calibrating(module: nn.Module) -> bool:
+    """Whether `record_input` records in this call."""
+    return module.is_mutable_collection(CALIBRATION) and not module.is_initializing()
 
 
 def lora_delta(module: nn.Module, path: tuple, x, out_shape):

@@ -148,6 +148,8 @@ class MoEFfn(nn.Module):
         weights = (expert_weights("w_gate", (opt.num_experts, d, self.d_expert), ("expert", "embed", "mlp")),
                    expert_weights("w_in", (opt.num_experts, d, self.d_expert), ("expert", "embed", "mlp")),
                    expert_weights("w_out", (opt.num_experts, self.d_expert, d), ("expert", "mlp", "embed")))
+        if layers.calibrating(self):
+            self._record_expert_inputs(tokens.astype(self.dtype), experts, weights)
         y, dropped = moe_dispatch.dispatch(opt.dispatch, tokens.astype(self.dtype), experts,
                                            gates.astype(self.dtype), weights, capacity_factor=opt.capacity_factor)
         y = y.reshape(x.shape)
@@ -160,6 +162,18 @@ class MoEFfn(nn.Module):
             self.sow("metrics", "bias_min", jnp.min(bias.value))
             self.sow("metrics", "bias_max", jnp.max(bias.value))
         return y
+
+
+    def _record_expert_inputs(self, tokens, experts, weights):
+        """Compression's calibration (models/layers.record_input): each expert's kernels see the tokens routed to
+        it, and its output kernel their hidden activations (every expert run on every token, so only here)."""
+        routed = jnp.sum(jax.nn.one_hot(experts, self.options.num_experts), axis=1).T  # [E, T] in {0, 1}
+        each = jnp.broadcast_to(tokens, (self.options.num_experts, *tokens.shape))  # [E, T, D]
+        layers.record_input(self, ("w_gate",), each, routed)
+        layers.record_input(self, ("w_in",), each, routed)
+        w_gate, w_in, _ = weights
+        hidden = jax.nn.silu(jnp.einsum("etd,edf->etf", each, w_gate)) * jnp.einsum("etd,edf->etf", each, w_in)
+        layers.record_input(self, ("w_out",), hidden, routed)
 
 
 def validate(m) -> list[str]:

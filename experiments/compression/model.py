@@ -15,10 +15,11 @@ stack. Each kernel [L, in..., out...]
     wanda      |w| x sqrt(mean x_i^2) (sparsity or n_m)
     sparsegpt  SparseGPT with H (sparsity or n_m, damp, block_size)
 
-Embeddings, the unembedding and norms stay as they are (GPTQ's and SparseGPT's papers leave them too). The
-second moments come from the uncompressed model in one pass, not layer after layer from the compressed one as the
-papers' code runs it. A model with a kernel in its layers that records no input (MoE experts, MLA, Mamba) is
-refused, naming the kernels, rather than half compressed.
+Embeddings, the unembedding, norms, MoE routers and Mamba-2's depthwise convolution stay as they are (GPTQ's and
+SparseGPT's papers leave the first three too; routers are kept in full precision by MoE quantization work). The statistics come from the uncompressed model in one pass, not layer after
+layer from the compressed one as the papers' code runs it. Covered: GQA attention, MLPs, MoE experts (each expert
+calibrated on the tokens routed to it) and Mamba-2's in and out projections; a model with a kernel in its layers
+that records no input (MLA) is refused, naming the kernels, rather than half compressed.
 """
 
 import functools
@@ -41,7 +42,7 @@ from models import layers
 QUANTIZERS = ("rtn", "gptq", "awq", "awq_gptq", "fp8")
 PRUNERS = ("magnitude", "wanda", "sparsegpt")
 METHODS = QUANTIZERS + PRUNERS
-STACKS = ("layers", "dense_layers")  # the scanned stacks of LM.hidden (models/lm.py)
+DENSE_STACK = "dense_layers"  # the plain blocks some families scan before their stack (models/lm.py)
 
 
 def compress_layer(method: str, w, statistics: dict, options: dict):
@@ -102,12 +103,14 @@ def kernels(params: dict, calibration: dict) -> dict:
     return found
 
 
-def uncovered_kernels(params: dict, covered: set) -> list[str]:
-    """Kernels (arrays of 3+ axes: a layer axis and a matrix) in the stacks that no calibration reaches."""
+def uncovered_kernels(params: dict, covered: set, stacks: tuple) -> list[str]:
+    """Kernels (arrays of 3+ axes: a layer axis and a matrix; not norms or depthwise convolutions) in the stacks
+    that no calibration reaches; `stacks` are the stacks' names in the parameter tree."""
     missing = []
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         keys = tuple(k.key for k in path)
-        if keys[0] in STACKS and np.ndim(leaf) >= 3 and "norm" not in keys[-2] and keys not in covered:
+        linear = not any(part in key for key in keys[-2:] for part in ("norm", "conv", "router"))
+        if keys[0] in stacks and np.ndim(leaf) >= 3 and linear and keys not in covered:
             missing.append("/".join(keys))
     return missing
 
@@ -151,24 +154,25 @@ def matrix_shape(kernel_shape, inputs: int) -> tuple[int, int]:
 
 
 def compress_params(params: dict, calibration: dict, method: str, options: dict) -> tuple[dict, list[dict]]:
-    """(params with every recorded kernel compressed, per kernel and layer {"kernel", "layer", "relative_error",
-    "zeros"}); relative_error = ||X (W - W_hat)||^2 / ||X W||^2 on the calibration inputs."""
+    """(params with every recorded kernel compressed, per kernel and layer (and expert) {"kernel", "layer",
+    "expert" (MoE experts only), "relative_error", "zeros"}); relative_error = ||X (W - W_hat)||^2 / ||X W||^2 on the
+    calibration inputs. A kernel's statistics carry its stack's leading axes: [L] per layer, [L, E] per expert."""
     report = []
     for name, (param_path, scope, kernel_name) in sorted(kernels(params, calibration).items()):
         statistic = lambda name: _get(calibration, scope + (f"{kernel_name}_{name}",))  # noqa: E731
         gram_stack, rows, abs_sums = statistic("gram"), statistic("rows"), statistic("abs_sum")
         stacked = np.asarray(_get(params, param_path))
         new = np.empty_like(stacked)
-        for layer in range(stacked.shape[0]):
-            count = max(float(rows[layer]), 1.0)
-            hessian = gram_stack[layer] / count
-            shape = matrix_shape(stacked.shape[1:], hessian.shape[0])
-            w = stacked[layer].reshape(shape).astype(np.float32)
-            statistics = {"hessian": hessian, "mean_abs": abs_sums[layer] / count}
+        for index in np.ndindex(*rows.shape):
+            count = max(float(rows[index]), 1.0)
+            hessian = gram_stack[index] / count
+            shape = matrix_shape(stacked.shape[len(index):], hessian.shape[0])
+            w = stacked[index].reshape(shape).astype(np.float32)
+            statistics = {"hessian": hessian, "mean_abs": abs_sums[index] / count}
             w_hat = np.asarray(compress_layer(method, w, statistics, options))
-            new[layer] = w_hat.reshape(stacked.shape[1:]).astype(stacked.dtype)
+            new[index] = w_hat.reshape(stacked.shape[len(index):]).astype(stacked.dtype)
             delta = w - w_hat
-            report.append({"kernel": name, "layer": layer,
+            report.append({"kernel": name, "layer": index[0], **({"expert": index[1]} if len(index) > 1 else {}),
                            "relative_error": float(np.sum(delta * (hessian @ delta)) / max(np.sum(w * (hessian @ w)),
                                                                                          1e-30)),
                            "zeros": float(np.mean(w_hat == 0))})
@@ -183,11 +187,11 @@ def compress_variables(model, variables: dict, rows, method: str, options: dict)
         lambda tokens: model.apply(variables, tokens, mutable=[layers.CALIBRATION])[1].get(layers.CALIBRATION, {}),
         jnp.asarray(rows[:1]))
     found = kernels(params, abstract)
-    missing = uncovered_kernels(params, {path for path, _, _ in found.values()})
+    missing = uncovered_kernels(params, {path for path, _, _ in found.values()}, (model.stack_name, DENSE_STACK))
     if not found or missing:
         raise ConfigError(f"this model's layers have kernels whose inputs no calibration records: "
-                          f"{', '.join(missing[:6]) or 'all of them'}; compression covers the transformer family's "
-                          "GQA attention and MLP kernels")
+                          f"{', '.join(missing[:6]) or 'all of them'}; compression covers GQA attention, MLPs, MoE "
+                          "experts and Mamba-2's projections")
     shapes = {name: matrix_shape(np.shape(_get(params, path))[1:], _get(abstract, scope + (f"{kernel}_gram",)).shape[-1])
               for name, (path, scope, kernel) in found.items()}
     check(method, options, shapes)

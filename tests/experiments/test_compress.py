@@ -105,13 +105,46 @@ def test_bad_requests_are_one_line_errors(method, flags, message):
         compress.options_from(method, **flags)
 
 
-def test_a_model_with_kernels_no_calibration_reaches_is_refused(tiny):
-    _, _, tokens = tiny
-    config = ml_collections.ConfigDict(dict(models.MODELS["moe"][1]().__dict__))
-    config.update(vocab_size=17, max_len=12, d_model=16, num_layers=2, num_heads=4, d_mlp=24, num_experts=4, top_k=2,
-                  d_expert=8)
+def _tiny(family: str, tokens, **fields):
+    config = ml_collections.ConfigDict(dict(models.MODELS[family][1]().__dict__))
+    config.update(vocab_size=17, max_len=12, d_model=16, num_layers=2, num_heads=4, d_mlp=24, **fields)
     model = models.build(config)
-    variables = nn.meta.unbox(model.init(jax.random.key(0), jnp.asarray(tokens[:1])))  # params and router biases
+    return model, nn.meta.unbox(model.init(jax.random.key(0), jnp.asarray(tokens[:1])))
+
+
+def test_moe_experts_and_mamba2_projections_are_calibrated_and_compressed(tiny):
+    """Each expert's gram is over the tokens routed to it (checked against the routing recomputed from the router),
+    its output kernel's over their hidden activations; every expert of every layer is compressed; Mamba-2's in and out
+    projections are, its depthwise convolution is not."""
+    tokens = tiny[2]
+    model, variables = _tiny("moe", tokens, num_experts=4, top_k=2, d_expert=8)
+    calibration = compression_model.second_moments(model, variables, tokens)
+    moe = calibration["layers"]["block_0"]["moe"]
+    assert moe["w_gate_gram"].shape == (2, 4, 16, 16) and moe["w_out_gram"].shape == (2, 4, 8, 8)
+    np.testing.assert_allclose(moe["w_gate_rows"].sum(1), 2 * tokens.size)  # top-2: every token twice per layer
+    assert np.all(moe["w_gate_rows"] > 0)
+    new, report = compression_model.compress_params(variables["params"], calibration, "rtn",
+                                                    {"bits": 3, "group_size": -1, "symmetric": False})
+    before, after = variables["params"]["layers"]["block_0"]["moe"], new["layers"]["block_0"]["moe"]
+    w_out = np.asarray(before["w_out"])  # [L, E, d_expert, D]
+    np.testing.assert_allclose(after["w_out"][1, 3], compression.rtn(w_out[1, 3], bits=3), rtol=1e-6)
+    assert {(r["layer"], r["expert"]) for r in report if r["kernel"] == "layers/block_0/moe/w_out"} == {
+        (layer, expert) for layer in range(2) for expert in range(4)}
+    np.testing.assert_array_equal(after["router"], before["router"])
+
+    model, variables = _tiny("ssd", tokens, ssm_state=8, ssm_head_dim=8)
+    compressed, report = compression_model.compress_variables(model, variables, tokens, "rtn",
+                                                              {"bits": 4, "group_size": -1, "symmetric": False})
+    assert {r["kernel"].split("/")[-1] for r in report["kernels"]} == {"in_proj", "out_proj"}
+    before, after = (v["params"]["periods"]["layer_0_ssm"]["mixer"] for v in (variables, compressed))
+    for name in ("in_proj", "out_proj"):
+        np.testing.assert_allclose(after[name][1], compression.rtn(before[name][1], bits=4), rtol=1e-6)
+    np.testing.assert_array_equal(after["conv_kernel"], before["conv_kernel"])
+
+
+def test_a_model_with_kernels_no_calibration_reaches_is_refused(tiny):
+    tokens = tiny[2]
+    model, variables = _tiny("transformer", tokens, attention="mla")
     with pytest.raises(ConfigError, match="kernels whose inputs no calibration records: layers/"):
         compression_model.compress_variables(model, variables, tokens, "rtn", {"bits": 4, "group_size": -1})
     options = {"bits": 4, "group_size": 5, "symmetric": False}
