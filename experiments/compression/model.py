@@ -16,10 +16,11 @@ stack. Each kernel [L, in..., out...]
     sparsegpt  SparseGPT with H (sparsity or n_m, damp, block_size)
 
 Embeddings, the unembedding, norms, MoE routers and Mamba-2's depthwise convolution stay as they are (GPTQ's and
-SparseGPT's papers leave the first three too; routers are kept in full precision by MoE quantization work). The statistics come from the uncompressed model in one pass, not layer after
-layer from the compressed one as the papers' code runs it. Covered: GQA attention, MLPs, MoE experts (each expert
-calibrated on the tokens routed to it) and Mamba-2's in and out projections; a model with a kernel in its layers
-that records no input (MLA) is refused, naming the kernels, rather than half compressed.
+SparseGPT's papers leave the first three too; routers are kept in full precision by MoE quantization work). The
+statistics come from the uncompressed model in one pass, not layer after layer from the compressed one as the
+papers' code runs it. Covered: GQA attention, MLPs, MoE experts (each expert calibrated on the tokens routed to it)
+and Mamba-2's in and out projections; a model with a kernel in its layers that records no input (MLA) is refused,
+naming the kernels, rather than half compressed.
 """
 
 import functools
