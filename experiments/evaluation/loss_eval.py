@@ -25,17 +25,26 @@ def evaluate(workdir: str, step: int | None = None, batch_size: int = 64) -> dic
 
     config = restore.load_config(workdir)
     model, variables = restore.load_variables(config, workdir, step)
-    splits = datasets.load(config.data, config.seed)
+    return scorer(model, datasets.load(config.data, config.seed), batch_size)(variables)
+
+
+def scorer(model, splits, batch_size: int = 64):
+    """variables -> `evaluate`'s results on `splits` (data.load's), compiled once for every set of weights given."""
     score = jax.jit(lambda variables, batch: losses.masked_sums(model.apply(variables, batch["inputs"]),
                                                                 batch["targets"], batch["loss_mask"]))
-    results = {}
-    for name, examples in splits.evals.items():
-        totals = None
-        for start in range(0, len(examples["inputs"]), batch_size):
-            batch = {k: jnp.asarray(examples[k][start:start + batch_size]) for k in ("inputs", "targets", "loss_mask")}
-            sums = score(variables, batch)  # the weights an argument, not constants of the program
-            totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-        results[name] = trainer.metrics_from_sums(totals, splits.chars_per_token)
+
+    def results(variables) -> dict:
+        found = {}
+        for name, examples in splits.evals.items():
+            totals = None
+            for start in range(0, len(examples["inputs"]), batch_size):
+                batch = {k: jnp.asarray(examples[k][start:start + batch_size])
+                         for k in ("inputs", "targets", "loss_mask")}
+                sums = score(variables, batch)  # the weights an argument, not constants of the program
+                totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+            found[name] = trainer.metrics_from_sums(totals, splits.chars_per_token)
+        return found
+
     return results
 
 

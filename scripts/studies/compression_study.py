@@ -1,0 +1,157 @@
+"""Compression measured: validation loss against bits (quantizers) and sparsity (pruners), per trained run.
+
+    python -m experiments.train --config=experiments/configs/lm_shakespeare.py --workdir=runs/lm        (and :ssd,
+    experiments/configs/moe_lm.py for runs/ssd and runs/moe)
+    PYTHONPATH=. python scripts/studies/compression_study.py --runs=runs/lm,runs/ssd,runs/moe
+
+For every run: the calibration statistics once (experiments/compression/model.second_moments on
+`--calibration_rows` training rows), then every method and setting below compressed from the same weights and
+scored on the whole validation split (experiments/evaluation/loss_eval.scorer):
+
+    quantizers  rtn, gptq, awq, awq_gptq at each of --bits, per channel (group -1) and per group of --group_size;
+                fp8 (e4m3) per channel
+    pruners     magnitude, wanda, sparsegpt at each of --sparsities and at 2:4
+
+Writes --out (a JSON row per point: run, method, bits or sparsity, group, validation loss, the mean relative layer
+error, compression seconds, the weights' size if stored packed) and --plot; docs/studies/compression.md shows them.
+"""
+
+import json
+import os
+import time
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+import data as datasets  # noqa: E402
+from experiments import compress, restore  # noqa: E402
+from experiments.compression import model as compression_model  # noqa: E402
+from experiments.evaluation import loss_eval  # noqa: E402
+
+_RUNS = flags.DEFINE_list("runs", ["runs/lm", "runs/ssd", "runs/moe"], "Trained run folders.")
+_BITS = flags.DEFINE_list("bits", ["8", "4", "3"], "Integer bit widths.")
+_GROUP = flags.DEFINE_integer("group_size", 128, "The per-group setting's group size.")
+_SPARSITIES = flags.DEFINE_list("sparsities", ["0.5", "0.6", "0.7"], "Unstructured sparsities.")
+_ROWS = flags.DEFINE_integer("calibration_rows", 128, "Training rows (of the run's context) calibrating.")
+_OUT = flags.DEFINE_string("out", "runs/compression_study.json", "The rows, as JSON.")
+_PLOT = flags.DEFINE_string("plot", "docs/compression_study.png", "The figure.")
+
+QUANTIZERS = ("rtn", "gptq", "awq", "awq_gptq")
+PRUNERS = ("magnitude", "wanda", "sparsegpt")
+
+
+def settings():
+    """(method, flags of compress.options_from, the row's labels) of every point."""
+    for bits in map(int, _BITS.value):
+        for group in (-1, _GROUP.value):
+            for method in QUANTIZERS:
+                yield method, {"bits": bits, "group_size": group}, {"bits": bits, "group": group}
+    yield "fp8", {}, {"bits": 8, "group": -1}
+    for sparsity in map(float, _SPARSITIES.value):
+        for method in PRUNERS:
+            yield method, {"sparsity": sparsity}, {"sparsity": sparsity, "pattern": "unstructured"}
+    for method in PRUNERS:
+        yield method, {"n_m": "2:4"}, {"sparsity": 0.5, "pattern": "2:4"}
+
+
+def packed_megabytes(report: dict, params: dict, labels: dict) -> float:
+    """The compressed kernels' size if stored packed (bits per weight, a float16 scale and zero per channel or
+    group; pruned: float16 values and a 1-bit mask), plus everything else at float32."""
+    total = sum(np.size(leaf) * 4 for leaf in _leaves(params))
+    for entry in report:
+        weights = entry["size"]
+        if "bits" in labels:
+            groups = entry["outputs"] * (1 if labels["group"] == -1 else entry["inputs"] // labels["group"])
+            packed = weights * labels["bits"] / 8 + groups * 4
+        else:
+            packed = weights * (1 - entry["zeros"]) * 2 + weights / 8
+        total += packed - weights * 4
+    return total / 2**20
+
+
+def _leaves(tree):
+    return [leaf for leaf in (tree.values() if isinstance(tree, dict) else [tree]) for leaf in
+            (_leaves(leaf) if isinstance(leaf, dict) else [leaf])]
+
+
+def measure(workdir: str) -> list[dict]:
+    config = restore.load_config(workdir)
+    model, variables = restore.load_variables(config, workdir)
+    splits = datasets.load(config.data, config.seed)
+    score = loss_eval.scorer(model, splits)
+    calibration = compression_model.second_moments(model, variables, splits.train["inputs"][:_ROWS.value])
+    found = compression_model.kernels(variables["params"], calibration)
+    shapes = {name: (np.shape(compression_model._get(variables["params"], path)), scope, kernel)
+              for name, (path, scope, kernel) in found.items()}
+    baseline = score(variables)["eval"]["loss"]
+    rows = [{"run": workdir, "method": "none", "bits": 32, "loss": baseline}]
+    print(f"{workdir}: uncompressed validation loss {baseline:.4f}", flush=True)
+    for method, flags_, labels in settings():
+        options = compress.options_from(method, **flags_)
+        started = time.time()
+        params, report = compression_model.compress_params(variables["params"], calibration, method, options)
+        seconds = time.time() - started
+        loss = score({**variables, "params": params})["eval"]["loss"]
+        sizes = []
+        for name, (shape, scope, kernel) in shapes.items():
+            inputs = np.shape(compression_model._get(calibration, scope + (f"{kernel}_gram",)))[-1]
+            entries = [r for r in report if r["kernel"] == name]
+            per_matrix = int(np.prod(shape)) // len(entries)
+            sizes += [{"size": per_matrix, "inputs": inputs, "outputs": per_matrix // inputs, "zeros": r["zeros"]}
+                      for r in entries]
+        row = {"run": workdir, "method": method, **labels, "loss": loss,
+               "relative_error": float(np.mean([r["relative_error"] for r in report])), "seconds": seconds,
+               "packed_mb": packed_megabytes(sizes, variables["params"], labels)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    rows[0]["packed_mb"] = packed_megabytes([], variables["params"], {})
+    return rows
+
+
+def plot(rows: list[dict], path: str) -> None:
+    runs = sorted({r["run"] for r in rows})
+    fig, axes = plt.subplots(2, len(runs), figsize=(4.2 * len(runs), 7), squeeze=False)
+    for column, run in enumerate(runs):
+        mine = [r for r in rows if r["run"] == run]
+        baseline = next(r["loss"] for r in mine if r["method"] == "none")
+        top, bottom = axes[0, column], axes[1, column]
+        for method in QUANTIZERS:
+            for group, style in ((-1, "-"), (_GROUP.value, "--")):
+                points = sorted((r["bits"], r["loss"]) for r in mine if r["method"] == method and r.get("group") == group)
+                if points:
+                    top.plot(*zip(*points), style, marker="o", label=f"{method} g{group}")
+        fp8 = [r["loss"] for r in mine if r["method"] == "fp8"]
+        top.plot([8] * len(fp8), fp8, "k*", markersize=10, label="fp8 e4m3")
+        top.axhline(baseline, color="gray", lw=0.8, label="float32")
+        top.set(title=os.path.basename(run), xlabel="bits per weight", ylabel="validation loss", yscale="log")
+        top.invert_xaxis()
+        for method in PRUNERS:
+            points = sorted((r["sparsity"], r["loss"]) for r in mine
+                            if r["method"] == method and r.get("pattern") == "unstructured")
+            line, = bottom.plot(*zip(*points), marker="o", label=method)
+            two_four = [r["loss"] for r in mine if r["method"] == method and r.get("pattern") == "2:4"]
+            bottom.plot([0.5], two_four, "s", color=line.get_color(), markerfacecolor="none", label=f"{method} 2:4")
+        bottom.axhline(baseline, color="gray", lw=0.8)
+        bottom.set(xlabel="sparsity", ylabel="validation loss", yscale="log")
+    axes[0, -1].legend(fontsize=6, ncol=2)
+    axes[1, -1].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv):
+    del argv
+    rows = [row for run in _RUNS.value for row in measure(run)]
+    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
+    with open(_OUT.value, "w") as f:
+        json.dump(rows, f, indent=1)
+    plot(rows, _PLOT.value)
+    print(f"wrote {_OUT.value} and {_PLOT.value}")
+
+
+if __name__ == "__main__":
+    app.run(main)
