@@ -22,6 +22,7 @@ setuptools.setup(
         "orbax-checkpoint>=0.12,<0.13",
         "chex>=0.1.90,<0.2",
         "grain>=0.2.15,<0.3",
+        "qwix>=0.1.8,<0.2",  # quantized numerics: quantization-aware training and quantized runs (models/quantization.py)
         "absl-py>=2.1,<3",
         "ml_collections>=1.0,<2",
         "numpy>=2.0,<3",

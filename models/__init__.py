@@ -35,7 +35,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models import coconut, deq_transformer, early_exit, hybrid, mod, moe_transformer, mor, sae, transformer
+from models import (coconut, deq_transformer, early_exit, hybrid, mod, moe_transformer, mor, quantization, sae,
+                    transformer)
 
 MTP = "mtp"  # multi-token-prediction logits (models/mtp.py)
 EXITS = early_exit.COLLECTION  # early-exit logits (models/early_exit.py)
@@ -62,7 +63,7 @@ MODELS = {
 def build(model_config):
     """ConfigDict `config.model` -> a Flax module (`init` / `apply`)."""
     module, config_cls, _ = MODELS[model_config.name]
-    return module(config_cls(**model_config.to_dict()))
+    return quantization.wrap(module(config_cls(**model_config.to_dict())), model_config.get("quantization", ""))
 
 
 def example_inputs(model_config, batch: int = 1) -> jax.ShapeDtypeStruct:

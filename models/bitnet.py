@@ -48,8 +48,11 @@ def rms_normalised(x):
 
 
 def matmul(x, w, enabled: bool):
-    """x [N, K] @ w [K, M]: BitLinear's normalised, quantised product when `enabled`, else the plain one."""
-    return absmax_int8(rms_normalised(x)) @ ternary(w) if enabled else x @ w
+    """x [N, K] @ w [K, M]: BitLinear's normalised, quantised product when `enabled`, else the plain one (a
+    dot_general, which models/quantization.py's qwix rules round when `model.quantization` is set)."""
+    if enabled:
+        return absmax_int8(rms_normalised(x)) @ ternary(w)
+    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
 
 
 def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):

@@ -23,7 +23,7 @@ import dataclasses
 import flax.linen as nn
 import jax.numpy as jnp
 
-from models import blocks, layers, lm, mamba1, mamba2, moe
+from models import blocks, layers, lm, mamba1, mamba2, moe, quantization
 from data.config_fields import field
 from models.layers import ACTIVATIONS
 from models.lm_config import LMConfig
@@ -161,6 +161,11 @@ def validate(m) -> list[str]:
     if m.bitnet and set(pattern) - {"A"}:
         p.append(f"model.bitnet=True quantises attention blocks only; model.layer_pattern={pattern!r} has other "
                  "layers (use 'A' layers, or model.name='transformer')")
+    quantized = quantization.validate(m)
+    p += quantized
+    if m.quantization and not quantized and set(pattern) - set("SAE"):
+        p.append(f"model.quantization={m.quantization!r} covers Mamba-2, attention and MoE layers (S, A, E); "
+                 f"model.layer_pattern={pattern!r} has others")
     if "S" not in pattern:  # the Mamba-2 keys below are read by S layers only
         pass
     elif (m.expand * m.d_model) % m.ssm_head_dim:

@@ -45,6 +45,11 @@ def sow_site(module: nn.Module, name: str, x):
 CALIBRATION = "calibration"
 
 
+def matmul(x, w):
+    """x [N, K] @ w [K, M] as a dot_general: the form models/quantization.py's qwix rules round."""
+    return bitnet.matmul(x, w, False)
+
+
 def record_input(module: nn.Module, path: tuple, x, row_weights=None):
     """Calibration for compression (experiments/compression): when the "calibration" collection is mutable, adds
     what the calibration-based methods need of the kernel's flattened input x [..., N, in] (leading axes: one kernel

@@ -15,6 +15,7 @@ from models.attention_patterns import PATTERNS
 from models.kv_cache import DTYPES as KV_CACHE_DTYPES
 from models.layers import ACTIVATIONS, NORMS, REMAT_POLICIES
 from models.positions import POSITIONALS, ROPE_SCALINGS
+from models.quantization import QUANTIZATIONS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +72,8 @@ class LMConfig:
     activation: str = field("gelu", choices=ACTIVATIONS)
     mlp_bias: bool = False
     bitnet: bool = False  # BitNet b1.58: ternary weights, 8-bit activations in the blocks' matmuls (models/bitnet.py)
+    # the blocks' matmuls quantized through qwix in training (QAT) and inference: "" | int8 | int4 | w8a8 | fp8
+    quantization: str = field("", choices=QUANTIZATIONS)  # (models/quantization.py)
     mtp_depth: int = field(0, min=0)  # D multi-token-prediction modules trained beside the model (models/mtp.py)
     # dropout (training only: active when the forward pass is given a "dropout" rng, as the trainer's step is)
     embed_dropout: float = field(0.0, min=0, below=1)  # on the input embeddings

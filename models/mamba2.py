@@ -146,7 +146,7 @@ class Mamba2(nn.Module):
         w_in = self.param("in_proj", layers.dense_init("embed", None), (u.shape[-1], 2 * cfg.d_inner + 2 * groups_state
                                                                     + cfg.ssm_heads))
         layers.record_input(self, ("in_proj",), u.reshape(-1, u.shape[-1]))
-        projected = (u.reshape(-1, u.shape[-1]) @ w_in.astype(dtype)).reshape(batch, length, -1)
+        projected = layers.matmul(u.reshape(-1, u.shape[-1]), w_in.astype(dtype)).reshape(batch, length, -1)
         z, xbc, dt = jnp.split(projected, [cfg.d_inner, cfg.d_inner + cfg.conv_dim], axis=-1)
 
         conv_kernel = self.param("conv_kernel", nn.with_logical_partitioning(
@@ -178,5 +178,5 @@ class Mamba2(nn.Module):
 
         w_out = self.param("out_proj", layers.dense_init(None, "embed"), (cfg.d_inner, u.shape[-1]))
         layers.record_input(self, ("out_proj",), normed.reshape(-1, cfg.d_inner))
-        out = (normed.reshape(-1, cfg.d_inner) @ w_out.astype(dtype)).reshape(batch, length, -1)
+        out = layers.matmul(normed.reshape(-1, cfg.d_inner), w_out.astype(dtype)).reshape(batch, length, -1)
         return out, {"conv": conv_state.astype(state["conv"].dtype), "ssm": ssm_state}

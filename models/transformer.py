@@ -15,7 +15,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from models import blocks, early_exit, lm
+from models import blocks, early_exit, lm, quantization
 from models.lm_config import LMConfig
 
 
@@ -56,4 +56,5 @@ class Transformer(lm.LM):
 
 def validate(m) -> list[str]:
     """Cross-field problems of a transformer config.model (each key's own range is declared with it)."""
-    return blocks.validate_attention(m) + blocks.validate_ffn(m) + early_exit.validate(m)
+    return (blocks.validate_attention(m) + blocks.validate_ffn(m) + early_exit.validate(m)
+            + quantization.validate(m))
