@@ -4,7 +4,7 @@
     python -m experiments.compress --workdir=RUN --out=RUN2 --method=sparsegpt --sparsity=0.5   (or --n_m=2:4)
 
 methods: rtn, gptq, awq, awq_gptq (--bits, --group_size, --symmetric, --act_order), fp8 (e4m3: --group_size),
-magnitude, wanda, sparsegpt (--sparsity or --n_m); --damp and --block_size for GPTQ and SparseGPT;
+smoothquant (W8A8, --alpha), magnitude, wanda, sparsegpt (--sparsity or --n_m); --damp and --block_size for GPTQ and SparseGPT;
 `--calibration_rows` rows of the run's training data (experiments/compression/model.py says what is compressed and
 how). RUN2 is a run folder at step 0 with the
 compressed weights (dequantized, float32) and RUN's config: it evaluates, samples, decodes and exports like any
@@ -15,16 +15,27 @@ the calibration inputs and the fraction of zeros, wall times). `compress_run(...
 import json
 import os
 
+import ml_collections
+
 from data.config_fields import ConfigError
 from experiments.compression import model as compression_model
 
 
 def options_from(method: str, *, bits=None, group_size=-1, symmetric=False, act_order=False, damp=0.01,
-                 block_size=128, sparsity=None, n_m="") -> dict:
+                 block_size=128, sparsity=None, n_m="", alpha=None) -> dict:
     """The method's options, with the ones that belong to the other kind of method refused in one line."""
     quantizer = method in compression_model.QUANTIZERS
     if method not in compression_model.METHODS:
         raise ConfigError(f"--method={method!r}: one of {', '.join(compression_model.METHODS)}")
+    if method in compression_model.SMOOTHERS:
+        if bits is not None or group_size != -1 or symmetric or act_order or sparsity is not None or n_m:
+            raise ConfigError("--method=smoothquant is W8A8 per channel and per token: only --alpha applies")
+        alpha = 0.5 if alpha is None else alpha
+        if not 0 <= alpha <= 1:
+            raise ConfigError(f"--alpha={alpha}: the migration strength is in [0, 1]")
+        return {"alpha": alpha}
+    if alpha is not None:
+        raise ConfigError(f"--alpha is SmoothQuant's migration strength, not an option of --method={method}")
     if quantizer and (sparsity is not None or n_m):
         raise ConfigError(f"--method={method} quantizes: --sparsity and --n_m are for "
                           f"{', '.join(compression_model.PRUNERS)}")
@@ -67,6 +78,9 @@ def compress_run(workdir: str, out: str, method: str, *, calibration_rows: int =
         raise ConfigError(str(error)) from None
     rows = datasets.load(config.data, config.seed).train["inputs"][:calibration_rows]
     variables, report = compression_model.compress_variables(model, variables, rows, method, options)
+    if method in compression_model.SMOOTHERS:
+        config = ml_collections.ConfigDict(config.to_dict())
+        config.model.quantization = "w8a8"
     restore.save_variables(config, variables, out)
     report["source"] = {"workdir": os.path.abspath(workdir), "step": step}
     with open(os.path.join(out, "compression.json"), "w") as f:
@@ -84,12 +98,13 @@ def main(argv):
     try:
         report = compress_run(f.workdir, f.out, f.method, calibration_rows=f.calibration_rows, step=f.step,
                               bits=f.bits, group_size=f.group_size, symmetric=f.symmetric, act_order=f.act_order,
-                              damp=f.damp, block_size=f.block_size, sparsity=f.sparsity, n_m=f.n_m)
+                              damp=f.damp, block_size=f.block_size, sparsity=f.sparsity, n_m=f.n_m, alpha=f.alpha)
     except ConfigError as e:
         cli.fail(str(e))
     errors = [k["relative_error"] for k in report["kernels"]]
-    print(f"compressed {f.workdir} by {f.method} into {f.out}: {len(errors)} kernels, relative reconstruction error "
-          f"mean {sum(errors) / len(errors):.4f}, max {max(errors):.4f}")
+    summary = (f"{len(errors)} kernels, relative reconstruction error mean {sum(errors) / len(errors):.4f}, max "
+               f"{max(errors):.4f}" if errors else f"{len(report['smoothing'])} norms smoothed, every matmul W8A8")
+    print(f"compressed {f.workdir} by {f.method} into {f.out}: {summary}")
 
 
 if __name__ == "__main__":
@@ -97,7 +112,7 @@ if __name__ == "__main__":
 
     flags.DEFINE_string("workdir", None, "The run folder to compress.", required=True)
     flags.DEFINE_string("out", None, "The run folder to write.", required=True)
-    flags.DEFINE_string("method", None, "rtn, gptq, awq, awq_gptq, fp8, magnitude, wanda or sparsegpt.",
+    flags.DEFINE_string("method", None, "rtn, gptq, awq, awq_gptq, fp8, smoothquant, magnitude, wanda or sparsegpt.",
                         required=True)
     flags.DEFINE_integer("bits", None, "Quantizers: bits per weight (2 to 8).")
     flags.DEFINE_integer("group_size", -1, "Quantizers: inputs per grid (-1: one grid per output channel).")
@@ -107,6 +122,7 @@ if __name__ == "__main__":
     flags.DEFINE_integer("block_size", 128, "GPTQ, SparseGPT: inputs per lazy block.")
     flags.DEFINE_float("sparsity", None, "Pruners: the fraction of weights zeroed (default 0.5).")
     flags.DEFINE_string("n_m", "", "Pruners: n zeros in every m consecutive inputs, as n:m (e.g. 2:4).")
+    flags.DEFINE_float("alpha", None, "SmoothQuant: the migration strength in [0, 1] (default 0.5).")
     flags.DEFINE_integer("calibration_rows", 128, "Rows of the run's training data the calibration runs on.")
     flags.DEFINE_integer("step", None, "The checkpoint step (default: the newest intact one).")
     app.run(main)

@@ -11,6 +11,8 @@ stack. Each kernel [L, in..., out...]
     awq        AWQ's scales searched with H and mean |x|, then rtn (bits, group_size, symmetric)
     awq_gptq   the same scales, then GPTQ on the scaled problem (and act_order, damp, block_size)
     fp8        e4m3 per channel or group (group_size)
+    smoothquant  SmoothQuant's scales (alpha) folded into each block's norms and the kernels they feed, then every
+               matmul W8A8 through qwix (smoothquant.py); transformer runs with MLP blocks and a norm
     magnitude  Wanda with every input's norm 1: the smallest |w| of each output (sparsity or n_m)
     wanda      |w| x sqrt(mean x_i^2) (sparsity or n_m)
     sparsegpt  SparseGPT with H (sparsity or n_m, damp, block_size)
@@ -32,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from data.config_fields import ConfigError
-from experiments.compression import fp8 as fp8s, grid, hessian as hessians
+from experiments.compression import fp8 as fp8s, grid, hessian as hessians, smoothquant
 from experiments.compression.awq import awq
 from experiments.compression.fp8 import fp8
 from experiments.compression.gptq import gptq
@@ -41,8 +43,9 @@ from experiments.compression.wanda import wanda
 from models import layers
 
 QUANTIZERS = ("rtn", "gptq", "awq", "awq_gptq", "fp8")
+SMOOTHERS = ("smoothquant",)  # W8A8: the run is written with model.quantization="w8a8" (models/quantization.py)
 PRUNERS = ("magnitude", "wanda", "sparsegpt")
-METHODS = QUANTIZERS + PRUNERS
+METHODS = QUANTIZERS + SMOOTHERS + PRUNERS
 DENSE_STACK = "dense_layers"  # the plain blocks some families scan before their stack (models/lm.py)
 
 
@@ -72,6 +75,8 @@ def check(method: str, options: dict, kernel_shapes: dict) -> None:
     """ConfigError, in one line, for a method or an option that cannot apply to these kernels {name: (in, out)}."""
     if method not in METHODS:
         raise ConfigError(f"--method={method!r}: one of {', '.join(METHODS)}")
+    if method in SMOOTHERS:
+        return
     for name, shape in kernel_shapes.items():
         try:
             if method == "fp8":
@@ -181,9 +186,24 @@ def compress_params(params: dict, calibration: dict, method: str, options: dict)
     return params, report
 
 
+def check_smoothable(model) -> None:
+    """ConfigError, in one line, for a model whose norms SmoothQuant cannot fold its scales into."""
+    cfg = model.cfg
+    found = {"model.name": cfg.name, "model.ffn": getattr(cfg, "ffn", "mlp"), "model.norm": cfg.norm,
+             "model.attention": cfg.attention}
+    allowed = {"model.name": ("transformer",), "model.ffn": ("mlp",), "model.norm": ("layernorm", "rmsnorm"),
+               "model.attention": ("gqa", "qk_norm")}
+    for key, value in found.items():
+        if value not in allowed[key]:
+            raise ConfigError(f"--method=smoothquant folds its scales into the norms before attention and the MLP: "
+                              f"{key}={value!r} is not one of {', '.join(allowed[key])}")
+
+
 def compress_variables(model, variables: dict, rows, method: str, options: dict) -> tuple[dict, dict]:
     """(variables with compressed params, the report): calibration on `rows`, then every kernel (module doc)."""
     params = variables["params"]
+    if method in SMOOTHERS:
+        check_smoothable(model)
     abstract = jax.eval_shape(  # the calibration tree's shapes, nothing compiled: refusals come first
         lambda tokens: model.apply(variables, tokens, mutable=[layers.CALIBRATION])[1].get(layers.CALIBRATION, {}),
         jnp.asarray(rows[:1]))
@@ -199,6 +219,14 @@ def compress_variables(model, variables: dict, rows, method: str, options: dict)
     started = time.time()
     calibration = second_moments(model, variables, rows)
     calibrated = time.time()
+    if method in SMOOTHERS:
+        new, per_group = smoothquant.smooth_params(params, calibration, options["alpha"])
+        return {**variables, "params": new}, {
+            "method": method, "options": {"alpha": options["alpha"]}, "calibration_rows": int(len(rows)),
+            "calibration_tokens": int(np.size(rows)), "calibration_seconds": calibrated - started,
+            "compression_seconds": time.time() - calibrated,
+            "stored_as": "float32, smoothed; every block matmul W8A8 through qwix (model.quantization='w8a8')",
+            "smoothing": per_group, "kernels": []}
     new, per_kernel = compress_params(params, calibration, method, options)
     return {**variables, "params": new}, {
         "method": method, "options": {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()},

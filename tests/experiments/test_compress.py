@@ -18,7 +18,7 @@ import models
 from data.config_fields import ConfigError
 from experiments import compress, compression, restore
 from experiments.analysis import activations
-from experiments.compression import model as compression_model
+from experiments.compression import model as compression_model, smoothquant
 from experiments.evaluation import loss_eval
 from experiments.training import metrics_writer
 from models import transformer
@@ -90,6 +90,10 @@ def test_a_compressed_run_evaluates_and_gptq_beats_rtn(finished_tiny_run, tmp_pa
     assert all(len(np.unique(wi[:, j])) <= 8 for j in range(wi.shape[1]))  # 3 bits: 8 levels per output channel
     with pytest.raises(ConfigError, match="already holds a run"):
         compress.compress_run(source, str(tmp_path / "rtn"), "rtn", bits=4)
+    smoothed = str(tmp_path / "smoothquant")
+    report = compress.compress_run(source, smoothed, "smoothquant", alpha=0.5, calibration_rows=64)
+    assert restore.load_config(smoothed).model.quantization == "w8a8" and len(report["smoothing"]) == 2 * 2
+    assert loss_eval.evaluate(smoothed)["eval"]["loss"] == pytest.approx(trained["loss"], rel=0.05)
 
 
 @pytest.mark.parametrize("method,flags,message", [
@@ -98,11 +102,41 @@ def test_a_compressed_run_evaluates_and_gptq_beats_rtn(finished_tiny_run, tmp_pa
     ("gptq", {"bits": 4, "sparsity": 0.5}, "--method=gptq quantizes: --sparsity"),
     ("sparsegpt", {"n_m": "2-4"}, "--n_m='2-4': two integers n:m"),
     ("fp8", {"bits": 4}, "--method=fp8 is e4m3 with one scale per channel or group: --bits"),
-    ("prune", {}, "--method='prune': one of rtn, gptq, awq, awq_gptq, fp8, magnitude, wanda, sparsegpt"),
+    ("smoothquant", {"bits": 4}, "--method=smoothquant is W8A8 per channel and per token: only --alpha"),
+    ("smoothquant", {"alpha": 1.5}, "--alpha=1.5: the migration strength is in"),
+    ("gptq", {"bits": 4, "alpha": 0.5}, "--alpha is SmoothQuant's migration strength, not an option of --method=gptq"),
+    ("prune", {}, "--method='prune': one of rtn, gptq, awq, awq_gptq, fp8, smoothquant, magnitude, wanda, sparsegpt"),
 ])
 def test_bad_requests_are_one_line_errors(method, flags, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         compress.options_from(method, **flags)
+
+
+def test_smoothquant_is_an_identity_in_float_and_tames_an_outlier_channel_under_w8a8(tiny):
+    """Folding the scales into the norms changes no float logit; with one input channel 40x larger than the rest
+    (a norm scale), W8A8 after smoothing is closer to the float model than W8A8 without; the scales are the
+    reference's formula (smooth.py of the SmoothQuant code: max|x|^a / max|W|^(1-a), clamped at 1e-5)."""
+    model, variables, tokens = tiny
+    params = jax.tree.map(np.array, variables["params"])  # writable copies
+    params["layers"]["attention_norm"]["scale"][:, 3] *= 40.0
+    params["layers"]["mlp_norm"]["scale"][:, 7] *= 40.0
+    variables = {**variables, "params": params}
+    calibration = compression_model.second_moments(model, variables, tokens)
+    smoothed, report = smoothquant.smooth_params(params, calibration, alpha=0.5)
+    float_logits = np.asarray(model.apply(variables, tokens))
+    np.testing.assert_allclose(model.apply({**variables, "params": smoothed}, tokens), float_logits, rtol=1e-4,
+                               atol=1e-4)
+    x_max = calibration["layers"]["attention"]["query_abs_max"][1]
+    w_max = np.max([np.abs(params["layers"]["attention"][k][1]).reshape(16, -1).max(1)
+                    for k in ("query", "key", "value")], axis=0)
+    expected = np.maximum(np.sqrt(x_max) / np.sqrt(np.maximum(w_max, 1e-5)), 1e-5)
+    np.testing.assert_allclose(smoothed["layers"]["attention_norm"]["scale"][1],
+                               params["layers"]["attention_norm"]["scale"][1] / expected, rtol=1e-5)
+    assert len(report) == 2 * 2 and report[0]["scale_max"] > 5 * report[0]["scale_min"]
+    w8a8 = models.build(ml_collections.ConfigDict({**dict(model.cfg.__dict__), "quantization": "w8a8"}))
+    plain = np.abs(np.asarray(w8a8.apply(variables, tokens)) - float_logits).mean()
+    smooth = np.abs(np.asarray(w8a8.apply({**variables, "params": smoothed}, tokens)) - float_logits).mean()
+    assert smooth < 0.7 * plain, (smooth, plain)
 
 
 def _tiny(family: str, tokens, **fields):
