@@ -11,6 +11,9 @@ scored on the whole validation split (experiments/evaluation/loss_eval.scorer):
     quantizers  rtn, gptq, awq, awq_gptq at each of --bits, per channel (group -1) and per group of --group_size;
                 fp8 (e4m3) per channel
     pruners     magnitude, wanda, sparsegpt at each of --sparsities and at 2:4
+    qwix        (transformer runs) the run's own weights under model.quantization int8, int4 (symmetric per channel)
+                and w8a8, and SmoothQuant (alpha 0.5) under w8a8
+    qat         --qat: runs trained with model.quantization set, reported beside the run they are named with
 
 Writes --out (a JSON row per point: run, method, bits or sparsity, group, validation loss, the mean relative layer
 error, compression seconds, the weights' size if stored packed) and --plot; docs/studies/compression.md shows them.
@@ -39,6 +42,7 @@ _SPARSITIES = flags.DEFINE_list("sparsities", ["0.5", "0.6", "0.7"], "Unstructur
 _ROWS = flags.DEFINE_integer("calibration_rows", 128, "Training rows (of the run's context) calibrating.")
 _OUT = flags.DEFINE_string("out", "runs/compression_study.json", "The rows, as JSON.")
 _PLOT = flags.DEFINE_string("plot", "docs/compression_study.png", "The figure.")
+_QAT = flags.DEFINE_list("qat", [], "QAT runs as RUN=QAT_RUN (e.g. runs/lm=runs/lm_qat_int4).")
 
 QUANTIZERS = ("rtn", "gptq", "awq", "awq_gptq")
 PRUNERS = ("magnitude", "wanda", "sparsegpt")
@@ -88,7 +92,7 @@ def measure(workdir: str) -> list[dict]:
     shapes = {name: (np.shape(compression_model._get(variables["params"], path)), scope, kernel)
               for name, (path, scope, kernel) in found.items()}
     baseline = score(variables)["eval"]["loss"]
-    rows = [{"run": workdir, "method": "none", "bits": 32, "loss": baseline}]
+    rows = [{"run": workdir, "family": config.model.name, "method": "none", "bits": 32, "loss": baseline}]
     print(f"{workdir}: uncompressed validation loss {baseline:.4f}", flush=True)
     for method, flags_, labels in settings():
         options = compress.options_from(method, **flags_)
@@ -109,6 +113,39 @@ def measure(workdir: str) -> list[dict]:
         rows.append(row)
         print(json.dumps(row), flush=True)
     rows[0]["packed_mb"] = packed_megabytes([], variables["params"], {})
+    if config.model.name == "transformer":
+        rows += qwix_rows(workdir, config, variables, splits, calibration)
+    for pair in _QAT.value:
+        source, qat_run = pair.split("=")
+        if source == workdir:
+            qat_config = restore.load_config(qat_run)
+            loss = loss_eval.evaluate(qat_run)["eval"]["loss"]
+            bits = {"int8": 8, "int4": 4, "w8a8": 8, "fp8": 8}[qat_config.model.quantization]
+            rows.append({"run": workdir, "method": f"qat_{qat_config.model.quantization}", "bits": bits,
+                         "group": -1, "loss": loss, "qat_run": qat_run})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def qwix_rows(workdir, config, variables, splits, calibration) -> list[dict]:
+    """The run's weights under qwix's numerics (models/quantization.py), and SmoothQuant's smoothed ones under
+    w8a8."""
+    import ml_collections
+
+    import models
+    from experiments.compression import smoothquant
+
+    rows = []
+    for name, bits in (("int8", 8), ("int4", 4), ("w8a8", 8), ("smoothquant", 8)):
+        model_config = ml_collections.ConfigDict({**config.model.to_dict(),
+                                                  "quantization": "w8a8" if name == "smoothquant" else name})
+        params = variables["params"]
+        if name == "smoothquant":
+            params = smoothquant.smooth_params(params, calibration, alpha=0.5)[0]
+        loss = loss_eval.scorer(models.build(model_config), splits)({**variables, "params": params})["eval"]["loss"]
+        rows.append({"run": workdir, "method": name if name == "smoothquant" else f"qwix_{name}", "bits": bits,
+                     "group": -1, "loss": loss})
+        print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -117,17 +154,20 @@ def plot(rows: list[dict], path: str) -> None:
     fig, axes = plt.subplots(2, len(runs), figsize=(4.2 * len(runs), 7), squeeze=False)
     for column, run in enumerate(runs):
         mine = [r for r in rows if r["run"] == run]
-        baseline = next(r["loss"] for r in mine if r["method"] == "none")
+        baseline, family = next((r["loss"], r["family"]) for r in mine if r["method"] == "none")
         top, bottom = axes[0, column], axes[1, column]
         for method in QUANTIZERS:
             for group, style in ((-1, "-"), (_GROUP.value, "--")):
                 points = sorted((r["bits"], r["loss"]) for r in mine if r["method"] == method and r.get("group") == group)
                 if points:
                     top.plot(*zip(*points), style, marker="o", label=f"{method} g{group}")
-        fp8 = [r["loss"] for r in mine if r["method"] == "fp8"]
-        top.plot([8] * len(fp8), fp8, "k*", markersize=10, label="fp8 e4m3")
+        for method, marker in (("fp8", "k*"), ("qwix_w8a8", "rx"), ("smoothquant", "g+"), ("qwix_int4", "bD"),
+                               ("qat_int4", "m*")):
+            points = [(r["bits"], r["loss"]) for r in mine if r["method"] == method]
+            if points:
+                top.plot(*zip(*points), marker, markersize=9, label=method)
         top.axhline(baseline, color="gray", lw=0.8, label="float32")
-        top.set(title=os.path.basename(run), xlabel="bits per weight", ylabel="validation loss", yscale="log")
+        top.set(title=f"{family} ({run})", xlabel="bits per weight", ylabel="validation loss", yscale="log")
         top.invert_xaxis()
         for method in PRUNERS:
             points = sorted((r["sparsity"], r["loss"]) for r in mine
@@ -137,7 +177,8 @@ def plot(rows: list[dict], path: str) -> None:
             bottom.plot([0.5], two_four, "s", color=line.get_color(), markerfacecolor="none", label=f"{method} 2:4")
         bottom.axhline(baseline, color="gray", lw=0.8)
         bottom.set(xlabel="sparsity", ylabel="validation loss", yscale="log")
-    axes[0, -1].legend(fontsize=6, ncol=2)
+    for top in axes[0]:
+        top.legend(fontsize=5, ncol=2)
     axes[1, -1].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
