@@ -4,18 +4,21 @@
     python -m experiments.compress --workdir=RUN --out=RUN2 --method=sparsegpt --sparsity=0.5   (or --n_m=2:4)
 
 methods: rtn, gptq, awq, awq_gptq (--bits, --group_size, --symmetric, --act_order), fp8 (e4m3: --group_size),
-smoothquant (W8A8, --alpha), magnitude, wanda, sparsegpt (--sparsity or --n_m); --damp and --block_size for GPTQ and SparseGPT;
-`--calibration_rows` rows of the run's training data (experiments/compression/model.py says what is compressed and
-how). RUN2 is a run folder at step 0 with the
-compressed weights (dequantized, float32) and RUN's config: it evaluates, samples, decodes and exports like any
-other run; RUN2/compression.json is the report (options, per kernel and layer the relative reconstruction error on
-the calibration inputs and the fraction of zeros, wall times). `compress_run(...)` is the library function.
+smoothquant (W8A8, --alpha), magnitude, wanda, sparsegpt (--sparsity or --n_m); --damp and --block_size for GPTQ and
+SparseGPT; `--calibration_rows` rows of the run's training data, or of a prepared token store
+(`--calibration=STORE`, e.g. for an imported checkpoint whose tokenizer is not the run's data's);
+experiments/compression/model.py says what is compressed and how. RUN2 is a run folder at step 0 with the compressed
+weights (dequantized, float32; SmoothQuant's smoothed, with model.quantization=w8a8) and RUN's config: it evaluates,
+samples, decodes and exports like any other run; RUN2/compression.json is the report (options, per kernel and layer
+the relative reconstruction error on the calibration inputs and the fraction of zeros, wall times).
+`compress_run(...)` is the library function.
 """
 
 import json
 import os
 
 import ml_collections
+import numpy as np
 
 from data.config_fields import ConfigError
 from experiments.compression import model as compression_model
@@ -59,9 +62,34 @@ def options_from(method: str, *, bits=None, group_size=-1, symmetric=False, act_
             "block_size": block_size, "sparsity": 0.5 if sparsity is None else sparsity, "n_m": pattern}
 
 
-def compress_run(workdir: str, out: str, method: str, *, calibration_rows: int = 128, step=None, **flags) -> dict:
-    """Writes `out` (module doc) and returns the report."""
+def calibration_rows_of(config, rows: int, store: str = ""):
+    """int32 [rows, T]: the first `rows` training rows of the run's own data, or of the prepared token store `store`
+    (`python -m data.prepare`) cut to the run's data.seq_len; a one-line ConfigError if their ids do not fit the
+    model's vocabulary (an imported model calibrated on data of another tokenizer)."""
     import data as datasets
+    from data import token_store
+    from experiments.configs import base
+
+    if store:
+        data_config = base.get_config(config.model.name, "tokens").data
+        data_config.update(stores=store, seq_len=config.data.seq_len)
+        problems = token_store.validate(data_config)
+        if problems:
+            raise ConfigError(f"--calibration={store!r}: {problems[0]}")
+        found = token_store.sample_rows(data_config, config.seed, rows)["inputs"]
+    else:
+        found = datasets.load(config.data, config.seed).train["inputs"][:rows]
+    largest = int(np.max(found))
+    if largest >= config.model.vocab_size:
+        raise ConfigError(f"the calibration rows hold token id {largest}, outside the model's vocabulary of "
+                          f"{config.model.vocab_size}: calibrate on a store written with this model's tokenizer "
+                          "(--calibration=STORE from `python -m data.prepare`)")
+    return found
+
+
+def compress_run(workdir: str, out: str, method: str, *, calibration_rows: int = 128, step=None, calibration: str = "",
+                 **flags) -> dict:
+    """Writes `out` (module doc) and returns the report."""
     from experiments import restore
 
     options = options_from(method, **flags)
@@ -76,7 +104,7 @@ def compress_run(workdir: str, out: str, method: str, *, calibration_rows: int =
         model, variables = restore.load_variables(config, workdir, step)
     except FileNotFoundError as error:
         raise ConfigError(str(error)) from None
-    rows = datasets.load(config.data, config.seed).train["inputs"][:calibration_rows]
+    rows = calibration_rows_of(config, calibration_rows, calibration)
     variables, report = compression_model.compress_variables(model, variables, rows, method, options)
     if method in compression_model.SMOOTHERS:
         config = ml_collections.ConfigDict(config.to_dict())
@@ -97,6 +125,7 @@ def main(argv):
     f = flags.FLAGS
     try:
         report = compress_run(f.workdir, f.out, f.method, calibration_rows=f.calibration_rows, step=f.step,
+                              calibration=f.calibration,
                               bits=f.bits, group_size=f.group_size, symmetric=f.symmetric, act_order=f.act_order,
                               damp=f.damp, block_size=f.block_size, sparsity=f.sparsity, n_m=f.n_m, alpha=f.alpha)
     except ConfigError as e:
@@ -124,5 +153,6 @@ if __name__ == "__main__":
     flags.DEFINE_string("n_m", "", "Pruners: n zeros in every m consecutive inputs, as n:m (e.g. 2:4).")
     flags.DEFINE_float("alpha", None, "SmoothQuant: the migration strength in [0, 1] (default 0.5).")
     flags.DEFINE_integer("calibration_rows", 128, "Rows of the run's training data the calibration runs on.")
+    flags.DEFINE_string("calibration", "", "A prepared token store (python -m data.prepare) to calibrate on instead.")
     flags.DEFINE_integer("step", None, "The checkpoint step (default: the newest intact one).")
     app.run(main)

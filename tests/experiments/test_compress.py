@@ -146,10 +146,9 @@ def _tiny(family: str, tokens, **fields):
     return model, nn.meta.unbox(model.init(jax.random.key(0), jnp.asarray(tokens[:1])))
 
 
-def test_moe_experts_and_mamba2_projections_are_calibrated_and_compressed(tiny):
-    """Each expert's gram is over the tokens routed to it (checked against the routing recomputed from the router),
-    its output kernel's over their hidden activations; every expert of every layer is compressed; Mamba-2's in and out
-    projections are, its depthwise convolution is not."""
+def test_moe_experts_are_calibrated_on_their_tokens_and_compressed_one_by_one(tiny):
+    """Each expert's statistics count the tokens routed to it (top-2: every token twice per layer), every expert of
+    every layer is compressed by the layer function on its own matrix, and the router is kept."""
     tokens = tiny[2]
     model, variables = _tiny("moe", tokens, num_experts=4, top_k=2, d_expert=8)
     calibration = compression_model.second_moments(model, variables, tokens)
@@ -166,6 +165,10 @@ def test_moe_experts_and_mamba2_projections_are_calibrated_and_compressed(tiny):
         (layer, expert) for layer in range(2) for expert in range(4)}
     np.testing.assert_array_equal(after["router"], before["router"])
 
+
+@pytest.mark.slow  # by default the transformer and MoE paths
+def test_mamba2_projections_are_compressed_and_its_convolution_kept(tiny):
+    tokens = tiny[2]
     model, variables = _tiny("ssd", tokens, ssm_state=8, ssm_head_dim=8)
     compressed, report = compression_model.compress_variables(model, variables, tokens, "rtn",
                                                               {"bits": 4, "group_size": -1, "symmetric": False})

@@ -302,3 +302,41 @@ def _tiny_hf_config():
                 moe_intermediate_size=16, num_hidden_layers=2, num_attention_heads=3, n_routed_experts=8,
                 num_experts_per_tok=2, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, v_head_dim=12,
                 qk_nope_head_dim=10, max_position_embeddings=32, rms_norm_eps=1e-6, first_k_dense_replace=1)
+
+
+@pytest.mark.slow  # an import, a prepared store, a GPTQ compression, an export and a transformers load
+def test_an_imported_llama_compresses_on_a_token_store_decodes_and_exports_to_transformers(tmp_path):
+    """A tiny random Llama of 256 ids (so that a byte-level store's ids fit) imported, compressed by GPTQ at 4 bits
+    on a prepared token store: the compressed run decodes with a cache as its full pass does, and its export loads
+    in transformers with its logits; a 61-id Llama calibrated on its run's byte data is refused in one line."""
+    from data import prepare
+    from experiments import compress, export_hf
+
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                      max_position_embeddings=64, rope_parameters={"rope_theta": 100.0})
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).eval().save_pretrained(tmp_path / "hf")
+    import_hf.write_run_folder(str(tmp_path / "hf"), str(tmp_path / "run"))
+    with open(tmp_path / "text.jsonl", "w") as f:
+        for i in range(40):
+            f.write(json.dumps({"text": f"document {i}: " + "the quick brown fox " * (i % 7 + 1)}) + "\n")
+    prepare.prepare([str(tmp_path / "text.jsonl")], str(tmp_path / "store"), documents_per_shard=16)
+    report = compress.compress_run(str(tmp_path / "run"), str(tmp_path / "gptq"), "gptq", bits=4,
+                                   calibration=str(tmp_path / "store"), calibration_rows=16)
+    assert len(report["kernels"]) == 7 * 2 and all(k["relative_error"] < 0.1 for k in report["kernels"])
+
+    compressed = str(tmp_path / "gptq")
+    model, variables = restore.load_variables(restore.load_config(compressed), compressed)
+    tokens = np.random.default_rng(3).integers(0, 256, (2, 12))
+    full = np.asarray(model.apply(variables, jnp.asarray(tokens, jnp.int32)))
+    decoded = _decoded(model, variables, tokens, prompt=5)
+    np.testing.assert_allclose(decoded, full, rtol=1e-4, atol=1e-4 * np.abs(full).max())
+    export_hf.export(compressed, str(tmp_path / "exported"))
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval()
+    np.testing.assert_allclose(_hf_logits(loaded, tokens), full, rtol=1e-4, atol=1e-4 * np.abs(full).max())
+
+    llama(tmp_path / "hf61", {"rope_type": "default"}, 64)
+    import_hf.write_run_folder(str(tmp_path / "hf61"), str(tmp_path / "run61"))
+    with pytest.raises(ConfigError, match="token id .* outside the model's vocabulary of 61: calibrate on a store"):
+        compress.compress_run(str(tmp_path / "run61"), str(tmp_path / "out61"), "rtn", bits=4)

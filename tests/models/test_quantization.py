@@ -89,6 +89,7 @@ def test_w8a8_rounds_the_activations_too(tiny):
     assert 1e-4 < gap < 0.1 * np.abs(np.asarray(float_logits)).max()
 
 
+@pytest.mark.slow  # two trainer runs; by default the numerics, decoding and refusals above
 def test_quantization_aware_training_gives_the_one_device_losses_on_a_mesh(tmp_path):
     def config():
         c = make_tiny_lm_config(steps=3)
