@@ -12,7 +12,7 @@ stack. Each kernel [L, in..., out...]
     awq_gptq   the same scales, then GPTQ on the scaled problem (and act_order, damp, block_size)
     fp8        e4m3 per channel or group (group_size)
     smoothquant  SmoothQuant's scales (alpha) folded into each block's norms and the kernels they feed, then every
-               matmul W8A8 through qwix (smoothquant.py); transformer runs with MLP blocks and a norm
+               matmul W8A8 through qwix (smoothquant.py); the families models/quantization.py covers
     magnitude  Wanda with every input's norm 1: the smallest |w| of each output (sparsity or n_m)
     wanda      |w| x sqrt(mean x_i^2) (sparsity or n_m)
     sparsegpt  SparseGPT with H (sparsity or n_m, damp, block_size)
@@ -25,6 +25,7 @@ and Mamba-2's in and out projections; a model with a kernel in its layers that r
 naming the kernels, rather than half compressed.
 """
 
+import dataclasses
 import functools
 import math
 import time
@@ -187,16 +188,19 @@ def compress_params(params: dict, calibration: dict, method: str, options: dict)
 
 
 def check_smoothable(model) -> None:
-    """ConfigError, in one line, for a model whose norms SmoothQuant cannot fold its scales into."""
+    """ConfigError, in one line, for a model whose norms SmoothQuant cannot fold its scales into, or whose matmuls
+    W8A8 does not reach."""
+    import ml_collections
+
+    import models
+
     cfg = model.cfg
-    found = {"model.name": cfg.name, "model.ffn": getattr(cfg, "ffn", "mlp"), "model.norm": cfg.norm,
-             "model.attention": cfg.attention}
-    allowed = {"model.name": ("transformer",), "model.ffn": ("mlp",), "model.norm": ("layernorm", "rmsnorm"),
-               "model.attention": ("gqa", "qk_norm")}
-    for key, value in found.items():
-        if value not in allowed[key]:
-            raise ConfigError(f"--method=smoothquant folds its scales into the norms before attention and the MLP: "
-                              f"{key}={value!r} is not one of {', '.join(allowed[key])}")
+    quantized = ml_collections.ConfigDict(dataclasses.asdict(dataclasses.replace(cfg, quantization="w8a8")))
+    problems = models.MODELS[cfg.name][2](quantized)
+    if cfg.norm not in ("layernorm", "rmsnorm"):
+        problems.append(f"model.norm={cfg.norm!r}: SmoothQuant folds its scales into a layernorm or rmsnorm")
+    if problems:
+        raise ConfigError(f"--method=smoothquant runs W8A8 after folding scales into the norms: {problems[0]}")
 
 
 def compress_variables(model, variables: dict, rows, method: str, options: dict) -> tuple[dict, dict]:
@@ -213,14 +217,15 @@ def compress_variables(model, variables: dict, rows, method: str, options: dict)
         raise ConfigError(f"this model's layers have kernels whose inputs no calibration records: "
                           f"{', '.join(missing[:6]) or 'all of them'}; compression covers GQA attention, MLPs, MoE "
                           "experts and Mamba-2's projections")
-    shapes = {name: matrix_shape(np.shape(_get(params, path))[1:], _get(abstract, scope + (f"{kernel}_gram",)).shape[-1])
-              for name, (path, scope, kernel) in found.items()}
+    grams = {name: _get(abstract, scope + (f"{kernel}_gram",)) for name, (_, scope, kernel) in found.items()}
+    shapes = {name: matrix_shape(np.shape(_get(params, path))[grams[name].ndim - 2:], grams[name].shape[-1])
+              for name, (path, _, _) in found.items()}  # past the stack's axes: [L] per layer, [L, E] per expert
     check(method, options, shapes)
     started = time.time()
     calibration = second_moments(model, variables, rows)
     calibrated = time.time()
     if method in SMOOTHERS:
-        new, per_group = smoothquant.smooth_params(params, calibration, options["alpha"])
+        new, per_group = smoothquant.smooth_params(params, calibration, model.stack_name, options["alpha"])
         return {**variables, "params": new}, {
             "method": method, "options": {"alpha": options["alpha"]}, "calibration_rows": int(len(rows)),
             "calibration_tokens": int(np.size(rows)), "calibration_seconds": calibrated - started,

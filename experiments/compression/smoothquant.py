@@ -9,10 +9,11 @@ and wg), with max|x_j| over calibration tokens per input feature j and migration
 
 an identity before quantization; then every matmul of the blocks runs W8A8 (models/quantization.py, `w8a8`: int8
 weights per output channel, int8 activations per token). Kernels whose input no norm produces (attention's output
-projection, the MLP's wo) are quantized without smoothing, as the paper's code does.
+projection, the MLP's wo, the experts' w_out, Mamba-2's out_proj) are quantized without smoothing, as the paper's
+code does; kernels that read a smoothed norm but stay in float (an MoE router) take s too, so nothing changes.
 """
 
-import jax.numpy as jnp
+import jax
 import numpy as np
 
 FLOOR = 1e-5
@@ -27,43 +28,66 @@ def smoothing_scales(input_abs_max, kernels, alpha: float) -> np.ndarray:
     return np.maximum(scales, FLOOR)
 
 
-def smooth(norm: dict, kernels: list, scales) -> tuple[dict, list]:
-    """(the norm's params {"scale"[, "bias"]} divided by s, each kernel [in, ...] with its rows times s)."""
-    scales = jnp.asarray(scales, jnp.float32)
-    new_norm = {name: value / scales for name, value in norm.items()}
-    shaped = lambda w: scales.reshape((-1,) + (1,) * (w.ndim - 1))  # noqa: E731
-    return new_norm, [w * shaped(w) for w in kernels]
+def groups(unit: dict):
+    """(norm name, kernels quantized, kernels only rescaled) of every norm of this unit of the parameter tree whose
+    output feeds kernels directly; a kernel is (module path, name). Attention's query, key and value after
+    attention_norm; the MLP's wi and wg, or the MoE experts' w_gate and w_in and its shared expert's wi and wg (the
+    router, kept in float, rescaled only) after mlp_norm; Mamba-2's in_proj after its block's norm."""
+    if "attention_norm" in unit and "attention" in unit:
+        yield "attention_norm", [(("attention",), name) for name in ("query", "key", "value")], []
+    if "mlp_norm" in unit and "mlp" in unit:
+        yield "mlp_norm", [(("mlp",), name) for name in ("wi", "wg") if name in unit["mlp"]], []
+    if "mlp_norm" in unit and "moe" in unit:
+        shared = unit["moe"].get("shared", {})
+        yield "mlp_norm", ([(("moe",), "w_gate"), (("moe",), "w_in")]
+                           + [(("moe", "shared"), name) for name in ("wi", "wg") if name in shared]), [(("moe",), "router")]
+    if "norm" in unit and "mixer" in unit and "in_proj" in unit["mixer"]:
+        yield "norm", [(("mixer",), "in_proj")], []
 
 
-# What one block's norms feed: (norm, module, kernels read from its output, those present), in the transformer's
-# parameter tree.
-GROUPS = (("attention_norm", "attention", ("query", "key", "value")), ("mlp_norm", "mlp", ("wi", "wg")))
+def _input_axis(name: str) -> int:
+    """The input axis of one layer's kernel: MoE experts' [E, in, out] have it second."""
+    return 1 if name in ("w_gate", "w_in") else 0
 
 
-def _kernel(module: dict, name: str):
-    return module[name]["kernel"] if isinstance(module[name], dict) else module[name]
+def _get(tree, path):
+    for key in path:
+        tree = tree[key]
+    return tree
 
 
-def smooth_params(params: dict, calibration: dict, alpha: float) -> tuple[dict, list[dict]]:
-    """(params of the scanned "layers" stack with every GROUPS norm and its kernels smoothed, per layer and norm
-    {"layer", "norm", "scale_min", "scale_max"}); calibration as model.second_moments gives it."""
-    stack, recorded = params["layers"], calibration["layers"]
-    new_stack, report = {**stack}, []
-    for norm_name, module_name, names in GROUPS:
-        norm, module = stack[norm_name], stack[module_name]
-        names = [name for name in names if name in module]  # wg: SwiGLU only
-        input_abs_max = recorded[module_name][f"{names[0]}_abs_max"]  # the kernels share the norm's output
-        layers_out = []
-        for layer in range(input_abs_max.shape[0]):
-            kernels = [np.asarray(_kernel(module, name)[layer]) for name in names]
-            scales = smoothing_scales(input_abs_max[layer], [k.reshape(k.shape[0], -1) for k in kernels], alpha)
-            layers_out.append(smooth({k: v[layer] for k, v in norm.items()}, kernels, scales))
-            report.append({"layer": layer, "norm": norm_name, "scale_min": float(scales.min()),
-                           "scale_max": float(scales.max())})
-        new_stack[norm_name] = {k: jnp.stack([n[k] for n, _ in layers_out]) for k in norm}
-        new_module = {**module}
-        for i, name in enumerate(names):
-            stacked = jnp.stack([kernels[i] for _, kernels in layers_out])
-            new_module[name] = {**module[name], "kernel": stacked} if isinstance(module[name], dict) else stacked
-        new_stack[module_name] = new_module
-    return {**params, "layers": new_stack}, report
+def _kernel_path(unit: dict, module: tuple, name: str) -> tuple:
+    node = _get(unit, module + (name,))
+    return module + (name, "kernel") if isinstance(node, dict) else module + (name,)
+
+
+def smooth_params(params: dict, calibration: dict, stack: str, alpha: float) -> tuple[dict, list[dict]]:
+    """(params with every `groups` norm of the scanned stack `stack` and the kernels it feeds smoothed, per layer and
+    norm {"layer", "norm", "scale_min", "scale_max"}); calibration as model.second_moments gives it."""
+    new = jax.tree.map(np.array, params)  # writable copies
+    report = []
+
+    def visit(unit: dict, recorded: dict, prefix: tuple):
+        for key, child in unit.items():
+            if isinstance(child, dict) and key in recorded:
+                visit(child, recorded[key], prefix + (key,))
+        for norm_name, quantized, rescaled in groups(unit):
+            maxima = [_get(recorded, module + (f"{name}_abs_max",)) for module, name in quantized]
+            maxima = np.max([m if m.ndim == 2 else m.max(1) for m in maxima], axis=0)  # [L, in]; experts: any
+            target = _get(new, prefix)
+            for layer in range(maxima.shape[0]):
+                matrices = [np.moveaxis(_get(target, _kernel_path(unit, module, name))[layer], _input_axis(name), 0)
+                            for module, name in quantized]
+                scales = smoothing_scales(maxima[layer], [m.reshape(m.shape[0], -1) for m in matrices], alpha)
+                for value in target[norm_name].values():
+                    value[layer] /= scales
+                for module, name in quantized + rescaled:
+                    kernel = _get(target, _kernel_path(unit, module, name))
+                    shape = [1] * (kernel.ndim - 1)
+                    shape[_input_axis(name)] = -1
+                    kernel[layer] *= scales.reshape(shape)
+                report.append({"layer": layer, "norm": "/".join(prefix + (norm_name,)),
+                               "scale_min": float(scales.min()), "scale_max": float(scales.max())})
+
+    visit(params[stack], calibration[stack], (stack,))
+    return new, report

@@ -141,7 +141,7 @@ def qwix_rows(workdir, config, variables, splits, calibration) -> list[dict]:
                                                   "quantization": "w8a8" if name == "smoothquant" else name})
         params = variables["params"]
         if name == "smoothquant":
-            params = smoothquant.smooth_params(params, calibration, alpha=0.5)[0]
+            params = smoothquant.smooth_params(params, calibration, "layers", alpha=0.5)[0]
         loss = loss_eval.scorer(models.build(model_config), splits)({**variables, "params": params})["eval"]["loss"]
         rows.append({"run": workdir, "method": name if name == "smoothquant" else f"qwix_{name}", "bits": bits,
                      "group": -1, "loss": loss})

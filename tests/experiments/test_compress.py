@@ -22,6 +22,7 @@ from experiments.compression import model as compression_model, smoothquant
 from experiments.evaluation import loss_eval
 from experiments.training import metrics_writer
 from models import transformer
+from tests.conftest import slow
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +123,7 @@ def test_smoothquant_is_an_identity_in_float_and_tames_an_outlier_channel_under_
     params["layers"]["mlp_norm"]["scale"][:, 7] *= 40.0
     variables = {**variables, "params": params}
     calibration = compression_model.second_moments(model, variables, tokens)
-    smoothed, report = smoothquant.smooth_params(params, calibration, alpha=0.5)
+    smoothed, report = smoothquant.smooth_params(params, calibration, "layers", alpha=0.5)
     float_logits = np.asarray(model.apply(variables, tokens))
     np.testing.assert_allclose(model.apply({**variables, "params": smoothed}, tokens), float_logits, rtol=1e-4,
                                atol=1e-4)
@@ -137,6 +138,20 @@ def test_smoothquant_is_an_identity_in_float_and_tames_an_outlier_channel_under_
     plain = np.abs(np.asarray(w8a8.apply(variables, tokens)) - float_logits).mean()
     smooth = np.abs(np.asarray(w8a8.apply({**variables, "params": smoothed}, tokens)) - float_logits).mean()
     assert smooth < 0.7 * plain, (smooth, plain)
+
+
+@pytest.mark.parametrize("family,fields", [
+    ("moe", dict(num_experts=4, top_k=2, d_expert=8, num_shared_experts=1, norm="layernorm")),
+    slow("ssd", dict(ssm_state=8, ssm_head_dim=8))])
+def test_smoothquant_folds_into_moe_and_mamba2_norms_as_an_identity(tiny, family, fields):
+    """The experts, the shared expert and the router (rescaled, kept in float) after an MoE block's mlp_norm, and
+    Mamba-2's in_proj after its block's norm: the smoothed float model gives the same logits."""
+    tokens = tiny[2]
+    model, variables = _tiny(family, tokens, **fields)
+    compressed, report = compression_model.compress_variables(model, variables, tokens, "smoothquant", {"alpha": 0.5})
+    assert len(report["smoothing"]) == 2 * (2 if family == "moe" else 1)
+    assert all(r["scale_min"] < r["scale_max"] for r in report["smoothing"])
+    np.testing.assert_allclose(model.apply(compressed, tokens), model.apply(variables, tokens), rtol=1e-4, atol=1e-4)
 
 
 def _tiny(family: str, tokens, **fields):
@@ -156,8 +171,9 @@ def test_moe_experts_are_calibrated_on_their_tokens_and_compressed_one_by_one(ti
     assert moe["w_gate_gram"].shape == (2, 4, 16, 16) and moe["w_out_gram"].shape == (2, 4, 8, 8)
     np.testing.assert_allclose(moe["w_gate_rows"].sum(1), 2 * tokens.size)  # top-2: every token twice per layer
     assert np.all(moe["w_gate_rows"] > 0)
-    new, report = compression_model.compress_params(variables["params"], calibration, "rtn",
-                                                    {"bits": 3, "group_size": -1, "symmetric": False})
+    compressed, report = compression_model.compress_variables(  # the command's path: checks, then every kernel
+        model, variables, tokens, "rtn", {"bits": 3, "group_size": -1, "symmetric": False})
+    new, report = compressed["params"], report["kernels"]
     before, after = variables["params"]["layers"]["block_0"]["moe"], new["layers"]["block_0"]["moe"]
     w_out = np.asarray(before["w_out"])  # [L, E, d_expert, D]
     np.testing.assert_allclose(after["w_out"][1, 3], compression.rtn(w_out[1, 3], bits=3), rtol=1e-6)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import models
-from tests.conftest import assert_mesh_run_matches_one_device, make_tiny_lm_config
+from tests.conftest import assert_mesh_run_matches_one_device, make_tiny_lm_config, slow
 
 
 def reference_symmetric(w, bits):
@@ -55,7 +55,7 @@ def tiny():
     return config, variables, tokens, model.apply(variables, tokens)
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, slow(4)])
 def test_weight_only_logits_are_the_float_models_with_reference_rounded_kernels(tiny, bits):
     config, variables, tokens, float_logits = tiny
     quantized = models.build(ml_collections.ConfigDict({**config.to_dict(), "quantization": f"int{bits}"}))
