@@ -163,7 +163,6 @@ class MoEFfn(nn.Module):
             self.sow("metrics", "bias_max", jnp.max(bias.value))
         return y
 
-
     def _record_expert_inputs(self, tokens, experts, weights):
         """Compression's calibration (models/layers.record_input): each expert's kernels see the tokens routed to
         it, and its output kernel their hidden activations (every expert run on every token, so only here)."""
@@ -171,9 +170,7 @@ class MoEFfn(nn.Module):
         each = jnp.broadcast_to(tokens, (self.options.num_experts, *tokens.shape))  # [E, T, D]
         layers.record_input(self, ("w_gate",), each, routed)
         layers.record_input(self, ("w_in",), each, routed)
-        w_gate, w_in, _ = weights
-        hidden = jax.nn.silu(jnp.einsum("etd,edf->etf", each, w_gate)) * jnp.einsum("etd,edf->etf", each, w_in)
-        layers.record_input(self, ("w_out",), hidden, routed)
+        layers.record_input(self, ("w_out",), moe_dispatch.expert_hidden(each, *weights[:2]), routed)
 
 
 def validate(m) -> list[str]:

@@ -38,10 +38,20 @@ from kernels_pallas import on_mesh
 DISPATCHES = ("dense", "capacity", "ragged")
 
 
+def expert_matmul(x, w):
+    """x [E, N, K] @ w [E, K, M] per expert, as a batched dot_general (the form models/quantization.py's qwix rules
+    round; the routing's einsums, activations only, stay as they are)."""
+    return jax.lax.dot_general(x, w, (((2,), (1,)), ((0,), (0,))))
+
+
+def expert_hidden(x, w_gate, w_in):
+    """The SwiGLU experts' hidden activations silu(x W_gate) * x W_in: x [E, N, D] -> [E, N, F]."""
+    return jax.nn.silu(expert_matmul(x, w_gate)) * expert_matmul(x, w_in)
+
+
 def expert_ffn(x, w_gate, w_in, w_out):
     """SwiGLU experts batched over a leading expert axis: x [E, N, D] -> [E, N, D]."""
-    h = jax.nn.silu(jnp.einsum("end,edf->enf", x, w_gate)) * jnp.einsum("end,edf->enf", x, w_in)
-    return jnp.einsum("enf,efd->end", h, w_out)
+    return expert_matmul(expert_hidden(x, w_gate, w_in), w_out)
 
 
 def dense(x, experts, gates, weights):

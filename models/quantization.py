@@ -18,10 +18,11 @@ import qwix
 
 QUANTIZATIONS = ("", "int8", "int4", "w8a8", "fp8")
 _WEIGHTS = {"int8": "int8", "int4": "int4", "w8a8": "int8", "fp8": "float8_e4m3fn"}
-# The matmuls to round, by the module that makes them: attention's and Mamba-2's projections are their dot_generals
-# (attention's scores and mixing and the SSD scan are einsums), the MLPs' the dot_generals of their Dense kernels
-# wi / wg / wo, the MoE experts' einsums (routers: plain products, left alone).
-_RULES = ((r".*(attention|mixer)$", ("dot_general",)), (r".*/(wi|wg|wo)$", ("dot_general",)), (r".*moe$", ("einsum",)))
+# The matmuls to round, by the module that makes them: the dot_generals of attention and Mamba-2 (their projections:
+# attention's scores and mixing and the SSD scan are einsums), of the MLPs' Dense kernels wi / wg / wo, and of the MoE
+# experts (models/moe_dispatch.expert_matmul: the router is a plain product and the dispatch and combine einsums,
+# which hold no weight, stay in float).
+_RULES = ((r".*(attention|mixer|moe)$", ("dot_general",)), (r".*/(wi|wg|wo)$", ("dot_general",)))
 DECODING = ("decode", "decode_hidden")  # the LM's entry points besides __call__ whose matmuls are the blocks'
 FAMILIES = ("transformer", "moe", "mod", "ssd", "hybrid")  # where the rules reach every block's matmuls
 
@@ -49,6 +50,9 @@ def validate(m) -> list[str]:
     if m.bitnet:
         return [f"model.quantization={m.quantization!r} and model.bitnet=True both quantize the blocks' matmuls: "
                 "choose one"]
+    if getattr(m, "dispatch", "capacity") == "ragged":
+        return [f"model.quantization={m.quantization!r} covers the dense and capacity MoE dispatches, not "
+                "model.dispatch='ragged' (its grouped matmul is not one qwix rounds)"]
     if m.attention not in ("gqa", "qk_norm"):
         return [f"model.quantization={m.quantization!r} covers GQA attention (model.attention='gqa' or 'qk_norm'), "
                 f"not model.attention={m.attention!r}"]

@@ -27,6 +27,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
@@ -65,7 +66,7 @@ def settings():
 def packed_megabytes(report: dict, params: dict, labels: dict) -> float:
     """The compressed kernels' size if stored packed (bits per weight, a float16 scale and zero per channel or
     group; pruned: float16 values and a 1-bit mask), plus everything else at float32."""
-    total = sum(np.size(leaf) * 4 for leaf in _leaves(params))
+    total = sum(np.size(leaf) * 4 for leaf in jax.tree.leaves(params))
     for entry in report:
         weights = entry["size"]
         if "bits" in labels:
@@ -77,20 +78,18 @@ def packed_megabytes(report: dict, params: dict, labels: dict) -> float:
     return total / 2**20
 
 
-def _leaves(tree):
-    return [leaf for leaf in (tree.values() if isinstance(tree, dict) else [tree]) for leaf in
-            (_leaves(leaf) if isinstance(leaf, dict) else [leaf])]
-
-
 def measure(workdir: str) -> list[dict]:
     config = restore.load_config(workdir)
     model, variables = restore.load_variables(config, workdir)
     splits = datasets.load(config.data, config.seed)
     score = loss_eval.scorer(model, splits)
     calibration = compression_model.second_moments(model, variables, splits.train["inputs"][:_ROWS.value])
-    found = compression_model.kernels(variables["params"], calibration)
-    shapes = {name: (np.shape(compression_model._get(variables["params"], path)), scope, kernel)
-              for name, (path, scope, kernel) in found.items()}
+    matrices = {}  # kernel -> one layer's (or expert's) matrix: its size and inputs
+    for name, (path, scope, kernel) in compression_model.kernels(variables["params"], calibration).items():
+        gram = compression_model._get(calibration, scope + (f"{kernel}_gram",))  # [L(, E), in, in]
+        shape = np.shape(compression_model._get(variables["params"], path))[gram.ndim - 2:]
+        matrices[name] = {"size": int(np.prod(shape)), "inputs": gram.shape[-1],
+                          "outputs": int(np.prod(shape)) // gram.shape[-1]}
     baseline = score(variables)["eval"]["loss"]
     rows = [{"run": workdir, "family": config.model.name, "method": "none", "bits": 32, "loss": baseline}]
     print(f"{workdir}: uncompressed validation loss {baseline:.4f}", flush=True)
@@ -100,13 +99,7 @@ def measure(workdir: str) -> list[dict]:
         params, report = compression_model.compress_params(variables["params"], calibration, method, options)
         seconds = time.time() - started
         loss = score({**variables, "params": params})["eval"]["loss"]
-        sizes = []
-        for name, (shape, scope, kernel) in shapes.items():
-            inputs = np.shape(compression_model._get(calibration, scope + (f"{kernel}_gram",)))[-1]
-            entries = [r for r in report if r["kernel"] == name]
-            per_matrix = int(np.prod(shape)) // len(entries)
-            sizes += [{"size": per_matrix, "inputs": inputs, "outputs": per_matrix // inputs, "zeros": r["zeros"]}
-                      for r in entries]
+        sizes = [{**matrices[r["kernel"]], "zeros": r["zeros"]} for r in report]
         row = {"run": workdir, "method": method, **labels, "loss": loss,
                "relative_error": float(np.mean([r["relative_error"] for r in report])), "seconds": seconds,
                "packed_mb": packed_megabytes(sizes, variables["params"], labels)}
@@ -186,6 +179,9 @@ def plot(rows: list[dict], path: str) -> None:
 
 def main(argv):
     del argv
+    malformed = [pair for pair in _QAT.value if pair.count("=") != 1]
+    if malformed:
+        raise app.UsageError(f"--qat={malformed[0]!r}: RUN=QAT_RUN, e.g. runs/lm=runs/lm_qat_int4")
     rows = [row for run in _RUNS.value for row in measure(run)]
     os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
     with open(_OUT.value, "w") as f:

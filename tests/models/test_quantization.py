@@ -106,5 +106,40 @@ def test_quantization_aware_training_gives_the_one_device_losses_on_a_mesh(tmp_p
 def test_combinations_it_does_not_cover_are_one_line_errors(fields, message):
     assert any(__import__("re").search(message, p) for p in models.MODELS["transformer"][2](
         models.MODELS["transformer"][1](**fields)))
+    ragged = models.MODELS["moe"][2](models.MODELS["moe"][1](quantization="int8", dispatch="ragged"))
+    assert any("not model.dispatch='ragged'" in p for p in ragged)
     mor = models.MODELS["mor"][2](models.MODELS["mor"][1](quantization="int8"))
     assert any("covers model.name in transformer, moe, mod, ssd, hybrid, not 'mor'" in p for p in mor)
+
+
+def test_moe_experts_round_per_expert_and_the_routing_stays_in_float():
+    """An MoE model's int8 logits equal the float model's with attention, every expert (per expert and output
+    channel) and the shared expert rounded by the reference, the router and the dispatch/combine left alone."""
+    config = ml_collections.ConfigDict(dict(models.MODELS["moe"][1]().__dict__))
+    config.update(vocab_size=23, max_len=12, d_model=16, num_layers=2, num_heads=4, d_mlp=24, num_experts=4, top_k=2,
+                  d_expert=8)
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, 23, (3, 12)))
+    model = models.build(config)
+    variables = nn.meta.unbox(model.init(jax.random.key(0), tokens[:1]))
+    matrices = {"query": 1, "key": 1, "value": 1, "out": 2, "w_gate": 1, "w_in": 1, "w_out": 1, "kernel": 1}  # in axes
+
+    def per_matrix(fn):
+        def one(path, leaf):
+            names = [p.key for p in path]
+            if names[0] != "layers" or names[-1] not in matrices or "router" in names:
+                return leaf
+            stacked = np.asarray(leaf, np.float64)
+            batch = 2 if names[-1] in ("w_gate", "w_in", "w_out") else 1  # [L, E, in, out] or [L, in..., out...]
+            flat = stacked.reshape(stacked.shape[:batch] + (int(np.prod(stacked.shape[batch:batch + matrices[names[-1]]])),
+                                                           -1))
+            done = np.stack([fn(m) for m in flat.reshape((-1,) + flat.shape[batch:])])
+            return done.reshape(stacked.shape).astype(np.float32)
+        return jax.tree_util.tree_map_with_path(one, variables["params"])
+
+    flip = lambda w: w * np.where(w.max(0) >= -w.min(0), 1.0, -1.0)  # noqa: E731  (see `tiny`)
+    variables = {**variables, "params": per_matrix(flip)}
+    found = models.build(ml_collections.ConfigDict({**config.to_dict(), "quantization": "int8"})).apply(variables, tokens)
+    params = per_matrix(lambda w: reference_symmetric(w, 8))
+    expected = model.apply({**variables, "params": params}, tokens)
+    np.testing.assert_allclose(found, expected, rtol=1e-4, atol=1e-4)
+    assert np.abs(np.asarray(found) - np.asarray(model.apply(variables, tokens))).max() > 1e-3
