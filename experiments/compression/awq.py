@@ -63,16 +63,20 @@ def _errors(w, hessian, input_mean_abs, alphas, *, bits, group_size, symmetric):
 
 def awq(w, hessian, input_mean_abs, *, bits: int, group_size: int = -1, symmetric: bool = False,
         grid_points: int = 20, then: str = "rtn", act_order: bool = False, damp: float = 0.01,
-        block_size: int = 128) -> jax.Array:
+        block_size: int = 128, with_grid: bool = False):
     """AWQ-quantized weights, dequantized with the scales folded in: float32 [in, out] (module doc); `then` is the
-    quantizer of the scaled weights, "rtn" or "gptq" (with act_order, damp, block_size)."""
+    quantizer of the scaled weights, "rtn" or "gptq" (with act_order, damp, block_size). with_grid: and that
+    quantizer's grids with "input_scale": s* [in] (w_hat = the grid's values / s*)."""
     if then not in ("rtn", "gptq"):
         raise ValueError(f"then={then!r}: the quantizer after the scales, 'rtn' or 'gptq'")
     _, s, _ = search(w, hessian, input_mean_abs, bits=bits, group_size=group_size, symmetric=symmetric,
                      grid_points=grid_points)
     w = jnp.asarray(w, jnp.float32) * s[:, None]
     if then == "rtn":
-        return grid.rtn(w, bits=bits, group_size=group_size, symmetric=symmetric) / s[:, None]
-    scaled_hessian = jnp.asarray(hessian, jnp.float32) / jnp.outer(s, s)
-    return gptq(w, scaled_hessian, bits=bits, group_size=group_size, act_order=act_order, damp=damp,
-                block_size=block_size, symmetric=symmetric) / s[:, None]
+        w_hat, grids = grid.rtn(w, bits=bits, group_size=group_size, symmetric=symmetric, with_grid=True)
+    else:
+        scaled_hessian = jnp.asarray(hessian, jnp.float32) / jnp.outer(s, s)
+        w_hat, grids = gptq(w, scaled_hessian, bits=bits, group_size=group_size, act_order=act_order, damp=damp,
+                            block_size=block_size, symmetric=symmetric, with_grid=True)
+    w_hat = w_hat / s[:, None]
+    return (w_hat, {**grids, "input_scale": s}) if with_grid else w_hat

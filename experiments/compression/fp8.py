@@ -8,7 +8,6 @@ mantissa) by the hardware format's own cast:
     scale = max |v| / 448   (an all-zero channel: 1),    dequantized  scale x e4m3(v / scale)
 """
 
-import jax
 import jax.numpy as jnp
 
 E4M3_MAX = float(jnp.finfo(jnp.float8_e4m3fn).max)  # 448
@@ -20,12 +19,16 @@ def check(w_shape, group_size: int) -> None:
                          "per output channel)")
 
 
-def fp8(w, *, group_size: int = -1) -> jax.Array:
-    """Weights on their channel's (or group's) scaled e4m3 grid, dequantized: float32 [in, out]."""
+def fp8(w, *, group_size: int = -1, with_grid: bool = False):
+    """Weights on their channel's (or group's) scaled e4m3 grid, dequantized: float32 [in, out] (with_grid: and
+    {"scale" [groups, out], "group" int32 [in]})."""
     check(w.shape, group_size)
     w = jnp.asarray(w, jnp.float32)
     size = w.shape[0] if group_size == -1 else group_size
     groups = w.reshape(w.shape[0] // size, size, w.shape[1])
     largest = jnp.abs(groups).max(1, keepdims=True)
     scale = jnp.where(largest == 0, 1.0, largest / E4M3_MAX)
-    return (scale * (groups / scale).astype(jnp.float8_e4m3fn).astype(jnp.float32)).reshape(w.shape)
+    w_hat = (scale * (groups / scale).astype(jnp.float8_e4m3fn).astype(jnp.float32)).reshape(w.shape)
+    if not with_grid:
+        return w_hat
+    return w_hat, {"scale": scale[:, 0], "group": jnp.arange(w.shape[0], dtype=jnp.int32) // size}

@@ -22,8 +22,10 @@ from experiments.compression import grid, hessian as hessians
 
 
 def gptq(w, hessian, *, bits: int, group_size: int = -1, act_order: bool = False, damp: float = 0.01,
-         block_size: int = 128, symmetric: bool = False) -> jax.Array:
-    """GPTQ-quantized weights, dequantized: float32 [in, out] (module doc)."""
+         block_size: int = 128, symmetric: bool = False, with_grid: bool = False):
+    """GPTQ-quantized weights, dequantized: float32 [in, out] (module doc); with_grid: and the grids {"scale",
+    "zero": [groups, out], "group": int32 [in]}, input i's group counted in the order GPTQ quantizes in (act_order:
+    not i // group_size)."""
     grid.check(w.shape, bits, group_size)
     hessians.check(w.shape, jnp.shape(hessian), block_size, damp)
     w, h = jnp.asarray(w, jnp.float32), jnp.asarray(hessian, jnp.float32)
@@ -31,25 +33,34 @@ def gptq(w, hessian, *, bits: int, group_size: int = -1, act_order: bool = False
     order = jnp.argsort(-jnp.diagonal(h), stable=True) if act_order else jnp.arange(w.shape[0])
     u, dead = hessians.inverse_cholesky(h[order][:, order], damp)
     w = jnp.where(dead[:, None], 0.0, w[order])
-    quantized = []
+    quantized, scales, zeros = [], [], []
     for start in range(0, w.shape[0], block_size):
         stop = min(start + block_size, w.shape[0])
-        q, errors, scale, zero = _block(w, u, jnp.int32(start), scale, zero, count=stop - start, bits=bits,
-                                        group_size=group_size, symmetric=symmetric)  # a group may span blocks
+        q, errors, row_scale, row_zero = _block(w, u, jnp.int32(start), scale, zero, count=stop - start, bits=bits,
+                                                group_size=group_size, symmetric=symmetric)  # a group may span blocks
         quantized.append(q)
+        scales.append(row_scale)
+        zeros.append(row_zero)
+        scale, zero = row_scale[-1], row_zero[-1]
         w = w.at[stop:].add(-u[start:stop, stop:].T @ errors)
-    return jnp.concatenate(quantized)[jnp.argsort(order)]
+    back = jnp.argsort(order)  # input i was quantized back[i]-th
+    w_hat = jnp.concatenate(quantized)[back]
+    if not with_grid:
+        return w_hat
+    size = w.shape[0] if group_size == -1 else group_size  # the grid of each group is its first row's
+    return w_hat, {"scale": jnp.concatenate(scales)[::size], "zero": jnp.concatenate(zeros)[::size],
+                   "group": (back // size).astype(jnp.int32)}
 
 
 @functools.partial(jax.jit, static_argnames=("count", "bits", "group_size", "symmetric"))
 def _block(w, u, start, scale, zero, *, count: int, bits: int, group_size: int, symmetric: bool):
-    """(the block's quantized rows [count, out], its errors e [count, out], the grid at its end) of the `count`
-    inputs from `start`."""
+    """(the block's quantized rows [count, out], its errors e [count, out], each row's grid: scale, zero [count, out])
+    of the `count` inputs from `start`."""
     w_block = jax.lax.dynamic_slice_in_dim(w, start, count)
     u_block = jax.lax.dynamic_slice(u, (start, start), (count, count))
 
     def step(i, carry):
-        w_block, q, errors, scale, zero = carry
+        w_block, q, errors, scales, zeros, scale, zero = carry
         if group_size != -1:
             refit = (start + i) % group_size == 0
             fitted = grid.grid(jax.lax.dynamic_slice_in_dim(w, start + i, group_size), bits, symmetric)
@@ -57,8 +68,10 @@ def _block(w, u, start, scale, zero, *, count: int, bits: int, group_size: int, 
         q_i = grid.quantize(w_block[i], scale, zero, bits)
         e_i = (w_block[i] - q_i) / u_block[i, i]
         w_block = w_block - jnp.outer(u_block[i], e_i)  # U is upper triangular: rows before i are untouched
-        return w_block, q.at[i].set(q_i), errors.at[i].set(e_i), scale, zero
+        return w_block, q.at[i].set(q_i), errors.at[i].set(e_i), scales.at[i].set(scale), zeros.at[i].set(zero), \
+            scale, zero
 
-    zeros = jnp.zeros_like(w_block)
-    _, q, errors, scale, zero = jax.lax.fori_loop(0, count, step, (w_block, zeros, zeros, scale, zero))
-    return q, errors, scale, zero
+    empty = jnp.zeros_like(w_block)
+    _, q, errors, scales, zeros, _, _ = jax.lax.fori_loop(0, count, step, (w_block, empty, empty, empty, empty,
+                                                                          scale, zero))
+    return q, errors, scales, zeros

@@ -46,12 +46,20 @@ def quantize(values, scale, zero, bits: int):
     return scale * (q - zero)
 
 
-def rtn(w, *, bits: int, group_size: int = -1, symmetric: bool = False) -> jax.Array:
+def rtn(w, *, bits: int, group_size: int = -1, symmetric: bool = False, with_grid: bool = False):
     """Round to nearest: each output channel's weights (or each group of `group_size` consecutive inputs of it) on
-    their own min-max grid; float32 [in, out]."""
+    their own min-max grid; float32 [in, out] (with_grid: and the grids, as `contiguous_groups` gives them)."""
     check(w.shape, bits, group_size)
     w = jnp.asarray(w, jnp.float32)
     size = w.shape[0] if group_size == -1 else group_size
     groups = w.reshape(w.shape[0] // size, size, w.shape[1])
     scale, zero = jax.vmap(lambda g: grid(g, bits, symmetric))(groups)
-    return quantize(groups, scale[:, None], zero[:, None], bits).reshape(w.shape)
+    w_hat = quantize(groups, scale[:, None], zero[:, None], bits).reshape(w.shape)
+    return (w_hat, contiguous_groups(scale, zero, size)) if with_grid else w_hat
+
+
+def contiguous_groups(scale, zero, group_size: int) -> dict:
+    """The grids of groups of `group_size` consecutive inputs: {"scale", "zero": [groups, out], "group": int32 [in],
+    input i's group} (experiments/compression/packing.py stores weights with them)."""
+    group = jnp.arange(scale.shape[0] * group_size, dtype=jnp.int32) // group_size
+    return {"scale": scale, "zero": zero, "group": group}

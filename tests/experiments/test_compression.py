@@ -249,3 +249,46 @@ def test_wanda_zeroes_the_lowest_scores_within_each_output(layer):
 def test_bad_requests_are_one_line_errors(layer, call, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         call(layer[0], layer[2])
+
+
+def reference_dequantize(stored, inputs):
+    """The stored form (experiments/compression/packing.py) read back in float64: two 4-bit codes to a byte (input 2k
+    low, 2k + 1 high) when the codes have fewer rows than inputs, w = scale[g] (q - zero[g]) / input_scale."""
+    codes, group = np.asarray(stored["codes"]), np.asarray(stored["group"])
+    if "zero" not in stored:  # e4m3 values
+        return np.asarray(stored["scale"], np.float64)[group] * codes.astype(np.float64)
+    if len(codes) < inputs:
+        codes = np.stack([codes % 16, codes // 16], axis=1).reshape(-1, codes.shape[1])[:inputs]
+    w = np.asarray(stored["scale"], np.float64)[group] * (codes - np.asarray(stored["zero"], np.float64)[group])
+    return w / np.asarray(stored.get("input_scale", np.ones(inputs)), np.float64)[:, None]
+
+
+@pytest.mark.parametrize("method,bits,group_size,extra", [
+    ("rtn", 4, -1, {}), ("rtn", 8, 19, {"symmetric": True}), ("gptq", 3, 19, {"act_order": True, "block_size": 32}),
+    ("gptq", 4, -1, {}), ("awq", 4, 19, {}), ("awq_gptq", 3, -1, {"act_order": True}), ("fp8", None, 19, {})])
+def test_packed_codes_and_grids_give_back_each_quantizers_weights(layer, method, bits, group_size, extra):
+    """95 inputs (an odd count: the last byte of 4-bit codes half empty), groups of 19: every quantizer's result is
+    stored as codes of its bit width with its grids, and read back it is that result; GPTQ's act_order groups follow
+    its quantization order (each group still 19 inputs, one grid of at most 2^b values per output)."""
+    from experiments.compression import packing
+
+    w, x, h = layer[0][:95], layer[1][:, :95], layer[2][:95, :95]
+    args = {"group_size": group_size, **({} if bits is None else {"bits": bits}), **extra}
+    quantize = {"rtn": lambda **a: compression.rtn(w, **a), "gptq": lambda **a: compression.gptq(w, h, **a),
+                "awq": lambda **a: compression.awq(w, h, np.abs(x).mean(0), **a),
+                "awq_gptq": lambda **a: compression.awq(w, h, np.abs(x).mean(0), then="gptq", **a),
+                "fp8": lambda **a: compression.fp8(w, **a)}[method]
+    w_hat, grids = quantize(**args, with_grid=True)
+    np.testing.assert_array_equal(w_hat, quantize(**args))  # with_grid changes nothing of the result
+    stored = packing.pack(w_hat, grids, bits)
+    np.testing.assert_allclose(reference_dequantize(stored, 95), w_hat, rtol=1e-6, atol=1e-7 * np.abs(w_hat).max())
+    np.testing.assert_allclose(packing.unpack(stored), w_hat, rtol=1e-6)  # AWQ's 1/s: float32 rounding
+    assert np.bincount(stored["group"]).tolist() == [95 if group_size == -1 else 19] * (1 if group_size == -1 else 5)
+    if bits is None:
+        assert stored["codes"].dtype == np.dtype("float8_e4m3fn") and stored["codes"].shape == (95, 40)
+        return
+    assert stored["codes"].dtype == np.uint8 and stored["codes"].shape == ((48, 40) if bits <= 4 else (95, 40))
+    assert stored["scale"].shape == stored["zero"].shape == (95 // (95 if group_size == -1 else 19), 40)
+    assert ("input_scale" in stored) == method.startswith("awq")
+    if method == "gptq" and extra.get("act_order"):
+        assert not np.array_equal(stored["group"], np.arange(95) // 19)  # the quantization order's groups
