@@ -6,11 +6,15 @@
 methods: rtn, gptq, awq, awq_gptq (--bits, --group_size, --symmetric, --act_order), fp8 (e4m3: --group_size),
 smoothquant (W8A8, --alpha), magnitude, wanda, sparsegpt (--sparsity or --n_m); --damp and --block_size for GPTQ and
 SparseGPT; `--calibration_rows` rows of the run's training data, or of a prepared token store
-(`--calibration=STORE`, e.g. for an imported checkpoint whose tokenizer is not the run's data's);
+(`--calibration=STORE`, e.g. for an imported checkpoint whose tokenizer is not the run's data's), in one pass or
+`--sequential`ly (block after block, each calibrated through the compressed blocks before it, as GPTQ's code does);
 experiments/compression/model.py says what is compressed and how. RUN2 is a run folder at step 0 with the compressed
 weights (dequantized, float32; SmoothQuant's smoothed, with model.quantization=w8a8) and RUN's config: it evaluates,
-samples, decodes and exports like any other run; RUN2/compression.json is the report (options, per kernel and layer
-the relative reconstruction error on the calibration inputs and the fraction of zeros, wall times).
+samples, decodes and exports like any other run. A quantizer's run also holds RUN2/packed, the compact weights: each
+quantized kernel as its integer (or e4m3) codes with their grids' scales and zero points (two 4-bit codes to a byte),
+the rest as it is, which `experiments.compression.packing.load_params` dequantizes to the checkpoint's weights.
+RUN2/compression.json is the report (options, per kernel and layer the relative reconstruction error on the
+calibration inputs and the fraction of zeros, the packed and float32 bytes, wall time).
 `compress_run(...)` is the library function.
 """
 
@@ -21,7 +25,7 @@ import ml_collections
 import numpy as np
 
 from data.config_fields import ConfigError
-from experiments.compression import model as compression_model
+from experiments.compression import model as compression_model, packing
 
 
 def options_from(method: str, *, bits=None, group_size=-1, symmetric=False, act_order=False, damp=0.01,
@@ -88,7 +92,7 @@ def calibration_rows_of(config, rows: int, store: str = ""):
 
 
 def compress_run(workdir: str, out: str, method: str, *, calibration_rows: int = 128, step=None, calibration: str = "",
-                 **flags) -> dict:
+                 sequential: bool = False, **flags) -> dict:
     """Writes `out` (module doc) and returns the report."""
     from experiments import restore
 
@@ -105,11 +109,15 @@ def compress_run(workdir: str, out: str, method: str, *, calibration_rows: int =
     except FileNotFoundError as error:
         raise ConfigError(str(error)) from None
     rows = calibration_rows_of(config, calibration_rows, calibration)
-    variables, report = compression_model.compress_variables(model, variables, rows, method, options)
+    variables, report, packed = compression_model.compress_variables(model, variables, rows, method, options,
+                                                                     sequential)
     if method in compression_model.SMOOTHERS:
         config = ml_collections.ConfigDict(config.to_dict())
         config.model.quantization = "w8a8"
     restore.save_variables(config, variables, out)
+    if packed is not None:
+        report["stored"] = {"packed": os.path.join(out, packing.FOLDER), "bytes": packing.save(out, packed),
+                            "float32_bytes": packing.nbytes(variables["params"])}
     report["source"] = {"workdir": os.path.abspath(workdir), "step": step}
     with open(os.path.join(out, "compression.json"), "w") as f:
         json.dump(report, f, indent=1)
@@ -125,7 +133,7 @@ def main(argv):
     f = flags.FLAGS
     try:
         report = compress_run(f.workdir, f.out, f.method, calibration_rows=f.calibration_rows, step=f.step,
-                              calibration=f.calibration,
+                              calibration=f.calibration, sequential=f.sequential,
                               bits=f.bits, group_size=f.group_size, symmetric=f.symmetric, act_order=f.act_order,
                               damp=f.damp, block_size=f.block_size, sparsity=f.sparsity, n_m=f.n_m, alpha=f.alpha)
     except ConfigError as e:
@@ -133,6 +141,9 @@ def main(argv):
     errors = [k["relative_error"] for k in report["kernels"]]
     summary = (f"{len(errors)} kernels, relative reconstruction error mean {sum(errors) / len(errors):.4f}, max "
                f"{max(errors):.4f}" if errors else f"{len(report['smoothing'])} norms smoothed, every matmul W8A8")
+    if "stored" in report:
+        summary += (f"; packed weights {report['stored']['bytes'] / 2**20:.2f} MiB against "
+                    f"{report['stored']['float32_bytes'] / 2**20:.2f} MiB in float32")
     print(f"compressed {f.workdir} by {f.method} into {f.out}: {summary}")
 
 
@@ -154,5 +165,6 @@ if __name__ == "__main__":
     flags.DEFINE_float("alpha", None, "SmoothQuant: the migration strength in [0, 1] (default 0.5).")
     flags.DEFINE_integer("calibration_rows", 128, "Rows of the run's training data the calibration runs on.")
     flags.DEFINE_string("calibration", "", "A prepared token store (python -m data.prepare) to calibrate on instead.")
+    flags.DEFINE_bool("sequential", False, "Calibrate block after block through the compressed earlier blocks.")
     flags.DEFINE_integer("step", None, "The checkpoint step (default: the newest intact one).")
     app.run(main)

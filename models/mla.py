@@ -76,6 +76,11 @@ class MultiHeadLatentAttention(nn.Module):
         return self.param(name, nn.with_logical_partitioning(
             nn.initializers.lecun_normal(in_axis=in_axis, out_axis=out_axis), axes), shape).astype(self.cfg.compute_dtype)
 
+    def record_inputs(self, names, x):
+        """Compression's calibration (models/layers.record_input): x [N, in] is the input of every kernel in `names`."""
+        for name in names:
+            layers.record_input(self, (name,), x)
+
     @nn.compact
     def __call__(self, x, start, cache=None, key_mask=None, segments=None):  # x [B, T, D]; start: positions cached
         cfg, (batch, length, d_model) = self.cfg, x.shape
@@ -89,12 +94,16 @@ class MultiHeadLatentAttention(nn.Module):
                                                                            ("embed", "q_lora")))
             q = c_q @ self.weight("query_up", (cfg.q_lora_rank, heads, d_nope + d_rope), ("q_lora", "heads", "head_dim"),
                                   out_axis=(1, 2)).reshape(cfg.q_lora_rank, -1)
+            self.record_inputs(("query_down", "kv_down", "key_rope"), tokens)
+            self.record_inputs(("query_up",), c_q)
         else:
             q = tokens @ self.weight("query", (d_model, heads, d_nope + d_rope), ("embed", "heads", "head_dim"),
                                      out_axis=(1, 2)).reshape(d_model, -1)
+            self.record_inputs(("query", "kv_down", "key_rope"), tokens)
         q_nope, q_rope = jnp.split(q.reshape(batch, length, heads, d_nope + d_rope), [d_nope], axis=-1)
         latent = latent_norm("kv_norm", "kv_lora")(tokens @ self.weight("kv_down", (d_model, rank), ("embed", "kv_lora")))
         rope_key = tokens @ self.weight("key_rope", (d_model, d_rope), ("embed", "head_dim"))
+        self.record_inputs(("key_up", "value_up"), latent)  # [B*T, r]: keys and values are per-head products of the latent
         latent, rope_key = latent.reshape(batch, length, rank), rope_key.reshape(batch, length, 1, d_rope)
         token_positions = start + jnp.arange(length) if segments is None else segments.positions  # packed: per document
         inv_freq = positions.inverse_frequencies(d_rope, cfg.rope_theta)
@@ -122,7 +131,9 @@ class MultiHeadLatentAttention(nn.Module):
                                      dropout_rng=rng)
         out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_heads", None))
         w_out = self.weight("out", (heads, d_v, d_model), ("heads", "head_dim", "embed"), in_axis=(0, 1), out_axis=2)
-        return (out.reshape(-1, heads * d_v) @ w_out.reshape(-1, d_model)).reshape(x.shape), cache
+        heads_out = out.reshape(-1, heads * d_v)
+        self.record_inputs(("out",), heads_out)
+        return (heads_out @ w_out.reshape(-1, d_model)).reshape(x.shape), cache
 
     @staticmethod
     def init_cache(cfg, batch: int, max_len: int, dtype=jnp.float32) -> dict:

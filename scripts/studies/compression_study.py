@@ -96,7 +96,7 @@ def measure(workdir: str) -> list[dict]:
     for method, flags_, labels in settings():
         options = compress.options_from(method, **flags_)
         started = time.time()
-        params, report = compression_model.compress_params(variables["params"], calibration, method, options)
+        params, report, _ = compression_model.compress_params(variables["params"], calibration, method, options)
         seconds = time.time() - started
         loss = score({**variables, "params": params})["eval"]["loss"]
         sizes = [{**matrices[r["kernel"]], "zeros": r["zeros"]} for r in report]

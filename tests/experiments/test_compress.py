@@ -18,7 +18,7 @@ import models
 from data.config_fields import ConfigError
 from experiments import compress, compression, restore
 from experiments.analysis import activations
-from experiments.compression import model as compression_model, smoothquant
+from experiments.compression import model as compression_model, packing, smoothquant
 from experiments.evaluation import loss_eval
 from experiments.training import metrics_writer
 from models import transformer
@@ -60,7 +60,7 @@ def test_every_kernel_of_every_layer_is_its_layer_functions_result_and_nothing_e
     model, variables, tokens = tiny
     calibration = compression_model.second_moments(model, variables, tokens)
     options = {"bits": 3, "group_size": -1, "symmetric": False}
-    new, report = compression_model.compress_params(variables["params"], calibration, "rtn", options)
+    new, report, stored = compression_model.compress_params(variables["params"], calibration, "rtn", options)
     for layer in range(2):
         out = np.asarray(variables["params"]["layers"]["attention"]["out"][layer])  # [heads, head_dim, D]
         expected = compression.rtn(out.reshape(16, 16), bits=3).reshape(out.shape)
@@ -71,6 +71,13 @@ def test_every_kernel_of_every_layer_is_its_layer_functions_result_and_nothing_e
         jax.tree.map(np.testing.assert_array_equal, new[group], variables["params"][group])
     jax.tree.map(np.testing.assert_array_equal, new["layers"]["mlp_norm"], variables["params"]["layers"]["mlp_norm"])
     assert len(report) == 7 * 2 and all(0 < r["relative_error"] < 0.2 for r in report)
+    packed = compression_model.packed_params(new, stored)  # codes and grids in place of every kernel, layers first
+    out = packed["layers"]["attention"]["out"]
+    assert out["codes"].shape == (2, 8, 16) and out["scale"].shape == (2, 1, 16)  # [L, in / 2, out], [L, groups, out]
+    for path in stored:
+        node, kernel = compression_model._get(packed, path), compression_model._get(new, path)
+        np.testing.assert_allclose(packing.unstack(node, kernel.shape), kernel, rtol=1e-6)
+    jax.tree.map(np.testing.assert_array_equal, packed["embed"], new["embed"])
 
 
 @pytest.mark.slow  # two compressed runs written and evaluated; by default the calibration and per-kernel tests
@@ -89,6 +96,11 @@ def test_a_compressed_run_evaluates_and_gptq_beats_rtn(finished_tiny_run, tmp_pa
     _, weights = restore.load_variables(restore.load_config(str(tmp_path / "rtn")), str(tmp_path / "rtn"))
     wi = np.asarray(weights["params"]["layers"]["mlp"]["wi"]["kernel"][0])
     assert all(len(np.unique(wi[:, j])) <= 8 for j in range(wi.shape[1]))  # 3 bits: 8 levels per output channel
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), weights["params"])
+    unpacked = packing.load_params(str(tmp_path / "rtn"), abstract)  # the compact weights give the checkpoint's
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), unpacked, weights["params"])
+    stored = reports["rtn"]["stored"]
+    assert stored["bytes"] < 0.6 * stored["float32_bytes"]  # 3-bit codes two to a byte; embeddings in float32
     with pytest.raises(ConfigError, match="already holds a run"):
         compress.compress_run(source, str(tmp_path / "rtn"), "rtn", bits=4)
     smoothed = str(tmp_path / "smoothquant")
@@ -148,8 +160,9 @@ def test_smoothquant_folds_into_moe_and_mamba2_norms_as_an_identity(tiny, family
     Mamba-2's in_proj after its block's norm: the smoothed float model gives the same logits."""
     tokens = tiny[2]
     model, variables = _tiny(family, tokens, **fields)
-    compressed, report = compression_model.compress_variables(model, variables, tokens, "smoothquant", {"alpha": 0.5})
-    assert len(report["smoothing"]) == 2 * (2 if family == "moe" else 1)
+    compressed, report, stored = compression_model.compress_variables(model, variables, tokens, "smoothquant",
+                                                                      {"alpha": 0.5})
+    assert len(report["smoothing"]) == 2 * (2 if family == "moe" else 1) and stored is None  # W8A8 at run time
     assert all(r["scale_min"] < r["scale_max"] for r in report["smoothing"])
     np.testing.assert_allclose(model.apply(compressed, tokens), model.apply(variables, tokens), rtol=1e-4, atol=1e-4)
 
@@ -171,7 +184,7 @@ def test_moe_experts_are_calibrated_on_their_tokens_and_compressed_one_by_one(ti
     assert moe["w_gate_gram"].shape == (2, 4, 16, 16) and moe["w_out_gram"].shape == (2, 4, 8, 8)
     np.testing.assert_allclose(moe["w_gate_rows"].sum(1), 2 * tokens.size)  # top-2: every token twice per layer
     assert np.all(moe["w_gate_rows"] > 0)
-    compressed, report = compression_model.compress_variables(  # the command's path: checks, then every kernel
+    compressed, report, _ = compression_model.compress_variables(  # the command's path: checks, then every kernel
         model, variables, tokens, "rtn", {"bits": 3, "group_size": -1, "symmetric": False})
     new, report = compressed["params"], report["kernels"]
     before, after = variables["params"]["layers"]["block_0"]["moe"], new["layers"]["block_0"]["moe"]
@@ -186,7 +199,7 @@ def test_moe_experts_are_calibrated_on_their_tokens_and_compressed_one_by_one(ti
 def test_mamba2_projections_are_compressed_and_its_convolution_kept(tiny):
     tokens = tiny[2]
     model, variables = _tiny("ssd", tokens, ssm_state=8, ssm_head_dim=8)
-    compressed, report = compression_model.compress_variables(model, variables, tokens, "rtn",
+    compressed, report, _ = compression_model.compress_variables(model, variables, tokens, "rtn",
                                                               {"bits": 4, "group_size": -1, "symmetric": False})
     assert {r["kernel"].split("/")[-1] for r in report["kernels"]} == {"in_proj", "out_proj"}
     before, after = (v["params"]["periods"]["layer_0_ssm"]["mixer"] for v in (variables, compressed))
@@ -195,10 +208,66 @@ def test_mamba2_projections_are_compressed_and_its_convolution_kept(tiny):
     np.testing.assert_array_equal(after["conv_kernel"], before["conv_kernel"])
 
 
+def _rms(x, scale, eps):
+    return x / np.sqrt(np.mean(x**2, -1, keepdims=True) + eps) * scale
+
+
+def test_mla_kernels_are_calibrated_on_their_inputs_and_compressed(tiny):
+    """Low-rank queries and latent keys and values: each kernel's second moment is that of its input computed here
+    in float64 from layer 1's input (layer 0's residual): the normalised block input for the down-projections, the
+    normalised query latent for query_up, the normalised key-value latent for key_up and value_up; every MLA kernel of
+    every layer is then compressed."""
+    tokens = tiny[2]
+    model, variables = _tiny("transformer", tokens, attention="mla", q_lora_rank=12, kv_lora_rank=10)
+    calibration = compression_model.second_moments(model, variables, tokens)["layers"]["attention"]
+    _, _, per_layer = activations.capture(model, variables, jnp.asarray(tokens))
+    p = jax.tree.map(lambda x: np.asarray(x[1], np.float64), variables["params"]["layers"])  # layer 1
+    eps = model.cfg.norm_eps
+    x = _rms(np.asarray(per_layer[0]["residual"], np.float64).reshape(-1, 16), p["attention_norm"]["scale"], eps)
+    q_latent = _rms(x @ p["attention"]["query_down"], p["attention"]["query_norm"]["scale"], 1e-6)
+    kv_latent = _rms(x @ p["attention"]["kv_down"], p["attention"]["kv_norm"]["scale"], 1e-6)
+    for kernel, inputs in (("query_down", x), ("kv_down", x), ("key_rope", x), ("query_up", q_latent),
+                           ("key_up", kv_latent), ("value_up", kv_latent)):
+        np.testing.assert_allclose(calibration[f"{kernel}_gram"][1], inputs.T @ inputs, rtol=2e-4, atol=2e-4)
+    compressed, report, _ = compression_model.compress_variables(model, variables, tokens, "rtn",
+                                                                 {"bits": 4, "group_size": -1, "symmetric": False})
+    assert {r["kernel"].split("/")[-1] for r in report["kernels"]} >= {
+        "query_down", "query_up", "kv_down", "key_rope", "key_up", "value_up", "out"}
+    before, after = (v["params"]["layers"]["attention"]["key_up"][1] for v in (variables, compressed))  # [r, H, d_n]
+    np.testing.assert_allclose(after, compression.rtn(np.reshape(before, (10, -1)), bits=4).reshape(before.shape),
+                               rtol=1e-6)
+
+
+def test_sequential_calibration_takes_each_blocks_statistics_through_the_compressed_blocks_before_it(tiny):
+    """Block 0 as in one pass; block 1 from statistics of the model whose block 0 is compressed (recomputed here),
+    which differ from the uncompressed model's."""
+    model, variables, tokens = tiny
+    options = {"bits": 2, "group_size": -1, "symmetric": False, "act_order": False, "damp": 0.01, "block_size": 128}
+    one_pass, _, _ = compression_model.compress_variables(model, variables, tokens, "gptq", options)
+    sequential, report, packed = compression_model.compress_variables(model, variables, tokens, "gptq", options,
+                                                                      sequential=True)
+    assert report["calibration"] == "sequential" and compression_model.blocks(variables["params"], "layers") == [
+        ("layers", 0), ("layers", 1)]
+    first = jax.tree.map(lambda x: np.asarray(x)[0], (one_pass["params"]["layers"], sequential["params"]["layers"]))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *first)
+    block_0_compressed = {"params": {**variables["params"], "layers": jax.tree.map(
+        lambda new, old: np.concatenate([np.asarray(new)[:1], np.asarray(old)[1:]]),
+        sequential["params"]["layers"], variables["params"]["layers"])}}
+    statistics = compression_model.second_moments(model, block_0_compressed, tokens)["layers"]["mlp"]
+    wo = np.asarray(variables["params"]["layers"]["mlp"]["wo"]["kernel"][1])
+    expected = compression.gptq(wo, statistics["wo_gram"][1] / statistics["wo_rows"][1], bits=2)
+    np.testing.assert_allclose(sequential["params"]["layers"]["mlp"]["wo"]["kernel"][1], expected, rtol=1e-4,
+                               atol=1e-5)
+    assert not np.allclose(one_pass["params"]["layers"]["mlp"]["wo"]["kernel"][1], expected, atol=1e-3)
+    assert packed["layers"]["mlp"]["wo"]["kernel"]["codes"].shape == (2, 12, 16)  # both blocks' codes, 2 to a byte
+    with pytest.raises(ConfigError, match="--sequential does not apply to --method=smoothquant"):
+        compression_model.compress_variables(model, variables, tokens, "smoothquant", {"alpha": 0.5}, sequential=True)
+
+
 def test_a_model_with_kernels_no_calibration_reaches_is_refused(tiny):
     tokens = tiny[2]
-    model, variables = _tiny("transformer", tokens, attention="mla")
-    with pytest.raises(ConfigError, match="kernels whose inputs no calibration records: layers/"):
+    model, variables = _tiny("transformer", tokens, attention="linear")
+    with pytest.raises(ConfigError, match="kernels whose inputs no calibration records: layers/attention/key"):
         compression_model.compress_variables(model, variables, tokens, "rtn", {"bits": 4, "group_size": -1})
     options = {"bits": 4, "group_size": 5, "symmetric": False}
     with pytest.raises(ConfigError, match=r"group_size=5 does not divide the layer's 16 inputs \(.*\) \(kernel layers/"):

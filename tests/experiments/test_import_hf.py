@@ -24,15 +24,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 VOCAB = 61
 
 
-def deepseek_v3(folder, *, q_lora_rank, first_k_dense_replace, n_group=4, topk_group=2, layers=3, **extra):
+def deepseek_v3(folder, *, q_lora_rank, first_k_dense_replace, n_group=4, topk_group=2, layers=3, vocab=VOCAB,
+                eps=1e-5, **extra):
     """A tiny random DeepseekV3ForCausalLM (3 heads, d_n=10, d_r=8, d_v=12, r=16, 8 experts, 2 per token), with
     weights and the routers' score-correction biases drawn away from their initial values, saved to `folder`."""
     config = transformers.DeepseekV3Config(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=layers,
+        vocab_size=vocab, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=layers,
         num_attention_heads=3, num_key_value_heads=3, n_shared_experts=1, n_routed_experts=8, num_experts_per_tok=2,
         routed_scaling_factor=2.5, kv_lora_rank=16, q_lora_rank=q_lora_rank, qk_rope_head_dim=8, v_head_dim=12,
         qk_nope_head_dim=10, n_group=n_group, topk_group=topk_group, first_k_dense_replace=first_k_dense_replace,
-        max_position_embeddings=32, rms_norm_eps=1e-5, **extra)
+        max_position_embeddings=32, rms_norm_eps=eps, **extra)
     torch.manual_seed(0)
     model = transformers.DeepseekV3ForCausalLM(config).eval()
     with torch.no_grad():
@@ -304,29 +305,19 @@ def _tiny_hf_config():
                 qk_nope_head_dim=10, max_position_embeddings=32, rms_norm_eps=1e-6, first_k_dense_replace=1)
 
 
-@pytest.mark.slow  # an import, a prepared store, a GPTQ compression, an export and a transformers load
-def test_an_imported_llama_compresses_on_a_token_store_decodes_and_exports_to_transformers(tmp_path):
-    """A tiny random Llama of 256 ids (so that a byte-level store's ids fit) imported, compressed by GPTQ at 4 bits
-    on a prepared token store: the compressed run decodes with a cache as its full pass does, and its export loads
-    in transformers with its logits; a 61-id Llama calibrated on its run's byte data is refused in one line."""
+def _compressed_on_a_store_decodes_and_exports(tmp_path, method: str, **flags) -> dict:
+    """The run folder tmp_path/run (an import of 256 ids) compressed on a prepared byte-level store: the compressed
+    run decodes with a cache as its full pass does and its export loads in transformers with its logits. The report."""
     from data import prepare
     from experiments import compress, export_hf
 
-    config = transformers.LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                                      max_position_embeddings=64, rope_parameters={"rope_theta": 100.0})
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).eval().save_pretrained(tmp_path / "hf")
-    import_hf.write_run_folder(str(tmp_path / "hf"), str(tmp_path / "run"))
     with open(tmp_path / "text.jsonl", "w") as f:
         for i in range(40):
             f.write(json.dumps({"text": f"document {i}: " + "the quick brown fox " * (i % 7 + 1)}) + "\n")
     prepare.prepare([str(tmp_path / "text.jsonl")], str(tmp_path / "store"), documents_per_shard=16)
-    report = compress.compress_run(str(tmp_path / "run"), str(tmp_path / "gptq"), "gptq", bits=4,
-                                   calibration=str(tmp_path / "store"), calibration_rows=16)
-    assert len(report["kernels"]) == 7 * 2 and all(k["relative_error"] < 0.1 for k in report["kernels"])
-
-    compressed = str(tmp_path / "gptq")
+    report = compress.compress_run(str(tmp_path / "run"), str(tmp_path / "compressed"), method,
+                                   calibration=str(tmp_path / "store"), calibration_rows=16, **flags)
+    compressed = str(tmp_path / "compressed")
     model, variables = restore.load_variables(restore.load_config(compressed), compressed)
     tokens = np.random.default_rng(3).integers(0, 256, (2, 12))
     full = np.asarray(model.apply(variables, jnp.asarray(tokens, jnp.int32)))
@@ -335,8 +326,39 @@ def test_an_imported_llama_compresses_on_a_token_store_decodes_and_exports_to_tr
     export_hf.export(compressed, str(tmp_path / "exported"))
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval()
     np.testing.assert_allclose(_hf_logits(loaded, tokens), full, rtol=1e-4, atol=1e-4 * np.abs(full).max())
+    return report
+
+
+@pytest.mark.slow  # an import, a prepared store, a GPTQ compression, an export and a transformers load
+def test_an_imported_llama_compresses_on_a_token_store_decodes_and_exports_to_transformers(tmp_path):
+    """A tiny random Llama of 256 ids (so that a byte-level store's ids fit) imported and compressed by GPTQ at 4 bits
+    on a prepared token store decodes and exports (above); a 61-id Llama calibrated on its run's byte data is refused
+    in one line."""
+    from experiments import compress
+
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                      max_position_embeddings=64, rope_parameters={"rope_theta": 100.0})
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).eval().save_pretrained(tmp_path / "hf")
+    import_hf.write_run_folder(str(tmp_path / "hf"), str(tmp_path / "run"))
+    report = _compressed_on_a_store_decodes_and_exports(tmp_path, "gptq", bits=4)
+    assert len(report["kernels"]) == 7 * 2 and all(k["relative_error"] < 0.1 for k in report["kernels"])
 
     llama(tmp_path / "hf61", {"rope_type": "default"}, 64)
     import_hf.write_run_folder(str(tmp_path / "hf61"), str(tmp_path / "run61"))
     with pytest.raises(ConfigError, match="token id .* outside the model's vocabulary of 61: calibrate on a store"):
         compress.compress_run(str(tmp_path / "run61"), str(tmp_path / "out61"), "rtn", bits=4)
+
+
+@pytest.mark.slow  # an import, a store, a sequential GPTQ of MLA and the experts, an export and a transformers load
+def test_an_imported_deepseek_v3_moe_compresses_sequentially_decodes_and_exports_to_transformers(tmp_path):
+    """MLA attention (low-rank queries), a dense block, then routed and shared experts: every kernel is compressed,
+    each routed expert on the tokens routed to it, block after block; the run decodes and exports (above)."""
+    deepseek_v3(tmp_path / "hf", q_lora_rank=24, first_k_dense_replace=1, layers=2, vocab=256, eps=1e-6)
+    import_hf.write_run_folder(str(tmp_path / "hf"), str(tmp_path / "run"))
+    report = _compressed_on_a_store_decodes_and_exports(tmp_path, "gptq", bits=4, group_size=4, sequential=True)
+    kernels = {k["kernel"] for k in report["kernels"]}
+    assert {"dense_layers/attention/kv_down", "dense_layers/mlp/wo", "layers/block_0/attention/query_up",
+            "layers/block_0/moe/w_out", "layers/block_0/moe/shared/wi"} <= kernels, kernels
+    assert report["calibration"] == "sequential" and report["stored"]["bytes"] < report["stored"]["float32_bytes"]
