@@ -17,7 +17,7 @@ import grain
 import numpy as np
 
 from data import (activation_rows, algorithmic, othello, pairs, pipeline, prontoqa, prosqa, prosqa_dag, prosqa_lookup,
-                  reasoning, recall, text, token_store)
+                  reasoning, recall, text, token_store, verifier_rows)
 from data import command_check as _command_check
 from data.config_fields import field
 
@@ -185,6 +185,19 @@ class ActivationsConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class VerifierConfig:
+    """Every `config.data` key of a verifier's labelled solutions (`data/verifier_rows.py`)."""
+
+    name: str = "verifier"
+    path: str = ""  # the labelled solutions (python -m experiments.test_time.label --out=FILE)
+    labels: str = field("checker", choices=verifier_rows.LABELS)  # the exact checker's, or Math-Shepherd's rollouts'
+    reward: str = field("process", choices=verifier_rows.REWARDS)  # a label at every step (PRM) or at the end (ORM)
+    eval_fraction: float = field(0.1, above=0, below=1)  # of the problems
+    batch_size: int = field(64, min=1)
+    eval_batch_size: int = 256
+
+
+@dataclasses.dataclass(frozen=True)
 class Splits:
     train: dict[str, np.ndarray]  # with a curriculum: the first stage's examples
     evals: dict[str, dict[str, np.ndarray]]  # evaluation-set name -> examples
@@ -269,6 +282,15 @@ def _load_activations(config, seed: int) -> Splits:
                   model_keys={"d_in": x.shape[1], "input_scale": scale})
 
 
+def _load_verifier(config, seed: int) -> Splits:
+    del seed  # the pipeline shuffles
+    solutions = verifier_rows.read(config.path)
+    train, held_out = verifier_rows.split(solutions, config.eval_fraction)
+    examples = lambda s: verifier_rows.rows(s, config.labels, config.reward)  # noqa: E731
+    return Splits(train=examples(train), evals={"eval": examples(held_out)},
+                  vocab_size=int(solutions["policy_vocab"]) + 2, seq_len=solutions["tokens"].shape[1])
+
+
 GENERATORS = {"prosqa": prosqa, "prontoqa": prontoqa, "prosqa_official": prosqa_dag, "prosqa_lookup": prosqa_lookup}
 
 
@@ -327,6 +349,7 @@ DATASETS = {
     "prosqa_lookup": (_load_reasoning, ProsQALookupConfig, prosqa_lookup.validate),
     "activations": (_load_activations, ActivationsConfig, activation_rows.validate),
     "tokens": (_load_tokens, TokensConfig, token_store.validate),
+    "verifier": (_load_verifier, VerifierConfig, verifier_rows.validate),
 }
 
 
