@@ -9,6 +9,7 @@
     optim/        optimizers by name and what composes around them (Shampoo, Grokfast)
     posttrain/    LoRA adapters and model merging
     compression/  quantization and pruning of a trained model's kernels, layer by layer (GPTQ, SparseGPT, ...)
+    test_time/    spending inference on a problem: verifiers (ORM, PRM), best-of-N, voting, beam search, MCTS
     analysis/     interpretability on a finished run: activations, stores, lens, probes, patching, steering, SAEs
     evaluation/   evaluations of a run (its own evaluation sets' loss, length generalisation, reasoning accuracy,
                   lm-evaluation-harness tasks)

@@ -102,7 +102,7 @@ def search_run(policy: str, strategy: str, budget: int, *, verifier: str = "", h
     max_len = splits.seq_len + 1
     model, variables = restore.load_variables(config, policy)
     verify, verifier_flops = _verifier(verifier, config, max_len)
-    policy_flops = throughput.model_flops_per_token(config.model, max_len) / 3
+    policy_flops = throughput.model_flops_per_token(config.model, splits.seq_len) / 3
     rng, results = np.random.default_rng(seed), []
     for prompt, reference in rows:
         counted = Counted(verify or verifiers.checker_verifier(task, len(prompt), reference))
@@ -144,7 +144,7 @@ def _verifier(verifier: str, policy_config, width: int):
                           f"it has data.name={config.data.name!r}, model.vocab_size={config.model.vocab_size}")
     model, variables = restore.load_variables(config, verifier)
     return (verifiers.model_verifier(model, variables, policy_config.model.vocab_size, width),
-            throughput.model_flops_per_token(config.model, width) / 3)
+            throughput.model_flops_per_token(config.model, config.model.max_len) / 3)
 
 
 def main(argv):

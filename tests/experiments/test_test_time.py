@@ -4,11 +4,15 @@ path, the greedy path, the lookahead path) and compared; voting against counting
 
 import collections
 import itertools
+import json
+import os
 
 import numpy as np
 import pytest
 
 from experiments.test_time import beam, mcts, voting
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class Tree:
@@ -322,3 +326,53 @@ def test_each_strategy_spends_its_budget_and_a_perfect_verifier_guides_beam_and_
     assert right["beam"] == right["mcts"] == 5 and right["majority"] < 5
     with pytest.raises(search.ConfigError, match="--strategy=beam needs --verifier"):
         search.check("beam", 8, "", "last", 4, 2)
+
+
+@pytest.mark.slow  # two short training runs, a labelling, three searches and one command line
+def test_the_commands_label_a_policy_train_its_verifier_and_search_with_it(tmp_path, finished_tiny_run):
+    """A policy trained briefly on sums of three terms mod 5; its solutions labelled (label_run), a process reward
+    model trained on them, and the search command run with it, with the checker, and from the command line: every
+    problem scored, sampling spends budget x 2 tokens, the FLOPs are the policy's and the verifier's forward FLOPs per
+    token times the tokens each handled; a run of data without checkable steps, or a verifier that is not this
+    policy's, is a one-line error."""
+    import subprocess
+    import sys
+
+    from data.config_fields import ConfigError
+    from experiments.configs import grpo
+    from experiments.test_time import label, search
+    from experiments.training import throughput, trainer
+    from tests.conftest import cpu_env
+
+    config = grpo.get_config("sft")
+    config.model.update(d_model=16, num_heads=2, d_mlp=32)
+    config.data.update(p=5, terms=3, train_fraction=0.6, batch_size=16)
+    config.train.update(steps=3, log_every=1, eval_every=3, checkpoint_every=3)
+    trainer.train_and_evaluate(config, str(tmp_path / "policy"), verbose=False)
+    solutions = label.label_run(str(tmp_path / "policy"), str(tmp_path / "labels.npz"), problems=10, samples=4,
+                                rollouts=2)
+    assert solutions["tokens"].shape == (40, 6) and int(solutions["policy_vocab"]) == 6
+    verifier_config = _verifier_config(str(tmp_path / "labels.npz"), "process")
+    trainer.train_and_evaluate(verifier_config, str(tmp_path / "prm"), verbose=False)
+
+    found = search.search_run(str(tmp_path / "policy"), "best_of_n", 4, verifier=str(tmp_path / "prm"), how="min",
+                              problems=3)
+    assert len(found["problems"]) == 3 and all(p["tokens"] == 8 and p["steps"] == 2 for p in found["problems"])
+    policy_flops = throughput.model_flops_per_token(search._config(str(tmp_path / "policy"), "").model, 5) / 3
+    verifier_flops = throughput.model_flops_per_token(search._config(str(tmp_path / "prm"), "").model, 6) / 3
+    for p in found["problems"]:
+        assert p["flops"] == pytest.approx(p["tokens"] * policy_flops + p["verified_tokens"] * verifier_flops)
+        assert p["verified_tokens"] == 4 * (5 + 6)  # min over two steps: each response's two prefixes scored
+    beam = search.search_run(str(tmp_path / "policy"), "beam", 8, verifier="checker", expansions=4, problems=3)
+    assert 0 <= beam["accuracy"] <= 1 and all(p["tokens"] == 16 for p in beam["problems"])
+
+    out = tmp_path / "majority.json"
+    done = subprocess.run([sys.executable, "-m", "experiments.test_time.search", f"--policy={tmp_path / 'policy'}",
+                           "--strategy=majority", "--budget=2", "--problems=2", f"--out={out}"], cwd=REPO_ROOT,
+                          env=cpu_env(1), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "majority with budget 2 on 2 problems" in done.stdout and len(json.loads(out.read_text())["problems"]) == 2
+    with pytest.raises(ConfigError, match="test-time search needs steps a program checks"):
+        label.label_run(str(finished_tiny_run), str(tmp_path / "x.npz"))
+    with pytest.raises(ConfigError, match="is not a reward model of this policy"):
+        search.search_run(str(tmp_path / "policy"), "beam", 8, verifier=str(finished_tiny_run))
