@@ -4,17 +4,18 @@
     python -m experiments.compress --workdir=RUN --out=RUN2 --method=sparsegpt --sparsity=0.5   (or --n_m=2:4)
 
 methods: rtn, gptq, awq, awq_gptq (--bits, --group_size, --symmetric, --act_order), fp8 (e4m3: --group_size),
-smoothquant (W8A8, --alpha), magnitude, wanda, sparsegpt (--sparsity or --n_m); --damp and --block_size for GPTQ and
-SparseGPT; `--calibration_rows` rows of the run's training data, or of a prepared token store
-(`--calibration=STORE`, e.g. for an imported checkpoint whose tokenizer is not the run's data's), in one pass or
-`--sequential`ly (block after block, each calibrated through the compressed blocks before it, as GPTQ's code does);
+smoothquant (W8A8, --alpha), magnitude, wanda, sparsegpt (--sparsity or --n_m; with --bits [--symmetric], its joint
+mode: the kept weights rounded on their channel's grid); --damp and --block_size for GPTQ and SparseGPT;
+`--calibration_rows` rows of the run's training data, or of a prepared token store (`--calibration=STORE`, e.g. for
+an imported checkpoint whose tokenizer is not the run's data's), in one pass or `--sequential`ly (block after block,
+each calibrated through the compressed blocks before it, as GPTQ's code does);
 experiments/compression/model.py says what is compressed and how. RUN2 is a run folder at step 0 with the compressed
 weights (dequantized, float32; SmoothQuant's smoothed, with model.quantization=w8a8) and RUN's config: it evaluates,
-samples, decodes and exports like any other run. A quantizer's run also holds RUN2/packed, the compact weights: each
-quantized kernel as its integer (or e4m3) codes with their grids' scales and zero points (two 4-bit codes to a byte),
-the rest as it is, which `experiments.compression.packing.load_params` dequantizes to the checkpoint's weights.
-RUN2/compression.json is the report (options, per kernel and layer the relative reconstruction error on the
-calibration inputs and the fraction of zeros, the packed and float32 bytes, wall time).
+samples, decodes and exports like any other run. A quantizer's run (and joint SparseGPT's) also holds RUN2/packed,
+the compact weights: each quantized kernel as its integer (or e4m3) codes with their grids' scales and zero points
+(two 4-bit codes to a byte), the rest as it is, which `experiments.compression.packing.load_params` dequantizes to
+the checkpoint's weights. RUN2/compression.json is the report (options, per kernel and layer the relative
+reconstruction error on the calibration inputs and the fraction of zeros, the packed and float32 bytes, wall time).
 `compress_run(...)` is the library function.
 """
 
@@ -46,9 +47,11 @@ def options_from(method: str, *, bits=None, group_size=-1, symmetric=False, act_
     if quantizer and (sparsity is not None or n_m):
         raise ConfigError(f"--method={method} quantizes: --sparsity and --n_m are for "
                           f"{', '.join(compression_model.PRUNERS)}")
-    if not quantizer and (bits is not None or group_size != -1 or symmetric or act_order):
+    joint = method == "sparsegpt" and bits is not None  # SparseGPT's joint mode: pruned, then rounded per channel
+    if not quantizer and (group_size != -1 or act_order or (not joint and (bits is not None or symmetric))):
         raise ConfigError(f"--method={method} prunes: --bits, --group_size, --symmetric and --act_order are for "
-                          f"{', '.join(compression_model.QUANTIZERS)}")
+                          f"{', '.join(compression_model.QUANTIZERS)} (sparsegpt takes --bits and --symmetric: its "
+                          "joint mode, per output channel)")
     if method == "fp8" and (bits is not None or symmetric or act_order):
         raise ConfigError("--method=fp8 is e4m3 with one scale per channel or group: --bits, --symmetric and "
                           "--act_order are for the integer grids")

@@ -15,7 +15,8 @@ kernel [L, in..., out...]
                matmul W8A8 through qwix (smoothquant.py); the families models/quantization.py covers
     magnitude  Wanda with every input's norm 1: the smallest |w| of each output (sparsity or n_m)
     wanda      |w| x sqrt(mean x_i^2) (sparsity or n_m)
-    sparsegpt  SparseGPT with H (sparsity or n_m, damp, block_size)
+    sparsegpt  SparseGPT with H (sparsity or n_m, damp, block_size; with bits, its joint mode: the kept weights
+               also rounded on their channel's grid, symmetric or not)
 
 Embeddings, the unembedding, norms, MoE routers and Mamba-2's depthwise convolution stay as they are (GPTQ's and
 SparseGPT's papers leave the first three too; routers are kept in full precision by MoE quantization work).
@@ -60,6 +61,11 @@ def compress_layer(method: str, w, statistics: dict, options: dict):
     if method in QUANTIZERS:
         w_hat, grids = _quantize(method, w, statistics, options)
         return w_hat, packing.pack(w_hat, grids, None if method == "fp8" else options["bits"])
+    if method == "sparsegpt" and options.get("bits") is not None:  # joint: pruned and rounded
+        w_hat, grids = sparsegpt(w, statistics["hessian"], sparsity=options["sparsity"], n_m=options["n_m"],
+                                 damp=options["damp"], block_size=options["block_size"], bits=options["bits"],
+                                 symmetric=options["symmetric"], with_grid=True)
+        return w_hat, packing.pack(w_hat, grids, options["bits"])
     return _prune(method, w, statistics, options), None
 
 
@@ -102,6 +108,8 @@ def check(method: str, options: dict, kernel_shapes: dict) -> None:
             else:
                 check_sparsity(shape, options["sparsity"], options["n_m"],
                                                 options["block_size"] if method == "sparsegpt" else None)
+                if options.get("bits") is not None:
+                    grid.check(shape, options["bits"], -1)
             if method in ("gptq", "awq_gptq", "sparsegpt"):
                 hessians.check(shape, (shape[0], shape[0]), options["block_size"], options["damp"])
         except ValueError as error:

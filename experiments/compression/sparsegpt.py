@@ -6,6 +6,10 @@ per block of `block_size` inputs by the OBS saliency w^2 / U_ii^2 (hessian.py): 
 floor(sparsity x block size x out) weights of the block with the lowest saliency (the reference's `<=` threshold
 prunes one more); n:m, at every m-th input of the block, for each output the n of the next m inputs with the
 lowest saliency as they stand then.
+
+Joint mode (bits = b, SparseGPT section 3.5): every kept weight is also rounded, on its output channel's b-bit grid
+(grid.py) fitted to the weights as given, before its error is spread: q_i = quantize(m_i w_i), e_i = (w_i - q_i) /
+U_ii (the grid holds 0, so a pruned weight stays 0).
 """
 
 import functools
@@ -13,7 +17,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from experiments.compression import hessian as hessians
+from experiments.compression import grid, hessian as hessians
 
 
 def check_sparsity(w_shape, sparsity: float, n_m, block_size: int | None = None) -> None:
@@ -29,20 +33,29 @@ def check_sparsity(w_shape, sparsity: float, n_m, block_size: int | None = None)
                          + (f" and block_size={block_size}" if block_size is not None else ""))
 
 
-def sparsegpt(w, hessian, *, sparsity: float = 0.5, n_m=None, damp: float = 0.01, block_size: int = 128):
-    """Pruned and updated weights float32 [in, out] (module doc)."""
+def sparsegpt(w, hessian, *, sparsity: float = 0.5, n_m=None, damp: float = 0.01, block_size: int = 128,
+              bits: int | None = None, symmetric: bool = False, with_grid: bool = False):
+    """Pruned and updated weights float32 [in, out] (module doc); with `bits`, also rounded (joint mode); with_grid:
+    and the per-channel grids as grid.rtn gives them (None without `bits`; experiments/compression/packing.py)."""
     check_sparsity(w.shape, sparsity, n_m, block_size)
     hessians.check(w.shape, jnp.shape(hessian), block_size, damp)
+    if bits is not None:
+        grid.check(w.shape, bits, -1)
+    w = jnp.asarray(w, jnp.float32)
+    scale, zero = grid.grid(w, bits, symmetric) if bits is not None else (None, None)
     u, dead = hessians.inverse_cholesky(hessian, damp)
-    w = jnp.where(dead[:, None], 0.0, jnp.asarray(w, jnp.float32))
+    w = jnp.where(dead[:, None], 0.0, w)
     pruned = []
     for start in range(0, w.shape[0], block_size):
         stop = min(start + block_size, w.shape[0])
-        q, errors = _block(w, u, jnp.int32(start), count=stop - start, sparsity=sparsity,
-                           n_m=None if n_m is None else tuple(n_m))
+        q, errors = _block(w, u, jnp.int32(start), scale, zero, count=stop - start, sparsity=sparsity,
+                           n_m=None if n_m is None else tuple(n_m), bits=bits)
         pruned.append(q)
         w = w.at[stop:].add(-u[start:stop, stop:].T @ errors)
-    return jnp.concatenate(pruned)
+    if not with_grid:
+        return jnp.concatenate(pruned)
+    return jnp.concatenate(pruned), None if bits is None else grid.contiguous_groups(scale[None], zero[None],
+                                                                                      w.shape[0])
 
 
 def _lowest(saliency, count: int):
@@ -50,8 +63,8 @@ def _lowest(saliency, count: int):
     return jnp.argsort(jnp.argsort(saliency, axis=0, stable=True), axis=0) < count
 
 
-@functools.partial(jax.jit, static_argnames=("count", "sparsity", "n_m"))
-def _block(w, u, start, *, count: int, sparsity: float, n_m):
+@functools.partial(jax.jit, static_argnames=("count", "sparsity", "n_m", "bits"))
+def _block(w, u, start, scale, zero, *, count: int, sparsity: float, n_m, bits):
     w_block = jax.lax.dynamic_slice_in_dim(w, start, count)
     u_block = jax.lax.dynamic_slice(u, (start, start), (count, count))
     inverse_diagonal_sq = jnp.diagonal(u_block)[:, None] ** 2
@@ -70,6 +83,8 @@ def _block(w, u, start, *, count: int, sparsity: float, n_m):
             chosen = jax.lax.dynamic_slice_in_dim(pruned, i, m) | _lowest(window, n)
             pruned = jnp.where(i % m == 0, jax.lax.dynamic_update_slice_in_dim(pruned, chosen, i, 0), pruned)
         q_i = jnp.where(pruned[i], 0.0, w_block[i])
+        if bits is not None:
+            q_i = grid.quantize(q_i, scale, zero, bits)
         e_i = (w_block[i] - q_i) / u_block[i, i]
         w_block = w_block - jnp.outer(u_block[i], e_i)
         return w_block, pruned, q.at[i].set(q_i), errors.at[i].set(e_i)

@@ -2,7 +2,8 @@
 
     PYTHONPATH=. python scripts/studies/compression_sequential.py --runs=runs/lm,runs/ssd,runs/moe
 
-For every run and setting (GPTQ at 4 and 3 bits per channel, SparseGPT at 50%): the run's weights compressed by
+For every run and setting (GPTQ at 4 and 3 bits per channel, SparseGPT at 50%, and at 50% with its kept weights
+rounded to 4 bits per channel, its joint mode): the run's weights compressed by
 experiments/compression/model.compress_variables on `--calibration_rows` training rows, once with every block's
 statistics from one pass through the uncompressed model and once `sequential`ly (block b's from the model whose
 blocks before b are compressed), scored on the whole validation split; for the quantizers, the bytes of the packed
@@ -24,7 +25,8 @@ _RUNS = flags.DEFINE_list("runs", ["runs/lm", "runs/ssd", "runs/moe"], "Trained 
 _ROWS = flags.DEFINE_integer("calibration_rows", 128, "Training rows (of the run's context) calibrating.")
 _OUT = flags.DEFINE_string("out", "runs/compression_sequential.json", "The rows, as JSON.")
 
-SETTINGS = (("gptq", {"bits": 4}), ("gptq", {"bits": 3}), ("sparsegpt", {"sparsity": 0.5}))
+SETTINGS = (("gptq", {"bits": 4}), ("gptq", {"bits": 3}), ("sparsegpt", {"sparsity": 0.5}),
+            ("sparsegpt", {"sparsity": 0.5, "bits": 4}))  # the last SparseGPT's joint mode
 
 
 def measure(workdir: str) -> list[dict]:
@@ -51,8 +53,9 @@ def measure(workdir: str) -> list[dict]:
 def table(rows: list[dict]) -> str:
     lines = ["| run | setting | one pass | sequential | packed / float32 |", "|---|---|---|---|---|"]
     for one, sequential in zip(rows[0::2], rows[1::2]):
-        setting = f"{one['method']} {one.get('bits', '')}{' bits' if 'bits' in one else ''}" + (
-            f"{one['sparsity']:.0%}" if "sparsity" in one else "")
+        parts = ([f"{one['sparsity']:.0%}"] if "sparsity" in one else []) + (
+            [f"{one['bits']} bits"] if "bits" in one else [])
+        setting = f"{one['method']} {' + '.join(parts)}"
         size = (f"{one['packed_bytes'] / 2**20:.2f} / {one['float32_bytes'] / 2**20:.2f} MiB"
                 if one["packed_bytes"] else "")
         lines.append(f"| {one['family']} | {setting} | {one['loss']:.4f} | {sequential['loss']:.4f} | {size} |")

@@ -112,6 +112,7 @@ def test_a_compressed_run_evaluates_and_gptq_beats_rtn(finished_tiny_run, tmp_pa
 @pytest.mark.parametrize("method,flags,message", [
     ("rtn", {}, "--method=rtn needs --bits"),
     ("wanda", {"bits": 4}, "--method=wanda prunes: --bits"),
+    ("sparsegpt", {"bits": 4, "group_size": 8}, "--method=sparsegpt prunes: .*sparsegpt takes --bits and --symmetric"),
     ("gptq", {"bits": 4, "sparsity": 0.5}, "--method=gptq quantizes: --sparsity"),
     ("sparsegpt", {"n_m": "2-4"}, "--n_m='2-4': two integers n:m"),
     ("fp8", {"bits": 4}, "--method=fp8 is e4m3 with one scale per channel or group: --bits"),
@@ -123,6 +124,16 @@ def test_a_compressed_run_evaluates_and_gptq_beats_rtn(finished_tiny_run, tmp_pa
 def test_bad_requests_are_one_line_errors(method, flags, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         compress.options_from(method, **flags)
+
+
+def test_joint_sparsegpt_prunes_rounds_and_packs_every_kernel(tiny):
+    model, variables, tokens = tiny
+    options = compress.options_from("sparsegpt", sparsity=0.5, bits=4)
+    compressed, report, packed = compression_model.compress_variables(model, variables, tokens, "sparsegpt", options)
+    assert all(r["zeros"] >= 0.5 for r in report["kernels"])
+    wi = compressed["params"]["layers"]["mlp"]["wi"]["kernel"]
+    np.testing.assert_allclose(packing.unstack(packed["layers"]["mlp"]["wi"]["kernel"], wi.shape), wi, rtol=1e-6)
+    assert all(len(np.unique(np.asarray(wi)[1, :, j])) <= 16 for j in range(wi.shape[-1]))  # 4-bit grids
 
 
 def test_smoothquant_is_an_identity_in_float_and_tames_an_outlier_channel_under_w8a8(tiny):

@@ -59,9 +59,11 @@ def reference_gptq(w_t, h, bits, group_size, act_order, damp, block_size, symmet
     return q[:, np.argsort(perm)]
 
 
-def reference_sparsegpt(w_t, h, sparsity, n_m, damp, block_size):
-    """w_t [out, in]: the reference's fasterprune, pruning exactly floor(sparsity x size) of a block."""
+def reference_sparsegpt(w_t, h, sparsity, n_m, damp, block_size, bits=None):
+    """w_t [out, in]: the reference's fasterprune, pruning exactly floor(sparsity x size) of a block; with `bits`, its
+    quantizer (the per-row grid of the weights as given) rounds every column after the mask."""
     w = w_t.copy()
+    grid = None if bits is None else reference_grid(w, bits, False)  # scale, zero [out]
     hinv, dead = reference_inverse_factor(h, damp)
     w[:, dead] = 0
     for i1 in range(0, w.shape[1], block_size):
@@ -81,6 +83,8 @@ def reference_sparsegpt(w_t, h, sparsity, n_m, damp, block_size):
                 for row in range(w.shape[0]):
                     mask[row, i + np.argsort(saliency[row], kind="stable")[:n_m[0]]] = True
             q = np.where(mask[:, i], 0.0, w1[:, i])
+            if bits is not None:
+                q = reference_quantize(q, *grid, bits)
             err1[:, i] = (w1[:, i] - q) / hinv[i1 + i, i1 + i]
             w1[:, i:] -= np.outer(err1[:, i], hinv[i1 + i, i1 + i:i2])
             w[:, i1 + i] = q
@@ -185,6 +189,26 @@ def test_sparsegpt_matches_the_reference_and_beats_magnitude_and_wanda(layer, sp
     magnitude = compression.wanda(w, np.ones(96), **args)
     wanda = compression.wanda(w, np.mean(x**2, 0), **args)
     assert error < reconstruction_error(x, w, wanda) < reconstruction_error(x, w, magnitude)
+
+
+@pytest.mark.parametrize("n_m", [None, (2, 4)])
+def test_sparsegpt_joint_mode_matches_the_reference_and_beats_pruning_then_rounding(layer, n_m):
+    """SparseGPT with its quantizer (4 bits per channel): the reference's result, half the weights zero, the rest on
+    each channel's grid, and a lower error than rounding SparseGPT's pruned weights afterwards."""
+    w, x, h = layer
+    args = {"sparsity": 0.5} if n_m is None else {"n_m": n_m}
+    found, grids = compression.sparsegpt(w, h, block_size=32, bits=4, with_grid=True, **args)
+    found = np.asarray(found)
+    expected = reference_sparsegpt(w.T, h, 0.5, n_m, 0.01, 32, bits=4).T
+    error = reconstruction_error(x, w, found)
+    assert error == pytest.approx(reconstruction_error(x, w, expected), rel=2e-3)
+    assert np.mean(np.isclose(found, expected, atol=1e-4)) > 0.98 and np.mean(found == 0) >= 0.5
+    scale, zero = np.asarray(grids["scale"])[0], np.asarray(grids["zero"])[0]
+    codes = found / scale + zero
+    np.testing.assert_allclose(codes, np.round(codes), atol=1e-3)  # every weight on its channel's grid
+    pruned = np.asarray(compression.sparsegpt(w, h, block_size=32, **args))
+    rounded_after = np.where(pruned == 0, 0.0, np.asarray(compression.rtn(pruned, bits=4)))
+    assert error < reconstruction_error(x, w, rounded_after)
 
 
 @pytest.mark.parametrize("bits,group_size", [(3, -1), (4, 32)])
