@@ -136,3 +136,29 @@ def test_trains_with_the_one_device_losses_on_a_2x2x2_mesh(pattern, tmp_path):
         c.model.update(**PATTERNS[pattern])
         return c
     assert_mesh_run_matches_one_device(config, tmp_path)
+
+
+def test_packed_rows_reach_a_cache_only_through_one_of_their_own_length():
+    """GQA's guard (the config checks refuse these cases earlier, so only a direct call reaches it): packed rows
+    through a cache longer than the pass, or through a sliding window's ring, are refused; through a cache of the
+    pass's own length (MoR's shared keys and values) they attend within their documents."""
+    import flax.linen as nn
+
+    from models import packing
+
+    x = jax.random.normal(jax.random.key(0), (1, 6, 24))
+    segments = packing.make(np.array([[1, 1, 1, 2, 2, 2]]), np.array([[0, 1, 2, 0, 1, 2]]))
+    cfg = _cfg()
+    attention = GroupedQueryAttention(cfg)
+    params = nn.meta.unbox(attention.init(jax.random.key(1), x, 0)["params"])
+    own = GroupedQueryAttention.init_cache(cfg, 1, 6)
+    out, _ = attention.apply({"params": params}, x, 0, own, segments=segments)
+    alone, _ = attention.apply({"params": params}, x[:, 3:], 0, GroupedQueryAttention.init_cache(cfg, 1, 3))
+    np.testing.assert_allclose(out[:, 3:], alone, rtol=1e-5, atol=1e-5)  # the second document as if alone
+    with pytest.raises(ValueError, match="packed rows .* reach a cache only in a full pass through a cache of its own"):
+        attention.apply({"params": params}, x, 0, GroupedQueryAttention.init_cache(cfg, 1, 9), segments=segments)
+    ring = _cfg(attention_pattern="sliding", attention_window=4)
+    ring_attention = GroupedQueryAttention(ring)
+    with pytest.raises(ValueError, match="not a sliding window's ring"):
+        ring_attention.apply({"params": params}, x, 0, GroupedQueryAttention.init_cache(ring, 1, 6),
+                             segments=segments)
