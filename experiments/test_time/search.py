@@ -57,8 +57,7 @@ def path_score(problem, task, state, how: str) -> float:
     if how == "last":
         return float(problem.value([state])[0])
     ends = np.cumsum([len(step) for step in task.steps(problem.response(state))])
-    prefixes = [policies.State(state.tokens[:len(problem.prompt) + end], None, None) for end in ends]
-    return voting.aggregate(problem.value(prefixes), how)
+    return voting.aggregate(problem.verifier([state.tokens[:len(problem.prompt) + end] for end in ends]), how)
 
 
 class Counted:
