@@ -1,7 +1,8 @@
 """Score a policy run with a test-time strategy and budget on its task's problems.
 
     python -m experiments.test_time.search --policy=RUN --strategy=beam --budget=16 [--verifier=RUN2|checker]
-        [--aggregate=last] [--expansions=4] [--lookahead=2] [--problems=64] [--split=eval] [--out=FILE.json]
+        [--aggregate=last] [--expansions=4] [--lookahead=2] [--rollout_steps=0] [--problems=64] [--split=eval]
+        [--out=FILE.json]
 
 strategies, with a budget of N:
     majority     N sampled responses (sharing their prompt's cache), the most frequent answer (no verifier)
@@ -10,7 +11,8 @@ strategies, with a budget of N:
     weighted     N responses, the answer whose responses' scores sum highest
     beam         verifier-guided beam search, N candidates a round: width N / M, M = --expansions (beam.py)
     lookahead    the same, each candidate scored at the end of a --lookahead-step greedy rollout
-    mcts         N simulations of Monte Carlo tree search, --expansions children per node (mcts.py)
+    mcts         N simulations of Monte Carlo tree search, --expansions children per node, each evaluated leaf
+                 after a --rollout_steps greedy rollout (0: as it is) (mcts.py)
 The tree searches answer with their best-scored finished candidate (beam, lookahead) or most visited path (mcts).
 The verifier is a trained outcome or process reward model's run folder (data/verifier_rows.py) or `checker`, the
 task's exact step checker (a perfect process reward model). Written to --out, and printed: per problem the answer's
@@ -33,7 +35,7 @@ STRATEGIES = SAMPLING + ("beam", "lookahead", "mcts")
 
 
 def solve(problem, task, strategy: str, budget: int, rng, *, how: str = "last", expansions: int = 4,
-          lookahead: int = 2):
+          lookahead: int = 2, rollout_steps: int = 0):
     """The answer `strategy` picks for one step problem (module doc)."""
     answer_of = lambda state: task.answer(problem.response(state))  # noqa: E731
     if strategy in SAMPLING:
@@ -44,7 +46,8 @@ def solve(problem, task, strategy: str, budget: int, rng, *, how: str = "last", 
         scores = [path_score(problem, task, state, how) for state in responses]
         return (voting.best_of_n if strategy == "best_of_n" else voting.weighted_vote)(answers, scores)
     if strategy == "mcts":
-        return answer_of(mcts.mcts(problem, simulations=budget, expansions=expansions, rng=rng, how=how).state)
+        return answer_of(mcts.mcts(problem, simulations=budget, expansions=expansions, rng=rng, how=how,
+                                   rollout_steps=rollout_steps).state)
     found = beam.beam_search(problem, beam_width=max(budget // expansions, 1), expansions=expansions,
                              max_steps=problem.max_response_tokens, rng=rng, how=how,
                              lookahead=lookahead if strategy == "lookahead" else 0)
@@ -71,27 +74,28 @@ class Counted:
         return self.verify(sequences)
 
 
-def check(strategy: str, budget: int, verifier: str, how: str, expansions: int, lookahead: int) -> None:
+def check(strategy: str, budget: int, verifier: str, how: str, expansions: int, lookahead: int,
+          rollout_steps: int = 0) -> None:
     if strategy not in STRATEGIES:
         raise ConfigError(f"--strategy={strategy!r}: one of {', '.join(STRATEGIES)}")
     if how not in voting.AGGREGATIONS:
         raise ConfigError(f"--aggregate={how!r}: one of {', '.join(voting.AGGREGATIONS)}")
-    if min(budget, expansions) < 1 or lookahead < 0:
-        raise ConfigError(f"--budget={budget}, --expansions={expansions}: each at least 1; --lookahead={lookahead} "
-                          "at least 0")
+    if min(budget, expansions) < 1 or min(lookahead, rollout_steps) < 0:
+        raise ConfigError(f"--budget={budget}, --expansions={expansions}: each at least 1; --lookahead={lookahead}, "
+                          f"--rollout_steps={rollout_steps}: each at least 0")
     if strategy != "majority" and not verifier:
         raise ConfigError(f"--strategy={strategy} needs --verifier: a reward model's run folder, or 'checker'")
 
 
 def search_run(policy: str, strategy: str, budget: int, *, verifier: str = "", how: str = "last",
-               expansions: int = 4, lookahead: int = 2, problems: int = 64, split: str = "eval",
-               temperature: float = 1.0, seed: int = 0) -> dict:
+               expansions: int = 4, lookahead: int = 2, rollout_steps: int = 0, problems: int = 64,
+               split: str = "eval", temperature: float = 1.0, seed: int = 0) -> dict:
     """{"problems": [{"correct", "tokens", "flops", "steps"}, ...], "accuracy", "tokens", "flops", ...}."""
     import data as datasets
     from experiments import restore
     from experiments.training import throughput
 
-    check(strategy, budget, verifier, how, expansions, lookahead)
+    check(strategy, budget, verifier, how, expansions, lookahead, rollout_steps)
     config = _config(policy, "--policy")
     task = tasks.of_config(config)
     splits = datasets.load(config.data, config.seed)
@@ -109,15 +113,16 @@ def search_run(policy: str, strategy: str, budget: int, *, verifier: str = "", h
                                        max_step_tokens=max_len - len(prompt),
                                        max_response_tokens=max_len - len(prompt), step_ends=task.step_ends,
                                        finish_ids=task.finish_ids, temperature=temperature)
-        answer = solve(problem, task, strategy, budget, rng, how=how, expansions=expansions, lookahead=lookahead)
+        answer = solve(problem, task, strategy, budget, rng, how=how, expansions=expansions, lookahead=lookahead,
+                       rollout_steps=rollout_steps)
         results.append({"correct": bool(answer) and answer == task.answer(reference),
                         "tokens": problem.tokens_generated, "verified_tokens": counted.tokens,
                         "flops": problem.tokens_generated * policy_flops + counted.tokens * verifier_flops,
                         "steps": len(task.steps(reference))})
     mean = lambda key: float(np.mean([r[key] for r in results]))  # noqa: E731
     return {"policy": policy, "strategy": strategy, "budget": budget, "verifier": verifier, "aggregate": how,
-            "expansions": expansions, "lookahead": lookahead, "split": split, "accuracy": mean("correct"),
-            "tokens": mean("tokens"), "flops": mean("flops"), "problems": results}
+            "expansions": expansions, "lookahead": lookahead, "rollout_steps": rollout_steps, "split": split,
+            "accuracy": mean("correct"), "tokens": mean("tokens"), "flops": mean("flops"), "problems": results}
 
 
 def _config(folder: str, flag: str):
@@ -155,8 +160,8 @@ def main(argv):
     f = flags.FLAGS
     try:
         result = search_run(f.policy, f.strategy, f.budget, verifier=f.verifier, how=f.aggregate,
-                            expansions=f.expansions, lookahead=f.lookahead, problems=f.problems, split=f.split,
-                            temperature=f.temperature, seed=f.seed)
+                            expansions=f.expansions, lookahead=f.lookahead, rollout_steps=f.rollout_steps,
+                            problems=f.problems, split=f.split, temperature=f.temperature, seed=f.seed)
     except ConfigError as e:
         cli.fail(str(e))
     if f.out:
@@ -176,6 +181,7 @@ if __name__ == "__main__":
     flags.DEFINE_enum("aggregate", "last", voting.AGGREGATIONS, "A path's score from its steps' scores.")
     flags.DEFINE_integer("expansions", 4, "Beam and MCTS: children sampled per expanded node.")
     flags.DEFINE_integer("lookahead", 2, "Lookahead search: greedy steps rolled out before scoring.")
+    flags.DEFINE_integer("rollout_steps", 0, "MCTS: greedy steps rolled out from each evaluated leaf (0: none).")
     flags.DEFINE_integer("problems", 64, "The split's first problems scored.")
     flags.DEFINE_string("split", "eval", "train, or an evaluation split of the policy's data.")
     flags.DEFINE_float("temperature", 1.0, "Of the policy's samples.")
