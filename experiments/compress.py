@@ -13,7 +13,7 @@ experiments/compression/model.py says what is compressed and how. RUN2 is a run 
 weights (dequantized, float32; SmoothQuant's smoothed, with model.quantization=w8a8) and RUN's config: it evaluates,
 samples, decodes and exports like any other run. A quantizer's run (and joint SparseGPT's) also holds RUN2/packed,
 the compact weights: each quantized kernel as its integer (or e4m3) codes with their grids' scales and zero points
-(two 4-bit codes to a byte), the rest as it is, which `experiments.compression.packing.load_params` dequantizes to
+(two 4-bit codes to a byte), the rest as it is, which `experiments.compression.storage.load_params` dequantizes to
 the checkpoint's weights. RUN2/compression.json is the report (options, per kernel and layer the relative
 reconstruction error on the calibration inputs and the fraction of zeros, the packed and float32 bytes, wall time).
 `compress_run(...)` is the library function.
@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 
 from data.config_fields import ConfigError
-from experiments.compression import model as compression_model, packing
+from experiments.compression import model as compression_model, storage
 
 
 def options_from(method: str, *, bits=None, group_size=-1, symmetric=False, act_order=False, damp=0.01,
@@ -119,8 +119,8 @@ def compress_run(workdir: str, out: str, method: str, *, calibration_rows: int =
         config.model.quantization = "w8a8"
     restore.save_variables(config, variables, out)
     if packed is not None:
-        report["stored"] = {"packed": os.path.join(out, packing.FOLDER), "bytes": packing.save(out, packed),
-                            "float32_bytes": packing.nbytes(variables["params"])}
+        report["stored"] = {"packed": os.path.join(out, storage.FOLDER), "bytes": storage.save(out, packed),
+                            "float32_bytes": storage.nbytes(variables["params"])}
     report["source"] = {"workdir": os.path.abspath(workdir), "step": step}
     with open(os.path.join(out, "compression.json"), "w") as f:
         json.dump(report, f, indent=1)

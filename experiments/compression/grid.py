@@ -60,6 +60,6 @@ def rtn(w, *, bits: int, group_size: int = -1, symmetric: bool = False, with_gri
 
 def contiguous_groups(scale, zero, group_size: int) -> dict:
     """The grids of groups of `group_size` consecutive inputs: {"scale", "zero": [groups, out], "group": int32 [in],
-    input i's group} (experiments/compression/packing.py stores weights with them)."""
+    input i's group} (experiments/compression/storage.py stores weights with them)."""
     group = jnp.arange(scale.shape[0] * group_size, dtype=jnp.int32) // group_size
     return {"scale": scale, "zero": zero, "group": group}

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from data.config_fields import ConfigError
-from experiments.compression import fp8 as fp8s, grid, hessian as hessians, packing, smoothquant
+from experiments.compression import fp8 as fp8s, grid, hessian as hessians, smoothquant, storage
 from experiments.compression.awq import awq
 from experiments.compression.fp8 import fp8
 from experiments.compression.gptq import gptq
@@ -56,16 +56,16 @@ DENSE_STACK = "dense_layers"  # the plain blocks some families scan before their
 
 
 def compress_layer(method: str, w, statistics: dict, options: dict):
-    """One layer's kernel w [in, out] by `method` -> (w_hat [in, out], its stored form (packing.py), None for the
+    """One layer's kernel w [in, out] by `method` -> (w_hat [in, out], its stored form (storage.py), None for the
     pruners); statistics of its calibration inputs x: "hessian" X^T X / n [in, in], "mean_abs" mean |x| [in]."""
     if method in QUANTIZERS:
         w_hat, grids = _quantize(method, w, statistics, options)
-        return w_hat, packing.pack(w_hat, grids, None if method == "fp8" else options["bits"])
+        return w_hat, storage.pack(w_hat, grids, None if method == "fp8" else options["bits"])
     if method == "sparsegpt" and options.get("bits") is not None:  # joint: pruned and rounded
         w_hat, grids = sparsegpt(w, statistics["hessian"], sparsity=options["sparsity"], n_m=options["n_m"],
                                  damp=options["damp"], block_size=options["block_size"], bits=options["bits"],
                                  symmetric=options["symmetric"], with_grid=True)
-        return w_hat, packing.pack(w_hat, grids, options["bits"])
+        return w_hat, storage.pack(w_hat, grids, options["bits"])
     return _prune(method, w, statistics, options), None
 
 
@@ -192,7 +192,7 @@ def compress_params(params: dict, calibration: dict, method: str, options: dict,
                     ) -> tuple[dict, list[dict], dict]:
     """(params with every recorded kernel compressed, per kernel and layer (and expert) {"kernel", "layer",
     "expert" (MoE experts only), "relative_error", "zeros"}, the quantized kernels' stored forms {parameter path:
-    {index: stored form}} (packing.py; empty for the pruners)); relative_error = ||X (W - W_hat)||^2 / ||X W||^2 on
+    {index: stored form}} (storage.py; empty for the pruners)); relative_error = ||X (W - W_hat)||^2 / ||X W||^2 on
     the calibration inputs. A kernel's statistics carry its stack's leading axes: [L] per layer, [L, E] per expert,
     the index. block = (stack, layer): that block's kernels alone, the others as they are (a sequential calibration)."""
     report, stored = [], {}
@@ -226,10 +226,10 @@ def compress_params(params: dict, calibration: dict, method: str, options: dict,
 
 
 def packed_params(params: dict, stored: dict) -> dict:
-    """params with each quantized kernel replaced by its stored form, the stack's leading axes first (packing.py)."""
+    """params with each quantized kernel replaced by its stored form, the stack's leading axes first (storage.py)."""
     for path, per_index in stored.items():
         lead = np.shape(_get(params, path))[:len(next(iter(per_index)))]
-        params = _set(params, path, packing.stack(per_index, lead))
+        params = _set(params, path, storage.stack(per_index, lead))
     return params
 
 
@@ -252,7 +252,7 @@ def check_smoothable(model) -> None:
 def compress_variables(model, variables: dict, rows, method: str, options: dict, sequential: bool = False
                        ) -> tuple[dict, dict, dict | None]:
     """(variables with compressed params, the report, the params with the quantized kernels' stored forms
-    (packing.py; None for pruners and SmoothQuant)): calibration on `rows`, then every kernel (module doc); in one
+    (storage.py; None for pruners and SmoothQuant)): calibration on `rows`, then every kernel (module doc); in one
     pass through the given model, or `sequential`ly, block after block, each block's statistics from a pass through
     the model whose earlier blocks are already compressed."""
     params = variables["params"]

@@ -36,7 +36,7 @@ def check_sparsity(w_shape, sparsity: float, n_m, block_size: int | None = None)
 def sparsegpt(w, hessian, *, sparsity: float = 0.5, n_m=None, damp: float = 0.01, block_size: int = 128,
               bits: int | None = None, symmetric: bool = False, with_grid: bool = False):
     """Pruned and updated weights float32 [in, out] (module doc); with `bits`, also rounded (joint mode); with_grid:
-    and the per-channel grids as grid.rtn gives them (None without `bits`; experiments/compression/packing.py)."""
+    and the per-channel grids as grid.rtn gives them (None without `bits`; experiments/compression/storage.py)."""
     check_sparsity(w.shape, sparsity, n_m, block_size)
     hessians.check(w.shape, jnp.shape(hessian), block_size, damp)
     if bits is not None:

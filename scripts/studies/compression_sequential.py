@@ -7,7 +7,7 @@ rounded to 4 bits per channel, its joint mode): the run's weights compressed by
 experiments/compression/model.compress_variables on `--calibration_rows` training rows, once with every block's
 statistics from one pass through the uncompressed model and once `sequential`ly (block b's from the model whose
 blocks before b are compressed), scored on the whole validation split; for the quantizers, the bytes of the packed
-weights (experiments/compression/packing.py: codes, grids, the uncompressed rest) against float32. Prints a
+weights (experiments/compression/storage.py: codes, grids, the uncompressed rest) against float32. Prints a
 markdown table and writes --out (a JSON row per point); docs/studies/compression.md shows them.
 """
 
@@ -18,7 +18,7 @@ from absl import app, flags
 
 import data as datasets
 from experiments import compress, restore
-from experiments.compression import model as compression_model, packing
+from experiments.compression import model as compression_model, storage
 from experiments.evaluation import loss_eval
 
 _RUNS = flags.DEFINE_list("runs", ["runs/lm", "runs/ssd", "runs/moe"], "Trained run folders.")
@@ -44,8 +44,8 @@ def measure(workdir: str) -> list[dict]:
             rows.append({"run": workdir, "family": config.model.name, "method": method, **flags_,
                          "calibration": report["calibration"], "loss": score(compressed)["eval"]["loss"],
                          "seconds": report["seconds"],
-                         "packed_bytes": None if packed is None else packing.nbytes(packed),
-                         "float32_bytes": packing.nbytes(variables["params"])})
+                         "packed_bytes": None if packed is None else storage.nbytes(packed),
+                         "float32_bytes": storage.nbytes(variables["params"])})
             print(json.dumps(rows[-1]), flush=True)
     return rows
 

@@ -18,7 +18,7 @@ import models
 from data.config_fields import ConfigError
 from experiments import compress, compression, restore
 from experiments.analysis import activations
-from experiments.compression import model as compression_model, packing, smoothquant
+from experiments.compression import model as compression_model, storage, smoothquant
 from experiments.evaluation import loss_eval
 from experiments.training import metrics_writer
 from models import transformer
@@ -76,7 +76,7 @@ def test_every_kernel_of_every_layer_is_its_layer_functions_result_and_nothing_e
     assert out["codes"].shape == (2, 8, 16) and out["scale"].shape == (2, 1, 16)  # [L, in / 2, out], [L, groups, out]
     for path in stored:
         node, kernel = compression_model._get(packed, path), compression_model._get(new, path)
-        np.testing.assert_allclose(packing.unstack(node, kernel.shape), kernel, rtol=1e-6)
+        np.testing.assert_allclose(storage.unstack(node, kernel.shape), kernel, rtol=1e-6)
     jax.tree.map(np.testing.assert_array_equal, packed["embed"], new["embed"])
 
 
@@ -97,7 +97,7 @@ def test_a_compressed_run_evaluates_and_gptq_beats_rtn(finished_tiny_run, tmp_pa
     wi = np.asarray(weights["params"]["layers"]["mlp"]["wi"]["kernel"][0])
     assert all(len(np.unique(wi[:, j])) <= 8 for j in range(wi.shape[1]))  # 3 bits: 8 levels per output channel
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), weights["params"])
-    unpacked = packing.load_params(str(tmp_path / "rtn"), abstract)  # the compact weights give the checkpoint's
+    unpacked = storage.load_params(str(tmp_path / "rtn"), abstract)  # the compact weights give the checkpoint's
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), unpacked, weights["params"])
     stored = reports["rtn"]["stored"]
     assert stored["bytes"] < 0.6 * stored["float32_bytes"]  # 3-bit codes two to a byte; embeddings in float32
@@ -126,13 +126,14 @@ def test_bad_requests_are_one_line_errors(method, flags, message):
         compress.options_from(method, **flags)
 
 
+@pytest.mark.slow  # by default the joint mode's layer function against the reference (test_compression.py)
 def test_joint_sparsegpt_prunes_rounds_and_packs_every_kernel(tiny):
     model, variables, tokens = tiny
     options = compress.options_from("sparsegpt", sparsity=0.5, bits=4)
     compressed, report, packed = compression_model.compress_variables(model, variables, tokens, "sparsegpt", options)
     assert all(r["zeros"] >= 0.5 for r in report["kernels"])
     wi = compressed["params"]["layers"]["mlp"]["wi"]["kernel"]
-    np.testing.assert_allclose(packing.unstack(packed["layers"]["mlp"]["wi"]["kernel"], wi.shape), wi, rtol=1e-6)
+    np.testing.assert_allclose(storage.unstack(packed["layers"]["mlp"]["wi"]["kernel"], wi.shape), wi, rtol=1e-6)
     assert all(len(np.unique(np.asarray(wi)[1, :, j])) <= 16 for j in range(wi.shape[-1]))  # 4-bit grids
 
 
@@ -164,7 +165,7 @@ def test_smoothquant_is_an_identity_in_float_and_tames_an_outlier_channel_under_
 
 
 @pytest.mark.parametrize("family,fields", [
-    ("moe", dict(num_experts=4, top_k=2, d_expert=8, num_shared_experts=1, norm="layernorm")),
+    slow("moe", dict(num_experts=4, top_k=2, d_expert=8, num_shared_experts=1, norm="layernorm")),
     slow("ssd", dict(ssm_state=8, ssm_head_dim=8))])
 def test_smoothquant_folds_into_moe_and_mamba2_norms_as_an_identity(tiny, family, fields):
     """The experts, the shared expert and the router (rescaled, kept in float) after an MoE block's mlp_norm, and

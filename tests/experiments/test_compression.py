@@ -276,7 +276,7 @@ def test_bad_requests_are_one_line_errors(layer, call, message):
 
 
 def reference_dequantize(stored, inputs):
-    """The stored form (experiments/compression/packing.py) read back in float64: two 4-bit codes to a byte (input 2k
+    """The stored form (experiments/compression/storage.py) read back in float64: two 4-bit codes to a byte (input 2k
     low, 2k + 1 high) when the codes have fewer rows than inputs, w = scale[g] (q - zero[g]) / input_scale."""
     codes, group = np.asarray(stored["codes"]), np.asarray(stored["group"])
     if "zero" not in stored:  # e4m3 values
@@ -294,7 +294,7 @@ def test_packed_codes_and_grids_give_back_each_quantizers_weights(layer, method,
     """95 inputs (an odd count: the last byte of 4-bit codes half empty), groups of 19: every quantizer's result is
     stored as codes of its bit width with its grids, and read back it is that result; GPTQ's act_order groups follow
     its quantization order (each group still 19 inputs, one grid of at most 2^b values per output)."""
-    from experiments.compression import packing
+    from experiments.compression import storage
 
     w, x, h = layer[0][:95], layer[1][:, :95], layer[2][:95, :95]
     args = {"group_size": group_size, **({} if bits is None else {"bits": bits}), **extra}
@@ -304,9 +304,9 @@ def test_packed_codes_and_grids_give_back_each_quantizers_weights(layer, method,
                 "fp8": lambda **a: compression.fp8(w, **a)}[method]
     w_hat, grids = quantize(**args, with_grid=True)
     np.testing.assert_array_equal(w_hat, quantize(**args))  # with_grid changes nothing of the result
-    stored = packing.pack(w_hat, grids, bits)
+    stored = storage.pack(w_hat, grids, bits)
     np.testing.assert_allclose(reference_dequantize(stored, 95), w_hat, rtol=1e-6, atol=1e-7 * np.abs(w_hat).max())
-    np.testing.assert_allclose(packing.unpack(stored), w_hat, rtol=1e-6)  # AWQ's 1/s: float32 rounding
+    np.testing.assert_allclose(storage.unpack(stored), w_hat, rtol=1e-6)  # AWQ's 1/s: float32 rounding
     assert np.bincount(stored["group"]).tolist() == [95 if group_size == -1 else 19] * (1 if group_size == -1 else 5)
     if bits is None:
         assert stored["codes"].dtype == np.dtype("float8_e4m3fn") and stored["codes"].shape == (95, 40)

@@ -179,6 +179,7 @@ def test_steps_answers_and_checker_labels_of_both_task_kinds():
     np.testing.assert_array_equal(tasks.step_mask(reasoning, reference), [0, 0, 1, 0, 1, 0, 0, 1])
 
 
+@pytest.mark.slow  # 64 rollouts of 24 prefixes compiled and run; by default the search and caching tests
 def test_math_shepherd_labels_estimate_each_steps_chance_of_a_right_answer(tiny_policy):
     """Chained sums mod 5 (`x1 x2 x3 = s1 s2`) under a random policy: the checker's labels and the outcomes are the
     references' comparisons made here; a first step's rollout estimate (64 continuations) is within 4 standard
@@ -262,21 +263,16 @@ def _verifier_config(path: str, reward: str):
     return config
 
 
-def test_a_verifier_scores_a_sequence_by_its_label_logits_at_its_last_token(labelled):
-    """The verifier config resolves on a labels file (vocabulary V + 2, the solutions' width); model_verifier reads
-    sigmoid(logit_YES - logit_NO) at each sequence's last token, as a full pass over that sequence alone gives it."""
+def test_a_verifier_scores_a_sequence_by_its_label_logits_at_its_last_token():
+    """model_verifier reads sigmoid(logit_YES - logit_NO) at each sequence's last token (YES = V + 1, NO = V for a
+    policy of V = 6 tokens), as a full pass over that sequence alone gives it, over two padded batches."""
     import flax.linen as nn
     import jax
 
-    import data as datasets
     import models
     from experiments.test_time import verifier
-    from experiments.training import validation
 
-    config = _verifier_config(labelled, "process")
-    validation.validate(config, 8)
-    splits = datasets.load(config.data, 0)
-    assert splits.vocab_size == 8 and splits.seq_len == 6 and set(np.unique(splits.train["targets"])) <= {0, 6, 7}
+    config = _verifier_config("", "process")
     config.model.update(vocab_size=8, max_len=6)
     model = models.build(config.model)
     variables = nn.meta.unbox(model.init(jax.random.key(0), np.zeros((1, 6), np.int32)))
@@ -300,6 +296,7 @@ def test_outcome_and_process_reward_models_train_on_the_mesh_with_the_one_device
     assert_mesh_run_matches_one_device(lambda: _verifier_config(labelled, reward), tmp_path)
 
 
+@pytest.mark.slow  # four strategies on three problems; by default each strategy against brute force on trees
 def test_each_strategy_spends_its_budget_and_a_perfect_verifier_guides_beam_and_mcts_to_the_answer(tiny_policy):
     """A random policy on sums of three terms mod 5 (6 tokens, 2 steps): sampling and beam search generate exactly
     budget x 2 tokens; with the exact checker as process reward model, beam search and MCTS over 32 expansions
@@ -310,7 +307,7 @@ def test_each_strategy_spends_its_budget_and_a_perfect_verifier_guides_beam_and_
 
     model, variables = tiny_policy
     rows = algorithmic.chain_examples(5, "a+b", 3)
-    problems = tasks.problems({k: v[7::25] for k, v in rows.items()})  # 5 problems
+    problems = tasks.problems({k: v[7::40] for k, v in rows.items()})  # 3 problems
     task = tasks.StepTask(step_ends=None, finish_ids=frozenset(), answer_marker=None)
     rng, right = np.random.default_rng(0), collections.Counter()
     for prompt, reference in problems:
@@ -323,7 +320,7 @@ def test_each_strategy_spends_its_budget_and_a_perfect_verifier_guides_beam_and_
             right[strategy] += answer == task.answer(reference)
             if strategy in ("majority", "weighted", "beam"):
                 assert problem.tokens_generated == 2 * budget, strategy
-    assert right["beam"] == right["mcts"] == 5 and right["majority"] < 5
+    assert right["beam"] == right["mcts"] == 3 and right["majority"] < 3
     with pytest.raises(search.ConfigError, match="--strategy=beam needs --verifier"):
         search.check("beam", 8, "", "last", 4, 2)
 

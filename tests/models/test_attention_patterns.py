@@ -146,9 +146,9 @@ def test_packed_rows_reach_a_cache_only_through_one_of_their_own_length():
 
     from models import packing
 
-    x = jax.random.normal(jax.random.key(0), (1, 6, 24))
+    x = jax.random.normal(jax.random.key(0), (1, 6, 8))
     segments = packing.make(np.array([[1, 1, 1, 2, 2, 2]]), np.array([[0, 1, 2, 0, 1, 2]]))
-    cfg = _cfg()
+    cfg = _cfg(d_model=8, num_heads=2, head_dim=4)
     attention = GroupedQueryAttention(cfg)
     params = nn.meta.unbox(attention.init(jax.random.key(1), x, 0)["params"])
     own = GroupedQueryAttention.init_cache(cfg, 1, 6)
@@ -157,7 +157,7 @@ def test_packed_rows_reach_a_cache_only_through_one_of_their_own_length():
     np.testing.assert_allclose(out[:, 3:], alone, rtol=1e-5, atol=1e-5)  # the second document as if alone
     with pytest.raises(ValueError, match="packed rows .* reach a cache only in a full pass through a cache of its own"):
         attention.apply({"params": params}, x, 0, GroupedQueryAttention.init_cache(cfg, 1, 9), segments=segments)
-    ring = _cfg(attention_pattern="sliding", attention_window=4)
+    ring = _cfg(d_model=8, num_heads=2, head_dim=4, attention_pattern="sliding", attention_window=4)
     ring_attention = GroupedQueryAttention(ring)
     with pytest.raises(ValueError, match="not a sliding window's ring"):
         ring_attention.apply({"params": params}, x, 0, GroupedQueryAttention.init_cache(ring, 1, 6),

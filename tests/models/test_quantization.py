@@ -112,6 +112,7 @@ def test_combinations_it_does_not_cover_are_one_line_errors(fields, message):
     assert any("covers model.name in transformer, moe, mod, ssd, hybrid, not 'mor'" in p for p in mor)
 
 
+@pytest.mark.slow  # 7 s of compiles; by default the transformer's weight-only and W8A8 references
 def test_moe_experts_round_per_expert_and_the_routing_stays_in_float():
     """An MoE model's int8 logits equal the float model's with attention, every expert (per expert and output
     channel) and the shared expert rounded by the reference, the router and the dispatch/combine left alone."""
