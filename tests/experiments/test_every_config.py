@@ -1,7 +1,8 @@
 """Every config file in experiments/configs/ trains 3 steps from a clone, with the smallest overrides it needs:
 a global batch the 8 test devices divide, no evaluation before the end, at most a few hundred generated
 problems (the shipped official splits are read whole), and for the configs that start from
-another run (an SFT start, a lookup model, an activation store) that run, made here at the same 3 steps."""
+another run (an SFT start, a lookup model, an activation store, a policy's labelled solutions) that run, made here at
+the same 3 steps."""
 
 import glob
 import importlib
@@ -10,6 +11,7 @@ import os
 import pytest
 
 from experiments.analysis import activation_store
+from experiments.test_time import label
 from experiments.training import metrics_writer, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -18,7 +20,7 @@ CONFIG_FILES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(R
 # config -> (argument, what it starts from: (config file, argument, how the start is handed over))
 SMALLEST_SETS = {"train_examples": 256, "eval_examples": 64, "test_examples": 64, "train_games": 256, "test_games": 64}
 STARTS = {"sae": ("topk", ("default", None, "store")), "preference": ("arithmetic,dpo", ("preference", None, "init")),
-          "grpo": ("outcome", ("grpo", "sft", "init"))}
+          "grpo": ("outcome", ("grpo", "sft", "init")), "verifier": ("process", ("grpo", "sft", "labels"))}
 
 
 def _three_steps(name: str, arg=None):
@@ -46,6 +48,10 @@ def test_every_config_trains_three_steps(name, tmp_path):
             config.data.store = str(tmp_path / "store")
             activation_store.write(start_dir, config.data.store, "mlp_hidden", 0, "train", batches=2, batch_size=64)
             config.data.batch_size = 128  # the small store's rows hold no batch of 1,024
+        elif handover == "labels":
+            config.data.path = str(tmp_path / "labels.npz")
+            label.label_run(start_dir, config.data.path, problems=20, samples=4, rollouts=2)
+            config.data.batch_size = 16  # 72 training solutions
         else:
             config.train.init_from = start_dir
     result = trainer.train_and_evaluate(config, str(tmp_path / "run"), verbose=False)
