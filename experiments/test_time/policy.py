@@ -106,21 +106,20 @@ class PolicySteps:
         room = min(self.max_step_tokens if tokens is None else tokens,
                    self.max_response_tokens - len(self.response(state)), self.max_len - len(state.tokens))
         cache, logits = tile(state.cache, n, self.axes), jnp.repeat(state.logits[None], n, axis=0)
-        ended, steps = jnp.zeros(n, bool), []
+        ended, steps = np.zeros(n, bool), []  # on the host: one transfer a token (which rows ended), not two
         key = jax.random.key(0) if rng is None else jax.random.key(int(rng.integers(2**31)))
         for t in range(room):
             token, logits, cache, newly = advance(self.model, self.variables, cache, logits, ended,
                                                   jax.random.fold_in(key, t), len(state.tokens) + t,
                                                   temperature=temperature, ends=ends)
             steps.append(token)
-            self.tokens_generated += int(n - jnp.sum(ended))
-            ended = ended | newly
-            if bool(ended.all()):
+            self.tokens_generated += int(n - ended.sum())
+            ended = ended | np.asarray(newly)
+            if ended.all():
                 break
         steps = np.stack(steps, axis=1)
         return [State(state.tokens + tuple(int(k) for k in _until(steps[row], ends)), take(cache, row, self.axes),
                       logits[row]) for row in range(n)]
-
 
 
 def _until(tokens, ends) -> np.ndarray:
