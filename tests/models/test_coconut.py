@@ -163,6 +163,12 @@ def test_unfilled_layout_keys_and_bad_values_are_refused():
                         pad_token=R.PAD, eot_token=R.EOT)
     with pytest.raises(validation.ConfigError, match="exceeds the row length model.max_len=%d" % LENGTH):
         validation.validate_resolved(config)
+    config.model.bot_position = 0  # a thought segment right at the start is checked too
+    with pytest.raises(validation.ConfigError, match="model.bot_position=0 \\+ model.max_thoughts"):
+        validation.validate_resolved(config)
+    config.model.update(bot_position=BOT_AT, max_thoughts=LENGTH - BOT_AT - 1)  # exactly fits
+    validation.validate_resolved(config)
+    config.model.max_thoughts = LENGTH
     config.model.update(thoughts="words", attention_impl="pallas")
     with pytest.raises(validation.ConfigError) as info:
         validation.validate(config, 8)

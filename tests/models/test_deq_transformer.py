@@ -116,6 +116,11 @@ def test_bad_deq_keys_are_named():
     with pytest.raises(validation.ConfigError) as info:
         validation.validate(config, 8)
     assert "model.solver='newton' is not one of" in str(info.value) and "model.max_iter=0 must be >= 1" in str(info.value)
+    config.model.update(solver=lm_shakespeare.get_config("deq").model.solver, max_iter=12, jacobian_frequency=1.5)
+    with pytest.raises(validation.ConfigError, match=r"model.jacobian_frequency=1.5 must lie in \[0, 1\]"):
+        validation.validate(config, 8)
+    config.model.jacobian_frequency = 1.0  # every step: the largest fraction, accepted
+    validation.validate(config, 1)
 
 
 @pytest.mark.slow

@@ -143,3 +143,15 @@ def test_every_kernel_starts_lecun_normal_in_its_contracted_axes():
     for name, fan in fan_in.items():
         w = np.asarray(nn.meta.unbox(params[name]))
         assert np.std(w) == pytest.approx(fan**-0.5, rel=0.08), name
+
+
+def test_each_up_projection_starts_at_variance_one_over_the_latent_rank():
+    """LeCun-normal over the contracted axis alone: the up-projections [rank, heads, width] from the latent start with
+    variance 1 / rank, whatever the heads (1 / (rank * heads) if the heads axis were counted as receptive field)."""
+    cfg, module = _module(num_heads=8, kv_lora_rank=16, qk_nope_head_dim=16, v_head_dim=16)
+    x = jnp.zeros((1, 3, cfg.d_model))
+    params = nn.meta.unbox(module.init(jax.random.key(0), x, 0)["params"])
+    for name in ("key_up", "value_up"):
+        weight = np.float64(params[name])
+        assert weight.shape == (16, 8, 16)
+        np.testing.assert_allclose(weight.std(), 16 ** -0.5, rtol=0.1)  # 2,048 draws: about 2% standard error

@@ -54,6 +54,26 @@ def test_top_k_routing_and_capacity_against_numpy(routed_block):
     assert float(np.abs(np.asarray(got) - np.asarray(x))[chosen].min()) > 0  # chosen tokens did move
 
 
+def test_predictor_metrics_and_loss_score_its_logits_against_the_top_k_choice(routed_block):
+    """The causal predictor's logits p against the top-k choice z (float64 NumPy): its loss and metric
+    predictor_bce = mean(max(p, 0) - p z + log(1 + exp(-|p|))) (the loss times predictor_weight), predictor_agreement
+    = mean([p > 0] == z), predicted_fraction = mean(p > 0)."""
+    cfg, module, params, x = routed_block
+    k = mod.capacity_tokens(cfg.capacity, x.shape[1])
+    r, p = (np.float64(a) for a in module.apply({"params": params}, x, method=mod.RoutedBlock.scores))
+    chosen = np.zeros(r.shape, bool)
+    for row in range(r.shape[0]):
+        chosen[row, np.argsort(-r[row])[:k]] = True
+    _, state = module.apply({"params": params}, x, None, 0, mutable=["metrics", "losses"])
+    metrics = {name: float(value[0]) for name, value in state["metrics"].items()}
+    bce = np.mean(np.maximum(p, 0) - p * chosen + np.log1p(np.exp(-np.abs(p))))
+    np.testing.assert_allclose(metrics["predictor_bce"], bce, rtol=1e-5)
+    np.testing.assert_allclose(float(state["losses"]["predictor_bce"][0]), cfg.predictor_weight * bce, rtol=1e-5)
+    assert metrics["predictor_agreement"] == pytest.approx(np.mean((p > 0) == chosen))
+    assert metrics["predicted_fraction"] == pytest.approx(np.mean(p > 0))
+    assert np.mean((p > 0) == chosen) != 0.5  # so that 1 - agreement (a flipped comparison) differs
+
+
 def test_full_capacity_is_the_dense_block_scaled_by_the_router(routed_block):
     cfg, module, params, x = routed_block
     full = dataclasses.replace(cfg, capacity=1.0)

@@ -338,3 +338,18 @@ def test_routing_restrictions_accept_their_boundaries(override):
     """top_k equal to the eligible experts (topk_groups x experts per group) is allowed."""
     from models import moe_transformer
     assert moe_transformer.validate(moe_transformer.MoEConfig(num_experts=8, num_layers=2, **override)) == []
+
+
+@pytest.mark.parametrize("every", [1, 2, 3])
+def test_the_moe_ffn_sits_in_the_last_block_of_each_period(every):
+    """model.moe_every = k: each scanned period is k - 1 dense blocks then one MoE block (shapes only, nothing run)."""
+    import models
+
+    config = moe_lm.get_config(None).model
+    config.update(d_model=32, num_layers=every, num_heads=4, num_kv_heads=2, d_mlp=64, d_expert=16, moe_every=every,
+                  vocab_size=11, max_len=8)
+    shapes = jax.eval_shape(models.build(config).init, jax.random.key(0), jax.ShapeDtypeStruct((1, 8), jnp.int32))
+    period = nn.meta.unbox(shapes["params"])["layers"]
+    assert {name: "moe" in block for name, block in period.items()} == {
+        f"block_{i}": i == every - 1 for i in range(every)}
+    assert all(("mlp" in block) != ("moe" in block) for block in period.values())

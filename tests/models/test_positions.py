@@ -246,3 +246,15 @@ def test_learned_positions_refuse_sequences_longer_than_their_table():
     model = transformer.Transformer(_cfg(positional="learned", max_len=8))
     with pytest.raises(ValueError, match=r"9 tokens exceed the learned position table \(model.max_len=8\)"):
         model.init(jax.random.key(0), jnp.zeros((1, 9), jnp.int32))
+
+
+def test_sinusoidal_positions_are_added_to_the_token_embeddings():
+    """The embedding of token t at position i: E[t] + PE(i) / sqrt(d), from a start position (decoding)."""
+    cfg = _cfg(positional="sinusoidal")
+    model = transformer.Transformer(cfg)
+    tokens = jax.random.randint(jax.random.key(0), (2, 7), 0, cfg.vocab_size)
+    params = nn.meta.unbox(model.init(jax.random.key(1), tokens)["params"])
+    got = model.apply({"params": params}, tokens, start=5, method=model.embed_tokens)
+    table = np.asarray(positions.sinusoidal(jnp.arange(5, 12), cfg.d_model))
+    want = np.asarray(params["embed"]["embedding"])[np.asarray(tokens)] + table / np.sqrt(cfg.d_model)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

@@ -111,3 +111,14 @@ def test_pallas_attention_gives_the_xla_logits_gradients_and_decoding(variant):
     cache = model.init_cache(batch=2, max_len=cfg.max_len)
     logits, _ = flash_model.apply({"params": params}, tokens[:, :5], cache, 0, method=transformer.Transformer.decode)
     np.testing.assert_allclose(logits, full[:, :5], atol=2e-5, rtol=2e-5)
+
+
+def test_residual_rms_monitor_is_the_rms_of_each_blocks_output():
+    """The training monitor `residual_rms` of block l is sqrt(mean(x_l^2)) of the residual stream it hands on (the
+    `residual` site, the scanned blocks stacked on the first axis), computed here in float64."""
+    _, model, params, tokens = make(VARIANTS["gqa_rope_rmsnorm_swiglu"])
+    _, state = model.apply({"params": params}, tokens, mutable=["monitors", "intermediates"])
+    rms = np.asarray(state["monitors"]["layers"]["residual_rms"][0])
+    stream = np.float64(state["intermediates"]["layers"]["residual"][0])  # [layers, batch, time, width]
+    assert rms.shape == (2,)
+    np.testing.assert_allclose(rms, np.sqrt(np.mean(stream ** 2, axis=(1, 2, 3))), rtol=1e-5)
