@@ -13,15 +13,21 @@ strategies, with a budget of N:
     lookahead    the same, each candidate scored at the end of a --lookahead-step greedy rollout
     mcts         N simulations of Monte Carlo tree search, --expansions children per node, each evaluated leaf
                  after a --rollout_steps greedy rollout (0: as it is) (mcts.py)
-The tree searches answer with their best-scored finished candidate (beam, lookahead) or most visited path (mcts).
+The tree searches answer with their best-scored finished candidate (beam, lookahead) or most visited path (mcts),
+a path the search left unfinished continued greedily to its answer.
 The verifier is a trained outcome or process reward model's run folder (data/verifier_rows.py) or `checker`, the
 task's exact step checker (a perfect process reward model). Written to --out, and printed: per problem the answer's
 correctness, the tokens generated and the FLOPs spent (the policy's forward FLOPs per generated token, and the
 verifier's per token of every sequence it scores; experiments/training/throughput.py's count, a third of a training
 step's), the reference's number of steps (its difficulty); and their means.
+
+In a program: `prepare` loads a policy, its problems and a verifier once, `score` runs one strategy and budget on
+them (a study's many searches share one load and its compiled functions).
 """
 
+import dataclasses
 import json
+from typing import Any, Callable
 
 import numpy as np
 
@@ -30,8 +36,6 @@ from experiments.test_time import beam, mcts, policy as policies, tasks, verifie
 
 SAMPLING = ("majority", "best_of_n", "weighted")
 STRATEGIES = SAMPLING + ("beam", "lookahead", "mcts")
-
-
 
 
 def solve(problem, task, strategy: str, budget: int, rng, *, how: str = "last", expansions: int = 4,
@@ -43,24 +47,36 @@ def solve(problem, task, strategy: str, budget: int, rng, *, how: str = "last", 
         answers = [answer_of(state) for state in responses]
         if strategy == "majority":
             return voting.majority_vote(answers)
-        scores = [path_score(problem, task, state, how) for state in responses]
+        scores = path_scores(problem, task, responses, how)
         return (voting.best_of_n if strategy == "best_of_n" else voting.weighted_vote)(answers, scores)
     if strategy == "mcts":
-        return answer_of(mcts.mcts(problem, simulations=budget, expansions=expansions, rng=rng, how=how,
-                                   rollout_steps=rollout_steps).state)
+        return answer_of(finish(problem, mcts.mcts(problem, simulations=budget, expansions=expansions, rng=rng,
+                                                   how=how, rollout_steps=rollout_steps).state))
     found = beam.beam_search(problem, beam_width=max(budget // expansions, 1), expansions=expansions,
                              max_steps=problem.max_response_tokens, rng=rng, how=how,
                              lookahead=lookahead if strategy == "lookahead" else 0)
     finished = [c for c in found if c.finished] or found
-    return answer_of(max(finished, key=lambda c: c.score(how)).state)
+    return answer_of(finish(problem, max(finished, key=lambda c: c.score(how)).state))
 
 
-def path_score(problem, task, state, how: str) -> float:
-    """A whole response's score: the verifier's at its end (how = last), or aggregated over its steps' ends."""
+def finish(problem, state):
+    """The state continued greedily to an answer when the search stopped before one (its tokens are counted)."""
+    return state if problem.finished(state) else problem.rollout([state], problem.max_response_tokens)[0]
+
+
+def path_scores(problem, task, states, how: str) -> list[float]:
+    """Each whole response's score: the verifier's at its end (how = last), or aggregated over its steps' ends
+    (every step's prefix scored, all of them in one call)."""
     if how == "last":
-        return float(problem.value([state])[0])
-    ends = np.cumsum([len(step) for step in task.steps(problem.response(state))])
-    return voting.aggregate(problem.verifier([state.tokens[:len(problem.prompt) + end] for end in ends]), how)
+        return [float(v) for v in problem.value(states)]
+    ends = [np.cumsum([len(step) for step in task.steps(problem.response(s))]) for s in states]
+    prefixes = [s.tokens[:len(problem.prompt) + end] for s, state_ends in zip(states, ends) for end in state_ends]
+    scores, start = np.asarray(problem.verifier(prefixes)) if prefixes else np.zeros(0), 0
+    out = []
+    for state_ends in ends:
+        out.append(voting.aggregate(scores[start:start + len(state_ends)], how))
+        start += len(state_ends)
+    return out
 
 
 class Counted:
@@ -87,15 +103,29 @@ def check(strategy: str, budget: int, verifier: str, how: str, expansions: int, 
         raise ConfigError(f"--strategy={strategy} needs --verifier: a reward model's run folder, or 'checker'")
 
 
-def search_run(policy: str, strategy: str, budget: int, *, verifier: str = "", how: str = "last",
-               expansions: int = 4, lookahead: int = 2, rollout_steps: int = 0, problems: int = 64,
-               split: str = "eval", temperature: float = 1.0, seed: int = 0) -> dict:
-    """{"problems": [{"correct", "tokens", "flops", "steps"}, ...], "accuracy", "tokens", "flops", ...}."""
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """A policy, its task's problems and a verifier, loaded once for any number of searches (`score`)."""
+
+    name: str
+    task: tasks.StepTask
+    rows: list  # (prompt, reference) of the scored problems
+    model: Any
+    variables: dict
+    max_len: int
+    verify: Callable | None  # None: each problem's exact checker
+    verifier: str
+    policy_flops: float  # forward FLOPs per generated token
+    verifier_flops: float  # forward FLOPs per scored token
+
+
+def prepare(policy: str, *, verifier: str = "", problems: int = 64, split: str = "eval") -> Setup:
+    """The policy run's model and the first `problems` of its `split`, and the verifier (a run folder, `checker` or
+    "")."""
     import data as datasets
     from experiments import restore
     from experiments.training import throughput
 
-    check(strategy, budget, verifier, how, expansions, lookahead, rollout_steps)
     config = _config(policy, "--policy")
     task = tasks.of_config(config)
     splits = datasets.load(config.data, config.seed)
@@ -105,24 +135,49 @@ def search_run(policy: str, strategy: str, budget: int, *, verifier: str = "", h
     max_len = splits.seq_len + 1
     model, variables = restore.load_variables(config, policy)
     verify, verifier_flops = _verifier(verifier, config, max_len)
-    policy_flops = throughput.model_flops_per_token(config.model, splits.seq_len) / 3
+    return Setup(policy, task, rows, model, variables, max_len, verify, verifier, verifier_flops=verifier_flops,
+                 policy_flops=throughput.model_flops_per_token(config.model, splits.seq_len) / 3)
+
+
+def problem_of(setup: Setup, row: int, temperature: float = 1.0) -> tuple[policies.PolicySteps, Counted]:
+    """Problem `row` of the setup as a step problem, and its verifier counting the tokens it scores."""
+    prompt, reference = setup.rows[row]
+    counted = Counted(setup.verify or verifiers.checker_verifier(setup.task, len(prompt), reference))
+    room = setup.max_len - len(prompt)
+    return policies.PolicySteps(setup.model, setup.variables, prompt, counted, max_len=setup.max_len,
+                                max_step_tokens=room, max_response_tokens=room, step_ends=setup.task.step_ends,
+                                finish_ids=setup.task.finish_ids, temperature=temperature), counted
+
+
+def score(setup: Setup, strategy: str, budget: int, *, how: str = "last", expansions: int = 4, lookahead: int = 2,
+          rollout_steps: int = 0, temperature: float = 1.0, seed: int = 0) -> dict:
+    """{"problems": [{"correct", "tokens", "verified_tokens", "flops", "steps"}, ...], "accuracy", "tokens",
+    "flops", ...}: `strategy` with `budget` on every problem of the setup."""
+    check(strategy, budget, setup.verifier, how, expansions, lookahead, rollout_steps)
     rng, results = np.random.default_rng(seed), []
-    for prompt, reference in rows:
-        counted = Counted(verify or verifiers.checker_verifier(task, len(prompt), reference))
-        problem = policies.PolicySteps(model, variables, prompt, counted, max_len=max_len,
-                                       max_step_tokens=max_len - len(prompt),
-                                       max_response_tokens=max_len - len(prompt), step_ends=task.step_ends,
-                                       finish_ids=task.finish_ids, temperature=temperature)
-        answer = solve(problem, task, strategy, budget, rng, how=how, expansions=expansions, lookahead=lookahead,
-                       rollout_steps=rollout_steps)
-        results.append({"correct": bool(answer) and answer == task.answer(reference),
+    for row, (_, reference) in enumerate(setup.rows):
+        problem, counted = problem_of(setup, row, temperature)
+        answer = solve(problem, setup.task, strategy, budget, rng, how=how, expansions=expansions,
+                       lookahead=lookahead, rollout_steps=rollout_steps)
+        results.append({"correct": bool(answer) and answer == setup.task.answer(reference),
                         "tokens": problem.tokens_generated, "verified_tokens": counted.tokens,
-                        "flops": problem.tokens_generated * policy_flops + counted.tokens * verifier_flops,
-                        "steps": len(task.steps(reference))})
+                        "flops": problem.tokens_generated * setup.policy_flops + counted.tokens * setup.verifier_flops,
+                        "steps": len(setup.task.steps(reference))})
     mean = lambda key: float(np.mean([r[key] for r in results]))  # noqa: E731
-    return {"policy": policy, "strategy": strategy, "budget": budget, "verifier": verifier, "aggregate": how,
-            "expansions": expansions, "lookahead": lookahead, "rollout_steps": rollout_steps, "split": split,
+    return {"policy": setup.name, "strategy": strategy, "budget": budget, "verifier": setup.verifier,
+            "aggregate": how, "expansions": expansions, "lookahead": lookahead, "rollout_steps": rollout_steps,
             "accuracy": mean("correct"), "tokens": mean("tokens"), "flops": mean("flops"), "problems": results}
+
+
+def search_run(policy: str, strategy: str, budget: int, *, verifier: str = "", how: str = "last",
+               expansions: int = 4, lookahead: int = 2, rollout_steps: int = 0, problems: int = 64,
+               split: str = "eval", temperature: float = 1.0, seed: int = 0) -> dict:
+    """`score` of a freshly prepared setup, the flags checked before anything loads."""
+    check(strategy, budget, verifier, how, expansions, lookahead, rollout_steps)
+    setup = prepare(policy, verifier=verifier, problems=problems, split=split)
+    result = score(setup, strategy, budget, how=how, expansions=expansions, lookahead=lookahead,
+                   rollout_steps=rollout_steps, temperature=temperature, seed=seed)
+    return {**result, "split": split}
 
 
 def _config(folder: str, flag: str):

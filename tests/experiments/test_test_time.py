@@ -95,6 +95,19 @@ def test_mcts_with_enough_simulations_finds_the_verifier_optimal_path(how, rollo
     np.testing.assert_allclose(found.step_scores, tree.path_scores(best))
 
 
+def test_a_search_stopped_before_an_answer_is_finished_greedily():
+    """Two MCTS simulations expand the root and one child: the most visited path ends two steps deep, unfinished;
+    `finish` continues it by the greedy choice (0) to the tree's depth, and leaves a finished state as it is."""
+    from experiments.test_time import search
+
+    tree = Tree(branching=3, depth=4, seed=6)
+    tree.max_response_tokens = tree.depth
+    found = mcts.mcts(tree, simulations=2, expansions=3, rng=np.random.default_rng(0))
+    assert len(found.state) == 2 and not found.finished
+    assert search.finish(tree, found.state) == found.state + (0, 0)
+    assert search.finish(tree, (2, 1, 0, 2)) == (2, 1, 0, 2)
+
+
 def test_voting_against_counting_by_hand():
     rng = np.random.default_rng(5)
     for _ in range(20):
