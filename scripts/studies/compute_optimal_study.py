@@ -1,7 +1,8 @@
 """The compute-optimal test-time study (Snell et al. 2024): how accuracy grows with inference FLOPs under each way of
-spending them, on two tasks whose every step a program checks, split by difficulty; against a larger policy.
+spending them, on tasks whose every step a program checks (chained sums of four and five terms, ProntoQA), split
+by difficulty; against a larger policy.
 
-    PYTHONPATH=. python scripts/studies/compute_optimal_study.py --out=runs/compute_optimal    (~75 min on 2 cores)
+    PYTHONPATH=. python scripts/studies/compute_optimal_study.py --out=runs/compute_optimal    (~80 min on 2 cores)
 
 For each task (TASKS) the script trains, or reuses, a small policy (a short supervised run: partly right, so that
 search has room), labels its sampled solutions of the task's training problems (experiments/test_time/label.py: the
@@ -20,11 +21,12 @@ on the first --problems test problems, at every --seeds seed:
 each point's generation FLOPs counted as the search command counts them (the policy's forward FLOPs per generated
 token, the verifier's per token of every sequence it scores). Difficulty is Snell et al.'s: the small policy's pass
 rate on each problem (64 samples of a separate seed) cut into --bins bins, hardest first; ProntoQA's also by its
-number of hops. Beside them: the verifiers' accuracy and calibration on the labelled solutions of held-out
-problems, the two labellings' agreement, and (arithmetic) two larger policies, twice the width, one trained for as
-many steps and one for the same training FLOPs, sampled at equal inference FLOPs: the exchange rate between
-test-time compute and parameters. Writes results.json (a finished task is read, not rerun), table.md and the plots;
-docs/studies/test_time.md discusses them.
+number of hops, arithmetic's also by its chain length (the two arithmetic tasks). Beside them: the verifiers'
+accuracy and calibration on the labelled solutions of held-out problems, the two labellings' agreement, greedy
+decoding, and (four-term sums) two larger policies, twice the width, one trained for as many steps and one for the
+same training FLOPs, sampled at equal inference FLOPs: the exchange rate between test-time compute and parameters.
+Writes results.json (a finished task is read, not rerun), table.md and the plots; docs/studies/test_time.md
+discusses them.
 """
 
 import dataclasses
@@ -35,7 +37,7 @@ from typing import Callable
 from absl import app, flags
 
 flags.DEFINE_string("out", "runs/compute_optimal", "the study's folder: the runs and the results")
-flags.DEFINE_string("tasks", "arithmetic,prontoqa", "tasks of TASKS")
+flags.DEFINE_string("tasks", "arithmetic,arithmetic5,prontoqa", "tasks of TASKS")
 flags.DEFINE_integer("problems", 64, "test problems scored")
 flags.DEFINE_string("budgets", "1,4,16,64,256", "the sampling strategies' budgets (samples a problem)")
 flags.DEFINE_string("seeds", "0,1,2", "search seeds: each point's pool or search repeats at each")
@@ -53,6 +55,15 @@ def arithmetic():
     config = grpo.get_config("sft")
     config.data.update(p=17, terms=4)
     config.train.update(steps=130, eval_every=130, checkpoint_every=130)
+    return config
+
+
+def arithmetic5():
+    """Longer chains: x_1 + ... + x_5 mod 11 with four running sums, 110 steps (p = 17 would hold 1.4M chains in
+    memory); as partly right as the four-term policy at T = 1."""
+    config = arithmetic()
+    config.data.update(p=11, terms=5)
+    config.train.update(steps=110, eval_every=110, checkpoint_every=110)
     return config
 
 
@@ -79,6 +90,8 @@ class Task:
 
 TASKS = {"arithmetic": Task(arithmetic, label_problems=4_096, rollouts=8, verifier_steps=2_000, tree_budget=64,
                             larger=True),
+         "arithmetic5": Task(arithmetic5, label_problems=4_096, rollouts=8, verifier_steps=2_000, tree_budget=16,
+                             larger=False),
          "prontoqa": Task(prontoqa, label_problems=512, rollouts=4, verifier_steps=400, tree_budget=16, larger=False)}
 VERIFIERS = {"prm": ("process", "checker"), "prm_rollouts": ("process", "rollouts"), "orm": ("outcome", "checker")}
 
@@ -357,9 +370,11 @@ def accuracy_on(point_list, problems) -> float:
 def report(results: dict, out: str, bins: int):
     from experiments import studies
 
+    results = {task: results[task] for task in TASKS if task in results}  # in TASKS' order
     lines = []
     for task, result in results.items():
         lines += task_tables(task, result, bins)
+    lines += length_table(results)
     studies.write_table(out, lines)
     plot_scaling(results, os.path.join(out, "accuracy_vs_flops.png"))
     plot_difficulty(results, bins, os.path.join(out, "difficulty.png"))
@@ -410,6 +425,25 @@ def task_tables(task: str, result: dict, bins: int) -> list[str]:
               f"(more than half right) on {a['agreement_soft']:.3f}; mean estimate {a['estimate_when_right']:.3f} on "
               f"right steps, {a['estimate_when_wrong']:.3f} on wrong ones."]
     lines += exchange_table(task, result, budgets)
+    return lines + [""]
+
+
+def length_table(results: dict) -> list[str]:
+    """Difficulty by chain length: each strategy's accuracy on the four- and five-term sums at N = 4 and 16."""
+    import numpy as np
+
+    chains = [t for t in ("arithmetic", "arithmetic5") if t in results]
+    if len(chains) < 2:
+        return []
+    columns = [(t, n) for n in (4, 16) for t in chains]
+    lines = ["### arithmetic by chain length: accuracy with 4 terms (mod 17) and 5 terms (mod 11)", "",
+             "| strategy | " + " | ".join(f"{results[t]['steps'][0] + 1} terms, N = {n}" for t, n in columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    per_task = {t: groups(results[t]["points"], policy="small") for t in chains}
+    for strategy in sorted(set.intersection(*({s for s, _ in g} for g in per_task.values()))):
+        cells = [f"{np.mean([p['accuracy'] for p in per_task[t][strategy, n]]):.3f}"
+                 if (strategy, n) in per_task[t] else "-" for t, n in columns]
+        lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
     return lines + [""]
 
 
@@ -511,7 +545,7 @@ def plot_difficulty(results: dict, bins: int, path: str):
         small = groups(result["points"], policy="small")
         for k, (ax, problems) in enumerate(zip(row, bins_of(result, bins))):
             for strategy in ("majority", "best_of_n prm", "weighted prm", "beam prm", "lookahead prm", "mcts prm",
-                             "best_of_n orm"):
+                             "best_of_n orm", "weighted prm_rollouts"):
                 keys = sorted(key for key in small if key[0] == strategy)
                 if keys:
                     ax.plot([np.mean([p["flops"] for p in small[key]]) for key in keys],
