@@ -244,6 +244,7 @@ def pass_rates(setup, samples: int = 64) -> list[float]:
 
 
 def study_task(task: str) -> dict:
+    """Every measurement of one task (module doc), from its runs trained or reused."""
     import numpy as np
 
     from experiments.test_time import search
@@ -251,43 +252,60 @@ def study_task(task: str) -> dict:
     folder = os.path.join(FLAGS.out, task)
     runs = policies(task, folder)
     judges = verifiers(task, runs["small"], folder)
-    quality = {name: verifier_quality(run) for name, run in judges.items()}
-    budgets, seeds = [int(b) for b in FLAGS.budgets.split(",")], [int(s) for s in FLAGS.seeds.split(",")]
     points = []
     for policy_name, policy in runs.items():
         setups = {name: search.prepare(policy, verifier=run, problems=FLAGS.problems, split="eval")
                   for name, run in judges.items()}
-        base = search.prepare(policy, verifier="checker", problems=FLAGS.problems, split="eval")
-        scorers = {"checker": (None, "last")} | {name: (setups[name].verify, "last" if name == "orm" else "min")
-                                                 for name in judges}
-        flops = {"policy": base.policy_flops, "checker": 0.0} | {n: s.verifier_flops for n, s in setups.items()}
-        for seed in seeds:
-            pool = sample_pool(base, scorers if policy_name == "small" else
-                               {k: v for k, v in scorers.items() if k in ("checker", "prm")}, max(budgets), seed)
-            for budget in budgets:
-                for strategy, per_problem in pool_points(pool, budget, scorers if policy_name == "small" else
-                                                         {"checker": 0, "prm": 0}, flops).items():
-                    points.append(_point(policy_name, strategy, budget, seed, per_problem))
-            print(f"{task} {policy_name} seed {seed}: pool of {max(budgets)} scored", flush=True)
-        if policy_name != "small":
-            continue
-        for strategy in ("beam", "lookahead", "mcts"):
-            for budget in [b for b in budgets if 4 <= b <= TASKS[task].tree_budget]:
-                for seed in seeds:
-                    found = search.score(setups["prm"], strategy, budget, how="min", expansions=4, lookahead=1,
-                                         seed=seed)
-                    points.append(_point(policy_name, f"{strategy} prm", budget, seed,
-                                         [(p["correct"], p["flops"]) for p in found["problems"]]))
-                print(f"{task} {strategy} budget {budget}: {points[-1]['accuracy']:.3f}", flush=True)
+        points += sampling_points(task, policy_name, setups)
+        if policy_name == "small":
+            points += tree_points(task, setups["prm"])
     small = search.prepare(runs["small"], verifier="checker", problems=FLAGS.problems, split="eval")
     steps = [len(small.task.steps(reference)) for _, reference in small.rows]
-    return {"task": task, "pass_rate": pass_rates(small), "steps": steps, "points": points, "verifiers": quality,
+    return {"task": task, "pass_rate": pass_rates(small), "steps": steps, "points": points,
+            "verifiers": {name: verifier_quality(run) for name, run in judges.items()},
             "labelling": labelling_agreement(folder),
             "policies": {name: {"params": _params(run), "train_flops": _train_flops(run)} for name, run in runs.items()},
-            "policy_flops_per_token": {name: search.prepare(run, problems=1).policy_flops
-                                       for name, run in runs.items()},
+            "policy_flops_per_token": {name: setup.policy_flops for name, setup in (
+                (name, search.prepare(run, problems=1)) for name, run in runs.items())},
             "test_accuracy": {name: restore_accuracy(run) for name, run in runs.items()},
             "problems": int(np.size(steps))}
+
+
+def sampling_points(task: str, policy_name: str, setups: dict) -> list[dict]:
+    """The sampling strategies' points of one policy at every budget and seed, from one pool a seed (the larger
+    policies: majority voting and best-of-N by the checker and the checker-label PRM)."""
+    from experiments.test_time import search
+
+    budgets, points = [int(b) for b in FLAGS.budgets.split(",")], []
+    base = search.prepare(setups["prm"].name, verifier="checker", problems=FLAGS.problems, split="eval")
+    scorers = {"checker": (None, "last")} | {name: (setup.verify, "last" if name == "orm" else "min")
+                                             for name, setup in setups.items()}
+    if policy_name != "small":
+        scorers = {name: scorers[name] for name in ("checker", "prm")}
+    flops = {"policy": base.policy_flops, "checker": 0.0} | {n: s.verifier_flops for n, s in setups.items()}
+    for seed in (int(s) for s in FLAGS.seeds.split(",")):
+        pool = sample_pool(base, scorers, max(budgets), seed)
+        for budget in budgets:
+            for strategy, per_problem in pool_points(pool, budget, scorers, flops).items():
+                points.append(_point(policy_name, strategy, budget, seed, per_problem))
+        print(f"{task} {policy_name} seed {seed}: pool of {max(budgets)} scored", flush=True)
+    return points
+
+
+def tree_points(task: str, setup) -> list[dict]:
+    """Beam, lookahead and MCTS guided by the setup's verifier (the checker-label PRM), budgets 4 to the task's
+    tree_budget, every seed."""
+    from experiments.test_time import search
+
+    budgets, points = [int(b) for b in FLAGS.budgets.split(",")], []
+    for strategy in ("beam", "lookahead", "mcts"):
+        for budget in [b for b in budgets if 4 <= b <= TASKS[task].tree_budget]:
+            for seed in (int(s) for s in FLAGS.seeds.split(",")):
+                found = search.score(setup, strategy, budget, how="min", expansions=4, lookahead=1, seed=seed)
+                points.append(_point("small", f"{strategy} prm", budget, seed,
+                                     [(p["correct"], p["flops"]) for p in found["problems"]]))
+            print(f"{task} {strategy} budget {budget}: {points[-1]['accuracy']:.3f}", flush=True)
+    return points
 
 
 def greedy(runs: dict) -> dict:
