@@ -206,10 +206,10 @@ def sample_pool(setup, scorers: dict, n: int, seed: int) -> list[dict]:
         entry = {"correct": [setup.task.correct(r, reference) for r in responses],
                  "answer": [setup.task.answer(r) for r in responses], "tokens": [len(r) for r in responses],
                  "steps": len(setup.task.steps(reference))}
+        ends = [np.cumsum([len(step) for step in setup.task.steps(r)]) for r in responses]
         for name, (verify, how) in scorers.items():
             problem.verifier = verify or search.verifiers.checker_verifier(setup.task, len(prompt), reference)
             entry[name] = search.path_scores(problem, setup.task, states, how)
-            ends = [np.cumsum([len(step) for step in setup.task.steps(r)]) for r in responses]
             entry[name + "_read"] = [len(s.tokens) if how == "last" else int(sum(len(prompt) + e for e in end))
                                      for s, end in zip(states, ends)]
         pool.append(entry)
@@ -259,25 +259,26 @@ def study_task(task: str) -> dict:
         points += sampling_points(task, policy_name, setups)
         if policy_name == "small":
             points += tree_points(task, setups["prm"])
-    small = search.prepare(runs["small"], verifier="checker", problems=FLAGS.problems, split="eval")
+            small = checker_setup(setups["prm"])
     steps = [len(small.task.steps(reference)) for _, reference in small.rows]
     return {"task": task, "pass_rate": pass_rates(small), "steps": steps, "points": points,
             "verifiers": {name: verifier_quality(run) for name, run in judges.items()},
             "labelling": labelling_agreement(folder),
             "policies": {name: {"params": _params(run), "train_flops": _train_flops(run)} for name, run in runs.items()},
-            "policy_flops_per_token": {name: setup.policy_flops for name, setup in (
-                (name, search.prepare(run, problems=1)) for name, run in runs.items())},
-            "test_accuracy": {name: restore_accuracy(run) for name, run in runs.items()},
             "problems": int(np.size(steps))}
+
+
+def checker_setup(setup):
+    """The same policy and problems with each problem's exact checker as verifier (nothing reloaded)."""
+    return dataclasses.replace(setup, verify=None, verifier="checker", verifier_flops=0.0)
 
 
 def sampling_points(task: str, policy_name: str, setups: dict) -> list[dict]:
     """The sampling strategies' points of one policy at every budget and seed, from one pool a seed (the larger
     policies: majority voting and best-of-N by the checker and the checker-label PRM)."""
-    from experiments.test_time import search
 
     budgets, points = [int(b) for b in FLAGS.budgets.split(",")], []
-    base = search.prepare(setups["prm"].name, verifier="checker", problems=FLAGS.problems, split="eval")
+    base = checker_setup(setups["prm"])
     scorers = {"checker": (None, "last")} | {name: (setup.verify, "last" if name == "orm" else "min")
                                              for name, setup in setups.items()}
     if policy_name != "small":
@@ -343,14 +344,6 @@ def _train_flops(run: str) -> float:
     config = restore.load_config(run)
     tokens = config.train.steps * config.data.batch_size * config.model.max_len
     return float(throughput.model_flops_per_token(config.model, config.model.max_len) * tokens)
-
-
-def restore_accuracy(run: str) -> float:
-    """The run's last held-out token accuracy (teacher-forced)."""
-    from experiments.training import metrics_writer
-
-    events = metrics_writer.read(run, "eval")
-    return float(events[-1]["accuracy"]) if events else float("nan")
 
 
 # The report: tables and plots from results.json.
