@@ -164,3 +164,49 @@ def test_jamba_pattern_with_moe_layers_decodes_like_its_full_pass():
     logits, cache = decode(params, tokens[:, :13], model.init_cache(2, 21), 0)
     rest, _ = decode(params, tokens[:, 13:], cache, 13)
     np.testing.assert_allclose(jnp.concatenate([logits, rest], axis=1), full, rtol=1e-4, atol=1e-4)
+
+
+def _numpy_mamba2(p, u, cfg, heads_per_group):
+    """The mixer's equations (models/mamba2.py's docstring) in float64 NumPy, the SSD as its plain recurrence
+    h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T, y_t = h_t C_t, from a zero state."""
+    f = {k: np.asarray(v, np.float64) for k, v in p.items()}
+    silu = lambda v: v / (1 + np.exp(-v))
+    batch, length, _ = u.shape
+    d_inner, gn = cfg.d_inner, cfg.ssm_groups * cfg.ssm_state
+    projected = u @ f["in_proj"]
+    z, xbc, dt = projected[..., :d_inner], projected[..., d_inner:d_inner + cfg.conv_dim], projected[..., -cfg.ssm_heads:]
+    padded = np.concatenate([np.zeros((batch, cfg.conv_width - 1, cfg.conv_dim)), xbc], 1)
+    conv = f["conv_bias"] + sum(f["conv_kernel"][k] * padded[:, k:k + length] for k in range(cfg.conv_width))
+    xbc = silu(conv)
+    x = xbc[..., :d_inner].reshape(batch, length, cfg.ssm_heads, cfg.ssm_head_dim)
+    b = xbc[..., d_inner:d_inner + gn].reshape(batch, length, cfg.ssm_groups, cfg.ssm_state)
+    c = xbc[..., d_inner + gn:].reshape(batch, length, cfg.ssm_groups, cfg.ssm_state)
+    dt = np.log1p(np.exp(dt + f["dt_bias"]))  # softplus, no clipping at the default limits [0, inf)
+    a = -np.exp(f["A_log"])
+    y = np.zeros_like(x)
+    for i in range(batch):
+        for h in range(cfg.ssm_heads):
+            g, state = h // heads_per_group, np.zeros((cfg.ssm_head_dim, cfg.ssm_state))
+            for t in range(length):
+                state = np.exp(dt[i, t, h] * a[h]) * state + dt[i, t, h] * np.outer(x[i, t, h], b[i, t, g])
+                y[i, t, h] = state @ c[i, t, g] + f["D"][h] * x[i, t, h]
+    gated = (y.reshape(batch, length, d_inner) * silu(z)).reshape(batch, length, cfg.ssm_groups, -1)
+    normed = gated / np.sqrt(np.mean(gated**2, -1, keepdims=True) + cfg.ssm_norm_eps)
+    return (normed.reshape(batch, length, d_inner) * f["norm"]) @ f["out_proj"]
+
+
+@pytest.mark.parametrize("impl", ["chunked", "sequential"])
+def test_the_mamba2_mixer_against_a_float64_numpy_transcription(impl):
+    """Every parameter random (dt_bias, A_log, D, the conv bias, the norm scale), 2 groups of 2 heads, a length
+    that is not a multiple of the chunk."""
+    cfg = dataclasses.replace(make("S", 1)[0], ssd_impl=impl, ssm_head_dim=8, d_model=16, ssm_state=6, chunk_size=4)
+    mixer = mamba2.Mamba2(cfg)
+    u = jax.random.normal(jax.random.key(2), (2, 7, cfg.d_model))
+    state = mamba2.init_state(cfg, 2)
+    params = nn.meta.unbox(mixer.init(jax.random.key(3), u, state)["params"])
+    rng = np.random.default_rng(4)
+    params = {k: (v + rng.normal(0, 0.3, v.shape) if k in ("dt_bias", "D", "conv_bias", "norm", "A_log") else v)
+              .astype(np.float32) for k, v in params.items()}
+    got, _ = mixer.apply({"params": params}, u, state)
+    want = _numpy_mamba2(params, np.asarray(u, np.float64), cfg, cfg.ssm_heads // cfg.ssm_groups)
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)

@@ -67,3 +67,13 @@ def test_an_unknown_output_is_refused():
     model = toy_superposition.ToyModel(toy_superposition.ToyConfig(output="gelu"))
     with pytest.raises(ValueError, match="output='gelu': expected one of"):
         model.init(jax.random.PRNGKey(0), jnp.zeros((1, 20)))
+
+
+def test_the_defaults_are_the_papers_first_experiment():
+    """n = 20 features through m = 5 hidden dimensions, ReLU output (Elhage et al. 2022, section 2): a
+    default model's W has that shape, b starts at zero and the importance at one."""
+    assert toy_superposition.ToyConfig() == toy_superposition.ToyConfig(num_features=20, num_hidden=5, output="relu")
+    variables = toy_superposition.ToyModel(toy_superposition.ToyConfig()).init(
+        jax.random.PRNGKey(0), jnp.zeros((1, 20)), mutable=True)
+    assert variables["params"]["w"].shape == (5, 20) and not np.any(variables["params"]["b"])
+    np.testing.assert_array_equal(variables[toy_superposition.IMPORTANCE]["importance"], np.ones(20))
