@@ -15,11 +15,11 @@ these kinds (the bugs a formula or a mask most often hides):
 Docstrings and other strings, and the module's `if __name__ == "__main__":` block, are left alone.
 
 Each mutant runs in a scratch copy of the repository (the working tree is never written; `--workers` copies run
-side by side), against the test files that import the module by name (`from models import sae`,
-`models.sae`, ...): the default tests first, then, for a mutant they miss and with `--transitive`, the default tests
-of the modules of its own package that import it, directly or through others (not through a package's `__init__`,
-which imports every family: a KV-cache bug is caught by the tests of the attention layers that write it), and with
-`--slow`, the slow tests of all of them.
+side by side), against the test files that import the module by name (`from models import sae`, `models.sae`, ...)
+and those that read every module (EVERY_MUTANT: the config schema snapshot): the default tests first, then, for a
+mutant they miss and with `--transitive`, the default tests of the modules of its own package that import it,
+directly or through others (not through a package's `__init__`, which imports every family: a KV-cache bug is
+caught by the tests of the attention layers that write it), and with `--slow`, the slow tests of all of them.
 A mutant is killed when a test fails or errors, or the run exceeds `--timeout` seconds; it survives when every
 test passes (or when no test file imports the module). Prints one Markdown table of kill rates by package and
 module (default, and default + slow), then every survivor with its line before and after, and writes the whole
@@ -61,6 +61,9 @@ SWAPS = {  # operator classes swapped both ways
 }
 CALL_SWAPS = {"max": "min", "min": "max", "sum": "mean", "mean": "sum", "argmax": "argmin", "argmin": "argmax",
               "maximum": "minimum", "minimum": "maximum"}
+# Tests that read every module through a registry rather than by name (the config schema snapshot: every section's
+# defaults and bounds, wherever they are declared), run with every mutant; a second or two each.
+EVERY_MUTANT = ("tests/experiments/test_config_schema.py",)
 PACKAGES = ("models", "experiments", "kernels_pallas", "data")
 IGNORED = ("__pycache__", ".git", ".venv", ".venv-ci", "runs", "corpora", "site", ".pytest_cache", "node_modules")
 
@@ -171,8 +174,9 @@ def dotted(module_path: str) -> str:
 
 
 def tests_importing(module_path: str, root: str = REPO) -> list[str]:
-    """The test files (relative paths) that import the module by its dotted name."""
-    return _tests_importing_any([dotted(module_path)], root)
+    """The test files (relative paths) that import the module by its dotted name, and those of EVERY_MUTANT."""
+    every = [t for t in EVERY_MUTANT if os.path.isfile(os.path.join(root, t))]
+    return sorted(set(_tests_importing_any([dotted(module_path)], root)) | set(every))
 
 
 def _imports_pattern(name: str) -> str:

@@ -189,25 +189,3 @@ def test_the_command_line_gives_the_same_one_line(case, tmp_path):
     assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (flags, done.stderr[-2000:])
     assert key.rsplit(".", 1)[-1] in lines[0], (flags, lines[0])
 
-
-def _section_classes(cls):
-    """cls and every dataclass nested in its defaults (the objectives' and datasets' key groups)."""
-    found = [cls]
-    for f in dataclasses.fields(cls):
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        if dataclasses.is_dataclass(default):
-            found += _section_classes(type(default))
-    return found
-
-
-def test_every_config_section_is_frozen_and_hashable():
-    """A section's defaults are one shared instance (an objective's `keys`, a family's config passed to its
-    flax modules as a static, hashed attribute): mutating one would change every later run in the process."""
-    from data import DATASETS
-    from models import MODELS
-    classes = {c for model in MODELS for dataset in DATASETS
-               for cls in base.sections(model, dataset).values() for c in _section_classes(cls)}
-    assert len(classes) > len(MODELS) + len(DATASETS)
-    for cls in classes:
-        assert cls.__dataclass_params__.frozen, f"{cls.__module__}.{cls.__qualname__} is not frozen"
-        hash(cls())

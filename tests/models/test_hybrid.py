@@ -170,7 +170,10 @@ def _numpy_mamba2(p, u, cfg, heads_per_group):
     """The mixer's equations (models/mamba2.py's docstring) in float64 NumPy, the SSD as its plain recurrence
     h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T, y_t = h_t C_t, from a zero state."""
     f = {k: np.asarray(v, np.float64) for k, v in p.items()}
-    silu = lambda v: v / (1 + np.exp(-v))
+
+    def silu(v):
+        return v / (1 + np.exp(-v))
+
     batch, length, _ = u.shape
     d_inner, gn = cfg.d_inner, cfg.ssm_groups * cfg.ssm_state
     projected = u @ f["in_proj"]
