@@ -209,12 +209,30 @@ def test_training_forward_moves_the_router_bias_against_the_load():
     np.testing.assert_allclose(written["metrics"]["max_violation"][0], (load.max() - load.mean()) / load.mean(),
                                rtol=1e-6)
     assert set(written["losses"]) == {"balance_loss"}
+    bias = np.asarray(written["router_bias"]["bias"])  # the metrics read the updated bias
+    assert (written["metrics"]["bias_min"][0], written["metrics"]["bias_max"][0]) == (bias.min(), bias.max())
+    assert written["metrics"]["dropped_fraction"][0] == 0.0  # dense dispatch drops nothing
     eval_out = layer.apply({"params": variables["params"], "router_bias": variables["router_bias"]}, x)
     # Evaluation routes with the stored bias and writes nothing (flax refuses a write to an immutable
     # collection); training routes with the same bias and updates it only afterwards: equal outputs.
     np.testing.assert_allclose(eval_out, train_out, rtol=1e-6)
     moved = layer.apply({"params": variables["params"], "router_bias": written["router_bias"]}, x)
     assert not np.allclose(moved, eval_out)  # and the bias does route: the updated one changes the output
+
+
+def test_dropped_fraction_counts_the_assignments_over_each_experts_capacity():
+    """Capacity dispatch with factor 0.5: expert e keeps C = ceil(0.5 T k / E) of its load_e assignments, so the
+    sown fraction is sum_e max(load_e - C, 0) / (T k)."""
+    options = moe.MoEOptions(num_experts=E, top_k=2, dispatch="capacity", capacity_factor=0.5)
+    layer = moe.MoEFfn(D, F, options)
+    x = jax.random.normal(jax.random.key(3), (2, 9, D))
+    variables = layer.init(jax.random.key(4), x)
+    _, written = layer.apply(variables, x, mutable=["metrics"])
+    load = np.asarray(written["metrics"]["load"][0])
+    slots = int(np.ceil(0.5 * 18 * 2 / E))
+    expected = np.maximum(load - slots, 0).sum() / (18 * 2)
+    assert expected > 0
+    np.testing.assert_allclose(written["metrics"]["dropped_fraction"][0], expected, rtol=1e-6)
 
 
 def _tiny_moe_config(steps, router="sigmoid"):
