@@ -18,7 +18,7 @@ def _lm(seed, layers=2, **extra):
     cfg = transformer.TransformerConfig(vocab_size=13, max_len=64, d_model=16, num_layers=layers, d_mlp=32, num_heads=2,
                                         **extra)
     model = transformer.Transformer(cfg)
-    variables = nn.meta.unbox(model.init(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32)))
+    variables = nn.meta.unbox(jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32)))
     variables.pop("mtp", None)
     return model, variables
 
@@ -95,13 +95,18 @@ def test_sampled_speculative_decoding_accepts_every_draft_of_the_target_itself()
     assert stats.acceptance == 1.0 and tokens.shape == (1, 12) and int(tokens.max()) < 13
 
 
-@pytest.mark.slow
-def test_mtp_depth_logits_score_the_tokens_k_ahead():
-    """Depth k's logits [B, L - k, V] are scored against targets[:, k:]; counts over the shifted mask."""
+@pytest.fixture(scope="module")
+def mtp_lm():
+    """A 2-depth MTP model and its training pass's depth logits, compiled once for rows [2, 9]."""
     model, variables = _lm(1, mtp_depth=2)
+    return model, variables, jax.jit(lambda t: model.apply(variables, t, mutable=["mtp"])[1]["mtp"]["logits"])
+
+
+def test_mtp_depth_logits_score_the_tokens_k_ahead(mtp_lm):
+    """Depth k's logits [B, L - k, V] are scored against targets[:, k:]; counts over the shifted mask."""
+    model, variables, depth_logits = mtp_lm
     tokens = jax.random.randint(jax.random.key(2), (2, 9), 0, 13)
-    _, written = jax.jit(lambda t: model.apply(variables, t, mutable=["mtp"]))(tokens)
-    depth_logits = written["mtp"]["logits"]
+    depth_logits = depth_logits(tokens)
     assert [x.shape for x in depth_logits] == [(2, 8, 13), (2, 7, 13)]
     mask = jnp.ones((2, 9)).at[:, 8].set(0.0)
     sums = losses.mtp_sums(depth_logits, tokens, mask)
@@ -113,8 +118,27 @@ def test_mtp_depth_logits_score_the_tokens_k_ahead():
     assert "mtp" not in jax.eval_shape(lambda t: model.apply(variables, t, mutable=["losses"]), tokens)[1]  # dropped
 
 
+def test_mtp_logits_read_exactly_the_tokens_up_to_i_plus_k_and_module_1_decodes_like_training(mtp_lm):
+    """Depth k at position i reads Emb(t_{i+k}) and the main model's h_i (so t_0..t_{i+k}), never t_{i+k+1}:
+    changing one token moves exactly the depth-k logits at positions >= (its index - k). Module 1 run through
+    its decoding cache (`mtp_step`, what self-speculation drafts with) gives the training pass's depth-1 logits."""
+    model, variables, depth_logits = mtp_lm
+    tokens = jax.random.randint(jax.random.key(5), (2, 9), 0, 13)
+    base = depth_logits(tokens)
+    for changed in (3, 6):
+        moved = depth_logits(tokens.at[0, changed].set((tokens[0, changed] + 1) % 13))
+        for k, (before, after) in enumerate(zip(base, moved), 1):
+            differs = np.abs(np.asarray(after - before)).max(-1)[0] > 1e-6  # [L - k]
+            np.testing.assert_array_equal(differs, np.arange(9 - k) >= changed - k, err_msg=f"depth {k}")
+    row = tokens[:1]
+    h, _, _ = model.apply(variables, row, model.init_cache(1, 9), 0, method=model.decode_hidden)
+    first, cache = model.apply(variables, h[:, :4], row[:, 1:5], model.init_mtp_cache(1, 9), 0, method=model.mtp_step)
+    rest, _ = model.apply(variables, h[:, 4:8], row[:, 5:9], cache, 4, method=model.mtp_step)
+    np.testing.assert_allclose(jnp.concatenate([first, rest], 1), base[0][:1], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("accumulate", [1, 2])
-@pytest.mark.slow  # by default the depth-loss test
+@pytest.mark.slow  # by default the depth-loss and the read-exactly tests
 def test_the_trainer_adds_the_weighted_mtp_loss_and_logs_each_depth(accumulate, tmp_path):
     config = make_tiny_lm_config(steps=3)
     config.model.update(mtp_depth=2, positional="rope")
