@@ -59,7 +59,7 @@ def _model(attention, **overrides):
     return cfg, model, params, tokens
 
 
-# All slow: gqa's decoding is tests/models/test_transformer.py's, mla's tests/models/test_mla.py's (both forms),
+# All slow: gqa's decoding is tests/models/test_transformer.py's, mla's tests/models/test_mla.py's (absorbed by default),
 # linear attention's tests/models/test_linear_attention.py's, and qk_norm keeps gqa's cache.
 @pytest.mark.parametrize("attention", [slow(a) for a in sorted(blocks.ATTENTIONS)])
 def test_every_attention_kind_decodes_like_its_full_pass(attention):

@@ -89,7 +89,7 @@ def test_the_cache_holds_the_latent_and_the_rotary_key_only():
     assert sum(v.size for v in jax.tree.leaves(cache)) == 2 * 2 * 16 * mla.cache_numbers_per_token(cfg) == 2 * 2 * 16 * 11
 
 
-@pytest.mark.parametrize("absorb", [slow(True), slow(False)])  # absorbed, by default: test_attention_kinds.py
+@pytest.mark.parametrize("absorb", [True, slow(False)])  # the absorbed form decodes in production
 def test_cached_decoding_in_either_form_equals_the_full_pass(absorb):
     """Decoding (prompt of 4, then one token at a time) gives the full pass's logits in the absorbed and the
     naive expanded form, with low-rank queries."""
