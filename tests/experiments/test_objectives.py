@@ -13,7 +13,7 @@ from data.config_fields import ConfigError
 from experiments import losses, objectives
 from experiments.optim import optimizers
 from experiments.training import metrics_writer, train_state, trainer, validation
-from experiments.objectives import distillation, frozen
+from experiments.objectives import distillation, frozen, language_modelling, sown
 from experiments.configs import base
 from tests.conftest import make_tiny_config
 
@@ -42,7 +42,71 @@ def test_each_term_against_numpy():
     np.testing.assert_allclose(got["log_z_squared"], (log_z**2 * mask).sum(), rtol=1e-5)
 
 
-@pytest.mark.slow  # by default each term against NumPy
+def _ce(logits, targets):
+    return -np.take_along_axis(_log_softmax(logits), targets[..., None], -1)[..., 0]
+
+
+@pytest.mark.parametrize("terms", ["none", "z_loss", "distill"])
+def test_the_objective_is_the_whole_batchs_mean_over_micro_batches_with_its_gradient(terms):
+    """LanguageModelling.loss (and Distillation's, reading a teacher through `frozen_logits`): each micro-batch's
+    share is its summed objective over the whole batch's count, so the shares add up to the batch mean; the
+    gradient against logits is the per-token one over that count (plain CE: (softmax - onehot) mask / count)."""
+    rng = np.random.default_rng(3)
+    logits, teacher = rng.normal(size=(2, 4, 6)) * 2, rng.normal(size=(2, 4, 6)) * 2
+    targets, mask = rng.integers(0, 6, size=(2, 4)), np.array([[1, 1, 0, 1], [0, 1, 1, 1]], np.float64)
+    c, a, t = 0.05, 0.3, 2.0
+    objective = {"none": language_modelling.LanguageModelling(),
+                 "z_loss": language_modelling.LanguageModelling(losses.Objective(z_loss=c)),
+                 "distill": distillation.Distillation(losses.Objective(distill_weight=a, temperature=t))}[terms]
+    per_token = _ce(logits, targets)
+    if terms == "z_loss":
+        per_token = per_token + c * np.log(np.exp(logits).sum(-1)) ** 2
+    if terms == "distill":
+        p = np.exp(_log_softmax(teacher / t))
+        per_token = (1 - a) * per_token + a * t**2 * (p * (np.log(p) - _log_softmax(logits / t))).sum(-1)
+    count = mask.sum()
+    as32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+
+    def share(lg, rows):
+        batch = {"inputs": jnp.asarray(rows), "targets": jnp.asarray(targets[rows]), "loss_mask": as32(mask[rows])}
+        return objective.loss(lg, batch, as32(count), 2, frozen_logits=lambda r: as32(teacher)[r])[0]
+
+    got = sum(share(as32(logits[[r]]), np.asarray([r])) for r in (0, 1))
+    np.testing.assert_allclose(got, (per_token * mask).sum() / count, rtol=1e-5)
+    if terms == "none":
+        grad = jax.grad(share)(as32(logits), np.asarray([0, 1]))
+        softmax = np.exp(_log_softmax(logits))
+        np.testing.assert_allclose(grad, (softmax - np.eye(6)[targets]) * mask[..., None] / count, atol=1e-6)
+
+
+def test_sown_terms_join_the_objective_with_their_weights_and_counts():
+    """SownLosses.add: MTP adds w(step) / D sum_k (depth k's CE sum / its whole-batch count); early exits make the
+    objective sum_j j / sum_i i L_j over the exits' and the final mean CEs; the auxiliary losses add their sum over
+    `accumulate` micro-batches."""
+    rng = np.random.default_rng(4)
+    targets, mask = rng.integers(0, 5, size=(2, 6)), np.array([[1, 1, 1, 0, 1, 1], [1, 0, 1, 1, 1, 1]], np.float64)
+    batch = {"targets": jnp.asarray(targets), "loss_mask": jnp.asarray(mask, jnp.float32)}
+    depth = [rng.normal(size=(2, 6 - k, 5)) for k in (1, 2)]
+    exits = [rng.normal(size=(2, 6, 5)) for _ in range(2)]
+    aux = {"a": jnp.asarray([0.5, 0.25]), "b": jnp.asarray(0.125)}
+    count, base = mask.sum(), 1.7
+    terms = sown.SownLosses(losses.mtp_weight_schedule(0.3, 0.1, 0.5, 10))
+    as32 = lambda xs: tuple(jnp.asarray(x, jnp.float32) for x in xs)  # noqa: E731
+
+    mtp = [(_ce(lg, targets[:, k:]) * mask[:, k:]).sum() / mask[:, k:].sum() for k, lg in enumerate(depth, 1)]
+    for step, weight in ((4, 0.3), (5, 0.1)):
+        total, sums = terms.add(jnp.float32(base), {}, {"mtp": {"logits": as32(depth)}, "losses": aux}, batch, batch,
+                                count, 2, step)
+        np.testing.assert_allclose(total, base + weight * np.mean(mtp) + 0.875 / 2, rtol=1e-5)
+        np.testing.assert_allclose(terms.metrics(sums, batch, count)["mtp_loss/2"], mtp[1], rtol=1e-5)
+
+    total, sums = terms.add(jnp.float32(base), {}, {"exits": {"logits": as32(exits)}}, batch, batch, count, 1, 0)
+    means = [(_ce(lg, targets) * mask).sum() / count for lg in exits] + [base]
+    np.testing.assert_allclose(total, sum(j / 6 * m for j, m in enumerate(means, 1)), rtol=1e-5)
+    np.testing.assert_allclose(terms.metrics(sums, batch, count)["exit_loss/1"], means[0], rtol=1e-5)
+
+
+@pytest.mark.slow  # by default each term against NumPy, and each objective's loss and gradient
 def test_the_train_step_descends_the_objective_it_names():
     """SGD at lr 1 without momentum: the step's update is minus the gradient of the objective written out."""
     from tests.experiments.test_optimizers import _tiny_lm_and_batch
@@ -77,7 +141,7 @@ def test_the_train_step_descends_the_objective_it_names():
         logits, batch["targets"]).mean(), rtol=1e-5)  # the logged loss stays the plain cross-entropy
 
 
-@pytest.mark.slow  # by default the step test descends the distillation objective
+@pytest.mark.slow  # by default distillation's loss with a teacher's logits against NumPy
 def test_distillation_from_a_finished_run_on_the_mesh(tmp_path, finished_tiny_run):
     teacher_dir = str(finished_tiny_run)
     config = make_tiny_config(steps=4)
