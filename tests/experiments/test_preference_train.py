@@ -131,3 +131,40 @@ def test_the_objectives_kl_to_the_reference_sums_over_response_tokens():
     log_q = ref_logits[:b] - np.log(np.exp(ref_logits[:b]).sum(-1, keepdims=True))
     kl = (np.exp(log_p) * (log_p - log_q)).sum(-1)
     np.testing.assert_allclose(metrics["kl_ref"], np.mean((kl * mask).sum(-1)), rtol=1e-5)
+
+
+def test_the_preference_objectives_loss_is_the_pair_loss_plus_the_weighted_sft_term():
+    """Preference.loss for DPO with sft_weight 0.5, one of 2 micro-batches: -mean log sigmoid(beta ((pi_w - ref_w)
+    - (pi_l - ref_l))) / 2 + 0.5 * the chosen responses' CE sum / the whole batch's count, in float64; the frozen
+    reference reads the chosen rows then the rejected ones, and `loss` logs the chosen rows' CE sum."""
+    from experiments.objectives import preference
+    rng = np.random.default_rng(5)
+    b, length, vocab, beta, count = 3, 5, 6, 0.4, 20.0
+    batch = {"inputs": rng.integers(0, vocab, (b, length)), "targets": rng.integers(0, vocab, (b, length)),
+             "loss_mask": (rng.random((b, length)) < 0.7).astype(np.float32)}
+    batch.update({f"rejected_{k}": (rng.random((b, length)) < 0.7).astype(np.float32) if k == "loss_mask"
+                  else rng.integers(0, vocab, (b, length)) for k in list(batch)})
+    logits, ref_logits = rng.normal(size=(2, 2 * b, length, vocab))
+    seen = []
+
+    def reference(tokens):
+        seen.append(np.asarray(tokens))
+        return ref_logits.astype(np.float32)
+
+    objective = preference.Preference(config=preference.PreferenceConfig(kind="dpo", beta=beta, sft_weight=0.5))
+    got, sums = objective.loss(logits.astype(np.float32), batch, np.float32(count), 2, frozen_logits=reference)
+    np.testing.assert_array_equal(seen[0], np.concatenate([batch["inputs"], batch["rejected_inputs"]]))
+
+    targets = np.concatenate([batch["targets"], batch["rejected_targets"]])
+    mask = np.concatenate([batch["loss_mask"], batch["rejected_loss_mask"]])
+
+    def logps(lg):
+        log_p = lg - np.log(np.exp(lg).sum(-1, keepdims=True))
+        return np.take_along_axis(log_p, targets[..., None], -1)[..., 0] * mask
+
+    pi, ref = logps(logits).sum(-1), logps(ref_logits).sum(-1)
+    margin = beta * ((pi[:b] - ref[:b]) - (pi[b:] - ref[b:]))
+    sft = -logps(logits)[:b].sum()
+    np.testing.assert_allclose(got, np.mean(np.log1p(np.exp(-margin))) / 2 + 0.5 * sft / count, rtol=1e-5)
+    np.testing.assert_allclose(sums["loss"], sft, rtol=1e-5)
+    np.testing.assert_allclose(sums["preference/chosen_logps"], pi[:b].mean() / 2, rtol=1e-5)
