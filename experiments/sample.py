@@ -143,7 +143,8 @@ def speculate(config, model, variables, prompt):
                                                                   _NUM_TOKENS.value, lookahead=_LOOKAHEAD.value, **kwargs)
         print(f"--- sample {i} ---\n{_PROMPT.value}{tokenizer.decode(np.asarray(tokens)[0])}")
         print(f"sample {i}: acceptance {stats.acceptance:.3f} ({stats.accepted} of {stats.drafted} drafts), "
-              f"{stats.target_passes} target passes for {_NUM_TOKENS.value} tokens", file=sys.stderr)
+              f"{stats.target_passes} target passes ({stats.target_positions} positions) for {_NUM_TOKENS.value} "
+              "tokens", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,8 @@ class Stats:
     drafted: int = 0
     accepted: int = 0
     target_passes: int = 0
+    target_positions: int = 0  # positions the target ran (prompt included): its share of the compute
+    draft_positions: int = 0  # ... and the drafter (the draft model, or the MTP module)
 
     @property
     def acceptance(self) -> float:
@@ -95,7 +97,7 @@ def generate_with_draft_model(target, target_variables, draft, draft_variables, 
     target_valid = draft_valid = 0  # positions whose cache entries hold committed tokens
     stats = Stats()
     while len(seq) < prompt.shape[1] + num_tokens:
-        n = len(seq)
+        n, target_valid_before, draft_valid_before = len(seq), target_valid, draft_valid
         logits, draft_cache = draft_decode(jnp.asarray([seq[draft_valid:n]], jnp.int32), draft_cache, draft_valid)
         drafts, draft_probs = [], []
         for j in range(lookahead):
@@ -115,6 +117,8 @@ def generate_with_draft_model(target, target_variables, draft, draft_variables, 
         target_valid, draft_valid = n + accepted, n + min(accepted, lookahead - 1)
         stats.drafted, stats.accepted, stats.target_passes = (stats.drafted + lookahead, stats.accepted + accepted,
                                                               stats.target_passes + 1)
+        stats.target_positions += n - target_valid_before + lookahead
+        stats.draft_positions += n - draft_valid_before + lookahead - 1
     return jnp.asarray([seq[prompt.shape[1]:prompt.shape[1] + num_tokens]], jnp.int32), stats
 
 
@@ -132,7 +136,7 @@ def generate_with_mtp(model, variables, prompt, num_tokens: int, *, temperature:
     rng, pick_rng = jax.random.split(rng)
     seq.append(_pick(pick_rng, logits[0, -1], temperature)[0])
     mtp_logits, mtp_cache = mtp_step(h, jnp.asarray([seq[1:]], jnp.int32), mtp_cache, 0)
-    stats = Stats(target_passes=1)
+    stats = Stats(target_passes=1, target_positions=length, draft_positions=length)
     while len(seq) < length + num_tokens:
         n = len(seq)
         rng, pick_rng, accept_rng = jax.random.split(rng, 3)
@@ -147,4 +151,5 @@ def generate_with_mtp(model, variables, prompt, num_tokens: int, *, temperature:
                                          mtp_cache, n - 1)
         stats.drafted, stats.accepted, stats.target_passes = (stats.drafted + 1, stats.accepted + accepted,
                                                               stats.target_passes + 1)
+        stats.target_positions, stats.draft_positions = stats.target_positions + 2, stats.draft_positions + accepted + 1
     return jnp.asarray([seq[length:length + num_tokens]], jnp.int32), stats

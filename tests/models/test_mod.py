@@ -165,3 +165,18 @@ def test_capacity_is_a_fraction_of_the_sequence(capacity, valid):
     assert (found == []) == valid, found
     if not valid:
         assert len(found) == 1 and f"model.capacity={capacity}" in found[0]
+
+
+def test_from_dense_puts_layer_u_times_every_plus_i_in_period_u():
+    """A 6-layer transformer's stacked blocks in an MoD layout with route_every 3: period u's block_i is dense layer
+    3u + i (i = 0, 1), its routed block layer 3u + 2; everything outside the stack is kept as it is."""
+    dense = {"embed": {"embedding": np.ones((4, 2))},
+             "layers": {"attention": {"kernel": np.arange(6 * 2).reshape(6, 2)}, "norm": {"scale": np.arange(6.0)}}}
+    moved = mod.from_dense(dense, 3)
+    assert set(moved["layers"]) == {"block_0", "block_1", mod.ROUTED}
+    for u in range(2):
+        for i, block in enumerate((moved["layers"]["block_0"], moved["layers"]["block_1"],
+                                   moved["layers"][mod.ROUTED]["block"])):
+            np.testing.assert_array_equal(block["attention"]["kernel"][u], dense["layers"]["attention"]["kernel"][3 * u + i])
+            assert block["norm"]["scale"][u] == 3 * u + i
+    assert moved["embed"] is dense["embed"]
