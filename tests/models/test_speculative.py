@@ -11,7 +11,7 @@ import pytest
 from experiments import losses
 from experiments.training import metrics_writer, trainer
 from models import sampling, speculative, transformer
-from tests.conftest import make_tiny_lm_config, slow
+from tests.conftest import make_tiny_lm_config
 
 
 def _lm(seed, layers=2, **extra):
