@@ -59,20 +59,41 @@ def _model(**overrides):
                                     **overrides)
     model = deq_transformer.DEQTransformer(cfg)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 13, (2, 11)), jnp.int32)
-    variables = model.init(jax.random.key(0), tokens)
+    variables = jax.jit(model.init)(jax.random.key(0), tokens)
     return cfg, model, {k: v for k, v in variables.items() if k != "metrics"}, tokens
 
 
-@pytest.mark.parametrize("weight_normalisation", [slow("none"), slow("spectral"), slow("weight")])
+@pytest.mark.parametrize("weight_normalisation,backward", [("none", "unroll"), ("spectral", "implicit"),
+                                                            ("weight", "phantom")])
+def test_the_cell_reads_its_parameters_normalised_as_configured_and_only_implicit_has_probes(weight_normalisation,
+                                                                                          backward):
+    """The parameters the fixed-point map uses: the cell's own ("none"), spectrally normalised, or weight
+    normalised with the stored gains; the adjoint solve's probes exist only for the implicit backward."""
+    _, model, variables, tokens = _model(weight_normalisation=weight_normalisation, backward=backward)
+    if weight_normalisation == "weight":  # gains away from their initial ||V||, where the map is the identity
+        gains = jax.tree.map(lambda g: 2.0 * g, variables["params"]["weight_norm"]["gains"])
+        variables = {**variables, "params": {**variables["params"], "weight_norm": {"gains": gains}}}
+    x = model.apply(variables, tokens, method=lambda m, t: m.injection_norm(m.embed_tokens(t)))
+    used = model.apply(variables, x, None, 0, method=model._cell_params)
+    raw = nn.meta.unbox(variables["params"]["cell"])
+    expected = {"none": lambda: raw, "spectral": lambda: deq_stabilisers.spectral_normalise(raw),
+                "weight": lambda: deq_stabilisers.weight_normalise(raw, variables["params"]["weight_norm"]["gains"])}
+    chex.assert_trees_all_close(used, expected[weight_normalisation](), rtol=1e-5)
+    if weight_normalisation != "none":
+        assert not np.allclose(jax.tree.leaves(used)[0], jax.tree.leaves(raw)[0])
+    assert ("probes" in variables) == (backward == "implicit")
+
+
+@pytest.mark.parametrize("weight_normalisation", [slow("none"), "spectral", slow("weight")])
 def test_output_is_the_fixed_point_of_plain_iteration(weight_normalisation):
     cfg, model, variables, tokens = _model(tol=1e-6, max_iter=100, weight_normalisation=weight_normalisation)
     logits, written = model.apply(variables, tokens, mutable=["metrics"])
     assert float(written["metrics"]["forward_converged"][0]) == 1.0
     x = model.apply(variables, tokens, method=lambda m, t: m.injection_norm(m.embed_tokens(t)))
     params = model.apply(variables, x, None, 0, method=model._cell_params)
-    z = jnp.zeros_like(x)
-    for _ in range(300):  # plain iteration, long enough to converge without acceleration
-        z = model._f(z, params, x, None, None, 0)
+    # plain iteration, long enough to converge without acceleration
+    z = jax.jit(lambda x: jax.lax.fori_loop(0, 300, lambda _, z: model._f(z, params, x, None, None, 0),
+                                            jnp.zeros_like(x)))(x)
     np.testing.assert_allclose(logits, model.apply(variables, z, method=lambda m, z: m.logits(m.final_norm(z))),
                                atol=1e-4)
 
