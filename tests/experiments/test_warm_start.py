@@ -65,3 +65,17 @@ def test_bad_init_folders_are_one_line_errors(source, tmp_path, change, message)
     with pytest.raises(ConfigError, match=None) as error:
         trainer.train_and_evaluate(config, str(tmp_path / "run"), devices=jax.devices()[:1], verbose=False)
     assert message.format(tmp_path) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_only_mods_routers_may_start_fresh_in_a_run_from_another_family():
+    """A parameter absent from the init run is an error (the shapes check names it) unless the family declares it
+    may start fresh: MoD's routers and predictors when it starts from a transformer, and nothing else anywhere."""
+    import models
+    from models import mod
+    routing = "['layers']['routed']['router']['kernel']"
+    for name, (module, _, _) in models.MODELS.items():
+        for source in models.MODELS:
+            for path in (routing, "['layers']['block_0']['attention']['key']", "['embed']['embedding']"):
+                expected = name == "mod" and source == "transformer" and path == routing
+                assert module.starts_fresh(source, path) == expected, (name, source, path)
+    assert mod.ROUTED == "routed" and mod.is_routing_parameter(routing)
