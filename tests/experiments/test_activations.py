@@ -24,7 +24,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def _model_and_params(model_cls, cfg, tokens):
     model = model_cls(cfg)
-    return model, {"params": nn.meta.unbox(model.init(jax.random.key(1), tokens)["params"])}
+    return model, {"params": nn.meta.unbox(jax.jit(model.init)(jax.random.key(1), tokens)["params"])}
 
 
 def _truncated(variables, stack: str, units: int):
@@ -89,7 +89,7 @@ def test_a_family_that_sows_nothing_is_refused_in_one_line():
     model = Bare()
     tokens = np.zeros((1, 3), np.int32)
     with pytest.raises(ValueError, match="sows no activations"):
-        activations.capture(model, model.init(jax.random.key(0), tokens), tokens)
+        activations.capture(model, jax.jit(model.init)(jax.random.key(0), tokens), tokens)
 
 
 @pytest.mark.slow  # the default suite's budget

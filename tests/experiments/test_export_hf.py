@@ -66,7 +66,7 @@ def random_run(workdir, family: str, keys: dict):
     everything else normal(0, 0.2); MoE score-correction biases normal(0, 0.05))."""
     config = family_config(family, **keys)
     model = models.build(config.model)
-    variables = jax.tree.map(np.asarray, nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))))
+    variables = jax.tree.map(np.asarray, nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))))
     rng = np.random.default_rng(1)
     draw = lambda path, x: (rng.uniform(0.5, 1.5, x.shape) if "norm" in jax.tree_util.keystr(path) or "scale" in  # noqa: E731
                             jax.tree_util.keystr(path) else rng.normal(0.0, 0.2, x.shape)).astype(np.float32)

@@ -159,7 +159,7 @@ def test_rollout_keeps_the_prompts_and_logs_the_samplers_log_probs(rows):
     batch, prompt_len = rows
     config = trainer.resolve(tiny(), data.load(tiny().data, seed=0))
     model = models.build(config.model)
-    variables = model.init(jax.random.key(0), jnp.asarray(batch["inputs"]))
+    variables = jax.jit(model.init)(jax.random.key(0), jnp.asarray(batch["inputs"]))
     grpo_config = grpo.GRPOConfig(group_size=2, temperature=0.7)
     out = grpo.rollout(model, variables, jax.tree.map(jnp.asarray, batch), jax.random.key(1), config=grpo_config,
                        prompt_len=prompt_len)

@@ -68,7 +68,7 @@ def test_loglikelihoods_are_the_models_log_softmax_in_float64(tmp_path):
     config = make_tiny_lm_config(steps=2)
     config.model.update(vocab_size=256, max_len=16)
     model = models.build(config.model)
-    variables = {"params": nn.meta.unbox(model.init(jax.random.key(3), jnp.zeros((1, 16), jnp.int32))["params"])}
+    variables = {"params": nn.meta.unbox(jax.jit(model.init)(jax.random.key(3), jnp.zeros((1, 16), jnp.int32))["params"])}
     restore.save_variables(config, variables, str(tmp_path))
     ours = harness.BeyondLM(str(tmp_path), batch_size=3)
     pairs = [("ROMEO:", " O"), ("", "Hi"), ("abcdefghijklmnopqrstuvwxyz", "!!")]

@@ -80,7 +80,7 @@ def test_unmerged_adapters_without_dropout_give_the_merged_logits():
     model = models.build(config.model)
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, 16, (2, 8)), jnp.int32)
     lora_config = lora.LoRAConfig(rank=2, alpha=3.0, targets=",".join(lora.DROPOUT_SITES))
-    params = nn.meta.unbox(lora.add_adapters(model.init(jax.random.key(0), tokens)["params"], lora_config,
+    params = nn.meta.unbox(lora.add_adapters(jax.jit(model.init)(jax.random.key(0), tokens)["params"], lora_config,
                                              jax.random.key(1)))
     keys = iter(jax.random.split(jax.random.key(2), 32))
     params[lora.KEY] = jax.tree.map(lambda x: jax.random.normal(next(keys), x.shape), params[lora.KEY])  # B != 0

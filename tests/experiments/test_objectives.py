@@ -112,7 +112,7 @@ def test_the_train_step_descends_the_objective_it_names():
     from tests.experiments.test_optimizers import _tiny_lm_and_batch
     import flax.linen as nn
     model, batch = _tiny_lm_and_batch(np.random.default_rng(1))
-    teacher_variables = {"params": nn.meta.unbox(model.init(jax.random.PRNGKey(7), batch["inputs"])["params"])}
+    teacher_variables = {"params": nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(7), batch["inputs"])["params"])}
     opt = base.get_config().optimizer
     opt.update(name="sgd", lr=1.0, warmup_steps=0)
     opt.sgd.update(momentum=0.0)

@@ -80,7 +80,7 @@ def test_an_edited_residual_changes_that_position_alone_and_at_the_last_layer_re
                                         positional="learned")
     model = transformer.Transformer(cfg)
     tokens = jax.random.randint(jax.random.key(0), (3, 12), 1, 17)
-    variables = {"params": nn.meta.unbox(model.init(jax.random.key(1), tokens)["params"])}
+    variables = {"params": nn.meta.unbox(jax.jit(model.init)(jax.random.key(1), tokens)["params"])}
     _, _, per_layer = activations.capture(model, variables, tokens)
     positions = np.array([4, 7, 11])
     rows = np.arange(3)

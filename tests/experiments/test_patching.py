@@ -25,7 +25,7 @@ def model_and_runs(request):
         model = hybrid.HybridLM(cfg)
     clean = jax.random.randint(jax.random.key(0), (2, 7), 0, 19)
     corrupted = clean.at[:, 2].set((clean[:, 2] + 5) % 19)
-    variables = {"params": nn.meta.unbox(model.init(jax.random.key(1), clean)["params"])}
+    variables = {"params": nn.meta.unbox(jax.jit(model.init)(jax.random.key(1), clean)["params"])}
     clean_logits, clean_sown = activations.capture_tree(model, variables, clean)
     corrupted_logits, corrupted_sown = activations.capture_tree(model, variables, corrupted)
     return model, variables, cfg.num_layers, clean, corrupted, clean_logits, clean_sown, corrupted_logits, corrupted_sown

@@ -47,7 +47,7 @@ def test_probe_layers_reads_the_current_token_from_the_embeddings():
                                         positional="rope")
     model = transformer.Transformer(cfg)
     tokens = jax.random.randint(jax.random.key(0), (32, 16), 0, 4)
-    variables = {"params": nn.meta.unbox(model.init(jax.random.key(1), tokens)["params"])}
+    variables = {"params": nn.meta.unbox(jax.jit(model.init)(jax.random.key(1), tokens)["params"])}
     results = probes.probe_layers(model, variables, tokens, tokens, np.ones(tokens.shape, bool), 4, steps=200)
     assert [r["layer"] for r in results] == [0, 1, 2]
     assert results[0]["test_accuracy"] == 1.0  # layer 0 is the token's own embedding

@@ -33,7 +33,7 @@ def test_the_logit_effect_of_an_mlp_hidden_direction_is_steering_the_last_mlp():
                                         norm="none", activation="relu", mlp_bias=True)
     model = transformer.Transformer(cfg)
     tokens = jax.random.randint(jax.random.key(0), (2, 5), 0, 11)
-    variables = {"params": nn.meta.unbox(model.init(jax.random.key(1), tokens)["params"])}
+    variables = {"params": nn.meta.unbox(jax.jit(model.init)(jax.random.key(1), tokens)["params"])}
     direction = jax.random.normal(jax.random.key(2), (24,))
     effect = sae_dashboard.logit_effects(model, variables, 1, "mlp_hidden", direction[None])[0]
     tree = steering.steering_tree(model, variables, tokens, 1, direction, 1.0, site="mlp_hidden")

@@ -19,7 +19,7 @@ def setup():
     cfg = transformer.TransformerConfig(vocab_size=11, max_len=16, d_model=16, num_layers=3, num_heads=2, d_mlp=32)
     model = transformer.Transformer(cfg)
     tokens = jax.random.randint(jax.random.key(0), (2, 9), 0, 11)
-    variables = {"params": nn.meta.unbox(model.init(jax.random.key(1), tokens)["params"])}
+    variables = {"params": nn.meta.unbox(jax.jit(model.init)(jax.random.key(1), tokens)["params"])}
     return model, variables, tokens
 
 

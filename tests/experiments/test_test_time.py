@@ -138,7 +138,7 @@ def tiny_policy():
     config = ml_collections.ConfigDict(dict(models.MODELS["transformer"][1]().__dict__))
     config.update(vocab_size=6, max_len=24, d_model=16, num_layers=2, num_heads=4, num_kv_heads=2, d_mlp=24)
     model = models.build(config)
-    variables = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))
+    variables = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))
     return model, variables
 
 
@@ -288,7 +288,7 @@ def test_a_verifier_scores_a_sequence_by_its_label_logits_at_its_last_token():
     config = _verifier_config("", "process")
     config.model.update(vocab_size=8, max_len=6)
     model = models.build(config.model)
-    variables = nn.meta.unbox(model.init(jax.random.key(0), np.zeros((1, 6), np.int32)))
+    variables = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), np.zeros((1, 6), np.int32)))
     score = verifier.model_verifier(model, variables, policy_vocab=6, width=6, batch_size=4)
     sequences = [(1, 2, 3, 5, 0), (4, 4, 4, 5, 1, 2), (0, 1)]  # policy tokens 0..5
     found = score(sequences + sequences[:2])  # two batches, the second padded

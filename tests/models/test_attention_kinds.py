@@ -55,7 +55,7 @@ def _model(attention, **overrides):
                                         num_kv_heads=1, head_dim=8, attention=attention, **overrides)
     model = transformer.Transformer(cfg)
     tokens = jax.random.randint(jax.random.key(0), (2, 11), 0, cfg.vocab_size)
-    params = nn.meta.unbox(model.init(jax.random.key(1), tokens)["params"])
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(1), tokens)["params"])
     return cfg, model, params, tokens
 
 

@@ -55,7 +55,7 @@ def test_ring_positions_hold_the_latest_position_of_each_slot():
 
 def _model_and_params(cfg, tokens):
     model = transformer.Transformer(cfg)
-    return model, nn.meta.unbox(model.init(jax.random.key(1), tokens)["params"])
+    return model, nn.meta.unbox(jax.jit(model.init)(jax.random.key(1), tokens)["params"])
 
 
 @pytest.mark.slow

@@ -57,7 +57,7 @@ def test_every_block_matrix_is_ternary_at_its_mean_absolute_value(monkeypatch):
                                         bitnet=True)
     model = transformer.Transformer(cfg)
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, 11, size=(2, 6)), jnp.int32)
-    params = model.init(jax.random.PRNGKey(0), tokens)
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), tokens)
     seen.clear()
     logits = jax.block_until_ready(model.apply(params, tokens))  # the callbacks see each scanned layer's matrices
     assert len(seen) == 2 * 6  # per layer: query, key, value, out, wi, wo; never the embedding or the head

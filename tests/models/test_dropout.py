@@ -36,7 +36,7 @@ def test_the_model_drops_only_with_a_dropout_rng_and_each_layer_draws_its_own_ma
     plain = transformer.Transformer(transformer.TransformerConfig(**cfg))
     dropping = transformer.Transformer(transformer.TransformerConfig(
         **cfg, embed_dropout=0.1, attention_dropout=0.2, residual_dropout=0.1))
-    params = plain.init(jax.random.PRNGKey(0), tokens)
+    params = jax.jit(plain.init)(jax.random.PRNGKey(0), tokens)
     np.testing.assert_array_equal(dropping.apply(params, tokens), plain.apply(params, tokens))
     key_a, key_b = jax.random.PRNGKey(3), jax.random.PRNGKey(4)
     a = dropping.apply(params, tokens, rngs={"dropout": key_a})

@@ -75,7 +75,7 @@ def test_cached_decoding_equals_the_full_pass(overrides):
     cfg = _cfg(**overrides)
     model = transformer.Transformer(cfg)
     tokens = jax.random.randint(jax.random.key(0), (2, 14), 0, cfg.vocab_size)
-    params = nn.meta.unbox(model.init(jax.random.key(1), tokens)["params"])
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(1), tokens)["params"])
     decoded, _ = decode_in_pieces(model, params, tokens, model.init_cache(2, cfg.max_len), [7, 1, 1, 1, 1, 3])
     np.testing.assert_allclose(decoded, model.apply({"params": params}, tokens), rtol=1e-5, atol=1e-5)
     for max_len in (32, 4096):  # the state's size does not depend on the length
@@ -92,7 +92,7 @@ def test_hybrid_with_linear_attention_layers_decodes_like_its_full_pass():
     assert not hybrid.validate(cfg)
     model = hybrid.HybridLM(cfg)
     tokens = jax.random.randint(jax.random.key(0), (2, 13), 0, cfg.vocab_size)
-    params = nn.meta.unbox(model.init(jax.random.key(1), tokens)["params"])
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(1), tokens)["params"])
     assert f"layer_{pattern.index('L')}_linear_attention" in params["periods"]
     decoded, _ = decode_in_pieces(model, params, tokens, model.init_cache(2, cfg.max_len), [5, 1, 1, 6])
     np.testing.assert_allclose(decoded, model.apply({"params": params}, tokens), rtol=1e-4, atol=1e-4)

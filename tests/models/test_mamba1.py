@@ -101,7 +101,7 @@ def test_every_mixer_in_one_pattern_decodes_like_its_full_pass(pattern):
     assert not hybrid.validate(cfg)
     model = hybrid.HybridLM(cfg)
     tokens = jax.random.randint(jax.random.key(0), (2, 13), 0, cfg.vocab_size)
-    params = nn.meta.unbox(model.init(jax.random.key(1), tokens)["params"])
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(1), tokens)["params"])
     decode = jax.jit(lambda t, c, s: model.apply({"params": params}, t, c, s, method=model.decode))
     cache, start, pieces = model.init_cache(2, cfg.max_len), 0, []
     for size in (6, 1, 1, 5):

@@ -77,7 +77,7 @@ def _lm(**overrides):
                                         attention="mla", **{**WIDTHS, **overrides})
     model = transformer.Transformer(cfg)
     tokens = jax.random.randint(jax.random.key(0), (2, 11), 0, cfg.vocab_size)
-    params = nn.meta.unbox(model.init(jax.random.key(1), tokens)["params"])
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(1), tokens)["params"])
     return cfg, model, params, tokens
 
 
@@ -115,7 +115,7 @@ def test_the_pallas_flash_kernels_give_the_xla_logits():
 @pytest.mark.slow
 def test_parameters_split_heads_over_tensor():
     _, model, _, tokens = _lm(q_lora_rank=9)
-    boxed = model.init(jax.random.key(1), tokens)["params"]["layers"]["attention"]
+    boxed = jax.jit(model.init)(jax.random.key(1), tokens)["params"]["layers"]["attention"]
     assert boxed["key_up"].names == ("layers", "kv_lora", "heads", "head_dim")
     assert boxed["query_up"].names == ("layers", "q_lora", "heads", "head_dim")
     assert boxed["out"].names == ("layers", "heads", "head_dim", "embed")

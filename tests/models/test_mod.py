@@ -90,7 +90,7 @@ def test_predictor_routed_decoding_equals_the_full_pass():
     cfg = _cfg(routing="predictor")
     model = mod.MoDTransformer(cfg)
     tokens = jax.random.randint(jax.random.key(2), (2, 11), 0, cfg.vocab_size)
-    params = nn.meta.unbox(model.init(jax.random.key(3), tokens)["params"])
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(3), tokens)["params"])
     full, captured = model.apply({"params": params}, tokens, mutable=["intermediates"])
     got, cache = decode_in_pieces(model, params, tokens, model.init_cache(2, cfg.max_len), (5, 1, 1, 1, 1, 1, 1))
     np.testing.assert_allclose(got, full, rtol=1e-4, atol=1e-4)

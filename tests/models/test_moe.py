@@ -324,7 +324,7 @@ def test_first_k_dense_blocks_run_before_the_moe_stack_and_decode():
                                     first_k_dense_replace=1, dispatch="dense")
     model = moe_transformer.MoETransformer(cfg)
     tokens = jax.random.randint(jax.random.key(0), (2, 9), 0, 19)
-    variables = nn.meta.unbox(model.init(jax.random.key(1), tokens))
+    variables = nn.meta.unbox(jax.jit(model.init)(jax.random.key(1), tokens))
     params = variables["params"]
     assert params["dense_layers"]["mlp"]["wi"]["kernel"].shape == (1, 16, 24)
     assert params["layers"]["block_0"]["moe"]["w_in"].shape == (2, 4, 16, 8)

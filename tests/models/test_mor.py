@@ -38,8 +38,8 @@ def _reference(cfg, params, tokens):
     """(logits, recursion counts) by a loop: NumPy float64 routing, each shared block applied to the whole sequence
     with the active tokens as keys, only active tokens updated (recursion-wise caching)."""
     model = mor.MoRTransformer(cfg)
-    block = blocks.Block(cfg)
-    apply_block = lambda name, x, keys=None: block.apply({"params": params[name]}, x, None, 0, keys)[0]  # noqa: E731
+    block = jax.jit(lambda p, x, keys: blocks.Block(cfg).apply({"params": p}, x, None, 0, keys)[0])
+    apply_block = lambda name, x, keys=None: block(params[name], x, keys)  # noqa: E731
 
     def shared(x, keys):
         for j in range(cfg.num_layers - 2):
@@ -105,13 +105,15 @@ def test_depth_assignment_and_logits_against_a_reference_loop(initialised, refer
     params = {router: reference_update} if update == "reference" else params
     model = mor.MoRTransformer(cfg)
     expected_logits, expected_runs = _reference(cfg, params[router], tokens)
-    runs = np.asarray(model.apply({"params": params[router]}, tokens, method=model.recursion_depths))
+    runs = np.asarray(jax.jit(lambda p, t: model.apply({"params": p}, t, method=model.recursion_depths))(
+        params[router], tokens))
     np.testing.assert_array_equal(runs, expected_runs)
     if router == "expert" and routing == "topk":  # the hierarchy: k_r per row at recursion r
         assert [int((runs[0] > r).sum()) for r in range(3)] == [T, 7, 4]
     else:
         assert len(np.unique(runs)) > 1  # more than one depth exercised
-    np.testing.assert_allclose(model.apply({"params": params[router]}, tokens), expected_logits, atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(jax.jit(model.apply)({"params": params[router]}, tokens), expected_logits, atol=2e-5,
+                               rtol=2e-5)
 
 
 def test_shared_kv_attention_against_numpy():

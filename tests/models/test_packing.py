@@ -92,7 +92,7 @@ def test_packed_documents_equal_documents_alone(family):
     rng = np.random.default_rng(0)
     tokens, segment_ids, positions, documents = packed_rows(rng)
     alone = alone_rows(tokens, documents, rng)
-    variables = nn.meta.unbox(model.init(jax.random.key(1), jnp.asarray(alone)))
+    variables = nn.meta.unbox(jax.jit(model.init)(jax.random.key(1), jnp.asarray(alone)))
     params = variables["params"]
     weights = rng.standard_normal((len(documents), LENGTH, VOCAB)).astype(np.float32)
     for d, (_, _, length) in enumerate(documents):

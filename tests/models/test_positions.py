@@ -166,7 +166,7 @@ def test_cached_decoding_equals_the_full_pass(option):
     cfg = _cfg(**OPTIONS[option])
     model = transformer.Transformer(cfg)
     tokens = jax.random.randint(jax.random.key(0), (2, 11), 0, cfg.vocab_size)
-    params = nn.meta.unbox(model.init(jax.random.key(1), tokens)["params"])
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(1), tokens)["params"])
     if option == "t5":  # zero-initialised: draw the table so that the bias matters
         table = params["layers"]["attention"]["t5_bias"]["table"]
         params["layers"]["attention"]["t5_bias"]["table"] = jax.random.normal(jax.random.key(2), table.shape)
@@ -189,7 +189,7 @@ def test_dynamic_ntk_decodes_like_the_full_pass_within_the_original_context():
     cfg = _cfg(rope_scaling="dynamic", rope_factor=2.0, rope_original_max_len=8)
     model = transformer.Transformer(cfg)
     tokens = jax.random.randint(jax.random.key(0), (1, 12), 0, cfg.vocab_size)
-    params = nn.meta.unbox(model.init(jax.random.key(1), tokens)["params"])
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(1), tokens)["params"])
     decode = jax.jit(lambda t, c, s: model.apply({"params": params}, t, c, s, method=model.decode))  # s traced
     cache, pieces = model.init_cache(1, cfg.max_len), []
     for t in range(12):
@@ -253,7 +253,7 @@ def test_sinusoidal_positions_are_added_to_the_token_embeddings():
     cfg = _cfg(positional="sinusoidal")
     model = transformer.Transformer(cfg)
     tokens = jax.random.randint(jax.random.key(0), (2, 7), 0, cfg.vocab_size)
-    params = nn.meta.unbox(model.init(jax.random.key(1), tokens)["params"])
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(1), tokens)["params"])
     got = model.apply({"params": params}, tokens, start=5, method=model.embed_tokens)
     table = np.asarray(positions.sinusoidal(jnp.arange(5, 12), cfg.d_model))
     want = np.asarray(params["embed"]["embedding"])[np.asarray(tokens)] + table / np.sqrt(cfg.d_model)

@@ -49,7 +49,7 @@ def tiny():
                   activation="swiglu", tie_embeddings=False)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 23, (3, 12)))
     model = models.build(config)
-    variables = nn.meta.unbox(model.init(jax.random.key(0), tokens[:1]))
+    variables = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), tokens[:1]))
     flip = lambda w: w * np.where(w.max(0) >= -w.min(0), 1.0, -1.0)  # noqa: E731
     variables = {**variables, "params": _per_matrix(variables["params"], flip)}
     return config, variables, tokens, model.apply(variables, tokens)
@@ -121,7 +121,7 @@ def test_moe_experts_round_per_expert_and_the_routing_stays_in_float():
                   d_expert=8)
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, 23, (3, 12)))
     model = models.build(config)
-    variables = nn.meta.unbox(model.init(jax.random.key(0), tokens[:1]))
+    variables = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), tokens[:1]))
     matrices = {"query": 1, "key": 1, "value": 1, "out": 2, "w_gate": 1, "w_in": 1, "w_out": 1, "kernel": 1}  # in axes
 
     def per_matrix(fn):

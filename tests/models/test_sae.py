@@ -19,7 +19,7 @@ def _setup(kind, **overrides):
                         l0_coefficient=0.2, epsilon=0.5, initial_threshold=0.3, **overrides)
     model = sae.SparseAutoencoder(cfg)
     x = jax.random.normal(jax.random.key(0), (N, D))
-    params = model.init(jax.random.key(1), x)["params"]
+    params = jax.jit(model.init)(jax.random.key(1), x)["params"]
     params = {**params, "b_enc": 0.3 * jax.random.normal(jax.random.key(2), (M,)),
               "b_dec": 0.1 * jax.random.normal(jax.random.key(3), (D,))}
     return cfg, model, {k: np.asarray(v, np.float64) for k, v in params.items()}, np.asarray(x, np.float64)
@@ -155,7 +155,7 @@ def test_no_dead_latent_means_no_aux_loss_and_the_config_refuses_unknown_kinds()
 def test_the_encoder_starts_as_the_decoders_transpose():
     """OpenAI's and sparsify's initialisation: W_enc = W_dec^T (unit-norm latent directions both ways)."""
     _, model, _, x = _setup("topk")
-    params = model.init(jax.random.key(4), jnp.asarray(x, jnp.float32))["params"]
+    params = jax.jit(model.init)(jax.random.key(4), jnp.asarray(x, jnp.float32))["params"]
     w_dec = params["v_dec"] / np.linalg.norm(params["v_dec"], axis=1, keepdims=True)
     np.testing.assert_allclose(params["w_enc"], w_dec.T, rtol=1e-6)
 
@@ -165,7 +165,7 @@ def test_batchtopk_learns_a_threshold_in_training_and_uses_it_outside():
     a row's latents are those above it, the same alone as inside any batch."""
     cfg, model, params, x = _setup("batchtopk", threshold_rate=0.3)
     x32 = jnp.asarray(x, jnp.float32)
-    variables = {"params": params, sae.STATE: model.init(jax.random.key(1), x32)[sae.STATE]}
+    variables = {"params": params, sae.STATE: jax.jit(model.init)(jax.random.key(1), x32)[sae.STATE]}
     theta = 0.0
     for step in range(3):
         batch = x32 * (1.0 + 0.5 * step)

@@ -46,7 +46,7 @@ def _model(positional):
     cfg = transformer.TransformerConfig(vocab_size=23, max_len=24, d_model=32, num_layers=2, num_heads=4,
                                         num_kv_heads=2, d_mlp=48, positional=positional)
     model = transformer.Transformer(cfg)
-    params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
     params = jax.tree.map(lambda p: p * 3.0, params)  # sharper distributions: greedy paths are unambiguous
     return cfg, model, params
 

@@ -42,7 +42,7 @@ def test_transformer_with_a_short_conv_decodes_like_its_full_pass():
                                         short_conv=4)
     model = transformer.Transformer(cfg)
     tokens = jnp.asarray(np.random.default_rng(2).integers(0, 11, (2, 9)), jnp.int32)
-    params = _random_conv_params(nn.meta.unbox(model.init(jax.random.key(0), tokens)["params"]))
+    params = _random_conv_params(nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), tokens)["params"]))
     full = model.apply({"params": params}, tokens)
     logits, cache = model.apply({"params": params}, tokens[:, :4], model.init_cache(2, 9), 0, method=model.decode)
     pieces = [logits]
@@ -67,7 +67,7 @@ def test_coconut_thought_loop_with_a_short_conv_equals_the_naive_loop():
                                 eot_token=3, thoughts="pause")
     tokens = jnp.asarray(np.random.default_rng(3).integers(4, 10, (2, 8)), jnp.int32)
     plain = coconut.Coconut(cfg)
-    params = _random_conv_params(nn.meta.unbox(plain.init(jax.random.key(0), tokens)["params"]))
+    params = _random_conv_params(nn.meta.unbox(jax.jit(plain.init)(jax.random.key(0), tokens)["params"]))
     segmented = coconut.Coconut(coconut.CoconutConfig(**{**cfg.__dict__, "max_thoughts": 3}))
     np.testing.assert_allclose(segmented.apply({"params": params}, tokens), plain.apply({"params": params}, tokens),
                                rtol=1e-4, atol=1e-4)

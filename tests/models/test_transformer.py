@@ -24,7 +24,7 @@ def make(overrides, **extra):
                                            **overrides, **extra})
     model = transformer.Transformer(cfg)
     tokens = jax.random.randint(jax.random.key(0), (2, 11), 0, cfg.vocab_size)
-    params = nn.meta.unbox(model.init(jax.random.key(1), tokens)["params"])
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(1), tokens)["params"])
     return cfg, model, params, tokens
 
 
