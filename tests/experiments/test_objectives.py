@@ -10,7 +10,7 @@ import pytest
 
 import data
 from data.config_fields import ConfigError
-from experiments import losses, objectives
+from experiments import losses, objectives, restore
 from experiments.optim import optimizers
 from experiments.training import metrics_writer, train_state, trainer, validation
 from experiments.objectives import distillation, frozen, language_modelling, sown
@@ -154,16 +154,24 @@ def test_distillation_from_a_finished_run_on_the_mesh(tmp_path, finished_tiny_ru
     assert len(events) == 4 and all(np.isfinite(e["distill_kl"]) and e["distill_kl"] > 0 for e in events)
 
 
-@pytest.mark.parametrize("teacher, vocab_size, message", [
-    ("missing", 0, "has no config.json; pass the workdir of a finished training run"),
-    ("run", 5, "has model.vocab_size=14, the trained model 5: they need the same vocabulary"),
+@pytest.mark.parametrize("teacher, change, message", [
+    ("missing", {}, "has no config.json; pass the workdir of a finished training run"),
+    ("run", dict(vocab_size=5), "has model.vocab_size=14, the trained model 5: they need the same vocabulary"),
+    ("run", dict(longer_by=1), "shorter than the trained model's"),  # one position past the teacher's length
+    ("run", dict(longer_by=0), None),  # the teacher's own length: valid
 ])
-def test_bad_teachers_are_one_line_errors(tmp_path, finished_tiny_run, teacher, vocab_size, message):
+def test_bad_teachers_are_one_line_errors(tmp_path, finished_tiny_run, teacher, change, message):
     config = make_tiny_config(steps=2)
     config.train.distill.teacher = str(tmp_path / "nothing") if teacher == "missing" else str(finished_tiny_run)
     config = trainer.resolve(config, data.load(config.data, seed=0))
-    if vocab_size:
-        config.model.vocab_size = vocab_size
+    if "longer_by" in change:
+        teacher_len = restore.load_config(str(finished_tiny_run)).model.max_len
+        change = dict(max_len=teacher_len + change["longer_by"])
+    config.model.update(**change)
+    if message is None:
+        assert frozen.check(config, config.train.distill.teacher, "train.distill.teacher").model.max_len == \
+            config.model.max_len
+        return
     with pytest.raises(ConfigError, match=message):
         frozen.check(config, config.train.distill.teacher, "train.distill.teacher")
 
