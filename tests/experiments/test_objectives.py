@@ -79,6 +79,20 @@ def test_the_objective_is_the_whole_batchs_mean_over_micro_batches_with_its_grad
         np.testing.assert_allclose(grad, (softmax - np.eye(6)[targets]) * mask[..., None] / count, atol=1e-6)
 
 
+def test_every_objective_but_grpo_trains_with_dropout_and_the_steps_default_terms_are_the_configs():
+    """The policy's pass draws the model's dropout from the step's rng for every objective but GRPO (its importance
+    ratios compare the policy with the sampler that drew the rollouts, which ran without dropout); the train step's
+    default sown terms weigh MTP as the default config does over a 1-step run."""
+    rng = jax.random.key(0)
+    for name, entry in objectives.OBJECTIVES.items():
+        assert entry().dropout_rngs(rng) == ({} if name == "grpo" else {"dropout": rng}), name
+    train = base.get_config().train
+    train.steps = 1
+    configured = sown.SownLosses.from_config(train)
+    for step in range(3):
+        assert float(sown.SownLosses().mtp_weight(step)) == float(configured.mtp_weight(step)), step
+
+
 def test_sown_terms_join_the_objective_with_their_weights_and_counts():
     """SownLosses.add: MTP adds w(step) / D sum_k (depth k's CE sum / its whole-batch count); early exits make the
     objective sum_j j / sum_i i L_j over the exits' and the final mean CEs; the auxiliary losses add their sum over
