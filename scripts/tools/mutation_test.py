@@ -1,7 +1,7 @@
 """Mutation testing: plants small bugs in modules, one at a time, and reports which ones the tests catch.
 
     PYTHONPATH=. python scripts/tools/mutation_test.py --modules=models/sae.py,experiments/losses.py \
-        [--mutants=30] [--seed=0] [--transitive] [--slow] [--workers=2] [--timeout=900] \
+        [--mutants=30] [--seed=0] [--transitive] [--slow] [--workers=2] [--timeout=900] [--skip=0] \
         [--out=runs/mutation/report.json]
 
 A mutant is one change of the module's syntax tree at one site, drawn at random (`--seed`) from every site of
@@ -51,6 +51,8 @@ _SLOW = flags.DEFINE_boolean("slow", False, "Run the slow tests on the mutants t
 _WORKERS = flags.DEFINE_integer("workers", 2, "Scratch copies run side by side.")
 _TIMEOUT = flags.DEFINE_integer("timeout", 900, "Seconds before a test run counts as killed (a hang).")
 _OUT = flags.DEFINE_string("out", "runs/mutation/report.json", "Where the JSON report goes.")
+_SKIP = flags.DEFINE_integer("skip", 0, "Skip the first N mutants of the draw (resuming a run stopped after them: "
+                             "the same modules and seed draw the same mutants).")
 _TRANSITIVE = flags.DEFINE_boolean("transitive", False, "Also run, on the mutants the module's own tests miss, the "
                                    "tests of the modules that import it, directly or through others.")
 
@@ -338,6 +340,7 @@ def main(argv):
         print(f"{module_path}: {len(found)} sites, {len(drawn)} mutants, tests: {' '.join(tests) or 'none'}"
               + (f"; of its importers: {len(importer_tests)} files" if _TRANSITIVE.value else ""), flush=True)
         jobs += [(module_path, source, site, tests, importer_tests) for site in drawn]
+    jobs = jobs[_SKIP.value:]
     roots = scratch_copies(max(1, min(_WORKERS.value, len(jobs))))
     results = []
     try:
