@@ -168,3 +168,25 @@ def test_the_preference_objectives_loss_is_the_pair_loss_plus_the_weighted_sft_t
     np.testing.assert_allclose(got, np.mean(np.log1p(np.exp(-margin))) / 2 + 0.5 * sft / count, rtol=1e-5)
     np.testing.assert_allclose(sums["loss"], sft, rtol=1e-5)
     np.testing.assert_allclose(sums["preference/chosen_logps"], pi[:b].mean() / 2, rtol=1e-5)
+
+
+def test_ktos_objective_reads_chosen_rejected_and_mismatched_rows_apart():
+    """KTO's policy pass reads 3B rows (chosen, rejected, mismatched pairs): the logged chosen and rejected
+    log-probabilities are the means over their own B rows, in float64, not over the mismatched ones beside them."""
+    from experiments.objectives import preference
+    rng = np.random.default_rng(6)
+    b, length, vocab = 2, 5, 6
+    batch = {"inputs": rng.integers(0, vocab, (b, length)), "targets": rng.integers(0, vocab, (b, length)),
+             "loss_mask": np.array([[0, 0, 1, 1, 1], [0, 1, 1, 1, 0]], np.float32)}
+    batch.update({f"rejected_{k}": v.copy() if k == "loss_mask" else rng.integers(0, vocab, (b, length))
+                  for k, v in list(batch.items())})
+    config = preference.PreferenceConfig(kind="kto")
+    targets = np.asarray(preference.stacked(batch, "kto", "targets"))
+    mask = np.asarray(preference.stacked(batch, "kto", "loss_mask"))
+    logits, ref_logits = rng.normal(size=(2, 3 * b, length, vocab)).astype(np.float32)
+    _, metrics = preference.objective(config, logits, ref_logits, batch)
+    log_p = logits - np.log(np.exp(logits.astype(np.float64)).sum(-1, keepdims=True))
+    logps = (np.take_along_axis(log_p, targets[..., None], -1)[..., 0] * mask).sum(-1)
+    np.testing.assert_allclose(metrics["chosen_logps"], logps[:b].mean(), rtol=1e-5)
+    np.testing.assert_allclose(metrics["rejected_logps"], logps[b:2 * b].mean(), rtol=1e-5)
+    assert not np.isclose(logps[b:2 * b].mean(), logps[b:].mean())  # the mismatched rows would change it
