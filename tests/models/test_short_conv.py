@@ -24,9 +24,11 @@ def test_short_conv_is_the_causal_sum_and_carries_its_state():
             if t - j >= 0:
                 expected[:, t] += c[j] * h[:, t - j]
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
-    first, state = module.apply({"params": params}, jnp.asarray(h[:, :4]))  # the same sequence in two pieces
+    empty = short_conv.ShortConv.init_cache(2, 3, 5, jnp.float32)  # a decoding cache starts as these zeros
+    first, state = module.apply({"params": params}, jnp.asarray(h[:, :4]), empty)  # the same sequence in two pieces
     second, _ = module.apply({"params": params}, jnp.asarray(h[:, 4:]), state)
     np.testing.assert_allclose(jnp.concatenate([first, second], axis=1), got, rtol=1e-6, atol=1e-6)
+    assert empty.shape == state.shape == (2, 2, 5)  # the last width - 1 inputs
 
 
 def _random_conv_params(params, seed=1):
