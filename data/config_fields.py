@@ -23,14 +23,34 @@ def field(default, *, choices=None, min=None, max=None, above=None, below=None):
                                                             below=below))
 
 
+def default(f: dataclasses.Field):
+    """A field's default value (for a nested key group, a fresh instance of it)."""
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def leaves(cls, prefix: str = "") -> dict:
+    """{dotted key: dataclasses.Field} of every key of the dataclass `cls`, its nested groups' keys included."""
+    found = {}
+    for f in dataclasses.fields(cls):
+        value = default(f)
+        found.update(leaves(type(value), f"{prefix}{f.name}.") if dataclasses.is_dataclass(value) else {prefix + f.name: f})
+    return found
+
+
+def groups(cls) -> list:
+    """The dataclass `cls` and every key group nested in its defaults."""
+    return [cls] + [g for f in dataclasses.fields(cls) if dataclasses.is_dataclass(default(f))
+                    for g in groups(type(default(f)))]
+
+
 def problems(cls, values, prefix: str) -> list[str]:
     """One message per value of `values` (keys of `cls`'s fields) outside its field's declared range."""
     found = []
     for f in dataclasses.fields(cls):
         if f.name not in values:
             continue
-        if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory()):
-            found += problems(type(f.default_factory()), values[f.name], f"{prefix}{f.name}.")
+        if dataclasses.is_dataclass(default(f)):
+            found += problems(type(default(f)), values[f.name], f"{prefix}{f.name}.")
             continue
         if not f.metadata:
             continue

@@ -9,7 +9,6 @@ the checkpoint restore (the step before the first computation) fails the example
 compilation seen by `jax.monitoring`.
 """
 
-import dataclasses
 import math
 import os
 import subprocess
@@ -19,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 from jax import monitoring
 
+from data import config_fields
 from experiments.training import checkpointing, cli
 from experiments.configs import base, coconut_prosqa, grokking, lm_shakespeare, moe_lm, recall
 from tests.conftest import cpu_env, set_any_value
@@ -43,18 +43,6 @@ CONFIGS = {
     "coconut_prosqa": coconut_prosqa.get_config,
     "recall": recall.get_config,
 }
-
-
-def _fields(cls, prefix):
-    """{dotted key: dataclasses.Field} of a config section, nested groups included."""
-    found = {}
-    for f in dataclasses.fields(cls):
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        if dataclasses.is_dataclass(default):
-            found.update(_fields(type(default), f"{prefix}{f.name}."))
-        else:
-            found[prefix + f.name] = f
-    return found
 
 
 def _get(config, key):
@@ -87,7 +75,7 @@ def _cases(name):
     config = _on_8_devices(CONFIGS[name]())
     declared = {"seed": None}
     for section, cls in base.sections(config.model.name, config.data.name).items():
-        declared.update(_fields(cls, f"{section}."))
+        declared.update(config_fields.leaves(cls, f"{section}."))
     cases = [(key, *bad) for key, field in declared.items() if not key.startswith("mesh.")
              for bad in _bad_values(config, key, field)]
     for section in ("model", "data", "train", "optimizer", "mesh"):

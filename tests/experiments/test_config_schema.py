@@ -9,13 +9,12 @@ a family cannot run. Changing one is a deliberate act: rewrite the snapshot with
 
 and commit it with the change, which then shows the old and new values side by side in its diff."""
 
-import dataclasses
 import json
 import math
 import os
 import sys
 
-from data import DATASETS
+from data import DATASETS, config_fields
 from experiments.configs import base
 from models import MODELS
 
@@ -33,15 +32,9 @@ def _plain(value):
 
 def _keys(cls) -> dict:
     """{key: {"default": ..., "choices" / "min" / "max" / "above" / "below": ...}}, nested groups as dotted keys."""
-    found = {}
-    for f in dataclasses.fields(cls):
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        if dataclasses.is_dataclass(default):
-            found.update({f"{f.name}.{k}": v for k, v in _keys(type(default)).items()})
-            continue
-        found[f.name] = {"default": _plain(default),
-                         **{k: _plain(v) for k, v in (f.metadata or {}).items() if v is not None}}
-    return found
+    return {key: {"default": _plain(config_fields.default(f)),
+                  **{k: _plain(v) for k, v in (f.metadata or {}).items() if v is not None}}
+            for key, f in config_fields.leaves(cls).items()}
 
 
 def schema() -> dict:
@@ -66,21 +59,11 @@ def test_every_default_and_bound_is_the_snapshots():
                          "with `PYTHONPATH=. python -m tests.experiments.test_config_schema`): " + "; ".join(changed))
 
 
-def _section_classes(cls):
-    """cls and every dataclass nested in its defaults (the objectives' and datasets' key groups)."""
-    found = [cls]
-    for f in dataclasses.fields(cls):
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        if dataclasses.is_dataclass(default):
-            found += _section_classes(type(default))
-    return found
-
-
 def test_every_config_section_is_frozen_and_hashable():
     """A section's defaults are one shared instance (an objective's `keys`, a family's config passed to its
     flax modules as a static, hashed attribute): mutating one would change every later run in the process."""
     classes = {c for model in MODELS for dataset in DATASETS
-               for cls in base.sections(model, dataset).values() for c in _section_classes(cls)}
+               for cls in base.sections(model, dataset).values() for c in config_fields.groups(cls)}
     assert len(classes) > len(MODELS) + len(DATASETS)
     for cls in classes:
         assert cls.__dataclass_params__.frozen, f"{cls.__module__}.{cls.__qualname__} is not frozen"
