@@ -113,7 +113,7 @@ def test_packed_documents_equal_documents_alone(family):
         scale = max(float(np.max(np.abs(a))), 1e-3)
         np.testing.assert_allclose(p, a, rtol=1e-3, atol=2e-4 * scale, err_msg=jax.tree_util.keystr(path))
     # The comparison can fail: the same packed row without its segment ids mixes the documents.
-    mixed = model.apply(variables, jnp.asarray(tokens))
+    mixed = jax.jit(model.apply)(variables, jnp.asarray(tokens))
     row, start, length = documents[1]
     assert not np.allclose(mixed[row, start:start + length], packed_logits[row, start:start + length], atol=1e-3)
 
